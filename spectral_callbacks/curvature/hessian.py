@@ -1,0 +1,323 @@
+"""The Hessian of a model's loss as a matrix-free symmetric operator.
+
+For batches ``B_1 … B_K`` of sizes ``n_1 … n_K`` (``N = Σ n_b``) and a loss function that
+returns the *mean* loss of a batch, the dataset loss is ``L(θ) = Σ_b (n_b / N) L_b(θ)`` and
+its Hessian ``H = Σ_b (n_b / N) ∇²L_b(θ)``: batches are weighted by size, as a mean over all
+samples. Products ``H V`` with blocks of vectors are exact (autograd), by one of two paths:
+
+``"reuse_graph"``
+    Build ``g_b = ∇L_b`` once per batch with ``create_graph=True`` and keep that first-order
+    graph; each product is a backward pass through it, ``∂(g_b · v)/∂θ``. A block of vectors
+    goes through one vmapped backward (``is_grads_batched``).
+``"forward_over_reverse"``
+    ``torch.func.jvp`` of ``torch.func.grad`` of the loss, vmapped over a block of vectors;
+    nothing is kept between products, each block re-runs forward and backward.
+
+``"auto"`` takes ``reuse_graph`` for single vectors (a vmapped block of one is several times
+slower) and on the CPU, and ``forward_over_reverse`` for blocks on CUDA, where the block
+amortises it below the reused graph's cost per vector (bench/ and BENCHMARKS.md).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+from .data import ParameterFilter, as_batch_list, batch_size, move_to_device, select_parameters
+from .isolation import BufferSnapshot, measurement_context
+
+__all__ = ["HVP_PATHS", "HessianOperator", "LossFunction", "NonFiniteLossError", "flat_size"]
+
+logger = logging.getLogger("spectral_callbacks")
+
+#: ``loss_fn(model, batch) -> scalar tensor`` (the mean loss of the batch).
+LossFunction = Callable[[nn.Module, Any], torch.Tensor]
+
+HVP_PATHS = ("auto", "reuse_graph", "forward_over_reverse")
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The loss was NaN or infinite on a batch, so the Hessian is undefined there."""
+
+
+class _LossOfModel(nn.Module):
+    """``forward(batch) = loss_fn(model, batch)``, so ``functional_call`` can swap parameters."""
+
+    def __init__(self, model: nn.Module, loss_fn: LossFunction) -> None:
+        super().__init__()
+        self.model = model
+        self.loss_fn = loss_fn
+
+    def forward(self, batch: Any) -> torch.Tensor:
+        return self.loss_fn(self.model, batch)
+
+
+def _explain_second_order_failure(error: RuntimeError) -> RuntimeError | None:
+    """A clearer error for an op without a second derivative (or forward-mode AD)."""
+    text = str(error)
+    match = re.search(r"derivative for (\S+) is not implemented", text)
+    if match is None:
+        return None
+    op = match.group(1)
+    hint = (
+        "Hessian-vector products need the double backward (or forward-mode AD) of every op in "
+        "the loss."
+    )
+    if "rnn" in op.lower() or "cudnn" in op.lower() or "lstm" in op.lower():
+        hint += (
+            " cuDNN's fused RNN kernels have none: measure with cuDNN disabled, e.g. "
+            "`with torch.backends.cudnn.flags(enabled=False): ...`, or use an RNN written with "
+            "nn.LSTMCell / nn.GRUCell."
+        )
+    elif "attention" in op.lower():
+        hint += (
+            " Attention is already forced to the math kernel; this op is called another way "
+            "(a custom kernel?): replace it by torch.nn.functional.scaled_dot_product_attention."
+        )
+    return RuntimeError(f"cannot differentiate {op} twice: {hint} (original error: {text})")
+
+
+class HessianOperator:
+    """Exact Hessian of ``loss_fn`` over ``data`` w.r.t. (a subset of) a model's parameters.
+
+    The operator is matrix free: :meth:`matmat` multiplies a ``(b, n)`` block of row vectors
+    (``n`` the number of selected parameter entries, flattened in model order). Every forward
+    pass runs under :func:`~spectral_callbacks.curvature.isolation.measurement_context` (math
+    attention kernel, float32 without autocast, BatchNorm statistics frozen, RNG forked and
+    seeded), and :meth:`close` restores every buffer. Use it as a context manager::
+
+        with HessianOperator(model, loss_fn, (x, y)) as H:
+            hv = H.matvec(v)
+
+    Args:
+        model: The model. Its train/eval modes are used as they are.
+        loss_fn: ``loss_fn(model, batch) -> scalar`` mean loss of a batch.
+        data: One batch, or an iterable of batches (see
+            :func:`~spectral_callbacks.curvature.data.as_batch_list`); moved to the model's
+            device and kept for the operator's lifetime.
+        params: Parameter filter (regular expression, predicate, or names / module prefixes);
+            default all trainable parameters.
+        hvp: ``"auto"``, ``"reuse_graph"`` or ``"forward_over_reverse"`` (module docstring).
+        batch_size_fn: ``batch -> int`` number of samples, when the first tensor's leading
+            dimension is not it.
+        seed: Seed of the RNG inside forward passes (fixes dropout masks).
+
+    Attributes:
+        size: Number of selected parameter entries ``n``.
+        num_hvps: Hessian-vector products computed so far (one per vector).
+        names: Names of the selected parameters.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_fn: LossFunction,
+        data: Any,
+        params: ParameterFilter = None,
+        hvp: str = "auto",
+        batch_size_fn: Callable[[Any], int] | None = None,
+        seed: int = 0,
+    ) -> None:
+        if hvp not in HVP_PATHS:
+            raise ValueError(f"hvp must be one of {HVP_PATHS}, got {hvp!r}")
+        if not callable(loss_fn):
+            raise TypeError(f"loss_fn must be callable as loss_fn(model, batch), got {loss_fn!r}")
+        self.model = model
+        self.loss_fn = loss_fn
+        named = select_parameters(model, params)
+        self.names = [name for name, _ in named]
+        self.params = [p for _, p in named]
+        dtypes = {p.dtype for p in self.params}
+        if len(dtypes) != 1 or not next(iter(dtypes)).is_floating_point:
+            raise ValueError(f"selected parameters must share one floating dtype, got {dtypes}")
+        self.dtype = self.params[0].dtype
+        self.device = self.params[0].device
+        self.shapes = [p.shape for p in self.params]
+        self.numels = [p.numel() for p in self.params]
+        self.size = sum(self.numels)
+        self.seed = seed
+        self.batches = [move_to_device(b, self.device) for b in as_batch_list(data)]
+        sizes = [(batch_size_fn or batch_size)(b) for b in self.batches]
+        if any(s < 1 for s in sizes):
+            raise ValueError(f"every batch must hold at least one sample, got sizes {sizes}")
+        total = sum(sizes)
+        self.batch_weights = [s / total for s in sizes]
+        self.hvp = hvp
+        self.num_hvps = 0
+        self._graphs: list[tuple[float, list[tuple[int, torch.Tensor]]]] | None = None
+        self._checked_finite = False
+        self._vmap_failed = False
+        self._buffers = BufferSnapshot(model)
+
+    # -- lifecycle -------------------------------------------------------------------------
+    def __enter__(self) -> HessianOperator:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Free the cached first-order graphs and restore every buffer of the model."""
+        self._graphs = None
+        self._buffers.restore()
+
+    # -- products --------------------------------------------------------------------------
+    def matvec(self, vector: torch.Tensor) -> torch.Tensor:
+        """``H v`` for a flat vector of length ``n``."""
+        return self.matmat(vector.unsqueeze(0)).squeeze(0)
+
+    def matmat(self, block: torch.Tensor) -> torch.Tensor:
+        """``H`` applied to each row of a ``(b, n)`` block; returns ``(b, n)``."""
+        if block.ndim != 2 or block.shape[1] != self.size:
+            raise ValueError(f"block must have shape (b, {self.size}), got {tuple(block.shape)}")
+        block = block.to(dtype=self.dtype, device=self.device)
+        self.num_hvps += block.shape[0]
+        if self._path_for(block.shape[0]) == "forward_over_reverse":
+            try:
+                return self._matmat_forward_over_reverse(block)
+            except RuntimeError as error:
+                explained = _explain_second_order_failure(error)
+                if explained is not None:
+                    raise explained from error
+                if self.hvp == "forward_over_reverse":
+                    raise
+                self._vmap_failed = True
+                warnings.warn(
+                    f"forward-over-reverse Hessian-vector products failed ({error}); "
+                    "falling back to the reused first-order graph",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+        return self._matmat_reuse_graph(block)
+
+    def _path_for(self, width: int) -> str:
+        if self.hvp != "auto":
+            return self.hvp
+        if width > 1 and self.device.type == "cuda" and not self._vmap_failed:
+            return "forward_over_reverse"
+        return "reuse_graph"
+
+    def _split(self, block: torch.Tensor) -> list[torch.Tensor]:
+        """Parameter-shaped views ``(b, *shape)`` of a ``(b, n)`` block."""
+        pieces = block.split(self.numels, dim=1)
+        return [
+            piece.reshape(block.shape[0], *shape)
+            for piece, shape in zip(pieces, self.shapes, strict=True)
+        ]
+
+    def _flatten(self, pieces: list[torch.Tensor | None], width: int) -> torch.Tensor:
+        flat = [
+            torch.zeros(width, numel, dtype=self.dtype, device=self.device)
+            if piece is None
+            else piece.reshape(width, numel)
+            for piece, numel in zip(pieces, self.numels, strict=True)
+        ]
+        return torch.cat(flat, dim=1)
+
+    def _loss(self, batch: Any, index: int) -> torch.Tensor:
+        loss = self.loss_fn(self.model, batch)
+        if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+            shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
+            raise ValueError(f"loss_fn must return a scalar tensor (the mean loss), got {shape}")
+        if not loss.requires_grad:
+            raise ValueError(
+                "loss_fn returned a tensor that does not depend on the selected parameters "
+                "(requires_grad=False): was it computed under torch.no_grad() or detached?"
+            )
+        if not bool(torch.isfinite(loss)):
+            raise NonFiniteLossError(f"the loss is {float(loss.detach())} on batch {index}")
+        return loss.reshape(())
+
+    # -- path 1: reused first-order graph ------------------------------------------------------
+    def _first_order_graphs(self) -> list[tuple[float, list[tuple[int, torch.Tensor]]]]:
+        if self._graphs is None:
+            graphs = []
+            for index, (batch, weight) in enumerate(
+                zip(self.batches, self.batch_weights, strict=True)
+            ):
+                with measurement_context(self.model, self.seed):
+                    loss = self._loss(batch, index)
+                    try:
+                        grads = torch.autograd.grad(
+                            loss, self.params, create_graph=True, allow_unused=True
+                        )
+                    except RuntimeError as error:
+                        raise _explain_second_order_failure(error) or error from error
+                # Gradients that are None or constant (no graph) have zero derivative.
+                outputs = [(i, g) for i, g in enumerate(grads) if g is not None and g.requires_grad]
+                graphs.append((weight, outputs))
+            self._graphs = graphs
+            self._checked_finite = True
+        return self._graphs
+
+    def _matmat_reuse_graph(self, block: torch.Tensor) -> torch.Tensor:
+        width = block.shape[0]
+        pieces = self._split(block)
+        total = torch.zeros_like(block)
+        for weight, outputs in self._first_order_graphs():
+            if not outputs:
+                continue
+            indices = [i for i, _ in outputs]
+            grads = [g for _, g in outputs]
+            vectors = [pieces[i] if width > 1 else pieces[i][0] for i in indices]
+            with torch.inference_mode(False), torch.enable_grad():
+                try:
+                    products = torch.autograd.grad(
+                        grads,
+                        self.params,
+                        grad_outputs=vectors,
+                        retain_graph=True,
+                        allow_unused=True,
+                        is_grads_batched=width > 1,
+                    )
+                except RuntimeError as error:
+                    raise _explain_second_order_failure(error) or error from error
+            total += weight * self._flatten(list(products), width)
+        return total
+
+    # -- path 2: vmapped forward-over-reverse ------------------------------------------------
+    def _matmat_forward_over_reverse(self, block: torch.Tensor) -> torch.Tensor:
+        from torch.func import functional_call, grad, jvp, vmap
+
+        if not self._checked_finite:
+            for index, batch in enumerate(self.batches):
+                with measurement_context(self.model, self.seed):
+                    self._loss(batch, index)
+            self._checked_finite = True
+        wrapper = _LossOfModel(self.model, self.loss_fn)
+        keys = ["model." + name for name in self.names]
+        primals = tuple(p.detach() for p in self.params)
+
+        def loss_at(values: tuple[torch.Tensor, ...], batch: Any) -> torch.Tensor:
+            return functional_call(wrapper, dict(zip(keys, values, strict=True)), (batch,)).reshape(
+                ()
+            )
+
+        def hvp_one(tangents: tuple[torch.Tensor, ...], batch: Any) -> tuple[torch.Tensor, ...]:
+            return jvp(lambda values: grad(loss_at)(values, batch), (primals,), (tangents,))[1]
+
+        batched = vmap(hvp_one, in_dims=(0, None), randomness="same")
+        tangents = tuple(self._split(block))
+        total = torch.zeros_like(block)
+        for batch, weight in zip(self.batches, self.batch_weights, strict=True):
+            with measurement_context(self.model, self.seed):
+                products = batched(tangents, batch)
+            total += weight * self._flatten(list(products), block.shape[0])
+        return total
+
+    def __repr__(self) -> str:
+        return (
+            f"HessianOperator(size={self.size}, parameters={len(self.params)}, "
+            f"batches={len(self.batches)}, hvp={self.hvp!r}, device={self.device})"
+        )
+
+
+def flat_size(model: nn.Module, params: ParameterFilter = None) -> int:
+    """Number of entries of the parameters ``params`` selects (the Hessian's dimension)."""
+    return sum(p.numel() for _, p in select_parameters(model, params))

@@ -1,0 +1,97 @@
+"""Running a model's forward pass for a measurement without disturbing the training run.
+
+A measurement must leave the model exactly as found: parameters, buffers, ``.grad``,
+``requires_grad`` flags, train/eval modes and every RNG stream. Parameters and ``.grad`` are
+safe by construction (only ``torch.autograd.grad`` / ``torch.func`` are used, never
+``.backward()``); this module handles the rest.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+__all__ = ["BufferSnapshot", "measurement_context", "model_devices"]
+
+
+def model_devices(model: nn.Module) -> list[torch.device]:
+    """The distinct devices of a model's parameters and buffers."""
+    devices = {t.device for t in model.parameters()} | {t.device for t in model.buffers()}
+    return sorted(devices, key=str)
+
+
+@contextlib.contextmanager
+def _frozen_batchnorm_statistics(model: nn.Module) -> Iterator[None]:
+    """Stop BatchNorm layers from updating running statistics, keeping their current mode.
+
+    With ``track_running_stats=False`` a BatchNorm in train mode normalises by batch
+    statistics exactly as before but neither reads nor writes its running buffers; in eval
+    mode it still uses them. This is what keeps buffers still under ``torch.func.vmap`` too,
+    where an in-place update of a buffer would fail.
+    """
+    modules = [m for m in model.modules() if isinstance(m, _BatchNorm) and m.track_running_stats]
+    for module in modules:
+        module.track_running_stats = False
+    try:
+        yield
+    finally:
+        for module in modules:
+            module.track_running_stats = True
+
+
+@contextlib.contextmanager
+def _isolated_rng(devices: list[torch.device], seed: int) -> Iterator[None]:
+    """Fork the CPU and CUDA RNGs and seed them with ``seed`` (restored on exit).
+
+    Seeding makes every forward pass of one measurement draw the same dropout masks, so the
+    loss is one fixed function and its Hessian a fixed matrix.
+    """
+    cuda = [d for d in devices if d.type == "cuda"]
+    with torch.random.fork_rng(devices=cuda):
+        torch.default_generator.manual_seed(seed)
+        for device in cuda:
+            with torch.cuda.device(device):
+                torch.cuda.manual_seed(seed)
+        yield
+
+
+@contextlib.contextmanager
+def measurement_context(model: nn.Module, seed: int) -> Iterator[None]:
+    """Context for a forward pass that feeds second-order autograd.
+
+    * math scaled-dot-product attention (flash, memory-efficient and cuDNN kernels have no
+      double backward and no forward-mode AD);
+    * gradients enabled, inference mode and autocast off (curvature is measured in the
+      parameters' own precision, even inside a mixed-precision training step);
+    * BatchNorm running statistics frozen; RNG streams forked and seeded.
+    """
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    devices = model_devices(model)
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(torch.inference_mode(False))
+        stack.enter_context(torch.enable_grad())
+        for device_type in {d.type for d in devices}:
+            if device_type in ("cpu", "cuda"):
+                stack.enter_context(torch.autocast(device_type=device_type, enabled=False))
+        stack.enter_context(sdpa_kernel(SDPBackend.MATH))
+        stack.enter_context(_frozen_batchnorm_statistics(model))
+        stack.enter_context(_isolated_rng(devices, seed))
+        yield
+
+
+class BufferSnapshot:
+    """Copies of a model's buffers, to restore anything a custom module mutated."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self._saved = [(b, b.detach().clone()) for b in model.buffers()]
+
+    def restore(self) -> None:
+        with torch.no_grad():
+            for buffer, saved in self._saved:
+                if buffer.shape == saved.shape:
+                    buffer.copy_(saved)

@@ -1,0 +1,168 @@
+"""The public one-call functions: curvature of a model's loss on some data.
+
+Each function builds a :class:`~spectral_callbacks.curvature.HessianOperator` over ``data``,
+runs one solver from :mod:`spectral_callbacks.linalg` on it, and leaves the model exactly as
+it found it. ``loss_fn(model, batch)`` returns the mean loss of a batch; ``data`` is one batch
+or an iterable of batches (the Hessian of the dataset loss, batches weighted by size).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+from .curvature import HessianOperator, LossFunction, ParameterFilter
+from .linalg import EigenResult, SpectralDensity, TraceEstimate, block_lanczos, lanczos, slq
+from .linalg import trace as estimate_trace
+
+__all__ = [
+    "EIGEN_METHODS",
+    "hessian_density",
+    "hessian_eigenvalues",
+    "hessian_trace",
+]
+
+EIGEN_METHODS = ("auto", "lanczos", "block_lanczos")
+
+
+def _resolve_eigen_method(method: str, k: int, device: torch.device) -> str:
+    if method not in EIGEN_METHODS:
+        raise ValueError(f"method must be one of {EIGEN_METHODS}, got {method!r}")
+    if method != "auto":
+        return method
+    # A block only pays where a vmapped block of HVPs is much cheaper per vector than a
+    # single reused-graph HVP (CUDA, BENCHMARKS.md) and several eigenvalues are wanted.
+    return "block_lanczos" if device.type == "cuda" and k >= 4 else "lanczos"
+
+
+def hessian_eigenvalues(
+    model: nn.Module,
+    loss_fn: LossFunction,
+    data: Any,
+    k: int = 5,
+    which: str = "LA",
+    tol: float = 1e-3,
+    max_iter: int | None = None,
+    seed: int = 0,
+    params: ParameterFilter = None,
+    method: str = "auto",
+    block_size: int | None = None,
+    start: torch.Tensor | None = None,
+    return_eigenvectors: bool = False,
+    hvp: str = "auto",
+    batch_size_fn: Callable[[Any], int] | None = None,
+) -> EigenResult:
+    """Top-``k`` eigenpairs of the loss Hessian, by Lanczos with full reorthogonalisation.
+
+    Args:
+        model: The model (its train/eval modes are used as they are).
+        loss_fn: ``loss_fn(model, batch) -> scalar`` mean loss of a batch.
+        data: One batch or an iterable of batches.
+        k: Number of eigenvalues.
+        which: ``"LA"`` largest algebraic (descending), ``"SA"`` smallest algebraic
+            (ascending), ``"LM"`` largest magnitude (descending ``|λ|``).
+        tol: Relative Ritz residual tolerance: ``‖H y - θ y‖ <= tol · |θ|``.
+        max_iter: Maximum number of Hessian-vector products; default ``max(100, 20k)``.
+        seed: Seed of the random start vector and of dropout masks in the forward passes.
+        params: Parameter filter (regex, predicate, or names / module prefixes); default all
+            trainable parameters.
+        method: ``"lanczos"``, ``"block_lanczos"`` or ``"auto"`` (block Lanczos on CUDA for
+            ``k >= 4``, else single-vector Lanczos).
+        block_size: Block size for ``"block_lanczos"``.
+        start: Warm start, e.g. the ``eigenvectors`` of a previous call: a ``(n,)`` vector or
+            ``(r, n)`` rows.
+        return_eigenvectors: Also return the ``(k, n)`` unit Ritz vectors (flat, on the
+            model's device, parameters in model order).
+        hvp: Hessian-vector product path, ``"auto"``, ``"reuse_graph"`` or
+            ``"forward_over_reverse"`` (see :class:`~spectral_callbacks.curvature.HessianOperator`).
+        batch_size_fn: ``batch -> int`` when a batch's first tensor does not say its size.
+
+    Returns:
+        An :class:`~spectral_callbacks.linalg.EigenResult`: ``eigenvalues`` (float64, CPU),
+        ``residuals``, ``converged``, ``num_hvps`` (every Hessian-vector product computed).
+
+    Raises:
+        NonFiniteLossError: If the loss is NaN or infinite on a batch.
+    """
+    with HessianOperator(
+        model, loss_fn, data, params=params, hvp=hvp, batch_size_fn=batch_size_fn, seed=seed
+    ) as operator:
+        chosen = _resolve_eigen_method(method, k, operator.device)
+        if chosen == "lanczos":
+            result = lanczos(
+                operator,
+                k=k,
+                which=which,
+                tol=tol,
+                max_iter=max_iter,
+                seed=seed,
+                start=start,
+                return_eigenvectors=return_eigenvectors,
+            )
+        else:
+            result = block_lanczos(
+                operator,
+                k=k,
+                which=which,
+                tol=tol,
+                block_size=block_size,
+                max_iter=max_iter,
+                seed=seed,
+                start=start,
+                return_eigenvectors=return_eigenvectors,
+            )
+        result.num_hvps = operator.num_hvps
+    return result
+
+
+def hessian_trace(
+    model: nn.Module,
+    loss_fn: LossFunction,
+    data: Any,
+    num_hvps: int = 99,
+    method: str = "hutch++",
+    seed: int = 0,
+    params: ParameterFilter = None,
+    hvp: str = "auto",
+    batch_size_fn: Callable[[Any], int] | None = None,
+) -> TraceEstimate:
+    """Trace of the loss Hessian by Hutch++ (default) or Hutchinson, with a standard error.
+
+    With ``num_hvps >= n`` (the number of parameters) the trace is computed exactly from the
+    ``n`` unit vectors and ``stderr`` is 0. See :func:`spectral_callbacks.linalg.hutchpp`.
+
+    Returns:
+        A :class:`~spectral_callbacks.linalg.TraceEstimate` (``estimate``, ``stderr``,
+        ``num_hvps``, ``method``).
+    """
+    with HessianOperator(
+        model, loss_fn, data, params=params, hvp=hvp, batch_size_fn=batch_size_fn, seed=seed
+    ) as operator:
+        return estimate_trace(operator, num_hvps=num_hvps, method=method, seed=seed)
+
+
+def hessian_density(
+    model: nn.Module,
+    loss_fn: LossFunction,
+    data: Any,
+    num_probes: int = 8,
+    steps: int = 64,
+    seed: int = 0,
+    params: ParameterFilter = None,
+    hvp: str = "auto",
+    batch_size_fn: Callable[[Any], int] | None = None,
+) -> SpectralDensity:
+    """Eigenvalue density of the loss Hessian by stochastic Lanczos quadrature.
+
+    ``num_probes`` Rademacher probes, ``steps`` Lanczos steps each (``num_probes · steps``
+    Hessian-vector products, in blocks of ``num_probes``). See
+    :class:`~spectral_callbacks.linalg.SpectralDensity` for ``nodes``, ``weights``,
+    ``evaluate(grid, sigma)`` and ``negative_mass``.
+    """
+    with HessianOperator(
+        model, loss_fn, data, params=params, hvp=hvp, batch_size_fn=batch_size_fn, seed=seed
+    ) as operator:
+        return slq(operator, num_probes=num_probes, steps=steps, seed=seed)

@@ -1,0 +1,255 @@
+"""Krylov recurrences shared by the eigensolvers and stochastic Lanczos quadrature.
+
+Two recurrences live here, both with full reorthogonalisation. Every decision inside a step
+(breakdown, restart) is taken with tensor masks (``torch.where``), so a step is a fixed
+sequence of kernels; the single-vector recurrence never synchronises with the host, the
+block one only inside its ``p × p`` SVD (see :class:`BlockLanczos`). The solvers read the
+tridiagonal coefficients back to the host only when they check convergence.
+
+* :class:`IndependentLanczos` runs ``b`` independent single-vector Lanczos recurrences that
+  share one operator product per step (``b = 1`` for the eigensolver, ``b = num_probes`` for
+  quadrature).
+* :class:`BlockLanczos` runs one block Lanczos recurrence on a block of ``p`` vectors.
+
+Reorthogonalisation is classical Gram-Schmidt applied twice ("CGS2"), written as batched
+matrix products so it runs at memory bandwidth.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .operators import SymmetricOperator
+
+#: A new Lanczos direction whose norm (after one projection pass) falls below this multiple
+#: of machine epsilon times the operator's running scale is treated as a breakdown: the
+#: Krylov space is invariant, the coupling coefficient is set to exactly zero and the
+#: recurrence restarts from a random vector orthogonal to everything seen so far.
+BREAKDOWN_EPS_FACTOR = 100.0
+
+
+def breakdown_tolerance(dtype: torch.dtype) -> float:
+    """Relative size under which a new Krylov direction counts as a breakdown."""
+    return BREAKDOWN_EPS_FACTOR * torch.finfo(dtype).eps
+
+
+def _grow(buffer: torch.Tensor, dim: int, needed: int, limit: int) -> torch.Tensor:
+    """Return ``buffer`` with at least ``needed`` slots along ``dim`` (doubling, capped)."""
+    size = buffer.shape[dim]
+    if needed <= size:
+        return buffer
+    new_size = min(max(needed, 2 * size), limit)
+    shape = list(buffer.shape)
+    shape[dim] = new_size
+    grown = buffer.new_zeros(shape)
+    grown.narrow(dim, 0, size).copy_(buffer)
+    return grown
+
+
+class IndependentLanczos:
+    """``b`` independent Lanczos recurrences ``A q_j = β_{j-1} q_{j-1} + α_j q_j + β_j q_{j+1}``.
+
+    Column ``c`` of the state is a single-vector Lanczos process started from row ``c`` of
+    ``start``; the processes share each operator product (one ``matmat`` of ``b`` rows per
+    step) but are otherwise unrelated. The tridiagonal coefficients are kept in float64.
+
+    On breakdown (the new direction vanishes: the Krylov space is invariant) the coupling
+    ``β_j`` is set to exactly zero and the process continues from a random vector
+    orthogonal to its basis, so the tridiagonal matrix becomes block diagonal and stays the
+    exact projection ``Qᵀ A Q``.
+
+    Args:
+        operator: The symmetric operator.
+        start: ``(b, n)`` start vectors (normalised here).
+        max_steps: Upper bound on the number of steps (sets the basis capacity limit).
+        generator: Random generator for restart vectors, on the operator's device.
+    """
+
+    def __init__(
+        self,
+        operator: SymmetricOperator,
+        start: torch.Tensor,
+        max_steps: int,
+        generator: torch.Generator,
+    ) -> None:
+        self.operator = operator
+        self.generator = generator
+        self.max_steps = max_steps
+        b, n = start.shape
+        self.width = b
+        capacity = min(max_steps + 1, 32)
+        # Layout (b, step, n): each process's basis is a contiguous (steps, n) matrix, so
+        # the projections below are plain batched matrix products without copies.
+        self.basis = start.new_zeros(b, capacity, n)
+        self.basis[:, 0] = start / start.norm(dim=1, keepdim=True)
+        self.alpha = torch.zeros(b, capacity, dtype=torch.float64, device=start.device)
+        self.beta = torch.zeros(b, capacity, dtype=torch.float64, device=start.device)
+        self.scale = torch.zeros(b, dtype=start.dtype, device=start.device)
+        self.tolerance = breakdown_tolerance(start.dtype)
+        self.steps = 0
+
+    def step(self) -> None:
+        """Advance every process by one Lanczos step (one operator product each)."""
+        j = self.steps
+        self.basis = _grow(self.basis, 1, j + 2, self.max_steps + 1)
+        self.alpha = _grow(self.alpha, 1, j + 1, self.max_steps + 1)
+        self.beta = _grow(self.beta, 1, j + 1, self.max_steps + 1)
+        q = self.basis[:, j]
+        w = self.operator.matmat(q)
+        alpha = (q * w).sum(dim=1)
+        basis = self.basis[:, : j + 1]
+        # Full reorthogonalisation subsumes the three-term recurrence: the projection onto
+        # q_j and q_{j-1} removes alpha_j q_j and beta_{j-1} q_{j-1}.
+        w = w - torch.bmm(torch.bmm(basis, w.unsqueeze(2)).transpose(1, 2), basis).squeeze(1)
+        norm = w.norm(dim=1)
+        self.scale = torch.maximum(self.scale, torch.maximum(alpha.abs(), norm))
+        broken = norm <= self.tolerance * self.scale
+        restart = torch.randn(w.shape, generator=self.generator, dtype=w.dtype, device=w.device)
+        restart = restart / restart.norm(dim=1, keepdim=True)
+        # Second Gram-Schmidt pass: for w it restores orthogonality lost to cancellation; for
+        # a restart vector it is the one pass a random vector needs.
+        w = torch.where(broken.unsqueeze(1), restart, w)
+        w = w - torch.bmm(torch.bmm(basis, w.unsqueeze(2)).transpose(1, 2), basis).squeeze(1)
+        norm2 = w.norm(dim=1)
+        self.alpha[:, j] = alpha.to(torch.float64)
+        self.beta[:, j] = torch.where(broken, torch.zeros_like(norm2), norm2).to(torch.float64)
+        self.basis[:, j + 1] = w / norm2.unsqueeze(1)
+        self.steps = j + 1
+
+    def tridiagonal(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return ``(alpha, beta)`` on the host: ``(b, m)`` diagonals and ``(b, m)`` couplings.
+
+        ``beta[:, m-1]`` couples the basis to the next, not yet used, direction; it is the
+        factor of the Ritz residuals. This is the only host transfer of the recurrence.
+        """
+        m = self.steps
+        coefficients = torch.stack([self.alpha[:, :m], self.beta[:, :m]]).cpu()
+        return coefficients[0], coefficients[1]
+
+
+def tridiagonal_matrix(alpha: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
+    """Dense ``(m, m)`` symmetric tridiagonal matrix with diagonal ``alpha`` and off-diagonal
+    ``beta[:m-1]`` (``beta[m-1]``, the residual coupling, is not part of the matrix)."""
+    m = alpha.shape[-1]
+    off = beta[..., : m - 1]
+    return torch.diag_embed(alpha) + torch.diag_embed(off, 1) + torch.diag_embed(off, -1)
+
+
+class BlockLanczos:
+    """Block Lanczos with full reorthogonalisation.
+
+    The recurrence is ``A Q_j = Q_{j-1} B_{j-1}ᵀ + Q_j A_j + Q_{j+1} B_j``.
+
+    Each step applies the operator to a block of ``p`` orthonormal vectors (one ``matmat``),
+    so the operator can batch the ``p`` products. Blocks are stored as rows. New blocks are
+    orthonormalised twice by a rank-revealing QR (Householder QR, then the SVD of the small
+    triangular factor): a direction whose singular value falls below
+    the breakdown tolerance is replaced by a random direction orthogonal to the basis and
+    its coupling is set to exactly zero. The decision is a tensor mask, but the ``p × p``
+    SVD itself checks its result on the host, so on CUDA each block step synchronises once
+    (a small cost next to ``p`` Hessian-vector products).
+
+    The projected matrix ``T = Qᵀ A Q`` is block tridiagonal with diagonal blocks ``A_j`` and
+    sub-diagonal blocks ``B_j``; both are kept in float64.
+
+    Args:
+        operator: The symmetric operator.
+        start: ``(p, n)`` start block (orthonormalised here).
+        max_blocks: Upper bound on the number of steps.
+        generator: Random generator for replacement directions.
+    """
+
+    def __init__(
+        self,
+        operator: SymmetricOperator,
+        start: torch.Tensor,
+        max_blocks: int,
+        generator: torch.Generator,
+    ) -> None:
+        self.operator = operator
+        self.generator = generator
+        p, n = start.shape
+        self.block_size = p
+        self.max_rows = (max_blocks + 1) * p
+        self.basis = start.new_zeros(min(self.max_rows, 8 * p), n)
+        self.tolerance = breakdown_tolerance(start.dtype)
+        self.scale = torch.zeros((), dtype=start.dtype, device=start.device)
+        block, _ = self._orthonormalise(start, self.basis[:0])
+        self.basis[:p] = block
+        self.diagonal_blocks: list[torch.Tensor] = []
+        self.coupling_blocks: list[torch.Tensor] = []
+        self.steps = 0
+
+    def _random_rows(self, like: torch.Tensor) -> torch.Tensor:
+        rows = torch.randn(
+            like.shape, generator=self.generator, dtype=like.dtype, device=like.device
+        )
+        return rows / rows.norm(dim=1, keepdim=True)
+
+    def _orthonormal_rows(
+        self, rows: torch.Tensor, reference: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rank-revealing orthonormalisation: ``rows = Cᵀ Q`` with ``Q`` orthonormal rows.
+
+        Householder QR of ``rowsᵀ = Q_h R`` is backward stable, and the SVD of the small
+        factor ``R = U S Vᵀ`` reveals the rank to working precision (a Gram-matrix method
+        would square the condition number). Then ``Q = (Q_h U)ᵀ`` and ``C = S Vᵀ``.
+        Directions with singular value at most ``tolerance * reference`` are rank deficient:
+        their rows of ``C`` are zero and their rows of ``Q`` are random unit vectors.
+        """
+        householder, factor = torch.linalg.qr(rows.T)
+        left, singular, right_t = torch.linalg.svd(factor.to(torch.float64))
+        keep = singular > self.tolerance * reference.to(torch.float64)
+        orthonormal = (householder @ left.to(rows.dtype)).T
+        orthonormal = torch.where(keep.unsqueeze(1), orthonormal, self._random_rows(orthonormal))
+        coefficients = torch.where(keep.unsqueeze(1), singular.unsqueeze(1) * right_t, 0.0)
+        return orthonormal, coefficients
+
+    @staticmethod
+    def _project_out(rows: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
+        return rows - (rows @ basis.T) @ basis
+
+    def _orthonormalise(
+        self, rows: torch.Tensor, basis: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return ``Q`` orthonormal to ``basis`` and ``C`` with ``(I - P_basis) rows = Cᵀ Q``."""
+        rows = self._project_out(self._project_out(rows, basis), basis)
+        self.scale = torch.maximum(self.scale, rows.norm(dim=1).max())
+        block, coefficients = self._orthonormal_rows(rows, self.scale)
+        # Second pass: random replacement rows still need projecting out. The rows are unit
+        # vectors now, so rank is judged relative to 1.
+        block = self._project_out(self._project_out(block, basis), basis)
+        block, correction = self._orthonormal_rows(block, torch.ones_like(self.scale))
+        return block, correction @ coefficients
+
+    def step(self) -> None:
+        """One block step: ``p`` operator products."""
+        p = self.block_size
+        j = self.steps
+        self.basis = _grow(self.basis, 0, (j + 2) * p, self.max_rows)
+        block = self.basis[j * p : (j + 1) * p]
+        w = self.operator.matmat(block)
+        diagonal = (block @ w.T).to(torch.float64)
+        diagonal = 0.5 * (diagonal + diagonal.T)
+        self.scale = torch.maximum(self.scale, diagonal.abs().max().to(self.scale.dtype))
+        # A non-finite product reaches the host through ``diagonal`` at the next check; the
+        # decompositions below need finite input, so they see zeros instead.
+        w = torch.nan_to_num(w, nan=0.0, posinf=0.0, neginf=0.0)
+        new_block, coupling = self._orthonormalise(w, self.basis[: (j + 1) * p])
+        self.basis[(j + 1) * p : (j + 2) * p] = new_block
+        self.diagonal_blocks.append(diagonal)
+        self.coupling_blocks.append(coupling)
+        self.steps = j + 1
+
+    def projected_matrix(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return ``T`` (mp × mp) and the last coupling block ``B_m`` on the host, in float64."""
+        p, m = self.block_size, self.steps
+        blocks = torch.stack(self.diagonal_blocks + self.coupling_blocks).cpu()
+        diagonal, coupling = blocks[:m], blocks[m:]
+        projected = torch.zeros(m * p, m * p, dtype=torch.float64)
+        for j in range(m):
+            projected[j * p : (j + 1) * p, j * p : (j + 1) * p] = diagonal[j]
+            if j + 1 < m:
+                projected[(j + 1) * p : (j + 2) * p, j * p : (j + 1) * p] = coupling[j]
+                projected[j * p : (j + 1) * p, (j + 1) * p : (j + 2) * p] = coupling[j].T
+        return projected, coupling[m - 1]

@@ -1,0 +1,317 @@
+"""Matrix-free symmetric eigensolvers: Lanczos and block Lanczos with full reorthogonalisation.
+
+Both solvers find ``k`` eigenpairs of a :class:`~spectral_callbacks.linalg.SymmetricOperator`
+selected by ``which``:
+
+* ``"LA"``: the largest algebraic eigenvalues, returned in descending order;
+* ``"SA"``: the smallest algebraic eigenvalues, ascending;
+* ``"LM"``: the largest in magnitude, by descending ``|λ|``.
+
+Convergence is judged by the Ritz residual: a Ritz pair ``(θ_i, y_i)`` from an ``m``-step
+Krylov basis has ``‖A y_i - θ_i y_i‖ = |β_m s_{m,i}|`` (``s_{m,i}`` the last component of the
+``i``-th eigenvector of the projected matrix), and is converged when that is at most
+``tol · |θ_i|``. The projected matrix and its eigendecomposition are float64, on the host,
+and are formed only at a convergence check; the steps in between run on the operator's
+device without host synchronisation.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+
+import torch
+
+from ._krylov import BlockLanczos, IndependentLanczos, tridiagonal_matrix
+from .operators import SymmetricOperator
+
+__all__ = ["WHICH", "EigenResult", "block_lanczos", "lanczos"]
+
+logger = logging.getLogger("spectral_callbacks")
+
+WHICH = ("LA", "SA", "LM")
+
+
+@dataclass
+class EigenResult:
+    """Eigenpairs found by a Krylov solver.
+
+    Attributes:
+        eigenvalues: ``(k,)`` float64 on the CPU, ordered by ``which``.
+        residuals: ``(k,)`` float64 Ritz residual norms ``‖A y - θ y‖``, same order.
+        converged: ``(k,)`` bool, ``residuals <= tol * |eigenvalues|``.
+        num_hvps: Operator products used (one per vector: a block step of ``p`` counts ``p``).
+        num_iterations: Krylov steps taken (block steps for the block solver).
+        eigenvectors: ``(k, n)`` unit Ritz vectors as rows on the operator's device, in its
+            dtype, or ``None`` unless requested.
+        method: ``"lanczos"`` or ``"block_lanczos"``.
+    """
+
+    eigenvalues: torch.Tensor
+    residuals: torch.Tensor
+    converged: torch.Tensor
+    num_hvps: int
+    num_iterations: int
+    eigenvectors: torch.Tensor | None = None
+    method: str = "lanczos"
+
+    @property
+    def all_converged(self) -> bool:
+        """Whether every requested eigenpair met the tolerance."""
+        return bool(self.converged.all())
+
+
+def validate_eigen_arguments(k: int, which: str, tol: float, size: int) -> None:
+    """Raise ``ValueError`` naming the argument when ``k``, ``which`` or ``tol`` is invalid."""
+    if which not in WHICH:
+        raise ValueError(f"which must be one of {WHICH}, got {which!r}")
+    if not isinstance(k, int) or k < 1:
+        raise ValueError(f"k must be a positive integer, got {k!r}")
+    if k > size:
+        raise ValueError(f"k={k} is larger than the operator's dimension {size}")
+    if not (tol > 0 and math.isfinite(tol)):
+        raise ValueError(f"tol must be a positive finite number, got {tol!r}")
+
+
+def select_ritz(values: torch.Tensor, k: int, which: str) -> torch.Tensor:
+    """Indices of the ``k`` wanted values of ``values`` (ascending input), ordered by ``which``."""
+    if which == "LA":
+        order = torch.argsort(values, descending=True)
+    elif which == "SA":
+        order = torch.argsort(values)
+    else:
+        order = torch.argsort(values.abs(), descending=True)
+    return order[:k]
+
+
+def default_max_iter(k: int, size: int) -> int:
+    """Default Krylov dimension bound: generous, because a capped solver returns wrong values."""
+    return min(size, max(100, 20 * k))
+
+
+class _CheckSchedule:
+    """When to check convergence: after ``first`` steps, then at growing gaps up to ``every``.
+
+    Early checks are frequent so a warm-started solve stops after one or two steps; later
+    ones are spaced so long solves synchronise rarely.
+    """
+
+    def __init__(self, first: int, every: int, last: int) -> None:
+        self.every = max(1, every)
+        self.last = last
+        self.next = min(max(1, first), last)
+        self.count = 0
+
+    def due(self, step: int) -> bool:
+        if step < self.next:
+            return False
+        self.count += 1
+        self.next = min(step + min(self.every, 1 + self.count // 2), self.last)
+        return True
+
+
+def _start_block(
+    start: torch.Tensor | None,
+    rows: int,
+    operator: SymmetricOperator,
+    generator: torch.Generator,
+) -> torch.Tensor:
+    """A ``(rows, n)`` start block: the given warm-start rows, completed with random rows."""
+    n = operator.size
+    random = torch.randn(rows, n, generator=generator, dtype=operator.dtype, device=operator.device)
+    if start is None:
+        return random
+    start = start.reshape(-1, n).to(dtype=operator.dtype, device=operator.device)
+    if not bool(torch.isfinite(start).all()):
+        raise ValueError("start vectors must be finite")
+    used = min(rows, start.shape[0])
+    random[:used] = start[:used]
+    return random
+
+
+def _make_generator(seed: int, device: torch.device) -> torch.Generator:
+    generator = torch.Generator(device=device)
+    generator.manual_seed(seed)
+    return generator
+
+
+def lanczos(
+    operator: SymmetricOperator,
+    k: int = 1,
+    which: str = "LA",
+    tol: float = 1e-3,
+    max_iter: int | None = None,
+    seed: int = 0,
+    start: torch.Tensor | None = None,
+    check_every: int = 4,
+    return_eigenvectors: bool = False,
+) -> EigenResult:
+    """Top-``k`` eigenpairs by single-vector Lanczos with full reorthogonalisation.
+
+    Each step costs one operator product and two Gram-Schmidt passes against the basis
+    (``O(m n)`` memory traffic at step ``m``). The tridiagonal ``T_m`` is float64.
+
+    A single Krylov vector sees one direction per distinct eigenvalue: an eigenvalue of
+    multiplicity ``r > 1`` is found once (until the Krylov space exhausts and restarts). Use
+    :func:`block_lanczos` with ``block_size >= r`` when exact multiplicities matter.
+
+    Args:
+        operator: The symmetric operator.
+        k: Number of eigenpairs.
+        which: ``"LA"``, ``"SA"`` or ``"LM"`` (see module docstring).
+        tol: Relative Ritz residual tolerance.
+        max_iter: Maximum number of Lanczos steps (operator products); default
+            ``min(n, max(100, 20k))``.
+        seed: Seed of the random start vector (and of restart vectors).
+        start: Warm start: a vector ``(n,)`` or rows ``(r, n)``; rows are summed after
+            normalisation, so previous top-``k`` eigenvectors seed the next solve.
+        check_every: Largest gap, in steps, between convergence checks (each check is one
+            host synchronisation and a float64 eigendecomposition of ``T_m``).
+        return_eigenvectors: Whether to form the Ritz vectors.
+
+    Returns:
+        An :class:`EigenResult`. If the operator produced a non-finite value the eigenvalues
+        are NaN and nothing is marked converged.
+    """
+    validate_eigen_arguments(k, which, tol, operator.size)
+    max_steps = min(operator.size, max_iter or default_max_iter(k, operator.size))
+    if max_steps < k:
+        raise ValueError(f"max_iter={max_iter} must be at least k={k}")
+    generator = _make_generator(seed, operator.device)
+    if start is not None:
+        rows = start.reshape(-1, operator.size).to(dtype=operator.dtype, device=operator.device)
+        if not bool(torch.isfinite(rows).all()) or bool((rows.norm(dim=1) == 0).any()):
+            raise ValueError("start vectors must be finite and non-zero")
+        first = (rows / rows.norm(dim=1, keepdim=True)).sum(dim=0, keepdim=True)
+        if float(first.norm()) == 0.0:  # rows that cancel: fall back to a random start
+            first = _start_block(None, 1, operator, generator)
+    else:
+        first = _start_block(None, 1, operator, generator)
+    recurrence = IndependentLanczos(operator, first, max_steps, generator)
+    schedule = _CheckSchedule(first=k, every=check_every, last=max_steps)
+    while True:
+        recurrence.step()
+        m = recurrence.steps
+        if not schedule.due(m):
+            continue
+        alpha, beta = recurrence.tridiagonal()
+        alpha, beta = alpha[0], beta[0]
+        if not (torch.isfinite(alpha).all() and torch.isfinite(beta).all()):
+            return _non_finite_result(k, m, m, "lanczos")
+        values, vectors = torch.linalg.eigh(tridiagonal_matrix(alpha, beta))
+        index = select_ritz(values, k, which)
+        residuals = (beta[m - 1] * vectors[m - 1, index]).abs()
+        converged = residuals <= tol * values[index].abs()
+        logger.debug(
+            "lanczos step %d: %s, residuals %s", m, values[index].tolist(), residuals.tolist()
+        )
+        if bool(converged.all()) or m >= max_steps:
+            break
+    eigenvectors = None
+    if return_eigenvectors:
+        coefficients = vectors[:, index].T.to(dtype=operator.dtype, device=operator.device)
+        eigenvectors = coefficients @ recurrence.basis[0, :m]
+    return EigenResult(
+        eigenvalues=values[index],
+        residuals=residuals,
+        converged=converged,
+        num_hvps=m,
+        num_iterations=m,
+        eigenvectors=eigenvectors,
+        method="lanczos",
+    )
+
+
+def block_lanczos(
+    operator: SymmetricOperator,
+    k: int = 1,
+    which: str = "LA",
+    tol: float = 1e-3,
+    block_size: int | None = None,
+    max_iter: int | None = None,
+    seed: int = 0,
+    start: torch.Tensor | None = None,
+    check_every: int = 2,
+    return_eigenvectors: bool = False,
+) -> EigenResult:
+    """Top-``k`` eigenpairs by block Lanczos with full reorthogonalisation.
+
+    Each step applies the operator to a block of ``p`` vectors at once, which an operator
+    can batch (the vmapped Hessian-vector product costs less per vector in a block). With
+    ``p >= r`` it also resolves eigenvalues of multiplicity ``r``.
+
+    Args:
+        operator: The symmetric operator.
+        k: Number of eigenpairs.
+        which: ``"LA"``, ``"SA"`` or ``"LM"``.
+        tol: Relative Ritz residual tolerance.
+        block_size: Vectors per block ``p``; default ``max(k, 4)`` rounded up to a multiple of 4
+            (at most ``n``).
+        max_iter: Maximum number of operator products (so about ``max_iter / p`` steps);
+            default ``min(n, max(100, 20k))`` rounded up to whole blocks.
+        seed: Seed of the random start rows.
+        start: Warm start rows ``(r, n)`` (or one vector); rows beyond ``r`` are random.
+        check_every: Largest gap, in block steps, between convergence checks.
+        return_eigenvectors: Whether to form the Ritz vectors.
+
+    Returns:
+        An :class:`EigenResult` with ``method="block_lanczos"``.
+    """
+    validate_eigen_arguments(k, which, tol, operator.size)
+    n = operator.size
+    p = block_size if block_size is not None else min(n, 4 * math.ceil(max(k, 4) / 4))
+    if not isinstance(p, int) or p < 1 or p > n:
+        raise ValueError(f"block_size must be an integer in [1, {n}], got {block_size!r}")
+    budget = max_iter or default_max_iter(k, n)
+    # Never let the basis exceed the dimension: beyond it the projection is exact anyway.
+    max_blocks = max(1, min(math.ceil(budget / p), n // p))
+    generator = _make_generator(seed, operator.device)
+    recurrence = BlockLanczos(
+        operator, _start_block(start, p, operator, generator), max_blocks, generator
+    )
+    schedule = _CheckSchedule(first=math.ceil(k / p), every=check_every, last=max_blocks)
+    while True:
+        recurrence.step()
+        m = recurrence.steps
+        if not schedule.due(m):
+            continue
+        projected, last_coupling = recurrence.projected_matrix()
+        if not bool(torch.isfinite(projected).all() and torch.isfinite(last_coupling).all()):
+            return _non_finite_result(k, m * p, m, "block_lanczos")
+        values, vectors = torch.linalg.eigh(projected)
+        wanted = min(k, values.shape[0])
+        index = select_ritz(values, wanted, which)
+        residuals = (last_coupling @ vectors[(m - 1) * p :, index]).norm(dim=0)
+        converged = residuals <= tol * values[index].abs()
+        logger.debug(
+            "block lanczos step %d: %s, residuals %s", m, values[index].tolist(), residuals.tolist()
+        )
+        if (wanted == k and bool(converged.all())) or m >= max_blocks:
+            break
+    eigenvectors = None
+    if return_eigenvectors:
+        coefficients = vectors[:, index].T.to(dtype=operator.dtype, device=operator.device)
+        eigenvectors = coefficients @ recurrence.basis[: m * p]
+    return EigenResult(
+        eigenvalues=values[index],
+        residuals=residuals,
+        converged=converged,
+        num_hvps=m * p,
+        num_iterations=m,
+        eigenvectors=eigenvectors,
+        method="block_lanczos",
+    )
+
+
+def _non_finite_result(k: int, num_hvps: int, num_iterations: int, method: str) -> EigenResult:
+    logger.warning("%s: the operator produced a non-finite value; returning NaN", method)
+    nan = torch.full((k,), math.nan, dtype=torch.float64)
+    return EigenResult(
+        eigenvalues=nan,
+        residuals=nan.clone(),
+        converged=torch.zeros(k, dtype=torch.bool),
+        num_hvps=num_hvps,
+        num_iterations=num_iterations,
+        method=method,
+    )

@@ -1,0 +1,99 @@
+"""The symmetric-operator protocol the eigensolvers work on, and two explicit operators.
+
+Every solver in :mod:`spectral_callbacks.linalg` sees a matrix only through products with
+blocks of vectors. A block of ``b`` vectors of length ``n`` is stored as the *rows* of a
+``(b, n)`` tensor: rows are contiguous, so one row splits into parameter-shaped views without
+copies, and ``torch.func.vmap`` maps over dimension 0.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol, runtime_checkable
+
+import torch
+
+__all__ = ["DenseOperator", "ScaledOperator", "SymmetricOperator"]
+
+
+@runtime_checkable
+class SymmetricOperator(Protocol):
+    """A symmetric linear map ``A`` on ``R^n`` known through products with vectors.
+
+    Attributes:
+        size: The dimension ``n``.
+        dtype: The floating dtype of the vectors ``matmat`` takes and returns.
+        device: The device of those vectors.
+    """
+
+    size: int
+    dtype: torch.dtype
+    device: torch.device
+
+    def matmat(self, block: torch.Tensor) -> torch.Tensor:
+        """Return ``block @ A`` for a ``(b, n)`` block of row vectors (``A`` is symmetric)."""
+        ...
+
+
+class DenseOperator:
+    """An explicit symmetric matrix as a :class:`SymmetricOperator`.
+
+    Args:
+        matrix: A square symmetric ``(n, n)`` tensor. Symmetry is checked to a relative
+            tolerance of ``1e-6`` (in the Frobenius norm) because the solvers assume it.
+
+    Raises:
+        ValueError: If ``matrix`` is not square or not symmetric.
+    """
+
+    def __init__(self, matrix: torch.Tensor) -> None:
+        if matrix.ndim != 2 or matrix.shape[0] != matrix.shape[1]:
+            raise ValueError(f"matrix must be square (n, n), got shape {tuple(matrix.shape)}")
+        asym = torch.linalg.matrix_norm(matrix - matrix.T)
+        scale = torch.linalg.matrix_norm(matrix).clamp_min(torch.finfo(matrix.dtype).tiny)
+        if float(asym / scale) > 1e-6:
+            raise ValueError(
+                f"matrix must be symmetric; relative asymmetry {float(asym / scale):.2e}"
+            )
+        self.matrix = matrix
+        self.size = matrix.shape[0]
+        self.dtype = matrix.dtype
+        self.device = matrix.device
+        self.num_matvecs = 0
+
+    def matmat(self, block: torch.Tensor) -> torch.Tensor:
+        """Return ``block @ A`` for a ``(b, n)`` block."""
+        self.num_matvecs += block.shape[0]
+        return block @ self.matrix
+
+    def matvec(self, vector: torch.Tensor) -> torch.Tensor:
+        """Return ``A v`` for a vector of length ``n``."""
+        return self.matmat(vector.unsqueeze(0)).squeeze(0)
+
+
+class ScaledOperator:
+    """The symmetric product ``D^½ A D^½`` of an operator with a positive diagonal ``D``.
+
+    ``D^½ A D^½`` has the eigenvalues of ``D A`` (a similarity transform of it), which is the
+    matrix that governs a preconditioned gradient step ``θ ← θ - D ∇L``.
+
+    Args:
+        operator: The symmetric operator ``A``.
+        diagonal: The diagonal of ``D`` as a length-``n`` tensor of non-negative values.
+    """
+
+    def __init__(self, operator: SymmetricOperator, diagonal: torch.Tensor) -> None:
+        if diagonal.shape != (operator.size,):
+            raise ValueError(
+                f"diagonal must have shape ({operator.size},), got {tuple(diagonal.shape)}"
+            )
+        if bool((diagonal < 0).any()):
+            raise ValueError("diagonal must be non-negative")
+        self.operator = operator
+        self.sqrt_diagonal = diagonal.to(operator.dtype).sqrt()
+        self.size = operator.size
+        self.dtype = operator.dtype
+        self.device = operator.device
+
+    def matmat(self, block: torch.Tensor) -> torch.Tensor:
+        """Return ``block D^½ A D^½`` for a ``(b, n)`` block."""
+        return self.operator.matmat(block * self.sqrt_diagonal) * self.sqrt_diagonal

@@ -1,0 +1,149 @@
+"""Stochastic trace estimators: Hutchinson and Hutch++ (Meyer, Musco, Musco & Woodruff 2021).
+
+Probes are Rademacher vectors (entries ±1 with equal probability), so ``E[zᵀ A z] = tr(A)``
+and ``Var[zᵀ A z] = 2 (‖A‖_F² - Σ_i A_ii²)``. Sums are accumulated in float64.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from .operators import SymmetricOperator
+
+__all__ = ["METHODS", "TraceEstimate", "hutchinson", "hutchpp", "trace"]
+
+METHODS = ("hutch++", "hutchinson")
+
+
+@dataclass
+class TraceEstimate:
+    """A trace estimate.
+
+    Attributes:
+        estimate: The estimated trace.
+        stderr: Its standard error (the sample standard deviation of the Hutchinson
+            quadratic forms over ``sqrt`` of their count; 0 when the trace is exact).
+        num_hvps: Operator products used.
+        method: ``"hutch++"``, ``"hutchinson"`` or ``"exact"``.
+    """
+
+    estimate: float
+    stderr: float
+    num_hvps: int
+    method: str
+
+
+def _rademacher(rows: int, operator: SymmetricOperator, generator: torch.Generator) -> torch.Tensor:
+    bits = torch.randint(0, 2, (rows, operator.size), generator=generator, device=operator.device)
+    return (2 * bits - 1).to(operator.dtype)
+
+
+def _apply_in_chunks(
+    operator: SymmetricOperator, rows: torch.Tensor, block_size: int
+) -> torch.Tensor:
+    return torch.cat([operator.matmat(chunk) for chunk in rows.split(block_size)])
+
+
+def _quadratic_forms(
+    operator: SymmetricOperator, probes: torch.Tensor, block_size: int
+) -> torch.Tensor:
+    """``zᵢᵀ A zᵢ`` for each row ``zᵢ`` of ``probes``, in float64."""
+    forms = [
+        (chunk.to(torch.float64) * operator.matmat(chunk).to(torch.float64)).sum(dim=1)
+        for chunk in probes.split(block_size)
+    ]
+    return torch.cat(forms)
+
+
+def _mean_and_stderr(samples: torch.Tensor) -> tuple[float, float]:
+    mean = float(samples.mean())
+    if samples.numel() < 2:
+        return mean, math.inf
+    return mean, float(samples.std(unbiased=True)) / math.sqrt(samples.numel())
+
+
+def exact_trace(operator: SymmetricOperator, block_size: int = 16) -> TraceEstimate:
+    """``Σ_i e_iᵀ A e_i`` with all ``n`` unit vectors (``n`` operator products)."""
+    n = operator.size
+    total = 0.0
+    for begin in range(0, n, block_size):
+        end = min(n, begin + block_size)
+        basis = torch.zeros(end - begin, n, dtype=operator.dtype, device=operator.device)
+        basis[torch.arange(end - begin), torch.arange(begin, end)] = 1
+        products = operator.matmat(basis)
+        total += float(products[torch.arange(end - begin), torch.arange(begin, end)].double().sum())
+    return TraceEstimate(estimate=total, stderr=0.0, num_hvps=n, method="exact")
+
+
+def hutchinson(
+    operator: SymmetricOperator, num_hvps: int = 100, seed: int = 0, block_size: int = 16
+) -> TraceEstimate:
+    """Hutchinson's estimator ``(1/m) Σ zᵢᵀ A zᵢ`` with ``m = num_hvps`` Rademacher probes.
+
+    When ``num_hvps >= n`` the exact trace is returned instead (``n`` products, zero error).
+    """
+    _validate(num_hvps, 1, block_size)
+    if num_hvps >= operator.size:
+        return exact_trace(operator, block_size)
+    generator = torch.Generator(device=operator.device).manual_seed(seed)
+    forms = _quadratic_forms(operator, _rademacher(num_hvps, operator, generator), block_size)
+    estimate, stderr = _mean_and_stderr(forms)
+    return TraceEstimate(estimate=estimate, stderr=stderr, num_hvps=num_hvps, method="hutchinson")
+
+
+def hutchpp(
+    operator: SymmetricOperator, num_hvps: int = 99, seed: int = 0, block_size: int = 16
+) -> TraceEstimate:
+    """Hutch++: exact trace on a sketched top subspace plus Hutchinson on the rest.
+
+    With ``s = num_hvps // 3``: a Rademacher sketch ``S`` (``s`` probes) gives ``Q``, an
+    orthonormal basis of ``range(A S)``; then ``tr(A) = tr(Qᵀ A Q) + tr((I-QQᵀ) A (I-QQᵀ))``,
+    the first term exact (``s`` products), the second by Hutchinson with the remaining
+    ``g = num_hvps - 2s`` probes projected by ``I - QQᵀ``. The reported standard error is
+    that of the Hutchinson part (conditional on the sketch). Needs ``num_hvps >= 3``; when
+    ``num_hvps >= n`` the exact trace is returned instead.
+    """
+    _validate(num_hvps, 3, block_size)
+    if num_hvps >= operator.size:
+        return exact_trace(operator, block_size)
+    generator = torch.Generator(device=operator.device).manual_seed(seed)
+    sketch_size = num_hvps // 3
+    num_probes = num_hvps - 2 * sketch_size
+    sketch = _apply_in_chunks(operator, _rademacher(sketch_size, operator, generator), block_size)
+    basis = torch.linalg.qr(sketch.T.to(torch.float64)).Q.T.to(operator.dtype)
+    top_part = float(_quadratic_forms(operator, basis, block_size).sum())
+    probes = _rademacher(num_probes, operator, generator)
+    probes = probes - (probes @ basis.T) @ basis
+    forms = _quadratic_forms(operator, probes, block_size)
+    rest, stderr = _mean_and_stderr(forms)
+    return TraceEstimate(
+        estimate=top_part + rest,
+        stderr=stderr,
+        num_hvps=2 * sketch_size + num_probes,
+        method="hutch++",
+    )
+
+
+def trace(
+    operator: SymmetricOperator,
+    num_hvps: int = 99,
+    method: str = "hutch++",
+    seed: int = 0,
+    block_size: int = 16,
+) -> TraceEstimate:
+    """Estimate ``tr(A)`` with ``method`` in ``("hutch++", "hutchinson")``."""
+    if method == "hutch++":
+        return hutchpp(operator, num_hvps, seed, block_size)
+    if method == "hutchinson":
+        return hutchinson(operator, num_hvps, seed, block_size)
+    raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+
+
+def _validate(num_hvps: int, minimum: int, block_size: int) -> None:
+    if not isinstance(num_hvps, int) or num_hvps < minimum:
+        raise ValueError(f"num_hvps must be an integer >= {minimum}, got {num_hvps!r}")
+    if not isinstance(block_size, int) or block_size < 1:
+        raise ValueError(f"block_size must be a positive integer, got {block_size!r}")

@@ -1,0 +1,322 @@
+"""HessianOperator and the public functions against dense float64 Hessians of small models."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from spectral_callbacks.curvature import HessianOperator, NonFiniteLossError
+from spectral_callbacks.curvature.hessian import _explain_second_order_failure
+from spectral_callbacks.functional import hessian_density, hessian_eigenvalues, hessian_trace
+from spectral_callbacks.linalg import slq
+
+from .helpers import (
+    TinyAttention,
+    assert_same_state,
+    cross_entropy_loss,
+    dense_hessian_func,
+    dense_hessian_rows,
+    make_case,
+    model_state,
+    tanh_mlp,
+)
+
+CASES = ["mlp", "cnn", "attention"]
+_DENSE: dict[str, torch.Tensor] = {}
+
+
+def dense(name: str) -> torch.Tensor:
+    """The oracle Hessian of a case (cached: the row-by-row oracle is the slow part)."""
+    if name not in _DENSE:
+        model, batches = make_case(name)
+        oracle = dense_hessian_rows if name == "cnn" else dense_hessian_func
+        _DENSE[name] = oracle(model, cross_entropy_loss, batches)
+    return _DENSE[name]
+
+
+def test_oracles_agree():
+    model, batches = make_case("mlp")
+    by_func = dense_hessian_func(model, cross_entropy_loss, batches)
+    by_rows = dense_hessian_rows(model, cross_entropy_loss, batches)
+    assert torch.allclose(by_func, by_rows, atol=1e-12)
+
+
+def test_default_attention_kernel_has_no_double_backward():
+    """The attention case is meaningful: without our math-kernel fallback it fails."""
+    model, batches = make_case("attention")
+    params = list(model.parameters())
+    grads = torch.autograd.grad(cross_entropy_loss(model, batches[0]), params, create_graph=True)
+    with pytest.raises(RuntimeError, match="derivative for"):
+        torch.autograd.grad(sum(g.sum() for g in grads), params)
+
+
+@pytest.mark.parametrize("name", CASES)
+@pytest.mark.parametrize("hvp", ["reuse_graph", "forward_over_reverse"])
+def test_hessian_products_match_dense(name, hvp):
+    model, batches = make_case(name)
+    hessian = dense(name)
+    with HessianOperator(model, cross_entropy_loss, batches, hvp=hvp) as op:
+        assert op.size == hessian.shape[0]
+        block = torch.randn(
+            3, op.size, dtype=torch.float64, generator=torch.Generator().manual_seed(1)
+        )
+        assert torch.allclose(op.matmat(block), block @ hessian, atol=1e-10)
+        assert torch.allclose(op.matvec(block[0]), hessian @ block[0], atol=1e-10)
+        assert op.num_hvps == 4
+
+
+def test_batches_are_weighted_by_size():
+    model, batches = make_case("mlp")
+    # One concatenated batch is the same dataset loss as the unequal batches.
+    joined = (torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches]))
+    v = torch.randn(sum(p.numel() for p in model.parameters()), dtype=torch.float64)
+    with (
+        HessianOperator(model, cross_entropy_loss, batches) as split,
+        HessianOperator(model, cross_entropy_loss, joined) as whole,
+    ):
+        assert torch.allclose(split.matvec(v), whole.matvec(v), atol=1e-12)
+
+
+@pytest.mark.parametrize("name", CASES)
+@pytest.mark.parametrize("which", ["LA", "SA", "LM"])
+def test_top_k_eigenvalues_match_eigvalsh(name, which):
+    model, batches = make_case(name)
+    hessian = dense(name)
+    exact = torch.linalg.eigvalsh(hessian)
+    order = {"LA": exact.flip(0), "SA": exact, "LM": exact[exact.abs().argsort(descending=True)]}[
+        which
+    ]
+    k, tol = 4, 1e-6
+    result = hessian_eigenvalues(
+        model, cross_entropy_loss, batches, k=k, which=which, tol=tol, return_eigenvectors=True
+    )
+    assert result.converged.all()
+    assert torch.allclose(result.eigenvalues, order[:k], rtol=0, atol=10 * tol * exact.abs().max())
+    vectors = result.eigenvectors
+    residuals = (vectors @ hessian - result.eigenvalues.unsqueeze(1) * vectors).norm(dim=1)
+    assert torch.all(residuals <= 10 * tol * result.eigenvalues.abs() + 1e-12)
+    assert result.num_hvps >= k
+
+
+@pytest.mark.parametrize("method", ["lanczos", "block_lanczos"])
+def test_methods_agree_on_a_model(method):
+    model, batches = make_case("cnn")
+    exact = torch.linalg.eigvalsh(dense("cnn")).flip(0)[:3]
+    result = hessian_eigenvalues(model, cross_entropy_loss, batches, k=3, tol=1e-6, method=method)
+    assert result.method == method
+    assert torch.allclose(result.eigenvalues, exact, rtol=1e-5)
+
+
+def test_float32_model_within_tolerance_of_float64():
+    model, batches = make_case("mlp")
+    exact = torch.linalg.eigvalsh(dense("mlp"))[-1]
+    model32 = copy.deepcopy(model).float()
+    batches32 = [(x.float(), y) for x, y in batches]
+    result = hessian_eigenvalues(model32, cross_entropy_loss, batches32, k=1, tol=1e-3)
+    assert result.eigenvalues.dtype == torch.float64
+    assert abs(float(result.eigenvalues[0]) - float(exact)) <= 1e-3 * abs(float(exact))
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_trace_against_exact(name):
+    model, batches = make_case(name)
+    exact = float(torch.trace(dense(name)))
+    estimate = hessian_trace(model, cross_entropy_loss, batches, num_hvps=30, seed=3)
+    assert abs(estimate.estimate - exact) <= 4 * estimate.stderr
+    full = hessian_trace(model, cross_entropy_loss, batches, num_hvps=10_000)
+    assert full.num_hvps == dense(name).shape[0] and full.stderr == 0
+    assert full.estimate == pytest.approx(exact, abs=1e-10)
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_density_moments_match_dense(name):
+    model, batches = make_case(name)
+    hessian = dense(name)
+    g = torch.Generator().manual_seed(2)
+    probes = (2 * torch.randint(0, 2, (3, hessian.shape[0]), generator=g) - 1).double()
+    steps = 6
+    with HessianOperator(model, cross_entropy_loss, batches) as op:
+        density = slq(op, steps=steps, probes=probes)
+    power = probes.clone()
+    scale = torch.linalg.matrix_norm(hessian, ord=2)
+    for order in range(2 * steps):
+        exact = (probes * power).sum(dim=1) / (probes * probes).sum(dim=1)
+        assert torch.allclose(density.moment(order), exact, rtol=1e-7, atol=1e-9 * scale**order), (
+            order
+        )
+        power = power @ hessian
+    public = hessian_density(model, cross_entropy_loss, batches, num_probes=4, steps=8)
+    assert public.num_hvps == 32
+    assert torch.allclose(public.weights.sum(dim=1), torch.ones(4, dtype=torch.float64))
+    grid = torch.linspace(float(public.nodes.min()) - 1, float(public.nodes.max()) + 1, 2001)
+    assert float(torch.trapezoid(public.evaluate(grid, sigma=0.05), grid)) == pytest.approx(
+        1.0, abs=1e-4
+    )
+    exact_negative = float((torch.linalg.eigvalsh(hessian) < 0).double().mean())
+    assert 0.0 <= public.negative_mass <= 1.0
+    assert abs(public.negative_mass - exact_negative) < 0.35
+
+
+def test_parameter_filter_gives_the_diagonal_block():
+    model, batches = make_case("mlp")
+    hessian = dense("mlp")
+    names = [n for n, _ in model.named_parameters()]
+    sizes = [p.numel() for p in model.parameters()]
+    start = sum(sizes[: names.index("2.weight")])
+    stop = start + sizes[names.index("2.weight")] + sizes[names.index("2.bias")]
+    block = hessian[start:stop, start:stop]
+    exact = torch.linalg.eigvalsh(block).flip(0)[:2]
+    for selector in ("^2\\.", ["2"], lambda name: name.startswith("2.")):
+        result = hessian_eigenvalues(
+            model, cross_entropy_loss, batches, k=2, tol=1e-8, params=selector
+        )
+        assert torch.allclose(result.eigenvalues, exact, rtol=1e-6), selector
+
+
+class _NoisyModel(nn.Module):
+    """Dropout and BatchNorm in train mode: randomness and buffers a measurement must not touch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Tanh(), nn.Dropout(0.3), nn.Linear(8, 3)
+        )
+        self.frozen = nn.Linear(3, 3)
+        self.frozen.requires_grad_(False)
+
+    def forward(self, x):
+        return self.frozen(self.body(x))
+
+
+def test_measurements_leave_the_model_untouched():
+    torch.manual_seed(0)
+    model = _NoisyModel().double()
+    model.train()
+    model.body[3].eval()  # a mixed-mode model: one submodule in eval
+    x = torch.randn(16, 4, dtype=torch.float64)
+    y = torch.randint(0, 3, (16,))
+    cross_entropy_loss(model, (x, y)).backward()  # .grad present and non-zero
+    before = model_state(model)
+    for hvp in ("reuse_graph", "forward_over_reverse"):
+        hessian_eigenvalues(model, cross_entropy_loss, (x, y), k=2, hvp=hvp)
+        hessian_eigenvalues(model, cross_entropy_loss, (x, y), k=5, method="block_lanczos", hvp=hvp)
+        hessian_trace(model, cross_entropy_loss, (x, y), num_hvps=9, hvp=hvp)
+        hessian_density(model, cross_entropy_loss, (x, y), num_probes=2, steps=4, hvp=hvp)
+    assert_same_state(before, model_state(model))
+
+
+def test_dropout_masks_are_fixed_within_a_measurement():
+    """With dropout active the Hessian is that of one fixed mask; both paths agree."""
+    torch.manual_seed(0)
+    model = (
+        nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Dropout(0.5), nn.Linear(6, 2)).double().train()
+    )
+    batch = (torch.randn(10, 4, dtype=torch.float64), torch.randint(0, 2, (10,)))
+    n = sum(p.numel() for p in model.parameters())
+    eye = torch.eye(n, dtype=torch.float64)
+    with HessianOperator(model, cross_entropy_loss, batch, hvp="reuse_graph", seed=4) as a:
+        h_reuse = a.matmat(eye)
+    with HessianOperator(model, cross_entropy_loss, batch, hvp="forward_over_reverse", seed=4) as b:
+        h_vmap = b.matmat(eye)
+    assert torch.allclose(h_reuse, h_reuse.T, atol=1e-12)
+    assert torch.allclose(h_reuse, h_vmap, atol=1e-12)
+
+
+def test_warm_start_after_a_training_step_needs_far_fewer_hvps():
+    model, batches = make_case("mlp")
+    first = hessian_eigenvalues(
+        model, cross_entropy_loss, batches, k=1, tol=1e-3, return_eigenvectors=True
+    )
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    for batch in batches:
+        optimizer.zero_grad()
+        cross_entropy_loss(model, batch).backward()
+        optimizer.step()
+    cold = hessian_eigenvalues(model, cross_entropy_loss, batches, k=1, tol=1e-3)
+    warm = hessian_eigenvalues(
+        model, cross_entropy_loss, batches, k=1, tol=1e-3, start=first.eigenvectors
+    )
+    assert warm.converged.all() and cold.converged.all()
+    assert abs(float(warm.eigenvalues[0] - cold.eigenvalues[0])) <= 2e-3 * abs(
+        float(cold.eigenvalues[0])
+    )
+    assert warm.num_hvps * 3 <= cold.num_hvps, (warm.num_hvps, cold.num_hvps)
+
+
+def test_float32_attention_model_runs_under_default_kernels():
+    torch.manual_seed(0)
+    model = TinyAttention()
+    x, y = torch.randn(4, 6, 8), torch.randint(0, 3, (4,))
+    result = hessian_eigenvalues(model, cross_entropy_loss, (x, y), k=1, tol=1e-3)
+    assert result.converged.all() and torch.isfinite(result.eigenvalues).all()
+
+
+# -- errors ---------------------------------------------------------------------------------
+
+
+def test_non_scalar_loss_is_rejected():
+    model = tanh_mlp().double()
+    batch = (torch.randn(5, 4, dtype=torch.float64), torch.randint(0, 3, (5,)))
+    with pytest.raises(ValueError, match="scalar"):
+        hessian_eigenvalues(
+            model, lambda m, b: F.cross_entropy(m(b[0]), b[1], reduction="none"), batch, k=1
+        )
+
+
+def test_detached_loss_is_rejected():
+    model = tanh_mlp().double()
+    batch = (torch.randn(5, 4, dtype=torch.float64), torch.randint(0, 3, (5,)))
+    with pytest.raises(ValueError, match="requires_grad=False"):
+        hessian_eigenvalues(model, lambda m, b: cross_entropy_loss(m, b).detach(), batch, k=1)
+
+
+@pytest.mark.parametrize("hvp", ["reuse_graph", "forward_over_reverse"])
+def test_non_finite_loss_raises(hvp):
+    model = tanh_mlp().double()
+    batch = (torch.randn(5, 4, dtype=torch.float64), torch.randint(0, 3, (5,)))
+    with pytest.raises(NonFiniteLossError, match="nan"):
+        hessian_eigenvalues(
+            model, lambda m, b: cross_entropy_loss(m, b) * float("nan"), batch, k=1, hvp=hvp
+        )
+
+
+def test_parameter_filter_matching_nothing_lists_names():
+    model = tanh_mlp().double()
+    batch = (torch.randn(5, 4, dtype=torch.float64), torch.randint(0, 3, (5,)))
+    with pytest.raises(ValueError, match=r"selects no trainable parameter.*0\.weight"):
+        hessian_eigenvalues(model, cross_entropy_loss, batch, params="^decoder")
+    with pytest.raises(ValueError, match=r"close matches: \['0.weight'"):
+        hessian_eigenvalues(model, cross_entropy_loss, batch, params=["0.weigth"])
+
+
+def test_model_without_trainable_parameters_is_rejected():
+    model = tanh_mlp().double().requires_grad_(False)
+    with pytest.raises(ValueError, match="no trainable parameters"):
+        HessianOperator(
+            model, cross_entropy_loss, (torch.randn(2, 4), torch.zeros(2, dtype=torch.long))
+        )
+
+
+def test_k_larger_than_parameter_count_is_rejected():
+    model = nn.Linear(2, 1).double()
+    batch = (torch.randn(4, 2, dtype=torch.float64), torch.randn(4, 1, dtype=torch.float64))
+    with pytest.raises(ValueError, match="larger than the operator's dimension 3"):
+        hessian_eigenvalues(model, lambda m, b: F.mse_loss(m(b[0]), b[1]), batch, k=4)
+
+
+def test_bad_hvp_path_is_rejected():
+    with pytest.raises(ValueError, match="hvp must be one of"):
+        HessianOperator(nn.Linear(2, 1), cross_entropy_loss, torch.zeros(1, 2), hvp="magic")
+
+
+def test_missing_second_derivative_is_explained():
+    error = RuntimeError("derivative for aten::_cudnn_rnn_backward is not implemented")
+    explained = _explain_second_order_failure(error)
+    assert "cudnn" in str(explained).lower() and "torch.backends.cudnn.flags(enabled=False)" in str(
+        explained
+    )
+    assert _explain_second_order_failure(RuntimeError("something else")) is None

@@ -1,0 +1,220 @@
+"""Eigensolvers on explicit symmetric matrices with known spectra (float64 oracles)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from spectral_callbacks.linalg import DenseOperator, block_lanczos, lanczos
+from spectral_callbacks.linalg.eigsh import select_ritz
+
+SOLVERS = {"lanczos": lanczos, "block_lanczos": block_lanczos}
+
+
+def matrix_with_spectrum(eigenvalues: torch.Tensor, seed: int = 0) -> torch.Tensor:
+    """Q diag(λ) Qᵀ with a random orthogonal Q."""
+    g = torch.Generator().manual_seed(seed)
+    n = eigenvalues.numel()
+    q, _ = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64))
+    a = (q * eigenvalues.double()) @ q.T
+    return 0.5 * (a + a.T)
+
+
+def expected(eigenvalues: torch.Tensor, k: int, which: str) -> torch.Tensor:
+    values = torch.sort(eigenvalues.double()).values
+    return values[select_ritz(values, k, which)]
+
+
+SPECTRA = {
+    # well separated, indefinite
+    "indefinite": torch.cat(
+        [torch.tensor([9.0, 7.0, 5.5, -11.0, -8.0]), torch.linspace(-2, 2, 115)]
+    ),
+    # clustered top eigenvalues (relative gaps 1e-3)
+    "clustered": torch.cat([torch.tensor([5.0, 4.995, 4.99, 4.985]), torch.linspace(-1, 3, 116)]),
+    # tiny gap at the top
+    "tiny_gap": torch.cat([torch.tensor([3.0, 3.0 - 1e-6]), torch.linspace(0, 2.5, 118)]),
+    # a Hessian-like spectrum: outliers over a bulk near zero
+    "bulk_outliers": torch.cat(
+        [
+            torch.tensor([40.0, 25.0, 12.0]),
+            0.05 * torch.randn(117, generator=torch.Generator().manual_seed(3)),
+        ]
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(SPECTRA))
+@pytest.mark.parametrize("which", ["LA", "SA", "LM"])
+@pytest.mark.parametrize("solver", list(SOLVERS))
+def test_eigenvalues_match_exact_spectrum(name, which, solver):
+    spectrum = SPECTRA[name]
+    a = matrix_with_spectrum(spectrum)
+    k = 3
+    tol = 1e-8
+    result = SOLVERS[solver](
+        DenseOperator(a), k=k, which=which, tol=tol, max_iter=120, return_eigenvectors=True
+    )
+    want = expected(spectrum, k, which)
+    assert result.eigenvalues.dtype == torch.float64
+    assert result.converged.all(), (result.eigenvalues, result.residuals)
+    # A converged Ritz value is within residual²/gap of an eigenvalue, and within the
+    # residual norm in any case; check against the exact spectrum at the residual bound.
+    assert torch.allclose(result.eigenvalues, want, rtol=0, atol=tol * want.abs().max() * 10), (
+        result.eigenvalues,
+        want,
+    )
+    vectors = result.eigenvectors
+    assert vectors.shape == (k, a.shape[0])
+    true_residuals = (vectors @ a - result.eigenvalues.unsqueeze(1) * vectors).norm(dim=1)
+    assert torch.all(true_residuals <= 10 * tol * result.eigenvalues.abs() + 1e-12)
+    assert torch.allclose(vectors.norm(dim=1), torch.ones(k, dtype=torch.float64))
+
+
+def test_degenerate_eigenvalue_needs_a_block():
+    # λ = 4 with multiplicity 3 at the top: a single Krylov vector sees it once.
+    spectrum = torch.cat([torch.tensor([4.0, 4.0, 4.0, 3.5]), torch.linspace(-1, 3, 96)])
+    a = matrix_with_spectrum(spectrum, seed=1)
+    result = block_lanczos(DenseOperator(a), k=4, tol=1e-10, block_size=4)
+    assert result.converged.all()
+    assert torch.allclose(
+        result.eigenvalues, torch.tensor([4.0, 4.0, 4.0, 3.5], dtype=torch.float64), atol=1e-9
+    )
+
+
+def test_invariant_subspace_breakdown_restarts_exactly():
+    # Two distinct eigenvalues: Krylov spaces become invariant after two steps, so both
+    # solvers must restart (β = 0) and go on with exact values, not garbage.
+    spectrum = torch.cat([torch.full((3,), 2.0), torch.full((57,), -1.0)])
+    a = matrix_with_spectrum(spectrum, seed=2)
+    single = lanczos(DenseOperator(a), k=4, tol=1e-10, max_iter=20, return_eigenvectors=True)
+    # Each restart contributes one copy of each eigenvalue: the values are exact and the
+    # Ritz vectors orthonormal eigenvectors, but multiplicity is a block solver's job.
+    assert single.num_hvps == 4
+    assert torch.allclose(
+        single.eigenvalues, torch.tensor([2.0, 2.0, -1.0, -1.0], dtype=torch.float64), atol=1e-10
+    )
+    vectors = single.eigenvectors
+    assert torch.allclose(vectors @ vectors.T, torch.eye(4, dtype=torch.float64), atol=1e-10)
+    assert torch.allclose(vectors @ a, single.eigenvalues.unsqueeze(1) * vectors, atol=1e-10)
+    block = block_lanczos(DenseOperator(a), k=4, tol=1e-10, block_size=4)
+    assert torch.allclose(
+        block.eigenvalues, torch.tensor([2.0, 2.0, 2.0, -1.0], dtype=torch.float64), atol=1e-10
+    )
+
+
+def test_full_dimension_is_exact():
+    spectrum = torch.linspace(-3, 5, 12)
+    a = matrix_with_spectrum(spectrum, seed=4)
+    result = lanczos(DenseOperator(a), k=12, which="LA", tol=1e-10)
+    assert result.num_hvps == 12
+    assert torch.allclose(result.eigenvalues, spectrum.double().flip(0), atol=1e-10)
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    n=st.integers(min_value=5, max_value=60),
+    k=st.integers(min_value=1, max_value=4),
+    which=st.sampled_from(["LA", "SA", "LM"]),
+    seed=st.integers(min_value=0, max_value=10_000),
+)
+def test_random_symmetric_matrices(n, k, which, seed):
+    g = torch.Generator().manual_seed(seed)
+    spectrum = (
+        torch.randn(n, generator=g, dtype=torch.float64)
+        * torch.rand(1, generator=g, dtype=torch.float64)
+        * 10
+    )
+    a = matrix_with_spectrum(spectrum, seed=seed)
+    k = min(k, n)
+    result = lanczos(DenseOperator(a), k=k, which=which, tol=1e-9, max_iter=n)
+    # With max_iter = n the Krylov space is the whole space unless it converged first.
+    want = expected(spectrum, k, which)
+    scale = spectrum.abs().max()
+    assert torch.allclose(result.eigenvalues, want, rtol=0, atol=1e-6 * scale), (
+        result.eigenvalues,
+        want,
+    )
+
+
+def test_warm_start_from_previous_eigenvector_needs_far_fewer_products():
+    spectrum = torch.cat([torch.tensor([10.0, 9.0]), torch.linspace(-2, 8, 198)])
+    a = matrix_with_spectrum(spectrum, seed=5)
+    cold = lanczos(DenseOperator(a), k=1, tol=1e-3, return_eigenvectors=True)
+    # A nearby matrix, as after a few optimiser steps.
+    g = torch.Generator().manual_seed(6)
+    e = torch.randn(200, 200, generator=g, dtype=torch.float64) * 1e-3
+    b = a + 0.5 * (e + e.T)
+    cold_b = lanczos(DenseOperator(b), k=1, tol=1e-3)
+    warm_b = lanczos(DenseOperator(b), k=1, tol=1e-3, start=cold.eigenvectors)
+    assert cold_b.converged.all() and warm_b.converged.all()
+    assert torch.allclose(warm_b.eigenvalues, cold_b.eigenvalues, rtol=1e-3)
+    assert warm_b.num_hvps * 3 <= cold_b.num_hvps, (warm_b.num_hvps, cold_b.num_hvps)
+
+
+def test_block_warm_start_for_top_k():
+    spectrum = torch.cat([torch.tensor([10.0, 9.0, 8.0, 7.5]), torch.linspace(-2, 6, 196)])
+    a = matrix_with_spectrum(spectrum, seed=7)
+    cold = block_lanczos(DenseOperator(a), k=4, tol=1e-6, return_eigenvectors=True)
+    warm = block_lanczos(DenseOperator(a), k=4, tol=1e-6, start=cold.eigenvectors)
+    assert warm.converged.all()
+    assert torch.allclose(warm.eigenvalues, cold.eigenvalues, rtol=1e-5)
+    assert warm.num_hvps * 2 <= cold.num_hvps, (warm.num_hvps, cold.num_hvps)
+
+
+class _PoisonedOperator(DenseOperator):
+    def matmat(self, block):
+        out = super().matmat(block)
+        return out * math.nan if self.num_matvecs > 3 else out
+
+
+@pytest.mark.parametrize("solver", list(SOLVERS))
+def test_non_finite_operator_gives_nan_not_garbage(solver):
+    a = matrix_with_spectrum(torch.linspace(-1, 1, 30))
+    result = SOLVERS[solver](_PoisonedOperator(a), k=2, tol=1e-8)
+    assert torch.isnan(result.eigenvalues).all()
+    assert not result.converged.any()
+
+
+def test_num_hvps_counts_every_product():
+    a = matrix_with_spectrum(torch.linspace(-1, 4, 50))
+    op = DenseOperator(a)
+    result = lanczos(op, k=2, tol=1e-6)
+    assert result.num_hvps == op.num_matvecs
+    op = DenseOperator(a)
+    result = block_lanczos(op, k=2, tol=1e-6, block_size=3)
+    assert result.num_hvps == op.num_matvecs
+    assert result.num_hvps % 3 == 0
+
+
+def test_unconverged_is_reported():
+    a = matrix_with_spectrum(
+        torch.cat([torch.tensor([1.0, 1.0 - 1e-9]), torch.linspace(-1, 0.99, 298)])
+    )
+    result = lanczos(DenseOperator(a), k=2, tol=1e-12, max_iter=10)
+    assert result.num_hvps == 10
+    assert not result.converged.all()
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"k": 0}, "k must be a positive integer"),
+        ({"k": 31}, "larger than the operator's dimension"),
+        ({"which": "XX"}, "which must be one of"),
+        ({"tol": -1.0}, "tol must be a positive"),
+    ],
+)
+def test_bad_arguments_name_the_argument(kwargs, message):
+    a = matrix_with_spectrum(torch.linspace(-1, 1, 30))
+    with pytest.raises(ValueError, match=message):
+        lanczos(DenseOperator(a), **kwargs)
+
+
+def test_dense_operator_rejects_asymmetric():
+    with pytest.raises(ValueError, match="symmetric"):
+        DenseOperator(torch.tensor([[1.0, 2.0], [0.0, 1.0]]))

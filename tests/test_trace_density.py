@@ -1,0 +1,100 @@
+"""Trace estimators and stochastic Lanczos quadrature against exact float64 quantities."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from spectral_callbacks.linalg import DenseOperator, exact_trace, hutchinson, hutchpp, slq, trace
+
+from .test_linalg import matrix_with_spectrum
+
+
+@pytest.fixture
+def hessian_like():
+    # Outliers over a bulk, as Hessians of trained networks look (Sagun et al.).
+    g = torch.Generator().manual_seed(11)
+    spectrum = torch.cat(
+        [torch.tensor([30.0, 18.0, 9.0, -2.0]), 0.3 * torch.randn(196, generator=g)]
+    )
+    return matrix_with_spectrum(spectrum, seed=12)
+
+
+@pytest.mark.parametrize("estimator", [hutchpp, hutchinson])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_trace_within_four_standard_errors(hessian_like, estimator, seed):
+    exact = float(torch.trace(hessian_like))
+    est = estimator(DenseOperator(hessian_like), num_hvps=60, seed=seed)
+    assert est.num_hvps == 60
+    assert 0 < est.stderr < float("inf")
+    assert abs(est.estimate - exact) <= 4 * est.stderr, (est, exact)
+
+
+def test_hutchpp_beats_hutchinson_on_outlier_spectra(hessian_like):
+    # Hutch++ removes the outliers exactly, so its error bar is much smaller.
+    a = DenseOperator(hessian_like)
+    assert hutchpp(a, num_hvps=60).stderr < 0.5 * hutchinson(a, num_hvps=60).stderr
+
+
+@pytest.mark.parametrize("method", ["hutch++", "hutchinson"])
+def test_trace_exact_when_budget_covers_dimension(method):
+    a = matrix_with_spectrum(torch.linspace(-3, 7, 40), seed=3)
+    op = DenseOperator(a)
+    est = trace(op, num_hvps=40, method=method)
+    assert est.stderr == 0.0 and est.method == "exact"
+    assert est.num_hvps == 40 == op.num_matvecs
+    assert est.estimate == pytest.approx(float(torch.trace(a)), abs=1e-10)
+    assert exact_trace(DenseOperator(a), block_size=7).estimate == pytest.approx(
+        float(torch.trace(a)), abs=1e-10
+    )
+
+
+def test_trace_rejects_unknown_method():
+    with pytest.raises(ValueError, match="method must be one of"):
+        trace(DenseOperator(torch.eye(3, dtype=torch.float64)), method="girard")
+
+
+@pytest.mark.parametrize("steps", [5, 12])
+def test_slq_reproduces_probe_moments(hessian_like, steps):
+    """Gauss quadrature with m nodes is exact for vᵀHʲv, j < 2m."""
+    g = torch.Generator().manual_seed(5)
+    probes = (2 * torch.randint(0, 2, (4, 200), generator=g) - 1).double()
+    density = slq(DenseOperator(hessian_like), steps=steps, probes=probes)
+    assert density.nodes.shape == (4, steps)
+    assert torch.allclose(density.weights.sum(dim=1), torch.ones(4, dtype=torch.float64))
+    scale = torch.linalg.matrix_norm(hessian_like, ord=2)
+    power = probes.clone()
+    for order in range(2 * steps):
+        exact = (probes * power).sum(dim=1) / (probes * probes).sum(dim=1)
+        quadrature = density.moment(order)
+        assert torch.allclose(quadrature, exact, rtol=1e-8, atol=1e-10 * scale**order), order
+        power = power @ hessian_like
+
+
+def test_density_integrates_to_one_and_counts_negative_mass():
+    # Half of the spectrum negative: the quadrature's negative mass must say so.
+    spectrum = torch.cat([-torch.linspace(0.5, 2, 60), torch.linspace(0.5, 4, 60)])
+    a = matrix_with_spectrum(spectrum, seed=8)
+    density = slq(DenseOperator(a), num_probes=16, steps=40, seed=1)
+    assert density.num_hvps == 16 * 40
+    assert density.negative_mass == pytest.approx(0.5, abs=0.1)
+    grid = torch.linspace(-6, 8, 4001)
+    values = density.evaluate(grid, sigma=0.1)
+    assert torch.all(values >= 0)
+    assert float(torch.trapezoid(values, grid)) == pytest.approx(1.0, abs=1e-6)
+    low, high = density.support
+    # Extreme Ritz values converge first: they bracket the spectrum from inside.
+    assert -2.0 <= low < -2.0 + 1e-4 and 4.0 - 1e-4 < high <= 4.0 + 1e-12
+
+
+def test_slq_exact_when_steps_exhaust_the_space():
+    a = matrix_with_spectrum(torch.tensor([-1.0, 0.5, 2.0, 3.0, 3.0]), seed=9)
+    density = slq(DenseOperator(a), num_probes=3, steps=50)
+    assert density.nodes.shape == (3, 5)
+    # The rule carries the whole spectral measure of each probe: weights on true eigenvalues.
+    present = density.weights > 1e-12
+    nodes = density.nodes[present]
+    assert torch.all(
+        torch.min((nodes.unsqueeze(1) - torch.tensor([-1.0, 0.5, 2.0, 3.0])).abs(), dim=1).values
+        < 1e-9
+    )
