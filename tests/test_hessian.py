@@ -247,6 +247,16 @@ def test_warm_start_after_a_training_step_needs_far_fewer_hvps():
     assert warm.num_hvps * 3 <= cold.num_hvps, (warm.num_hvps, cold.num_hvps)
 
 
+def test_measurement_inside_autocast_is_done_in_full_precision():
+    model, batches = make_case("mlp")
+    model32 = copy.deepcopy(model).float()
+    batches32 = [(x.float(), y) for x, y in batches]
+    plain = hessian_eigenvalues(model32, cross_entropy_loss, batches32, k=1, tol=1e-6)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        inside = hessian_eigenvalues(model32, cross_entropy_loss, batches32, k=1, tol=1e-6)
+    assert float(inside.eigenvalues[0]) == pytest.approx(float(plain.eigenvalues[0]), rel=1e-6)
+
+
 def test_float32_attention_model_runs_under_default_kernels():
     torch.manual_seed(0)
     model = TinyAttention()

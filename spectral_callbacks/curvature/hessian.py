@@ -29,6 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..linalg._precision import autocast_disabled
 from .data import ParameterFilter, as_batch_list, batch_size, move_to_device, select_parameters
 from .isolation import BufferSnapshot, measurement_context
 
@@ -178,6 +179,10 @@ class HessianOperator:
             raise ValueError(f"block must have shape (b, {self.size}), got {tuple(block.shape)}")
         block = block.to(dtype=self.dtype, device=self.device)
         self.num_hvps += block.shape[0]
+        with autocast_disabled(self.device):
+            return self._matmat(block)
+
+    def _matmat(self, block: torch.Tensor) -> torch.Tensor:
         if self._path_for(block.shape[0]) == "forward_over_reverse":
             try:
                 return self._matmat_forward_over_reverse(block)

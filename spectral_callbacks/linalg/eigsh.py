@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from ._krylov import BlockLanczos, IndependentLanczos, tridiagonal_matrix
+from ._precision import full_precision
 from .operators import SymmetricOperator
 
 __all__ = ["WHICH", "EigenResult", "block_lanczos", "lanczos"]
@@ -136,6 +137,7 @@ def _make_generator(seed: int, device: torch.device) -> torch.Generator:
     return generator
 
 
+@full_precision
 def lanczos(
     operator: SymmetricOperator,
     k: int = 1,
@@ -223,6 +225,7 @@ def lanczos(
     )
 
 
+@full_precision
 def block_lanczos(
     operator: SymmetricOperator,
     k: int = 1,

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from ._krylov import IndependentLanczos, tridiagonal_matrix
+from ._precision import full_precision
 from .operators import SymmetricOperator
 
 __all__ = ["SpectralDensity", "slq"]
@@ -65,6 +66,7 @@ class SpectralDensity:
         return float(self.nodes[present].min()), float(self.nodes[present].max())
 
 
+@full_precision
 def slq(
     operator: SymmetricOperator,
     num_probes: int = 8,

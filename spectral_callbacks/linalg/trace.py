@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ._precision import full_precision
 from .operators import SymmetricOperator
 
 __all__ = ["METHODS", "TraceEstimate", "hutchinson", "hutchpp", "trace"]
@@ -65,6 +66,7 @@ def _mean_and_stderr(samples: torch.Tensor) -> tuple[float, float]:
     return mean, float(samples.std(unbiased=True)) / math.sqrt(samples.numel())
 
 
+@full_precision
 def exact_trace(operator: SymmetricOperator, block_size: int = 16) -> TraceEstimate:
     """``Σ_i e_iᵀ A e_i`` with all ``n`` unit vectors (``n`` operator products)."""
     n = operator.size
@@ -78,6 +80,7 @@ def exact_trace(operator: SymmetricOperator, block_size: int = 16) -> TraceEstim
     return TraceEstimate(estimate=total, stderr=0.0, num_hvps=n, method="exact")
 
 
+@full_precision
 def hutchinson(
     operator: SymmetricOperator, num_hvps: int = 100, seed: int = 0, block_size: int = 16
 ) -> TraceEstimate:
@@ -94,6 +97,7 @@ def hutchinson(
     return TraceEstimate(estimate=estimate, stderr=stderr, num_hvps=num_hvps, method="hutchinson")
 
 
+@full_precision
 def hutchpp(
     operator: SymmetricOperator, num_hvps: int = 99, seed: int = 0, block_size: int = 16
 ) -> TraceEstimate:
