@@ -1,3 +1,12 @@
-"""Spectral callbacks for PyTorch Lightning."""
+"""Spectral callbacks for PyTorch Lightning: Hessian sharpness and spectra during training.
+
+The callbacks live at the top level; the math is importable without Lightning from
+:mod:`spectral_callbacks.linalg`, :mod:`spectral_callbacks.curvature` and
+:mod:`spectral_callbacks.functional`.
+"""
+
+from .callbacks import HessianSpectrumMonitor, SharpnessMonitor
 
 __version__ = "0.1.0"
+
+__all__ = ["HessianSpectrumMonitor", "SharpnessMonitor", "__version__"]

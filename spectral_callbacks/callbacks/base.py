@@ -1,0 +1,312 @@
+"""What every spectral callback shares: schedule, probe data, isolation, publishing, state.
+
+A subclass implements :meth:`SpectralMonitor.measure` (return the scalars of one measurement)
+and optionally :meth:`SpectralMonitor.write_tensorboard` (histograms, figures) and
+:meth:`SpectralMonitor.chart_layout` (custom-scalars charts). Everything else here decides
+*when* a measurement runs, *on what data*, and *where the numbers go*.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import inspect
+import math
+import warnings
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+from torch import nn
+
+from ..curvature.data import as_batch_list, move_to_device
+from ..logging.tensorboard import add_chart_layout, tensorboard_writers
+
+__all__ = ["SpectralMonitor", "training_step_loss"]
+
+
+def _clone_batch(batch: Any) -> Any:
+    """A deep copy of a batch whose tensors are detached clones (safe from in-place edits)."""
+    if isinstance(batch, torch.Tensor):
+        return batch.detach().clone()
+    if isinstance(batch, Mapping):
+        return type(batch)({k: _clone_batch(v) for k, v in batch.items()})
+    if isinstance(batch, tuple) and hasattr(batch, "_fields"):
+        return type(batch)(*(_clone_batch(v) for v in batch))
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(_clone_batch(v) for v in batch)
+    return copy.deepcopy(batch)
+
+
+def _accepts_batch_idx(module: pl.LightningModule) -> bool:
+    try:
+        parameters = inspect.signature(module.training_step).parameters
+    except (TypeError, ValueError):
+        return True
+    positional = [
+        p
+        for p in parameters.values()
+        if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.VAR_POSITIONAL)
+    ]
+    return len(positional) >= 2 or any(p.kind == p.VAR_POSITIONAL for p in positional)
+
+
+def training_step_loss(module: nn.Module, batch: Any) -> torch.Tensor:
+    """The loss a LightningModule's own ``training_step`` returns on ``batch``.
+
+    ``training_step`` may return the loss tensor or a dict with a ``"loss"`` entry. The
+    callbacks call this with the module's ``self.log`` muted (:func:`muted_lightning_logging`).
+    """
+    output = (
+        module.training_step(batch, 0)
+        if _accepts_batch_idx(module)
+        else module.training_step(batch)
+    )
+    if isinstance(output, Mapping):
+        if "loss" not in output:
+            raise ValueError(
+                "training_step returned a dict without a 'loss' entry; "
+                "pass loss_fn=... to the callback"
+            )
+        output = output["loss"]
+    if not isinstance(output, torch.Tensor):
+        raise ValueError(
+            f"training_step returned {type(output).__name__}, not a loss tensor; pass "
+            "loss_fn=lambda model, batch: ... to the callback"
+        )
+    return output
+
+
+@contextlib.contextmanager
+def muted_lightning_logging(module: nn.Module) -> Iterator[None]:
+    """Make ``module.log`` / ``module.log_dict`` no-ops while a probe calls ``training_step``."""
+    saved = {name: module.__dict__[name] for name in ("log", "log_dict") if name in module.__dict__}
+    module.__dict__["log"] = lambda *args, **kwargs: None
+    module.__dict__["log_dict"] = lambda *args, **kwargs: None
+    try:
+        yield
+    finally:
+        for name in ("log", "log_dict"):
+            del module.__dict__[name]
+            if name in saved:
+                module.__dict__[name] = saved[name]
+
+
+@contextlib.contextmanager
+def preserved_modes(module: nn.Module, eval_mode: bool) -> Iterator[None]:
+    """Optionally switch to eval mode; restore every submodule's own mode afterwards."""
+    modes = [(m, m.training) for m in module.modules()]
+    if eval_mode:
+        module.eval()
+    try:
+        yield
+    finally:
+        for submodule, training in modes:
+            submodule.training = training
+
+
+class SpectralMonitor(Callback):
+    """Base of the spectral callbacks: measures every ``every_n_steps`` optimizer steps.
+
+    Schedule: by ``trainer.global_step`` (optimizer steps, so gradient accumulation is
+    handled). The first measurement runs as soon as the probe data is complete, which is
+    before the first optimizer step (step 0) with the default ``probe_batches=1``; later
+    ones after each optimizer step that makes ``global_step`` a multiple of ``every_n_steps``.
+    No measurement during the sanity check; under ``fast_dev_run`` the one at step 0.
+
+    Probe data: the first ``probe_batches`` training batches, copied once (detached clones
+    on the module's device) and reused by every measurement, so successive values are
+    comparable; ``probe_data=`` (one batch or a list of batches) overrides.
+
+    Args:
+        every_n_steps: Optimizer steps between measurements (>= 1).
+        probe_batches: Training batches to copy as probe data (>= 1).
+        probe_data: Explicit probe data instead.
+        eval_mode: Measure with the module in eval mode (modes are restored after); default
+            measures in the mode training uses.
+    """
+
+    #: Prefix of this callback's metric names.
+    namespace = "spectral"
+
+    def __init__(
+        self,
+        every_n_steps: int,
+        probe_batches: int = 1,
+        probe_data: Any = None,
+        eval_mode: bool = False,
+    ) -> None:
+        super().__init__()
+        if not isinstance(every_n_steps, int) or every_n_steps < 1:
+            raise ValueError(f"every_n_steps must be an integer >= 1, got {every_n_steps!r}")
+        if not isinstance(probe_batches, int) or probe_batches < 1:
+            raise ValueError(f"probe_batches must be an integer >= 1, got {probe_batches!r}")
+        self._every_n_steps = every_n_steps
+        self._probe_batches = probe_batches
+        self._probe_data = probe_data
+        self._eval_mode = eval_mode
+        self._probe: list[Any] = []
+        self._probe_complete = False
+        self._last_step: int | None = None
+        self._warned_non_finite = False
+        #: Values of the last measurement (metric name -> float).
+        self.last_metrics: dict[str, float] = {}
+        #: Every measurement so far: (global_step, metrics).
+        self.history: list[tuple[int, dict[str, float]]] = []
+
+    # -- to implement ----------------------------------------------------------------------
+    def measure(
+        self, trainer: pl.Trainer, module: pl.LightningModule, probe: list[Any]
+    ) -> dict[str, float]:
+        """Compute one measurement on ``probe``; return metric name -> value."""
+        raise NotImplementedError
+
+    def nan_metrics(self, trainer: pl.Trainer) -> dict[str, float]:
+        """The metrics to log (as NaN) when a measurement hits a non-finite loss."""
+        return {}
+
+    def write_tensorboard(self, writer: Any, step: int) -> None:
+        """Write histograms / figures of the last measurement (TensorBoard only)."""
+
+    def chart_layout(self) -> dict[str, dict[str, list[str]]]:
+        """Custom-scalars charts: category -> {chart title: [tags or regexes]}."""
+        return {}
+
+    def validate_setup(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
+        """Check arguments against the model; raise ``ValueError`` naming the argument."""
+
+    # -- Lightning hooks ---------------------------------------------------------------------
+    def state_key_fields(self) -> dict[str, Any]:
+        """Settings that tell two instances of one callback class apart in a checkpoint."""
+        return {
+            "every_n_steps": self._every_n_steps,
+            "probe_batches": self._probe_batches,
+            "explicit_probe": self._probe_data is not None,
+            "eval_mode": self._eval_mode,
+        }
+
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(**self.state_key_fields())
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        self.validate_setup(trainer, pl_module)
+        if self._probe_data is not None and not self._probe_complete:
+            self._probe = [_clone_batch(b) for b in as_batch_list(self._probe_data)]
+            self._probe_complete = True
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        for writer in tensorboard_writers(trainer.loggers):
+            for category, charts in self.chart_layout().items():
+                add_chart_layout(writer, category, charts)
+
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        if not self._probe_complete:
+            self._probe.append(_clone_batch(batch))
+            self._probe_complete = len(self._probe) >= self._probe_batches
+        self._maybe_measure(trainer, pl_module)
+
+    def on_train_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+    ) -> None:
+        self._maybe_measure(trainer, pl_module)
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # An epoch shorter than probe_batches: measure on what was collected.
+        if not self._probe_complete and self._probe:
+            self._probe_complete = True
+            self._maybe_measure(trainer, pl_module)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "last_step": self._last_step,
+            "last_metrics": dict(self.last_metrics),
+            "history": [(step, dict(values)) for step, values in self.history],
+            "probe": [move_to_device(b, torch.device("cpu")) for b in self._probe]
+            if self._probe_complete
+            else None,
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._last_step = state_dict.get("last_step")
+        self.last_metrics = dict(state_dict.get("last_metrics", {}))
+        self.history = [(step, dict(values)) for step, values in state_dict.get("history", [])]
+        probe = state_dict.get("probe")
+        if probe is not None and self._probe_data is None:
+            self._probe = list(probe)
+            self._probe_complete = True
+
+    # -- machinery ---------------------------------------------------------------------------
+    def _due(self, trainer: pl.Trainer, step: int) -> bool:
+        if self._last_step is None:
+            return True
+        if trainer.fast_dev_run:
+            return False  # a smoke run: one measurement proves the wiring
+        return step != self._last_step and step % self._every_n_steps == 0
+
+    def _maybe_measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.sanity_checking or not self._probe_complete:
+            return
+        step = trainer.global_step
+        if not self._due(trainer, step):
+            return
+        self._last_step = step
+        device = next(pl_module.parameters()).device
+        probe = [move_to_device(b, device) for b in self._probe]
+        self._probe = probe
+        with preserved_modes(pl_module, self._eval_mode), muted_lightning_logging(pl_module):
+            try:
+                metrics = self.measure(trainer, pl_module, probe)
+            except FloatingPointError as error:
+                metrics = self.nan_metrics(trainer)
+                if not self._warned_non_finite:
+                    warnings.warn(
+                        f"{type(self).__name__}: non-finite value at step {step} ({error}); "
+                        "logging NaN and carrying on (warned once)",
+                        RuntimeWarning,
+                        stacklevel=2,
+                    )
+                    self._warned_non_finite = True
+        if not self._warned_non_finite and any(not math.isfinite(v) for v in metrics.values()):
+            warnings.warn(
+                f"{type(self).__name__}: non-finite spectral value at step {step}; logging it "
+                "and carrying on (warned once)",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            self._warned_non_finite = True
+        self._publish(trainer, metrics, step)
+
+    def _publish(self, trainer: pl.Trainer, metrics: dict[str, float], step: int) -> None:
+        self.last_metrics = dict(metrics)
+        self.history.append((step, dict(metrics)))
+        for name, value in metrics.items():
+            trainer.callback_metrics[name] = torch.tensor(value, dtype=torch.float32)
+        for logger in trainer.loggers:
+            logger.log_metrics(dict(metrics), step=step)
+        if trainer.is_global_zero:
+            for writer in tensorboard_writers(trainer.loggers):
+                self.write_tensorboard(writer, step)
+
+
+def current_learning_rate(trainer: pl.Trainer) -> float:
+    """Learning rate of the first optimizer's first parameter group (NaN if none)."""
+    optimizers: list[torch.optim.Optimizer] = list(getattr(trainer, "optimizers", []) or [])
+    if not optimizers or not optimizers[0].param_groups:
+        return math.nan
+    lr = optimizers[0].param_groups[0].get("lr", math.nan)
+    return float(lr.item() if isinstance(lr, torch.Tensor) else lr)
+
+
+LossFn = Callable[[nn.Module, Any], torch.Tensor]

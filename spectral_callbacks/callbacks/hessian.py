@@ -1,0 +1,353 @@
+"""Callbacks that measure the loss Hessian: sharpness and the spectrum.
+
+Both build a :class:`~spectral_callbacks.curvature.HessianOperator` on the probe data and run
+the solvers of :mod:`spectral_callbacks.linalg`; they only add scheduling and logging.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+
+from ..curvature import HVP_PATHS, HessianOperator, ParameterFilter, flat_size, select_parameters
+from ..functional import EIGEN_METHODS, _resolve_eigen_method
+from ..linalg import SpectralDensity, block_lanczos, hutchpp, lanczos, slq
+from ..logging.figures import density_figure
+from ..logging.tensorboard import add_figure, add_histogram
+from .base import LossFn, SpectralMonitor, current_learning_rate, training_step_loss
+
+__all__ = ["HessianSpectrumMonitor", "SharpnessMonitor"]
+
+PREFIX = "spectral/hessian/"
+
+
+class _HessianMonitor(SpectralMonitor):
+    """Shared set-up of the Hessian callbacks: loss, parameters, operator."""
+
+    def __init__(
+        self,
+        every_n_steps: int,
+        probe_batches: int,
+        probe_data: Any,
+        loss_fn: LossFn | None,
+        params: ParameterFilter,
+        tol: float,
+        seed: int,
+        hvp: str,
+        eval_mode: bool,
+        warm_start: bool,
+    ) -> None:
+        super().__init__(every_n_steps, probe_batches, probe_data, eval_mode)
+        if loss_fn is not None and not callable(loss_fn):
+            raise ValueError(f"loss_fn must be callable as loss_fn(model, batch), got {loss_fn!r}")
+        if not (isinstance(tol, (int, float)) and tol > 0 and math.isfinite(tol)):
+            raise ValueError(f"tol must be a positive finite number, got {tol!r}")
+        if hvp not in HVP_PATHS:
+            raise ValueError(f"hvp must be one of {HVP_PATHS}, got {hvp!r}")
+        self._loss_fn = loss_fn
+        self._params = params
+        self._tol = float(tol)
+        self._seed = seed
+        self._hvp = hvp
+        self._warm_start = warm_start
+        self._start: torch.Tensor | None = None
+
+    def state_key_fields(self) -> dict[str, Any]:
+        return {**super().state_key_fields(), "params": repr(self._params)}
+
+    def validate_setup(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
+        select_parameters(module, self._params)  # raises naming the parameters that exist
+        if self._loss_fn is None and not module.automatic_optimization:
+            raise ValueError(
+                f"{type(self).__name__}: the module uses manual optimization, so its training_step "
+                "runs backward itself and cannot serve as the probe loss; pass loss_fn=..."
+            )
+
+    def operator(self, module: pl.LightningModule, probe: list[Any]) -> HessianOperator:
+        return HessianOperator(
+            module,
+            self._loss_fn or training_step_loss,
+            probe,
+            params=self._params,
+            hvp=self._hvp,
+            seed=self._seed,
+        )
+
+    def start_vectors(self, operator: HessianOperator) -> torch.Tensor | None:
+        if not self._warm_start or self._start is None or self._start.shape[-1] != operator.size:
+            return None
+        return self._start
+
+
+class SharpnessMonitor(_HessianMonitor):
+    """Logs the sharpness λ_max (top Hessian eigenvalue) and its edge-of-stability ratio.
+
+    Metrics (``trainer.callback_metrics`` keys and logger tags):
+
+    * ``spectral/hessian/lambda_max``: the largest eigenvalue of the loss Hessian on the
+      probe data, by Lanczos to relative residual ``tol``, warm-started from the previous
+      measurement's eigenvector (a few Hessian-vector products when it moved little);
+    * ``spectral/hessian/stability_limit``: ``2 / lr`` for the current learning rate of the
+      first optimizer's first parameter group;
+    * ``spectral/hessian/eos_ratio``: ``λ_max · lr / 2``. For plain gradient descent a
+      quadratic with curvature λ diverges when ``lr · λ > 2``, so 1.0 is the edge of
+      stability (Cohen et al. 2021): full-batch GD sharpens until the ratio reaches 1 and
+      hovers there. With momentum ``β`` (heavy ball) the limit is ``(2 + 2β) / lr``, and for
+      Adam the relevant matrix is the preconditioned Hessian (Cohen et al. 2022), so for those
+      optimizers this ratio is *not* 1 at the edge: read it as λ_max in units of ``2/lr``;
+    * ``spectral/hessian/lambda_max_residual``: the Ritz residual ``‖H v - λ v‖``;
+    * ``spectral/hessian/num_hvps``: Hessian-vector products the measurement used.
+
+    Args:
+        every_n_steps: Optimizer steps between measurements.
+        probe_batches: Number of first training batches copied as probe data.
+        loss_fn: ``loss_fn(model, batch) -> scalar``; default the module's own
+            ``training_step`` (its ``self.log`` calls muted during the probe).
+        tol: Relative residual tolerance of λ_max.
+        probe_data: Explicit probe data (one batch or a list of batches).
+        params: Parameter filter for the Hessian (default all trainable parameters).
+        max_iter: Maximum Hessian-vector products per measurement (default 100).
+        seed: Seed of the start vector and of dropout masks during the probe.
+        hvp: Hessian-vector product path (``"auto"``, ``"reuse_graph"``,
+            ``"forward_over_reverse"``).
+        eval_mode: Measure in eval mode (default: the mode training uses).
+        warm_start: Start each measurement from the previous eigenvector.
+    """
+
+    def __init__(
+        self,
+        every_n_steps: int = 100,
+        probe_batches: int = 1,
+        loss_fn: LossFn | None = None,
+        tol: float = 1e-3,
+        probe_data: Any = None,
+        params: ParameterFilter = None,
+        max_iter: int | None = None,
+        seed: int = 0,
+        hvp: str = "auto",
+        eval_mode: bool = False,
+        warm_start: bool = True,
+    ) -> None:
+        super().__init__(
+            every_n_steps,
+            probe_batches,
+            probe_data,
+            loss_fn,
+            params,
+            tol,
+            seed,
+            hvp,
+            eval_mode,
+            warm_start,
+        )
+        if max_iter is not None and (not isinstance(max_iter, int) or max_iter < 1):
+            raise ValueError(f"max_iter must be a positive integer, got {max_iter!r}")
+        self._max_iter = max_iter
+
+    def measure(
+        self, trainer: pl.Trainer, module: pl.LightningModule, probe: list[Any]
+    ) -> dict[str, float]:
+        lr = current_learning_rate(trainer)
+        with self.operator(module, probe) as operator:
+            result = lanczos(
+                operator,
+                k=1,
+                tol=self._tol,
+                max_iter=self._max_iter,
+                seed=self._seed,
+                start=self.start_vectors(operator),
+                return_eigenvectors=self._warm_start,
+            )
+            num_hvps = operator.num_hvps
+        if result.eigenvectors is not None and result.all_converged:
+            self._start = result.eigenvectors
+        lambda_max = float(result.eigenvalues[0])
+        return {
+            PREFIX + "lambda_max": lambda_max,
+            PREFIX + "stability_limit": 2.0 / lr if lr > 0 else math.nan,
+            PREFIX + "eos_ratio": lambda_max * lr / 2.0,
+            PREFIX + "lambda_max_residual": float(result.residuals[0]),
+            PREFIX + "num_hvps": float(num_hvps),
+        }
+
+    def nan_metrics(self, trainer: pl.Trainer) -> dict[str, float]:
+        lr = current_learning_rate(trainer)
+        return {
+            PREFIX + "lambda_max": math.nan,
+            PREFIX + "stability_limit": 2.0 / lr if lr > 0 else math.nan,
+            PREFIX + "eos_ratio": math.nan,
+            PREFIX + "lambda_max_residual": math.nan,
+            PREFIX + "num_hvps": math.nan,
+        }
+
+    def chart_layout(self) -> dict[str, dict[str, list[str]]]:
+        return {
+            "spectral: sharpness": {
+                "λ_max against the stability limit 2/lr": [
+                    PREFIX + "lambda_max",
+                    PREFIX + "stability_limit",
+                ],
+                "edge-of-stability ratio λ_max·lr/2": [PREFIX + "eos_ratio"],
+                "Hessian-vector products per measurement": [PREFIX + "num_hvps"],
+            }
+        }
+
+
+class HessianSpectrumMonitor(_HessianMonitor):
+    """Logs the top-``k`` Hessian eigenvalues, the trace and the eigenvalue density.
+
+    Metrics: ``spectral/hessian/eig_{i}`` for ``i = 1..k`` (``eig_1`` the largest),
+    ``spectral/hessian/trace`` and ``spectral/hessian/trace_stderr`` (Hutch++),
+    ``spectral/hessian/negative_mass`` (fraction of the SLQ spectral mass below zero) and
+    ``spectral/hessian/spectrum_num_hvps``. TensorBoard also gets a histogram of the top-k
+    values (``spectral/hessian/top_k``) and a log-scale density figure
+    (``spectral/hessian/density``).
+
+    Cost per measurement: the top-k solve (about ``20k`` products cold, fewer warm), plus
+    ``trace_hvps`` products for the trace and ``density_probes · density_steps`` for the
+    density.
+
+    Args:
+        every_n_steps: Optimizer steps between measurements.
+        k: Number of top eigenvalues (at most the number of parameters, checked at setup).
+        trace: Whether to estimate the trace.
+        density: Whether to estimate the density (stochastic Lanczos quadrature).
+        probe_batches, loss_fn, tol, probe_data, params, seed, hvp, eval_mode, warm_start:
+            as for :class:`SharpnessMonitor`.
+        method: Eigensolver, ``"auto"``, ``"lanczos"`` or ``"block_lanczos"``.
+        trace_hvps: Hessian-vector products for Hutch++.
+        density_probes: Probes for the density.
+        density_steps: Lanczos steps per density probe.
+    """
+
+    def __init__(
+        self,
+        every_n_steps: int = 500,
+        k: int = 10,
+        trace: bool = True,
+        density: bool = True,
+        probe_batches: int = 1,
+        loss_fn: LossFn | None = None,
+        tol: float = 1e-3,
+        probe_data: Any = None,
+        params: ParameterFilter = None,
+        method: str = "auto",
+        trace_hvps: int = 99,
+        density_probes: int = 8,
+        density_steps: int = 64,
+        seed: int = 0,
+        hvp: str = "auto",
+        eval_mode: bool = False,
+        warm_start: bool = True,
+    ) -> None:
+        super().__init__(
+            every_n_steps,
+            probe_batches,
+            probe_data,
+            loss_fn,
+            params,
+            tol,
+            seed,
+            hvp,
+            eval_mode,
+            warm_start,
+        )
+        if not isinstance(k, int) or k < 1:
+            raise ValueError(f"k must be an integer >= 1, got {k!r}")
+        if method not in EIGEN_METHODS:
+            raise ValueError(f"method must be one of {EIGEN_METHODS}, got {method!r}")
+        if trace and (not isinstance(trace_hvps, int) or trace_hvps < 3):
+            raise ValueError(f"trace_hvps must be an integer >= 3, got {trace_hvps!r}")
+        if density and (not isinstance(density_probes, int) or density_probes < 1):
+            raise ValueError(f"density_probes must be an integer >= 1, got {density_probes!r}")
+        if density and (not isinstance(density_steps, int) or density_steps < 1):
+            raise ValueError(f"density_steps must be an integer >= 1, got {density_steps!r}")
+        self._k = k
+        self._trace = trace
+        self._density = density
+        self._method = method
+        self._trace_hvps = trace_hvps
+        self._density_probes = density_probes
+        self._density_steps = density_steps
+        self.last_eigenvalues: torch.Tensor | None = None
+        self.last_density: SpectralDensity | None = None
+
+    def state_key_fields(self) -> dict[str, Any]:
+        return {**super().state_key_fields(), "k": self._k}
+
+    def validate_setup(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
+        super().validate_setup(trainer, module)
+        size = flat_size(module, self._params)
+        if self._k > size:
+            raise ValueError(
+                f"k={self._k} is larger than the number of selected parameters ({size})"
+            )
+
+    def measure(
+        self, trainer: pl.Trainer, module: pl.LightningModule, probe: list[Any]
+    ) -> dict[str, float]:
+        metrics: dict[str, float] = {}
+        with self.operator(module, probe) as operator:
+            method = _resolve_eigen_method(self._method, self._k, operator.device)
+            solver = lanczos if method == "lanczos" else block_lanczos
+            result = solver(
+                operator,
+                k=self._k,
+                tol=self._tol,
+                seed=self._seed,
+                start=self.start_vectors(operator),
+                return_eigenvectors=self._warm_start,
+            )
+            if result.eigenvectors is not None and result.all_converged:
+                self._start = result.eigenvectors
+            self.last_eigenvalues = result.eigenvalues
+            for i, value in enumerate(result.eigenvalues.tolist(), start=1):
+                metrics[f"{PREFIX}eig_{i}"] = value
+            if self._trace:
+                estimate = hutchpp(operator, num_hvps=self._trace_hvps, seed=self._seed)
+                metrics[PREFIX + "trace"] = estimate.estimate
+                metrics[PREFIX + "trace_stderr"] = estimate.stderr
+            if self._density:
+                self.last_density = slq(
+                    operator,
+                    num_probes=self._density_probes,
+                    steps=self._density_steps,
+                    seed=self._seed,
+                )
+                metrics[PREFIX + "negative_mass"] = self.last_density.negative_mass
+            metrics[PREFIX + "spectrum_num_hvps"] = float(operator.num_hvps)
+        return metrics
+
+    def nan_metrics(self, trainer: pl.Trainer) -> dict[str, float]:
+        self.last_eigenvalues = None
+        self.last_density = None
+        names = [f"{PREFIX}eig_{i}" for i in range(1, self._k + 1)]
+        if self._trace:
+            names += [PREFIX + "trace", PREFIX + "trace_stderr"]
+        if self._density:
+            names.append(PREFIX + "negative_mass")
+        names.append(PREFIX + "spectrum_num_hvps")
+        return dict.fromkeys(names, math.nan)
+
+    def write_tensorboard(self, writer: Any, step: int) -> None:
+        if self.last_eigenvalues is not None:
+            add_histogram(writer, PREFIX + "top_k", self.last_eigenvalues, step)
+        density = self.last_density
+        if density is not None and bool(torch.isfinite(density.nodes).all()):
+            add_figure(
+                writer,
+                PREFIX + "density",
+                density_figure(density, self.last_eigenvalues, step),
+                step,
+            )
+
+    def chart_layout(self) -> dict[str, dict[str, list[str]]]:
+        charts = {"top-k eigenvalues": [PREFIX + r"eig_\d+"]}
+        if self._trace:
+            charts["trace (Hutch++)"] = [PREFIX + "trace"]
+        if self._density:
+            charts["negative spectral mass"] = [PREFIX + "negative_mass"]
+        return {"spectral: Hessian spectrum": charts}

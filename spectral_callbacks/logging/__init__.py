@@ -1,0 +1,1 @@
+"""Where the numbers go: TensorBoard layouts, histograms and figures."""

@@ -1,0 +1,70 @@
+"""TensorBoard helpers: a shared custom-scalars layout, histograms and figures.
+
+Several callbacks may write to one ``SummaryWriter``; TensorBoard shows only the last
+custom-scalars layout written, so the layout is kept per writer and rewritten whole whenever
+a callback adds charts to it.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+__all__ = ["add_chart_layout", "add_figure", "add_histogram", "tensorboard_writers"]
+
+# writer -> {category: {chart title: ["Multiline" | "Margin", [tags or regexes]]}}
+_LAYOUTS: weakref.WeakKeyDictionary[Any, dict[str, dict[str, list]]] = weakref.WeakKeyDictionary()
+
+
+def tensorboard_writers(loggers: Sequence[Any]) -> list[Any]:
+    """The ``SummaryWriter`` of every TensorBoard logger in ``loggers``."""
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    return [logger.experiment for logger in loggers if isinstance(logger, TensorBoardLogger)]
+
+
+def add_chart_layout(writer: Any, category: str, charts: dict[str, list[str]]) -> None:
+    """Add multiline charts (title -> list of tags or tag regexes) under ``category``.
+
+    The merged layout of everything added to this writer so far is written again, so charts
+    from several callbacks share one dashboard.
+    """
+    layout = _LAYOUTS.setdefault(writer, {})
+    section = layout.setdefault(category, {})
+    changed = False
+    for title, tags in charts.items():
+        entry = ["Multiline", list(tags)]
+        if section.get(title) != entry:
+            section[title] = entry
+            changed = True
+    if changed:
+        writer.add_custom_scalars(layout)
+
+
+def add_histogram(writer: Any, tag: str, values: torch.Tensor, step: int) -> None:
+    """A histogram of finite values (skipped when there are none)."""
+    values = values.detach().double().cpu()
+    values = values[torch.isfinite(values)]
+    if values.numel() > 0:
+        writer.add_histogram(tag, values.numpy(), step)
+
+
+def figure_to_array(figure: Any) -> np.ndarray:
+    """Render a matplotlib ``Figure`` with the Agg canvas to an ``(H, W, 3)`` uint8 array.
+
+    No pyplot: the user's matplotlib backend and global figure list are left alone.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    canvas = FigureCanvasAgg(figure)
+    canvas.draw()
+    return np.asarray(canvas.buffer_rgba())[..., :3].copy()
+
+
+def add_figure(writer: Any, tag: str, figure: Any, step: int) -> None:
+    """Write a matplotlib ``Figure`` as an image."""
+    writer.add_image(tag, figure_to_array(figure), step, dataformats="HWC")

@@ -1,0 +1,104 @@
+"""Small LightningModules and data for the callback tests (fast on 2 CPU cores)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from lightning.pytorch import LightningModule
+from torch import nn
+
+
+class RepeatedBatch(torch.utils.data.IterableDataset):
+    """One epoch that yields the same full batch ``steps`` times: full-batch gradient descent
+    without Lightning's per-epoch overhead."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, steps: int) -> None:
+        self.x, self.y, self.steps = x, y, steps
+
+    def __iter__(self):
+        for _ in range(self.steps):
+            yield self.x, self.y
+
+    def __len__(self) -> int:
+        return self.steps
+
+
+def regression_data(n: int = 64, d: int = 8, seed: int = 0, dtype=torch.float32):
+    """Inputs and targets from a random tanh teacher, with noise."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, d, generator=g, dtype=dtype)
+    w1 = torch.randn(d, 16, generator=g, dtype=dtype) / d**0.5
+    w2 = torch.randn(16, 1, generator=g, dtype=dtype) / 4
+    y = torch.tanh(x @ w1) @ w2 + 0.1 * torch.randn(n, 1, generator=g, dtype=dtype)
+    return x, y
+
+
+def full_batch_loader(x, y, steps: int):
+    return torch.utils.data.DataLoader(RepeatedBatch(x, y, steps), batch_size=None)
+
+
+class TanhRegressor(LightningModule):
+    """A tanh MLP with MSE loss trained by SGD; logs its loss from training_step."""
+
+    def __init__(self, lr: float = 0.1, d: int = 8, width: int = 32, momentum: float = 0.0) -> None:
+        super().__init__()
+        self.lr, self.momentum = lr, momentum
+        self.net = nn.Sequential(
+            nn.Linear(d, width), nn.Tanh(), nn.Linear(width, width), nn.Tanh(), nn.Linear(width, 1)
+        )
+
+    def forward(self, x):
+        return self.net(x)
+
+    def training_step(self, batch, batch_idx):
+        loss = F.mse_loss(self(batch[0]), batch[1])
+        self.log("train_loss", loss)
+        return loss
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=self.lr, momentum=self.momentum)
+
+
+class NoisyClassifier(LightningModule):
+    """Dropout and BatchNorm in train mode, Adam: everything a probe could disturb."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Linear(6, 16), nn.BatchNorm1d(16), nn.Tanh(), nn.Dropout(0.2), nn.Linear(16, 3)
+        )
+
+    def forward(self, x):
+        return self.net(x)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        loss = F.cross_entropy(self(x), y)
+        self.log("train_loss", loss, prog_bar=True)
+        return {"loss": loss}
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.parameters(), lr=1e-2)
+
+
+def classification_loader(n: int = 96, batch_size: int = 16, seed: int = 0, shuffle: bool = True):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 6, generator=g)
+    y = (x[:, 0] > 0).long() + (x[:, 1] > 0.5).long()
+    return torch.utils.data.DataLoader(
+        torch.utils.data.TensorDataset(x, y), batch_size=batch_size, shuffle=shuffle
+    )
+
+
+def trainer_kwargs(**overrides):
+    kwargs = {
+        "accelerator": "cpu",
+        "devices": 1,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+        "enable_checkpointing": False,
+        "logger": False,
+        "deterministic": True,
+    }
+    kwargs.update(overrides)
+    return kwargs

@@ -1,0 +1,419 @@
+"""SharpnessMonitor and HessianSpectrumMonitor in real Lightning runs (CPU)."""
+
+from __future__ import annotations
+
+import copy
+import csv
+import math
+import warnings
+
+import lightning.pytorch as L
+import pytest
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.plugins.custom_scalar import layout_pb2
+
+from spectral_callbacks import HessianSpectrumMonitor, SharpnessMonitor
+from spectral_callbacks.functional import hessian_eigenvalues, hessian_trace
+
+from .lightning_helpers import (
+    NoisyClassifier,
+    TanhRegressor,
+    classification_loader,
+    full_batch_loader,
+    regression_data,
+    trainer_kwargs,
+)
+
+
+def mse(model, batch):
+    return F.mse_loss(model(batch[0]), batch[1])
+
+
+class Snapshots(Callback):
+    """Copies of the model's parameters after every optimizer step (and at step 0)."""
+
+    def __init__(self) -> None:
+        self.states: dict[int, dict] = {}
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.states.setdefault(trainer.global_step, copy.deepcopy(pl_module.state_dict()))
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.states[trainer.global_step] = copy.deepcopy(pl_module.state_dict())
+
+
+def read_events(log_dir) -> EventAccumulator:
+    accumulator = EventAccumulator(
+        str(log_dir), size_guidance={"scalars": 0, "histograms": 0, "images": 0, "tensors": 0}
+    )
+    accumulator.Reload()
+    return accumulator
+
+
+def test_tensorboard_events_match_the_functional_api(tmp_path):
+    torch.manual_seed(0)
+    x, y = regression_data(n=32, dtype=torch.float64)
+    model = TanhRegressor(lr=0.1).double()
+    sharpness = SharpnessMonitor(every_n_steps=5, tol=1e-8)
+    spectrum = HessianSpectrumMonitor(
+        every_n_steps=10, k=3, tol=1e-8, trace_hvps=30, density_probes=2, density_steps=12
+    )
+    snapshots = Snapshots()
+    logger = TensorBoardLogger(tmp_path, name="run", version=0)
+    trainer = L.Trainer(
+        max_epochs=1, callbacks=[sharpness, spectrum, snapshots], **trainer_kwargs(logger=logger)
+    )
+    trainer.fit(model, full_batch_loader(x, y, 20))
+    events = read_events(logger.log_dir)
+    scalars = events.Tags()["scalars"]
+    for tag in ["lambda_max", "eos_ratio", "stability_limit", "num_hvps", "lambda_max_residual"]:
+        assert f"spectral/hessian/{tag}" in scalars
+    for tag in [
+        "eig_1",
+        "eig_2",
+        "eig_3",
+        "trace",
+        "trace_stderr",
+        "negative_mass",
+        "spectrum_num_hvps",
+    ]:
+        assert f"spectral/hessian/{tag}" in scalars
+
+    lambda_max = {e.step: e.value for e in events.Scalars("spectral/hessian/lambda_max")}
+    assert sorted(lambda_max) == [0, 5, 10, 15, 20]
+    probe_model = copy.deepcopy(model)
+    for step, logged in lambda_max.items():
+        probe_model.load_state_dict(snapshots.states[step])
+        # The callback used the module's own training_step; the reference an explicit loss.
+        reference = hessian_eigenvalues(probe_model, mse, (x, y), k=3, tol=1e-10)
+        assert logged == pytest.approx(float(reference.eigenvalues[0]), rel=1e-6), step
+        ratio = events.Scalars("spectral/hessian/eos_ratio")[sorted(lambda_max).index(step)].value
+        assert ratio == pytest.approx(float(reference.eigenvalues[0]) * 0.1 / 2, rel=1e-6)
+        if step % 10 == 0:
+            eigs = [
+                events.Scalars(f"spectral/hessian/eig_{i}")[step // 10].value for i in (1, 2, 3)
+            ]
+            assert eigs == pytest.approx(reference.eigenvalues.tolist(), rel=1e-6)
+            trace = hessian_trace(probe_model, mse, (x, y), num_hvps=30, seed=0)
+            assert events.Scalars("spectral/hessian/trace")[step // 10].value == pytest.approx(
+                trace.estimate, rel=1e-6
+            )
+    limit = events.Scalars("spectral/hessian/stability_limit")[0].value
+    assert limit == pytest.approx(2 / 0.1)
+
+    histograms = events.Tags()["histograms"]
+    assert "spectral/hessian/top_k" in histograms
+    assert [h.step for h in events.Histograms("spectral/hessian/top_k")] == [0, 10, 20]
+    assert "spectral/hessian/density" in events.Tags()["images"]
+    image = events.Images("spectral/hessian/density")[-1]
+    assert image.step == 20 and image.width > 100 and image.height > 100
+
+    config = events.Tensors("custom_scalars__config__")[-1]
+    layout = layout_pb2.Layout()
+    layout.ParseFromString(config.tensor_proto.string_val[0])
+    charts = {
+        chart.title: list(chart.multiline.tag)
+        for category in layout.category
+        for chart in category.chart
+    }
+    assert charts["λ_max against the stability limit 2/lr"] == [
+        "spectral/hessian/lambda_max",
+        "spectral/hessian/stability_limit",
+    ]
+    assert charts["top-k eigenvalues"] == [r"spectral/hessian/eig_\d+"]
+
+
+def test_edge_of_stability_full_batch_gradient_descent():
+    """Cohen et al. 2021: GD sharpens until λ_max ≈ 2/lr and then hovers there."""
+    torch.manual_seed(0)
+    x, y = regression_data(n=64)
+    torch.manual_seed(1)
+    model = TanhRegressor(lr=0.3)
+    monitor = SharpnessMonitor(every_n_steps=25)
+    trainer = L.Trainer(max_epochs=1, callbacks=[monitor], **trainer_kwargs())
+    trainer.fit(model, full_batch_loader(x, y, 800))
+    ratios = {step: values["spectral/hessian/eos_ratio"] for step, values in monitor.history}
+    assert sorted(ratios) == list(range(0, 801, 25))
+    early = [ratios[s] for s in range(0, 101, 25)]
+    late = [ratios[s] for s in range(400, 801, 25)]
+    assert early[0] < 0.85, early  # starts below the edge
+    assert max(ratios[s] for s in range(0, 401, 25)) > 0.97  # progressive sharpening reaches it
+    assert all(0.75 < r < 1.25 for r in late), late  # and hovers there
+    assert sum(late) / len(late) == pytest.approx(1.0, abs=0.08)
+    # Warm starts keep tracking cheap.
+    hvps = [values["spectral/hessian/num_hvps"] for _, values in monitor.history[1:]]
+    assert sum(hvps) / len(hvps) <= 6
+
+
+def _fit_and_capture(callbacks, loader_seed=0, **overrides):
+    L.seed_everything(0, verbose=False)
+    model = NoisyClassifier()
+    trainer = L.Trainer(max_epochs=2, callbacks=callbacks, **trainer_kwargs(**overrides))
+    trainer.fit(model, classification_loader(seed=loader_seed))
+    optimizer_state = copy.deepcopy(trainer.optimizers[0].state_dict())
+    return model, optimizer_state, torch.get_rng_state()
+
+
+def _assert_identical_runs(a, b):
+    (model_a, opt_a, rng_a), (model_b, opt_b, rng_b) = a, b
+    for (name, pa), pb in zip(
+        model_a.state_dict().items(), model_b.state_dict().values(), strict=True
+    ):
+        assert torch.equal(pa, pb), name
+    for key, state in opt_a["state"].items():
+        for field, value in state.items():
+            assert torch.equal(
+                torch.as_tensor(value), torch.as_tensor(opt_b["state"][key][field])
+            ), (key, field)
+    assert torch.equal(rng_a, rng_b)
+    modes_a = [m.training for m in model_a.modules()]
+    assert modes_a == [m.training for m in model_b.modules()]
+
+
+def monitors():
+    return [
+        SharpnessMonitor(every_n_steps=2),
+        HessianSpectrumMonitor(
+            every_n_steps=3, k=2, trace_hvps=6, density_probes=2, density_steps=4
+        ),
+        SharpnessMonitor(every_n_steps=5, eval_mode=True, params="^net\\.4\\."),
+    ]
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [{}, {"accumulate_grad_batches": 2}, {"precision": "bf16-mixed"}],
+    ids=["plain", "grad-accumulation", "bf16-mixed"],
+)
+def test_training_is_bit_identical_with_and_without_callbacks(overrides):
+    without = _fit_and_capture([], **overrides)
+    with_monitors = _fit_and_capture(monitors(), **overrides)
+    _assert_identical_runs(without, with_monitors)
+
+
+def test_measurement_runs_in_float32_under_mixed_precision():
+    monitor = SharpnessMonitor(every_n_steps=4)
+    reference = []
+
+    class Reference(Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if trainer.global_step == 4:
+                probe = monitor._probe[0]
+                loss = lambda m, b: F.cross_entropy(m(b[0]), b[1])  # noqa: E731
+                reference.append(
+                    hessian_eigenvalues(pl_module, loss, probe, k=1, tol=1e-4).eigenvalues[0]
+                )
+
+    L.seed_everything(0, verbose=False)
+    trainer = L.Trainer(
+        max_steps=4, callbacks=[monitor, Reference()], **trainer_kwargs(precision="bf16-mixed")
+    )
+    trainer.fit(NoisyClassifier(), classification_loader())
+    measured = dict(monitor.history)[4]["spectral/hessian/lambda_max"]
+    # bf16 autocast would move λ_max by ~1e-2 relative; float32 agrees to the tolerance.
+    assert measured == pytest.approx(float(reference[0]), rel=3e-3)
+
+
+class LossRecorder(Callback):
+    def __init__(self) -> None:
+        self.losses: list[float] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.losses.append(float(outputs["loss"]))
+
+
+def test_logs_to_csv_without_extra_training_logs(tmp_path):
+    logger = CSVLogger(tmp_path, name="csv", version=0)
+    L.seed_everything(0, verbose=False)
+    recorder = LossRecorder()
+    callbacks = [SharpnessMonitor(every_n_steps=3), recorder]
+    trainer = L.Trainer(
+        max_steps=6, log_every_n_steps=1, callbacks=callbacks, **trainer_kwargs(logger=logger)
+    )
+    trainer.fit(NoisyClassifier(), classification_loader())
+    with open(f"{logger.log_dir}/metrics.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    measured = {
+        int(r["step"]): float(r["spectral/hessian/lambda_max"])
+        for r in rows
+        if r.get("spectral/hessian/lambda_max")
+    }
+    assert sorted(measured) == [0, 3, 6]
+    assert all(math.isfinite(v) and v > 0 for v in measured.values())
+    # The probe's calls of training_step are muted: the logged train_loss values are the
+    # training batches' losses, not the probe batch's.
+    logged_losses = sorted(float(r["train_loss"]) for r in rows if r.get("train_loss"))
+    assert logged_losses == pytest.approx(sorted(recorder.losses), rel=1e-6)
+
+
+def test_runs_without_a_logger_and_feeds_early_stopping_and_checkpoints(tmp_path):
+    monitor = SharpnessMonitor(every_n_steps=2)
+    stopper = EarlyStopping(
+        monitor="spectral/hessian/lambda_max",
+        mode="max",
+        stopping_threshold=1e-6,
+        check_on_train_epoch_end=True,
+    )
+    checkpoint = ModelCheckpoint(
+        dirpath=tmp_path, monitor="spectral/hessian/lambda_max", mode="max", save_top_k=1
+    )
+    L.seed_everything(0, verbose=False)
+    trainer = L.Trainer(
+        max_epochs=5,
+        callbacks=[monitor, stopper, checkpoint],
+        **trainer_kwargs(enable_checkpointing=True),
+    )
+    trainer.fit(NoisyClassifier(), classification_loader())
+    assert trainer.current_epoch == 1  # stopped after the first epoch: the threshold was met
+    assert "spectral/hessian/lambda_max" in trainer.callback_metrics
+    assert float(checkpoint.best_model_score) == pytest.approx(
+        monitor.last_metrics["spectral/hessian/lambda_max"], rel=1e-6
+    )
+
+
+def test_fast_dev_run_measures_once():
+    monitor = SharpnessMonitor(every_n_steps=1)
+    spectrum = HessianSpectrumMonitor(every_n_steps=1, k=2, trace=False, density=False)
+    trainer = L.Trainer(
+        fast_dev_run=True, callbacks=[monitor, spectrum], **trainer_kwargs(logger=None)
+    )
+    trainer.fit(NoisyClassifier(), classification_loader())
+    assert [step for step, _ in monitor.history] == [0]
+    assert [step for step, _ in spectrum.history] == [0]
+
+
+def test_sanity_check_is_skipped():
+    class WithValidation(NoisyClassifier):
+        def validation_step(self, batch, batch_idx):
+            return F.cross_entropy(self(batch[0]), batch[1])
+
+    monitor = SharpnessMonitor(every_n_steps=100)
+    trainer = L.Trainer(
+        max_steps=1, num_sanity_val_steps=2, callbacks=[monitor], **trainer_kwargs()
+    )
+    trainer.fit(WithValidation(), classification_loader(), classification_loader(shuffle=False))
+    assert [step for step, _ in monitor.history] == [0]
+
+
+def test_non_finite_loss_logs_nan_warns_once_and_training_goes_on():
+    monitor = SharpnessMonitor(
+        every_n_steps=2, loss_fn=lambda m, b: F.cross_entropy(m(b[0]), b[1]) * float("nan")
+    )
+    L.seed_everything(0, verbose=False)
+    model = NoisyClassifier()
+    trainer = L.Trainer(max_steps=6, callbacks=[monitor], **trainer_kwargs())
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.fit(model, classification_loader())
+    ours = [w for w in caught if "SharpnessMonitor" in str(w.message)]
+    assert len(ours) == 1 and "NaN" in str(ours[0].message)
+    assert [step for step, _ in monitor.history] == [0, 2, 4, 6]
+    assert all(math.isnan(v["spectral/hessian/lambda_max"]) for _, v in monitor.history)
+    assert math.isnan(float(trainer.callback_metrics["spectral/hessian/lambda_max"]))
+    assert trainer.global_step == 6
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_explicit_probe_data_and_several_probe_batches():
+    x, y = regression_data(n=40)
+    explicit = SharpnessMonitor(
+        every_n_steps=4, probe_data=[(x[:10], y[:10]), (x[10:40], y[10:40])], tol=1e-6
+    )
+    collected = SharpnessMonitor(every_n_steps=4, probe_batches=3, tol=1e-6)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=8)
+    torch.manual_seed(0)
+    model = TanhRegressor(lr=0.05)
+    trainer = L.Trainer(
+        max_steps=8, callbacks=[explicit, collected, Snapshots()], **trainer_kwargs()
+    )
+    trainer.fit(model, loader)
+    assert [s for s, _ in explicit.history] == [0, 4, 8]
+    # Three probe batches are complete at the third batch, after two optimizer steps.
+    assert [s for s, _ in collected.history] == [2, 4, 8]
+    reference = hessian_eigenvalues(model, mse, (x, y), k=1, tol=1e-8)
+    assert explicit.last_metrics["spectral/hessian/lambda_max"] == pytest.approx(
+        float(reference.eigenvalues[0]), rel=1e-5
+    )
+    reference = hessian_eigenvalues(
+        model, mse, [(x[:8], y[:8]), (x[8:16], y[8:16]), (x[16:24], y[16:24])], k=1, tol=1e-8
+    )
+    assert collected.last_metrics["spectral/hessian/lambda_max"] == pytest.approx(
+        float(reference.eigenvalues[0]), rel=1e-5
+    )
+
+
+def test_resume_from_checkpoint_continues_the_schedule(tmp_path):
+    x, y = regression_data(n=48)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=8)
+    checkpoint = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=5, save_top_k=-1)
+    first = SharpnessMonitor(every_n_steps=5)
+    torch.manual_seed(0)
+    trainer = L.Trainer(
+        max_steps=10, callbacks=[first, checkpoint], **trainer_kwargs(enable_checkpointing=True)
+    )
+    trainer.fit(TanhRegressor(lr=0.05), loader)
+    assert [s for s, _ in first.history] == [0, 5, 10]
+
+    resumed = SharpnessMonitor(every_n_steps=5)
+    logger = CSVLogger(tmp_path, name="resumed", version=0)
+    trainer = L.Trainer(
+        max_steps=20,
+        callbacks=[resumed],
+        **trainer_kwargs(logger=logger, enable_checkpointing=False),
+    )
+    trainer.fit(TanhRegressor(lr=0.05), loader, ckpt_path=str(tmp_path / "epoch=1-step=10.ckpt"))
+    assert [s for s, _ in resumed.history] == [0, 5, 10, 15, 20]
+    assert resumed.history[2] == first.history[2]
+    with open(f"{logger.log_dir}/metrics.csv") as handle:
+        logged = [
+            int(r["step"]) for r in csv.DictReader(handle) if r.get("spectral/hessian/lambda_max")
+        ]
+    assert logged == [15, 20]  # no duplicate of step 10
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (lambda: SharpnessMonitor(every_n_steps=0), "every_n_steps must be an integer >= 1"),
+        (lambda: SharpnessMonitor(probe_batches=0), "probe_batches must be an integer >= 1"),
+        (lambda: SharpnessMonitor(tol=0), "tol must be a positive"),
+        (lambda: SharpnessMonitor(hvp="fast"), "hvp must be one of"),
+        (lambda: HessianSpectrumMonitor(k=0), "k must be an integer >= 1"),
+        (lambda: HessianSpectrumMonitor(method="arnoldi"), "method must be one of"),
+    ],
+)
+def test_bad_arguments_fail_at_construction(make, message):
+    with pytest.raises(ValueError, match=message):
+        make()
+
+
+@pytest.mark.parametrize(
+    ("monitor", "message"),
+    [
+        (
+            HessianSpectrumMonitor(k=10_000),
+            r"k=10000 is larger than the number of selected parameters \(195\)",
+        ),
+        (SharpnessMonitor(params="^decoder"), r"selects no trainable parameter.*net\.0\.weight"),
+        (SharpnessMonitor(params=["net.4.wieght"]), r"close matches: \['net.4.weight'"),
+    ],
+)
+def test_bad_arguments_fail_at_setup(monitor, message):
+    trainer = L.Trainer(max_steps=1, callbacks=[monitor], **trainer_kwargs())
+    with pytest.raises(ValueError, match=message):
+        trainer.fit(NoisyClassifier(), classification_loader())
+
+
+def test_manual_optimization_needs_a_loss_fn():
+    class Manual(NoisyClassifier):
+        def __init__(self):
+            super().__init__()
+            self.automatic_optimization = False
+
+    trainer = L.Trainer(max_steps=1, callbacks=[SharpnessMonitor()], **trainer_kwargs())
+    with pytest.raises(ValueError, match="manual optimization"):
+        trainer.fit(Manual(), classification_loader())
