@@ -5,8 +5,13 @@ The callbacks live at the top level; the math is importable without Lightning fr
 :mod:`spectral_callbacks.functional`.
 """
 
-from .callbacks import HessianSpectrumMonitor, SharpnessMonitor
+from .callbacks import HessianSpectrumMonitor, RepresentationMonitor, SharpnessMonitor
 
 __version__ = "0.1.0"
 
-__all__ = ["HessianSpectrumMonitor", "SharpnessMonitor", "__version__"]
+__all__ = [
+    "HessianSpectrumMonitor",
+    "RepresentationMonitor",
+    "SharpnessMonitor",
+    "__version__",
+]

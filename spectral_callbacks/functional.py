@@ -1,4 +1,9 @@
-"""The public one-call functions: curvature of a model's loss on some data.
+"""The public one-call functions: curvature of a model's loss, and spectra of embeddings.
+
+The representation measures (``rankme``, ``alpha_req``, ``effective_rank``, ``stable_rank``,
+``participation_ratio``, ``von_neumann_entropy``) are re-exported from
+:mod:`spectral_callbacks.representation`, where their definitions are written out.
+
 
 Each function builds a :class:`~spectral_callbacks.curvature.HessianOperator` over ``data``,
 runs one solver from :mod:`spectral_callbacks.linalg` on it, and leaves the model exactly as
@@ -17,12 +22,26 @@ from torch import nn
 from .curvature import HessianOperator, LossFunction, ParameterFilter
 from .linalg import EigenResult, SpectralDensity, TraceEstimate, block_lanczos, lanczos, slq
 from .linalg import trace as estimate_trace
+from .representation import (
+    alpha_req,
+    effective_rank,
+    participation_ratio,
+    rankme,
+    stable_rank,
+    von_neumann_entropy,
+)
 
 __all__ = [
     "EIGEN_METHODS",
+    "alpha_req",
+    "effective_rank",
     "hessian_density",
     "hessian_eigenvalues",
     "hessian_trace",
+    "participation_ratio",
+    "rankme",
+    "stable_rank",
+    "von_neumann_entropy",
 ]
 
 EIGEN_METHODS = ("auto", "lanczos", "block_lanczos")

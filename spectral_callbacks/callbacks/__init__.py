@@ -2,5 +2,12 @@
 
 from .base import SpectralMonitor, training_step_loss
 from .hessian import HessianSpectrumMonitor, SharpnessMonitor
+from .representation import RepresentationMonitor
 
-__all__ = ["HessianSpectrumMonitor", "SharpnessMonitor", "SpectralMonitor", "training_step_loss"]
+__all__ = [
+    "HessianSpectrumMonitor",
+    "RepresentationMonitor",
+    "SharpnessMonitor",
+    "SpectralMonitor",
+    "training_step_loss",
+]

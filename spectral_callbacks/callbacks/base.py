@@ -128,8 +128,8 @@ class SpectralMonitor(Callback):
             measures in the mode training uses.
     """
 
-    #: Prefix of this callback's metric names.
-    namespace = "spectral"
+    #: Whether checkpoints carry the probe data (so a resumed run measures the same data).
+    checkpoint_probe = True
 
     def __init__(
         self,
@@ -177,6 +177,10 @@ class SpectralMonitor(Callback):
     def validate_setup(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
         """Check arguments against the model; raise ``ValueError`` naming the argument."""
 
+    def probe_is_complete(self, probe: list[Any]) -> bool:
+        """Whether the batches collected so far make the whole probe."""
+        return len(probe) >= self._probe_batches
+
     # -- Lightning hooks ---------------------------------------------------------------------
     def state_key_fields(self) -> dict[str, Any]:
         """Settings that tell two instances of one callback class apart in a checkpoint."""
@@ -209,7 +213,7 @@ class SpectralMonitor(Callback):
     ) -> None:
         if not self._probe_complete:
             self._probe.append(_clone_batch(batch))
-            self._probe_complete = len(self._probe) >= self._probe_batches
+            self._probe_complete = self.probe_is_complete(self._probe)
         self._maybe_measure(trainer, pl_module)
 
     def on_train_batch_end(
@@ -234,7 +238,7 @@ class SpectralMonitor(Callback):
             "last_metrics": dict(self.last_metrics),
             "history": [(step, dict(values)) for step, values in self.history],
             "probe": [move_to_device(b, torch.device("cpu")) for b in self._probe]
-            if self._probe_complete
+            if self._probe_complete and self.checkpoint_probe
             else None,
         }
 

@@ -60,13 +60,14 @@ def _isolated_rng(devices: list[torch.device], seed: int) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def measurement_context(model: nn.Module, seed: int) -> Iterator[None]:
-    """Context for a forward pass that feeds second-order autograd.
+def measurement_context(model: nn.Module, seed: int, second_order: bool = True) -> Iterator[None]:
+    """Context for the forward passes of a measurement.
 
-    * math scaled-dot-product attention (flash, memory-efficient and cuDNN kernels have no
-      double backward and no forward-mode AD);
-    * gradients enabled, inference mode and autocast off (curvature is measured in the
-      parameters' own precision, even inside a mixed-precision training step);
+    * ``second_order=True`` (curvature): gradients enabled and the math scaled-dot-product
+      attention kernel (flash, memory-efficient and cuDNN kernels have no double backward
+      and no forward-mode AD); ``second_order=False`` (representations): ``no_grad``;
+    * inference mode and autocast off (measured in the parameters' own precision, even
+      inside a mixed-precision training step);
     * BatchNorm running statistics frozen; RNG streams forked and seeded.
     """
     from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -74,11 +75,12 @@ def measurement_context(model: nn.Module, seed: int) -> Iterator[None]:
     devices = model_devices(model)
     with contextlib.ExitStack() as stack:
         stack.enter_context(torch.inference_mode(False))
-        stack.enter_context(torch.enable_grad())
+        stack.enter_context(torch.enable_grad() if second_order else torch.no_grad())
         for device_type in {d.type for d in devices}:
             if device_type in ("cpu", "cuda"):
                 stack.enter_context(torch.autocast(device_type=device_type, enabled=False))
-        stack.enter_context(sdpa_kernel(SDPBackend.MATH))
+        if second_order:
+            stack.enter_context(sdpa_kernel(SDPBackend.MATH))
         stack.enter_context(_frozen_batchnorm_statistics(model))
         stack.enter_context(_isolated_rng(devices, seed))
         yield

@@ -8,7 +8,7 @@ import torch
 
 from ..linalg import SpectralDensity
 
-__all__ = ["density_figure"]
+__all__ = ["density_figure", "scree_figure"]
 
 
 def density_figure(
@@ -37,12 +37,44 @@ def density_figure(
     figure = Figure(figsize=(5, 3.2), dpi=100)
     axes = figure.add_subplot()
     axes.semilogy(grid.numpy(), values.numpy(), color="tab:blue")
+    peak = float(values.max())
+    axes.set_ylim(peak * 1e-7, peak * 2)
     if top_eigenvalues is not None:
         for value in top_eigenvalues.tolist():
             axes.axvline(value, color="tab:red", linewidth=0.6, alpha=0.6)
     axes.set_xlabel("eigenvalue")
     axes.set_ylabel("density (log)")
     title = "Hessian eigenvalue density (SLQ)"
+    axes.set_title(title if step is None else f"{title}, step {step}", fontsize=9)
+    figure.tight_layout()
+    return figure
+
+
+def scree_figure(
+    spectrum: torch.Tensor, fit: Any = None, layer: str = "", step: int | None = None
+) -> Any:
+    """Covariance eigenvalue against rank on log-log axes, with the α-ReQ power-law fit."""
+    from matplotlib.figure import Figure
+
+    values = spectrum.detach().double().cpu()
+    ranks = torch.arange(1, values.numel() + 1, dtype=torch.float64)
+    positive = values > 0
+    figure = Figure(figsize=(5, 3.2), dpi=100)
+    axes = figure.add_subplot()
+    axes.loglog(
+        ranks[positive].numpy(), values[positive].numpy(), ".", markersize=3, color="tab:blue"
+    )
+    if fit is not None:
+        axes.loglog(
+            fit.ranks.numpy(),
+            fit.predict(fit.ranks).numpy(),
+            color="tab:red",
+            label=f"α = {fit.alpha:.3f}",
+        )
+        axes.legend(fontsize=8)
+    axes.set_xlabel("rank")
+    axes.set_ylabel("covariance eigenvalue")
+    title = f"scree: {layer}" if layer else "scree"
     axes.set_title(title if step is None else f"{title}, step {step}", fontsize=9)
     figure.tight_layout()
     return figure

@@ -1,0 +1,224 @@
+"""RepresentationMonitor: how the dimensionality of named layers' outputs evolves in training."""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from torch import nn
+
+from ..curvature.data import batch_size
+from ..curvature.isolation import BufferSnapshot, measurement_context
+from ..logging.figures import scree_figure
+from ..logging.tensorboard import add_figure, add_histogram
+from ..representation import (
+    alpha_req_fit,
+    capture_features,
+    effective_rank,
+    participation_ratio,
+    rankme,
+    resolve_layers,
+    stable_rank,
+    von_neumann_entropy,
+)
+from ..representation.spectra import POOLS
+from .base import SpectralMonitor, _clone_batch
+
+__all__ = ["RepresentationMonitor", "default_forward"]
+
+PREFIX = "spectral/repr/"
+METRICS = ("rankme", "alpha_req", "effective_rank", "stable_rank", "participation_ratio", "vne")
+
+
+def default_forward(module: nn.Module, batch: Any) -> Any:
+    """Run the model on a batch's inputs: ``module(x)`` for a tensor ``x`` or ``(x, ...)``,
+    ``module(**batch)`` for a dict."""
+    if isinstance(batch, torch.Tensor):
+        return module(batch)
+    if isinstance(batch, Mapping):
+        return module(**batch)
+    if isinstance(batch, (list, tuple)) and batch:
+        return module(batch[0])
+    raise TypeError(
+        f"cannot find the inputs in a batch of type {type(batch).__name__}; pass "
+        "forward_fn=lambda model, batch: model(...) to RepresentationMonitor"
+    )
+
+
+class RepresentationMonitor(SpectralMonitor):
+    """Logs RankMe, α-ReQ and effective dimensions of named layers' outputs.
+
+    At every measurement the probe samples go through the model (eval mode, ``no_grad``,
+    RNG forked, BatchNorm statistics frozen); forward hooks on ``layers`` stream each
+    output into a float64 ``D × D`` second-moment / covariance accumulator (``N × D`` is
+    never held), and the spectra give, per layer:
+
+    ``spectral/repr/{layer}/rankme`` (raw singular values, Garrido et al. 2023),
+    ``.../alpha_req`` (decay exponent of the covariance spectrum over ranks ``fit_range``,
+    Agrawal et al. 2022), ``.../effective_rank`` (Roy & Vetterli, ``exp`` of the entropy),
+    ``.../stable_rank``, ``.../participation_ratio`` and ``.../vne`` (von Neumann entropy of
+    the trace-normalised covariance). Definitions: :mod:`spectral_callbacks.representation`.
+
+    TensorBoard also gets a custom-scalars chart of RankMe (and α-ReQ) per layer, a histogram
+    of ``log10`` covariance eigenvalues per layer and a scree figure (eigenvalue against rank
+    on log-log axes, with the α-ReQ fit).
+
+    Probe data: the first validation batches if the trainer has a validation loader, else the
+    first training batches, until ``num_samples`` samples; copied once and reused.
+
+    Args:
+        layers: Names of submodules (as in ``model.named_modules()``).
+        every_n_steps: Optimizer steps between measurements.
+        num_samples: Probe samples (batch items; token models give ``B·T`` rows).
+        select: Picks the embedding tensor from a tuple/dict layer output: one callable, or a
+            dict layer name -> callable.
+        pool: ``"flatten"`` (every token / position a row), ``"mean"`` (average over them) or
+            a callable ``(B, T, …, D) -> (B, D)``.
+        forward_fn: ``forward_fn(model, batch)`` runs the model (default :func:`default_forward`).
+        probe_data: Explicit probe data (one batch or a list of batches).
+        fit_range: Ranks ``(low, high)`` of the α-ReQ power-law fit.
+        eval_mode: Measure in eval mode (default ``True``; modes are restored).
+        seed: Seed of the RNG inside the probe's forward passes.
+    """
+
+    # Representation probes can be thousands of samples: re-collect on resume instead.
+    checkpoint_probe = False
+
+    def __init__(
+        self,
+        layers: Sequence[str] = ("encoder",),
+        every_n_steps: int = 500,
+        num_samples: int = 4096,
+        select: Callable[[Any], torch.Tensor] | dict[str, Callable] | None = None,
+        pool: str | Callable[[torch.Tensor], torch.Tensor] = "flatten",
+        forward_fn: Callable[[nn.Module, Any], Any] | None = None,
+        probe_data: Any = None,
+        fit_range: tuple[int, int] = (11, 100),
+        eval_mode: bool = True,
+        seed: int = 0,
+    ) -> None:
+        super().__init__(every_n_steps, probe_batches=1, probe_data=probe_data, eval_mode=eval_mode)
+        if isinstance(layers, str):
+            layers = (layers,)
+        if not layers or not all(isinstance(name, str) for name in layers):
+            raise ValueError(f"layers must be a non-empty sequence of module names, got {layers!r}")
+        if not isinstance(num_samples, int) or num_samples < 1:
+            raise ValueError(f"num_samples must be an integer >= 1, got {num_samples!r}")
+        if not callable(pool) and pool not in POOLS:
+            raise ValueError(f"pool must be one of {POOLS} or a callable, got {pool!r}")
+        low, high = fit_range
+        if not (isinstance(low, int) and isinstance(high, int) and 1 <= low < high):
+            raise ValueError(
+                f"fit_range must be (low, high) with 1 <= low < high, got {fit_range!r}"
+            )
+        self._layers = list(layers)
+        self._num_samples = num_samples
+        self._select = select
+        self._pool = pool
+        self._forward_fn = forward_fn or default_forward
+        self._fit_range = fit_range
+        self._seed = seed
+        self._warned_fit = False
+        self.last_spectra: dict[str, torch.Tensor] = {}
+        self._last_fits: dict[str, Any] = {}
+
+    def state_key_fields(self) -> dict[str, Any]:
+        return {**super().state_key_fields(), "layers": tuple(self._layers)}
+
+    def validate_setup(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
+        resolve_layers(module, self._layers)  # raises with close matches
+
+    def probe_is_complete(self, probe: list[Any]) -> bool:
+        return sum(batch_size(b) for b in probe) >= self._num_samples
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_train_start(trainer, pl_module)
+        if self._probe_complete or self._probe_data is not None:
+            return
+        loaders = trainer.val_dataloaders
+        if isinstance(loaders, (list, tuple)):
+            loaders = loaders[0] if loaders else None
+        if loaders is None:
+            return
+        # Creating a DataLoader iterator draws its base seed from the global RNG: fork it so
+        # the training run's random stream is untouched.
+        with torch.random.fork_rng(devices=[]):
+            for batch in loaders:
+                self._probe.append(_clone_batch(batch))
+                if self.probe_is_complete(self._probe):
+                    break
+        self._probe_complete = bool(self._probe)
+
+    def measure(
+        self, trainer: pl.Trainer, module: pl.LightningModule, probe: list[Any]
+    ) -> dict[str, float]:
+        buffers = BufferSnapshot(module)
+        try:
+            with (
+                measurement_context(module, self._seed, second_order=False),
+                capture_features(module, self._layers, self._select, self._pool) as accumulators,
+            ):
+                for batch in probe:
+                    self._forward_fn(module, batch)
+        finally:
+            buffers.restore()
+        metrics: dict[str, float] = {}
+        for layer, accumulator in accumulators.items():
+            covariance = accumulator.covariance_spectrum()
+            second_moment = accumulator.second_moment_spectrum()
+            self.last_spectra[layer] = covariance.cpu()
+            if not bool(torch.isfinite(covariance).all() and torch.isfinite(second_moment).all()):
+                raise FloatingPointError(f"layer {layer!r} produced non-finite outputs")
+            name = f"{PREFIX}{layer}/"
+            metrics[name + "rankme"] = rankme(second_moment)
+            metrics[name + "alpha_req"] = self._alpha(layer, covariance)
+            metrics[name + "effective_rank"] = effective_rank(covariance)
+            metrics[name + "stable_rank"] = stable_rank(covariance)
+            metrics[name + "participation_ratio"] = participation_ratio(covariance)
+            metrics[name + "vne"] = von_neumann_entropy(covariance)
+        return metrics
+
+    def _alpha(self, layer: str, covariance: torch.Tensor) -> float:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)
+                fit = alpha_req_fit(covariance, self._fit_range)
+        except ValueError as error:
+            if not self._warned_fit:
+                warnings.warn(
+                    f"RepresentationMonitor: α-ReQ of {layer!r} is NaN: {error}",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+                self._warned_fit = True
+            self._last_fits.pop(layer, None)
+            return math.nan
+        self._last_fits[layer] = fit
+        return fit.alpha
+
+    def nan_metrics(self, trainer: pl.Trainer) -> dict[str, float]:
+        self.last_spectra = {}
+        return {
+            f"{PREFIX}{layer}/{metric}": math.nan for layer in self._layers for metric in METRICS
+        }
+
+    def write_tensorboard(self, writer: Any, step: int) -> None:
+        for layer, spectrum in self.last_spectra.items():
+            positive = spectrum[spectrum > 0]
+            add_histogram(writer, f"{PREFIX}{layer}/log10_eigenvalues", positive.log10(), step)
+            if positive.numel() > 1:
+                figure = scree_figure(spectrum, self._last_fits.get(layer), layer, step)
+                add_figure(writer, f"{PREFIX}{layer}/scree", figure, step)
+
+    def chart_layout(self) -> dict[str, dict[str, list[str]]]:
+        return {
+            "spectral: representations": {
+                "RankMe per layer": [PREFIX + r".*/rankme"],
+                "α-ReQ per layer": [PREFIX + r".*/alpha_req"],
+                "effective rank per layer": [PREFIX + r".*/effective_rank"],
+            }
+        }

@@ -1,0 +1,36 @@
+"""Spectra of representations: RankMe, α-ReQ, effective rank and friends; feature capture."""
+
+from .capture import capture_features, resolve_layers
+from .metrics import (
+    AlphaReqFit,
+    alpha_req,
+    alpha_req_fit,
+    effective_rank,
+    participation_ratio,
+    rankme,
+    stable_rank,
+    von_neumann_entropy,
+)
+from .spectra import (
+    CovarianceAccumulator,
+    as_embedding_matrix,
+    covariance_spectrum,
+    second_moment_spectrum,
+)
+
+__all__ = [
+    "AlphaReqFit",
+    "CovarianceAccumulator",
+    "alpha_req",
+    "alpha_req_fit",
+    "as_embedding_matrix",
+    "capture_features",
+    "covariance_spectrum",
+    "effective_rank",
+    "participation_ratio",
+    "rankme",
+    "resolve_layers",
+    "second_moment_spectrum",
+    "stable_rank",
+    "von_neumann_entropy",
+]

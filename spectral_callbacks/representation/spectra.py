@@ -1,0 +1,152 @@
+"""Eigenspectra of embeddings, accumulated in float64 without holding all of them.
+
+For embeddings ``Z ∈ R^{N×D}`` (rows are samples) two ``D × D`` matrices matter:
+
+* the raw second moment ``M = ZᵀZ / N``, whose eigenvalues are ``σ_i² / N`` for the singular
+  values ``σ_i`` of the raw ``Z`` (RankMe uses these);
+* the centred covariance ``C = (Z - 1μᵀ)ᵀ(Z - 1μᵀ) / N`` with ``μ`` the mean row (α-ReQ,
+  effective rank, stable rank, participation ratio and entropy use these).
+
+:class:`CovarianceAccumulator` streams chunks of rows into float64 sums on the chunks'
+device, so ``N × D`` is never held; the all-at-once functions below feed one chunk through
+the same code, so both give the same numbers up to summation order.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+
+import torch
+
+__all__ = [
+    "CovarianceAccumulator",
+    "as_embedding_matrix",
+    "covariance_spectrum",
+    "second_moment_spectrum",
+]
+
+Pool = str | Callable[[torch.Tensor], torch.Tensor]
+POOLS = ("flatten", "mean")
+
+
+def as_embedding_matrix(features: torch.Tensor, pool: Pool = "flatten") -> torch.Tensor:
+    """Turn layer outputs into an ``(N, D)`` matrix of embeddings.
+
+    ``(N, D)`` is returned as is. For ``(B, T, ..., D)`` (token or spatial models):
+    ``pool="flatten"`` (default) treats every position as a sample, ``(B·T·…, D)``;
+    ``pool="mean"`` averages over positions, ``(B, D)``; a callable maps the tensor to
+    ``(B, D)`` itself.
+    """
+    if callable(pool):
+        features = pool(features)
+    elif pool not in POOLS:
+        raise ValueError(f"pool must be one of {POOLS} or a callable, got {pool!r}")
+    elif features.ndim > 2 and pool == "mean":
+        features = features.reshape(features.shape[0], -1, features.shape[-1]).mean(dim=1)
+    if features.ndim == 1:
+        raise ValueError("embeddings must have a feature dimension: got a 1-D tensor")
+    return features.reshape(-1, features.shape[-1])
+
+
+class CovarianceAccumulator:
+    """Streaming float64 first and second moments of rows, and their eigenspectra.
+
+    Rows are shifted by a reference point (the mean of the first chunk) before accumulation,
+    so centring does not cancel catastrophically when the mean is large against the spread.
+
+    Args:
+        dim: Embedding dimension ``D`` (taken from the first chunk when ``None``).
+        device: Where the sums live (default: the first chunk's device).
+    """
+
+    def __init__(self, dim: int | None = None, device: torch.device | None = None) -> None:
+        self.dim = dim
+        self.device = device
+        self.count = 0
+        self._reference: torch.Tensor | None = None
+        self._sum: torch.Tensor | None = None
+        self._outer: torch.Tensor | None = None
+        self._warned = False
+
+    def update(self, rows: torch.Tensor) -> None:
+        """Add a chunk of rows ``(n, D)``."""
+        if rows.ndim != 2:
+            raise ValueError(f"rows must be (n, D), got shape {tuple(rows.shape)}")
+        if self.dim is None:
+            self.dim = rows.shape[1]
+        if rows.shape[1] != self.dim:
+            raise ValueError(f"rows have dimension {rows.shape[1]}, expected {self.dim}")
+        if rows.shape[0] == 0:
+            return
+        device = self.device or rows.device
+        rows = rows.detach().to(device=device, dtype=torch.float64)
+        if self._reference is None:
+            self._reference = rows.mean(dim=0)
+            self._sum = torch.zeros(self.dim, dtype=torch.float64, device=device)
+            self._outer = torch.zeros(self.dim, self.dim, dtype=torch.float64, device=device)
+        shifted = rows - self._reference
+        self._sum += shifted.sum(dim=0)
+        self._outer += shifted.T @ shifted
+        self.count += rows.shape[0]
+
+    def _require_data(self) -> None:
+        if self.count == 0:
+            raise ValueError("no rows were accumulated")
+
+    def covariance(self) -> torch.Tensor:
+        """``C = Σ (z - μ)(z - μ)ᵀ / N`` in float64."""
+        self._require_data()
+        mean_shift = self._sum / self.count
+        cov = self._outer / self.count - torch.outer(mean_shift, mean_shift)
+        return 0.5 * (cov + cov.T)
+
+    def second_moment(self) -> torch.Tensor:
+        """``M = Σ z zᵀ / N`` (uncentred) in float64."""
+        self._require_data()
+        r = self._reference
+        moment = (
+            self._outer / self.count
+            + torch.outer(r, self._sum / self.count)
+            + torch.outer(self._sum / self.count, r)
+            + torch.outer(r, r)
+        )
+        return 0.5 * (moment + moment.T)
+
+    def _spectrum(self, matrix: torch.Tensor, centred: bool) -> torch.Tensor:
+        values = torch.linalg.eigvalsh(matrix).flip(0).clamp_min(0)
+        rank_cap = self.count - 1 if centred else self.count
+        if rank_cap < self.dim:
+            if not self._warned:
+                warnings.warn(
+                    f"{self.count} samples for {self.dim} dimensions: the spectrum has at most "
+                    f"{max(rank_cap, 0)} non-zero eigenvalues, so rank measures are capped at "
+                    f"min(N, D); use more probe samples for a meaningful value",
+                    RuntimeWarning,
+                    stacklevel=3,
+                )
+                self._warned = True
+            values[max(rank_cap, 0) :] = 0.0
+        return values
+
+    def covariance_spectrum(self) -> torch.Tensor:
+        """Eigenvalues of the centred covariance, descending, float64, on the sums' device."""
+        return self._spectrum(self.covariance(), centred=True)
+
+    def second_moment_spectrum(self) -> torch.Tensor:
+        """Eigenvalues of the raw second moment (``σ_i² / N`` of raw ``Z``), descending."""
+        return self._spectrum(self.second_moment(), centred=False)
+
+
+def covariance_spectrum(embeddings: torch.Tensor, pool: Pool = "flatten") -> torch.Tensor:
+    """Descending float64 eigenvalues of the centred covariance of ``embeddings``."""
+    accumulator = CovarianceAccumulator()
+    accumulator.update(as_embedding_matrix(embeddings, pool))
+    return accumulator.covariance_spectrum()
+
+
+def second_moment_spectrum(embeddings: torch.Tensor, pool: Pool = "flatten") -> torch.Tensor:
+    """Descending float64 eigenvalues of ``ZᵀZ / N`` (squared singular values of raw Z over N)."""
+    accumulator = CovarianceAccumulator()
+    accumulator.update(as_embedding_matrix(embeddings, pool))
+    return accumulator.second_moment_spectrum()
