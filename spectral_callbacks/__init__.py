@@ -5,7 +5,12 @@ The callbacks live at the top level; the math is importable without Lightning fr
 :mod:`spectral_callbacks.functional`.
 """
 
-from .callbacks import HessianSpectrumMonitor, RepresentationMonitor, SharpnessMonitor
+from .callbacks import (
+    HessianSpectrumMonitor,
+    RepresentationMonitor,
+    SharpnessMonitor,
+    SpectralEarlyStopping,
+)
 
 __version__ = "0.1.0"
 
@@ -13,5 +18,6 @@ __all__ = [
     "HessianSpectrumMonitor",
     "RepresentationMonitor",
     "SharpnessMonitor",
+    "SpectralEarlyStopping",
     "__version__",
 ]

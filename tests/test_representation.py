@@ -268,7 +268,10 @@ def test_tuple_output_without_select_is_a_clear_error_and_hooks_go_away():
 
 
 def test_unknown_layer_lists_close_matches():
-    with pytest.raises(
-        ValueError, match=r"'encoderr' is not a submodule.*close matches: \['encoder'"
-    ), capture_features(_Encoder(), ["encoderr"]):
+    with (
+        pytest.raises(
+            ValueError, match=r"'encoderr' is not a submodule.*close matches: \['encoder'"
+        ),
+        capture_features(_Encoder(), ["encoderr"]),
+    ):
         pass

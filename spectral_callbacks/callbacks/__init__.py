@@ -1,6 +1,7 @@
 """Thin Lightning callbacks over the functional layer: scheduling, probe data, logging."""
 
 from .base import SpectralMonitor, training_step_loss
+from .early_stopping import SpectralEarlyStopping
 from .hessian import HessianSpectrumMonitor, SharpnessMonitor
 from .representation import RepresentationMonitor
 
@@ -8,6 +9,7 @@ __all__ = [
     "HessianSpectrumMonitor",
     "RepresentationMonitor",
     "SharpnessMonitor",
+    "SpectralEarlyStopping",
     "SpectralMonitor",
     "training_step_loss",
 ]

@@ -163,9 +163,17 @@ class SpectralMonitor(Callback):
         """Compute one measurement on ``probe``; return metric name -> value."""
         raise NotImplementedError
 
+    def metric_names(self) -> list[str]:
+        """Every metric name a measurement of this callback publishes."""
+        raise NotImplementedError
+
+    def produces(self, name: str) -> bool:
+        """Whether this callback publishes metric ``name``."""
+        return name in self.metric_names()
+
     def nan_metrics(self, trainer: pl.Trainer) -> dict[str, float]:
         """The metrics to log (as NaN) when a measurement hits a non-finite loss."""
-        return {}
+        return dict.fromkeys(self.metric_names(), math.nan)
 
     def write_tensorboard(self, writer: Any, step: int) -> None:
         """Write histograms / figures of the last measurement (TensorBoard only)."""
@@ -302,6 +310,12 @@ class SpectralMonitor(Callback):
         if trainer.is_global_zero:
             for writer in tensorboard_writers(trainer.loggers):
                 self.write_tensorboard(writer, step)
+        # Listeners (SpectralEarlyStopping) act on the step of the measurement, whatever
+        # their place in the callback list.
+        for callback in trainer.callbacks:
+            listener = getattr(callback, "on_spectral_measurement", None)
+            if listener is not None:
+                listener(trainer, step, dict(metrics))
 
 
 def current_learning_rate(trainer: pl.Trainer) -> float:

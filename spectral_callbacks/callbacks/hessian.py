@@ -173,15 +173,9 @@ class SharpnessMonitor(_HessianMonitor):
             PREFIX + "num_hvps": float(num_hvps),
         }
 
-    def nan_metrics(self, trainer: pl.Trainer) -> dict[str, float]:
-        lr = current_learning_rate(trainer)
-        return {
-            PREFIX + "lambda_max": math.nan,
-            PREFIX + "stability_limit": 2.0 / lr if lr > 0 else math.nan,
-            PREFIX + "eos_ratio": math.nan,
-            PREFIX + "lambda_max_residual": math.nan,
-            PREFIX + "num_hvps": math.nan,
-        }
+    def metric_names(self) -> list[str]:
+        names = ("lambda_max", "stability_limit", "eos_ratio", "lambda_max_residual", "num_hvps")
+        return [PREFIX + name for name in names]
 
     def chart_layout(self) -> dict[str, dict[str, list[str]]]:
         return {
@@ -321,16 +315,18 @@ class HessianSpectrumMonitor(_HessianMonitor):
             metrics[PREFIX + "spectrum_num_hvps"] = float(operator.num_hvps)
         return metrics
 
-    def nan_metrics(self, trainer: pl.Trainer) -> dict[str, float]:
-        self.last_eigenvalues = None
-        self.last_density = None
+    def metric_names(self) -> list[str]:
         names = [f"{PREFIX}eig_{i}" for i in range(1, self._k + 1)]
         if self._trace:
             names += [PREFIX + "trace", PREFIX + "trace_stderr"]
         if self._density:
             names.append(PREFIX + "negative_mass")
-        names.append(PREFIX + "spectrum_num_hvps")
-        return dict.fromkeys(names, math.nan)
+        return [*names, PREFIX + "spectrum_num_hvps"]
+
+    def nan_metrics(self, trainer: pl.Trainer) -> dict[str, float]:
+        self.last_eigenvalues = None
+        self.last_density = None
+        return super().nan_metrics(trainer)
 
     def write_tensorboard(self, writer: Any, step: int) -> None:
         if self.last_eigenvalues is not None:

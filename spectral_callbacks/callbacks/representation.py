@@ -200,11 +200,12 @@ class RepresentationMonitor(SpectralMonitor):
         self._last_fits[layer] = fit
         return fit.alpha
 
+    def metric_names(self) -> list[str]:
+        return [f"{PREFIX}{layer}/{metric}" for layer in self._layers for metric in METRICS]
+
     def nan_metrics(self, trainer: pl.Trainer) -> dict[str, float]:
         self.last_spectra = {}
-        return {
-            f"{PREFIX}{layer}/{metric}": math.nan for layer in self._layers for metric in METRICS
-        }
+        return super().nan_metrics(trainer)
 
     def write_tensorboard(self, writer: Any, step: int) -> None:
         for layer, spectrum in self.last_spectra.items():

@@ -1,0 +1,287 @@
+"""SpectralEarlyStopping: stop (or warn) on spectral signals, right when they are measured."""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import EarlyStopping
+from lightning.pytorch.callbacks.early_stopping import EarlyStoppingReason
+
+from .base import SpectralMonitor
+
+__all__ = ["RULES", "SpectralEarlyStopping"]
+
+RULES = ("improvement", "above", "below", "collapse")
+ACTIONS = ("stop", "warn")
+
+# Which callback produces which metric, for the error on a key nobody logs.
+_PRODUCERS = (
+    ("spectral/hessian/eig_", "HessianSpectrumMonitor"),
+    ("spectral/hessian/trace", "HessianSpectrumMonitor"),
+    ("spectral/hessian/negative_mass", "HessianSpectrumMonitor"),
+    ("spectral/hessian/spectrum_num_hvps", "HessianSpectrumMonitor"),
+    ("spectral/hessian/", "SharpnessMonitor"),
+    ("spectral/repr/", "RepresentationMonitor(layers=[...]) with that layer"),
+)
+
+
+class SpectralEarlyStopping(EarlyStopping):
+    """Lightning's ``EarlyStopping``, checked right after each spectral measurement.
+
+    It listens to this package's monitors: the check runs on the step a measurement of
+    ``monitor`` is published (not at validation or epoch end), and ``patience`` counts
+    measurements. The stock arguments keep their meaning (``monitor``, ``mode``,
+    ``patience``, ``min_delta``, ``stopping_threshold``, ``divergence_threshold``,
+    ``check_finite``, ``verbose``, ``strict``); ``rule`` picks the criterion:
+
+    * ``"improvement"`` (default): the stock criterion, stop after ``patience`` measurements
+      without an improvement of at least ``min_delta`` in direction ``mode``;
+    * ``"above"``: stop after ``patience`` measurements in a row with ``value > threshold``;
+    * ``"below"``: stop after ``patience`` measurements in a row with ``value < threshold``;
+    * ``"collapse"``: stop after ``patience`` measurements in a row with
+      ``value < fraction · peak`` (the peak since ``warmup_steps``) or ``value < threshold``.
+
+    The presets :meth:`sharpness` and :meth:`rank_collapse` build the two rules users ask
+    for. Measurements before ``warmup_steps`` are ignored (RankMe collapses briefly early in
+    training by design). With ``action="warn"`` a tripped rule warns instead of stopping.
+    Either way the reason is printed, logged as ``spectral/early_stopping/triggered`` = 1 at
+    that step, and stored: ``stopped_reason``, ``stopped_step``, ``stopped_value`` (the first
+    trip) and ``events`` (every trip). Under DDP the decision is reduced like
+    ``EarlyStopping``'s (any rank stops all).
+
+    Args:
+        monitor: A metric key of this package's callbacks, e.g. ``"spectral/hessian/eos_ratio"``.
+        rule: One of ``"improvement"``, ``"above"``, ``"below"``, ``"collapse"``.
+        threshold: The bound of ``"above"`` / ``"below"``; the absolute floor of ``"collapse"``.
+        fraction: ``"collapse"``: fraction of the peak below which the value has collapsed.
+        warmup_steps: Ignore measurements at ``global_step < warmup_steps``.
+        action: ``"stop"`` or ``"warn"``.
+        **kwargs: The other arguments of ``EarlyStopping``.
+    """
+
+    def __init__(
+        self,
+        monitor: str,
+        rule: str = "improvement",
+        threshold: float | None = None,
+        fraction: float | None = None,
+        warmup_steps: int = 0,
+        action: str = "stop",
+        patience: int = 3,
+        mode: str = "min",
+        **kwargs: Any,
+    ) -> None:
+        if rule not in RULES:
+            raise ValueError(f"rule must be one of {RULES}, got {rule!r}")
+        if action not in ACTIONS:
+            raise ValueError(f"action must be one of {ACTIONS}, got {action!r}")
+        if not isinstance(warmup_steps, int) or warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be an integer >= 0, got {warmup_steps!r}")
+        if not isinstance(patience, int) or patience < 1:
+            raise ValueError(f"patience must be an integer >= 1, got {patience!r}")
+        if rule in ("above", "below") and threshold is None:
+            raise ValueError(f"rule={rule!r} needs threshold=...")
+        if rule == "collapse":
+            if fraction is None and threshold is None:
+                raise ValueError(
+                    "rule='collapse' needs fraction=... (of the peak) or threshold=..."
+                )
+            if fraction is not None and not 0 < fraction < 1:
+                raise ValueError(f"fraction must be in (0, 1), got {fraction!r}")
+        kwargs.pop("check_on_train_epoch_end", None)
+        super().__init__(monitor=monitor, patience=patience, mode=mode, **kwargs)
+        self.rule = rule
+        self.threshold = threshold
+        self.fraction = fraction
+        self.warmup_steps = warmup_steps
+        self.action = action
+        self.violations = 0
+        self.peak: float | None = None
+        self.last_checked_step: int | None = None
+        self.stopped_reason: str | None = None
+        self.stopped_step: int | None = None
+        self.stopped_value: float | None = None
+        self.events: list[tuple[int, float, str]] = []
+
+    # -- presets ---------------------------------------------------------------------------
+    @classmethod
+    def sharpness(
+        cls, margin: float = 0.1, patience: int = 3, **kwargs: Any
+    ) -> SpectralEarlyStopping:
+        """Sharpness beyond the stability limit: ``eos_ratio > 1 + margin`` for ``patience``
+        measurements in a row.
+
+        Full-batch gradient descent hovers at ``eos_ratio ≈ 1`` (Cohen et al. 2021: the edge
+        of stability); staying above ``1 + margin`` means the step size is past the edge and
+        the run is catapulting or diverging. Needs a :class:`SharpnessMonitor`.
+        """
+        return cls(
+            "spectral/hessian/eos_ratio",
+            rule="above",
+            threshold=1.0 + margin,
+            patience=patience,
+            **kwargs,
+        )
+
+    @classmethod
+    def rank_collapse(
+        cls,
+        layer: str,
+        fraction: float | None = 0.5,
+        min_value: float | None = None,
+        patience: int = 1,
+        warmup_steps: int = 0,
+        **kwargs: Any,
+    ) -> SpectralEarlyStopping:
+        """Representation collapse: RankMe of ``layer`` below ``fraction`` of its peak (or
+        below ``min_value``) for ``patience`` measurements in a row.
+
+        Garrido et al. (2023) show a collapsing RankMe precedes poor downstream performance in
+        self-supervised training. Language models show a brief collapse during warmup by
+        design, so set ``warmup_steps`` past it. Needs a :class:`RepresentationMonitor` with
+        ``layer``.
+        """
+        return cls(
+            f"spectral/repr/{layer}/rankme",
+            rule="collapse",
+            fraction=fraction,
+            threshold=min_value,
+            patience=patience,
+            warmup_steps=warmup_steps,
+            mode="max",
+            **kwargs,
+        )
+
+    # -- Lightning hooks -------------------------------------------------------------------
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(monitor=self.monitor, rule=self.rule, mode=self.mode)
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        producers = [cb for cb in trainer.callbacks if isinstance(cb, SpectralMonitor)]
+        if any(cb.produces(self.monitor) for cb in producers):
+            return
+        producer = next(
+            (name for prefix, name in _PRODUCERS if self.monitor.startswith(prefix)), None
+        )
+        hint = f"add {producer} to the Trainer's callbacks" if producer else "check the metric name"
+        message = (
+            f"SpectralEarlyStopping monitors {self.monitor!r}, which none of the Trainer's "
+            f"callbacks logs; {hint}"
+        )
+        if self.strict:
+            raise ValueError(message)
+        warnings.warn(message, RuntimeWarning, stacklevel=2)
+
+    # The stock checks at validation / epoch end are replaced by the measurement hook.
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        return
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        return
+
+    def on_spectral_measurement(
+        self, trainer: pl.Trainer, step: int, metrics: dict[str, float]
+    ) -> None:
+        """Called by a spectral monitor right after it publishes a measurement."""
+        if self.monitor not in metrics or trainer.fast_dev_run or step == self.last_checked_step:
+            return
+        self.last_checked_step = step
+        value = float(metrics[self.monitor])
+        if step < self.warmup_steps:
+            return
+        should_stop, reason = self._evaluate(value)
+        should_stop = trainer.strategy.reduce_boolean_decision(should_stop, all=False)
+        if reason and self.verbose:
+            self._log_info(trainer, reason, self.log_rank_zero_only)
+        if not should_stop:
+            return
+        if reason is None:  # another rank tripped the rule
+            reason = (
+                f"{self.monitor}: another process tripped the {self.rule!r} rule at step {step}"
+            )
+        message = f"SpectralEarlyStopping at step {step}: {reason}"
+        self.events.append((step, value, reason))
+        if self.stopped_reason is None:
+            self.stopped_reason, self.stopped_step, self.stopped_value = reason, step, value
+        for logger in trainer.loggers:
+            logger.log_metrics({"spectral/early_stopping/triggered": 1.0}, step=step)
+        if self.action == "stop":
+            trainer.should_stop = True
+            self.stopped_epoch = trainer.current_epoch
+            self.stopping_reason_message = reason
+            if trainer.is_global_zero:
+                print(message + " Stopping training.")
+        else:
+            if trainer.is_global_zero:
+                warnings.warn(
+                    message + " (action='warn': training goes on)", RuntimeWarning, stacklevel=2
+                )
+            self.violations = 0
+
+    # -- rules -----------------------------------------------------------------------------
+    def _evaluate(self, value: float) -> tuple[bool, str | None]:
+        if self.rule == "improvement":
+            return self._evaluate_stopping_criteria(torch.tensor(value, dtype=torch.float64))
+        if self.check_finite and not math.isfinite(value):
+            self.stopping_reason = EarlyStoppingReason.NON_FINITE_METRIC
+            return True, f"{self.monitor} = {value} is not finite"
+        if self.rule == "collapse" and math.isfinite(value):
+            self.peak = value if self.peak is None else max(self.peak, value)
+        violated, description = self._violation(value)
+        self.violations = self.violations + 1 if violated else 0
+        if self.violations >= self.patience:
+            return True, f"{description} for {self.violations} measurement(s) in a row"
+        return False, None
+
+    def _violation(self, value: float) -> tuple[bool, str]:
+        if self.rule == "above":
+            return (
+                value > self.threshold,
+                f"{self.monitor} = {value:.4g} above {self.threshold:.4g}",
+            )
+        if self.rule == "below":
+            return (
+                value < self.threshold,
+                f"{self.monitor} = {value:.4g} below {self.threshold:.4g}",
+            )
+        if self.threshold is not None and value < self.threshold:
+            return True, f"{self.monitor} = {value:.4g} below the floor {self.threshold:.4g}"
+        if (
+            self.fraction is not None
+            and self.peak is not None
+            and value < self.fraction * self.peak
+        ):
+            return True, (
+                f"{self.monitor} = {value:.4g} collapsed below {self.fraction:g} "
+                f"of its peak {self.peak:.4g}"
+            )
+        return False, ""
+
+    # -- state -----------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        state = super().state_dict()
+        state.update(
+            violations=self.violations,
+            peak=self.peak,
+            last_checked_step=self.last_checked_step,
+            stopped_reason=self.stopped_reason,
+            stopped_step=self.stopped_step,
+            stopped_value=self.stopped_value,
+            events=list(self.events),
+        )
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        self.violations = state_dict.get("violations", 0)
+        self.peak = state_dict.get("peak")
+        self.last_checked_step = state_dict.get("last_checked_step")
+        self.stopped_reason = state_dict.get("stopped_reason")
+        self.stopped_step = state_dict.get("stopped_step")
+        self.stopped_value = state_dict.get("stopped_value")
+        self.events = list(state_dict.get("events", []))
