@@ -1,0 +1,31 @@
+"""Command line: ``spectral-callbacks demo`` (also ``python -m spectral_callbacks demo``)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="spectral-callbacks",
+        description="Spectral callbacks for PyTorch Lightning.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+    demo = commands.add_parser(
+        "demo",
+        help="train two small models on generated data and log their spectra to TensorBoard",
+    )
+    demo.add_argument("--out", default="runs/demo", help="log directory (default: runs/demo)")
+    demo.add_argument("--fast", action="store_true", help="a seconds-long smoke run")
+    demo.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+    args = parser.parse_args(argv)
+    if args.command == "demo":
+        from .demo import run_demo
+
+        run_demo(args.out, fast=args.fast, progress=not args.no_progress)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

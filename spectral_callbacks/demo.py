@@ -1,0 +1,290 @@
+"""The demo: both halves of the mission in one short run on generated data.
+
+1. **Edge of stability.** Full-batch gradient descent on a tanh MLP with MSE loss:
+   ``SharpnessMonitor`` shows λ_max climbing to ``2/lr`` and hovering there (Cohen et al.
+   2021), ``HessianSpectrumMonitor`` the top-5 eigenvalues, trace and density.
+2. **Representations.** A small classifier trained with Adam on a Gaussian-mixture task:
+   ``RepresentationMonitor`` logs RankMe and α-ReQ of three encoder layers as they change.
+
+Writes TensorBoard logs under ``out``, a summary figure ``out/summary.png``, and prints what
+it measured and the ``tensorboard`` command to run.
+"""
+
+from __future__ import annotations
+
+import math
+import pathlib
+import time
+from dataclasses import dataclass
+
+import lightning.pytorch as L
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.loggers import TensorBoardLogger
+from torch import nn
+
+from .callbacks import HessianSpectrumMonitor, RepresentationMonitor, SharpnessMonitor
+
+__all__ = ["DemoSettings", "run_demo"]
+
+
+@dataclass
+class DemoSettings:
+    """Sizes of the demo; ``fast()`` is a seconds-long smoke version."""
+
+    eos_steps: int = 2000
+    eos_every: int = 20
+    spectrum_every: int = 250
+    repr_epochs: int = 12
+    repr_every: int = 24
+    repr_samples: int = 4096
+
+    @classmethod
+    def fast(cls) -> DemoSettings:
+        return cls(
+            eos_steps=60,
+            eos_every=20,
+            spectrum_every=60,
+            repr_epochs=1,
+            repr_every=8,
+            repr_samples=512,
+        )
+
+
+# -- part 1: edge of stability --------------------------------------------------------------
+
+
+class FullBatch(torch.utils.data.IterableDataset):
+    """One epoch yielding the same full batch ``steps`` times (full-batch gradient descent)."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, steps: int) -> None:
+        self.x, self.y, self.steps = x, y, steps
+
+    def __iter__(self):
+        for _ in range(self.steps):
+            yield self.x, self.y
+
+    def __len__(self) -> int:
+        return self.steps
+
+
+def teacher_regression(n: int = 64, d: int = 8, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inputs and noisy targets of a random tanh teacher network."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, d, generator=g)
+    hidden = torch.tanh(x @ (torch.randn(d, 16, generator=g) / math.sqrt(d)))
+    y = hidden @ (torch.randn(16, 1, generator=g) / 4) + 0.1 * torch.randn(n, 1, generator=g)
+    return x, y
+
+
+class TanhRegressor(L.LightningModule):
+    """A tanh MLP with MSE loss, trained by plain gradient descent."""
+
+    def __init__(self, lr: float, d: int = 8, width: int = 32) -> None:
+        super().__init__()
+        self.lr = lr
+        self.net = nn.Sequential(
+            nn.Linear(d, width), nn.Tanh(), nn.Linear(width, width), nn.Tanh(), nn.Linear(width, 1)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+    def training_step(self, batch, batch_idx):
+        loss = F.mse_loss(self(batch[0]), batch[1])
+        self.log("train/loss", loss)
+        return loss
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=self.lr)
+
+
+# -- part 2: representations ----------------------------------------------------------------
+
+
+def gaussian_mixture(n: int, d: int = 32, classes: int = 10, seed: int = 0):
+    """Classes whose means span an 8-dimensional subspace, with isotropic noise."""
+    g = torch.Generator().manual_seed(seed)
+    basis = torch.linalg.qr(torch.randn(d, 8, generator=g)).Q
+    means = 3.0 * torch.randn(classes, 8, generator=g) @ basis.T
+    labels = torch.randint(0, classes, (n,), generator=torch.Generator().manual_seed(seed + 1))
+    x = means[labels] + torch.randn(n, d, generator=torch.Generator().manual_seed(seed + 2))
+    return x, labels
+
+
+class MixtureClassifier(L.LightningModule):
+    """An MLP encoder and a linear head, trained with Adam."""
+
+    def __init__(self, d: int = 32, classes: int = 10) -> None:
+        super().__init__()
+        self.encoder = nn.Sequential(
+            nn.Linear(d, 128), nn.ReLU(), nn.Linear(128, 128), nn.ReLU(), nn.Linear(128, 64)
+        )
+        self.head = nn.Linear(64, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.relu(self.encoder(x)))
+
+    def training_step(self, batch, batch_idx):
+        loss = F.cross_entropy(self(batch[0]), batch[1])
+        self.log("train/loss", loss)
+        return loss
+
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        self.log("val/accuracy", (self(x).argmax(dim=1) == y).float().mean())
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.parameters(), lr=1e-3)
+
+
+# -- the run ----------------------------------------------------------------------------------
+
+
+def _trainer(out: pathlib.Path, name: str, callbacks, progress: bool, **kwargs) -> L.Trainer:
+    return L.Trainer(
+        accelerator="auto",
+        devices=1,
+        logger=TensorBoardLogger(str(out), name=name, version=0, default_hp_metric=False),
+        callbacks=callbacks,
+        enable_progress_bar=progress,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        log_every_n_steps=10,
+        **kwargs,
+    )
+
+
+def run_demo(
+    out: str | pathlib.Path = "runs/demo", fast: bool = False, progress: bool = True
+) -> dict:
+    """Run both parts; return what was measured (also printed)."""
+    out = pathlib.Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    settings = DemoSettings.fast() if fast else DemoSettings()
+    started = time.perf_counter()
+
+    lr = 0.3
+    x, y = teacher_regression()
+    torch.manual_seed(1)
+    sharpness = SharpnessMonitor(every_n_steps=settings.eos_every)
+    spectrum = HessianSpectrumMonitor(
+        every_n_steps=settings.spectrum_every, k=5, trace_hvps=60, density_steps=48
+    )
+    trainer = _trainer(out, "edge_of_stability", [sharpness, spectrum], progress, max_epochs=1)
+    loader = torch.utils.data.DataLoader(FullBatch(x, y, settings.eos_steps), batch_size=None)
+    trainer.fit(TanhRegressor(lr=lr), loader)
+
+    torch.manual_seed(2)
+    layers = ["encoder.1", "encoder.3", "encoder"]
+    representation = RepresentationMonitor(
+        layers=layers,
+        every_n_steps=settings.repr_every,
+        num_samples=min(2048, settings.repr_samples),
+    )
+    train_x, train_y = gaussian_mixture(settings.repr_samples, seed=0)
+    val_x, val_y = gaussian_mixture(2048, seed=10)
+    train_loader = torch.utils.data.DataLoader(
+        torch.utils.data.TensorDataset(train_x, train_y), batch_size=128, shuffle=True
+    )
+    val_loader = torch.utils.data.DataLoader(
+        torch.utils.data.TensorDataset(val_x, val_y), batch_size=512
+    )
+    trainer = _trainer(
+        out, "representations", [representation], progress, max_epochs=settings.repr_epochs
+    )
+    trainer.fit(MixtureClassifier(), train_loader, val_loader)
+
+    summary = {
+        "seconds": time.perf_counter() - started,
+        "lr": lr,
+        "sharpness": [(s, v["spectral/hessian/lambda_max"]) for s, v in sharpness.history],
+        "spectrum": spectrum.history,
+        "representations": representation.history,
+        "layers": layers,
+        "figure": str(out / "summary.png"),
+        "logdir": str(out),
+    }
+    save_summary_figure(summary, out / "summary.png")
+    print(format_summary(summary))
+    return summary
+
+
+def save_summary_figure(summary: dict, path: pathlib.Path) -> None:
+    """λ_max against 2/lr over steps, and RankMe per layer over steps."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(10, 3.8), dpi=100)
+    left, right = figure.subplots(1, 2)
+    steps = [s for s, _ in summary["sharpness"]]
+    left.plot(steps, [v for _, v in summary["sharpness"]], label="λ_max (top Hessian eigenvalue)")
+    left.axhline(
+        2 / summary["lr"], color="tab:red", linestyle="--", label=f"2/lr = {2 / summary['lr']:.2f}"
+    )
+    left.set_xlabel("step (full-batch gradient descent)")
+    left.set_ylabel("sharpness")
+    left.set_title("edge of stability", fontsize=10)
+    left.legend(fontsize=8)
+    for layer in summary["layers"]:
+        history = summary["representations"]
+        right.plot(
+            [s for s, _ in history],
+            [v[f"spectral/repr/{layer}/rankme"] for _, v in history],
+            label=layer,
+        )
+    right.set_xlabel("step (Adam, mini-batches)")
+    right.set_ylabel("RankMe")
+    right.set_title("representation rank per layer", fontsize=10)
+    right.legend(fontsize=8)
+    figure.tight_layout()
+    FigureCanvasAgg(figure).print_png(str(path))  # Agg canvas: the user's backend is untouched
+
+
+def format_summary(summary: dict) -> str:
+    """A plain-text table of what the demo measured."""
+    lr = summary["lr"]
+    lines = [
+        "",
+        "spectral-callbacks demo",
+        "=" * 23,
+        "",
+        f"1. Edge of stability (full-batch GD, lr = {lr}, 2/lr = {2 / lr:.3f})",
+        "",
+    ]
+    lines.append(f"   {'step':>6}  {'λ_max':>8}  {'λ_max·lr/2':>10}")
+    history = summary["sharpness"]
+    shown = sorted({0, *[s for s, _ in history][:: max(1, len(history) // 8)], history[-1][0]})
+    for step, value in history:
+        if step in shown:
+            lines.append(f"   {step:>6}  {value:>8.3f}  {value * lr / 2:>10.3f}")
+    if summary["spectrum"]:
+        step, last = summary["spectrum"][-1]
+        eigs = ", ".join(f"{last[f'spectral/hessian/eig_{i}']:.3f}" for i in range(1, 6))
+        lines += [
+            "",
+            f"   top-5 eigenvalues at step {step}: {eigs}",
+            f"   trace {last['spectral/hessian/trace']:.2f} "
+            f"± {last['spectral/hessian/trace_stderr']:.2f}, "
+            f"negative spectral mass {last['spectral/hessian/negative_mass']:.2f}",
+        ]
+    history = summary["representations"]
+    lines += ["", "2. Representations (Adam on a 10-class Gaussian mixture)", ""]
+    lines.append(f"   {'layer':<10}  {'RankMe':>15}  {'α-ReQ':>15}  {'effective rank':>15}")
+    (first_step, first), (last_step, last) = history[0], history[-1]
+    for layer in summary["layers"]:
+        cells = []
+        for metric in ("rankme", "alpha_req", "effective_rank"):
+            key = f"spectral/repr/{layer}/{metric}"
+            cells.append(f"{first[key]:6.2f} → {last[key]:6.2f}")
+        lines.append(f"   {layer:<10}  " + "  ".join(f"{c:>15}" for c in cells))
+    lines.append(f"   (steps {first_step} → {last_step})")
+    lines += [
+        "",
+        f"summary figure: {summary['figure']}",
+        f"took {summary['seconds']:.0f} s. Open the dashboard with:",
+        "",
+        f"   tensorboard --logdir {summary['logdir']}",
+        "",
+    ]
+    return "\n".join(lines)

@@ -1,0 +1,76 @@
+"""The demo command and the example scripts, in their fast modes."""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import pathlib
+import subprocess
+import sys
+
+from spectral_callbacks.cli import main as cli_main
+
+EXAMPLES = pathlib.Path(__file__).resolve().parents[1] / "examples"
+
+
+def test_demo_writes_logs_figure_and_summary(tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert cli_main(["demo", "--out", str(out), "--fast", "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    assert "1. Edge of stability" in printed and "2. Representations" in printed
+    assert f"tensorboard --logdir {out}" in printed
+    assert (out / "summary.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    for run in ("edge_of_stability", "representations"):
+        assert list((out / run / "version_0").glob("events.out.tfevents.*")), run
+
+
+def test_module_entry_point_shows_help():
+    result = subprocess.run(
+        [sys.executable, "-m", "spectral_callbacks", "demo", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0 and "--fast" in result.stdout
+
+
+def load_example(name: str):
+    spec = importlib.util.spec_from_file_location(f"example_{name}", EXAMPLES / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_edge_of_stability_example(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    history = load_example("edge_of_stability").main(["--fast"])
+    ratios = [values["spectral/hessian/eos_ratio"] for _, values in history]
+    assert len(ratios) == 4 and ratios[0] < 0.8 and ratios[-1] > 0.95
+
+
+def test_cnn_batchnorm_example(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    history = load_example("cnn_batchnorm").main(["--fast"])
+    _, last = history[-1]
+    assert all(math.isfinite(last[f"spectral/hessian/eig_{i}"]) for i in range(1, 6))
+
+
+def test_small_gpt_example(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    sharpness, representation = load_example("small_gpt").main(["--fast"])
+    assert len(sharpness) >= 2 and all(
+        math.isfinite(v["spectral/hessian/lambda_max"]) for _, v in sharpness
+    )
+    assert all(math.isfinite(v["spectral/repr/blocks.1/rankme"]) for _, v in representation)
+
+
+def test_early_stopping_example():
+    stopper = load_example("early_stopping").main(["--fast"])
+    assert stopper.stopped_step is not None and "eos_ratio" in stopper.stopped_reason
+
+
+def test_representations_example(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    history = load_example("representations").main(["--fast"])
+    assert len(history) >= 2
+    assert all(0 < v["spectral/repr/encoder/rankme"] <= 64 for _, v in history)
