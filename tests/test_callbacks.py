@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import csv
 import math
+import re
 import warnings
 
 import lightning.pytorch as L
@@ -121,10 +122,16 @@ def test_tensorboard_events_match_the_functional_api(tmp_path):
         for chart in category.chart
     }
     assert charts["λ_max against the stability limit 2/lr"] == [
+        "^spectral/hessian/lambda_max$",
+        "^spectral/hessian/stability_limit$",
+    ]
+    assert charts["top-k eigenvalues"] == [r"^spectral/hessian/eig_\d+$"]
+    # Each chart pattern matches exactly the tags it names (TensorBoard searches regexes).
+    lambda_chart = charts["λ_max against the stability limit 2/lr"]
+    assert sorted(t for t in scalars if any(re.search(p, t) for p in lambda_chart)) == [
         "spectral/hessian/lambda_max",
         "spectral/hessian/stability_limit",
     ]
-    assert charts["top-k eigenvalues"] == [r"spectral/hessian/eig_\d+"]
 
 
 def test_edge_of_stability_full_batch_gradient_descent():

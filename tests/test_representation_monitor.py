@@ -133,7 +133,7 @@ def test_logs_every_layer_and_matches_a_direct_forward(tmp_path):
         for category in layout.category
         for chart in category.chart
     }
-    assert charts["RankMe per layer"] == [r"spectral/repr/.*/rankme"]
+    assert charts["RankMe per layer"] == [r"^spectral/repr/.*/rankme$"]
 
 
 def test_without_validation_the_probe_is_the_first_training_batches():

@@ -28,7 +28,7 @@ def tensorboard_writers(loggers: Sequence[Any]) -> list[Any]:
 
 
 def add_chart_layout(writer: Any, category: str, charts: dict[str, list[str]]) -> None:
-    """Add multiline charts (title -> list of tags or tag regexes) under ``category``.
+    """Add multiline charts (title -> tags or tag regexes, anchored here) under ``category``.
 
     The merged layout of everything added to this writer so far is written again, so charts
     from several callbacks share one dashboard.
@@ -37,7 +37,9 @@ def add_chart_layout(writer: Any, category: str, charts: dict[str, list[str]]) -
     section = layout.setdefault(category, {})
     changed = False
     for title, tags in charts.items():
-        entry = ["Multiline", list(tags)]
+        # TensorBoard treats each entry as a regex searched in tag names: anchor it, or
+        # "lambda_max" would also chart "lambda_max_residual".
+        entry = ["Multiline", [f"^{tag}$" for tag in tags]]
         if section.get(title) != entry:
             section[title] = entry
             changed = True
