@@ -19,8 +19,24 @@ from typing import Any
 import torch
 from torch import nn
 
-from .curvature import HessianOperator, LossFunction, ParameterFilter
-from .linalg import EigenResult, SpectralDensity, TraceEstimate, block_lanczos, lanczos, slq
+from .curvature import (
+    HessianOperator,
+    LossFunction,
+    ParameterFilter,
+    StabilityPreconditioner,
+    StabilityRatio,
+    stability_preconditioner,
+    stability_ratio,
+)
+from .linalg import (
+    EigenResult,
+    ScaledOperator,
+    SpectralDensity,
+    TraceEstimate,
+    block_lanczos,
+    lanczos,
+    slq,
+)
 from .linalg import trace as estimate_trace
 from .representation import (
     alpha_req,
@@ -38,6 +54,7 @@ __all__ = [
     "hessian_density",
     "hessian_eigenvalues",
     "hessian_trace",
+    "optimizer_stability_ratio",
     "participation_ratio",
     "rankme",
     "stable_rank",
@@ -73,6 +90,7 @@ def hessian_eigenvalues(
     return_eigenvectors: bool = False,
     hvp: str = "auto",
     batch_size_fn: Callable[[Any], int] | None = None,
+    preconditioner: torch.Tensor | StabilityPreconditioner | None = None,
 ) -> EigenResult:
     """Top-``k`` eigenpairs of the loss Hessian, by Lanczos with full reorthogonalisation.
 
@@ -98,6 +116,11 @@ def hessian_eigenvalues(
         hvp: Hessian-vector product path, ``"auto"``, ``"reuse_graph"`` or
             ``"forward_over_reverse"`` (see :class:`~spectral_callbacks.curvature.HessianOperator`).
         batch_size_fn: ``batch -> int`` when a batch's first tensor does not say its size.
+        preconditioner: Eigenpairs of ``D^½ H D^½`` instead: a flat tensor ``D`` (one
+            non-negative entry per selected parameter entry), or a
+            :class:`~spectral_callbacks.curvature.StabilityPreconditioner` from
+            :func:`~spectral_callbacks.curvature.stability_preconditioner` (then
+            ``D̃^½ (H + W) D̃^½``, whose top eigenvalue is the optimizer-aware ``eos_ratio``).
 
     Returns:
         An :class:`~spectral_callbacks.linalg.EigenResult`: ``eigenvalues`` (float64, CPU),
@@ -108,8 +131,15 @@ def hessian_eigenvalues(
     """
     with HessianOperator(
         model, loss_fn, data, params=params, hvp=hvp, batch_size_fn=batch_size_fn, seed=seed
-    ) as operator:
-        chosen = _resolve_eigen_method(method, k, operator.device)
+    ) as hessian:
+        operator = hessian
+        if isinstance(preconditioner, StabilityPreconditioner):
+            decay = preconditioner.weight_decay
+            shift = decay if bool((decay != 0).any()) else None
+            operator = ScaledOperator(hessian, preconditioner.scaled_step, shift)
+        elif preconditioner is not None:
+            operator = ScaledOperator(hessian, torch.as_tensor(preconditioner).reshape(-1))
+        chosen = _resolve_eigen_method(method, k, hessian.device)
         if chosen == "lanczos":
             result = lanczos(
                 operator,
@@ -133,8 +163,31 @@ def hessian_eigenvalues(
                 start=start,
                 return_eigenvectors=return_eigenvectors,
             )
-        result.num_hvps = operator.num_hvps
+        result.num_hvps = hessian.num_hvps
     return result
+
+
+def optimizer_stability_ratio(
+    model: nn.Module,
+    loss_fn: LossFunction,
+    data: Any,
+    optimizer: torch.optim.Optimizer,
+    tol: float = 1e-3,
+    seed: int = 0,
+    params: ParameterFilter = None,
+    hvp: str = "auto",
+) -> StabilityRatio:
+    """The optimizer-aware edge-of-stability ratio ``λ_max(D̃^½ (H + W) D̃^½)`` outside a Trainer.
+
+    ``D̃`` is the optimizer's effective elementwise step over its stability threshold (from
+    its class, param groups and state; see :mod:`spectral_callbacks.curvature.preconditioner`
+    for each optimizer's derivation) and ``W`` its L2 weight decay. 1.0 is the edge: the
+    linearised update on the local quadratic diverges above it. This is the number
+    :class:`~spectral_callbacks.SharpnessMonitor` logs as ``eos_ratio``.
+    """
+    with HessianOperator(model, loss_fn, data, params=params, hvp=hvp, seed=seed) as operator:
+        preconditioner = stability_preconditioner(optimizer, operator.params)
+        return stability_ratio(operator, preconditioner, tol=tol, seed=seed)
 
 
 def hessian_trace(

@@ -7,12 +7,24 @@ the solvers of :mod:`spectral_callbacks.linalg`; they only add scheduling and lo
 from __future__ import annotations
 
 import math
+import warnings
+from dataclasses import dataclass
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
 
-from ..curvature import HVP_PATHS, HessianOperator, ParameterFilter, flat_size, select_parameters
+from ..curvature import (
+    HVP_PATHS,
+    HessianOperator,
+    ParameterFilter,
+    UnsupportedOptimizerError,
+    flat_size,
+    select_parameters,
+    stability_preconditioner,
+    stability_ratio,
+)
+from ..curvature.preconditioner import NoPreconditionerYet
 from ..functional import EIGEN_METHODS, _resolve_eigen_method
 from ..linalg import SpectralDensity, block_lanczos, hutchpp, lanczos, slq
 from ..logging.figures import density_figure
@@ -83,21 +95,27 @@ class _HessianMonitor(SpectralMonitor):
 
 
 class SharpnessMonitor(_HessianMonitor):
-    """Logs the sharpness λ_max (top Hessian eigenvalue) and its edge-of-stability ratio.
+    """Logs the sharpness λ_max (top Hessian eigenvalue) and the edge-of-stability ratio.
 
     Metrics (``trainer.callback_metrics`` keys and logger tags):
 
     * ``spectral/hessian/lambda_max``: the largest eigenvalue of the loss Hessian on the
       probe data, by Lanczos to relative residual ``tol``, warm-started from the previous
       measurement's eigenvector (a few Hessian-vector products when it moved little);
-    * ``spectral/hessian/stability_limit``: ``2 / lr`` for the current learning rate of the
-      first optimizer's first parameter group;
-    * ``spectral/hessian/eos_ratio``: ``λ_max · lr / 2``. For plain gradient descent a
-      quadratic with curvature λ diverges when ``lr · λ > 2``, so 1.0 is the edge of
-      stability (Cohen et al. 2021): full-batch GD sharpens until the ratio reaches 1 and
-      hovers there. With momentum ``β`` (heavy ball) the limit is ``(2 + 2β) / lr``, and for
-      Adam the relevant matrix is the preconditioned Hessian (Cohen et al. 2022), so for those
-      optimizers this ratio is *not* 1 at the edge: read it as λ_max in units of ``2/lr``;
+    * ``spectral/hessian/eos_ratio``: 1.0 at the edge of stability of the *actual* optimizer
+      (the first optimizer of the module): ``λ_max(D̃^½ (H + W) D̃^½)`` with ``D̃`` its
+      effective elementwise step over the stability threshold of its update and ``W`` its L2
+      weight decay (:mod:`spectral_callbacks.curvature.preconditioner` derives each). For SGD
+      without momentum and one learning rate it is exactly ``λ_max · lr / 2``; with heavy-ball
+      momentum β it is ``λ_max · lr / (2 + 2β)``; for Adam it is the preconditioned sharpness
+      over ``(2 + 2β₁)/(1 - β₁)`` (38 at β₁ = 0.9, Cohen et al. 2022). Adaptive optimizers have
+      no preconditioner before their first step: NaN then. An optimizer without a derivation
+      (not SGD, Adam, AdamW, RMSprop, Adagrad) gets ``λ_max · lr / 2`` and one warning;
+    * ``spectral/hessian/preconditioned_sharpness``: ``λ_max(D^½ (H + W) D^½)``, and
+      ``spectral/hessian/stability_threshold``: the threshold it is compared with (NaN when
+      parameter groups differ in it);
+    * ``spectral/hessian/stability_limit``: the λ_max at which the ratio reaches 1 when the
+      step is one scalar, as for SGD (``2/lr`` without momentum); NaN for adaptive optimizers;
     * ``spectral/hessian/lambda_max_residual``: the Ritz residual ``‖H v - λ v‖``;
     * ``spectral/hessian/num_hvps``: Hessian-vector products the measurement used.
 
@@ -106,15 +124,17 @@ class SharpnessMonitor(_HessianMonitor):
         probe_batches: Number of first training batches copied as probe data.
         loss_fn: ``loss_fn(model, batch) -> scalar``; default the module's own
             ``training_step`` (its ``self.log`` calls muted during the probe).
-        tol: Relative residual tolerance of λ_max.
+        tol: Relative residual tolerance of λ_max (and of the preconditioned solve).
         probe_data: Explicit probe data (one batch or a list of batches).
         params: Parameter filter for the Hessian (default all trainable parameters).
-        max_iter: Maximum Hessian-vector products per measurement (default 100).
+        max_iter: Maximum Hessian-vector products per solve (default 100).
         seed: Seed of the start vector and of dropout masks during the probe.
         hvp: Hessian-vector product path (``"auto"``, ``"reuse_graph"``,
             ``"forward_over_reverse"``).
         eval_mode: Measure in eval mode (default: the mode training uses).
-        warm_start: Start each measurement from the previous eigenvector.
+        warm_start: Start each measurement from the previous eigenvectors.
+        optimizer_aware: Compute ``eos_ratio`` from the optimizer (default); ``False`` logs
+            ``λ_max · lr / 2`` whatever the optimizer.
     """
 
     def __init__(
@@ -130,6 +150,7 @@ class SharpnessMonitor(_HessianMonitor):
         hvp: str = "auto",
         eval_mode: bool = False,
         warm_start: bool = True,
+        optimizer_aware: bool = True,
     ) -> None:
         super().__init__(
             every_n_steps,
@@ -146,6 +167,9 @@ class SharpnessMonitor(_HessianMonitor):
         if max_iter is not None and (not isinstance(max_iter, int) or max_iter < 1):
             raise ValueError(f"max_iter must be a positive integer, got {max_iter!r}")
         self._max_iter = max_iter
+        self._optimizer_aware = optimizer_aware
+        self._preconditioned_start: torch.Tensor | None = None
+        self._warned_optimizer = False
 
     def measure(
         self, trainer: pl.Trainer, module: pl.LightningModule, probe: list[Any]
@@ -161,33 +185,98 @@ class SharpnessMonitor(_HessianMonitor):
                 start=self.start_vectors(operator),
                 return_eigenvectors=self._warm_start,
             )
+            if result.eigenvectors is not None and result.all_converged:
+                self._start = result.eigenvectors
+            lambda_max = float(result.eigenvalues[0])
+            stability = self._stability(trainer, operator, lambda_max, lr)
             num_hvps = operator.num_hvps
-        if result.eigenvectors is not None and result.all_converged:
-            self._start = result.eigenvectors
-        lambda_max = float(result.eigenvalues[0])
         return {
             PREFIX + "lambda_max": lambda_max,
-            PREFIX + "stability_limit": 2.0 / lr if lr > 0 else math.nan,
-            PREFIX + "eos_ratio": lambda_max * lr / 2.0,
+            PREFIX + "eos_ratio": stability.eos_ratio,
+            PREFIX + "preconditioned_sharpness": stability.preconditioned_sharpness,
+            PREFIX + "stability_threshold": stability.threshold,
+            PREFIX + "stability_limit": stability.limit,
             PREFIX + "lambda_max_residual": float(result.residuals[0]),
             PREFIX + "num_hvps": float(num_hvps),
         }
 
+    def _stability(
+        self, trainer: pl.Trainer, operator: HessianOperator, lambda_max: float, lr: float
+    ) -> _Stability:
+        plain = _Stability(
+            lambda_max * lr / 2.0, lambda_max * lr, 2.0, 2.0 / lr if lr > 0 else math.nan
+        )
+        optimizers = list(getattr(trainer, "optimizers", []) or [])
+        if not self._optimizer_aware or not optimizers or not math.isfinite(lambda_max):
+            return plain
+        try:
+            preconditioner = stability_preconditioner(optimizers[0], operator.params)
+        except NoPreconditionerYet:
+            return _Stability(math.nan, math.nan, math.nan, math.nan)
+        except UnsupportedOptimizerError as error:
+            if not self._warned_optimizer:
+                warnings.warn(
+                    f"SharpnessMonitor: {error}; logging eos_ratio = lambda_max * lr / 2 instead",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+                self._warned_optimizer = True
+            return plain
+        start = self._preconditioned_start if self._warm_start else None
+        if start is not None and start.shape[-1] != operator.size:
+            start = None
+        ratio = stability_ratio(
+            operator,
+            preconditioner,
+            lambda_max=lambda_max,
+            tol=self._tol,
+            seed=self._seed,
+            start=start,
+            max_iter=self._max_iter,
+        )
+        if ratio.eigenvector is not None:
+            self._preconditioned_start = ratio.eigenvector
+        step = preconditioner.uniform_step
+        limit = (
+            ratio.threshold / step - float(preconditioner.weight_decay[0]) if step > 0 else math.nan
+        )
+        return _Stability(ratio.eos_ratio, ratio.preconditioned_sharpness, ratio.threshold, limit)
+
     def metric_names(self) -> list[str]:
-        names = ("lambda_max", "stability_limit", "eos_ratio", "lambda_max_residual", "num_hvps")
+        names = (
+            "lambda_max",
+            "eos_ratio",
+            "preconditioned_sharpness",
+            "stability_threshold",
+            "stability_limit",
+            "lambda_max_residual",
+            "num_hvps",
+        )
         return [PREFIX + name for name in names]
 
     def chart_layout(self) -> dict[str, dict[str, list[str]]]:
         return {
             "spectral: sharpness": {
-                "λ_max against the stability limit 2/lr": [
+                "λ_max against the stability limit": [
                     PREFIX + "lambda_max",
                     PREFIX + "stability_limit",
                 ],
-                "edge-of-stability ratio λ_max·lr/2": [PREFIX + "eos_ratio"],
+                "edge-of-stability ratio (1 = edge)": [PREFIX + "eos_ratio"],
+                "preconditioned sharpness against its threshold": [
+                    PREFIX + "preconditioned_sharpness",
+                    PREFIX + "stability_threshold",
+                ],
                 "Hessian-vector products per measurement": [PREFIX + "num_hvps"],
             }
         }
+
+
+@dataclass
+class _Stability:
+    eos_ratio: float
+    preconditioned_sharpness: float
+    threshold: float
+    limit: float
 
 
 class HessianSpectrumMonitor(_HessianMonitor):

@@ -3,16 +3,30 @@
 from .data import ParameterFilter, as_batch_list, batch_size, select_parameters
 from .hessian import HVP_PATHS, HessianOperator, LossFunction, NonFiniteLossError, flat_size
 from .isolation import measurement_context
+from .preconditioner import (
+    SUPPORTED_OPTIMIZERS,
+    StabilityPreconditioner,
+    StabilityRatio,
+    UnsupportedOptimizerError,
+    stability_preconditioner,
+    stability_ratio,
+)
 
 __all__ = [
     "HVP_PATHS",
+    "SUPPORTED_OPTIMIZERS",
     "HessianOperator",
     "LossFunction",
     "NonFiniteLossError",
     "ParameterFilter",
+    "StabilityPreconditioner",
+    "StabilityRatio",
+    "UnsupportedOptimizerError",
     "as_batch_list",
     "batch_size",
     "flat_size",
     "measurement_context",
     "select_parameters",
+    "stability_preconditioner",
+    "stability_ratio",
 ]

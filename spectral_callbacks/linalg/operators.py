@@ -71,29 +71,42 @@ class DenseOperator:
 
 
 class ScaledOperator:
-    """The symmetric product ``D^½ A D^½`` of an operator with a positive diagonal ``D``.
+    """The symmetric product ``D^½ (A + diag(w)) D^½`` of an operator with a diagonal ``D ≥ 0``.
 
     ``D^½ A D^½`` has the eigenvalues of ``D A`` (a similarity transform of it), which is the
-    matrix that governs a preconditioned gradient step ``θ ← θ - D ∇L``.
+    matrix that governs a preconditioned gradient step ``θ ← θ - D ∇L``; ``w`` adds a
+    diagonal (L2 weight decay enters the gradient as ``w ⊙ θ``).
 
     Args:
         operator: The symmetric operator ``A``.
         diagonal: The diagonal of ``D`` as a length-``n`` tensor of non-negative values.
+        shift: Optional diagonal ``w`` added to ``A`` (length ``n``).
     """
 
-    def __init__(self, operator: SymmetricOperator, diagonal: torch.Tensor) -> None:
+    def __init__(
+        self, operator: SymmetricOperator, diagonal: torch.Tensor, shift: torch.Tensor | None = None
+    ) -> None:
         if diagonal.shape != (operator.size,):
             raise ValueError(
                 f"diagonal must have shape ({operator.size},), got {tuple(diagonal.shape)}"
             )
-        if bool((diagonal < 0).any()):
-            raise ValueError("diagonal must be non-negative")
+        if bool((diagonal < 0).any()) or not bool(torch.isfinite(diagonal).all()):
+            raise ValueError("diagonal must be finite and non-negative")
+        if shift is not None and shift.shape != (operator.size,):
+            raise ValueError(f"shift must have shape ({operator.size},), got {tuple(shift.shape)}")
         self.operator = operator
-        self.sqrt_diagonal = diagonal.to(operator.dtype).sqrt()
+        self.sqrt_diagonal = diagonal.to(dtype=operator.dtype, device=operator.device).sqrt()
+        self.shift = (
+            None if shift is None else shift.to(dtype=operator.dtype, device=operator.device)
+        )
         self.size = operator.size
         self.dtype = operator.dtype
         self.device = operator.device
 
     def matmat(self, block: torch.Tensor) -> torch.Tensor:
-        """Return ``block D^½ A D^½`` for a ``(b, n)`` block."""
-        return self.operator.matmat(block * self.sqrt_diagonal) * self.sqrt_diagonal
+        """Return ``block D^½ (A + diag(w)) D^½`` for a ``(b, n)`` block."""
+        scaled = block * self.sqrt_diagonal
+        product = self.operator.matmat(scaled)
+        if self.shift is not None:
+            product = product + scaled * self.shift
+        return product * self.sqrt_diagonal

@@ -1,0 +1,269 @@
+r"""The effective step of an optimizer, and the stability threshold of its update.
+
+On a quadratic ``L(θ) = ½ θᵀHθ`` an optimizer with an elementwise step ``D`` (per
+parameter: the learning rate, divided by Adam's ``√v̂ + ε`` and so on, frozen at its current
+value) updates ``θ`` by a linear recursion. Its modes are the eigenvectors of
+``D^½ H D^½`` (a similarity transform of ``D H``); along one with eigenvalue ``h`` the
+recursion has a characteristic polynomial in ``z`` whose roots leave the unit disc when
+``h`` passes a threshold ``c`` set by the momentum. So the optimizer-aware
+edge-of-stability ratio is
+
+    eos_ratio = λ_max(D̃^½ (H + W) D̃^½),   D̃ = D / c,
+
+which is 1.0 at the edge whatever the optimizer (``W`` the diagonal of L2 weight decay, which
+enters the gradient). Thresholds (Jury's criterion for ``z² + a₁ z + a₀``: ``|a₀| < 1`` and
+``1 ± a₁ + a₀ > 0``):
+
+* **SGD, no momentum**: ``θ ← θ - η g`` gives ``z = 1 - h``; stable iff ``h < 2``.
+* **Heavy ball** (PyTorch ``SGD(momentum=β, dampening=τ)``): ``b ← β b + (1-τ) g``,
+  ``θ ← θ - η b`` gives ``z² - (1 + β - (1-τ)h) z + β``; ``1 + a₁ + a₀ = (1-τ)h > 0`` and
+  ``1 - a₁ + a₀ = 2 + 2β - (1-τ)h > 0``, so ``h < (2 + 2β)/(1 - τ)``.
+* **Nesterov** (``nesterov=True``, ``τ = 0``): ``θ ← θ - η (g + β b)`` gives
+  ``z² - (1+β)(1-h) z + β(1-h)``; ``1 - a₁ + a₀ = 1 + (1+2β)(1-h) > 0``, so
+  ``h < (2 + 2β)/(1 + 2β)`` (``|a₀| < 1`` allows more).
+* **Adam / AdamW**: ``m ← β₁ m + (1-β₁) g`` is heavy ball with ``τ = β₁``, so
+  ``h < (2 + 2β₁)/(1 - β₁)`` (38 at ``β₁ = 0.9``; Cohen et al. 2022), with
+  ``D = η / ((1 - β₁^{t+1}) (√v̂ + ε))``, ``v̂ = v / (1 - β₂^{t+1})`` for the next step ``t+1``.
+* **RMSprop**: ``D = η / (√v + ε)`` (``√(v - ḡ²)`` when centred); no momentum: ``h < 2``;
+  momentum ``μ`` (no dampening): ``h < 2 + 2μ``.
+* **Adagrad**: ``D = η_t / (√Σg² + ε)`` with ``η_t = η / (1 + t·lr_decay)``; ``h < 2``.
+
+Approximations, stated: the preconditioner is frozen at its current value; AdamW's decoupled
+weight decay (a factor ``1 - η·wd`` on ``θ``, of order ``η·wd``) is left out; parameters
+the optimizer does not update get ``D = 0``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+__all__ = [
+    "SUPPORTED_OPTIMIZERS",
+    "StabilityPreconditioner",
+    "StabilityRatio",
+    "UnsupportedOptimizerError",
+    "heavy_ball_threshold",
+    "nesterov_threshold",
+    "stability_preconditioner",
+    "stability_ratio",
+]
+
+SUPPORTED_OPTIMIZERS = ("SGD", "Adam", "AdamW", "RMSprop", "Adagrad")
+
+
+class UnsupportedOptimizerError(TypeError):
+    """The optimizer's update has no derivation here (its class is named in the message)."""
+
+
+def heavy_ball_threshold(momentum: float, dampening: float = 0.0) -> float:
+    """``(2 + 2β)/(1 - τ)``: the largest stable ``h`` of PyTorch's heavy-ball SGD."""
+    if not 0 <= dampening < 1:
+        raise ValueError(f"dampening must be in [0, 1), got {dampening!r}")
+    return (2.0 + 2.0 * momentum) / (1.0 - dampening)
+
+
+def nesterov_threshold(momentum: float) -> float:
+    """``(2 + 2β)/(1 + 2β)``: the largest stable ``h`` of PyTorch's Nesterov SGD."""
+    return (2.0 + 2.0 * momentum) / (1.0 + 2.0 * momentum)
+
+
+@dataclass
+class StabilityPreconditioner:
+    """What the stability ratio needs from an optimizer, flattened like the Hessian.
+
+    Attributes:
+        step: ``D``, the effective elementwise step of each selected parameter entry.
+        threshold: ``c`` per entry (the stability constant of its parameter group).
+        weight_decay: ``W``, L2 weight decay per entry (added to the Hessian).
+        optimizer: The optimizer's class name.
+    """
+
+    step: torch.Tensor
+    threshold: torch.Tensor
+    weight_decay: torch.Tensor
+    optimizer: str
+
+    @property
+    def scaled_step(self) -> torch.Tensor:
+        """``D̃ = D / c``: with it, the ratio's edge is 1 for every entry."""
+        return self.step / self.threshold
+
+    @property
+    def uniform_threshold(self) -> float:
+        """The threshold if every entry shares one (else NaN)."""
+        low, high = float(self.threshold.min()), float(self.threshold.max())
+        return low if math.isclose(low, high, rel_tol=1e-12) else math.nan
+
+    @property
+    def uniform_step(self) -> float:
+        """The step if every entry shares one, as for SGD with one learning rate (else NaN)."""
+        low, high = float(self.step.min()), float(self.step.max())
+        return low if math.isclose(low, high, rel_tol=1e-12) else math.nan
+
+
+def _scalar(value) -> float:
+    return float(value.item() if isinstance(value, torch.Tensor) else value)
+
+
+def _group_step_and_threshold(
+    optimizer: torch.optim.Optimizer, group: dict, param: torch.Tensor
+) -> tuple[torch.Tensor | float, float, float]:
+    """(elementwise step, threshold, L2 weight decay) of one parameter under ``optimizer``."""
+    name = type(optimizer).__name__
+    lr = _scalar(group["lr"])
+    state = optimizer.state.get(param, {})
+    if isinstance(optimizer, torch.optim.SGD):
+        momentum, dampening = group.get("momentum", 0.0), group.get("dampening", 0.0)
+        if momentum == 0:
+            threshold = 2.0
+        elif group.get("nesterov", False):
+            threshold = nesterov_threshold(momentum)
+        else:
+            threshold = heavy_ball_threshold(momentum, dampening)
+        return lr, threshold, group.get("weight_decay", 0.0)
+    if isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW)):
+        beta1, beta2 = group["betas"]
+        if "exp_avg_sq" not in state:
+            raise NoPreconditionerYet(name)
+        step = _scalar(state["step"]) + 1
+        second = state["max_exp_avg_sq"] if group.get("amsgrad", False) else state["exp_avg_sq"]
+        denom = (second / (1 - beta2**step)).sqrt() + group["eps"]
+        elementwise = lr / ((1 - beta1**step) * denom)
+        decay = 0.0 if isinstance(optimizer, torch.optim.AdamW) else group.get("weight_decay", 0.0)
+        return elementwise, heavy_ball_threshold(beta1, beta1), decay
+    if isinstance(optimizer, torch.optim.RMSprop):
+        if "square_avg" not in state:
+            raise NoPreconditionerYet(name)
+        square = state["square_avg"]
+        if group.get("centered", False):
+            square = square - state["grad_avg"] ** 2
+        elementwise = lr / (square.sqrt() + group["eps"])
+        momentum = group.get("momentum", 0.0)
+        return elementwise, heavy_ball_threshold(momentum), group.get("weight_decay", 0.0)
+    if isinstance(optimizer, torch.optim.Adagrad):
+        if "sum" not in state:
+            raise NoPreconditionerYet(name)
+        step = _scalar(state["step"])
+        current_lr = lr / (1 + step * group.get("lr_decay", 0.0))
+        elementwise = current_lr / (state["sum"].sqrt() + group["eps"])
+        return elementwise, 2.0, group.get("weight_decay", 0.0)
+    raise UnsupportedOptimizerError(
+        f"{name} is not supported for the optimizer-aware stability ratio; supported: "
+        f"{SUPPORTED_OPTIMIZERS}"
+    )
+
+
+class NoPreconditionerYet(UnsupportedOptimizerError):
+    """An adaptive optimizer before its first step has no preconditioner yet."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(f"{name} has no state before its first step: no preconditioner yet")
+
+
+def stability_preconditioner(
+    optimizer: torch.optim.Optimizer, params: list[nn.Parameter]
+) -> StabilityPreconditioner:
+    """Build ``D``, ``c`` and ``W`` for ``params`` (flattened in this order) from ``optimizer``.
+
+    Raises:
+        UnsupportedOptimizerError: For an optimizer class without a derivation, or an
+            adaptive optimizer that has not taken a step yet.
+    """
+    owner: dict[int, dict] = {}
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            owner[id(p)] = group
+    steps, thresholds, decays = [], [], []
+    for p in params:
+        group = owner.get(id(p))
+        if group is None:  # not trained by this optimizer: it does not move
+            step, threshold, decay = 0.0, 2.0, 0.0
+        else:
+            step, threshold, decay = _group_step_and_threshold(optimizer, group, p)
+        flat = torch.as_tensor(step, dtype=p.dtype, device=p.device).expand(p.shape).reshape(-1)
+        steps.append(flat)
+        thresholds.append(torch.full_like(flat, threshold))
+        decays.append(torch.full_like(flat, decay))
+    return StabilityPreconditioner(
+        step=torch.cat(steps).detach(),
+        threshold=torch.cat(thresholds),
+        weight_decay=torch.cat(decays),
+        optimizer=type(optimizer).__name__,
+    )
+
+
+@dataclass
+class StabilityRatio:
+    """The optimizer-aware edge-of-stability ratio.
+
+    Attributes:
+        eos_ratio: ``λ_max(D̃^½ (H + W) D̃^½)``; 1.0 is the edge.
+        preconditioned_sharpness: ``λ_max(D^½ (H + W) D^½) = eos_ratio · c`` when all entries
+            share the threshold ``c`` (else NaN).
+        threshold: That shared ``c`` (else NaN).
+        optimizer: The optimizer's class name.
+        num_hvps: Hessian-vector products of the preconditioned solve (0 when the ratio
+            followed from λ_max in closed form: one step size and one weight decay).
+        eigenvector: The top eigenvector of the scaled operator (for warm starts), or None.
+        residual: Its Ritz residual (NaN when computed in closed form).
+    """
+
+    eos_ratio: float
+    preconditioned_sharpness: float
+    threshold: float
+    optimizer: str
+    num_hvps: int = 0
+    eigenvector: torch.Tensor | None = None
+    residual: float = math.nan
+
+
+def stability_ratio(
+    operator,
+    preconditioner: StabilityPreconditioner,
+    lambda_max: float | None = None,
+    tol: float = 1e-3,
+    seed: int = 0,
+    start: torch.Tensor | None = None,
+    max_iter: int | None = None,
+) -> StabilityRatio:
+    """``λ_max(D̃^½ (H + W) D̃^½)`` for a Hessian operator ``H`` and an optimizer's ``D̃, W``.
+
+    When every entry shares one step, threshold and weight decay (SGD with one learning
+    rate), ``D̃^½(H + W)D̃^½ = (step/c)(H + w I)`` and the ratio is ``(λ_max + w)·step/c``
+    from a given ``lambda_max`` with no further products. Otherwise Lanczos runs on the
+    scaled operator (warm-started from ``start``).
+    """
+    from ..linalg import ScaledOperator, lanczos
+
+    threshold = preconditioner.uniform_threshold
+    step = preconditioner.uniform_step
+    decay = preconditioner.weight_decay
+    uniform_decay = float(decay.min()) == float(decay.max())
+    if (
+        lambda_max is not None
+        and math.isfinite(step)
+        and math.isfinite(threshold)
+        and uniform_decay
+    ):
+        ratio = (lambda_max + float(decay[0])) * step / threshold
+        return StabilityRatio(ratio, ratio * threshold, threshold, preconditioner.optimizer)
+    shift = decay if bool((decay != 0).any()) else None
+    scaled = ScaledOperator(operator, preconditioner.scaled_step, shift)
+    before = getattr(operator, "num_hvps", 0)
+    result = lanczos(
+        scaled, k=1, tol=tol, seed=seed, start=start, max_iter=max_iter, return_eigenvectors=True
+    )
+    ratio = float(result.eigenvalues[0])
+    return StabilityRatio(
+        eos_ratio=ratio,
+        preconditioned_sharpness=ratio * threshold,
+        threshold=threshold,
+        optimizer=preconditioner.optimizer,
+        num_hvps=getattr(operator, "num_hvps", before + result.num_hvps) - before,
+        eigenvector=result.eigenvectors[0] if result.all_converged else None,
+        residual=float(result.residuals[0]),
+    )
