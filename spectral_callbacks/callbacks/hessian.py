@@ -78,7 +78,10 @@ class _HessianMonitor(SpectralMonitor):
                 "runs backward itself and cannot serve as the probe loss; pass loss_fn=..."
             )
 
-    def operator(self, module: pl.LightningModule, probe: list[Any]) -> HessianOperator:
+    def operator(
+        self, trainer: pl.Trainer, module: pl.LightningModule, probe: list[Any]
+    ) -> HessianOperator:
+        # Under DDP every process contributes its probe shard; products are all-reduced.
         return HessianOperator(
             module,
             self._loss_fn or training_step_loss,
@@ -86,7 +89,26 @@ class _HessianMonitor(SpectralMonitor):
             params=self._params,
             hvp=self._hvp,
             seed=self._seed,
+            distributed=trainer.world_size > 1,
         )
+
+    def warm_start_state(self) -> dict[str, torch.Tensor | None]:
+        """The vectors a resumed run needs to repeat the uninterrupted run's solves."""
+        return {"start": self._start}
+
+    def state_dict(self) -> dict[str, Any]:
+        state = super().state_dict()
+        if self._warm_start:
+            state["warm_start"] = {
+                name: None if vector is None else vector.detach().cpu()
+                for name, vector in self.warm_start_state().items()
+            }
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        for name, vector in (state_dict.get("warm_start") or {}).items():
+            setattr(self, f"_{name}", vector)
 
     def start_vectors(self, operator: HessianOperator) -> torch.Tensor | None:
         if not self._warm_start or self._start is None or self._start.shape[-1] != operator.size:
@@ -175,7 +197,7 @@ class SharpnessMonitor(_HessianMonitor):
         self, trainer: pl.Trainer, module: pl.LightningModule, probe: list[Any]
     ) -> dict[str, float]:
         lr = current_learning_rate(trainer)
-        with self.operator(module, probe) as operator:
+        with self.operator(trainer, module, probe) as operator:
             result = lanczos(
                 operator,
                 k=1,
@@ -241,6 +263,9 @@ class SharpnessMonitor(_HessianMonitor):
             ratio.threshold / step - float(preconditioner.weight_decay[0]) if step > 0 else math.nan
         )
         return _Stability(ratio.eos_ratio, ratio.preconditioned_sharpness, ratio.threshold, limit)
+
+    def warm_start_state(self) -> dict[str, torch.Tensor | None]:
+        return {"start": self._start, "preconditioned_start": self._preconditioned_start}
 
     def metric_names(self) -> list[str]:
         names = (
@@ -373,7 +398,7 @@ class HessianSpectrumMonitor(_HessianMonitor):
         self, trainer: pl.Trainer, module: pl.LightningModule, probe: list[Any]
     ) -> dict[str, float]:
         metrics: dict[str, float] = {}
-        with self.operator(module, probe) as operator:
+        with self.operator(trainer, module, probe) as operator:
             method = _resolve_eigen_method(self._method, self._k, operator.device)
             solver = lanczos if method == "lanczos" else block_lanczos
             result = solver(

@@ -168,6 +168,8 @@ class RepresentationMonitor(SpectralMonitor):
             buffers.restore()
         metrics: dict[str, float] = {}
         for layer, accumulator in accumulators.items():
+            if trainer.world_size > 1:
+                accumulator.all_reduce()  # the union of every process's probe shard
             covariance = accumulator.covariance_spectrum()
             second_moment = accumulator.second_moment_spectrum()
             self.last_spectra[layer] = covariance.cpu()

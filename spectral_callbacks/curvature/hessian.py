@@ -108,6 +108,11 @@ class HessianOperator:
         batch_size_fn: ``batch -> int`` number of samples, when the first tensor's leading
             dimension is not it.
         seed: Seed of the RNG inside forward passes (fixes dropout masks).
+        distributed: Under an initialised ``torch.distributed`` process group of several
+            processes, make this the Hessian of the union of every process's ``data``: batch
+            weights use the global sample count and every product is all-reduced, so all
+            processes hold the same operator. Every process must then make the same calls in
+            the same order (the solvers do, being deterministic given equal products).
 
     Attributes:
         size: Number of selected parameter entries ``n``.
@@ -124,6 +129,7 @@ class HessianOperator:
         hvp: str = "auto",
         batch_size_fn: Callable[[Any], int] | None = None,
         seed: int = 0,
+        distributed: bool = False,
     ) -> None:
         if hvp not in HVP_PATHS:
             raise ValueError(f"hvp must be one of {HVP_PATHS}, got {hvp!r}")
@@ -147,7 +153,17 @@ class HessianOperator:
         sizes = [(batch_size_fn or batch_size)(b) for b in self.batches]
         if any(s < 1 for s in sizes):
             raise ValueError(f"every batch must hold at least one sample, got sizes {sizes}")
-        total = sum(sizes)
+        self.distributed = bool(
+            distributed
+            and torch.distributed.is_available()
+            and torch.distributed.is_initialized()
+            and torch.distributed.get_world_size() > 1
+        )
+        total = float(
+            self._all_reduce(
+                torch.tensor(float(sum(sizes)), dtype=torch.float64, device=self.device)
+            )
+        )
         self.batch_weights = [s / total for s in sizes]
         self.hvp = hvp
         self.num_hvps = 0
@@ -180,7 +196,31 @@ class HessianOperator:
         block = block.to(dtype=self.dtype, device=self.device)
         self.num_hvps += block.shape[0]
         with autocast_disabled(self.device):
-            return self._matmat(block)
+            return self._all_reduce(self._matmat(block))
+
+    def _all_reduce(self, tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
+        """Sum (or max) over processes when distributed; the tensor itself otherwise."""
+        if self.distributed:
+            reduce_op = (
+                torch.distributed.ReduceOp.SUM if op == "sum" else torch.distributed.ReduceOp.MAX
+            )
+            torch.distributed.all_reduce(tensor, op=reduce_op)
+        return tensor
+
+    def _raise_if_non_finite(self, losses: list[torch.Tensor]) -> None:
+        """Raise on every process together if any process has a non-finite loss.
+
+        Raising on one process alone would leave the others waiting in an all-reduce.
+        """
+        bad = [i for i, loss in enumerate(losses) if not bool(torch.isfinite(loss))]
+        flag = torch.tensor(1.0 if bad else 0.0, dtype=torch.float64, device=self.device)
+        if float(self._all_reduce(flag, op="max")) > 0:
+            where = (
+                f"the loss is {float(losses[bad[0]].detach())} on batch {bad[0]}"
+                if bad
+                else "the loss is not finite on another process"
+            )
+            raise NonFiniteLossError(where)
 
     def _matmat(self, block: torch.Tensor) -> torch.Tensor:
         if self._path_for(block.shape[0]) == "forward_over_reverse":
@@ -235,19 +275,18 @@ class HessianOperator:
                 "loss_fn returned a tensor that does not depend on the selected parameters "
                 "(requires_grad=False): was it computed under torch.no_grad() or detached?"
             )
-        if not bool(torch.isfinite(loss)):
-            raise NonFiniteLossError(f"the loss is {float(loss.detach())} on batch {index}")
         return loss.reshape(())
 
     # -- path 1: reused first-order graph ------------------------------------------------------
     def _first_order_graphs(self) -> list[tuple[float, list[tuple[int, torch.Tensor]]]]:
         if self._graphs is None:
-            graphs = []
+            graphs, losses = [], []
             for index, (batch, weight) in enumerate(
                 zip(self.batches, self.batch_weights, strict=True)
             ):
                 with measurement_context(self.model, self.seed):
                     loss = self._loss(batch, index)
+                    losses.append(loss.detach())
                     try:
                         grads = torch.autograd.grad(
                             loss, self.params, create_graph=True, allow_unused=True
@@ -257,6 +296,7 @@ class HessianOperator:
                 # Gradients that are None or constant (no graph) have zero derivative.
                 outputs = [(i, g) for i, g in enumerate(grads) if g is not None and g.requires_grad]
                 graphs.append((weight, outputs))
+            self._raise_if_non_finite(losses)
             self._graphs = graphs
             self._checked_finite = True
         return self._graphs
@@ -291,9 +331,11 @@ class HessianOperator:
         from torch.func import functional_call, grad, jvp, vmap
 
         if not self._checked_finite:
+            losses = []
             for index, batch in enumerate(self.batches):
                 with measurement_context(self.model, self.seed):
-                    self._loss(batch, index)
+                    losses.append(self._loss(batch, index).detach())
+            self._raise_if_non_finite(losses)
             self._checked_finite = True
         wrapper = _LossOfModel(self.model, self.loss_fn)
         keys = ["model." + name for name in self.names]

@@ -90,6 +90,38 @@ class CovarianceAccumulator:
         self._outer += shifted.T @ shifted
         self.count += rows.shape[0]
 
+    def all_reduce(self) -> None:
+        """Merge the sums of every ``torch.distributed`` process: each then holds the moments
+        of the union of all processes' rows (a no-op without a group of several processes).
+
+        Each process's sums are first rebased to one common reference point (the
+        count-weighted mean of the processes' references), so the merge keeps the
+        cancellation-free centring.
+        """
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+            return
+        self._require_data()
+        count = torch.tensor(float(self.count), dtype=torch.float64, device=self._sum.device)
+        weighted_reference = self._reference * count
+        dist.all_reduce(count)
+        dist.all_reduce(weighted_reference)
+        common = weighted_reference / count
+        delta = self._reference - common
+        n = float(self.count)
+        rebased_sum = self._sum + n * delta
+        rebased_outer = (
+            self._outer
+            + torch.outer(delta, self._sum)
+            + torch.outer(self._sum, delta)
+            + n * torch.outer(delta, delta)
+        )
+        dist.all_reduce(rebased_sum)
+        dist.all_reduce(rebased_outer)
+        self._reference, self._sum, self._outer = common, rebased_sum, rebased_outer
+        self.count = round(float(count))
+
     def _require_data(self) -> None:
         if self.count == 0:
             raise ValueError("no rows were accumulated")

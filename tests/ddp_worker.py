@@ -1,0 +1,115 @@
+"""Run by tests/test_distributed.py: a 2-process CPU DDP fit that records every rank's view.
+
+Usage: python tests/ddp_worker.py OUT_DIR
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import pathlib
+import sys
+
+import lightning.pytorch as L
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
+from spectral_callbacks import (
+    HessianSpectrumMonitor,
+    RepresentationMonitor,
+    SharpnessMonitor,
+    SpectralEarlyStopping,
+)
+from spectral_callbacks.callbacks import SpectralMonitor
+from tests.lightning_helpers import TanhRegressor, regression_data
+
+
+class RankScripted(SpectralMonitor):
+    """Publishes 1.0 from step 6 on process 1 only: a stop decision only one rank reaches."""
+
+    def __init__(self) -> None:
+        super().__init__(every_n_steps=1)
+
+    def metric_names(self):
+        return ["spectral/test/rank_signal"]
+
+    def measure(self, trainer, module, probe):
+        return {
+            "spectral/test/rank_signal": float(
+                trainer.global_rank == 1 and trainer.global_step >= 6
+            )
+        }
+
+
+def nan_on_rank_one(model, batch):
+    loss = F.mse_loss(model(batch[0]), batch[1])
+    return loss * float("nan") if dist.get_rank() == 1 else loss
+
+
+class Recorder(L.Callback):
+    def __init__(self) -> None:
+        self.snapshots = {}
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.snapshots.setdefault(trainer.global_step, copy.deepcopy(pl_module.state_dict()))
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.snapshots[trainer.global_step] = copy.deepcopy(pl_module.state_dict())
+
+
+def main(out: pathlib.Path) -> None:
+    torch.manual_seed(0)
+    x, y = regression_data(n=64, dtype=torch.float64)
+    loader = torch.utils.data.DataLoader(
+        torch.utils.data.TensorDataset(x, y), batch_size=8, shuffle=False
+    )
+    sharpness = SharpnessMonitor(every_n_steps=2, tol=1e-10)
+    spectrum = HessianSpectrumMonitor(every_n_steps=4, k=3, tol=1e-10, trace_hvps=30, density=False)
+    representation = RepresentationMonitor(
+        layers=["net.1"], every_n_steps=4, num_samples=24, fit_range=(2, 8)
+    )
+    poisoned = SharpnessMonitor(every_n_steps=3, loss_fn=nan_on_rank_one)
+    scripted = RankScripted()
+    stopper = SpectralEarlyStopping(
+        "spectral/test/rank_signal", rule="above", threshold=0.5, patience=1
+    )
+    recorder = Recorder()
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=2,
+        strategy="ddp",
+        max_steps=12,
+        callbacks=[sharpness, spectrum, representation, poisoned, scripted, stopper, recorder],
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+    )
+    torch.manual_seed(1)
+    trainer.fit(TanhRegressor(lr=0.05).double(), loader)
+    rank = trainer.global_rank
+    record = {
+        "global_step": trainer.global_step,
+        "stopped_step": stopper.stopped_step,
+        "stopped_reason": stopper.stopped_reason,
+        "sharpness": sharpness.history,
+        "spectrum": spectrum.history,
+        "representation": representation.history,
+        "poisoned": poisoned.history,
+    }
+    (out / f"rank{rank}.json").write_text(json.dumps(record))
+    torch.save(
+        {
+            "hessian_probe": sharpness._probe,
+            "representation_probe": representation._probe,
+            "snapshots": recorder.snapshots,
+        },
+        out / f"rank{rank}.pt",
+    )
+
+
+if __name__ == "__main__":
+    main(pathlib.Path(sys.argv[1]))

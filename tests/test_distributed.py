@@ -1,0 +1,124 @@
+"""Two CPU processes over gloo (Lightning's ddp strategy) against one process on the union."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from spectral_callbacks.functional import hessian_eigenvalues, hessian_trace, rankme
+from spectral_callbacks.representation import effective_rank, participation_ratio
+
+from .lightning_helpers import TanhRegressor
+
+WORKER = pathlib.Path(__file__).with_name("ddp_worker.py")
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ddp")
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("LOCAL_RANK", "MASTER_", "WORLD_SIZE", "NODE_RANK"))
+    }
+    result = subprocess.run(
+        [sys.executable, str(WORKER), str(out)],
+        cwd=out,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    records = [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
+    tensors = [torch.load(out / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
+    return records, tensors
+
+
+def same(a, b) -> bool:
+    if isinstance(a, float) and isinstance(b, float):
+        return a == b or (math.isnan(a) and math.isnan(b))
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
+    if isinstance(a, list):
+        return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b, strict=True))
+    return a == b
+
+
+def test_every_process_holds_the_same_numbers(ranks):
+    (first, second), _ = ranks
+    for key in ("sharpness", "spectrum", "representation", "poisoned"):
+        assert first[key], key
+        assert same(first[key], second[key]), key
+
+
+def mse(model, batch):
+    return F.mse_loss(model(batch[0]), batch[1])
+
+
+def model_at(snapshot):
+    model = TanhRegressor(lr=0.05).double()
+    model.load_state_dict(snapshot)
+    return model
+
+
+def test_hessian_values_equal_one_process_on_the_union_of_shards(ranks):
+    (record, _), (zero, one) = ranks
+    # The shards differ (DistributedSampler), and together they are the probe.
+    assert not torch.equal(zero["hessian_probe"][0][0], one["hessian_probe"][0][0])
+    union = [zero["hessian_probe"][0], one["hessian_probe"][0]]
+    for step, values in record["sharpness"]:
+        reference = hessian_eigenvalues(
+            model_at(zero["snapshots"][step]), mse, union, k=1, tol=1e-11
+        )
+        assert values["spectral/hessian/lambda_max"] == pytest.approx(
+            float(reference.eigenvalues[0]), rel=1e-6
+        )
+    for step, values in record["spectrum"]:
+        model = model_at(zero["snapshots"][step])
+        reference = hessian_eigenvalues(model, mse, union, k=3, tol=1e-11)
+        logged = [values[f"spectral/hessian/eig_{i}"] for i in (1, 2, 3)]
+        assert logged == pytest.approx(reference.eigenvalues.tolist(), rel=1e-6)
+        trace = hessian_trace(model, mse, union, num_hvps=30, seed=0)
+        assert values["spectral/hessian/trace"] == pytest.approx(trace.estimate, rel=1e-6)
+
+
+def test_representation_values_equal_one_process_on_the_union(ranks):
+    (record, _), (zero, one) = ranks
+    inputs = torch.cat(
+        [b[0] for b in zero["representation_probe"]] + [b[0] for b in one["representation_probe"]]
+    )
+    for step, values in record["representation"]:
+        model = copy.deepcopy(model_at(zero["snapshots"][step])).eval()
+        with torch.no_grad():
+            features = model.net[:2](inputs)
+        assert values["spectral/repr/net.1/rankme"] == pytest.approx(rankme(features), rel=1e-6)
+        assert values["spectral/repr/net.1/effective_rank"] == pytest.approx(
+            effective_rank(features), rel=1e-6
+        )
+        pr = participation_ratio(features)
+        assert values["spectral/repr/net.1/participation_ratio"] == pytest.approx(pr, rel=1e-6)
+
+
+def test_a_stop_decided_on_one_process_stops_both_at_the_same_step(ranks):
+    (first, second), _ = ranks
+    assert first["global_step"] == second["global_step"] == 6
+    assert first["stopped_step"] == second["stopped_step"] == 6
+    assert "another process" in first["stopped_reason"]
+    assert "above 0.5" in second["stopped_reason"]
+
+
+def test_a_non_finite_loss_on_one_process_is_nan_everywhere_without_deadlock(ranks):
+    (first, second), _ = ranks
+    assert [step for step, _ in first["poisoned"]] == [0, 3, 6]
+    for record in (first, second):
+        assert all(math.isnan(v["spectral/hessian/lambda_max"]) for _, v in record["poisoned"])

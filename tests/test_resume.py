@@ -1,0 +1,92 @@
+"""A run resumed from its checkpoint measures and stops like the uninterrupted run."""
+
+from __future__ import annotations
+
+import lightning.pytorch as L
+import pytest
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import TensorBoardLogger
+
+from spectral_callbacks import HessianSpectrumMonitor, SharpnessMonitor, SpectralEarlyStopping
+
+from .lightning_helpers import TanhRegressor, regression_data, trainer_kwargs
+from .test_callbacks import read_events
+
+
+def loader():
+    torch.manual_seed(0)
+    x, y = regression_data(n=64)
+    # One full batch per epoch: full-batch GD, and every step is an epoch boundary.
+    return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=64)
+
+
+def callbacks(threshold):
+    return [
+        SharpnessMonitor(every_n_steps=5),
+        HessianSpectrumMonitor(
+            every_n_steps=10, k=2, trace_hvps=9, density_probes=2, density_steps=4
+        ),
+        SpectralEarlyStopping(
+            "spectral/hessian/lambda_max", rule="above", threshold=threshold, patience=2
+        ),
+    ]
+
+
+def fit(tmp_path, name, threshold, max_steps, ckpt_path=None, checkpoint_dir=None):
+    extra = []
+    if checkpoint_dir is not None:
+        extra.append(ModelCheckpoint(dirpath=checkpoint_dir, every_n_train_steps=5, save_top_k=-1))
+    monitors = callbacks(threshold)
+    logger = TensorBoardLogger(tmp_path, name=name, version=0)
+    trainer = L.Trainer(
+        max_steps=max_steps,
+        max_epochs=-1,
+        callbacks=monitors + extra,
+        **trainer_kwargs(logger=logger, enable_checkpointing=checkpoint_dir is not None),
+    )
+    torch.manual_seed(1)
+    trainer.fit(TanhRegressor(lr=0.1), loader(), ckpt_path=ckpt_path)
+    return trainer, monitors, logger
+
+
+def test_resumed_run_matches_the_uninterrupted_run(tmp_path):
+    # Progressive sharpening makes λ_max grow; put the threshold between steps 10 and 15 so
+    # the rule trips at 15 and 20 (patience 2) and the run stops at 20.
+    _, (probe_run, _, _), _ = fit(tmp_path, "probe", threshold=1e9, max_steps=20)
+    values = dict(probe_run.history)
+    lam = {s: v["spectral/hessian/lambda_max"] for s, v in values.items()}
+    assert lam[0] < lam[5] < lam[10] < lam[15] < lam[20]
+    threshold = 0.5 * (lam[10] + lam[15])
+
+    whole, (sharp_u, spec_u, stop_u), log_u = fit(
+        tmp_path, "uninterrupted", threshold, max_steps=40
+    )
+    assert stop_u.stopped_step == 20 and whole.global_step == 20
+
+    checkpoints = tmp_path / "checkpoints"
+    first, _, log_i = fit(
+        tmp_path, "interrupted", threshold, max_steps=15, checkpoint_dir=checkpoints
+    )
+    assert first.global_step == 15
+    resumed, (sharp_r, spec_r, stop_r), _ = fit(
+        tmp_path,
+        "interrupted",
+        threshold,
+        max_steps=40,
+        ckpt_path=str(checkpoints / "epoch=14-step=15.ckpt"),
+    )
+    assert stop_r.stopped_step == stop_u.stopped_step == 20 and resumed.global_step == 20
+    assert stop_r.stopped_reason == stop_u.stopped_reason
+    # The restored warm-start vectors and probe make the resumed solves the same computations.
+    assert sharp_r.history == sharp_u.history
+    assert spec_r.history == spec_u.history
+
+    events_u, events_i = read_events(log_u.log_dir), read_events(log_i.log_dir)
+    for tag in ("spectral/hessian/lambda_max", "spectral/hessian/eig_1", "spectral/hessian/trace"):
+        steps_u = [e.step for e in events_u.Scalars(tag)]
+        steps_i = [e.step for e in events_i.Scalars(tag)]
+        assert steps_i == steps_u, tag  # no duplicate, no missing step
+        assert [e.value for e in events_i.Scalars(tag)] == pytest.approx(
+            [e.value for e in events_u.Scalars(tag)], rel=0, abs=0
+        )
