@@ -1,0 +1,591 @@
+"""The benchmark of BENCHMARKS.md: every workload and tool on one device, six figures.
+
+    python bench/run.py --device cuda                    # W1 W2 W3, all peers that import
+    python bench/run.py --device cpu --smoke             # the tiny workload, seconds
+
+Writes ``bench/results/<device>-<date>.json`` and ``.md`` (a table per figure) and prints the
+markdown. Peers (PyHessian, hessian-eigenthings, curvlinops) are imported if installed in
+this environment (on the GPU machine they travel as wheels); a missing one is recorded as
+such, never vendored. Timings synchronise the device, warm up once, and take the median
+of ``--repeats`` runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import itertools
+import json
+import math
+import pathlib
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from spectral_callbacks.curvature import HessianOperator  # noqa: E402
+from spectral_callbacks.functional import hessian_eigenvalues, rankme  # noqa: E402
+from spectral_callbacks.linalg import lanczos  # noqa: E402
+from spectral_callbacks.representation import CovarianceAccumulator  # noqa: E402
+
+# -- workloads ----------------------------------------------------------------------------------
+
+
+class GPTBlock(nn.Module):
+    def __init__(self, dim: int, heads: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, d = x.shape
+        q, k, v = self.qkv(self.norm1(x)).split(d, dim=2)
+        q, k, v = (z.view(b, t, self.heads, d // self.heads).transpose(1, 2) for z in (q, k, v))
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # default kernels
+        x = x + self.proj(y.transpose(1, 2).reshape(b, t, d))
+        return x + self.mlp(self.norm2(x))
+
+
+class GPT(nn.Module):
+    def __init__(self, vocab: int, dim: int, heads: int, layers: int, context: int) -> None:
+        super().__init__()
+        self.embed, self.position = nn.Embedding(vocab, dim), nn.Embedding(context, dim)
+        self.blocks = nn.Sequential(*[GPTBlock(dim, heads) for _ in range(layers)])
+        self.norm, self.head = nn.LayerNorm(dim), nn.Linear(dim, vocab)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        x = self.embed(tokens) + self.position(torch.arange(tokens.shape[1], device=tokens.device))
+        return self.head(self.norm(self.blocks(x)))
+
+
+def _mlp(widths: list[int]) -> nn.Module:
+    layers: list[nn.Module] = []
+    for a, b in itertools.pairwise(widths):
+        layers += [nn.Linear(a, b), nn.Tanh()]
+    return nn.Sequential(*layers[:-1])
+
+
+def classification_loss(model: nn.Module, batch) -> torch.Tensor:
+    x, y = batch
+    out = model(x)
+    return F.cross_entropy(out.reshape(-1, out.shape[-1]), y.reshape(-1))
+
+
+def make_workload(name: str, device: torch.device):
+    """(model, batch, loss_fn): the same for every tool; 20 SGD steps, then eval mode."""
+    g = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)  # the same initial weights for every tool and every run
+    if name == "tiny":
+        model, x = _mlp([64, 64, 10]), torch.randn(128, 64, generator=g)
+        y = torch.randint(0, 10, (128,), generator=g)
+    elif name == "W1":
+        model, x = _mlp([784, 512, 512, 10]), torch.randn(512, 784, generator=g)
+        y = torch.randint(0, 10, (512,), generator=g)
+    elif name == "W2":
+        import torchvision
+
+        model, x = (
+            torchvision.models.resnet18(num_classes=10),
+            torch.randn(128, 3, 32, 32, generator=g),
+        )
+        y = torch.randint(0, 10, (128,), generator=g)
+    elif name == "W3":
+        model = GPT(vocab=8192, dim=384, heads=6, layers=6, context=256)
+        tokens = torch.randint(0, 8192, (8, 257), generator=g)
+        x, y = tokens[:, :-1], tokens[:, 1:]
+    else:
+        raise ValueError(f"unknown workload {name!r}; choose from tiny, W1, W2, W3")
+    model = model.to(device)
+    batch = (x.to(device), y.to(device))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    model.train()
+    for _ in range(20):
+        optimizer.zero_grad()
+        classification_loss(model, batch).backward()
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return model.eval(), batch, classification_loss
+
+
+# -- timing -------------------------------------------------------------------------------------
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn: Callable[[], object], device: torch.device, repeats: int) -> tuple[float, object]:
+    """Median seconds of ``repeats`` runs after one warm-up, and the last result."""
+    result = fn()
+    times = []
+    for _ in range(repeats):
+        _sync(device)
+        start = time.perf_counter()
+        result = fn()
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times), result
+
+
+def max_relative_error(values, reference) -> float:
+    values = torch.as_tensor(values, dtype=torch.float64).flatten()
+    reference = torch.as_tensor(reference, dtype=torch.float64).flatten()[: values.numel()]
+    if values.numel() < reference.numel() or not torch.isfinite(values).all():
+        return math.inf
+    return float(((values - reference).abs() / reference.abs()).max())
+
+
+# -- figure 1: HVP paths ------------------------------------------------------------------------
+
+
+def hvp_costs(model, batch, loss_fn, device, repeats) -> dict:
+    params = [p for p in model.parameters() if p.requires_grad]
+    row: dict[str, float | str] = {}
+    grad_s, _ = timed(lambda: torch.autograd.grad(loss_fn(model, batch), params), device, repeats)
+    row["grad_ms"] = grad_s * 1e3
+    op = HessianOperator(model, loss_fn, batch, hvp="reuse_graph")
+    v = torch.randn(1, op.size, device=device)
+
+    def fresh():
+        op._graphs = None
+        return op.matmat(v)
+
+    for key, fn in (("fresh_double_backward_ms", fresh), ("reuse_graph_ms", lambda: op.matmat(v))):
+        try:
+            row[key] = timed(fn, device, repeats)[0] * 1e3
+        except RuntimeError as error:
+            row[key] = f"fails: {str(error)[:80]}"
+    op.close()
+    vmapped = HessianOperator(model, loss_fn, batch, hvp="forward_over_reverse")
+    for width in (1, 8):
+        block = torch.randn(width, vmapped.size, device=device)
+        try:
+            row[f"forward_over_reverse_{width}_ms_per_vector"] = (
+                timed(lambda b=block: vmapped.matmat(b), device, repeats)[0] * 1e3 / width
+            )
+        except RuntimeError as error:
+            row[f"forward_over_reverse_{width}_ms_per_vector"] = f"fails: {str(error)[:80]}"
+    vmapped.close()
+    return row
+
+
+# -- figure 2: time to accuracy, ours and peers ---------------------------------------------------
+
+
+def reference_eigenvalues(model, batch, loss_fn, k: int) -> torch.Tensor:
+    """Lanczos with full reorthogonalisation, 120 steps, float64 tridiagonal (BENCHMARKS.md)."""
+    with HessianOperator(model, loss_fn, batch) as op:
+        return lanczos(op, k=k, tol=1e-14, max_iter=min(120, op.size)).eigenvalues
+
+
+def tool_runs(model, batch, loss_fn, k: int, tol: float) -> dict[str, Callable[[], list[float]]]:
+    """Each tool's call for the top-k, at defaults and at accuracy-reaching settings."""
+    runs: dict[str, Callable[[], list[float]] | None] = {}
+    # The residual tolerance bounds the eigenvalue error only up to about tol (clusters), so
+    # also time the setting one decade tighter: the fastest one that reaches the target counts.
+    for setting in (tol, tol / 10):
+        runs[f"ours (Lanczos, tol={setting:g})"] = lambda setting=setting: hessian_eigenvalues(
+            model, loss_fn, batch, k=k, tol=setting
+        ).eigenvalues.tolist()
+        if k > 1:
+            runs[f"ours (block Lanczos, tol={setting:g})"] = lambda setting=setting: (
+                hessian_eigenvalues(
+                    model, loss_fn, batch, k=k, tol=setting, method="block_lanczos"
+                ).eigenvalues.tolist()
+            )
+    x, y = batch
+    try:
+        from pyhessian import hessian as pyhessian
+
+        def run_pyhessian():
+            computer = pyhessian(
+                model,
+                lambda out, target: F.cross_entropy(
+                    out.reshape(-1, out.shape[-1]), target.reshape(-1)
+                ),
+                data=(x, y),
+                cuda=x.is_cuda,
+            )
+            return sorted(computer.eigenvalues(maxIter=100, tol=1e-3, top_n=k)[0], reverse=True)
+
+        runs["PyHessian (maxIter=100, tol=1e-3)"] = run_pyhessian
+    except ImportError:
+        runs["PyHessian"] = None
+    try:
+        import hessian_eigenthings as he
+
+        def eigenthings(max_iter):
+            def run():
+                op = he.HessianOperator(model, [(x, y)], loss_fn)
+                result = he.lanczos(op, k=k, max_iter=max_iter, which="LA", seed=0)
+                return sorted(torch.as_tensor(result.eigenvalues).tolist(), reverse=True)
+
+            return run
+
+        runs["hessian-eigenthings (default max_iter=2k)"] = eigenthings(None)
+        runs[f"hessian-eigenthings (max_iter={20 if k == 1 else 40})"] = eigenthings(
+            20 if k == 1 else 40
+        )
+    except ImportError:
+        runs["hessian-eigenthings"] = None
+    try:
+        from curvlinops import HessianLinearOperator
+        from scipy.sparse.linalg import eigsh
+
+        class Logits(nn.Module):  # curvlinops wants an nn.Module with (N, C) outputs
+            def __init__(self) -> None:
+                super().__init__()
+                self.model = model
+
+            def forward(self, inputs):
+                out = self.model(inputs)
+                return out.reshape(-1, out.shape[-1])
+
+        def run_curvlinops():
+            params = [p for p in model.parameters() if p.requires_grad]
+            linear = HessianLinearOperator(
+                Logits(),
+                nn.CrossEntropyLoss(),
+                params,
+                [(x, y.reshape(-1))],
+                check_deterministic=False,
+            )
+            values = eigsh(linear.to_scipy(), k=k, which="LA", tol=1e-3, return_eigenvectors=False)
+            return sorted(values.tolist(), reverse=True)
+
+        runs["curvlinops + scipy eigsh (tol=1e-3)"] = run_curvlinops
+    except ImportError:
+        runs["curvlinops"] = None
+    return runs
+
+
+def time_to_accuracy(model, batch, loss_fn, device, repeats, reference, k, tol) -> list[dict]:
+    rows = []
+    for tool, run in tool_runs(model, batch, loss_fn, k, tol).items():
+        if run is None:
+            rows.append({"tool": tool, "status": "not installed"})
+            continue
+        try:
+            seconds, values = timed(run, device, repeats)
+            rows.append(
+                {
+                    "tool": tool,
+                    "seconds": seconds,
+                    "max_rel_error": max_relative_error(values, reference[:k]),
+                    "values": values,
+                }
+            )
+        except Exception as error:  # a peer failing (e.g. default SDPA) is a result
+            rows.append(
+                {"tool": tool, "status": f"fails: {type(error).__name__}: {str(error)[:120]}"}
+            )
+    return rows
+
+
+# -- figure 3: warm tracking; figure 5: memory -----------------------------------------------------
+
+
+def warm_tracking(model, batch, loss_fn, device, steps, every, grad_ms) -> dict:
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    start, times, hvps = None, [], []
+    for step in range(steps + 1):
+        if step % every == 0:
+            model.eval()
+            _sync(device)
+            began = time.perf_counter()
+            result = hessian_eigenvalues(
+                model, loss_fn, batch, k=1, tol=1e-3, start=start, return_eigenvectors=True
+            )
+            _sync(device)
+            if start is not None:
+                times.append(time.perf_counter() - began)
+                hvps.append(result.num_hvps)
+            start = result.eigenvectors
+            model.train()
+        optimizer.zero_grad()
+        loss_fn(model, batch).backward()
+        optimizer.step()
+    model.eval()
+    median = statistics.median(times) if times else math.nan
+    return {
+        "measurements": len(times),
+        "median_seconds": median,
+        "median_gradient_times": median * 1e3 / grad_ms,
+        "median_hvps": statistics.median(hvps) if hvps else math.nan,
+    }
+
+
+def peak_extra_memory(model, batch, loss_fn, device) -> float | str:
+    if device.type != "cuda":
+        return "n/a (CPU)"
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    before = torch.cuda.memory_allocated(device)
+    hessian_eigenvalues(model, loss_fn, batch, k=1, tol=1e-3)
+    torch.cuda.synchronize(device)
+    return (torch.cuda.max_memory_allocated(device) - before) / 2**20
+
+
+# -- figure 4: training overhead -----------------------------------------------------------------
+
+
+def training_overhead(device, steps: int, every: int, widths: list[int], runs: int) -> dict:
+    import lightning.pytorch as L
+
+    from spectral_callbacks import SharpnessMonitor
+
+    class Module(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.net = _mlp(widths)
+
+        def training_step(self, batch, batch_idx):
+            return classification_loss(self.net, batch)
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.05)
+
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(512, widths[0], generator=g), torch.randint(0, 10, (512,), generator=g)
+
+    class Repeat(torch.utils.data.IterableDataset):
+        def __iter__(self):
+            for _ in range(steps):
+                yield x, y
+
+    def run(callbacks) -> float:
+        trainer = L.Trainer(
+            accelerator=device.type,
+            devices=1,
+            max_epochs=1,
+            callbacks=callbacks,
+            logger=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            enable_checkpointing=False,
+        )
+        torch.manual_seed(0)
+        began = time.perf_counter()
+        trainer.fit(Module(), torch.utils.data.DataLoader(Repeat(), batch_size=None))
+        return time.perf_counter() - began
+
+    run([])  # warm-up (kernels, Lightning imports)
+    plain = statistics.median(run([]) for _ in range(runs))
+    monitored = statistics.median(run([SharpnessMonitor(every_n_steps=every)]) for _ in range(runs))
+    return {
+        "model": "MLP " + "-".join(map(str, widths)),
+        "steps": steps,
+        "every_n_steps": every,
+        "plain_s": plain,
+        "monitored_s": monitored,
+        "overhead": monitored / plain - 1,
+    }
+
+
+# -- figure 6: representation spectrum -----------------------------------------------------------
+
+
+def representation_spectrum(device, n: int, d: int, repeats: int) -> dict:
+    g = torch.Generator().manual_seed(0)
+    z = (torch.randn(n, d, generator=g) * torch.linspace(0.01, 1.0, d)).to(device)
+
+    def ours():
+        accumulator = CovarianceAccumulator()
+        for chunk in z.split(4096):
+            accumulator.update(chunk)
+        return rankme(accumulator.second_moment_spectrum())
+
+    def full_svd():
+        s = torch.linalg.svdvals(z.double())
+        p = s / s.sum() + 1e-7
+        return float(torch.exp(-(p * p.log()).sum()))
+
+    ours_s, ours_value = timed(ours, device, repeats)
+    svd_s, svd_value = timed(full_svd, device, repeats)
+    return {
+        "shape": [n, d],
+        "ours_seconds": ours_s,
+        "svdvals_seconds": svd_s,
+        "rankme_ours": ours_value,
+        "rankme_svdvals": svd_value,
+        "relative_difference": abs(ours_value - svd_value) / svd_value,
+    }
+
+
+# -- driver ---------------------------------------------------------------------------------------
+
+
+def run(device: torch.device, workloads: list[str], repeats: int, smoke: bool) -> dict:
+    results: dict = {"workloads": {}}
+    for name in workloads:
+        model, batch, loss_fn = make_workload(name, device)
+        params = sum(p.numel() for p in model.parameters())
+        print(f"[{name}] {params:,} parameters", flush=True)
+        entry: dict = {"parameters": params}
+        entry["hvp_paths"] = hvp_costs(model, batch, loss_fn, device, repeats)
+        reference = reference_eigenvalues(model, batch, loss_fn, k=10)
+        entry["reference_top10"] = reference.tolist()
+        entry["top1"] = time_to_accuracy(
+            model, batch, loss_fn, device, repeats, reference, k=1, tol=1e-3
+        )
+        entry["top10"] = time_to_accuracy(
+            model, batch, loss_fn, device, repeats, reference, k=10, tol=1e-2
+        )
+        grad_ms = entry["hvp_paths"]["grad_ms"]
+        entry["warm_tracking"] = warm_tracking(
+            model,
+            batch,
+            loss_fn,
+            device,
+            steps=20 if smoke else 200,
+            every=5 if smoke else 50,
+            grad_ms=grad_ms,
+        )
+        entry["peak_extra_memory_mib"] = peak_extra_memory(model, batch, loss_fn, device)
+        results["workloads"][name] = entry
+    results["training_overhead"] = (
+        training_overhead(device, steps=20, every=10, widths=[64, 64, 10], runs=1)
+        if smoke
+        else training_overhead(device, steps=1000, every=100, widths=[784, 512, 512, 10], runs=3)
+    )
+    n, d = (2560, 256) if smoke else (25_600, 2048)
+    results["representation"] = representation_spectrum(device, n, d, repeats)
+    return results
+
+
+def _mib(value) -> str:
+    return value if isinstance(value, str) else f"{value:.0f} MiB"
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return lines + ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+
+
+def _cost(row: dict, key: str) -> str:
+    value = row[key]
+    return value if isinstance(value, str) else f"{value:.2f} ({value / row['grad_ms']:.1f}×)"
+
+
+def markdown(results: dict) -> str:
+    """The six figures as markdown tables."""
+    workloads = results["workloads"]
+    lines = [
+        f"Device: {results['device']}, torch {results['torch']}, {results['date']}, "
+        f"median of {results['repeats']}.",
+        "",
+        "**1. Gradient and HVP cost** (ms per vector; × gradient)",
+        "",
+    ]
+    paths = [
+        "fresh_double_backward_ms",
+        "reuse_graph_ms",
+        "forward_over_reverse_1_ms_per_vector",
+        "forward_over_reverse_8_ms_per_vector",
+    ]
+    lines += _table(
+        ["workload", "gradient", "fresh double backward", "reused graph", "fwd-over-rev", "vmap 8"],
+        [
+            [name, f"{e['hvp_paths']['grad_ms']:.2f}"] + [_cost(e["hvp_paths"], k) for k in paths]
+            for name, e in workloads.items()
+        ],
+    )
+    for figure, key in (
+        ("2a. Top-1 to relative error ≤ 1e-3", "top1"),
+        ("2b. Top-10 to relative error ≤ 1e-2", "top10"),
+    ):
+        rows = []
+        for name, entry in workloads.items():
+            for row in entry[key]:
+                if "status" in row:
+                    rows.append([name, row["tool"], row["status"], ""])
+                else:
+                    rows.append(
+                        [name, row["tool"], f"{row['seconds']:.3f}", f"{row['max_rel_error']:.1e}"]
+                    )
+        lines += [
+            "",
+            f"**{figure}**",
+            "",
+            *_table(["workload", "tool", "seconds", "max rel. error"], rows),
+        ]
+    rows = [
+        [
+            name,
+            e["warm_tracking"]["measurements"],
+            f"{e['warm_tracking']['median_seconds']:.4f}",
+            f"{e['warm_tracking']['median_gradient_times']:.1f}",
+            e["warm_tracking"]["median_hvps"],
+        ]
+        for name, e in workloads.items()
+    ]
+    lines += ["", "**3. Warm-started tracking** (λ_max to 1e-3 from the previous eigenvector)", ""]
+    lines += _table(["workload", "measurements", "median s", "gradient-times", "HVPs"], rows)
+    o = results["training_overhead"]
+    lines += [
+        "",
+        f"**4. Training overhead** of `SharpnessMonitor(every_n_steps={o['every_n_steps']})`, "
+        f"{o['model']}, {o['steps']} SGD steps: {o['plain_s']:.2f} s → {o['monitored_s']:.2f} s "
+        f"({100 * o['overhead']:+.1f} %).",
+    ]
+    memory = ", ".join(f"{n}: {_mib(e['peak_extra_memory_mib'])}" for n, e in workloads.items())
+    lines += ["", f"**5. Peak extra device memory of a top-1 measurement**: {memory}"]
+    r = results["representation"]
+    lines += [
+        "",
+        f"**6. RankMe of {r['shape'][0]} × {r['shape'][1]} embeddings**: streaming float64 "
+        f"covariance {r['ours_seconds']:.3f} s, `torch.linalg.svdvals` (float64) "
+        f"{r['svdvals_seconds']:.3f} s; RankMe {r['rankme_ours']:.4f} vs {r['rankme_svdvals']:.4f} "
+        f"(relative difference {r['relative_difference']:.1e}).",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--workloads", nargs="+", default=None)
+    parser.add_argument(
+        "--smoke", action="store_true", help="the tiny workload only, seconds on a CPU"
+    )
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--out", default=str(ROOT / "bench" / "results"))
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    workloads = args.workloads or (["tiny"] if args.smoke else ["W1", "W2", "W3"])
+    name = (
+        torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else f"cpu-{platform.machine()}-{torch.get_num_threads()}threads"
+    )
+    results = run(device, workloads, args.repeats, args.smoke)
+    results.update(
+        device=name,
+        torch=torch.__version__,
+        date=dt.date.today().isoformat(),
+        repeats=args.repeats,
+        smoke=args.smoke,
+    )
+    out = pathlib.Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = f"{name.replace(' ', '-')}-{results['date']}" + ("-smoke" if args.smoke else "")
+    (out / f"{stem}.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
+    table = markdown(results)
+    (out / f"{stem}.md").write_text(table)
+    print(table)
+    return results
+
+
+if __name__ == "__main__":
+    main()
