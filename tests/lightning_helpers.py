@@ -7,20 +7,7 @@ import torch.nn.functional as F
 from lightning.pytorch import LightningModule
 from torch import nn
 
-
-class RepeatedBatch(torch.utils.data.IterableDataset):
-    """One epoch that yields the same full batch ``steps`` times: full-batch gradient descent
-    without Lightning's per-epoch overhead."""
-
-    def __init__(self, x: torch.Tensor, y: torch.Tensor, steps: int) -> None:
-        self.x, self.y, self.steps = x, y, steps
-
-    def __iter__(self):
-        for _ in range(self.steps):
-            yield self.x, self.y
-
-    def __len__(self) -> int:
-        return self.steps
+from spectral_callbacks.demo import FullBatch
 
 
 def regression_data(n: int = 64, d: int = 8, seed: int = 0, dtype=torch.float32):
@@ -34,7 +21,8 @@ def regression_data(n: int = 64, d: int = 8, seed: int = 0, dtype=torch.float32)
 
 
 def full_batch_loader(x, y, steps: int):
-    return torch.utils.data.DataLoader(RepeatedBatch(x, y, steps), batch_size=None)
+    """One epoch of ``steps`` full-batch gradient steps (the demo's dataset)."""
+    return torch.utils.data.DataLoader(FullBatch(x, y, steps), batch_size=None)
 
 
 class TanhRegressor(LightningModule):
