@@ -64,7 +64,8 @@ __all__ = [
 EIGEN_METHODS = ("auto", "lanczos", "block_lanczos")
 
 
-def _resolve_eigen_method(method: str, k: int, device: torch.device) -> str:
+def choose_eigen_method(method: str, k: int, device: torch.device) -> str:
+    """The eigensolver ``method="auto"`` stands for on ``device`` for ``k`` eigenvalues."""
     if method not in EIGEN_METHODS:
         raise ValueError(f"method must be one of {EIGEN_METHODS}, got {method!r}")
     if method != "auto":
@@ -139,7 +140,7 @@ def hessian_eigenvalues(
             operator = ScaledOperator(hessian, preconditioner.scaled_step, shift)
         elif preconditioner is not None:
             operator = ScaledOperator(hessian, torch.as_tensor(preconditioner).reshape(-1))
-        chosen = _resolve_eigen_method(method, k, hessian.device)
+        chosen = choose_eigen_method(method, k, hessian.device)
         if chosen == "lanczos":
             result = lanczos(
                 operator,

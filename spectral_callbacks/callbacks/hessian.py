@@ -25,7 +25,7 @@ from ..curvature import (
     stability_ratio,
 )
 from ..curvature.preconditioner import NoPreconditionerYet
-from ..functional import EIGEN_METHODS, _resolve_eigen_method
+from ..functional import EIGEN_METHODS, choose_eigen_method
 from ..linalg import SpectralDensity, block_lanczos, hutchpp, lanczos, slq
 from ..logging.figures import density_figure
 from ..logging.tensorboard import add_figure, add_histogram
@@ -399,7 +399,7 @@ class HessianSpectrumMonitor(_HessianMonitor):
     ) -> dict[str, float]:
         metrics: dict[str, float] = {}
         with self.operator(trainer, module, probe) as operator:
-            method = _resolve_eigen_method(self._method, self._k, operator.device)
+            method = choose_eigen_method(self._method, self._k, operator.device)
             solver = lanczos if method == "lanczos" else block_lanczos
             result = solver(
                 operator,

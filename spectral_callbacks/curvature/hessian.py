@@ -159,11 +159,10 @@ class HessianOperator:
             and torch.distributed.is_initialized()
             and torch.distributed.get_world_size() > 1
         )
-        total = float(
-            self._all_reduce(
-                torch.tensor(float(sum(sizes)), dtype=torch.float64, device=self.device)
-            )
-        )
+        total = float(sum(sizes))
+        if self.distributed:  # weights over the union of every process's batches
+            count = torch.tensor(total, dtype=torch.float64, device=self.device)
+            total = float(self._all_reduce(count))
         self.batch_weights = [s / total for s in sizes]
         self.hvp = hvp
         self.num_hvps = 0
