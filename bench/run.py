@@ -217,7 +217,10 @@ def tool_runs(model, batch, loss_fn, k: int, tol: float) -> dict[str, Callable[[
                 data=(x, y),
                 cuda=x.is_cuda,
             )
-            return sorted(computer.eigenvalues(maxIter=100, tol=1e-3, top_n=k)[0], reverse=True)
+            values = computer.eigenvalues(maxIter=100, tol=1e-3, top_n=k)[0]
+            # PyHessian calls backward(create_graph=True): drop the .grad (and graph) it leaves.
+            model.zero_grad(set_to_none=True)
+            return sorted(values, reverse=True)
 
         runs["PyHessian (maxIter=100, tol=1e-3)"] = run_pyhessian
     except ImportError:
