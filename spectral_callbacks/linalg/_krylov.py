@@ -62,7 +62,7 @@ class IndependentLanczos:
         operator: The symmetric operator.
         start: ``(b, n)`` start vectors (normalised here).
         max_steps: Upper bound on the number of steps (sets the basis capacity limit).
-        generator: Random generator for restart vectors, on the operator's device.
+        generator: Random generator for the restart vectors, on the operator's device.
     """
 
     def __init__(
@@ -73,7 +73,6 @@ class IndependentLanczos:
         generator: torch.Generator,
     ) -> None:
         self.operator = operator
-        self.generator = generator
         self.max_steps = max_steps
         b, n = start.shape
         self.width = b
@@ -86,6 +85,14 @@ class IndependentLanczos:
         self.beta = torch.zeros(b, capacity, dtype=torch.float64, device=start.device)
         self.scale = torch.zeros(b, dtype=start.dtype, device=start.device)
         self.tolerance = breakdown_tolerance(start.dtype)
+        # Restart candidates: cyclic shifts of one random block, by the step index. Distinct
+        # shifts of a Gaussian vector are almost surely linearly independent, so a second
+        # breakdown never reuses a direction already in the basis, and a shift costs a copy
+        # where a fresh randn per step cost ~5x more on a CPU.
+        restart = torch.randn(
+            start.shape, generator=generator, dtype=start.dtype, device=start.device
+        )
+        self._restart_seed = restart / restart.norm(dim=1, keepdim=True)
         self.steps = 0
 
     def step(self) -> None:
@@ -104,8 +111,7 @@ class IndependentLanczos:
         norm = w.norm(dim=1)
         self.scale = torch.maximum(self.scale, torch.maximum(alpha.abs(), norm))
         broken = norm <= self.tolerance * self.scale
-        restart = torch.randn(w.shape, generator=self.generator, dtype=w.dtype, device=w.device)
-        restart = restart / restart.norm(dim=1, keepdim=True)
+        restart = torch.roll(self._restart_seed, shifts=j, dims=1)
         # Second Gram-Schmidt pass: for w it restores orthogonality lost to cancellation; for
         # a restart vector it is the one pass a random vector needs.
         w = torch.where(broken.unsqueeze(1), restart, w)
