@@ -112,6 +112,14 @@ class _CheckSchedule:
         return True
 
 
+def _warm_start_rows(start: torch.Tensor, operator: SymmetricOperator) -> torch.Tensor:
+    """Given warm-start vectors as ``(r, n)`` rows in the operator's dtype and device."""
+    rows = start.reshape(-1, operator.size).to(dtype=operator.dtype, device=operator.device)
+    if not bool(torch.isfinite(rows).all()) or bool((rows.norm(dim=1) == 0).any()):
+        raise ValueError("start vectors must be finite and non-zero")
+    return rows
+
+
 def _start_block(
     start: torch.Tensor | None,
     rows: int,
@@ -123,12 +131,22 @@ def _start_block(
     random = torch.randn(rows, n, generator=generator, dtype=operator.dtype, device=operator.device)
     if start is None:
         return random
-    start = start.reshape(-1, n).to(dtype=operator.dtype, device=operator.device)
-    if not bool(torch.isfinite(start).all()):
-        raise ValueError("start vectors must be finite")
-    used = min(rows, start.shape[0])
-    random[:used] = start[:used]
+    given = _warm_start_rows(start, operator)
+    used = min(rows, given.shape[0])
+    random[:used] = given[:used]
     return random
+
+
+def _start_vector(
+    start: torch.Tensor | None, operator: SymmetricOperator, generator: torch.Generator
+) -> torch.Tensor:
+    """One ``(1, n)`` start row: the normalised warm-start rows summed, else random."""
+    if start is not None:
+        rows = _warm_start_rows(start, operator)
+        first = (rows / rows.norm(dim=1, keepdim=True)).sum(dim=0, keepdim=True)
+        if float(first.norm()) > 0.0:  # rows that cancel fall through to a random start
+            return first
+    return _start_block(None, 1, operator, generator)
 
 
 def _make_generator(seed: int, device: torch.device) -> torch.Generator:
@@ -181,16 +199,9 @@ def lanczos(
     if max_steps < k:
         raise ValueError(f"max_iter={max_iter} must be at least k={k}")
     generator = _make_generator(seed, operator.device)
-    if start is not None:
-        rows = start.reshape(-1, operator.size).to(dtype=operator.dtype, device=operator.device)
-        if not bool(torch.isfinite(rows).all()) or bool((rows.norm(dim=1) == 0).any()):
-            raise ValueError("start vectors must be finite and non-zero")
-        first = (rows / rows.norm(dim=1, keepdim=True)).sum(dim=0, keepdim=True)
-        if float(first.norm()) == 0.0:  # rows that cancel: fall back to a random start
-            first = _start_block(None, 1, operator, generator)
-    else:
-        first = _start_block(None, 1, operator, generator)
-    recurrence = IndependentLanczos(operator, first, max_steps, generator)
+    recurrence = IndependentLanczos(
+        operator, _start_vector(start, operator, generator), max_steps, generator
+    )
     schedule = _CheckSchedule(first=k, every=check_every, last=max_steps)
     while True:
         recurrence.step()
