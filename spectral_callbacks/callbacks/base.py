@@ -150,7 +150,7 @@ class SpectralMonitor(Callback):
         self._probe: list[Any] = []
         self._probe_complete = False
         self._last_step: int | None = None
-        self._warned_non_finite = False
+        self._warned: set[str] = set()
         #: Values of the last measurement (metric name -> float).
         self.last_metrics: dict[str, float] = {}
         #: Every measurement so far: (global_step, metrics).
@@ -282,23 +282,22 @@ class SpectralMonitor(Callback):
                 metrics = self.measure(trainer, pl_module, probe)
             except FloatingPointError as error:
                 metrics = self.nan_metrics(trainer)
-                if not self._warned_non_finite:
-                    warnings.warn(
-                        f"{type(self).__name__}: non-finite value at step {step} ({error}); "
-                        "logging NaN and carrying on (warned once)",
-                        RuntimeWarning,
-                        stacklevel=2,
-                    )
-                    self._warned_non_finite = True
-        if not self._warned_non_finite and any(not math.isfinite(v) for v in metrics.values()):
-            warnings.warn(
-                f"{type(self).__name__}: non-finite spectral value at step {step}; logging it "
-                "and carrying on (warned once)",
-                RuntimeWarning,
-                stacklevel=2,
-            )
-            self._warned_non_finite = True
+                self.warn_once(
+                    "non-finite", f"non-finite value at step {step} ({error}); logging NaN"
+                )
+        if any(not math.isfinite(v) for v in metrics.values()):
+            self.warn_once("non-finite", f"non-finite spectral value at step {step}; logging it")
         self._publish(trainer, metrics, step)
+
+    def warn_once(self, topic: str, message: str) -> None:
+        """Warn about ``topic`` the first time only; the run carries on either way."""
+        if topic not in self._warned:
+            self._warned.add(topic)
+            warnings.warn(
+                f"{type(self).__name__}: {message} (warned once; training goes on)",
+                RuntimeWarning,
+                stacklevel=3,
+            )
 
     def _publish(self, trainer: pl.Trainer, metrics: dict[str, float], step: int) -> None:
         self.last_metrics = dict(metrics)

@@ -7,7 +7,6 @@ the solvers of :mod:`spectral_callbacks.linalg`; they only add scheduling and lo
 from __future__ import annotations
 
 import math
-import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -191,7 +190,6 @@ class SharpnessMonitor(_HessianMonitor):
         self._max_iter = max_iter
         self._optimizer_aware = optimizer_aware
         self._preconditioned_start: torch.Tensor | None = None
-        self._warned_optimizer = False
 
     def measure(
         self, trainer: pl.Trainer, module: pl.LightningModule, probe: list[Any]
@@ -236,13 +234,7 @@ class SharpnessMonitor(_HessianMonitor):
         except NoPreconditionerYet:
             return _Stability(math.nan, math.nan, math.nan, math.nan)
         except UnsupportedOptimizerError as error:
-            if not self._warned_optimizer:
-                warnings.warn(
-                    f"SharpnessMonitor: {error}; logging eos_ratio = lambda_max * lr / 2 instead",
-                    RuntimeWarning,
-                    stacklevel=2,
-                )
-                self._warned_optimizer = True
+            self.warn_once("optimizer", f"{error}; eos_ratio is lambda_max * lr / 2 instead")
             return plain
         start = self._preconditioned_start if self._warm_start else None
         if start is not None and start.shape[-1] != operator.size:

@@ -122,7 +122,6 @@ class RepresentationMonitor(SpectralMonitor):
         self._forward_fn = forward_fn or default_forward
         self._fit_range = fit_range
         self._seed = seed
-        self._warned_fit = False
         self.last_spectra: dict[str, torch.Tensor] = {}
         self._last_fits: dict[str, Any] = {}
 
@@ -190,13 +189,7 @@ class RepresentationMonitor(SpectralMonitor):
                 warnings.simplefilter("ignore", RuntimeWarning)
                 fit = alpha_req_fit(covariance, self._fit_range)
         except ValueError as error:
-            if not self._warned_fit:
-                warnings.warn(
-                    f"RepresentationMonitor: α-ReQ of {layer!r} is NaN: {error}",
-                    RuntimeWarning,
-                    stacklevel=2,
-                )
-                self._warned_fit = True
+            self.warn_once("alpha_req", f"α-ReQ of {layer!r} is NaN: {error}")
             self._last_fits.pop(layer, None)
             return math.nan
         self._last_fits[layer] = fit
