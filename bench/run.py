@@ -13,6 +13,7 @@ of ``--repeats`` runs.
 from __future__ import annotations
 
 import argparse
+import copy
 import datetime as dt
 import itertools
 import json
@@ -22,6 +23,7 @@ import platform
 import statistics
 import sys
 import time
+import warnings
 from collections.abc import Callable
 
 import torch
@@ -149,7 +151,7 @@ def max_relative_error(values, reference) -> float:
 # -- figure 1: HVP paths ------------------------------------------------------------------------
 
 
-def hvp_costs(model, batch, loss_fn, device, repeats) -> dict:
+def hvp_costs(model, batch, loss_fn, device, repeats, compiled: bool) -> dict:
     params = [p for p in model.parameters() if p.requires_grad]
     row: dict[str, float | str] = {}
     grad_s, _ = timed(lambda: torch.autograd.grad(loss_fn(model, batch), params), device, repeats)
@@ -177,6 +179,34 @@ def hvp_costs(model, batch, loss_fn, device, repeats) -> dict:
         except RuntimeError as error:
             row[f"forward_over_reverse_{width}_ms_per_vector"] = f"fails: {str(error)[:80]}"
     vmapped.close()
+    if compiled:
+        row.update(compiled_hvp_costs(model, batch, loss_fn, device, repeats))
+    return row
+
+
+def compiled_hvp_costs(model, batch, loss_fn, device, repeats) -> dict:
+    """``hvp="compiled"`` for blocks of 1 and 8: the one-time compile and the steady cost."""
+    row: dict[str, float | str] = {}
+    op = HessianOperator(model, loss_fn, batch, hvp="compiled")
+    for width in (1, 8):
+        block = torch.randn(width, op.size, device=device)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            _sync(device)
+            began = time.perf_counter()
+            op.matmat(block)  # eager check + compilation
+            _sync(device)
+            row[f"compile_{width}_s"] = time.perf_counter() - began
+            seconds = timed(lambda b=block: op.matmat(b), device, repeats)[0]
+        failures = [
+            str(w.message)[:120]
+            for w in caught
+            if "Hessian-vector product" in str(w.message) or "falling back" in str(w.message)
+        ]
+        row[f"compiled_{width}_ms_per_vector"] = (
+            f"fails: {failures[0]}" if failures else seconds * 1e3 / width
+        )
+    op.close()
     return row
 
 
@@ -189,9 +219,19 @@ def reference_eigenvalues(model, batch, loss_fn, k: int) -> torch.Tensor:
         return lanczos(op, k=k, tol=1e-14, max_iter=min(120, op.size)).eigenvalues
 
 
-def tool_runs(model, batch, loss_fn, k: int, tol: float) -> dict[str, Callable[[], list[float]]]:
+def tool_runs(
+    model, batch, loss_fn, k: int, tol: float, compiled: bool
+) -> dict[str, Callable[[], list[float]]]:
     """Each tool's call for the top-k, at defaults and at accuracy-reaching settings."""
     runs: dict[str, Callable[[], list[float]] | None] = {}
+    if compiled:  # the timed repeats follow a warm-up call, which pays the compilation
+        runs[f"ours (Lanczos, compiled HVP, tol={tol:g})"] = lambda: hessian_eigenvalues(
+            model, loss_fn, batch, k=k, tol=tol, hvp="compiled"
+        ).eigenvalues.tolist()
+        if k > 1:
+            runs[f"ours (block Lanczos, compiled HVP, tol={tol:g})"] = lambda: hessian_eigenvalues(
+                model, loss_fn, batch, k=k, tol=tol, method="block_lanczos", hvp="compiled"
+            ).eigenvalues.tolist()
     # The residual tolerance bounds the eigenvalue error only up to about tol (clusters), so
     # also time the setting one decade tighter: the fastest one that reaches the target counts.
     for setting in (tol, tol / 10):
@@ -273,9 +313,11 @@ def tool_runs(model, batch, loss_fn, k: int, tol: float) -> dict[str, Callable[[
     return runs
 
 
-def time_to_accuracy(model, batch, loss_fn, device, repeats, reference, k, tol) -> list[dict]:
+def time_to_accuracy(
+    model, batch, loss_fn, device, repeats, reference, k, tol, compiled
+) -> list[dict]:
     rows = []
-    for tool, run in tool_runs(model, batch, loss_fn, k, tol).items():
+    for tool, run in tool_runs(model, batch, loss_fn, k, tol, compiled).items():
         if run is None:
             rows.append({"tool": tool, "status": "not installed"})
             continue
@@ -299,7 +341,9 @@ def time_to_accuracy(model, batch, loss_fn, device, repeats, reference, k, tol) 
 # -- figure 3: warm tracking; figure 5: memory -----------------------------------------------------
 
 
-def warm_tracking(model, batch, loss_fn, device, steps, every, grad_ms) -> dict:
+def warm_tracking(model, batch, loss_fn, device, steps, every, grad_ms, hvp="auto") -> dict:
+    """Train a copy by SGD; every ``every`` steps, λ_max warm-started from the last vector."""
+    model = copy.deepcopy(model)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
     start, times, hvps = None, [], []
     for step in range(steps + 1):
@@ -308,7 +352,7 @@ def warm_tracking(model, batch, loss_fn, device, steps, every, grad_ms) -> dict:
             _sync(device)
             began = time.perf_counter()
             result = hessian_eigenvalues(
-                model, loss_fn, batch, k=1, tol=1e-3, start=start, return_eigenvectors=True
+                model, loss_fn, batch, k=1, tol=1e-3, start=start, return_eigenvectors=True, hvp=hvp
             )
             _sync(device)
             if start is not None:
@@ -322,6 +366,7 @@ def warm_tracking(model, batch, loss_fn, device, steps, every, grad_ms) -> dict:
     model.eval()
     median = statistics.median(times) if times else math.nan
     return {
+        "hvp": hvp,
         "measurements": len(times),
         "median_seconds": median,
         "median_gradient_times": median * 1e3 / grad_ms,
@@ -429,32 +474,38 @@ def representation_spectrum(device, n: int, d: int, repeats: int) -> dict:
 # -- driver ---------------------------------------------------------------------------------------
 
 
-def run(device: torch.device, workloads: list[str], repeats: int, smoke: bool) -> dict:
+def run(
+    device: torch.device, workloads: list[str], repeats: int, smoke: bool, compiled: bool
+) -> dict:
     results: dict = {"workloads": {}}
     for name in workloads:
         model, batch, loss_fn = make_workload(name, device)
         params = sum(p.numel() for p in model.parameters())
         print(f"[{name}] {params:,} parameters", flush=True)
         entry: dict = {"parameters": params}
-        entry["hvp_paths"] = hvp_costs(model, batch, loss_fn, device, repeats)
+        entry["hvp_paths"] = hvp_costs(model, batch, loss_fn, device, repeats, compiled)
         reference = reference_eigenvalues(model, batch, loss_fn, k=10)
         entry["reference_top10"] = reference.tolist()
         entry["top1"] = time_to_accuracy(
-            model, batch, loss_fn, device, repeats, reference, k=1, tol=1e-3
+            model, batch, loss_fn, device, repeats, reference, k=1, tol=1e-3, compiled=compiled
         )
         entry["top10"] = time_to_accuracy(
-            model, batch, loss_fn, device, repeats, reference, k=10, tol=1e-2
+            model, batch, loss_fn, device, repeats, reference, k=10, tol=1e-2, compiled=compiled
         )
         grad_ms = entry["hvp_paths"]["grad_ms"]
-        entry["warm_tracking"] = warm_tracking(
-            model,
-            batch,
-            loss_fn,
-            device,
-            steps=20 if smoke else 200,
-            every=5 if smoke else 50,
-            grad_ms=grad_ms,
-        )
+        entry["warm_tracking"] = [
+            warm_tracking(
+                model,
+                batch,
+                loss_fn,
+                device,
+                steps=20 if smoke else 200,
+                every=5 if smoke else 50,
+                grad_ms=grad_ms,
+                hvp=hvp,
+            )
+            for hvp in (("auto", "compiled") if compiled else ("auto",))
+        ]
         entry["peak_extra_memory_mib"] = peak_extra_memory(model, batch, loss_fn, device)
         results["workloads"][name] = entry
     results["training_overhead"] = (
@@ -477,7 +528,7 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
 
 
 def _cost(row: dict, key: str) -> str:
-    value = row[key]
+    value = row.get(key, "not run")
     return value if isinstance(value, str) else f"{value:.2f} ({value / row['grad_ms']:.1f}×)"
 
 
@@ -496,9 +547,20 @@ def markdown(results: dict) -> str:
         "reuse_graph_ms",
         "forward_over_reverse_1_ms_per_vector",
         "forward_over_reverse_8_ms_per_vector",
+        "compiled_1_ms_per_vector",
+        "compiled_8_ms_per_vector",
     ]
     lines += _table(
-        ["workload", "gradient", "fresh double backward", "reused graph", "fwd-over-rev", "vmap 8"],
+        [
+            "workload",
+            "gradient",
+            "fresh double backward",
+            "reused graph",
+            "fwd-over-rev",
+            "vmap 8",
+            "compiled, 1",
+            "compiled, vmap 8",
+        ],
         [
             [name, f"{e['hvp_paths']['grad_ms']:.2f}"] + [_cost(e["hvp_paths"], k) for k in paths]
             for name, e in workloads.items()
@@ -523,18 +585,30 @@ def markdown(results: dict) -> str:
             "",
             *_table(["workload", "tool", "seconds", "max rel. error"], rows),
         ]
+    compile_notes = [
+        f"{name}: {e['hvp_paths'][f'compile_{w}_s']:.1f} s for blocks of {w}"
+        for name, e in workloads.items()
+        for w in (1, 8)
+        if f"compile_{w}_s" in e["hvp_paths"]
+    ]
+    if compile_notes:
+        lines += ["", "One-time compilation (eager check included): " + "; ".join(compile_notes)]
     rows = [
         [
             name,
-            e["warm_tracking"]["measurements"],
-            f"{e['warm_tracking']['median_seconds']:.4f}",
-            f"{e['warm_tracking']['median_gradient_times']:.1f}",
-            e["warm_tracking"]["median_hvps"],
+            w["hvp"],
+            w["measurements"],
+            f"{w['median_seconds']:.4f}",
+            f"{w['median_gradient_times']:.1f}",
+            w["median_hvps"],
         ]
         for name, e in workloads.items()
+        for w in e["warm_tracking"]
     ]
     lines += ["", "**3. Warm-started tracking** (λ_max to 1e-3 from the previous eigenvector)", ""]
-    lines += _table(["workload", "measurements", "median s", "gradient-times", "HVPs"], rows)
+    lines += _table(
+        ["workload", "HVP path", "measurements", "median s", "gradient-times", "HVPs"], rows
+    )
     o = results["training_overhead"]
     lines += [
         "",
@@ -562,6 +636,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument(
         "--smoke", action="store_true", help="the tiny workload only, seconds on a CPU"
     )
+    parser.add_argument(
+        "--compiled",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help='also time hvp="compiled" (default: on CUDA only; compiling costs minutes)',
+    )
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", default=str(ROOT / "bench" / "results"))
     args = parser.parse_args(argv)
@@ -572,8 +652,10 @@ def main(argv: list[str] | None = None) -> dict:
         if device.type == "cuda"
         else f"cpu-{platform.machine()}-{torch.get_num_threads()}threads"
     )
-    results = run(device, workloads, args.repeats, args.smoke)
+    compiled = device.type == "cuda" if args.compiled is None else args.compiled
+    results = run(device, workloads, args.repeats, args.smoke, compiled)
     results.update(
+        compiled=compiled,
         device=name,
         torch=torch.__version__,
         date=dt.date.today().isoformat(),

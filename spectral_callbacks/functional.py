@@ -114,8 +114,9 @@ def hessian_eigenvalues(
             ``(r, n)`` rows.
         return_eigenvectors: Also return the ``(k, n)`` unit Ritz vectors (flat, on the
             model's device, parameters in model order).
-        hvp: Hessian-vector product path, ``"auto"``, ``"reuse_graph"`` or
-            ``"forward_over_reverse"`` (see :class:`~spectral_callbacks.curvature.HessianOperator`).
+        hvp: Hessian-vector product path, ``"auto"``, ``"reuse_graph"``,
+            ``"forward_over_reverse"`` or ``"compiled"`` (see
+            :class:`~spectral_callbacks.curvature.HessianOperator`).
         batch_size_fn: ``batch -> int`` when a batch's first tensor does not say its size.
         preconditioner: Eigenpairs of ``D^½ H D^½`` instead: a flat tensor ``D`` (one
             non-negative entry per selected parameter entry), or a

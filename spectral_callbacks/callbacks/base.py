@@ -79,12 +79,17 @@ def training_step_loss(module: nn.Module, batch: Any) -> torch.Tensor:
     return output
 
 
+def _ignore_log(*args: Any, **kwargs: Any) -> None:
+    """Stands in for ``self.log`` during a probe; one function object, so that a compiled
+    Hessian-vector product (which guards on it) is not recompiled at every measurement."""
+
+
 @contextlib.contextmanager
 def muted_lightning_logging(module: nn.Module) -> Iterator[None]:
     """Make ``module.log`` / ``module.log_dict`` no-ops while a probe calls ``training_step``."""
     saved = {name: module.__dict__[name] for name in ("log", "log_dict") if name in module.__dict__}
-    module.__dict__["log"] = lambda *args, **kwargs: None
-    module.__dict__["log_dict"] = lambda *args, **kwargs: None
+    module.__dict__["log"] = _ignore_log
+    module.__dict__["log_dict"] = _ignore_log
     try:
         yield
     finally:

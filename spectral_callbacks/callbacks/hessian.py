@@ -151,7 +151,8 @@ class SharpnessMonitor(_HessianMonitor):
         max_iter: Maximum Hessian-vector products per solve (default 100).
         seed: Seed of the start vector and of dropout masks during the probe.
         hvp: Hessian-vector product path (``"auto"``, ``"reuse_graph"``,
-            ``"forward_over_reverse"``).
+            ``"forward_over_reverse"``, ``"compiled"``: ``torch.compile`` once per run, then
+            cheaper products; see :class:`~spectral_callbacks.curvature.HessianOperator`).
         eval_mode: Measure in eval mode (default: the mode training uses).
         warm_start: Start each measurement from the previous eigenvectors.
         optimizer_aware: Compute ``eos_ratio`` from the optimizer (default); ``False`` logs

@@ -13,6 +13,15 @@ samples. Products ``H V`` with blocks of vectors are exact (autograd), by one of
     ``torch.func.jvp`` of ``torch.func.grad`` of the loss, vmapped over a block of vectors;
     nothing is kept between products, each block re-runs forward and backward.
 
+``"compiled"``
+    The same vmapped forward-over-reverse function under ``torch.compile``. Compiling
+    takes seconds to minutes (once per model, loss, parameter selection and block width;
+    the compiled function is cached on the model and serves every later operator), after
+    which a product costs a fraction of the eager one. If compilation fails the operator
+    warns once and uses the eager forward-over-reverse path. Dropout masks under
+    compilation come from the compiled RNG, not the eager one: compare values between runs
+    of the same path.
+
 ``"auto"`` takes ``reuse_graph`` for single vectors (a vmapped block of one is several times
 slower) and on the CPU, and ``forward_over_reverse`` for blocks on CUDA, where the block
 amortises it below the reused graph's cost per vector (bench/ and BENCHMARKS.md).
@@ -20,9 +29,13 @@ amortises it below the reused graph's cost per vector (bench/ and BENCHMARKS.md)
 
 from __future__ import annotations
 
+import itertools
 import logging
+import math
 import re
+import types
 import warnings
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -40,7 +53,14 @@ logger = logging.getLogger("spectral_callbacks")
 #: ``loss_fn(model, batch) -> scalar tensor`` (the mean loss of the batch).
 LossFunction = Callable[[nn.Module, Any], torch.Tensor]
 
-HVP_PATHS = ("auto", "reuse_graph", "forward_over_reverse")
+HVP_PATHS = ("auto", "reuse_graph", "forward_over_reverse", "compiled")
+
+#: Compiled block-product functions per model, keyed by (loss_fn, parameter names, backend).
+#: A measurement builds a new operator, so the cache lives here to compile once per run.
+#: An entry that failed to compile stays marked, so later operators go straight to eager.
+_COMPILED: weakref.WeakKeyDictionary[nn.Module, dict[tuple, _CompiledProduct]] = (
+    weakref.WeakKeyDictionary()
+)
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -104,7 +124,9 @@ class HessianOperator:
             device and kept for the operator's lifetime.
         params: Parameter filter (regular expression, predicate, or names / module prefixes);
             default all trainable parameters.
-        hvp: ``"auto"``, ``"reuse_graph"`` or ``"forward_over_reverse"`` (module docstring).
+        hvp: ``"auto"``, ``"reuse_graph"``, ``"forward_over_reverse"`` or ``"compiled"``
+            (module docstring).
+        compile_backend: ``torch.compile`` backend of the ``"compiled"`` path.
         batch_size_fn: ``batch -> int`` number of samples, when the first tensor's leading
             dimension is not it.
         seed: Seed of the RNG inside forward passes (fixes dropout masks).
@@ -130,6 +152,7 @@ class HessianOperator:
         batch_size_fn: Callable[[Any], int] | None = None,
         seed: int = 0,
         distributed: bool = False,
+        compile_backend: str = "inductor",
     ) -> None:
         if hvp not in HVP_PATHS:
             raise ValueError(f"hvp must be one of {HVP_PATHS}, got {hvp!r}")
@@ -165,6 +188,7 @@ class HessianOperator:
             total = float(self._all_reduce(count))
         self.batch_weights = [s / total for s in sizes]
         self.hvp = hvp
+        self.compile_backend = compile_backend
         self.num_hvps = 0
         self._graphs: list[tuple[float, list[tuple[int, torch.Tensor]]]] | None = None
         self._checked_finite = False
@@ -222,9 +246,10 @@ class HessianOperator:
             raise NonFiniteLossError(where)
 
     def _matmat(self, block: torch.Tensor) -> torch.Tensor:
-        if self._path_for(block.shape[0]) == "forward_over_reverse":
+        path = self._path_for(block.shape[0])
+        if path in ("forward_over_reverse", "compiled"):
             try:
-                return self._matmat_forward_over_reverse(block)
+                return self._matmat_forward_over_reverse(block, compiled=path == "compiled")
             except RuntimeError as error:
                 explained = _explain_second_order_failure(error)
                 if explained is not None:
@@ -241,11 +266,13 @@ class HessianOperator:
         return self._matmat_reuse_graph(block)
 
     def _path_for(self, width: int) -> str:
-        if self.hvp != "auto":
+        if self.hvp in ("reuse_graph", "forward_over_reverse"):
             return self.hvp
-        if width > 1 and self.device.type == "cuda" and not self._vmap_failed:
-            return "forward_over_reverse"
-        return "reuse_graph"
+        if self._vmap_failed:  # "auto" and "compiled" fall back to the path that always works
+            return "reuse_graph"
+        if self.hvp == "compiled":
+            return "compiled"
+        return "forward_over_reverse" if width > 1 and self.device.type == "cuda" else "reuse_graph"
 
     def _split(self, block: torch.Tensor) -> list[torch.Tensor]:
         """Parameter-shaped views ``(b, *shape)`` of a ``(b, n)`` block."""
@@ -325,10 +352,20 @@ class HessianOperator:
             total += weight * self._flatten(list(products), width)
         return total
 
-    # -- path 2: vmapped forward-over-reverse ------------------------------------------------
-    def _matmat_forward_over_reverse(self, block: torch.Tensor) -> torch.Tensor:
-        from torch.func import functional_call, grad, jvp, vmap
+    # -- paths 2 and 3: vmapped forward-over-reverse, eager or compiled ----------------------
+    def _block_product_function(self, compiled: bool) -> Callable:
+        """``f(primals, tangents, batch)``: the vmapped product, compiled if asked and possible."""
+        eager = _block_product(self.model, self.loss_fn, self.names)
+        if not compiled:
+            return eager
+        entries = _COMPILED.setdefault(self.model, {})
+        key = (self.loss_fn, tuple(self.names), self.compile_backend)
+        if key not in entries:
+            entries[key] = _CompiledProduct(eager, self.compile_backend)
+        entry = entries[key]
+        return eager if entry.failed else entry
 
+    def _matmat_forward_over_reverse(self, block: torch.Tensor, compiled: bool) -> torch.Tensor:
         if not self._checked_finite:
             losses = []
             for index, batch in enumerate(self.batches):
@@ -336,24 +373,13 @@ class HessianOperator:
                     losses.append(self._loss(batch, index).detach())
             self._raise_if_non_finite(losses)
             self._checked_finite = True
-        wrapper = _LossOfModel(self.model, self.loss_fn)
-        keys = ["model." + name for name in self.names]
+        product = self._block_product_function(compiled)
         primals = tuple(p.detach() for p in self.params)
-
-        def loss_at(values: tuple[torch.Tensor, ...], batch: Any) -> torch.Tensor:
-            return functional_call(wrapper, dict(zip(keys, values, strict=True)), (batch,)).reshape(
-                ()
-            )
-
-        def hvp_one(tangents: tuple[torch.Tensor, ...], batch: Any) -> tuple[torch.Tensor, ...]:
-            return jvp(lambda values: grad(loss_at)(values, batch), (primals,), (tangents,))[1]
-
-        batched = vmap(hvp_one, in_dims=(0, None), randomness="same")
         tangents = tuple(self._split(block))
         total = torch.zeros_like(block)
         for batch, weight in zip(self.batches, self.batch_weights, strict=True):
             with measurement_context(self.model, self.seed):
-                products = batched(tangents, batch)
+                products = product(primals, tangents, batch)
             total += weight * self._flatten(list(products), block.shape[0])
         return total
 
@@ -362,6 +388,122 @@ class HessianOperator:
             f"HessianOperator(size={self.size}, parameters={len(self.params)}, "
             f"batches={len(self.batches)}, hvp={self.hvp!r}, device={self.device})"
         )
+
+
+def _block_product(model: nn.Module, loss_fn: LossFunction, names: list[str]) -> Callable:
+    """``f(primals, tangents, batch) -> H V``: ``jvp`` of ``grad`` vmapped over the block.
+
+    ``primals`` are the selected parameters' values, ``tangents`` the block as a tuple of
+    ``(b, *shape)`` tensors. Everything that changes between calls is an argument, so a
+    compiled version of ``f`` is reused across measurements (guards see only shapes).
+    """
+    from torch.func import functional_call, grad, jvp, vmap
+
+    wrapper = _LossOfModel(model, loss_fn)
+    keys = ["model." + name for name in names]
+
+    def loss_at(values: tuple[torch.Tensor, ...], batch: Any) -> torch.Tensor:
+        return functional_call(wrapper, dict(zip(keys, values, strict=True)), (batch,)).reshape(())
+
+    def product(
+        primals: tuple[torch.Tensor, ...], tangents: tuple[torch.Tensor, ...], batch: Any
+    ) -> tuple[torch.Tensor, ...]:
+        def one(direction: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+            return jvp(lambda values: grad(loss_at)(values, batch), (primals,), (direction,))[1]
+
+        return vmap(one, randomness="same")(tangents)
+
+    return product
+
+
+_fresh_code_ids = itertools.count()
+
+
+def _with_own_code_object(function: Callable) -> Callable:
+    """A copy of ``function`` with a code object of its own.
+
+    ``torch.compile`` keeps its compiled variants, and its limit on recompilations, per code
+    object: every closure of one ``def`` would share them, so products of unrelated models
+    would evict each other's compilations. A copy per cache entry keeps them apart.
+    """
+    code = function.__code__.replace(co_name=f"{function.__name__}_{next(_fresh_code_ids)}")
+    return types.FunctionType(
+        code, function.__globals__, code.co_name, function.__defaults__, function.__closure__
+    )
+
+
+class _CompiledProduct:
+    """A block product under ``torch.compile``, checked against the eager product.
+
+    The first call of each block width computes the eager product first (an error there is
+    the eager path's to report: nothing is compiled), then compiles (logged, since it can
+    take a minute) and compares. An exception from the compiler, or a compiled product that
+    disagrees with the eager one beyond rounding, marks the entry failed with one warning;
+    from then on the eager function answers. Later calls of a checked width run compiled.
+    """
+
+    def __init__(self, eager: Callable, backend: str | Callable) -> None:
+        self.eager = eager
+        self.backend = backend
+        # Static shapes: one graph per block width and batch shape. (Symbolic batch sizes fail
+        # to trace through convolution + BatchNorm under torch.func in torch 2.13.)
+        self.compiled = torch.compile(_with_own_code_object(eager), backend=backend, dynamic=False)
+        self.failed = False
+        self._checked: set[tuple] = set()
+
+    def __call__(self, primals: tuple, tangents: tuple, batch: Any) -> tuple[torch.Tensor, ...]:
+        if self.failed:
+            return self.eager(primals, tangents, batch)
+        signature = _shape_signature(tangents, batch)
+        if signature in self._checked:
+            return self.compiled(primals, tangents, batch)
+        expected = self.eager(primals, tangents, batch)
+        logger.info(
+            "compiling the Hessian-vector product for blocks of %d (torch.compile, backend "
+            "%r): once per model, block width and batch shape",
+            tangents[0].shape[0],
+            self.backend,
+        )
+        try:
+            products = self.compiled(primals, tangents, batch)
+            problem = _disagreement(products, expected)
+        except Exception as error:  # any compiler failure means: run eagerly
+            problem = f"{type(error).__name__}: {str(error)[:200]}"
+        if problem is not None:
+            self.failed = True
+            warnings.warn(
+                f"torch.compile of the Hessian-vector product failed ({problem}); using the "
+                "eager forward-over-reverse path",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+        self._checked.add(signature)
+        return expected
+
+
+def _shape_signature(tangents: tuple, batch: Any) -> tuple:
+    """Block width plus the shapes and dtypes of the batch's tensors (what a recompile sees)."""
+    leaves = torch.utils._pytree.tree_leaves(batch)
+    shapes = tuple(
+        (tuple(leaf.shape), leaf.dtype) if isinstance(leaf, torch.Tensor) else type(leaf)
+        for leaf in leaves
+    )
+    return (tangents[0].shape[0], shapes)
+
+
+def _disagreement(products: tuple, expected: tuple) -> str | None:
+    """``None`` if the compiled products equal the eager ones up to rounding, else why not.
+
+    Rounding differs (fused kernels reorder sums), so the bound is relative to the block's
+    norm: ``‖compiled - eager‖ <= sqrt(eps) ‖eager‖`` in the parameters' dtype.
+    """
+    pairs = zip(products, expected, strict=True)
+    difference = sum(float((a - b).double().pow(2).sum()) for a, b in pairs)
+    scale = sum(float(b.double().pow(2).sum()) for b in expected)
+    eps = torch.finfo(expected[0].dtype).eps
+    if not math.isfinite(difference) or difference > eps * scale:
+        return f"compiled products differ from eager ones by {math.sqrt(difference):.3g}"
+    return None
 
 
 def flat_size(model: nn.Module, params: ParameterFilter = None) -> int:

@@ -1,0 +1,170 @@
+"""The ``hvp="compiled"`` path: exact products, one compilation per run, a safe fallback.
+
+Most tests compile with small backends (a counting one that returns the traced graph, or
+``aot_eager``): they exercise what this library controls (tracing through ``torch.func``,
+the cache across operators, the guards, the fallback) in seconds. One test compiles with
+the default ``inductor`` backend end to end.
+"""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+
+from spectral_callbacks.callbacks.base import muted_lightning_logging, training_step_loss
+from spectral_callbacks.curvature import HessianOperator
+from spectral_callbacks.curvature.hessian import _COMPILED
+from spectral_callbacks.linalg import lanczos
+
+from .helpers import cross_entropy_loss, dense_hessian_func, dense_hessian_rows, make_case
+from .lightning_helpers import TanhRegressor, regression_data
+
+
+class CountingBackend:
+    """``aot_eager`` that counts the graphs it is given to compile."""
+
+    def __init__(self) -> None:
+        self.graphs = 0
+
+    def __call__(self, graph_module, example_inputs):
+        from torch._dynamo.backends.registry import lookup_backend
+
+        self.graphs += 1
+        return lookup_backend("aot_eager")(graph_module, example_inputs)
+
+
+class ManualMSERegressor(TanhRegressor):
+    """``training_step`` writes the squared error out: ``F.mse_loss`` has no forward-over-reverse
+    derivative in torch 2.13 (its double backward writes into a ZeroTensor, pytorch#123996)."""
+
+    def training_step(self, batch, batch_idx):
+        loss = (self(batch[0]) - batch[1]).pow(2).mean()
+        self.log("train_loss", loss)
+        return loss
+
+
+def _block(size: int, width: int = 3, seed: int = 1) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(width, size, dtype=torch.float64, generator=generator)
+
+
+@pytest.mark.parametrize("name", ["mlp", "cnn", "attention"])
+def test_compiled_products_match_dense(name):
+    """BatchNorm in train mode and default-kernel attention included (aot_eager traces the
+    joint forward-over-reverse graph as inductor would)."""
+    model, batches = make_case(name)
+    oracle = dense_hessian_rows if name == "cnn" else dense_hessian_func
+    hessian = oracle(model, cross_entropy_loss, batches)
+    with HessianOperator(
+        model, cross_entropy_loss, batches, hvp="compiled", compile_backend="aot_eager"
+    ) as op:
+        block = _block(op.size)
+        assert torch.allclose(op.matmat(block), block @ hessian, atol=1e-10)
+        assert not _COMPILED[model][(cross_entropy_loss, tuple(op.names), "aot_eager")].failed
+
+
+def test_one_compilation_serves_later_measurements():
+    """A new operator per measurement, new parameter values after an optimizer step: the
+    compiled function is reused, not recompiled (guards see only shapes and dtypes)."""
+    model, batches = make_case("mlp")
+    backend = CountingBackend()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    for _ in range(3):
+        with HessianOperator(
+            model, cross_entropy_loss, batches[0], hvp="compiled", compile_backend=backend
+        ) as op:
+            block = _block(op.size)
+            expected = block @ dense_hessian_func(model, cross_entropy_loss, [batches[0]])
+            assert torch.allclose(op.matmat(block), expected, atol=1e-10)
+        optimizer.zero_grad()
+        cross_entropy_loss(model, batches[0]).backward()
+        optimizer.step()
+    assert backend.graphs == 1
+
+
+def test_training_step_loss_compiles_once_across_measurements():
+    """The probe loss of the callbacks: ``training_step`` with ``self.log`` muted. The muting
+    function is one object, so its identity guard holds from one measurement to the next."""
+    x, y = regression_data(n=16, d=4, dtype=torch.float64)
+    module = ManualMSERegressor(d=4, width=6).double()
+    backend = CountingBackend()
+    values = []
+    for _ in range(2):
+        with (
+            muted_lightning_logging(module),
+            HessianOperator(
+                module, training_step_loss, (x, y), hvp="compiled", compile_backend=backend
+            ) as op,
+        ):
+            block = _block(op.size, width=2)
+            values.append(op.matmat(block))
+    squared_error = lambda model, batch: (model(batch[0]) - batch[1]).pow(2).mean()  # noqa: E731
+    expected = block @ dense_hessian_func(module, squared_error, [(x, y)])
+    assert torch.allclose(values[1], expected, atol=1e-10)
+    assert backend.graphs == 1
+
+
+def test_failed_compilation_warns_once_and_falls_back():
+    model, batches = make_case("attention")
+    hessian = dense_hessian_func(model, cross_entropy_loss, batches)
+    calls = []
+
+    def broken_backend(graph_module, example_inputs):
+        calls.append(1)
+        raise RuntimeError("this backend cannot compile anything")
+
+    failure = "torch.compile of the Hessian-vector product failed"
+    with (
+        pytest.warns(RuntimeWarning, match=failure),
+        HessianOperator(
+            model, cross_entropy_loss, batches, hvp="compiled", compile_backend=broken_backend
+        ) as op,
+    ):
+        block = _block(op.size)
+        assert torch.allclose(op.matmat(block), block @ hessian, atol=1e-10)
+    with HessianOperator(
+        model, cross_entropy_loss, batches, hvp="compiled", compile_backend=broken_backend
+    ) as op:  # the failure is remembered: no second attempt, no second warning
+        assert torch.allclose(op.matmat(block), block @ hessian, atol=1e-10)
+    assert len(calls) == 1
+
+
+def test_compiled_path_falls_back_to_the_reused_graph_where_eager_jvp_fails():
+    """``F.mse_loss`` fails under forward-over-reverse even eagerly: the eager check runs
+    before anything is compiled (compiling it crashes the process in torch 2.13), and the
+    products come from the reused first-order graph instead."""
+    import torch.nn.functional as F
+
+    model, batches = make_case("mlp")
+    x, labels = batches[0]
+    target = F.one_hot(labels, 3).double()
+
+    def mse(model, batch):
+        return F.mse_loss(model(batch[0]), batch[1])
+
+    backend = CountingBackend()
+    hessian = dense_hessian_func(model, mse, [(x, target)])
+    with (
+        pytest.warns(RuntimeWarning, match="falling back to the reused first-order graph"),
+        HessianOperator(model, mse, (x, target), hvp="compiled", compile_backend=backend) as op,
+    ):
+        block = _block(op.size)
+        assert torch.allclose(op.matmat(block), block @ hessian, atol=1e-10)
+        assert torch.allclose(op.matmat(block), block @ hessian, atol=1e-10)
+    assert backend.graphs == 0
+
+
+def test_inductor_lanczos_matches_eigvalsh():
+    """The default backend end to end: a Lanczos solve on compiled single-vector products."""
+    model, batches = make_case("mlp", seed=3)
+    batch = batches[0]
+    expected = torch.linalg.eigvalsh(dense_hessian_func(model, cross_entropy_loss, [batch]))
+    with HessianOperator(model, cross_entropy_loss, batch, hvp="compiled") as op:
+        result = lanczos(op, k=2, tol=1e-10)
+        entry = _COMPILED[model][(cross_entropy_loss, tuple(op.names), "inductor")]
+    assert torch.allclose(result.eigenvalues, expected.flip(0)[:2], rtol=1e-8, atol=1e-12)
+    # Inductor's CPU code needs a C++ compiler; without one the fallback (tested above) runs.
+    if shutil.which("g++") or shutil.which("c++") or shutil.which("clang++"):
+        assert not entry.failed
