@@ -342,8 +342,12 @@ def time_to_accuracy(
 
 
 def warm_tracking(model, batch, loss_fn, device, steps, every, grad_ms, hvp="auto") -> dict:
-    """Train a copy by SGD; every ``every`` steps, λ_max warm-started from the last vector."""
-    model = copy.deepcopy(model)
+    """Train by SGD; every ``every`` steps, λ_max warm-started from the last vector.
+
+    The model's state is restored afterwards. Training the model itself (not a copy) keeps
+    the compiled product of ``hvp="compiled"``, which is cached per model, across figures.
+    """
+    saved = copy.deepcopy(model.state_dict())
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
     start, times, hvps = None, [], []
     for step in range(steps + 1):
@@ -363,6 +367,8 @@ def warm_tracking(model, batch, loss_fn, device, steps, every, grad_ms, hvp="aut
         optimizer.zero_grad()
         loss_fn(model, batch).backward()
         optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    model.load_state_dict(saved)
     model.eval()
     median = statistics.median(times) if times else math.nan
     return {
@@ -475,7 +481,12 @@ def representation_spectrum(device, n: int, d: int, repeats: int) -> dict:
 
 
 def run(
-    device: torch.device, workloads: list[str], repeats: int, smoke: bool, compiled: bool
+    device: torch.device,
+    workloads: list[str],
+    repeats: int,
+    smoke: bool,
+    compiled: bool,
+    shared_figures: bool = True,
 ) -> dict:
     results: dict = {"workloads": {}}
     for name in workloads:
@@ -508,6 +519,8 @@ def run(
         ]
         entry["peak_extra_memory_mib"] = peak_extra_memory(model, batch, loss_fn, device)
         results["workloads"][name] = entry
+    if not shared_figures:
+        return results
     results["training_overhead"] = (
         training_overhead(device, steps=20, every=10, widths=[64, 64, 10], runs=1)
         if smoke
@@ -609,23 +622,25 @@ def markdown(results: dict) -> str:
     lines += _table(
         ["workload", "HVP path", "measurements", "median s", "gradient-times", "HVPs"], rows
     )
-    o = results["training_overhead"]
-    lines += [
-        "",
-        f"**4. Training overhead** of `SharpnessMonitor(every_n_steps={o['every_n_steps']})`, "
-        f"{o['model']}, {o['steps']} SGD steps: {o['plain_s']:.2f} s → {o['monitored_s']:.2f} s "
-        f"({100 * o['overhead']:+.1f} %).",
-    ]
+    o = results.get("training_overhead")
+    if o is not None:
+        lines += [
+            "",
+            f"**4. Training overhead** of `SharpnessMonitor(every_n_steps={o['every_n_steps']})`, "
+            f"{o['model']}, {o['steps']} SGD steps: {o['plain_s']:.2f} s → "
+            f"{o['monitored_s']:.2f} s ({100 * o['overhead']:+.1f} %).",
+        ]
     memory = ", ".join(f"{n}: {_mib(e['peak_extra_memory_mib'])}" for n, e in workloads.items())
     lines += ["", f"**5. Peak extra device memory of a top-1 measurement**: {memory}"]
-    r = results["representation"]
-    lines += [
-        "",
-        f"**6. RankMe of {r['shape'][0]} × {r['shape'][1]} embeddings**: streaming float64 "
-        f"covariance {r['ours_seconds']:.3f} s, `torch.linalg.svdvals` (float64) "
-        f"{r['svdvals_seconds']:.3f} s; RankMe {r['rankme_ours']:.4f} vs {r['rankme_svdvals']:.4f} "
-        f"(relative difference {r['relative_difference']:.1e}).",
-    ]
+    r = results.get("representation")
+    if r is not None:
+        lines += [
+            "",
+            f"**6. RankMe of {r['shape'][0]} × {r['shape'][1]} embeddings**: streaming float64 "
+            f"covariance {r['ours_seconds']:.3f} s, `torch.linalg.svdvals` (float64) "
+            f"{r['svdvals_seconds']:.3f} s; RankMe {r['rankme_ours']:.4f} vs "
+            f"{r['rankme_svdvals']:.4f} (relative difference {r['relative_difference']:.1e}).",
+        ]
     return "\n".join(lines) + "\n"
 
 
@@ -642,6 +657,13 @@ def main(argv: list[str] | None = None) -> dict:
         default=None,
         help='also time hvp="compiled" (default: on CUDA only; compiling costs minutes)',
     )
+    parser.add_argument(
+        "--shared-figures",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="figures 4 and 6 (training overhead, representation spectrum); "
+        "--no-shared-figures with --workloads runs one workload per command",
+    )
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", default=str(ROOT / "bench" / "results"))
     args = parser.parse_args(argv)
@@ -653,7 +675,7 @@ def main(argv: list[str] | None = None) -> dict:
         else f"cpu-{platform.machine()}-{torch.get_num_threads()}threads"
     )
     compiled = device.type == "cuda" if args.compiled is None else args.compiled
-    results = run(device, workloads, args.repeats, args.smoke, compiled)
+    results = run(device, workloads, args.repeats, args.smoke, compiled, args.shared_figures)
     results.update(
         compiled=compiled,
         device=name,
@@ -665,7 +687,14 @@ def main(argv: list[str] | None = None) -> dict:
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = f"{name.replace(' ', '-')}-{results['date']}" + ("-smoke" if args.smoke else "")
-    (out / f"{stem}.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
+    path = out / f"{stem}.json"
+    if path.exists():  # a run of some workloads adds to the day's file for this device
+        earlier = json.loads(path.read_text())
+        results["workloads"] = {**earlier.get("workloads", {}), **results["workloads"]}
+        for key in ("training_overhead", "representation"):
+            if key not in results and key in earlier:
+                results[key] = earlier[key]
+    path.write_text(json.dumps(results, indent=2, default=str) + "\n")
     table = markdown(results)
     (out / f"{stem}.md").write_text(table)
     print(table)
