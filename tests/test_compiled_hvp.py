@@ -168,3 +168,39 @@ def test_inductor_lanczos_matches_eigvalsh():
     # Inductor's CPU code needs a C++ compiler; without one the fallback (tested above) runs.
     if shutil.which("g++") or shutil.which("c++") or shutil.which("clang++"):
         assert not entry.failed
+
+
+def _compiled_entries(model):
+    return list(_COMPILED.get(model, {}).values())
+
+
+def test_sharpness_monitor_on_compiled_products():
+    """In a Lightning run: training stays bit-identical (compilation happens inside the
+    measurement's forked RNG), λ_max equals the reused graph's, and one compiled function
+    serves every measurement. In train mode the dropout masks of compiled code differ from
+    eager ones, so the check rejects it: one warning, eager products, the same training."""
+    from spectral_callbacks import SharpnessMonitor
+
+    from .test_callbacks import _assert_identical_runs, _fit_and_capture
+
+    plain = _fit_and_capture([])
+    compiled_monitor = SharpnessMonitor(every_n_steps=4, eval_mode=True, hvp="compiled")
+    compiled_run = _fit_and_capture([compiled_monitor])
+    _assert_identical_runs(plain, compiled_run)
+    entries = _compiled_entries(compiled_run[0])
+    assert len(entries) == 1 and not entries[0].failed
+    assert len(entries[0]._checked) == 1  # one width, one batch shape: checked once
+
+    eager_monitor = SharpnessMonitor(every_n_steps=4, eval_mode=True, hvp="reuse_graph")
+    _fit_and_capture([eager_monitor])
+    key = "spectral/hessian/lambda_max"
+    compiled_values = [values[key] for _, values in compiled_monitor.history]
+    eager_values = [values[key] for _, values in eager_monitor.history]
+    assert len(compiled_values) == len(eager_values) >= 3
+    for a, b in zip(compiled_values, eager_values, strict=True):
+        assert a == pytest.approx(b, rel=1e-4)
+
+    with pytest.warns(RuntimeWarning, match="differ from eager"):
+        dropout_run = _fit_and_capture([SharpnessMonitor(every_n_steps=4, hvp="compiled")])
+    _assert_identical_runs(plain, dropout_run)
+    assert [entry.failed for entry in _compiled_entries(dropout_run[0])] == [True]

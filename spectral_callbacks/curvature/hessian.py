@@ -18,9 +18,10 @@ samples. Products ``H V`` with blocks of vectors are exact (autograd), by one of
     takes seconds to minutes (once per model, loss, parameter selection and block width;
     the compiled function is cached on the model and serves every later operator), after
     which a product costs a fraction of the eager one. If compilation fails the operator
-    warns once and uses the eager forward-over-reverse path. Dropout masks under
-    compilation come from the compiled RNG, not the eager one: compare values between runs
-    of the same path.
+    warns once and uses the eager forward-over-reverse path. The first product of each
+    block width and batch shape is checked against the eager one; compiled dropout draws
+    other masks than eager dropout, so a model with active dropout fails that check and
+    stays eager (measure it in eval mode to use compiled products).
 
 ``"auto"`` takes ``reuse_graph`` for single vectors (a vmapped block of one is several times
 slower) and on the CPU, and ``forward_over_reverse`` for blocks on CUDA, where the block
