@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
@@ -218,3 +219,33 @@ def test_bad_arguments_name_the_argument(kwargs, message):
 def test_dense_operator_rejects_asymmetric():
     with pytest.raises(ValueError, match="symmetric"):
         DenseOperator(torch.tensor([[1.0, 2.0], [0.0, 1.0]]))
+
+
+def test_check_schedule_lands_on_the_converging_step():
+    """Geometric residuals w_m = 100 · 2^-m converge (w ≤ 1) at step 7: the schedule checks
+    at 1 and 2, extrapolates the rate, and checks next at 6 and 7; never past step 7."""
+    from spectral_callbacks.linalg.eigsh import _CheckSchedule
+
+    schedule, checks = _CheckSchedule(first=1, every=8, last=100), []
+    for step in range(1, 100):
+        if schedule.due(step):
+            worst = 100 * 0.5**step
+            checks.append(step)
+            if worst <= 1:
+                break
+            schedule.checked(step, worst)
+    assert checks == [1, 2, 6, 7]
+
+
+def test_check_schedule_without_progress_spaces_checks_up_to_every():
+    from spectral_callbacks.linalg.eigsh import _CheckSchedule
+
+    schedule, checks = _CheckSchedule(first=2, every=3, last=30), []
+    for step in range(1, 31):
+        if schedule.due(step):
+            checks.append(step)
+            schedule.checked(step, 5.0)  # a stall: no rate to extrapolate
+    gaps = [b - a for a, b in itertools.pairwise(checks)]
+    # 2, 3, 5, 7, 10, …, 28, then the last step (30) is always checked
+    assert checks[0] == 2 and gaps[:4] == [1, 2, 2, 3] and set(gaps[4:-1]) == {3}
+    assert checks[-1] == 30

@@ -92,10 +92,16 @@ def default_max_iter(k: int, size: int) -> int:
 
 
 class _CheckSchedule:
-    """When to check convergence: after ``first`` steps, then at growing gaps up to ``every``.
+    """When to check convergence: after ``first`` steps, then where convergence is predicted.
 
-    Early checks are frequent so a warm-started solve stops after one or two steps; later
-    ones are spaced so long solves synchronise rarely.
+    Each check reports how far the worst wanted pair is from converged,
+    ``w = max_i r_i / (tol·|θ_i|)`` (``w ≤ 1``: converged). Residuals of Lanczos fall
+    roughly geometrically, so from the last two checks the rate per step is
+    ``ρ = (w₂/w₁)^(1/Δm)`` and the next check goes ``⌊log w₂ / -log ρ⌋`` steps ahead, clamped
+    to ``[1, every]``: far from convergence checks are sparse (few host synchronisations),
+    near it they land on the step that converges instead of up to ``every - 1`` steps
+    later. Without a falling rate (one check so far, or a stall) the gap grows 1, 1, 2, 2, …
+    up to ``every``, so a warm-started solve is checked after each of its first steps.
     """
 
     def __init__(self, first: int, every: int, last: int) -> None:
@@ -103,13 +109,28 @@ class _CheckSchedule:
         self.last = last
         self.next = min(max(1, first), last)
         self.count = 0
+        self._previous: tuple[int, float] | None = None
 
     def due(self, step: int) -> bool:
-        if step < self.next:
-            return False
+        return step >= self.next
+
+    def checked(self, step: int, worst: float) -> None:
+        """Record the check at ``step`` with distance ``worst`` and schedule the next one."""
         self.count += 1
-        self.next = min(step + min(self.every, 1 + self.count // 2), self.last)
-        return True
+        gap = min(self.every, 1 + self.count // 2)
+        previous, self._previous = self._previous, (step, worst)
+        if previous is not None and math.isfinite(worst) and 1.0 < worst < previous[1]:
+            rate = (worst / previous[1]) ** (1.0 / (step - previous[0]))
+            # Rounded down: Lanczos converges faster than geometrically, and a check costs
+            # less than the Hessian-vector product an overshoot would.
+            predicted = math.log(worst) / -math.log(rate)
+            gap = max(1, min(self.every, math.floor(predicted)))
+        self.next = min(step + gap, self.last)
+
+
+def _worst_ratio(residuals: torch.Tensor, values: torch.Tensor, tol: float) -> float:
+    """``max_i r_i / (tol·|θ_i|)``: at most 1 when every wanted pair has converged."""
+    return float((residuals / (tol * values.abs()).clamp_min(torch.finfo(values.dtype).tiny)).max())
 
 
 def _warm_start_rows(start: torch.Tensor, operator: SymmetricOperator) -> torch.Tensor:
@@ -216,6 +237,7 @@ def lanczos(
         index = select_ritz(values, k, which)
         residuals = (beta[m - 1] * vectors[m - 1, index]).abs()
         converged = residuals <= tol * values[index].abs()
+        schedule.checked(m, _worst_ratio(residuals, values[index], tol))
         logger.debug(
             "lanczos step %d: %s, residuals %s", m, values[index].tolist(), residuals.tolist()
         )
@@ -298,6 +320,7 @@ def block_lanczos(
         index = select_ritz(values, wanted, which)
         residuals = (last_coupling @ vectors[(m - 1) * p :, index]).norm(dim=0)
         converged = residuals <= tol * values[index].abs()
+        schedule.checked(m, _worst_ratio(residuals, values[index], tol))
         logger.debug(
             "block lanczos step %d: %s, residuals %s", m, values[index].tolist(), residuals.tolist()
         )
