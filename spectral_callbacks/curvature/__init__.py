@@ -1,7 +1,14 @@
 """Curvature operators: a model, a loss and data turned into a matrix-free symmetric operator."""
 
 from .data import ParameterFilter, as_batch_list, batch_size, select_parameters
-from .hessian import HVP_PATHS, HessianOperator, LossFunction, NonFiniteLossError, flat_size
+from .hessian import (
+    HVP_PATHS,
+    HessianOperator,
+    LossFunction,
+    NonFiniteLossError,
+    clear_compiled_products,
+    flat_size,
+)
 from .isolation import measurement_context
 from .preconditioner import (
     SUPPORTED_OPTIMIZERS,
@@ -24,6 +31,7 @@ __all__ = [
     "UnsupportedOptimizerError",
     "as_batch_list",
     "batch_size",
+    "clear_compiled_products",
     "flat_size",
     "measurement_context",
     "select_parameters",

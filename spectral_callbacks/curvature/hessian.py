@@ -30,13 +30,13 @@ amortises it below the reused graph's cost per vector (bench/ and BENCHMARKS.md)
 
 from __future__ import annotations
 
+import collections
 import itertools
 import logging
 import math
 import re
 import types
 import warnings
-import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -47,7 +47,15 @@ from ..linalg._precision import autocast_disabled
 from .data import ParameterFilter, as_batch_list, batch_size, move_to_device, select_parameters
 from .isolation import BufferSnapshot, measurement_context
 
-__all__ = ["HVP_PATHS", "HessianOperator", "LossFunction", "NonFiniteLossError", "flat_size"]
+__all__ = [
+    "COMPILED_CACHE_SIZE",
+    "HVP_PATHS",
+    "HessianOperator",
+    "LossFunction",
+    "NonFiniteLossError",
+    "clear_compiled_products",
+    "flat_size",
+]
 
 logger = logging.getLogger("spectral_callbacks")
 
@@ -56,12 +64,19 @@ LossFunction = Callable[[nn.Module, Any], torch.Tensor]
 
 HVP_PATHS = ("auto", "reuse_graph", "forward_over_reverse", "compiled")
 
-#: Compiled block-product functions per model, keyed by (loss_fn, parameter names, backend).
-#: A measurement builds a new operator, so the cache lives here to compile once per run.
-#: An entry that failed to compile stays marked, so later operators go straight to eager.
-_COMPILED: weakref.WeakKeyDictionary[nn.Module, dict[tuple, _CompiledProduct]] = (
-    weakref.WeakKeyDictionary()
-)
+#: Compiled block products keyed by ``(id(model), loss_fn, parameter names, backend)``, the
+#: most recently used last. A measurement builds a new operator, so the cache lives here to
+#: compile once per run. An entry closes over its model and keeps it alive (which also keeps
+#: its ``id`` unique), so the cache holds at most :data:`COMPILED_CACHE_SIZE` entries and
+#: :func:`clear_compiled_products` empties it. A failed entry stays, marked, so later
+#: operators go straight to the eager path.
+_COMPILED: collections.OrderedDict[tuple, _CompiledProduct] = collections.OrderedDict()
+COMPILED_CACHE_SIZE = 8
+
+
+def clear_compiled_products() -> None:
+    """Forget every compiled Hessian-vector product (and release the models they hold)."""
+    _COMPILED.clear()
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -359,11 +374,14 @@ class HessianOperator:
         eager = _block_product(self.model, self.loss_fn, self.names)
         if not compiled:
             return eager
-        entries = _COMPILED.setdefault(self.model, {})
-        key = (self.loss_fn, tuple(self.names), self.compile_backend)
-        if key not in entries:
-            entries[key] = _CompiledProduct(eager, self.compile_backend)
-        entry = entries[key]
+        key = (id(self.model), self.loss_fn, tuple(self.names), self.compile_backend)
+        entry = _COMPILED.get(key)
+        if entry is None:
+            entry = _COMPILED[key] = _CompiledProduct(eager, self.compile_backend)
+            while len(_COMPILED) > COMPILED_CACHE_SIZE:
+                _COMPILED.popitem(last=False)
+        else:
+            _COMPILED.move_to_end(key)
         return eager if entry.failed else entry
 
     def _matmat_forward_over_reverse(self, block: torch.Tensor, compiled: bool) -> torch.Tensor:
