@@ -158,6 +158,11 @@ def test_compiled_path_falls_back_to_the_reused_graph_where_eager_jvp_fails():
         assert torch.allclose(op.matmat(block), block @ hessian, atol=1e-10)
         assert torch.allclose(op.matmat(block), block @ hessian, atol=1e-10)
     assert backend.graphs == 0
+    with (
+        pytest.raises(RuntimeError, match="hvp='reuse_graph'"),
+        HessianOperator(model, mse, (x, target), hvp="forward_over_reverse") as op,
+    ):
+        op.matmat(block)
 
 
 def test_inductor_lanczos_matches_eigvalsh():

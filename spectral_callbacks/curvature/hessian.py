@@ -271,6 +271,12 @@ class HessianOperator:
                 if explained is not None:
                     raise explained from error
                 if self.hvp == "forward_over_reverse":
+                    if "ZeroTensors are immutable" in str(error):
+                        raise RuntimeError(
+                            f"{error}\nForward-mode AD through this loss fails in PyTorch "
+                            "(F.mse_loss does: pytorch#123996). Write the loss out, e.g. "
+                            "(pred - y).pow(2).mean(), or use hvp='reuse_graph' or 'auto'."
+                        ) from error
                     raise
                 self._vmap_failed = True
                 warnings.warn(
