@@ -23,6 +23,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 from convergence import DiagonalOperator, synthetic_spectrum, workload  # noqa: E402
+from run import sgd_steps  # noqa: E402
 
 import spectral_callbacks.linalg.eigsh as eigsh  # noqa: E402
 from spectral_callbacks.curvature import HessianOperator  # noqa: E402
@@ -72,13 +73,7 @@ def cases():
                 yield name, "cold", 1, 1e-3, op, seed, None
             for seed in range(2):
                 yield name, "cold", 10, 1e-2, op, seed, None
-        optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
-        model.train()
-        for _ in range(10):
-            optimizer.zero_grad()
-            loss_fn(model, batch).backward()
-            optimizer.step()
-        model.eval()
+        sgd_steps(model, batch, loss_fn, steps=10)
         with HessianOperator(model, loss_fn, batch) as op:
             yield name, "warm", 1, 1e-3, op, 0, previous.eigenvectors
     for name in ("pair-0.01", "pair-0.1", "triple", "power-1", "power-0.5"):

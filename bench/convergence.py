@@ -30,7 +30,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from run import GPT, classification_loss, make_workload  # noqa: E402
+from run import GPT, classification_loss, make_workload, sgd_steps  # noqa: E402
 
 from spectral_callbacks.curvature import HessianOperator  # noqa: E402
 from spectral_callbacks.linalg import lanczos  # noqa: E402
@@ -44,13 +44,8 @@ def small_gpt(device: torch.device):
     model = GPT(vocab=512, dim=96, heads=4, layers=2, context=64).to(device)
     tokens = torch.randint(0, 512, (8, 65), generator=g)
     batch = (tokens[:, :-1].to(device), tokens[:, 1:].to(device))
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
-    for _ in range(20):
-        optimizer.zero_grad()
-        classification_loss(model, batch).backward()
-        optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    return model.eval(), batch, classification_loss
+    sgd_steps(model, batch, classification_loss, steps=20)
+    return model, batch, classification_loss
 
 
 def workload(name: str, device: torch.device):
@@ -170,14 +165,7 @@ def study(name: str, seeds: int, steps: int, k_values: list[int], device: torch.
             cold.append(trajectory(op, start, steps, seed))
     # Warm: the reference eigenvector of the model ten SGD steps *before* this one.
     previous = top.eigenvectors[0]
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
-    model.train()
-    for _ in range(10):
-        optimizer.zero_grad()
-        loss_fn(model, batch).backward()
-        optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    model.eval()
+    sgd_steps(model, batch, loss_fn, steps=10)
     with HessianOperator(model, loss_fn, batch) as op:
         warm_reference = lanczos(op, k=1, tol=1e-14, max_iter=min(120, op.size))
         warm = [trajectory(op, previous, min(steps, 30), 0)]

@@ -109,14 +109,20 @@ def make_workload(name: str, device: torch.device):
         raise ValueError(f"unknown workload {name!r}; choose from tiny, W1, W2, W3")
     model = model.to(device)
     batch = (x.to(device), y.to(device))
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    sgd_steps(model, batch, classification_loss, steps=20)
+    return model, batch, classification_loss
+
+
+def sgd_steps(model: nn.Module, batch, loss_fn, steps: int, lr: float = 0.05) -> nn.Module:
+    """``steps`` full-batch SGD steps in train mode; gradients dropped, eval mode after."""
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr)
     model.train()
-    for _ in range(20):
+    for _ in range(steps):
         optimizer.zero_grad()
-        classification_loss(model, batch).backward()
+        loss_fn(model, batch).backward()
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return model.eval(), batch, classification_loss
+    return model.eval()
 
 
 # -- timing -------------------------------------------------------------------------------------
