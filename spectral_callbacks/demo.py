@@ -266,7 +266,8 @@ def format_summary(summary: dict) -> str:
             f"   top-5 eigenvalues at step {step}: {eigs}",
             f"   trace {last['spectral/hessian/trace']:.2f} "
             f"± {last['spectral/hessian/trace_stderr']:.2f}, "
-            f"negative spectral mass {last['spectral/hessian/negative_mass']:.2f}",
+            f"spectral mass below -1% of the radius {last['spectral/hessian/negative_mass']:.2f}, "
+            f"within ±1% of zero {last['spectral/hessian/near_zero_mass']:.2f}",
         ]
     history = summary["representations"]
     lines += ["", "2. Representations (Adam on a 10-class Gaussian mixture)", ""]

@@ -80,6 +80,7 @@ def test_tensorboard_events_match_the_functional_api(tmp_path):
         "trace",
         "trace_stderr",
         "negative_mass",
+        "near_zero_mass",
         "spectrum_num_hvps",
     ]:
         assert f"spectral/hessian/{tag}" in scalars

@@ -10,7 +10,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from spectral_callbacks.linalg import DenseOperator, block_lanczos, lanczos
+from spectral_callbacks.linalg import DenseOperator, block_lanczos, lanczos, slq
 from spectral_callbacks.linalg.eigsh import select_ritz
 
 SOLVERS = {"lanczos": lanczos, "block_lanczos": block_lanczos}
@@ -179,6 +179,12 @@ def test_non_finite_operator_gives_nan_not_garbage(solver):
     result = SOLVERS[solver](_PoisonedOperator(a), k=2, tol=1e-8)
     assert torch.isnan(result.eigenvalues).all()
     assert not result.converged.any()
+
+
+def test_non_finite_operator_gives_a_nan_density():
+    density = slq(_PoisonedOperator(matrix_with_spectrum(torch.linspace(-1, 1, 30))), steps=8)
+    for value in (density.negative_mass, density.near_zero_mass, *density.support):
+        assert math.isnan(value)
 
 
 def test_num_hvps_counts_every_product():

@@ -5,7 +5,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from spectral_callbacks.linalg import DenseOperator, exact_trace, hutchinson, hutchpp, slq, trace
+from spectral_callbacks.linalg import (
+    ZERO_TOLERANCE,
+    DenseOperator,
+    exact_trace,
+    hutchinson,
+    hutchpp,
+    slq,
+    trace,
+)
 
 from .test_linalg import matrix_with_spectrum
 
@@ -85,6 +93,29 @@ def test_density_integrates_to_one_and_counts_negative_mass():
     low, high = density.support
     # Extreme Ritz values converge first: they bracket the spectrum from inside.
     assert -2.0 <= low < -2.0 + 1e-4 and 4.0 - 1e-4 < high <= 4.0 + 1e-12
+
+
+def test_negative_mass_leaves_out_the_unresolved_bulk_near_zero():
+    # Tiny eigenvalues of both signs between resolved negative and positive parts, as in a
+    # Hessian's near-zero bulk. Quadrature gives the bulk one node of arbitrary sign, so the
+    # fractions are taken beyond ±1 % of the spectral radius, where they are resolved.
+    g = torch.Generator().manual_seed(3)
+    bulk = 1e-5 * (2 * torch.rand(160, generator=g, dtype=torch.float64) - 1)
+    spectrum = torch.cat(
+        [-torch.linspace(0.5, 2, 80, dtype=torch.float64), bulk, torch.linspace(0.5, 4, 160)]
+    )
+    density = slq(DenseOperator(matrix_with_spectrum(spectrum, seed=4)), steps=40, seed=2)
+    assert density.spectral_radius == pytest.approx(4.0, rel=1e-3)
+    cut = ZERO_TOLERANCE * density.spectral_radius
+    exact_negative = float((spectrum < -cut).double().mean())  # 0.2
+    exact_near_zero = float((spectrum.abs() <= cut).double().mean())  # 0.4
+    assert density.negative_mass == pytest.approx(exact_negative, abs=0.03)
+    assert density.near_zero_mass == pytest.approx(exact_near_zero, abs=0.03)
+    # mass_below is the plain quadrature estimate; at a resolved threshold it is accurate.
+    assert density.mass_below(-1.0) == pytest.approx(
+        float((spectrum < -1.0).double().mean()), abs=0.03
+    )
+    assert density.mass_below(5.0) == pytest.approx(1.0)
 
 
 def test_slq_exact_when_steps_exhaust_the_space():

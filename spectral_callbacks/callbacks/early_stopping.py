@@ -23,6 +23,7 @@ _PRODUCERS = (
     ("spectral/hessian/eig_", "HessianSpectrumMonitor"),
     ("spectral/hessian/trace", "HessianSpectrumMonitor"),
     ("spectral/hessian/negative_mass", "HessianSpectrumMonitor"),
+    ("spectral/hessian/near_zero_mass", "HessianSpectrumMonitor"),
     ("spectral/hessian/spectrum_num_hvps", "HessianSpectrumMonitor"),
     ("spectral/hessian/", "SharpnessMonitor"),
     ("spectral/repr/", "RepresentationMonitor(layers=[...]) with that layer"),

@@ -302,7 +302,10 @@ class HessianSpectrumMonitor(_HessianMonitor):
 
     Metrics: ``spectral/hessian/eig_{i}`` for ``i = 1..k`` (``eig_1`` the largest),
     ``spectral/hessian/trace`` and ``spectral/hessian/trace_stderr`` (Hutch++),
-    ``spectral/hessian/negative_mass`` (fraction of the SLQ spectral mass below zero) and
+    ``spectral/hessian/negative_mass`` and ``spectral/hessian/near_zero_mass`` (fractions of
+    the eigenvalues, estimated by SLQ, below ``-1 %`` of the spectral radius and within
+    ``±1 %`` of it: the quadrature cannot tell the sign of smaller ones, see
+    :attr:`~spectral_callbacks.linalg.SpectralDensity.negative_mass`) and
     ``spectral/hessian/spectrum_num_hvps``. TensorBoard also gets a histogram of the top-k
     values (``spectral/hessian/top_k``) and a log-scale density figure
     (``spectral/hessian/density``).
@@ -419,6 +422,7 @@ class HessianSpectrumMonitor(_HessianMonitor):
                     seed=self._seed,
                 )
                 metrics[PREFIX + "negative_mass"] = self.last_density.negative_mass
+                metrics[PREFIX + "near_zero_mass"] = self.last_density.near_zero_mass
             metrics[PREFIX + "spectrum_num_hvps"] = float(operator.num_hvps)
         return metrics
 
@@ -427,7 +431,7 @@ class HessianSpectrumMonitor(_HessianMonitor):
         if self._trace:
             names += [PREFIX + "trace", PREFIX + "trace_stderr"]
         if self._density:
-            names.append(PREFIX + "negative_mass")
+            names += [PREFIX + "negative_mass", PREFIX + "near_zero_mass"]
         return [*names, PREFIX + "spectrum_num_hvps"]
 
     def nan_metrics(self, trainer: pl.Trainer) -> dict[str, float]:
@@ -452,5 +456,8 @@ class HessianSpectrumMonitor(_HessianMonitor):
         if self._trace:
             charts["trace (Hutch++)"] = [PREFIX + "trace"]
         if self._density:
-            charts["negative spectral mass"] = [PREFIX + "negative_mass"]
+            charts["spectral mass below and near zero"] = [
+                PREFIX + "negative_mass",
+                PREFIX + "near_zero_mass",
+            ]
         return {"spectral: Hessian spectrum": charts}

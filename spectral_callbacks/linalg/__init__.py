@@ -6,11 +6,12 @@ Nothing here knows about models or Lightning: every routine sees a matrix only t
 
 from .eigsh import WHICH, EigenResult, block_lanczos, lanczos
 from .operators import DenseOperator, ScaledOperator, SymmetricOperator
-from .quadrature import SpectralDensity, slq
+from .quadrature import ZERO_TOLERANCE, SpectralDensity, slq
 from .trace import TraceEstimate, exact_trace, hutchinson, hutchpp, trace
 
 __all__ = [
     "WHICH",
+    "ZERO_TOLERANCE",
     "DenseOperator",
     "EigenResult",
     "ScaledOperator",

@@ -18,7 +18,11 @@ from ._krylov import IndependentLanczos, tridiagonal_matrix
 from ._precision import full_precision
 from .operators import SymmetricOperator
 
-__all__ = ["SpectralDensity", "slq"]
+__all__ = ["ZERO_TOLERANCE", "SpectralDensity", "slq"]
+
+#: Eigenvalues closer to zero than this fraction of the spectral radius count as zero in
+#: :attr:`SpectralDensity.negative_mass` and :attr:`SpectralDensity.near_zero_mass`.
+ZERO_TOLERANCE = 0.01
 
 
 @dataclass
@@ -54,15 +58,54 @@ class SpectralDensity:
         """Per-probe quadrature moments ``Σ_i τ_i θ_i^order`` (``≈ vᵀAʲv/‖v‖²``)."""
         return (self.weights * self.nodes**order).sum(dim=1)
 
+    def mass_below(self, threshold: float) -> float:
+        """Estimated fraction of eigenvalues below ``x = threshold``.
+
+        ``(1/P) Σ_p Σ_{i: θ_{p,i} < x} τ_{p,i}``, the quadrature's mass below ``x``.
+
+        Accurate when little spectral mass lies within the quadrature's resolution of
+        ``threshold`` (roughly the spectral range over the number of steps). A Gauss node
+        stands for a whole cluster of eigenvalues, so at a threshold inside a dense cluster,
+        such as the near-zero bulk of a Hessian, the estimate can be off by most of that
+        cluster's mass.
+        """
+        return float((self.weights * (self.nodes < threshold)).sum(dim=1).mean())
+
+    @property
+    def spectral_radius(self) -> float:
+        """Largest ``|θ|`` of a node with positive weight (an estimate of ``max |λ|``)."""
+        low, high = self.support
+        return max(abs(low), abs(high))
+
     @property
     def negative_mass(self) -> float:
-        """Fraction of spectral mass on negative eigenvalues, averaged over probes."""
-        return float((self.weights * (self.nodes < 0)).sum(dim=1).mean())
+        """Fraction of eigenvalues below ``-ZERO_TOLERANCE · spectral_radius``.
+
+        Eigenvalues closer to zero than ``ZERO_TOLERANCE`` (1 %) of the spectral radius count
+        as zero (:attr:`near_zero_mass`), because the quadrature cannot tell their sign: a
+        Hessian's near-zero bulk of tiny positive and negative eigenvalues is represented by
+        one or two nodes whose sign is arbitrary (a tanh MLP with MSE loss: 48 % of its
+        eigenvalues negative, all within 0.6 % of λ_max of zero; nodes below zero carried
+        75 % of the mass). Against dense spectra of small models the estimate was within 0.06
+        of the exact fraction (README, "Density").
+        """
+        radius = self.spectral_radius
+        return self.mass_below(-ZERO_TOLERANCE * radius) if math.isfinite(radius) else math.nan
+
+    @property
+    def near_zero_mass(self) -> float:
+        """Fraction of eigenvalues with ``|λ| ≤ ZERO_TOLERANCE · spectral_radius``."""
+        radius = ZERO_TOLERANCE * self.spectral_radius
+        if not math.isfinite(radius):
+            return math.nan
+        return float((self.weights * (self.nodes.abs() <= radius)).sum(dim=1).mean())
 
     @property
     def support(self) -> tuple[float, float]:
         """Smallest and largest node with positive weight (estimates of λ_min and λ_max)."""
         present = self.weights > 0
+        if not bool(present.any()):  # a non-finite operator: NaN nodes and weights
+            return math.nan, math.nan
         return float(self.nodes[present].min()), float(self.nodes[present].max())
 
 
