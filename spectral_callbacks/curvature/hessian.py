@@ -17,8 +17,8 @@ samples. Products ``H V`` with blocks of vectors are exact (autograd), by one of
     The same vmapped forward-over-reverse function under ``torch.compile``. Compiling
     takes seconds to minutes (once per model, loss, parameter selection, block width and
     batch shape; a bounded cache, :data:`COMPILED_CACHE_SIZE` entries, serves every later
-    operator), after which a product costs a fraction of the eager one. If compilation fails the operator
-    warns once and uses the eager forward-over-reverse path. The first product of each
+    operator), after which a product costs a fraction of the eager one. If compilation fails
+    the operator warns once and uses the eager forward-over-reverse path. The first product of each
     block width and batch shape is checked against the eager one; compiled dropout draws
     other masks than eager dropout, so a model with active dropout fails that check and
     stays eager (measure it in eval mode to use compiled products).
