@@ -10,6 +10,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import spectral_callbacks.linalg.eigsh as eigsh
 from spectral_callbacks.linalg import DenseOperator, block_lanczos, lanczos, slq
 from spectral_callbacks.linalg.eigsh import select_ritz
 
@@ -142,7 +143,7 @@ def test_random_symmetric_matrices(n, k, which, seed):
     )
 
 
-def test_warm_start_from_previous_eigenvector_needs_far_fewer_products():
+def test_warm_start_from_previous_eigenvector_needs_fewer_products():
     spectrum = torch.cat([torch.tensor([10.0, 9.0]), torch.linspace(-2, 8, 198)])
     a = matrix_with_spectrum(spectrum, seed=5)
     cold = lanczos(DenseOperator(a), k=1, tol=1e-3, return_eigenvectors=True)
@@ -154,7 +155,50 @@ def test_warm_start_from_previous_eigenvector_needs_far_fewer_products():
     warm_b = lanczos(DenseOperator(b), k=1, tol=1e-3, start=cold.eigenvectors)
     assert cold_b.converged.all() and warm_b.converged.all()
     assert torch.allclose(warm_b.eigenvalues, cold_b.eigenvalues, rtol=1e-3)
-    assert warm_b.num_hvps * 3 <= cold_b.num_hvps, (warm_b.num_hvps, cold_b.num_hvps)
+    # The random part of the mixed start must be filtered out too, so the saving is small
+    # on this 200 x 200 matrix (9 against 11; a pure warm start took 2). On models with
+    # millions of parameters it is most of a cold solve (bench/warm_starts.py).
+    assert warm_b.num_hvps < cold_b.num_hvps, (warm_b.num_hvps, cold_b.num_hvps)
+
+
+def _crossing_pair(new_values: dict[int, float]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Eigenvectors ``Q`` and two matrices sharing them: ``A`` with spectrum 10, 9, 8, 7, 6,
+    then [-2, 5]; ``B`` the same with the eigenvalues at the given indices changed."""
+    spectrum = torch.cat([torch.tensor([10.0, 9.0, 8.0, 7.0, 6.0]), torch.linspace(-2, 5, 295)])
+    q, _ = torch.linalg.qr(
+        torch.randn(300, 300, generator=torch.Generator().manual_seed(21), dtype=torch.float64)
+    )
+    changed = spectrum.clone()
+    for index, value in new_values.items():
+        changed[index] = value
+    return q, (q * spectrum.double()) @ q.T, (q * changed.double()) @ q.T
+
+
+@pytest.mark.parametrize("mixing", [1.0, 0.0])
+def test_warm_start_finds_an_eigenvalue_that_overtook_the_previous_top(monkeypatch, mixing):
+    # The second eigenvector's value rises above the first's: the previous top eigenvector
+    # has no component along it, so only the random part of the start can reveal it.
+    monkeypatch.setattr(eigsh, "WARM_START_MIXING", mixing)
+    q, _, b = _crossing_pair({1: 11.0})
+    result = lanczos(DenseOperator(b), k=1, tol=1e-6, start=q[:, 0])
+    assert result.converged.all()
+    found = float(result.eigenvalues[0])
+    if mixing:
+        assert found == pytest.approx(11.0, rel=1e-6)
+    else:  # a pure warm start stays in the old direction's invariant subspace
+        assert found == pytest.approx(10.0, rel=1e-6)
+
+
+@pytest.mark.parametrize("solver", list(SOLVERS))
+def test_warm_started_top_k_finds_a_new_entrant(solver):
+    # The fifth eigenvalue rises into the top three; the start holds the previous top three.
+    _, a, b = _crossing_pair({4: 9.5})
+    previous = SOLVERS[solver](DenseOperator(a), k=3, tol=1e-8, return_eigenvectors=True)
+    assert torch.allclose(previous.eigenvalues, torch.tensor([10.0, 9.0, 8.0], dtype=torch.float64))
+    result = SOLVERS[solver](DenseOperator(b), k=3, tol=1e-8, start=previous.eigenvectors)
+    assert torch.allclose(
+        result.eigenvalues, torch.tensor([10.0, 9.5, 9.0], dtype=torch.float64), rtol=1e-6
+    )
 
 
 def test_block_warm_start_for_top_k():
@@ -164,7 +208,9 @@ def test_block_warm_start_for_top_k():
     warm = block_lanczos(DenseOperator(a), k=4, tol=1e-6, start=cold.eigenvectors)
     assert warm.converged.all()
     assert torch.allclose(warm.eigenvalues, cold.eigenvalues, rtol=1e-5)
-    assert warm.num_hvps * 2 <= cold.num_hvps, (warm.num_hvps, cold.num_hvps)
+    # Each warm row carries a random part to filter out (WARM_START_MIXING): a small saving
+    # on a 200 x 200 matrix, most of a cold solve on models (bench/warm_starts.py).
+    assert warm.num_hvps < cold.num_hvps, (warm.num_hvps, cold.num_hvps)
 
 
 class _PoisonedOperator(DenseOperator):
