@@ -162,40 +162,34 @@ def _start_block(
 ) -> torch.Tensor:
     """A ``(rows, n)`` start block: warm-start rows, completed with random rows.
 
-    Each given row is mixed with its own random vector (see :data:`WARM_START_MIXING` for
-    why): exact previous eigenvectors would otherwise pass the convergence check at once,
-    before any random row has brought in a direction they lack.
+    Each given unit row gets ``WARM_START_MIXING`` times a random unit vector of its own (see
+    :data:`WARM_START_MIXING` for why); exact previous eigenvectors would otherwise pass the
+    convergence check at once, before a random row has brought in a direction they lack.
+    With a common random vector one block step would recover the given rows exactly (from
+    the differences of the mixed rows and of their products). For single-vector Lanczos
+    (``rows = 1``) the given rows are summed first.
     """
     n = operator.size
     random = torch.randn(rows, n, generator=generator, dtype=operator.dtype, device=operator.device)
     if start is None:
         return random
     given = _warm_start_rows(start, operator)
-    if rows == 1:  # single-vector Lanczos: all given rows, summed
-        return _mixed(given, random)
-    # One random vector per row: with a common one, one block step would recover the given
-    # rows exactly from the differences of the mixed rows and their products.
-    noise = torch.randn(rows, n, generator=generator, dtype=operator.dtype, device=operator.device)
-    used = min(rows, given.shape[0])
-    unit = given[:used] / given[:used].norm(dim=1, keepdim=True)
-    random[:used] = unit + WARM_START_MIXING * noise[:used] / noise[:used].norm(dim=1, keepdim=True)
+    unit = given / given.norm(dim=1, keepdim=True)
+    if rows == 1:
+        unit = unit.sum(dim=0, keepdim=True)
+        norm = unit.norm()
+        if float(norm) == 0.0:  # rows that cancel: a random start
+            return random
+        unit = unit / norm
+        noise = random
+    else:
+        noise = torch.randn(
+            rows, n, generator=generator, dtype=operator.dtype, device=operator.device
+        )
+    used = min(rows, unit.shape[0])
+    mixing = noise[:used] / noise[:used].norm(dim=1, keepdim=True)
+    random[:used] = unit[:used] + WARM_START_MIXING * mixing
     return random
-
-
-def _start_vector(
-    start: torch.Tensor | None, operator: SymmetricOperator, generator: torch.Generator
-) -> torch.Tensor:
-    """One ``(1, n)`` start row: the warm-start rows mixed with a random vector, else random."""
-    return _start_block(start, 1, operator, generator)
-
-
-def _mixed(rows: torch.Tensor, random: torch.Tensor) -> torch.Tensor:
-    """``ŝ + WARM_START_MIXING · r̂``: the unit sum of the unit rows plus a random unit vector."""
-    summed = (rows / rows.norm(dim=1, keepdim=True)).sum(dim=0, keepdim=True)
-    norm = summed.norm()
-    if float(norm) == 0.0:  # rows that cancel: a random start
-        return random
-    return summed / norm + WARM_START_MIXING * random / random.norm()
 
 
 def _make_generator(seed: int, device: torch.device) -> torch.Generator:
@@ -251,7 +245,7 @@ def lanczos(
         raise ValueError(f"max_iter={max_iter} must be at least k={k}")
     generator = _make_generator(seed, operator.device)
     recurrence = IndependentLanczos(
-        operator, _start_vector(start, operator, generator), max_steps, generator
+        operator, _start_block(start, 1, operator, generator), max_steps, generator
     )
     schedule = _CheckSchedule(first=k, every=check_every, last=max_steps)
     while True:
