@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import pathlib
 import sys
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -20,6 +21,9 @@ from torch import nn
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from run import sgd_steps  # noqa: E402
 
 from spectral_callbacks.curvature import HessianOperator  # noqa: E402
 from spectral_callbacks.demo import TanhRegressor, teacher_regression  # noqa: E402
@@ -35,49 +39,35 @@ def cross_entropy(model, batch):
     return F.cross_entropy(model(batch[0]), batch[1])
 
 
-def trained(model, loss_fn, batch, steps: int, lr: float):
-    optimizer = torch.optim.SGD(model.parameters(), lr=lr)
-    for _ in range(steps):
-        optimizer.zero_grad()
-        loss_fn(model, batch).backward()
-        optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    return model
+def classifier(activation: type[nn.Module] | None) -> nn.Module:
+    """32 -> 48 -> 10 with ``activation``, or linear 32 -> 10 without."""
+    if activation is None:
+        return nn.Sequential(nn.Linear(32, 10))
+    return nn.Sequential(nn.Linear(32, 48), activation(), nn.Linear(48, 10))
 
 
 def cases():
-    x, y = teacher_regression()
-    torch.manual_seed(1)
-    yield (
-        "tanh MLP, MSE, 2,000 GD steps (demo)",
-        trained(TanhRegressor(0.3), mse, (x, y), 2000, 0.3),
-        mse,
-        (x, y),
-    )
-    torch.manual_seed(1)
-    yield "tanh MLP, MSE, initialisation", TanhRegressor(0.3), mse, (x, y)
+    """(name, model trained as stated, loss, batch) for each model of the table."""
     g = torch.Generator().manual_seed(0)
-    inputs, labels = torch.randn(256, 32, generator=g), torch.randint(0, 10, (256,), generator=g)
-    batch = (inputs, labels)
-    torch.manual_seed(0)
-    relu = nn.Sequential(nn.Linear(32, 48), nn.ReLU(), nn.Linear(48, 10))
-    yield (
-        "ReLU MLP, CE, 200 steps",
-        trained(relu, cross_entropy, batch, 200, 0.1),
-        cross_entropy,
-        batch,
+    batches = {
+        mse: teacher_regression(),
+        cross_entropy: (
+            torch.randn(256, 32, generator=g),
+            torch.randint(0, 10, (256,), generator=g),
+        ),
+    }
+    demo = partial(TanhRegressor, 0.3)
+    specs = (  # name, seed of the weights, model, loss, SGD steps, learning rate
+        ("tanh MLP, MSE, 2,000 GD steps (demo)", 1, demo, mse, 2000, 0.3),
+        ("tanh MLP, MSE, initialisation", 1, demo, mse, 0, 0.3),
+        ("ReLU MLP, CE, 200 steps", 0, partial(classifier, nn.ReLU), cross_entropy, 200, 0.1),
+        ("linear, CE, 50 steps", 0, partial(classifier, None), cross_entropy, 50, 0.1),
+        ("tanh MLP, CE, initialisation", 0, partial(classifier, nn.Tanh), cross_entropy, 0, 0.1),
     )
-    torch.manual_seed(0)
-    linear = nn.Sequential(nn.Linear(32, 10))
-    yield (
-        "linear, CE, 50 steps",
-        trained(linear, cross_entropy, batch, 50, 0.1),
-        cross_entropy,
-        batch,
-    )
-    torch.manual_seed(0)
-    tanh = nn.Sequential(nn.Linear(32, 48), nn.Tanh(), nn.Linear(48, 10))
-    yield "tanh MLP, CE, initialisation", tanh, cross_entropy, batch
+    for name, seed, build, loss_fn, steps, lr in specs:
+        torch.manual_seed(seed)
+        batch = batches[loss_fn]
+        yield name, sgd_steps(build(), batch, loss_fn, steps, lr), loss_fn, batch
 
 
 def main() -> None:
