@@ -321,7 +321,10 @@ def block_lanczos(
         return_eigenvectors: Whether to form the Ritz vectors.
 
     Returns:
-        An :class:`EigenResult` with ``method="block_lanczos"``.
+        An :class:`EigenResult` with ``method="block_lanczos"``. When ``p`` does not divide
+        ``n``, whole blocks span at most ``n - (n mod p)`` dimensions; a solve that has not
+        converged there and whose budget covers ``n`` products finishes on the dense
+        matrix built from ``n`` products (small operators only).
     """
     validate_eigen_arguments(k, which, tol, operator.size)
     n = operator.size
@@ -355,6 +358,11 @@ def block_lanczos(
         )
         if (wanted == k and bool(converged.all())) or m >= max_blocks:
             break
+    if not (wanted == k and bool(converged.all())) and m * p < n <= budget:
+        # Whole blocks stop short of the dimension when p does not divide n, and the last
+        # n - m·p directions fit in no block. The budget covers n products, which give the
+        # matrix itself.
+        return _dense_eigenpairs(operator, k, which, tol, p, m, return_eigenvectors)
     eigenvectors = None
     if return_eigenvectors:
         coefficients = vectors[:, index].T.to(dtype=operator.dtype, device=operator.device)
@@ -365,6 +373,46 @@ def block_lanczos(
         converged=converged,
         num_hvps=m * p,
         num_iterations=m,
+        eigenvectors=eigenvectors,
+        method="block_lanczos",
+    )
+
+
+def _dense_eigenpairs(
+    operator: SymmetricOperator,
+    k: int,
+    which: str,
+    tol: float,
+    block_size: int,
+    blocks_spent: int,
+    return_eigenvectors: bool,
+) -> EigenResult:
+    """Eigenpairs of the dense matrix built from ``n`` products with the unit vectors.
+
+    For operators small enough that a Krylov budget covers their dimension. The matrix is
+    symmetrised and decomposed in float64; residuals are those of the dense eigenvectors.
+    """
+    n = operator.size
+    identity = torch.eye(n, dtype=operator.dtype, device=operator.device)
+    rows = [operator.matmat(identity[i : i + block_size]) for i in range(0, n, block_size)]
+    dense = torch.cat(rows).to(torch.float64).cpu()
+    num_hvps = blocks_spent * block_size + n
+    if not bool(torch.isfinite(dense).all()):
+        return _non_finite_result(k, num_hvps, blocks_spent, "block_lanczos")
+    dense = 0.5 * (dense + dense.T)
+    values, vectors = torch.linalg.eigh(dense)
+    index = select_ritz(values, k, which)
+    wanted = vectors[:, index]
+    residuals = (dense @ wanted - wanted * values[index]).norm(dim=0)
+    eigenvectors = None
+    if return_eigenvectors:
+        eigenvectors = wanted.T.to(dtype=operator.dtype, device=operator.device)
+    return EigenResult(
+        eigenvalues=values[index],
+        residuals=residuals,
+        converged=residuals <= tol * values[index].abs(),
+        num_hvps=num_hvps,
+        num_iterations=blocks_spent,
         eigenvectors=eigenvectors,
         method="block_lanczos",
     )
