@@ -29,12 +29,12 @@ from .curvature import (
     stability_ratio,
 )
 from .linalg import (
+    EIGEN_METHODS,
     EigenResult,
     ScaledOperator,
     SpectralDensity,
     TraceEstimate,
-    block_lanczos,
-    lanczos,
+    eigenpairs,
     slq,
 )
 from .linalg import trace as estimate_trace
@@ -60,24 +60,6 @@ __all__ = [
     "stable_rank",
     "von_neumann_entropy",
 ]
-
-EIGEN_METHODS = ("auto", "lanczos", "block_lanczos")
-
-
-def choose_eigen_method(method: str, k: int, device: torch.device) -> str:
-    """The eigensolver ``method="auto"`` stands for on ``device`` for ``k`` eigenvalues."""
-    if method not in EIGEN_METHODS:
-        raise ValueError(f"method must be one of {EIGEN_METHODS}, got {method!r}")
-    if method != "auto":
-        return method
-    # Single-vector Lanczos on every device. Block Lanczos needs more products for the same
-    # top-k: at k=10, tol=1e-3 a block of 12 used its whole default budget (204 HVPs) without
-    # converging on W1 (error 1.1e-2) and a 2-layer GPT, where single-vector Lanczos
-    # converged in 99-182 HVPs to ~1e-6 (README). A cheaper product per vector in a block
-    # (vmapped, compiled) would have to beat that factor; `device` is kept for that choice
-    # once GPU measurements of this code exist.
-    del k, device
-    return "lanczos"
 
 
 def hessian_eigenvalues(
@@ -112,9 +94,11 @@ def hessian_eigenvalues(
         seed: Seed of the random start vector and of dropout masks in the forward passes.
         params: Parameter filter (regex, predicate, or names / module prefixes); default all
             trainable parameters.
-        method: ``"lanczos"``, ``"block_lanczos"`` or ``"auto"`` (single-vector Lanczos; block
-            Lanczos resolves multiplicities up to its block size but needs more products).
-        block_size: Block size for ``"block_lanczos"``.
+        method: ``"lanczos"``, ``"block_lanczos"`` or ``"auto"`` (single-vector Lanczos, or
+            block Lanczos when ``block_size`` is given; block Lanczos resolves
+            multiplicities up to its block size but needs more products).
+        block_size: Vectors per block of ``"block_lanczos"`` (default 4); an error with
+            ``"lanczos"``.
         start: Warm start, e.g. the ``eigenvectors`` of a previous call: a ``(n,)`` vector or
             ``(r, n)`` rows.
         return_eigenvectors: Also return the ``(k, n)`` unit Ritz vectors (flat, on the
@@ -146,30 +130,18 @@ def hessian_eigenvalues(
             operator = ScaledOperator(hessian, preconditioner.scaled_step, shift)
         elif preconditioner is not None:
             operator = ScaledOperator(hessian, torch.as_tensor(preconditioner).reshape(-1))
-        chosen = choose_eigen_method(method, k, hessian.device)
-        if chosen == "lanczos":
-            result = lanczos(
-                operator,
-                k=k,
-                which=which,
-                tol=tol,
-                max_iter=max_iter,
-                seed=seed,
-                start=start,
-                return_eigenvectors=return_eigenvectors,
-            )
-        else:
-            result = block_lanczos(
-                operator,
-                k=k,
-                which=which,
-                tol=tol,
-                block_size=block_size,
-                max_iter=max_iter,
-                seed=seed,
-                start=start,
-                return_eigenvectors=return_eigenvectors,
-            )
+        result = eigenpairs(
+            operator,
+            k=k,
+            which=which,
+            tol=tol,
+            method=method,
+            block_size=block_size,
+            max_iter=max_iter,
+            seed=seed,
+            start=start,
+            return_eigenvectors=return_eigenvectors,
+        )
         result.num_hvps = hessian.num_hvps
     return result
 
@@ -183,6 +155,8 @@ def optimizer_stability_ratio(
     seed: int = 0,
     params: ParameterFilter = None,
     hvp: str = "auto",
+    method: str = "auto",
+    block_size: int | None = None,
 ) -> StabilityRatio:
     """The optimizer-aware edge-of-stability ratio ``λ_max(D̃^½ (H + W) D̃^½)`` outside a Trainer.
 
@@ -190,11 +164,14 @@ def optimizer_stability_ratio(
     its class, param groups and state; see :mod:`spectral_callbacks.curvature.preconditioner`
     for each optimizer's derivation) and ``W`` its L2 weight decay. 1.0 is the edge: the
     linearised update on the local quadratic diverges above it. This is the number
-    :class:`~spectral_callbacks.SharpnessMonitor` logs as ``eos_ratio``.
+    :class:`~spectral_callbacks.SharpnessMonitor` logs as ``eos_ratio``. ``method`` and
+    ``block_size`` choose the eigensolver as in :func:`hessian_eigenvalues`.
     """
     with HessianOperator(model, loss_fn, data, params=params, hvp=hvp, seed=seed) as operator:
         preconditioner = stability_preconditioner(optimizer, operator.params)
-        return stability_ratio(operator, preconditioner, tol=tol, seed=seed)
+        return stability_ratio(
+            operator, preconditioner, tol=tol, seed=seed, method=method, block_size=block_size
+        )
 
 
 def hessian_trace(

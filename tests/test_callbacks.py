@@ -392,6 +392,12 @@ def test_resume_from_checkpoint_continues_the_schedule(tmp_path):
         (lambda: SharpnessMonitor(hvp="fast"), "hvp must be one of"),
         (lambda: HessianSpectrumMonitor(k=0), "k must be an integer >= 1"),
         (lambda: HessianSpectrumMonitor(method="arnoldi"), "method must be one of"),
+        (lambda: SharpnessMonitor(method="power"), "method must be one of"),
+        (lambda: SharpnessMonitor(block_size=0), "block_size must be a positive integer"),
+        (
+            lambda: HessianSpectrumMonitor(method="lanczos", block_size=4),
+            "block_size=4 applies to method='block_lanczos'",
+        ),
     ],
 )
 def test_bad_arguments_fail_at_construction(make, message):
@@ -405,6 +411,10 @@ def test_bad_arguments_fail_at_construction(make, message):
         (
             HessianSpectrumMonitor(k=10_000),
             r"k=10000 is larger than the number of selected parameters \(195\)",
+        ),
+        (
+            SharpnessMonitor(block_size=500),
+            r"block_size=500 is larger than the number of selected parameters \(195\)",
         ),
         (SharpnessMonitor(params="^decoder"), r"selects no trainable parameter.*net\.0\.weight"),
         (SharpnessMonitor(params=["net.4.wieght"]), r"close matches: \['net.4.weight'"),
@@ -425,3 +435,67 @@ def test_manual_optimization_needs_a_loss_fn():
     trainer = L.Trainer(max_steps=1, callbacks=[SharpnessMonitor()], **trainer_kwargs())
     with pytest.raises(ValueError, match="manual optimization"):
         trainer.fit(Manual(), classification_loader())
+
+
+class TripleTopQuadratic(L.LightningModule):
+    """``L(θ) = ½ θᵀAθ - bᵀθ``: the Hessian is ``A``, whose top eigenvalue 5 is triple."""
+
+    # 12 parameters: blocks of 2, 3 and 4 tile the space, so the solves stay Krylov solves.
+    EIGENVALUES = (5.0, 5.0, 5.0, 3.0, 2.0, 1.5, 1.0, 0.75, 0.5, 0.25, 0.1, 0.05)
+
+    def __init__(self, adam: bool = False) -> None:
+        super().__init__()
+        self.adam = adam
+        g = torch.Generator().manual_seed(0)
+        n = len(self.EIGENVALUES)
+        q = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64)).Q
+        values = torch.tensor(self.EIGENVALUES, dtype=torch.float64)
+        self.register_buffer("A", (q * values) @ q.T)
+        self.register_buffer("b", torch.randn(n, generator=g, dtype=torch.float64))
+        self.theta = torch.nn.Parameter(torch.randn(n, generator=g, dtype=torch.float64))
+
+    def training_step(self, batch, batch_idx):
+        return 0.5 * self.theta @ self.A @ self.theta - self.b @ self.theta
+
+    def configure_optimizers(self):
+        if self.adam:
+            return torch.optim.Adam(self.parameters(), lr=0.05)
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def test_monitors_with_blocks_find_a_repeated_top_eigenvalue():
+    sharpness = SharpnessMonitor(every_n_steps=3, method="block_lanczos", block_size=4, tol=1e-10)
+    spectrum = HessianSpectrumMonitor(
+        every_n_steps=3, k=4, block_size=3, tol=1e-10, trace=False, density=False
+    )
+    trainer = L.Trainer(max_steps=6, callbacks=[sharpness, spectrum], **trainer_kwargs())
+    x = torch.zeros(1, 1)
+    trainer.fit(TripleTopQuadratic(), full_batch_loader(x, x, 6))
+    exact = sorted(TripleTopQuadratic.EIGENVALUES, reverse=True)[:4]
+    assert [step for step, _ in spectrum.history] == [0, 3, 6]
+    for (_, sharp), (_, spec) in zip(sharpness.history, spectrum.history, strict=True):
+        assert sharp["spectral/hessian/lambda_max"] == pytest.approx(5.0, rel=1e-9)
+        assert sharp["spectral/hessian/eos_ratio"] == pytest.approx(5.0 * 0.1 / 2, rel=1e-9)
+        assert sharp["spectral/hessian/num_hvps"] % 4 == 0
+        eigs = [spec[f"spectral/hessian/eig_{i}"] for i in range(1, 5)]
+        # Single-vector Lanczos would report the triple value once: [5, 3, 2, 1.5].
+        assert eigs == pytest.approx(exact, rel=1e-9)
+        assert spec["spectral/hessian/spectrum_num_hvps"] % 3 == 0
+
+
+def test_preconditioned_solve_with_blocks_matches_the_dense_ratio():
+    from spectral_callbacks.curvature import stability_preconditioner
+
+    monitor = SharpnessMonitor(every_n_steps=4, method="block_lanczos", block_size=2, tol=1e-10)
+    trainer = L.Trainer(max_steps=8, callbacks=[monitor], **trainer_kwargs())
+    model = TripleTopQuadratic(adam=True)
+    x = torch.zeros(1, 1)
+    trainer.fit(model, full_batch_loader(x, x, 8))
+    step, last = monitor.history[-1]
+    assert step == 8
+    preconditioner = stability_preconditioner(trainer.optimizers[0], [model.theta])
+    scale = preconditioner.scaled_step.sqrt()
+    exact = torch.linalg.eigvalsh(scale[:, None] * model.A * scale[None, :])[-1]
+    # Adam's step differs per entry, so this is the block solve on D̃^½ A D̃^½, not λ_max·c.
+    assert float(scale.min()) < 0.99 * float(scale.max())
+    assert last["spectral/hessian/eos_ratio"] == pytest.approx(float(exact), rel=1e-8)

@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import spectral_callbacks.linalg.eigsh as eigsh
-from spectral_callbacks.linalg import DenseOperator, block_lanczos, lanczos, slq
+from spectral_callbacks.linalg import DenseOperator, block_lanczos, eigenpairs, lanczos, slq
 from spectral_callbacks.linalg.eigsh import select_ritz
 
 SOLVERS = {"lanczos": lanczos, "block_lanczos": block_lanczos}
@@ -340,3 +340,17 @@ def test_check_schedule_without_progress_spaces_checks_up_to_every():
     # 2, 3, 5, 7, 10, …, 28, then the last step (30) is always checked
     assert checks[0] == 2 and gaps[:4] == [1, 2, 2, 3] and set(gaps[4:-1]) == {3}
     assert checks[-1] == 30
+
+
+def test_eigenpairs_picks_the_solver_by_method_and_block_size():
+    spectrum = torch.cat([torch.tensor([3.0, 3.0]), torch.linspace(-1, 1, 38)])
+    op = DenseOperator(matrix_with_spectrum(spectrum, seed=2))
+    single = eigenpairs(op, k=2, tol=1e-10)
+    blocks = eigenpairs(op, k=2, tol=1e-10, block_size=2)
+    assert single.method == "lanczos" and blocks.method == "block_lanczos"
+    assert blocks.num_hvps % 2 == 0
+    assert torch.allclose(blocks.eigenvalues, torch.tensor([3.0, 3.0], dtype=torch.float64))
+    with pytest.raises(ValueError, match="block_size=2 applies to method='block_lanczos'"):
+        eigenpairs(op, k=2, method="lanczos", block_size=2)
+    with pytest.raises(ValueError, match=r"method must be one of \('auto', 'lanczos'"):
+        eigenpairs(op, k=2, method="lobpcg")

@@ -191,6 +191,11 @@ def test_parameter_groups_with_different_steps_and_thresholds():
     ratio = optimizer_stability_ratio(model, loss_fn, (x, y), optimizer, tol=1e-10)
     assert ratio.eos_ratio == pytest.approx(float(exact), rel=1e-8)
     assert math.isnan(ratio.threshold)
+    by_blocks = optimizer_stability_ratio(
+        model, loss_fn, (x, y), optimizer, tol=1e-10, method="block_lanczos", block_size=2
+    )
+    assert by_blocks.eos_ratio == pytest.approx(float(exact), rel=1e-8)
+    assert by_blocks.num_hvps % 2 == 0
     via_functional = hessian_eigenvalues(
         model, loss_fn, (x, y), k=1, tol=1e-10, preconditioner=preconditioner
     )

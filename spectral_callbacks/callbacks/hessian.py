@@ -24,8 +24,7 @@ from ..curvature import (
     stability_ratio,
 )
 from ..curvature.preconditioner import NoPreconditionerYet
-from ..functional import EIGEN_METHODS, choose_eigen_method
-from ..linalg import SpectralDensity, block_lanczos, hutchpp, lanczos, slq
+from ..linalg import SpectralDensity, eigenpairs, hutchpp, slq, validate_method
 from ..logging.figures import density_figure
 from ..logging.tensorboard import add_figure, add_histogram
 from .base import LossFn, SpectralMonitor, current_learning_rate, training_step_loss
@@ -50,6 +49,8 @@ class _HessianMonitor(SpectralMonitor):
         hvp: str,
         eval_mode: bool,
         warm_start: bool,
+        method: str,
+        block_size: int | None,
     ) -> None:
         super().__init__(every_n_steps, probe_batches, probe_data, eval_mode)
         if loss_fn is not None and not callable(loss_fn):
@@ -58,12 +59,15 @@ class _HessianMonitor(SpectralMonitor):
             raise ValueError(f"tol must be a positive finite number, got {tol!r}")
         if hvp not in HVP_PATHS:
             raise ValueError(f"hvp must be one of {HVP_PATHS}, got {hvp!r}")
+        validate_method(method, block_size)
         self._loss_fn = loss_fn
         self._params = params
         self._tol = float(tol)
         self._seed = seed
         self._hvp = hvp
         self._warm_start = warm_start
+        self._method = method
+        self._block_size = block_size
         self._start: torch.Tensor | None = None
 
     def state_key_fields(self) -> dict[str, Any]:
@@ -75,6 +79,12 @@ class _HessianMonitor(SpectralMonitor):
             raise ValueError(
                 f"{type(self).__name__}: the module uses manual optimization, so its training_step "
                 "runs backward itself and cannot serve as the probe loss; pass loss_fn=..."
+            )
+        size = flat_size(module, self._params)
+        if self._block_size is not None and self._block_size > size:
+            raise ValueError(
+                f"block_size={self._block_size} is larger than the number of selected "
+                f"parameters ({size})"
             )
 
     def operator(
@@ -157,6 +167,11 @@ class SharpnessMonitor(_HessianMonitor):
         warm_start: Start each measurement from the previous eigenvectors.
         optimizer_aware: Compute ``eos_ratio`` from the optimizer (default); ``False`` logs
             ``λ_max · lr / 2`` whatever the optimizer.
+        method: Eigensolver for λ_max and the preconditioned solve: ``"auto"`` (Lanczos, or
+            block Lanczos when ``block_size`` is given), ``"lanczos"`` or
+            ``"block_lanczos"`` (see :func:`~spectral_callbacks.linalg.eigenpairs`).
+        block_size: Vectors per block of block Lanczos (default 4): each step applies the
+            Hessian to a block at once, which the vmapped and compiled products batch.
     """
 
     def __init__(
@@ -173,18 +188,22 @@ class SharpnessMonitor(_HessianMonitor):
         eval_mode: bool = False,
         warm_start: bool = True,
         optimizer_aware: bool = True,
+        method: str = "auto",
+        block_size: int | None = None,
     ) -> None:
         super().__init__(
-            every_n_steps,
-            probe_batches,
-            probe_data,
-            loss_fn,
-            params,
-            tol,
-            seed,
-            hvp,
-            eval_mode,
-            warm_start,
+            every_n_steps=every_n_steps,
+            probe_batches=probe_batches,
+            probe_data=probe_data,
+            loss_fn=loss_fn,
+            params=params,
+            tol=tol,
+            seed=seed,
+            hvp=hvp,
+            eval_mode=eval_mode,
+            warm_start=warm_start,
+            method=method,
+            block_size=block_size,
         )
         if max_iter is not None and (not isinstance(max_iter, int) or max_iter < 1):
             raise ValueError(f"max_iter must be a positive integer, got {max_iter!r}")
@@ -197,10 +216,12 @@ class SharpnessMonitor(_HessianMonitor):
     ) -> dict[str, float]:
         lr = current_learning_rate(trainer)
         with self.operator(trainer, module, probe) as operator:
-            result = lanczos(
+            result = eigenpairs(
                 operator,
                 k=1,
                 tol=self._tol,
+                method=self._method,
+                block_size=self._block_size,
                 max_iter=self._max_iter,
                 seed=self._seed,
                 start=self.start_vectors(operator),
@@ -248,6 +269,8 @@ class SharpnessMonitor(_HessianMonitor):
             seed=self._seed,
             start=start,
             max_iter=self._max_iter,
+            method=self._method,
+            block_size=self._block_size,
         )
         if ratio.eigenvector is not None:
             self._preconditioned_start = ratio.eigenvector
@@ -321,7 +344,10 @@ class HessianSpectrumMonitor(_HessianMonitor):
         density: Whether to estimate the density (stochastic Lanczos quadrature).
         probe_batches, loss_fn, tol, probe_data, params, seed, hvp, eval_mode, warm_start:
             as for :class:`SharpnessMonitor`.
-        method: Eigensolver, ``"auto"``, ``"lanczos"`` or ``"block_lanczos"``.
+        method: Eigensolver, ``"auto"`` (Lanczos, or block Lanczos when ``block_size`` is
+            given), ``"lanczos"`` or ``"block_lanczos"``.
+        block_size: Vectors per block of block Lanczos (default 4); at least the
+            multiplicity of a repeated eigenvalue that must be found more than once.
         trace_hvps: Hessian-vector products for Hutch++.
         density_probes: Probes for the density.
         density_steps: Lanczos steps per density probe.
@@ -346,23 +372,24 @@ class HessianSpectrumMonitor(_HessianMonitor):
         hvp: str = "auto",
         eval_mode: bool = False,
         warm_start: bool = True,
+        block_size: int | None = None,
     ) -> None:
         super().__init__(
-            every_n_steps,
-            probe_batches,
-            probe_data,
-            loss_fn,
-            params,
-            tol,
-            seed,
-            hvp,
-            eval_mode,
-            warm_start,
+            every_n_steps=every_n_steps,
+            probe_batches=probe_batches,
+            probe_data=probe_data,
+            loss_fn=loss_fn,
+            params=params,
+            tol=tol,
+            seed=seed,
+            hvp=hvp,
+            eval_mode=eval_mode,
+            warm_start=warm_start,
+            method=method,
+            block_size=block_size,
         )
         if not isinstance(k, int) or k < 1:
             raise ValueError(f"k must be an integer >= 1, got {k!r}")
-        if method not in EIGEN_METHODS:
-            raise ValueError(f"method must be one of {EIGEN_METHODS}, got {method!r}")
         if trace and (not isinstance(trace_hvps, int) or trace_hvps < 3):
             raise ValueError(f"trace_hvps must be an integer >= 3, got {trace_hvps!r}")
         if density and (not isinstance(density_probes, int) or density_probes < 1):
@@ -372,7 +399,6 @@ class HessianSpectrumMonitor(_HessianMonitor):
         self._k = k
         self._trace = trace
         self._density = density
-        self._method = method
         self._trace_hvps = trace_hvps
         self._density_probes = density_probes
         self._density_steps = density_steps
@@ -395,12 +421,12 @@ class HessianSpectrumMonitor(_HessianMonitor):
     ) -> dict[str, float]:
         metrics: dict[str, float] = {}
         with self.operator(trainer, module, probe) as operator:
-            method = choose_eigen_method(self._method, self._k, operator.device)
-            solver = lanczos if method == "lanczos" else block_lanczos
-            result = solver(
+            result = eigenpairs(
                 operator,
                 k=self._k,
                 tol=self._tol,
+                method=self._method,
+                block_size=self._block_size,
                 seed=self._seed,
                 start=self.start_vectors(operator),
                 return_eigenvectors=self._warm_start,

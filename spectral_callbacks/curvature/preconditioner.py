@@ -229,16 +229,20 @@ def stability_ratio(
     seed: int = 0,
     start: torch.Tensor | None = None,
     max_iter: int | None = None,
+    method: str = "auto",
+    block_size: int | None = None,
 ) -> StabilityRatio:
     """``λ_max(D̃^½ (H + W) D̃^½)`` for a Hessian operator ``H`` and an optimizer's ``D̃, W``.
 
     When every entry shares one step, threshold and weight decay (SGD with one learning
     rate), ``D̃^½(H + W)D̃^½ = (step/c)(H + w I)`` and the ratio is ``(λ_max + w)·step/c``
-    from a given ``lambda_max`` with no further products. Otherwise Lanczos runs on the
-    scaled operator (warm-started from ``start``).
+    from a given ``lambda_max`` with no further products. Otherwise the eigensolver
+    ``method`` (:func:`~spectral_callbacks.linalg.eigenpairs`, with ``block_size``) runs on the
+    scaled operator, warm-started from ``start``.
     """
-    from ..linalg import ScaledOperator, lanczos
+    from ..linalg import ScaledOperator, eigenpairs, validate_method
 
+    validate_method(method, block_size)
     threshold = preconditioner.uniform_threshold
     step = preconditioner.uniform_step
     decay = preconditioner.weight_decay
@@ -254,8 +258,16 @@ def stability_ratio(
     shift = decay if bool((decay != 0).any()) else None
     scaled = ScaledOperator(operator, preconditioner.scaled_step, shift)
     before = getattr(operator, "num_hvps", 0)
-    result = lanczos(
-        scaled, k=1, tol=tol, seed=seed, start=start, max_iter=max_iter, return_eigenvectors=True
+    result = eigenpairs(
+        scaled,
+        k=1,
+        tol=tol,
+        method=method,
+        block_size=block_size,
+        seed=seed,
+        start=start,
+        max_iter=max_iter,
+        return_eigenvectors=True,
     )
     ratio = float(result.eigenvalues[0])
     return StabilityRatio(

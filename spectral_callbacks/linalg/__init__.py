@@ -4,12 +4,22 @@ Nothing here knows about models or Lightning: every routine sees a matrix only t
 :meth:`SymmetricOperator.matmat` on blocks of row vectors.
 """
 
-from .eigsh import WHICH, EigenResult, block_lanczos, lanczos
+from .eigsh import (
+    EIGEN_METHODS,
+    WHICH,
+    EigenResult,
+    block_lanczos,
+    choose_eigen_method,
+    eigenpairs,
+    lanczos,
+    validate_method,
+)
 from .operators import DenseOperator, ScaledOperator, SymmetricOperator
 from .quadrature import ZERO_TOLERANCE, SpectralDensity, slq
 from .trace import TraceEstimate, exact_trace, hutchinson, hutchpp, trace
 
 __all__ = [
+    "EIGEN_METHODS",
     "WHICH",
     "ZERO_TOLERANCE",
     "DenseOperator",
@@ -19,10 +29,13 @@ __all__ = [
     "SymmetricOperator",
     "TraceEstimate",
     "block_lanczos",
+    "choose_eigen_method",
+    "eigenpairs",
     "exact_trace",
     "hutchinson",
     "hutchpp",
     "lanczos",
     "slq",
     "trace",
+    "validate_method",
 ]
