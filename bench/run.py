@@ -330,6 +330,25 @@ def tool_runs(
     return runs
 
 
+def count_host_syncs(run: Callable[[], object], device: torch.device) -> int | str:
+    """Host synchronisations of one call, counted by CUDA's sync debug mode (each warns).
+
+    ``tests/test_host_syncs.py`` finds them on the CPU for our eager paths; this counts them
+    for every tool and path (compiled products included) where they cost: on the GPU.
+    """
+    if device.type != "cuda":
+        return "n/a (CPU)"
+    torch.cuda.synchronize(device)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            run()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return sum("synchronizing" in str(w.message) for w in caught)
+
+
 def time_to_accuracy(
     model, batch, loss_fn, device, repeats, reference, k, tol, compiled
 ) -> list[dict]:
@@ -346,6 +365,7 @@ def time_to_accuracy(
                     "seconds": seconds,
                     "max_rel_error": max_relative_error(values, reference[:k]),
                     "values": values,
+                    "host_syncs": count_host_syncs(run, device),
                 }
             )
         except Exception as error:  # a peer failing (e.g. default SDPA) is a result
@@ -604,16 +624,22 @@ def markdown(results: dict) -> str:
         for name, entry in workloads.items():
             for row in entry[key]:
                 if "status" in row:
-                    rows.append([name, row["tool"], row["status"], ""])
+                    rows.append([name, row["tool"], row["status"], "", ""])
                 else:
                     rows.append(
-                        [name, row["tool"], f"{row['seconds']:.3f}", f"{row['max_rel_error']:.1e}"]
+                        [
+                            name,
+                            row["tool"],
+                            f"{row['seconds']:.3f}",
+                            f"{row['max_rel_error']:.1e}",
+                            row.get("host_syncs", "not counted"),
+                        ]
                     )
         lines += [
             "",
             f"**{figure}**",
             "",
-            *_table(["workload", "tool", "seconds", "max rel. error"], rows),
+            *_table(["workload", "tool", "seconds", "max rel. error", "host syncs"], rows),
         ]
     compile_notes = [
         f"{name}: {e['hvp_paths'][f'compile_{w}_s']:.1f} s for blocks of {w}"
