@@ -157,11 +157,15 @@ def max_relative_error(values, reference) -> float:
 # -- figure 1: HVP paths ------------------------------------------------------------------------
 
 
-def hvp_costs(model, batch, loss_fn, device, repeats, compiled: bool) -> dict:
+def gradient_ms(model, batch, loss_fn, device, repeats) -> float:
+    """Milliseconds of one gradient of the batch loss (the unit of "gradient-times")."""
     params = [p for p in model.parameters() if p.requires_grad]
-    row: dict[str, float | str] = {}
     grad_s, _ = timed(lambda: torch.autograd.grad(loss_fn(model, batch), params), device, repeats)
-    row["grad_ms"] = grad_s * 1e3
+    return grad_s * 1e3
+
+
+def hvp_costs(model, batch, loss_fn, device, repeats, compiled: bool) -> dict:
+    row: dict[str, float | str] = {"grad_ms": gradient_ms(model, batch, loss_fn, device, repeats)}
     op = HessianOperator(model, loss_fn, batch, hvp="reuse_graph")
     v = torch.randn(1, op.size, device=device)
 
@@ -517,6 +521,11 @@ def representation_spectrum(device, n: int, d: int, repeats: int) -> dict:
 # -- driver ---------------------------------------------------------------------------------------
 
 
+#: Figures per workload, then figures shared by all workloads (``--figures`` picks).
+WORKLOAD_FIGURES = ("hvp", "top1", "top10", "warm", "memory")
+SHARED_FIGURES = ("overhead", "representation")
+
+
 def run(
     device: torch.device,
     workloads: list[str],
@@ -524,48 +533,89 @@ def run(
     smoke: bool,
     compiled: bool,
     shared_figures: bool = True,
+    figures: tuple[str, ...] = WORKLOAD_FIGURES + SHARED_FIGURES,
+    save: Callable[[dict], None] = lambda results: None,
 ) -> dict:
+    """Run the chosen figures; ``save(results)`` after each, so a run cut short keeps its
+    finished figures (a GPU lease ends a command after ten minutes)."""
     results: dict = {"workloads": {}}
     for name in workloads:
         model, batch, loss_fn = make_workload(name, device)
         params = sum(p.numel() for p in model.parameters())
         print(f"[{name}] {params:,} parameters", flush=True)
         entry: dict = {"parameters": params}
-        entry["hvp_paths"] = hvp_costs(model, batch, loss_fn, device, repeats, compiled)
-        reference = reference_eigenvalues(model, batch, loss_fn, k=10)
-        entry["reference_top10"] = reference.tolist()
-        entry["top1"] = time_to_accuracy(
-            model, batch, loss_fn, device, repeats, reference, k=1, tol=1e-3, compiled=compiled
-        )
-        entry["top10"] = time_to_accuracy(
-            model, batch, loss_fn, device, repeats, reference, k=10, tol=1e-2, compiled=compiled
-        )
-        grad_ms = entry["hvp_paths"]["grad_ms"]
-        entry["warm_tracking"] = [
-            warm_tracking(
-                model,
-                batch,
-                loss_fn,
-                device,
-                steps=20 if smoke else 200,
-                every=5 if smoke else 50,
-                grad_ms=grad_ms,
-                hvp=hvp,
-            )
-            for hvp in (("auto", "compiled") if compiled else ("auto",))
-        ]
-        entry["peak_extra_memory_mib"] = peak_extra_memory(model, batch, loss_fn, device)
         results["workloads"][name] = entry
+        if "hvp" in figures:
+            entry["hvp_paths"] = hvp_costs(model, batch, loss_fn, device, repeats, compiled)
+            grad_ms = entry["hvp_paths"]["grad_ms"]
+        else:
+            grad_ms = gradient_ms(model, batch, loss_fn, device, repeats)
+        entry["grad_ms"] = grad_ms
+        save(results)
+        if "top1" in figures or "top10" in figures:
+            reference = reference_eigenvalues(model, batch, loss_fn, k=10)
+            entry["reference_top10"] = reference.tolist()
+        for figure, k, tol in (("top1", 1, 1e-3), ("top10", 10, 1e-2)):
+            if figure in figures:
+                print(f"[{name}] {figure}", flush=True)
+                entry[figure] = time_to_accuracy(
+                    model,
+                    batch,
+                    loss_fn,
+                    device,
+                    repeats,
+                    reference,
+                    k=k,
+                    tol=tol,
+                    compiled=compiled,
+                )
+                save(results)
+        if "warm" in figures:
+            entry["warm_tracking"] = [
+                warm_tracking(
+                    model,
+                    batch,
+                    loss_fn,
+                    device,
+                    steps=20 if smoke else 200,
+                    every=5 if smoke else 50,
+                    grad_ms=grad_ms,
+                    hvp=hvp,
+                )
+                for hvp in (("auto", "compiled") if compiled else ("auto",))
+            ]
+            save(results)
+        if "memory" in figures:
+            entry["peak_extra_memory_mib"] = peak_extra_memory(model, batch, loss_fn, device)
+            save(results)
     if not shared_figures:
         return results
-    results["training_overhead"] = (
-        training_overhead(device, steps=20, every=10, widths=[64, 64, 10], runs=1)
-        if smoke
-        else training_overhead(device, steps=1000, every=100, widths=[784, 512, 512, 10], runs=3)
-    )
-    n, d = (2560, 256) if smoke else (25_600, 2048)
-    results["representation"] = representation_spectrum(device, n, d, repeats)
+    if "overhead" in figures:
+        results["training_overhead"] = (
+            training_overhead(device, steps=20, every=10, widths=[64, 64, 10], runs=1)
+            if smoke
+            else training_overhead(
+                device, steps=1000, every=100, widths=[784, 512, 512, 10], runs=3
+            )
+        )
+        save(results)
+    if "representation" in figures:
+        n, d = (2560, 256) if smoke else (25_600, 2048)
+        results["representation"] = representation_spectrum(device, n, d, repeats)
+        save(results)
     return results
+
+
+def merge_results(earlier: dict, new: dict) -> dict:
+    """``new`` over ``earlier``, figure by figure: runs of some figures or workloads on one
+    device and day add to one file."""
+    merged = {**earlier, **new}
+    merged["workloads"] = {
+        name: dict(entry) for name, entry in earlier.get("workloads", {}).items()
+    }
+    for name, entry in new.get("workloads", {}).items():
+        merged["workloads"].setdefault(name, {}).update(entry)
+    return merged
 
 
 def _mib(value) -> str:
@@ -614,6 +664,7 @@ def markdown(results: dict) -> str:
         [
             [name, f"{e['hvp_paths']['grad_ms']:.2f}"] + [_cost(e["hvp_paths"], k) for k in paths]
             for name, e in workloads.items()
+            if "hvp_paths" in e
         ],
     )
     for figure, key in (
@@ -622,7 +673,7 @@ def markdown(results: dict) -> str:
     ):
         rows = []
         for name, entry in workloads.items():
-            for row in entry[key]:
+            for row in entry.get(key, []):
                 if "status" in row:
                     rows.append([name, row["tool"], row["status"], "", ""])
                 else:
@@ -645,7 +696,7 @@ def markdown(results: dict) -> str:
         f"{name}: {e['hvp_paths'][f'compile_{w}_s']:.1f} s for blocks of {w}"
         for name, e in workloads.items()
         for w in (1, 8)
-        if f"compile_{w}_s" in e["hvp_paths"]
+        if f"compile_{w}_s" in e.get("hvp_paths", {})
     ]
     if compile_notes:
         lines += ["", "One-time compilation (eager check included): " + "; ".join(compile_notes)]
@@ -659,7 +710,7 @@ def markdown(results: dict) -> str:
             w["median_hvps"],
         ]
         for name, e in workloads.items()
-        for w in e["warm_tracking"]
+        for w in e.get("warm_tracking", [])
     ]
     lines += ["", "**3. Warm-started tracking** (λ_max to 1e-3 from the previous eigenvector)", ""]
     lines += _table(
@@ -673,7 +724,9 @@ def markdown(results: dict) -> str:
             f"{o['model']}, {o['steps']} SGD steps: {o['plain_s']:.2f} s → "
             f"{o['monitored_s']:.2f} s ({100 * o['overhead']:+.1f} %).",
         ]
-    memory = ", ".join(f"{n}: {_mib(e['peak_extra_memory_mib'])}" for n, e in workloads.items())
+    memory = ", ".join(
+        f"{n}: {_mib(e.get('peak_extra_memory_mib', 'not run'))}" for n, e in workloads.items()
+    )
     lines += ["", f"**5. Peak extra device memory of a top-1 measurement**: {memory}"]
     r = results.get("representation")
     if r is not None:
@@ -707,6 +760,13 @@ def main(argv: list[str] | None = None) -> dict:
         help="figures 4 and 6 (training overhead, representation spectrum); "
         "--no-shared-figures with --workloads runs one workload per command",
     )
+    parser.add_argument(
+        "--figures",
+        nargs="+",
+        choices=WORKLOAD_FIGURES + SHARED_FIGURES,
+        default=list(WORKLOAD_FIGURES + SHARED_FIGURES),
+        help="which figures to run (default all); later runs add to the day's file",
+    )
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", default=str(ROOT / "bench" / "results"))
     args = parser.parse_args(argv)
@@ -718,29 +778,38 @@ def main(argv: list[str] | None = None) -> dict:
         else f"cpu-{platform.machine()}-{torch.get_num_threads()}threads"
     )
     compiled = device.type == "cuda" if args.compiled is None else args.compiled
-    results = run(device, workloads, args.repeats, args.smoke, compiled, args.shared_figures)
-    results.update(
-        compiled=compiled,
-        device=name,
-        torch=torch.__version__,
-        date=dt.date.today().isoformat(),
-        repeats=args.repeats,
-        smoke=args.smoke,
-    )
+    meta = {
+        "compiled": compiled,
+        "device": name,
+        "torch": torch.__version__,
+        "date": dt.date.today().isoformat(),
+        "repeats": args.repeats,
+        "smoke": args.smoke,
+    }
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    stem = f"{name.replace(' ', '-')}-{results['date']}" + ("-smoke" if args.smoke else "")
+    stem = f"{name.replace(' ', '-')}-{meta['date']}" + ("-smoke" if args.smoke else "")
     path = out / f"{stem}.json"
-    if path.exists():  # a run of some workloads adds to the day's file for this device
-        earlier = json.loads(path.read_text())
-        results["workloads"] = {**earlier.get("workloads", {}), **results["workloads"]}
-        for key in ("training_overhead", "representation"):
-            if key not in results and key in earlier:
-                results[key] = earlier[key]
-    path.write_text(json.dumps(results, indent=2, default=str) + "\n")
-    table = markdown(results)
-    (out / f"{stem}.md").write_text(table)
-    print(table)
+    earlier = json.loads(path.read_text()) if path.exists() else {}
+
+    def save(results: dict) -> dict:
+        merged = merge_results(earlier, {**results, **meta})
+        path.write_text(json.dumps(merged, indent=2, default=str) + "\n")
+        (out / f"{stem}.md").write_text(markdown(merged))
+        return merged
+
+    results = run(
+        device,
+        workloads,
+        args.repeats,
+        args.smoke,
+        compiled,
+        args.shared_figures,
+        tuple(args.figures),
+        save,
+    )
+    results.update(meta)
+    print(markdown(save(results)))
     return results
 
 

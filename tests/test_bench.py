@@ -10,10 +10,15 @@ import pathlib
 BENCH = pathlib.Path(__file__).resolve().parents[1] / "bench" / "run.py"
 
 
-def test_smoke_run_reports_every_figure(tmp_path):
+def load_bench():
     spec = importlib.util.spec_from_file_location("bench_run", BENCH)
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
+    return bench
+
+
+def test_smoke_run_reports_every_figure(tmp_path):
+    bench = load_bench()
     results = bench.main(["--device", "cpu", "--smoke", "--repeats", "1", "--out", str(tmp_path)])
     stored = json.loads(next(tmp_path.glob("*-smoke.json")).read_text())
     assert stored["workloads"].keys() == {"tiny"}
@@ -36,3 +41,20 @@ def test_smoke_run_reports_every_figure(tmp_path):
     assert math.isfinite(results["training_overhead"]["overhead"])
     representation = results["representation"]
     assert representation["relative_difference"] < 1e-9
+
+
+def test_runs_of_some_figures_add_to_the_days_file(tmp_path):
+    bench = load_bench()
+    common = ["--device", "cpu", "--smoke", "--repeats", "1", "--out", str(tmp_path)]
+    bench.main([*common, "--figures", "hvp", "memory"])
+    path = next(tmp_path.glob("*-smoke.json"))
+    first = json.loads(path.read_text())["workloads"]["tiny"]
+    assert {"hvp_paths", "peak_extra_memory_mib"} <= first.keys() and "top1" not in first
+    bench.main([*common, "--figures", "top1", "--no-shared-figures"])
+    stored = json.loads(path.read_text())
+    tiny = stored["workloads"]["tiny"]
+    assert tiny["hvp_paths"] == first["hvp_paths"]  # kept from the first run
+    assert any(row["tool"] == "ours (Lanczos, tol=0.001)" for row in tiny["top1"])
+    assert "top10" not in tiny and "training_overhead" not in stored
+    table = next(tmp_path.glob("*-smoke.md")).read_text()
+    assert "**2a." in table and "ours (Lanczos, tol=0.001)" in table
