@@ -133,10 +133,13 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def timed(fn: Callable[[], object], device: torch.device, repeats: int) -> tuple[float, object]:
-    """Median seconds of ``repeats`` runs after one warm-up, and the last result."""
-    result = fn()
-    times = []
+def timed(
+    fn: Callable[[], object], device: torch.device, repeats: int, warm_up: bool = True
+) -> tuple[float, object]:
+    """Median seconds of ``repeats`` runs after one warm-up call, and the last result."""
+    if warm_up:
+        fn()
+    result, times = None, []
     for _ in range(repeats):
         _sync(device)
         start = time.perf_counter()
@@ -335,12 +338,16 @@ def tool_runs(
 
 
 def count_host_syncs(run: Callable[[], object], device: torch.device) -> int | str:
-    """Host synchronisations of one call, counted by CUDA's sync debug mode (each warns).
+    """Call ``run`` once (the timing's warm-up) and count its host synchronisations by CUDA's
+    sync debug mode (each warns); ``"n/a (CPU)"`` elsewhere.
 
     ``tests/test_host_syncs.py`` finds them on the CPU for our eager paths; this counts them
-    for every tool and path (compiled products included) where they cost: on the GPU.
+    for every tool and path where they cost: on the GPU. A compiled product compiles in
+    this call unless figure 1 compiled it earlier in the same command, and then its count
+    includes the compiler's.
     """
     if device.type != "cuda":
+        run()
         return "n/a (CPU)"
     torch.cuda.synchronize(device)
     with warnings.catch_warnings(record=True) as caught:
@@ -362,14 +369,15 @@ def time_to_accuracy(
             rows.append({"tool": tool, "status": "not installed"})
             continue
         try:
-            seconds, values = timed(run, device, repeats)
+            syncs = count_host_syncs(run, device)
+            seconds, values = timed(run, device, repeats, warm_up=False)
             rows.append(
                 {
                     "tool": tool,
                     "seconds": seconds,
                     "max_rel_error": max_relative_error(values, reference[:k]),
                     "values": values,
-                    "host_syncs": count_host_syncs(run, device),
+                    "host_syncs": syncs,
                 }
             )
         except Exception as error:  # a peer failing (e.g. default SDPA) is a result
@@ -547,11 +555,7 @@ def run(
         results["workloads"][name] = entry
         if "hvp" in figures:
             entry["hvp_paths"] = hvp_costs(model, batch, loss_fn, device, repeats, compiled)
-            grad_ms = entry["hvp_paths"]["grad_ms"]
-        else:
-            grad_ms = gradient_ms(model, batch, loss_fn, device, repeats)
-        entry["grad_ms"] = grad_ms
-        save(results)
+            save(results)
         if "top1" in figures or "top10" in figures:
             reference = reference_eigenvalues(model, batch, loss_fn, k=10)
             entry["reference_top10"] = reference.tolist()
@@ -571,6 +575,9 @@ def run(
                 )
                 save(results)
         if "warm" in figures:
+            grad_ms = entry.get("hvp_paths", {}).get("grad_ms") or gradient_ms(
+                model, batch, loss_fn, device, repeats
+            )
             entry["warm_tracking"] = [
                 warm_tracking(
                     model,
