@@ -10,6 +10,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from .._names import uncompiled_name
+
 __all__ = [
     "ParameterFilter",
     "as_batch_list",
@@ -20,7 +22,9 @@ __all__ = [
 
 #: A parameter filter: ``None`` (all trainable parameters), a regular expression searched in
 #: each parameter name, a predicate on the name, or a sequence of parameter names or module
-#: prefixes (``"encoder"`` selects ``"encoder.weight"``, ``"encoder.0.bias"``, ...).
+#: prefixes (``"encoder"`` selects ``"encoder.weight"``, ``"encoder.0.bias"``, ...). A filter
+#: selects a parameter if it selects its name with or without the ``_orig_mod`` segments of
+#: ``torch.compile``'d submodules.
 ParameterFilter = str | Callable[[str], bool] | Sequence[str] | None
 
 
@@ -41,24 +45,34 @@ def select_parameters(
         return trainable
     if isinstance(params, str):
         pattern = re.compile(params)
-        chosen = [(n, p) for n, p in trainable if pattern.search(n)]
+        selects = pattern.search
     elif callable(params):
-        chosen = [(n, p) for n, p in trainable if params(n)]
+        selects = params
     else:
         wanted = list(params)
+
+        def selects(name: str) -> bool:
+            return any(_names_or_contains(entry, name) for entry in wanted)
+
         for entry in wanted:
-            if not any(n == entry or n.startswith(entry + ".") for n in names):
+            if not any(
+                _names_or_contains(entry, n) or _names_or_contains(entry, uncompiled_name(n))
+                for n in names
+            ):
                 close = difflib.get_close_matches(entry, names, n=5, cutoff=0.4)
                 hint = f"; close matches: {close}" if close else f"; trainable parameters: {names}"
                 raise ValueError(f"params entry {entry!r} names no trainable parameter{hint}")
-        chosen = [
-            (n, p) for n, p in trainable if any(n == e or n.startswith(e + ".") for e in wanted)
-        ]
+    chosen = [(n, p) for n, p in trainable if selects(n) or selects(uncompiled_name(n))]
     if not chosen:
         raise ValueError(
             f"params={params!r} selects no trainable parameter; trainable parameters: {names}"
         )
     return chosen
+
+
+def _names_or_contains(entry: str, name: str) -> bool:
+    """Whether ``entry`` is the parameter ``name`` or a module prefix of it."""
+    return name == entry or name.startswith(entry + ".")
 
 
 def as_batch_list(data: Any) -> list[Any]:

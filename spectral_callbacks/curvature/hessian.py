@@ -43,9 +43,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from .._names import uncompiled_name
 from ..linalg._precision import autocast_disabled
 from .data import ParameterFilter, as_batch_list, batch_size, move_to_device, select_parameters
-from .isolation import BufferSnapshot, measurement_context
+from .isolation import BufferSnapshot, compiled_code_allowed, measurement_context
 
 __all__ = [
     "COMPILED_CACHE_SIZE",
@@ -98,6 +99,14 @@ class _LossOfModel(nn.Module):
 def _explain_second_order_failure(error: RuntimeError) -> RuntimeError | None:
     """A clearer error for an op without a second derivative (or forward-mode AD)."""
     text = str(error)
+    if "does not currently support double backward" in text:
+        return RuntimeError(
+            "the loss runs through a torch.compile'd module or function, and compiled graphs "
+            "have no double backward. Measurements run compiled code eagerly with "
+            "torch.compiler.set_stance('force_eager'), which needs PyTorch >= 2.6; on older "
+            "versions pass the uncompiled model (compiled modules keep it as `_orig_mod`) or "
+            f"use hvp='forward_over_reverse'. (original error: {text})"
+        )
     match = re.search(r"derivative for (\S+) is not implemented", text)
     if match is None:
         return None
@@ -425,7 +434,10 @@ def _block_product(model: nn.Module, loss_fn: LossFunction, names: list[str]) ->
     from torch.func import functional_call, grad, jvp, vmap
 
     wrapper = _LossOfModel(model, loss_fn)
-    keys = ["model." + name for name in names]
+    # Without `_orig_mod`: dynamo traces a compiled submodule as the module it wraps, where
+    # that attribute does not exist (the lookup would break the graph and leave the whole
+    # product eager); eagerly, the compiled wrapper forwards attribute lookups to that module.
+    keys = ["model." + uncompiled_name(name) for name in names]
 
     def loss_at(values: tuple[torch.Tensor, ...], batch: Any) -> torch.Tensor:
         return functional_call(wrapper, dict(zip(keys, values, strict=True)), (batch,)).reshape(())
@@ -481,7 +493,8 @@ class _CompiledProduct:
             return self.eager(primals, tangents, batch)
         signature = _shape_signature(tangents, batch)
         if signature in self._checked:
-            return self.compiled(primals, tangents, batch)
+            with compiled_code_allowed():
+                return self.compiled(primals, tangents, batch)
         expected = self.eager(primals, tangents, batch)
         logger.info(
             "compiling the Hessian-vector product for blocks of %d (torch.compile, backend "
@@ -490,7 +503,8 @@ class _CompiledProduct:
             self.backend,
         )
         try:
-            products = self.compiled(primals, tangents, batch)
+            with compiled_code_allowed():
+                products = self.compiled(primals, tangents, batch)
             problem = _disagreement(products, expected)
         except Exception as error:  # any compiler failure means: run eagerly
             problem = f"{type(error).__name__}: {str(error)[:200]}"

@@ -15,7 +15,13 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-__all__ = ["BufferSnapshot", "measurement_context", "model_devices"]
+__all__ = [
+    "BufferSnapshot",
+    "compiled_code_allowed",
+    "compiled_code_runs_eagerly",
+    "measurement_context",
+    "model_devices",
+]
 
 
 def model_devices(model: nn.Module) -> list[torch.device]:
@@ -59,6 +65,31 @@ def _isolated_rng(devices: list[torch.device], seed: int) -> Iterator[None]:
         yield
 
 
+def compiled_code_runs_eagerly() -> contextlib.AbstractContextManager:
+    """Run every ``torch.compile``d module and function eagerly (``torch.compiler.set_stance``).
+
+    A measurement's forward passes go through the user's model, which may hold compiled
+    modules. Two things go wrong if they run compiled: compiled graphs have no double backward
+    ("torch.compile with aot_autograd does not currently support double backward"), and each
+    probe forward differs from a training forward (grad mode, batch shape, capture hooks), so
+    dynamo compiles the user's function again. Every such recompilation counts towards
+    dynamo's limit per function (8); past it, the user's model runs eagerly for the rest of
+    training. The stance exists from PyTorch 2.6; on older versions this is a no-op.
+    """
+    set_stance = getattr(torch.compiler, "set_stance", None)
+    return set_stance("force_eager") if set_stance is not None else contextlib.nullcontext()
+
+
+def compiled_code_allowed() -> contextlib.AbstractContextManager:
+    """Undo :func:`compiled_code_runs_eagerly` for our own compiled Hessian-vector product.
+
+    Inside that product dynamo traces through the user's compiled modules as plain code, so
+    their own compiled graphs and recompilation budgets are not touched.
+    """
+    set_stance = getattr(torch.compiler, "set_stance", None)
+    return set_stance("default") if set_stance is not None else contextlib.nullcontext()
+
+
 @contextlib.contextmanager
 def measurement_context(model: nn.Module, seed: int, second_order: bool = True) -> Iterator[None]:
     """Context for the forward passes of a measurement.
@@ -68,7 +99,8 @@ def measurement_context(model: nn.Module, seed: int, second_order: bool = True) 
       and no forward-mode AD); ``second_order=False`` (representations): ``no_grad``;
     * inference mode and autocast off (measured in the parameters' own precision, even
       inside a mixed-precision training step);
-    * BatchNorm running statistics frozen; RNG streams forked and seeded.
+    * BatchNorm running statistics frozen; RNG streams forked and seeded;
+    * compiled modules run eagerly (:func:`compiled_code_runs_eagerly`).
     """
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -83,6 +115,7 @@ def measurement_context(model: nn.Module, seed: int, second_order: bool = True) 
             stack.enter_context(sdpa_kernel(SDPBackend.MATH))
         stack.enter_context(_frozen_batchnorm_statistics(model))
         stack.enter_context(_isolated_rng(devices, seed))
+        stack.enter_context(compiled_code_runs_eagerly())
         yield
 
 

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .._names import uncompiled_name
 from .spectra import CovarianceAccumulator, Pool, as_embedding_matrix
 
 __all__ = ["capture_features", "resolve_layers"]
@@ -18,8 +19,13 @@ Select = Callable[[Any], torch.Tensor]
 
 
 def resolve_layers(model: nn.Module, layers: Sequence[str]) -> dict[str, nn.Module]:
-    """Map layer names to submodules; an unknown name is a ``ValueError`` with close matches."""
-    modules = dict(model.named_modules())
+    """Map layer names to submodules; an unknown name is a ``ValueError`` with close matches.
+
+    Names inside ``torch.compile``'d submodules may be given without their ``_orig_mod``
+    segment (``"net.1"`` for ``net._orig_mod.1``); a module's own name takes precedence.
+    """
+    named = list(model.named_modules())
+    modules = {uncompiled_name(name): module for name, module in named} | dict(named)
     found = {}
     for name in layers:
         if name not in modules:
