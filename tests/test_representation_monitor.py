@@ -196,6 +196,48 @@ def test_unknown_layer_fails_at_setup_with_close_matches():
         trainer.fit(Encoder(), train)
 
 
+class Wrapper(L.LightningModule):
+    """Holds a model and calls it in ``training_step``: no ``forward`` of its own (the usual
+    way to train a Hugging Face model)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.model = Encoder()
+        self.steps_run = 0
+
+    def training_step(self, batch, batch_idx):
+        self.steps_run += 1
+        return self.model.training_step(batch, batch_idx)
+
+    def configure_optimizers(self):
+        return self.model.configure_optimizers()
+
+
+def test_a_module_without_forward_needs_forward_fn_and_fails_before_training():
+    train, _, _ = loaders()
+    module = Wrapper()
+    trainer = L.Trainer(
+        max_steps=4,
+        callbacks=[RepresentationMonitor(layers=["model.encoder"], every_n_steps=2)],
+        **trainer_kwargs(),
+    )
+    with pytest.raises(ValueError, match=r"Wrapper does not define: define forward.*forward_fn"):
+        trainer.fit(module, train)
+    assert module.steps_run == 0
+
+    monitor = RepresentationMonitor(
+        layers=["model.encoder"],
+        every_n_steps=2,
+        num_samples=64,
+        forward_fn=lambda module, batch: module.model(batch[0]),
+    )
+    trainer = L.Trainer(max_steps=4, callbacks=[monitor], **trainer_kwargs())
+    trainer.fit(Wrapper(), train)
+    assert len(monitor.history) >= 2
+    for _, values in monitor.history:
+        assert 1.0 < values["spectral/repr/model.encoder/rankme"] <= 16.0
+
+
 def test_tuple_outputs_need_select():
     class Pair(nn.Module):
         def forward(self, x):

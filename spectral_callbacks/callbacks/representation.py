@@ -130,6 +130,15 @@ class RepresentationMonitor(SpectralMonitor):
 
     def validate_setup(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
         resolve_layers(module, self._layers)  # raises with close matches
+        own_forward = type(module).forward not in (pl.LightningModule.forward, nn.Module.forward)
+        if self._forward_fn is default_forward and not own_forward:
+            # Found now, not at the first measurement steps into training.
+            raise ValueError(
+                f"RepresentationMonitor runs the probe batches through the LightningModule's "
+                f"forward(), which {type(module).__name__} does not define: define forward(), "
+                "or pass forward_fn=lambda module, batch: ... (for a wrapped Hugging Face "
+                "model, e.g. module.model(**batch))"
+            )
 
     def probe_is_complete(self, probe: list[Any]) -> bool:
         return sum(batch_size(b) for b in probe) >= self._num_samples
