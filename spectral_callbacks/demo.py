@@ -267,7 +267,8 @@ def format_summary(summary: dict) -> str:
             f"   trace {last['spectral/hessian/trace']:.2f} "
             f"± {last['spectral/hessian/trace_stderr']:.2f}, "
             f"spectral mass below -1% of the radius {last['spectral/hessian/negative_mass']:.2f}, "
-            f"within ±1% of zero {last['spectral/hessian/near_zero_mass']:.2f}",
+            f"within ±1% of zero {last['spectral/hessian/near_zero_mass']:.2f}, "
+            f"λ_min {last['spectral/hessian/lambda_min']:.4f}",
         ]
     history = summary["representations"]
     lines += ["", "2. Representations (Adam on a 10-class Gaussian mixture)", ""]

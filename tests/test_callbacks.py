@@ -18,7 +18,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from tensorboard.plugins.custom_scalar import layout_pb2
 
 from spectral_callbacks import HessianSpectrumMonitor, SharpnessMonitor
-from spectral_callbacks.functional import hessian_eigenvalues, hessian_trace
+from spectral_callbacks.functional import hessian_density, hessian_eigenvalues, hessian_trace
 
 from .lightning_helpers import (
     NoisyClassifier,
@@ -81,6 +81,8 @@ def test_tensorboard_events_match_the_functional_api(tmp_path):
         "trace_stderr",
         "negative_mass",
         "near_zero_mass",
+        "lambda_min",
+        "lambda_min_residual",
         "spectrum_num_hvps",
     ]:
         assert f"spectral/hessian/{tag}" in scalars
@@ -104,6 +106,10 @@ def test_tensorboard_events_match_the_functional_api(tmp_path):
             assert events.Scalars("spectral/hessian/trace")[step // 10].value == pytest.approx(
                 trace.estimate, rel=1e-6
             )
+            density = hessian_density(probe_model, mse, (x, y), num_probes=2, steps=12, seed=0)
+            for tag in ("lambda_min", "lambda_min_residual"):
+                logged = events.Scalars(f"spectral/hessian/{tag}")[step // 10].value
+                assert logged == pytest.approx(getattr(density, tag), rel=1e-5, abs=1e-9), tag
     limit = events.Scalars("spectral/hessian/stability_limit")[0].value
     assert limit == pytest.approx(2 / 0.1)
 

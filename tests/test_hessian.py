@@ -190,6 +190,11 @@ def test_negative_mass_against_the_dense_spectrum_of_a_trained_tanh_mlp():
     assert density.near_zero_mass == pytest.approx(
         float((eigenvalues.abs() <= cut).double().mean()), abs=0.03
     )
+    # The smallest eigenvalue, -0.6 % of λ_max, from the same quadrature's smallest node.
+    low = float(eigenvalues[0])
+    assert -0.01 * float(eigenvalues[-1]) < low < 0
+    assert low <= density.lambda_min <= low + 1e-5 * float(eigenvalues[-1])
+    assert abs(density.lambda_min - low) <= density.lambda_min_residual
 
 
 def test_parameter_filter_gives_the_diagonal_block():

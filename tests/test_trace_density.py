@@ -95,6 +95,45 @@ def test_density_integrates_to_one_and_counts_negative_mass():
     assert -2.0 <= low < -2.0 + 1e-4 and 4.0 - 1e-4 < high <= 4.0 + 1e-12
 
 
+def _ritz_pairs_by_rayleigh_ritz(a: torch.Tensor, probe: torch.Tensor, steps: int):
+    """Ritz values and residual norms ``‖A y - θ y‖`` of the Krylov space of ``probe``,
+    built independently: QR of the power basis, then Rayleigh-Ritz in float64."""
+    powers = [probe / probe.norm()]
+    for _ in range(steps - 1):
+        powers.append(a @ powers[-1])
+        powers[-1] = powers[-1] / powers[-1].norm()
+    basis, _ = torch.linalg.qr(torch.stack(powers, dim=1))
+    values, small = torch.linalg.eigh(basis.T @ a @ basis)
+    vectors = basis @ small
+    residuals = (a @ vectors - vectors * values).norm(dim=0)
+    return values, residuals
+
+
+def test_lambda_min_is_the_smallest_ritz_value_with_its_residual(hessian_like):
+    """Few steps, so the smallest Ritz value has not converged and its residual is large:
+    both must equal an independent Rayleigh-Ritz on the same Krylov space, interlacing puts
+    λ_min below it, and an eigenvalue lies within the residual."""
+    spectrum = torch.linalg.eigvalsh(hessian_like)
+    g = torch.Generator().manual_seed(5)
+    probes = (2 * torch.randint(0, 2, (3, 200), generator=g) - 1).double()
+    density = slq(DenseOperator(hessian_like), steps=6, probes=probes)
+    assert density.residuals.shape == density.nodes.shape == (3, 6)
+    for p in range(3):
+        values, residuals = _ritz_pairs_by_rayleigh_ritz(hessian_like, probes[p], steps=6)
+        assert torch.allclose(density.nodes[p], values, rtol=1e-9, atol=1e-9)
+        assert torch.allclose(density.residuals[p], residuals, rtol=1e-6, atol=1e-9)
+    low, residual = density.lambda_min, density.lambda_min_residual
+    assert low == pytest.approx(float(density.nodes.min()))
+    assert residual == pytest.approx(float(density.residuals.reshape(-1)[density.nodes.argmin()]))
+    assert residual > 1e-3  # unconverged: the bound below has something to check
+    assert float(spectrum[0]) <= low
+    assert float((spectrum - low).abs().min()) <= residual
+
+    converged = slq(DenseOperator(hessian_like), num_probes=4, steps=64, seed=0)
+    assert converged.lambda_min == pytest.approx(-2.0, abs=1e-8)  # the outlier below the bulk
+    assert converged.lambda_min_residual < 1e-6
+
+
 def test_negative_mass_leaves_out_the_unresolved_bulk_near_zero():
     # Tiny eigenvalues of both signs between resolved negative and positive parts, as in a
     # Hessian's near-zero bulk. Quadrature gives the bulk one node of arbitrary sign, so the

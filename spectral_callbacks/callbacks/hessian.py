@@ -328,8 +328,10 @@ class HessianSpectrumMonitor(_HessianMonitor):
     ``spectral/hessian/negative_mass`` and ``spectral/hessian/near_zero_mass`` (fractions of
     the eigenvalues, estimated by SLQ, below ``-1 %`` of the spectral radius and within
     ``±1 %`` of it: the quadrature cannot tell the sign of smaller ones, see
-    :attr:`~spectral_callbacks.linalg.SpectralDensity.negative_mass`) and
-    ``spectral/hessian/spectrum_num_hvps``. TensorBoard also gets a histogram of the top-k
+    :attr:`~spectral_callbacks.linalg.SpectralDensity.negative_mass`),
+    ``spectral/hessian/lambda_min`` and ``lambda_min_residual`` (the smallest eigenvalue,
+    from the same quadrature's smallest Ritz value, and its Ritz residual: no extra products)
+    and ``spectral/hessian/spectrum_num_hvps``. TensorBoard also gets a histogram of the top-k
     values (``spectral/hessian/top_k``) and a log-scale density figure
     (``spectral/hessian/density``).
 
@@ -449,6 +451,8 @@ class HessianSpectrumMonitor(_HessianMonitor):
                 )
                 metrics[PREFIX + "negative_mass"] = self.last_density.negative_mass
                 metrics[PREFIX + "near_zero_mass"] = self.last_density.near_zero_mass
+                metrics[PREFIX + "lambda_min"] = self.last_density.lambda_min
+                metrics[PREFIX + "lambda_min_residual"] = self.last_density.lambda_min_residual
             metrics[PREFIX + "spectrum_num_hvps"] = float(operator.num_hvps)
         return metrics
 
@@ -457,7 +461,12 @@ class HessianSpectrumMonitor(_HessianMonitor):
         if self._trace:
             names += [PREFIX + "trace", PREFIX + "trace_stderr"]
         if self._density:
-            names += [PREFIX + "negative_mass", PREFIX + "near_zero_mass"]
+            names += [
+                PREFIX + "negative_mass",
+                PREFIX + "near_zero_mass",
+                PREFIX + "lambda_min",
+                PREFIX + "lambda_min_residual",
+            ]
         return [*names, PREFIX + "spectrum_num_hvps"]
 
     def nan_metrics(self, trainer: pl.Trainer) -> dict[str, float]:
@@ -486,4 +495,5 @@ class HessianSpectrumMonitor(_HessianMonitor):
                 PREFIX + "negative_mass",
                 PREFIX + "near_zero_mass",
             ]
+            charts["smallest eigenvalue λ_min"] = [PREFIX + "lambda_min"]
         return {"spectral: Hessian spectrum": charts}
