@@ -52,11 +52,11 @@ def select_parameters(
         wanted = list(params)
 
         def selects(name: str) -> bool:
-            return any(_names_or_contains(entry, name) for entry in wanted)
+            return any(_is_name_or_prefix(entry, name) for entry in wanted)
 
         for entry in wanted:
             if not any(
-                _names_or_contains(entry, n) or _names_or_contains(entry, uncompiled_name(n))
+                _is_name_or_prefix(entry, n) or _is_name_or_prefix(entry, uncompiled_name(n))
                 for n in names
             ):
                 close = difflib.get_close_matches(entry, names, n=5, cutoff=0.4)
@@ -70,7 +70,7 @@ def select_parameters(
     return chosen
 
 
-def _names_or_contains(entry: str, name: str) -> bool:
+def _is_name_or_prefix(entry: str, name: str) -> bool:
     """Whether ``entry`` is the parameter ``name`` or a module prefix of it."""
     return name == entry or name.startswith(entry + ".")
 
