@@ -210,15 +210,24 @@ def hessian_density(
     params: ParameterFilter = None,
     hvp: str = "auto",
     batch_size_fn: Callable[[Any], int] | None = None,
+    reorthogonalize: bool | None = None,
 ) -> SpectralDensity:
     """Eigenvalue density of the loss Hessian by stochastic Lanczos quadrature.
 
     ``num_probes`` Rademacher probes, ``steps`` Lanczos steps each (``num_probes · steps``
     Hessian-vector products, in blocks of ``num_probes``). See
     :class:`~spectral_callbacks.linalg.SpectralDensity` for ``nodes``, ``weights``,
-    ``evaluate(grid, sigma)`` and ``negative_mass``.
+    ``evaluate(grid, sigma)``, ``negative_mass`` and ``lambda_min``, and
+    :func:`~spectral_callbacks.linalg.slq` for ``reorthogonalize`` (default: full
+    reorthogonalisation while the Krylov bases fit in 1 GiB, else two vectors per probe).
     """
     with HessianOperator(
         model, loss_fn, data, params=params, hvp=hvp, batch_size_fn=batch_size_fn, seed=seed
     ) as operator:
-        return slq(operator, num_probes=num_probes, steps=steps, seed=seed)
+        return slq(
+            operator,
+            num_probes=num_probes,
+            steps=steps,
+            seed=seed,
+            reorthogonalize=reorthogonalize,
+        )

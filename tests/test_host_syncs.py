@@ -20,7 +20,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from spectral_callbacks.curvature import HessianOperator
 from spectral_callbacks.linalg import DenseOperator, lanczos
-from spectral_callbacks.linalg._krylov import BlockLanczos, IndependentLanczos
+from spectral_callbacks.linalg._krylov import BlockLanczos, IndependentLanczos, ThreeTermLanczos
 
 from .helpers import cross_entropy_loss, make_case
 
@@ -107,9 +107,10 @@ def test_the_recorder_sees_each_kind_of_sync():
     }
 
 
+@pytest.mark.parametrize("recurrence_class", [IndependentLanczos, ThreeTermLanczos])
 @pytest.mark.parametrize("degenerate", [False, True])
 @pytest.mark.parametrize("width", [1, 4])
-def test_a_lanczos_step_never_syncs(width, degenerate):
+def test_a_lanczos_step_never_syncs(width, degenerate, recurrence_class):
     # The degenerate matrix (eigenvalue 2, multiplicity 10 of 12) makes the Krylov spaces
     # invariant after two steps, so the breakdown-and-restart branch runs too.
     spectrum = [2.0] * 10 + [1.0, -1.0] if degenerate else torch.linspace(-1, 3, 12).tolist()
@@ -117,7 +118,7 @@ def test_a_lanczos_step_never_syncs(width, degenerate):
     q, _ = torch.linalg.qr(torch.randn(12, 12, generator=g, dtype=torch.float64))
     operator = DenseOperator((q * torch.tensor(spectrum, dtype=torch.float64)) @ q.T)
     start = torch.randn(width, 12, generator=g, dtype=torch.float64)
-    recurrence = IndependentLanczos(operator, start, max_steps=8, generator=g)
+    recurrence = recurrence_class(operator, start, max_steps=8, generator=g)
     with recording_host_syncs() as counts:
         for _ in range(8):
             recurrence.step()

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from spectral_callbacks.linalg import (
+    FULL_REORTHOGONALISATION_BYTES,
     ZERO_TOLERANCE,
     DenseOperator,
     exact_trace,
@@ -132,6 +133,47 @@ def test_lambda_min_is_the_smallest_ritz_value_with_its_residual(hessian_like):
     converged = slq(DenseOperator(hessian_like), num_probes=4, steps=64, seed=0)
     assert converged.lambda_min == pytest.approx(-2.0, abs=1e-8)  # the outlier below the bulk
     assert converged.lambda_min_residual < 1e-6
+
+
+def test_two_vector_slq_keeps_the_moments_and_agrees_with_full_reorthogonalisation(
+    hessian_like,
+):
+    """The three-term recurrence (two vectors per probe) for operators whose bases do not
+    fit: exact moments while orthogonality holds (12 steps), and at 64 steps, after the
+    outliers 30, 18, 9 and -2 have converged and orthogonality is lost (ghost copies), the
+    same fractions and extreme values as full reorthogonalisation."""
+    operator = DenseOperator(hessian_like)
+    g = torch.Generator().manual_seed(6)
+    probes = (2 * torch.randint(0, 2, (4, 200), generator=g) - 1).double()
+    density = slq(operator, steps=12, probes=probes, reorthogonalize=False)
+    assert not density.reorthogonalized
+    power = probes.clone()
+    for order in range(24):
+        exact = (probes * power).sum(dim=1) / (probes * probes).sum(dim=1)
+        assert torch.allclose(density.moment(order), exact, rtol=1e-8, atol=1e-10 * 30**order)
+        power = power @ hessian_like
+
+    full = slq(operator, num_probes=8, steps=64, seed=3, reorthogonalize=True)
+    local = slq(operator, num_probes=8, steps=64, seed=3, reorthogonalize=False)
+    assert full.reorthogonalized and not local.reorthogonalized
+    ghosts = int((local.nodes[0] - 30.0).abs().lt(1e-6).sum())
+    assert ghosts >= 2  # orthogonality was lost: 30 appears more than once
+    assert local.negative_mass == pytest.approx(full.negative_mass, abs=0.03)
+    assert local.near_zero_mass == pytest.approx(full.near_zero_mass, abs=0.03)
+    assert local.lambda_min == pytest.approx(-2.0, abs=1e-8)
+    assert local.lambda_min_residual < 1e-6
+    assert local.support[1] == pytest.approx(30.0, abs=1e-8)
+
+
+def test_slq_reorthogonalises_fully_while_the_bases_fit(monkeypatch, hessian_like):
+    from spectral_callbacks.linalg import quadrature
+
+    operator = DenseOperator(hessian_like)  # 8 probes x 65 x 200 float64: 832 KB of bases
+    assert FULL_REORTHOGONALISATION_BYTES >= 2**20
+    assert slq(operator, steps=64).reorthogonalized
+    monkeypatch.setattr(quadrature, "FULL_REORTHOGONALISATION_BYTES", 800_000)
+    assert not slq(operator, steps=64).reorthogonalized
+    assert slq(operator, steps=60).reorthogonalized  # 61 basis vectors: 780,800 bytes
 
 
 def test_negative_mass_leaves_out_the_unresolved_bulk_near_zero():

@@ -15,11 +15,12 @@ from .eigsh import (
     validate_method,
 )
 from .operators import DenseOperator, ScaledOperator, SymmetricOperator
-from .quadrature import ZERO_TOLERANCE, SpectralDensity, slq
+from .quadrature import FULL_REORTHOGONALISATION_BYTES, ZERO_TOLERANCE, SpectralDensity, slq
 from .trace import TraceEstimate, exact_trace, hutchinson, hutchpp, trace
 
 __all__ = [
     "EIGEN_METHODS",
+    "FULL_REORTHOGONALISATION_BYTES",
     "WHICH",
     "ZERO_TOLERANCE",
     "DenseOperator",

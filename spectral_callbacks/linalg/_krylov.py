@@ -1,6 +1,6 @@
 """Krylov recurrences shared by the eigensolvers and stochastic Lanczos quadrature.
 
-Two recurrences live here, both with full reorthogonalisation. Every decision inside a step
+Three recurrences live here. Every decision inside a step
 (breakdown, restart) is taken with tensor masks (``torch.where``), so a step is a fixed
 sequence of kernels; the single-vector recurrence never synchronises with the host, the
 block one only inside its ``p × p`` SVD (see :class:`BlockLanczos`). The solvers read the
@@ -10,9 +10,11 @@ tridiagonal coefficients back to the host only when they check convergence.
   share one operator product per step (``b = 1`` for the eigensolver, ``b = num_probes`` for
   quadrature).
 * :class:`BlockLanczos` runs one block Lanczos recurrence on a block of ``p`` vectors.
+* :class:`ThreeTermLanczos` is :class:`IndependentLanczos` keeping two basis vectors instead
+  of all: for quadrature on large operators, where the whole basis would not fit.
 
-Reorthogonalisation is classical Gram-Schmidt applied twice ("CGS2"), written as batched
-matrix products so it runs at memory bandwidth.
+The first two reorthogonalise fully: classical Gram-Schmidt applied twice ("CGS2"), written
+as batched matrix products so it runs at memory bandwidth.
 """
 
 from __future__ import annotations
@@ -63,6 +65,8 @@ class IndependentLanczos:
         start: ``(b, n)`` start vectors (normalised here).
         max_steps: Upper bound on the number of steps (sets the basis capacity limit).
         generator: Random generator for the restart vectors, on the operator's device.
+        preallocate: Allocate the basis for ``max_steps`` at once (for a known number of
+            steps: growing by doubling holds the old and the new buffer at the same time).
     """
 
     def __init__(
@@ -71,12 +75,13 @@ class IndependentLanczos:
         start: torch.Tensor,
         max_steps: int,
         generator: torch.Generator,
+        preallocate: bool = False,
     ) -> None:
         self.operator = operator
         self.max_steps = max_steps
         b, n = start.shape
         self.width = b
-        capacity = min(max_steps + 1, 32)
+        capacity = max_steps + 1 if preallocate else min(max_steps + 1, 32)
         # Layout (b, step, n): each process's basis is a contiguous (steps, n) matrix, so
         # the projections below are plain batched matrix products without copies.
         self.basis = start.new_zeros(b, capacity, n)
@@ -128,6 +133,80 @@ class IndependentLanczos:
         ``beta[:, m-1]`` couples the basis to the next, not yet used, direction; it is the
         factor of the Ritz residuals. This is the only host transfer of the recurrence.
         """
+        m = self.steps
+        coefficients = torch.stack([self.alpha[:, :m], self.beta[:, :m]]).cpu()
+        return coefficients[0], coefficients[1]
+
+
+class ThreeTermLanczos:
+    """``b`` independent Lanczos recurrences that keep only their last two basis vectors.
+
+    Memory is ``3 b n`` entries instead of the ``b (m + 1) n`` of
+    :class:`IndependentLanczos`. Each new direction is orthogonalised against the two
+    vectors kept, twice (local reorthogonalisation), not against the whole basis, so
+    orthogonality is lost once Ritz values converge and the tridiagonal gains copies
+    ("ghosts") of converged extreme eigenvalues. For quadrature that is harmless: the
+    finite-precision recurrence is an exact one for a matrix whose eigenvalues cluster at
+    the true ones (Greenbaum 1989), so the Gauss rule still integrates the spectral measure
+    (Chen, Trogdon & Ubaru 2021 analyse SLQ in exactly this setting). On breakdown the
+    process restarts from a random vector orthogonal to the two kept vectors only.
+
+    Args:
+        operator: The symmetric operator.
+        start: ``(b, n)`` start vectors (normalised here).
+        max_steps: Number of steps the coefficient buffers hold.
+        generator: Random generator for the restart vectors, on the operator's device.
+    """
+
+    def __init__(
+        self,
+        operator: SymmetricOperator,
+        start: torch.Tensor,
+        max_steps: int,
+        generator: torch.Generator,
+    ) -> None:
+        self.operator = operator
+        b = start.shape[0]
+        self.width = b
+        self.current = start / start.norm(dim=1, keepdim=True)
+        self.previous = torch.zeros_like(self.current)
+        self.alpha = torch.zeros(b, max_steps, dtype=torch.float64, device=start.device)
+        self.beta = torch.zeros(b, max_steps, dtype=torch.float64, device=start.device)
+        self.scale = torch.zeros(b, dtype=start.dtype, device=start.device)
+        self.tolerance = breakdown_tolerance(start.dtype)
+        # Restart candidates as in IndependentLanczos: shifts of one random block.
+        restart = torch.randn(
+            start.shape, generator=generator, dtype=start.dtype, device=start.device
+        )
+        self._restart_seed = restart / restart.norm(dim=1, keepdim=True)
+        self.steps = 0
+
+    def _project_out_kept(self, w: torch.Tensor) -> torch.Tensor:
+        for vector in (self.current, self.previous):
+            w = w - (vector * w).sum(dim=1, keepdim=True) * vector
+        return w
+
+    def step(self) -> None:
+        """Advance every process by one Lanczos step (one operator product each)."""
+        j = self.steps
+        q = self.current
+        w = self.operator.matmat(q)
+        alpha = (q * w).sum(dim=1)
+        # Two passes against q_j and q_{j-1}: the first is the three-term recurrence itself.
+        w = self._project_out_kept(self._project_out_kept(w))
+        norm = w.norm(dim=1)
+        self.scale = torch.maximum(self.scale, torch.maximum(alpha.abs(), norm))
+        broken = norm <= self.tolerance * self.scale
+        restart = self._project_out_kept(torch.roll(self._restart_seed, shifts=j, dims=1))
+        w = torch.where(broken.unsqueeze(1), restart, w)
+        norm2 = w.norm(dim=1)
+        self.alpha[:, j] = alpha.to(torch.float64)
+        self.beta[:, j] = torch.where(broken, torch.zeros_like(norm2), norm2).to(torch.float64)
+        self.previous, self.current = q, w / norm2.unsqueeze(1)
+        self.steps = j + 1
+
+    def tridiagonal(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(alpha, beta)`` on the host, as :meth:`IndependentLanczos.tridiagonal`."""
         m = self.steps
         coefficients = torch.stack([self.alpha[:, :m], self.beta[:, :m]]).cpu()
         return coefficients[0], coefficients[1]
