@@ -332,6 +332,58 @@ def test_non_finite_loss_logs_nan_warns_once_and_training_goes_on():
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
+def test_values_undefined_for_adam_are_nan_without_a_warning():
+    """Before Adam's first step there is no preconditioner (the ratio is NaN), and Adam has
+    no single step size (the λ_max limit is NaN): documented, so no 'non-finite' warning."""
+    monitor = SharpnessMonitor(every_n_steps=2)
+    L.seed_everything(0, verbose=False)
+    trainer = L.Trainer(max_steps=4, callbacks=[monitor], **trainer_kwargs())
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.fit(NoisyClassifier(), classification_loader())
+    assert not [w for w in caught if "SharpnessMonitor" in str(w.message)]
+    values = dict(monitor.history)
+    assert math.isnan(values[0]["spectral/hessian/eos_ratio"])
+    assert values[2]["spectral/hessian/eos_ratio"] > 0
+    assert all(math.isnan(v["spectral/hessian/stability_limit"]) for v in values.values())
+    assert all(v["spectral/hessian/lambda_max"] > 0 for v in values.values())
+
+
+class _StepMarker(Callback):
+    """Records ``trainer.global_step`` in each batch hook, before the monitors' hooks (it
+    comes first in the callback list): the step a measurement in that hook is logged at."""
+
+    def __init__(self) -> None:
+        self.step = -1
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.step = trainer.global_step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.step = trainer.global_step
+
+
+def test_out_of_memory_in_a_measurement_logs_nan_and_training_goes_on():
+    """A measurement that runs out of device memory (simulated: the loss raises torch's
+    OutOfMemoryError at step 4) logs NaN with one warning; the others are unaffected and the
+    training is the run without the monitor."""
+    marker = _StepMarker()
+
+    def loss_fn(model, batch):
+        if marker.step == 4:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return F.cross_entropy(model(batch[0]), batch[1])
+
+    monitor = SharpnessMonitor(every_n_steps=2, loss_fn=loss_fn)
+    plain = _fit_and_capture([])
+    with pytest.warns(RuntimeWarning, match=r"out of device memory at step 4 \(CUDA out of"):
+        monitored = _fit_and_capture([marker, monitor])
+    _assert_identical_runs(plain, monitored)
+    values = {step: v["spectral/hessian/lambda_max"] for step, v in monitor.history}
+    assert math.isnan(values[4])
+    assert len(values) >= 6 and all(v > 0 for step, v in values.items() if step != 4)
+
+
 def test_explicit_probe_data_and_several_probe_batches():
     x, y = regression_data(n=40)
     explicit = SharpnessMonitor(

@@ -282,6 +282,7 @@ class SpectralMonitor(Callback):
         device = next(pl_module.parameters()).device
         probe = [move_to_device(b, device) for b in self._probe]
         self._probe = probe
+        out_of_memory = None
         with preserved_modes(pl_module, self._eval_mode), muted_lightning_logging(pl_module):
             try:
                 metrics = self.measure(trainer, pl_module, probe)
@@ -290,9 +291,34 @@ class SpectralMonitor(Callback):
                 self.warn_once(
                     "non-finite", f"non-finite value at step {step} ({error}); logging NaN"
                 )
-        if any(not math.isfinite(v) for v in metrics.values()):
+            except torch.cuda.OutOfMemoryError as error:
+                if trainer.world_size > 1:
+                    raise  # the other processes wait in this measurement's all-reduces
+                metrics = self.nan_metrics(trainer)
+                out_of_memory = str(error).splitlines()[0] if str(error) else "no message"
+        if out_of_memory is not None:
+            # Outside the except block, so the failed measurement's tensors are freed first.
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            self.warn_once(
+                "out-of-memory",
+                f"out of device memory at step {step} ({out_of_memory}); logging NaN. "
+                + self.out_of_memory_advice(),
+            )
+        undefined = self.undefined_metrics()
+        if any(not math.isfinite(v) for k, v in metrics.items() if k not in undefined):
             self.warn_once("non-finite", f"non-finite spectral value at step {step}; logging it")
         self._publish(trainer, metrics, step)
+
+    def undefined_metrics(self) -> set[str]:
+        """Metrics of the last measurement that are NaN by definition, not by a numerical
+        failure (no warning for those), e.g. an adaptive optimizer's ratio before its first
+        step."""
+        return set()
+
+    def out_of_memory_advice(self) -> str:
+        """What a measurement holds in memory and how to make it smaller (for the warning)."""
+        return "Use a smaller probe."
 
     def warn_once(self, topic: str, message: str) -> None:
         """Warn about ``topic`` the first time only; the run carries on either way."""

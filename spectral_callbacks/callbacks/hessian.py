@@ -73,6 +73,13 @@ class _HessianMonitor(SpectralMonitor):
     def state_key_fields(self) -> dict[str, Any]:
         return {**super().state_key_fields(), "params": repr(self._params)}
 
+    def out_of_memory_advice(self) -> str:
+        return (
+            "A measurement holds the first-order graph of every probe batch and the "
+            "eigensolver's Krylov basis (tens of parameter-sized vectors): use fewer "
+            "probe_batches, or fewer parameters with params=..."
+        )
+
     def validate_setup(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
         select_parameters(module, self._params)  # raises naming the parameters that exist
         if self._loss_fn is None and not module.automatic_optimization:
@@ -210,6 +217,7 @@ class SharpnessMonitor(_HessianMonitor):
         self._max_iter = max_iter
         self._optimizer_aware = optimizer_aware
         self._preconditioned_start: torch.Tensor | None = None
+        self._undefined: set[str] = set()
 
     def measure(
         self, trainer: pl.Trainer, module: pl.LightningModule, probe: list[Any]
@@ -232,6 +240,7 @@ class SharpnessMonitor(_HessianMonitor):
             lambda_max = float(result.eigenvalues[0])
             stability = self._stability(trainer, operator, lambda_max, lr)
             num_hvps = operator.num_hvps
+        self._undefined = {PREFIX + name for name in stability.undefined}
         return {
             PREFIX + "lambda_max": lambda_max,
             PREFIX + "eos_ratio": stability.eos_ratio,
@@ -254,7 +263,7 @@ class SharpnessMonitor(_HessianMonitor):
         try:
             preconditioner = stability_preconditioner(optimizers[0], operator.params)
         except NoPreconditionerYet:
-            return _Stability(math.nan, math.nan, math.nan, math.nan)
+            return _Stability(math.nan, math.nan, math.nan, math.nan, undefined=_RATIO_METRICS)
         except UnsupportedOptimizerError as error:
             self.warn_once("optimizer", f"{error}; eos_ratio is lambda_max * lr / 2 instead")
             return plain
@@ -275,10 +284,22 @@ class SharpnessMonitor(_HessianMonitor):
         if ratio.eigenvector is not None:
             self._preconditioned_start = ratio.eigenvector
         step = preconditioner.uniform_step
-        limit = (
-            ratio.threshold / step - float(preconditioner.weight_decay[0]) if step > 0 else math.nan
+        if step > 0:
+            limit = ratio.threshold / step - float(preconditioner.weight_decay[0])
+            return _Stability(
+                ratio.eos_ratio, ratio.preconditioned_sharpness, ratio.threshold, limit
+            )
+        # No single step size (adaptive optimizers): no λ_max limit to draw.
+        return _Stability(
+            ratio.eos_ratio,
+            ratio.preconditioned_sharpness,
+            ratio.threshold,
+            math.nan,
+            undefined=("stability_limit",),
         )
-        return _Stability(ratio.eos_ratio, ratio.preconditioned_sharpness, ratio.threshold, limit)
+
+    def undefined_metrics(self) -> set[str]:
+        return self._undefined
 
     def warm_start_state(self) -> dict[str, torch.Tensor | None]:
         return {"start": self._start, "preconditioned_start": self._preconditioned_start}
@@ -318,6 +339,11 @@ class _Stability:
     preconditioned_sharpness: float
     threshold: float
     limit: float
+    undefined: tuple[str, ...] = ()  # NaN by definition (see SpectralMonitor.undefined_metrics)
+
+
+#: What an adaptive optimizer without state yet (before its first step) cannot define.
+_RATIO_METRICS = ("eos_ratio", "preconditioned_sharpness", "stability_threshold", "stability_limit")
 
 
 class HessianSpectrumMonitor(_HessianMonitor):

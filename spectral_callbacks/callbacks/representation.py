@@ -140,6 +140,13 @@ class RepresentationMonitor(SpectralMonitor):
                 "model, e.g. module.model(**batch))"
             )
 
+    def out_of_memory_advice(self) -> str:
+        return (
+            "A measurement holds one probe batch's forward pass and a D x D float64 "
+            "accumulator per layer: use fewer or narrower layers (pool=...), or smaller "
+            "probe batches."
+        )
+
     def probe_is_complete(self, probe: list[Any]) -> bool:
         return sum(batch_size(b) for b in probe) >= self._num_samples
 
