@@ -1,10 +1,10 @@
 """Krylov recurrences shared by the eigensolvers and stochastic Lanczos quadrature.
 
-Three recurrences live here. Every decision inside a step
-(breakdown, restart) is taken with tensor masks (``torch.where``), so a step is a fixed
-sequence of kernels; the single-vector recurrence never synchronises with the host, the
-block one only inside its ``p × p`` SVD (see :class:`BlockLanczos`). The solvers read the
-tridiagonal coefficients back to the host only when they check convergence.
+Three recurrences live here. Every decision inside a step (breakdown, restart) is taken
+with tensor masks (``torch.where``), so a step is a fixed sequence of kernels; the
+single-vector recurrences never synchronise with the host, the block one only inside its
+``p × p`` SVD (see :class:`BlockLanczos`). The solvers read the tridiagonal coefficients
+back to the host only when they check convergence.
 
 * :class:`IndependentLanczos` runs ``b`` independent single-vector Lanczos recurrences that
   share one operator product per step (``b = 1`` for the eigensolver, ``b = num_probes`` for

@@ -117,9 +117,10 @@ class SpectralDensity:
         """The smallest node over all probes: an estimate of the smallest eigenvalue.
 
         Every node is a Ritz value, so ``λ_min ≤ lambda_min`` (Cauchy interlacing), and some
-        eigenvalue lies within :attr:`lambda_min_residual` of it. Lanczos resolves the ends
+        eigenvalue lies within :attr:`lambda_min_residual` of it (both up to rounding when
+        the recurrences kept two vectors: Paige 1980). Lanczos resolves the ends
         of a spectrum first: with the default 64 steps it matched a separate solve for the
-        smallest eigenvalue (``tol=1e-8``) to about 1e-7 of λ_max on W1 and a 2-layer GPT
+        smallest eigenvalue (``tol=1e-8``) to within 1.1e-7 of λ_max on W1 and a 2-layer GPT
         (README, "Density"). Like any Krylov estimate it cannot reveal an eigenvalue that no
         probe has reached yet.
         """
