@@ -363,7 +363,10 @@ class HessianSpectrumMonitor(_HessianMonitor):
 
     Cost per measurement: the top-k solve (about ``20k`` products cold, fewer warm), plus
     ``trace_hvps`` products for the trace and ``density_probes · density_steps`` for the
-    density.
+    density. Memory beyond the probe's first-order graphs: the top-k solve keeps its Krylov
+    basis (one parameter-sized vector per step, allocated by doubling), and the density
+    keeps ``density_probes · (density_steps + 1)`` such vectors while they fit in
+    :data:`~spectral_callbacks.linalg.FULL_REORTHOGONALISATION_BYTES`, else three per probe.
 
     Args:
         every_n_steps: Optimizer steps between measurements.
