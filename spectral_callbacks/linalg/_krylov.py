@@ -48,7 +48,57 @@ def _grow(buffer: torch.Tensor, dim: int, needed: int, limit: int) -> torch.Tens
     return grown
 
 
-class IndependentLanczos:
+class _IndependentRecurrences:
+    """What :class:`IndependentLanczos` and :class:`ThreeTermLanczos` share: ``b`` processes,
+    float64 coefficients, the breakdown test and the restart candidates."""
+
+    def __init__(
+        self,
+        operator: SymmetricOperator,
+        start: torch.Tensor,
+        capacity: int,
+        generator: torch.Generator,
+    ) -> None:
+        self.operator = operator
+        self.width = start.shape[0]
+        self.alpha = torch.zeros(self.width, capacity, dtype=torch.float64, device=start.device)
+        self.beta = torch.zeros(self.width, capacity, dtype=torch.float64, device=start.device)
+        self.scale = torch.zeros(self.width, dtype=start.dtype, device=start.device)
+        self.tolerance = breakdown_tolerance(start.dtype)
+        # Restart candidates: cyclic shifts of one random block, by the step index. Distinct
+        # shifts of a Gaussian vector are almost surely linearly independent, so a second
+        # breakdown never reuses a direction already in the basis, and a shift costs a copy
+        # where a fresh randn per step cost ~5x more on a CPU.
+        restart = torch.randn(
+            start.shape, generator=generator, dtype=start.dtype, device=start.device
+        )
+        self._restart_seed = restart / restart.norm(dim=1, keepdim=True)
+        self.steps = 0
+
+    def _broken(self, alpha: torch.Tensor, norm: torch.Tensor) -> torch.Tensor:
+        """Which processes broke down: a new direction negligible at the operator's scale."""
+        self.scale = torch.maximum(self.scale, torch.maximum(alpha.abs(), norm))
+        return norm <= self.tolerance * self.scale
+
+    def _record(self, alpha: torch.Tensor, norm: torch.Tensor, broken: torch.Tensor) -> None:
+        """Store step ``j``'s coefficients; a breakdown's coupling is exactly zero."""
+        j = self.steps
+        self.alpha[:, j] = alpha.to(torch.float64)
+        self.beta[:, j] = torch.where(broken, torch.zeros_like(norm), norm).to(torch.float64)
+        self.steps = j + 1
+
+    def tridiagonal(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return ``(alpha, beta)`` on the host: ``(b, m)`` diagonals and ``(b, m)`` couplings.
+
+        ``beta[:, m-1]`` couples the basis to the next, not yet used, direction; it is the
+        factor of the Ritz residuals. This is the only host transfer of the recurrence.
+        """
+        m = self.steps
+        coefficients = torch.stack([self.alpha[:, :m], self.beta[:, :m]]).cpu()
+        return coefficients[0], coefficients[1]
+
+
+class IndependentLanczos(_IndependentRecurrences):
     """``b`` independent Lanczos recurrences ``A q_j = β_{j-1} q_{j-1} + α_j q_j + β_j q_{j+1}``.
 
     Column ``c`` of the state is a single-vector Lanczos process started from row ``c`` of
@@ -77,28 +127,13 @@ class IndependentLanczos:
         generator: torch.Generator,
         preallocate: bool = False,
     ) -> None:
-        self.operator = operator
-        self.max_steps = max_steps
-        b, n = start.shape
-        self.width = b
         capacity = max_steps + 1 if preallocate else min(max_steps + 1, 32)
+        super().__init__(operator, start, capacity, generator)
+        self.max_steps = max_steps
         # Layout (b, step, n): each process's basis is a contiguous (steps, n) matrix, so
         # the projections below are plain batched matrix products without copies.
-        self.basis = start.new_zeros(b, capacity, n)
+        self.basis = start.new_zeros(self.width, capacity, start.shape[1])
         self.basis[:, 0] = start / start.norm(dim=1, keepdim=True)
-        self.alpha = torch.zeros(b, capacity, dtype=torch.float64, device=start.device)
-        self.beta = torch.zeros(b, capacity, dtype=torch.float64, device=start.device)
-        self.scale = torch.zeros(b, dtype=start.dtype, device=start.device)
-        self.tolerance = breakdown_tolerance(start.dtype)
-        # Restart candidates: cyclic shifts of one random block, by the step index. Distinct
-        # shifts of a Gaussian vector are almost surely linearly independent, so a second
-        # breakdown never reuses a direction already in the basis, and a shift costs a copy
-        # where a fresh randn per step cost ~5x more on a CPU.
-        restart = torch.randn(
-            start.shape, generator=generator, dtype=start.dtype, device=start.device
-        )
-        self._restart_seed = restart / restart.norm(dim=1, keepdim=True)
-        self.steps = 0
 
     def step(self) -> None:
         """Advance every process by one Lanczos step (one operator product each)."""
@@ -113,32 +148,18 @@ class IndependentLanczos:
         # Full reorthogonalisation subsumes the three-term recurrence: the projection onto
         # q_j and q_{j-1} removes alpha_j q_j and beta_{j-1} q_{j-1}.
         w = w - torch.bmm(torch.bmm(basis, w.unsqueeze(2)).transpose(1, 2), basis).squeeze(1)
-        norm = w.norm(dim=1)
-        self.scale = torch.maximum(self.scale, torch.maximum(alpha.abs(), norm))
-        broken = norm <= self.tolerance * self.scale
+        broken = self._broken(alpha, w.norm(dim=1))
         restart = torch.roll(self._restart_seed, shifts=j, dims=1)
         # Second Gram-Schmidt pass: for w it restores orthogonality lost to cancellation; for
         # a restart vector it is the one pass a random vector needs.
         w = torch.where(broken.unsqueeze(1), restart, w)
         w = w - torch.bmm(torch.bmm(basis, w.unsqueeze(2)).transpose(1, 2), basis).squeeze(1)
         norm2 = w.norm(dim=1)
-        self.alpha[:, j] = alpha.to(torch.float64)
-        self.beta[:, j] = torch.where(broken, torch.zeros_like(norm2), norm2).to(torch.float64)
+        self._record(alpha, norm2, broken)
         self.basis[:, j + 1] = w / norm2.unsqueeze(1)
-        self.steps = j + 1
-
-    def tridiagonal(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Return ``(alpha, beta)`` on the host: ``(b, m)`` diagonals and ``(b, m)`` couplings.
-
-        ``beta[:, m-1]`` couples the basis to the next, not yet used, direction; it is the
-        factor of the Ritz residuals. This is the only host transfer of the recurrence.
-        """
-        m = self.steps
-        coefficients = torch.stack([self.alpha[:, :m], self.beta[:, :m]]).cpu()
-        return coefficients[0], coefficients[1]
 
 
-class ThreeTermLanczos:
+class ThreeTermLanczos(_IndependentRecurrences):
     """``b`` independent Lanczos recurrences that keep only their last two basis vectors.
 
     Memory is ``3 b n`` entries instead of the ``b (m + 1) n`` of
@@ -165,21 +186,9 @@ class ThreeTermLanczos:
         max_steps: int,
         generator: torch.Generator,
     ) -> None:
-        self.operator = operator
-        b = start.shape[0]
-        self.width = b
+        super().__init__(operator, start, max_steps, generator)
         self.current = start / start.norm(dim=1, keepdim=True)
         self.previous = torch.zeros_like(self.current)
-        self.alpha = torch.zeros(b, max_steps, dtype=torch.float64, device=start.device)
-        self.beta = torch.zeros(b, max_steps, dtype=torch.float64, device=start.device)
-        self.scale = torch.zeros(b, dtype=start.dtype, device=start.device)
-        self.tolerance = breakdown_tolerance(start.dtype)
-        # Restart candidates as in IndependentLanczos: shifts of one random block.
-        restart = torch.randn(
-            start.shape, generator=generator, dtype=start.dtype, device=start.device
-        )
-        self._restart_seed = restart / restart.norm(dim=1, keepdim=True)
-        self.steps = 0
 
     def _project_out_kept(self, w: torch.Tensor) -> torch.Tensor:
         for vector in (self.current, self.previous):
@@ -194,22 +203,12 @@ class ThreeTermLanczos:
         alpha = (q * w).sum(dim=1)
         # Two passes against q_j and q_{j-1}: the first is the three-term recurrence itself.
         w = self._project_out_kept(self._project_out_kept(w))
-        norm = w.norm(dim=1)
-        self.scale = torch.maximum(self.scale, torch.maximum(alpha.abs(), norm))
-        broken = norm <= self.tolerance * self.scale
+        broken = self._broken(alpha, w.norm(dim=1))
         restart = self._project_out_kept(torch.roll(self._restart_seed, shifts=j, dims=1))
         w = torch.where(broken.unsqueeze(1), restart, w)
         norm2 = w.norm(dim=1)
-        self.alpha[:, j] = alpha.to(torch.float64)
-        self.beta[:, j] = torch.where(broken, torch.zeros_like(norm2), norm2).to(torch.float64)
+        self._record(alpha, norm2, broken)
         self.previous, self.current = q, w / norm2.unsqueeze(1)
-        self.steps = j + 1
-
-    def tridiagonal(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(alpha, beta)`` on the host, as :meth:`IndependentLanczos.tridiagonal`."""
-        m = self.steps
-        coefficients = torch.stack([self.alpha[:, :m], self.beta[:, :m]]).cpu()
-        return coefficients[0], coefficients[1]
 
 
 def tridiagonal_matrix(alpha: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
