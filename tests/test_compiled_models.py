@@ -21,7 +21,7 @@ from spectral_callbacks.curvature.hessian import _explain_second_order_failure
 from spectral_callbacks.representation import resolve_layers
 
 from .helpers import cross_entropy_loss, dense_hessian_func, make_case
-from .lightning_helpers import full_batch_loader, regression_data
+from .lightning_helpers import full_batch_loader, regression_data, trainer_kwargs
 from .test_compiled_hvp import CountingBackend, ManualMSERegressor
 
 
@@ -83,14 +83,7 @@ def test_monitors_on_a_compiled_submodule_match_the_uncompiled_model():
             if monitored
             else []
         )
-        trainer = L.Trainer(
-            max_epochs=1,
-            callbacks=callbacks,
-            logger=False,
-            enable_checkpointing=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-        )
+        trainer = L.Trainer(max_epochs=1, callbacks=callbacks, **trainer_kwargs())
         trainer.fit(module, full_batch_loader(x, y, 12))
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
         return metrics, [p.detach().clone() for p in module.parameters()], backend.graphs
