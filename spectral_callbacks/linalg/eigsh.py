@@ -462,24 +462,20 @@ def validate_method(method: str, block_size: int | None) -> None:
         )
 
 
-def choose_eigen_method(
-    method: str, k: int, device: torch.device, block_size: int | None = None
-) -> str:
-    """The eigensolver ``method`` stands for on ``device`` for ``k`` eigenvalues.
+def choose_eigen_method(method: str, block_size: int | None = None) -> str:
+    """The eigensolver ``method`` stands for: ``"auto"`` is single-vector Lanczos unless a
+    ``block_size`` is given (then block Lanczos), on every device.
 
-    ``"auto"`` is single-vector Lanczos on every device unless a ``block_size`` is given
-    (then block Lanczos). Block Lanczos needs more products for the same top-k: at k=10,
-    tol=1e-3 a block of 12 used its whole default budget (204 HVPs) without converging on
-    W1 (error 1.1e-2) and a 2-layer GPT, where single-vector Lanczos converged in 99-182
-    HVPs to ~1e-6 (README). A cheaper product per vector in a block (vmapped, compiled)
-    would have to beat that factor; ``k`` and ``device`` are kept for that choice once GPU
-    measurements of this code exist (``bench/block_sizes.py`` turns one block-product
-    timing into a prediction).
+    Block Lanczos needs more products for the same top-k: at k=10, tol=1e-3 a block of 12
+    used its whole default budget (204 HVPs) without converging on W1 (error 1.1e-2) and a
+    2-layer GPT, where single-vector Lanczos converged in 99-182 HVPs to ~1e-6 (README). A
+    cheaper product per vector in a block (vmapped, compiled) would have to beat that
+    factor; once GPU measurements of this code exist, a device-dependent choice belongs
+    here (``bench/block_sizes.py`` turns one block-product timing into a prediction).
     """
     validate_method(method, block_size)
     if method != "auto":
         return method
-    del k, device
     return "lanczos" if block_size is None else "block_lanczos"
 
 
@@ -497,11 +493,11 @@ def eigenpairs(
 ) -> EigenResult:
     """Top-``k`` eigenpairs by the solver ``method`` names: the one entry point above linalg.
 
-    ``method`` is resolved by :func:`choose_eigen_method` on the operator's device; the
-    other arguments are those of :func:`lanczos` and :func:`block_lanczos` (``block_size``
-    only for the latter, default 4).
+    ``method`` is resolved by :func:`choose_eigen_method`; the other arguments are those
+    of :func:`lanczos` and :func:`block_lanczos` (``block_size`` only for the latter,
+    default 4).
     """
-    chosen = choose_eigen_method(method, k, operator.device, block_size)
+    chosen = choose_eigen_method(method, block_size)
     arguments = dict(
         k=k,
         which=which,
