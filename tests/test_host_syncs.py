@@ -141,7 +141,8 @@ def test_hessian_vector_products_never_sync(case, hvp):
     assert counts == {}
 
 
-def test_a_lanczos_solve_copies_to_the_host_only_at_its_checks(monkeypatch):
+@pytest.mark.parametrize("max_basis", [None, 8])
+def test_a_lanczos_solve_copies_to_the_host_only_at_its_checks(monkeypatch, max_basis):
     spectrum = torch.cat([torch.tensor([10.0, 9.0]), torch.linspace(-2, 8, 198)])
     g = torch.Generator().manual_seed(1)
     q, _ = torch.linalg.qr(torch.randn(200, 200, generator=g, dtype=torch.float64))
@@ -154,9 +155,19 @@ def test_a_lanczos_solve_copies_to_the_host_only_at_its_checks(monkeypatch):
         return original(self)
 
     monkeypatch.setattr(IndependentLanczos, "tridiagonal", counted)
+    restarts = []
+    original_restart = IndependentLanczos.thick_restart
+
+    def restart(self, *args):
+        restarts.append(self.steps)
+        return original_restart(self, *args)
+
+    monkeypatch.setattr(IndependentLanczos, "thick_restart", restart)
     with recording_host_syncs() as counts:
-        result = lanczos(operator, k=1, tol=1e-6)
+        result = lanczos(operator, k=1, tol=1e-6, max_basis=max_basis)
     assert result.all_converged and result.num_iterations > 2 * len(checks)
+    # Restarts happen at checks, from what the check copied: no copies of their own.
+    assert bool(restarts) == (max_basis is not None)
     # One copy of (alpha, beta) per check; the scalars read afterwards are host tensors.
     assert counts["cpu"] == len(checks)
 

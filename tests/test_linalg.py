@@ -354,3 +354,113 @@ def test_eigenpairs_picks_the_solver_by_method_and_block_size():
         eigenpairs(op, k=2, method="lanczos", block_size=2)
     with pytest.raises(ValueError, match=r"method must be one of \('auto', 'lanczos'"):
         eigenpairs(op, k=2, method="lobpcg")
+
+
+class _BasisSpy:
+    """Records the basis capacity and the thick restarts of every single-vector solve."""
+
+    def __init__(self, monkeypatch) -> None:
+        from spectral_callbacks.linalg import _krylov
+
+        self.capacities: list[int] = []
+        self.restarts = 0
+        original_init = _krylov.IndependentLanczos.__init__
+        original_restart = _krylov.IndependentLanczos.thick_restart
+
+        def init(recurrence, *args, **kwargs):
+            original_init(recurrence, *args, **kwargs)
+            self.capacities.append(recurrence.basis.shape[1])
+
+        def restart(recurrence, *args, **kwargs):
+            self.restarts += 1
+            original_restart(recurrence, *args, **kwargs)
+            # Whatever was kept, the basis stays orthonormal.
+            m = recurrence.steps + 1
+            q = recurrence.basis[0, :m]
+            assert torch.allclose(q @ q.T, torch.eye(m, dtype=q.dtype), atol=1e-12)
+
+        monkeypatch.setattr(_krylov.IndependentLanczos, "__init__", init)
+        monkeypatch.setattr(_krylov.IndependentLanczos, "thick_restart", restart)
+
+
+@pytest.mark.parametrize("name", list(SPECTRA))
+@pytest.mark.parametrize("which", ["LA", "SA", "LM"])
+def test_bounded_basis_restarts_and_matches_exact_spectrum(monkeypatch, name, which):
+    spy = _BasisSpy(monkeypatch)
+    spectrum = SPECTRA[name]
+    a = matrix_with_spectrum(spectrum)
+    op = DenseOperator(a)
+    k, tol = 3, 1e-8
+    # The outliers converge in 8 products: a smaller basis makes these solves restart too.
+    max_basis = 5 if name == "bulk_outliers" and which != "SA" else 12
+    result = lanczos(
+        op, k=k, which=which, tol=tol, max_iter=3000, max_basis=max_basis, return_eigenvectors=True
+    )
+    assert spy.capacities == [max_basis]
+    assert spy.restarts >= 1 and result.num_hvps == op.num_matvecs > max_basis
+    want = expected(spectrum, k, which)
+    assert result.converged.all(), (result.eigenvalues, result.residuals)
+    assert torch.allclose(result.eigenvalues, want, rtol=0, atol=tol * want.abs().max() * 10)
+    vectors = result.eigenvectors
+    true_residuals = (vectors @ a - result.eigenvalues.unsqueeze(1) * vectors).norm(dim=1)
+    assert torch.all(true_residuals <= 10 * tol * result.eigenvalues.abs() + 1e-12)
+    assert torch.allclose(vectors @ vectors.T, torch.eye(k, dtype=torch.float64), atol=1e-10)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    n=st.integers(min_value=6, max_value=40),
+    k=st.integers(min_value=1, max_value=3),
+    extra=st.integers(min_value=2, max_value=8),
+    distinct=st.integers(min_value=2, max_value=40),
+    which=st.sampled_from(["LA", "SA", "LM"]),
+    seed=st.integers(min_value=0, max_value=10_000),
+)
+def test_bounded_basis_on_random_spectra_with_repeats(n, k, extra, distinct, which, seed):
+    # Few distinct values make Krylov spaces invariant early: breakdowns between restarts.
+    g = torch.Generator().manual_seed(seed)
+    values = torch.randn(min(distinct, n), generator=g, dtype=torch.float64) * 10
+    spectrum = values[torch.arange(n) % values.numel()]
+    a = matrix_with_spectrum(spectrum, seed=seed)
+    k = min(k, n - 2)
+    result = lanczos(
+        DenseOperator(a), k=k, which=which, tol=1e-9, max_iter=4000, max_basis=k + extra
+    )
+    assert result.all_converged
+    # Single-vector Lanczos finds each distinct value once per invariant subspace it
+    # exhausts, so each Ritz value must be an eigenvalue, and the first the wanted one.
+    scale = spectrum.abs().max()
+    gaps = (result.eigenvalues.unsqueeze(1) - spectrum.unsqueeze(0)).abs().min(dim=1).values
+    assert torch.all(gaps <= 1e-7 * scale), (result.eigenvalues, spectrum)
+    assert abs(float(result.eigenvalues[0] - expected(spectrum, 1, which)[0])) <= 1e-7 * scale
+
+
+def test_default_bound_applies_when_the_basis_would_exceed_its_bytes(monkeypatch):
+    spy = _BasisSpy(monkeypatch)
+    spectrum = SPECTRA["clustered"]
+    op = DenseOperator(matrix_with_spectrum(spectrum))
+    unbounded = lanczos(op, k=1, tol=1e-10, max_iter=120)
+    # 120 float64 entries per vector: 16 vectors take 15 KiB.
+    monkeypatch.setattr(eigsh, "KRYLOV_BASIS_BYTES", 8 * 120 * 10)
+    bounded = lanczos(op, k=1, tol=1e-10, max_iter=400)
+    assert spy.capacities == [32, eigsh.minimum_default_basis(1)] and spy.restarts >= 1
+    assert unbounded.all_converged and bounded.all_converged
+    assert float(bounded.eigenvalues[0]) == pytest.approx(5.0, abs=1e-9)
+    monkeypatch.setattr(eigsh, "KRYLOV_BASIS_BYTES", 8 * 120 * 40)
+    assert eigsh.basis_bound(None, 1, op, max_steps=100) == 40
+    assert eigsh.basis_bound(None, 1, op, max_steps=30) is None
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"k": 2, "max_basis": 3}, r"max_basis must be None or an integer of at least k \+ 2 = 4"),
+        ({"max_basis": 8.0}, "max_basis must be None or an integer"),
+        ({"block_size": 2, "max_basis": 8}, "max_basis=8 bounds the basis of method='lanczos'"),
+        ({"method": "block_lanczos", "max_basis": 8}, "'block_lanczos' keeps its whole basis"),
+    ],
+)
+def test_bad_max_basis_names_the_argument(kwargs, message):
+    op = DenseOperator(matrix_with_spectrum(torch.linspace(-1, 1, 30)))
+    with pytest.raises(ValueError, match=message):
+        eigenpairs(op, **kwargs)

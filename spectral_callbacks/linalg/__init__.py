@@ -6,12 +6,14 @@ Nothing here knows about models or Lightning: every routine sees a matrix only t
 
 from .eigsh import (
     EIGEN_METHODS,
+    KRYLOV_BASIS_BYTES,
     WHICH,
     EigenResult,
     block_lanczos,
     choose_eigen_method,
     eigenpairs,
     lanczos,
+    validate_max_basis,
     validate_method,
 )
 from .operators import DenseOperator, ScaledOperator, SymmetricOperator
@@ -21,6 +23,7 @@ from .trace import TraceEstimate, exact_trace, hutchinson, hutchpp, trace
 __all__ = [
     "EIGEN_METHODS",
     "FULL_REORTHOGONALISATION_BYTES",
+    "KRYLOV_BASIS_BYTES",
     "WHICH",
     "ZERO_TOLERANCE",
     "DenseOperator",
@@ -38,5 +41,6 @@ __all__ = [
     "lanczos",
     "slq",
     "trace",
+    "validate_max_basis",
     "validate_method",
 ]

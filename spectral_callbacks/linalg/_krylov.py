@@ -8,7 +8,8 @@ back to the host only when they check convergence.
 
 * :class:`IndependentLanczos` runs ``b`` independent single-vector Lanczos recurrences that
   share one operator product per step (``b = 1`` for the eigensolver, ``b = num_probes`` for
-  quadrature).
+  quadrature). With ``b = 1`` it can shrink its basis to chosen Ritz vectors and go on
+  (:meth:`IndependentLanczos.thick_restart`), which bounds the eigensolver's memory.
 * :class:`BlockLanczos` runs one block Lanczos recurrence on a block of ``p`` vectors.
 * :class:`ThreeTermLanczos` is :class:`IndependentLanczos` keeping two basis vectors instead
   of all: for quadrature on large operators, where the whole basis would not fit.
@@ -74,6 +75,8 @@ class _IndependentRecurrences:
         )
         self._restart_seed = restart / restart.norm(dim=1, keepdim=True)
         self.steps = 0
+        # Steps ever taken; differs from ``steps`` (the basis position) after a thick restart.
+        self.products = 0
 
     def _broken(self, alpha: torch.Tensor, norm: torch.Tensor) -> torch.Tensor:
         """Which processes broke down: a new direction negligible at the operator's scale."""
@@ -86,6 +89,7 @@ class _IndependentRecurrences:
         self.alpha[:, j] = alpha.to(torch.float64)
         self.beta[:, j] = torch.where(broken, torch.zeros_like(norm), norm).to(torch.float64)
         self.steps = j + 1
+        self.products += 1
 
     def tridiagonal(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Return ``(alpha, beta)`` on the host: ``(b, m)`` diagonals and ``(b, m)`` couplings.
@@ -134,6 +138,9 @@ class IndependentLanczos(_IndependentRecurrences):
         # the projections below are plain batched matrix products without copies.
         self.basis = start.new_zeros(self.width, capacity, start.shape[1])
         self.basis[:, 0] = start / start.norm(dim=1, keepdim=True)
+        # After a thick restart: the couplings ``β_m s_{m,i}`` of the kept Ritz vectors
+        # (basis rows ``0..l-1``) to basis row ``l``, on the host in float64.
+        self.arrow = torch.zeros(0, dtype=torch.float64)
 
     def step(self) -> None:
         """Advance every process by one Lanczos step (one operator product each)."""
@@ -149,7 +156,7 @@ class IndependentLanczos(_IndependentRecurrences):
         # q_j and q_{j-1} removes alpha_j q_j and beta_{j-1} q_{j-1}.
         w = w - torch.bmm(torch.bmm(basis, w.unsqueeze(2)).transpose(1, 2), basis).squeeze(1)
         broken = self._broken(alpha, w.norm(dim=1))
-        restart = torch.roll(self._restart_seed, shifts=j, dims=1)
+        restart = torch.roll(self._restart_seed, shifts=self.products, dims=1)
         # Second Gram-Schmidt pass: for w it restores orthogonality lost to cancellation; for
         # a restart vector it is the one pass a random vector needs.
         w = torch.where(broken.unsqueeze(1), restart, w)
@@ -157,6 +164,54 @@ class IndependentLanczos(_IndependentRecurrences):
         norm2 = w.norm(dim=1)
         self._record(alpha, norm2, broken)
         self.basis[:, j + 1] = w / norm2.unsqueeze(1)
+
+    def projected_matrix(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return ``T = Qᵀ A Q`` (``m × m``) and the residual coupling ``β_m``, on the host.
+
+        For one process (``b = 1``). ``T`` is tridiagonal, bordered after a thick restart by
+        the arrow that couples the kept Ritz vectors to the direction after them; in either
+        case ``A Q = Q T + β_m q_{m+1} e_mᵀ``, so the Ritz residuals are ``|β_m s_{m,i}|``.
+        """
+        alpha, beta = self.tridiagonal()
+        projected = tridiagonal_matrix(alpha[0], beta[0])
+        kept = self.arrow.shape[0]
+        if kept:
+            projected[:kept, kept] = self.arrow
+            projected[kept, :kept] = self.arrow
+        return projected, beta[0, -1]
+
+    def thick_restart(
+        self, ritz_vectors: torch.Tensor, ritz_values: torch.Tensor, coupling: torch.Tensor
+    ) -> None:
+        """Shrink the basis to ``l`` Ritz vectors and the next direction (Wu & Simon 2000).
+
+        For one process (``b = 1``), at a convergence check. With ``T = S Θ Sᵀ`` and ``C``
+        the ``l`` columns of ``S`` kept (``ritz_vectors``, ``m × l``, float64, with their
+        ``ritz_values`` and the residual coupling ``β_m`` from :meth:`projected_matrix`,
+        all on the host, so a restart adds no synchronisation to its check), the Ritz
+        vectors ``Y = Q C`` satisfy ``A Y = Y Θ_C + β_m q_{m+1} (e_mᵀ C)``: in the basis
+        ``[Y, q_{m+1}]`` the projected matrix is ``diag(Θ_C)`` bordered by the arrow
+        ``β_m e_mᵀ C``, and the recurrence goes on from ``q_{m+1}`` unchanged (full
+        reorthogonalisation against ``Y`` supplies the arrow's terms). ``Y`` overwrites the
+        basis column chunk by column chunk, so the restart needs about one vector of
+        scratch memory.
+        """
+        m = self.steps
+        kept = ritz_vectors.shape[1]
+        if self.width != 1 or ritz_vectors.shape[0] != m or not 0 < kept < m:
+            raise ValueError(f"a thick restart keeps 0 < l < {m} Ritz vectors of one process")
+        basis = self.basis[0]
+        combination = ritz_vectors.T.to(dtype=basis.dtype, device=basis.device)
+        n = basis.shape[1]
+        chunk = -(-n // kept)
+        for first in range(0, n, chunk):
+            columns = basis[:, first : first + chunk]
+            columns[:kept] = combination @ columns[:m]
+        basis[kept] = basis[m]
+        self.arrow = coupling * ritz_vectors[m - 1]
+        self.alpha[0, :kept] = ritz_values.to(self.alpha.device)
+        self.beta[0, :kept] = 0.0
+        self.steps = kept
 
 
 class ThreeTermLanczos(_IndependentRecurrences):
@@ -197,14 +252,15 @@ class ThreeTermLanczos(_IndependentRecurrences):
 
     def step(self) -> None:
         """Advance every process by one Lanczos step (one operator product each)."""
-        j = self.steps
         q = self.current
         w = self.operator.matmat(q)
         alpha = (q * w).sum(dim=1)
         # Two passes against q_j and q_{j-1}: the first is the three-term recurrence itself.
         w = self._project_out_kept(self._project_out_kept(w))
         broken = self._broken(alpha, w.norm(dim=1))
-        restart = self._project_out_kept(torch.roll(self._restart_seed, shifts=j, dims=1))
+        restart = self._project_out_kept(
+            torch.roll(self._restart_seed, shifts=self.products, dims=1)
+        )
         w = torch.where(broken.unsqueeze(1), restart, w)
         norm2 = w.norm(dim=1)
         self._record(alpha, norm2, broken)
