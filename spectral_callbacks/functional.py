@@ -79,6 +79,7 @@ def hessian_eigenvalues(
     hvp: str = "auto",
     batch_size_fn: Callable[[Any], int] | None = None,
     preconditioner: torch.Tensor | StabilityPreconditioner | None = None,
+    max_basis: int | None = None,
 ) -> EigenResult:
     """Top-``k`` eigenpairs of the loss Hessian, by Lanczos with full reorthogonalisation.
 
@@ -112,6 +113,10 @@ def hessian_eigenvalues(
             :class:`~spectral_callbacks.curvature.StabilityPreconditioner` from
             :func:`~spectral_callbacks.curvature.stability_preconditioner` (then
             ``D̃^½ (H + W) D̃^½``, whose top eigenvalue is the optimizer-aware ``eos_ratio``).
+        max_basis: Most parameter-sized Krylov vectors held at once by ``"lanczos"``
+            (at least ``k + 2``; it restarts when they are used up). Default: all of them
+            while they fit in 1 GiB, else as many as fit but at least ``max(16, 2k + 12)``
+            (see :func:`~spectral_callbacks.linalg.lanczos`).
 
     Returns:
         An :class:`~spectral_callbacks.linalg.EigenResult`: ``eigenvalues`` (float64, CPU),
@@ -141,6 +146,7 @@ def hessian_eigenvalues(
             seed=seed,
             start=start,
             return_eigenvectors=return_eigenvectors,
+            max_basis=max_basis,
         )
         result.num_hvps = hessian.num_hvps
     return result
@@ -157,6 +163,7 @@ def optimizer_stability_ratio(
     hvp: str = "auto",
     method: str = "auto",
     block_size: int | None = None,
+    max_basis: int | None = None,
 ) -> StabilityRatio:
     """The optimizer-aware edge-of-stability ratio ``λ_max(D̃^½ (H + W) D̃^½)`` outside a Trainer.
 
@@ -164,13 +171,19 @@ def optimizer_stability_ratio(
     its class, param groups and state; see :mod:`spectral_callbacks.curvature.preconditioner`
     for each optimizer's derivation) and ``W`` its L2 weight decay. 1.0 is the edge: the
     linearised update on the local quadratic diverges above it. This is the number
-    :class:`~spectral_callbacks.SharpnessMonitor` logs as ``eos_ratio``. ``method`` and
-    ``block_size`` choose the eigensolver as in :func:`hessian_eigenvalues`.
+    :class:`~spectral_callbacks.SharpnessMonitor` logs as ``eos_ratio``. ``method``,
+    ``block_size`` and ``max_basis`` choose the eigensolver as in :func:`hessian_eigenvalues`.
     """
     with HessianOperator(model, loss_fn, data, params=params, hvp=hvp, seed=seed) as operator:
         preconditioner = stability_preconditioner(optimizer, operator.params)
         return stability_ratio(
-            operator, preconditioner, tol=tol, seed=seed, method=method, block_size=block_size
+            operator,
+            preconditioner,
+            tol=tol,
+            seed=seed,
+            method=method,
+            block_size=block_size,
+            max_basis=max_basis,
         )
 
 

@@ -456,6 +456,12 @@ def test_resume_from_checkpoint_continues_the_schedule(tmp_path):
             lambda: HessianSpectrumMonitor(method="lanczos", block_size=4),
             "block_size=4 applies to method='block_lanczos'",
         ),
+        (lambda: SharpnessMonitor(max_basis=2), r"at least k \+ 2 = 3 .*got 2"),
+        (lambda: HessianSpectrumMonitor(k=10, max_basis=11), r"at least k \+ 2 = 12 .*got 11"),
+        (
+            lambda: SharpnessMonitor(block_size=4, max_basis=8),
+            "max_basis=8 bounds the basis of method='lanczos'",
+        ),
     ],
 )
 def test_bad_arguments_fail_at_construction(make, message):
@@ -557,3 +563,43 @@ def test_preconditioned_solve_with_blocks_matches_the_dense_ratio():
     # Adam's step differs per entry, so this is the block solve on D̃^½ A D̃^½, not λ_max·c.
     assert float(scale.min()) < 0.99 * float(scale.max())
     assert last["spectral/hessian/eos_ratio"] == pytest.approx(float(exact), rel=1e-8)
+
+
+class DistinctQuadratic(TripleTopQuadratic):
+    """The quadratic with twelve distinct eigenvalues: single-vector Lanczos finds them all."""
+
+    EIGENVALUES = (5.0, 4.0, 3.0, 2.5, 2.0, 1.5, 1.0, 0.75, 0.5, 0.25, 0.1, 0.05)
+
+
+def test_monitors_with_a_bounded_basis_match_the_dense_values(monkeypatch):
+    from spectral_callbacks.curvature import stability_preconditioner
+    from spectral_callbacks.linalg import _krylov
+
+    bases = []
+    original = _krylov.IndependentLanczos.thick_restart
+
+    def counted(recurrence, *args):
+        bases.append(recurrence.steps + 1)
+        original(recurrence, *args)
+
+    monkeypatch.setattr(_krylov.IndependentLanczos, "thick_restart", counted)
+    sharpness = SharpnessMonitor(every_n_steps=4, max_basis=3, tol=1e-10)
+    spectrum = HessianSpectrumMonitor(
+        every_n_steps=4, k=3, max_basis=5, tol=1e-10, trace=False, density=False
+    )
+    trainer = L.Trainer(max_steps=8, callbacks=[sharpness, spectrum], **trainer_kwargs())
+    model = DistinctQuadratic(adam=True)
+    x = torch.zeros(1, 1)
+    trainer.fit(model, full_batch_loader(x, x, 8))
+    assert set(bases) == {3, 5}  # both monitors' solves restarted with full bases
+    for (_, sharp), (_, spec) in zip(sharpness.history, spectrum.history, strict=True):
+        assert sharp["spectral/hessian/lambda_max"] == pytest.approx(5.0, rel=1e-9)
+        eigs = [spec[f"spectral/hessian/eig_{i}"] for i in range(1, 4)]
+        assert eigs == pytest.approx([5.0, 4.0, 3.0], rel=1e-9)
+    # The last optimizer-aware ratio came from a restarted solve on D̃^½ A D̃^½ (Adam).
+    preconditioner = stability_preconditioner(trainer.optimizers[0], [model.theta])
+    scale = preconditioner.scaled_step.sqrt()
+    exact = torch.linalg.eigvalsh(scale[:, None] * model.A * scale[None, :])[-1]
+    assert sharpness.history[-1][1]["spectral/hessian/eos_ratio"] == pytest.approx(
+        float(exact), rel=1e-8
+    )

@@ -111,6 +111,40 @@ def test_methods_agree_on_a_model(method):
     assert torch.allclose(result.eigenvalues, exact, rtol=1e-5)
 
 
+@pytest.mark.parametrize("name", CASES)
+def test_bounded_basis_matches_eigvalsh(monkeypatch, name):
+    from spectral_callbacks.linalg import _krylov
+
+    restarts = []
+    original = _krylov.IndependentLanczos.thick_restart
+
+    def counted(recurrence, *args):
+        restarts.append(recurrence.steps)
+        original(recurrence, *args)
+
+    monkeypatch.setattr(_krylov.IndependentLanczos, "thick_restart", counted)
+    model, batches = make_case(name)
+    hessian = dense(name)
+    exact = torch.linalg.eigvalsh(hessian).flip(0)
+    k, tol = 2, 1e-6
+    result = hessian_eigenvalues(
+        model,
+        cross_entropy_loss,
+        batches,
+        k=k,
+        tol=tol,
+        max_iter=2000,
+        max_basis=6,
+        return_eigenvectors=True,
+    )
+    assert restarts and set(restarts) == {5}  # every restart with a full basis of 6 vectors
+    assert result.converged.all()
+    assert torch.allclose(result.eigenvalues, exact[:k], rtol=0, atol=10 * tol * exact.abs().max())
+    vectors = result.eigenvectors
+    residuals = (vectors @ hessian - result.eigenvalues.unsqueeze(1) * vectors).norm(dim=1)
+    assert torch.all(residuals <= 10 * tol * result.eigenvalues.abs() + 1e-12)
+
+
 def test_float32_model_within_tolerance_of_float64():
     model, batches = make_case("mlp")
     exact = torch.linalg.eigvalsh(dense("mlp"))[-1]

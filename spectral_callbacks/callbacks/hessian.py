@@ -24,7 +24,14 @@ from ..curvature import (
     stability_ratio,
 )
 from ..curvature.preconditioner import NoPreconditionerYet
-from ..linalg import SpectralDensity, eigenpairs, hutchpp, slq, validate_method
+from ..linalg import (
+    SpectralDensity,
+    eigenpairs,
+    hutchpp,
+    slq,
+    validate_max_basis,
+    validate_method,
+)
 from ..logging.figures import density_figure
 from ..logging.tensorboard import add_figure, add_histogram
 from .base import LossFn, SpectralMonitor, current_learning_rate, training_step_loss
@@ -51,6 +58,8 @@ class _HessianMonitor(SpectralMonitor):
         warm_start: bool,
         method: str,
         block_size: int | None,
+        max_basis: int | None,
+        k: int,
     ) -> None:
         super().__init__(every_n_steps, probe_batches, probe_data, eval_mode)
         if loss_fn is not None and not callable(loss_fn):
@@ -60,6 +69,7 @@ class _HessianMonitor(SpectralMonitor):
         if hvp not in HVP_PATHS:
             raise ValueError(f"hvp must be one of {HVP_PATHS}, got {hvp!r}")
         validate_method(method, block_size)
+        validate_max_basis(max_basis, k, method, block_size)
         self._loss_fn = loss_fn
         self._params = params
         self._tol = float(tol)
@@ -68,6 +78,7 @@ class _HessianMonitor(SpectralMonitor):
         self._warm_start = warm_start
         self._method = method
         self._block_size = block_size
+        self._max_basis = max_basis
         self._start: torch.Tensor | None = None
 
     def state_key_fields(self) -> dict[str, Any]:
@@ -76,8 +87,8 @@ class _HessianMonitor(SpectralMonitor):
     def out_of_memory_advice(self) -> str:
         return (
             "A measurement holds the first-order graph of every probe batch and the "
-            "eigensolver's Krylov basis (tens of parameter-sized vectors): use fewer "
-            "probe_batches, or fewer parameters with params=..."
+            "eigensolver's Krylov basis (up to max_basis parameter-sized vectors): use fewer "
+            "probe_batches, a smaller max_basis, or fewer parameters with params=..."
         )
 
     def validate_setup(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
@@ -179,6 +190,11 @@ class SharpnessMonitor(_HessianMonitor):
             ``"block_lanczos"`` (see :func:`~spectral_callbacks.linalg.eigenpairs`).
         block_size: Vectors per block of block Lanczos (default 4): each step applies the
             Hessian to a block at once, which the vmapped and compiled products batch.
+        max_basis: Most parameter-sized Krylov vectors a Lanczos solve holds at once (at
+            least 3 here); when they are used up the solve restarts from its best Ritz
+            vectors. Default: all of them while they fit in 1 GiB, else as many as fit but
+            at least 16 (:func:`~spectral_callbacks.linalg.lanczos`). Lower it for models
+            whose parameter vectors are large next to free memory.
     """
 
     def __init__(
@@ -197,6 +213,7 @@ class SharpnessMonitor(_HessianMonitor):
         optimizer_aware: bool = True,
         method: str = "auto",
         block_size: int | None = None,
+        max_basis: int | None = None,
     ) -> None:
         super().__init__(
             every_n_steps=every_n_steps,
@@ -211,6 +228,8 @@ class SharpnessMonitor(_HessianMonitor):
             warm_start=warm_start,
             method=method,
             block_size=block_size,
+            max_basis=max_basis,
+            k=1,
         )
         if max_iter is not None and (not isinstance(max_iter, int) or max_iter < 1):
             raise ValueError(f"max_iter must be a positive integer, got {max_iter!r}")
@@ -234,6 +253,7 @@ class SharpnessMonitor(_HessianMonitor):
                 seed=self._seed,
                 start=self.start_vectors(operator),
                 return_eigenvectors=self._warm_start,
+                max_basis=self._max_basis,
             )
             if result.eigenvectors is not None and result.all_converged:
                 self._start = result.eigenvectors
@@ -280,6 +300,7 @@ class SharpnessMonitor(_HessianMonitor):
             max_iter=self._max_iter,
             method=self._method,
             block_size=self._block_size,
+            max_basis=self._max_basis,
         )
         if ratio.eigenvector is not None:
             self._preconditioned_start = ratio.eigenvector
@@ -364,7 +385,8 @@ class HessianSpectrumMonitor(_HessianMonitor):
     Cost per measurement: the top-k solve (about ``20k`` products cold, fewer warm), plus
     ``trace_hvps`` products for the trace and ``density_probes · density_steps`` for the
     density. Memory beyond the probe's first-order graphs: the top-k solve keeps its Krylov
-    basis (one parameter-sized vector per step, allocated by doubling), and the density
+    basis (one parameter-sized vector per step, allocated by doubling, or at most
+    ``max_basis`` vectors: by default those that fit in 1 GiB), and the density
     keeps ``density_probes · (density_steps + 1)`` such vectors while they fit in
     :data:`~spectral_callbacks.linalg.FULL_REORTHOGONALISATION_BYTES`, else three per probe.
 
@@ -379,6 +401,9 @@ class HessianSpectrumMonitor(_HessianMonitor):
             given), ``"lanczos"`` or ``"block_lanczos"``.
         block_size: Vectors per block of block Lanczos (default 4); at least the
             multiplicity of a repeated eigenvalue that must be found more than once.
+        max_basis: Most parameter-sized Krylov vectors the top-k Lanczos solve holds at
+            once (at least ``k + 2``), as for :class:`SharpnessMonitor`; the default bound
+            for large models is at least ``max(16, 2k + 12)``.
         trace_hvps: Hessian-vector products for Hutch++.
         density_probes: Probes for the density.
         density_steps: Lanczos steps per density probe.
@@ -404,7 +429,10 @@ class HessianSpectrumMonitor(_HessianMonitor):
         eval_mode: bool = False,
         warm_start: bool = True,
         block_size: int | None = None,
+        max_basis: int | None = None,
     ) -> None:
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise ValueError(f"k must be an integer >= 1, got {k!r}")
         super().__init__(
             every_n_steps=every_n_steps,
             probe_batches=probe_batches,
@@ -418,9 +446,9 @@ class HessianSpectrumMonitor(_HessianMonitor):
             warm_start=warm_start,
             method=method,
             block_size=block_size,
+            max_basis=max_basis,
+            k=k,
         )
-        if not isinstance(k, int) or k < 1:
-            raise ValueError(f"k must be an integer >= 1, got {k!r}")
         if trace and (not isinstance(trace_hvps, int) or trace_hvps < 3):
             raise ValueError(f"trace_hvps must be an integer >= 3, got {trace_hvps!r}")
         if density and (not isinstance(density_probes, int) or density_probes < 1):
@@ -461,6 +489,7 @@ class HessianSpectrumMonitor(_HessianMonitor):
                 seed=self._seed,
                 start=self.start_vectors(operator),
                 return_eigenvectors=self._warm_start,
+                max_basis=self._max_basis,
             )
             if result.eigenvectors is not None and result.all_converged:
                 self._start = result.eigenvectors

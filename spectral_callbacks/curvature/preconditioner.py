@@ -231,18 +231,20 @@ def stability_ratio(
     max_iter: int | None = None,
     method: str = "auto",
     block_size: int | None = None,
+    max_basis: int | None = None,
 ) -> StabilityRatio:
     """``λ_max(D̃^½ (H + W) D̃^½)`` for a Hessian operator ``H`` and an optimizer's ``D̃, W``.
 
     When every entry shares one step, threshold and weight decay (SGD with one learning
     rate), ``D̃^½(H + W)D̃^½ = (step/c)(H + w I)`` and the ratio is ``(λ_max + w)·step/c``
     from a given ``lambda_max`` with no further products. Otherwise the eigensolver
-    ``method`` (:func:`~spectral_callbacks.linalg.eigenpairs`, with ``block_size``) runs on the
-    scaled operator, warm-started from ``start``.
+    ``method`` (:func:`~spectral_callbacks.linalg.eigenpairs`, with ``block_size`` and
+    ``max_basis``) runs on the scaled operator, warm-started from ``start``.
     """
-    from ..linalg import ScaledOperator, eigenpairs, validate_method
+    from ..linalg import ScaledOperator, eigenpairs, validate_max_basis, validate_method
 
     validate_method(method, block_size)
+    validate_max_basis(max_basis, 1, method, block_size)
     threshold = preconditioner.uniform_threshold
     step = preconditioner.uniform_step
     decay = preconditioner.weight_decay
@@ -268,6 +270,7 @@ def stability_ratio(
         start=start,
         max_iter=max_iter,
         return_eigenvectors=True,
+        max_basis=max_basis,
     )
     ratio = float(result.eigenvalues[0])
     return StabilityRatio(
