@@ -67,7 +67,10 @@ def main(out: pathlib.Path) -> None:
         torch.utils.data.TensorDataset(x, y), batch_size=8, shuffle=False
     )
     sharpness = SharpnessMonitor(every_n_steps=2, tol=1e-10)
-    spectrum = HessianSpectrumMonitor(every_n_steps=4, k=3, tol=1e-10, trace_hvps=30, density=False)
+    # A basis of 8 vectors: the top-3 solves restart (thick restart) on every process alike.
+    spectrum = HessianSpectrumMonitor(
+        every_n_steps=4, k=3, tol=1e-10, trace_hvps=30, density=False, max_basis=8
+    )
     representation = RepresentationMonitor(
         layers=["net.1"], every_n_steps=4, num_samples=24, fit_range=(2, 8)
     )
