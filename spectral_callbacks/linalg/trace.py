@@ -38,22 +38,40 @@ class TraceEstimate:
 
 
 def _rademacher(rows: int, operator: SymmetricOperator, generator: torch.Generator) -> torch.Tensor:
-    bits = torch.randint(0, 2, (rows, operator.size), generator=generator, device=operator.device)
-    return (2 * bits - 1).to(operator.dtype)
+    # Drawn in the operator's dtype and mapped in place: int64 bits and their temporaries
+    # took six times the probes' float32 memory, the peak of a Hutch++ estimate.
+    bits = torch.randint(
+        0,
+        2,
+        (rows, operator.size),
+        generator=generator,
+        dtype=operator.dtype,
+        device=operator.device,
+    )
+    return bits.mul_(2).sub_(1)
 
 
 def _apply_in_chunks(
     operator: SymmetricOperator, rows: torch.Tensor, block_size: int
 ) -> torch.Tensor:
-    return torch.cat([operator.matmat(chunk) for chunk in rows.split(block_size)])
+    # Filled in place: a concatenation would hold every chunk's product and the result.
+    products = torch.empty_like(rows)
+    for begin in range(0, rows.shape[0], block_size):
+        products[begin : begin + block_size] = operator.matmat(rows[begin : begin + block_size])
+    return products
 
 
 def _quadratic_forms(
     operator: SymmetricOperator, probes: torch.Tensor, block_size: int
 ) -> torch.Tensor:
-    """``zᵢᵀ A zᵢ`` for each row ``zᵢ`` of ``probes``, in float64."""
+    """``zᵢᵀ A zᵢ`` for each row ``zᵢ`` of ``probes``, summed in float64.
+
+    The entrywise products are rounded to the operator's dtype (a relative ``eps`` each, far
+    inside the estimator's standard error) and accumulated in float64; float64 copies of a
+    block and of its product took four times the block's float32 memory, the peak of Hutch++.
+    """
     forms = [
-        (chunk.to(torch.float64) * operator.matmat(chunk).to(torch.float64)).sum(dim=1)
+        (chunk * operator.matmat(chunk)).sum(dim=1, dtype=torch.float64)
         for chunk in probes.split(block_size)
     ]
     return torch.cat(forms)
@@ -119,12 +137,13 @@ def hutchpp(
     sketch = _apply_in_chunks(operator, _rademacher(sketch_size, operator, generator), block_size)
     # Householder QR in the operator's dtype: Q is orthonormal to that precision whatever the
     # sketch's conditioning, which is all the estimator needs (it is unbiased for any
-    # orthonormal Q). A float64 QR held three s × n float64 copies, 2.4x the sketch's memory.
+    # orthonormal Q); a float64 QR holds float64 copies of the sketch.
     basis = torch.linalg.qr(sketch.T).Q.T
     del sketch
     top_part = float(_quadratic_forms(operator, basis, block_size).sum())
     probes = _rademacher(num_probes, operator, generator)
-    probes = probes - (probes @ basis.T) @ basis
+    for chunk in probes.split(block_size):  # in place, block by block: no s × n temporaries
+        chunk -= (chunk @ basis.T) @ basis
     forms = _quadratic_forms(operator, probes, block_size)
     rest, stderr = _mean_and_stderr(forms)
     return TraceEstimate(
