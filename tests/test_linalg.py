@@ -440,11 +440,12 @@ def test_default_bound_applies_when_the_basis_would_exceed_its_bytes(monkeypatch
     spectrum = SPECTRA["clustered"]
     op = DenseOperator(matrix_with_spectrum(spectrum))
     unbounded = lanczos(op, k=1, tol=1e-10, max_iter=120)
-    # 120 float64 entries per vector: 16 vectors take 15 KiB.
+    # 120 float64 entries per vector: 10 vectors fit, so the bound is the minimum, 16.
     monkeypatch.setattr(eigsh, "KRYLOV_BASIS_BYTES", 8 * 120 * 10)
     bounded = lanczos(op, k=1, tol=1e-10, max_iter=400)
     assert spy.capacities == [32, eigsh.minimum_default_basis(1)] and spy.restarts >= 1
     assert unbounded.all_converged and bounded.all_converged
+    assert float(unbounded.eigenvalues[0]) == pytest.approx(5.0, abs=1e-9)
     assert float(bounded.eigenvalues[0]) == pytest.approx(5.0, abs=1e-9)
     monkeypatch.setattr(eigsh, "KRYLOV_BASIS_BYTES", 8 * 120 * 40)
     assert eigsh.basis_bound(None, 1, op, max_steps=100) == 40
