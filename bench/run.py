@@ -36,6 +36,7 @@ sys.path.insert(0, str(ROOT))
 from spectral_callbacks.curvature import HessianOperator  # noqa: E402
 from spectral_callbacks.functional import hessian_eigenvalues, rankme  # noqa: E402
 from spectral_callbacks.linalg import lanczos  # noqa: E402
+from spectral_callbacks.linalg.eigsh import default_max_iter  # noqa: E402
 from spectral_callbacks.representation import CovarianceAccumulator  # noqa: E402
 
 # -- workloads ----------------------------------------------------------------------------------
@@ -429,8 +430,12 @@ def warm_tracking(model, batch, loss_fn, device, steps, every, grad_ms, hvp="aut
     }
 
 
+#: A top-1 ``max_basis`` that holds the whole default budget: no thick restarts.
+UNBOUNDED_TOP_1 = default_max_iter(1) + 1
+
+
 def peak_extra_memory(model, batch, loss_fn, device, max_basis=None) -> float | str:
-    """MiB a cold top-1 solve adds to the device's peak; ``max_basis=101`` is unbounded."""
+    """MiB a cold top-1 solve adds to the device's peak (``UNBOUNDED_TOP_1``: no basis bound)."""
     if device.type != "cuda":
         return "n/a (CPU)"
     torch.cuda.synchronize(device)
@@ -597,7 +602,7 @@ def run(
             entry["peak_extra_memory_mib"] = peak_extra_memory(model, batch, loss_fn, device)
             # The default bounds the basis only where it would pass 1 GiB (W2, W3).
             entry["peak_extra_memory_unbounded_mib"] = peak_extra_memory(
-                model, batch, loss_fn, device, max_basis=101
+                model, batch, loss_fn, device, max_basis=UNBOUNDED_TOP_1
             )
             save(results)
     if not shared_figures:

@@ -156,3 +156,35 @@ def assert_same_state(before: dict, after: dict) -> None:
     assert before["requires_grad"] == after["requires_grad"]
     assert before["modes"] == after["modes"]
     assert torch.equal(before["rng"], after["rng"]), "the global RNG stream moved"
+
+
+class BasisSpy:
+    """Records, for every single-vector Lanczos solve, the basis capacity it allocated and the
+    basis position (``steps``) of each thick restart; checks the basis stays orthonormal."""
+
+    def __init__(self, monkeypatch) -> None:
+        from spectral_callbacks.linalg import _krylov
+
+        self.capacities: list[int] = []
+        self.restart_steps: list[int] = []
+        original_init = _krylov.IndependentLanczos.__init__
+        original_restart = _krylov.IndependentLanczos.thick_restart
+
+        def init(recurrence, *args, **kwargs):
+            original_init(recurrence, *args, **kwargs)
+            self.capacities.append(recurrence.basis.shape[1])
+
+        def restart(recurrence, *args, **kwargs):
+            self.restart_steps.append(recurrence.steps)
+            original_restart(recurrence, *args, **kwargs)
+            m = recurrence.steps + 1
+            q = recurrence.basis[0, :m]
+            atol = 1e-12 if q.dtype == torch.float64 else 1e-5
+            assert torch.allclose(q @ q.T, torch.eye(m, dtype=q.dtype), atol=atol)
+
+        monkeypatch.setattr(_krylov.IndependentLanczos, "__init__", init)
+        monkeypatch.setattr(_krylov.IndependentLanczos, "thick_restart", restart)
+
+    @property
+    def restarts(self) -> int:
+        return len(self.restart_steps)

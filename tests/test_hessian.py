@@ -15,6 +15,7 @@ from spectral_callbacks.functional import hessian_density, hessian_eigenvalues, 
 from spectral_callbacks.linalg import slq
 
 from .helpers import (
+    BasisSpy,
     TinyAttention,
     assert_same_state,
     cross_entropy_loss,
@@ -113,16 +114,7 @@ def test_methods_agree_on_a_model(method):
 
 @pytest.mark.parametrize("name", CASES)
 def test_bounded_basis_matches_eigvalsh(monkeypatch, name):
-    from spectral_callbacks.linalg import _krylov
-
-    restarts = []
-    original = _krylov.IndependentLanczos.thick_restart
-
-    def counted(recurrence, *args):
-        restarts.append(recurrence.steps)
-        original(recurrence, *args)
-
-    monkeypatch.setattr(_krylov.IndependentLanczos, "thick_restart", counted)
+    spy = BasisSpy(monkeypatch)
     model, batches = make_case(name)
     hessian = dense(name)
     exact = torch.linalg.eigvalsh(hessian).flip(0)
@@ -137,7 +129,8 @@ def test_bounded_basis_matches_eigvalsh(monkeypatch, name):
         max_basis=6,
         return_eigenvectors=True,
     )
-    assert restarts and set(restarts) == {5}  # every restart with a full basis of 6 vectors
+    # every restart with a full basis of 6 vectors
+    assert spy.restart_steps and set(spy.restart_steps) == {5}
     assert result.converged.all()
     assert torch.allclose(result.eigenvalues, exact[:k], rtol=0, atol=10 * tol * exact.abs().max())
     vectors = result.eigenvectors

@@ -22,7 +22,7 @@ from spectral_callbacks.curvature import HessianOperator
 from spectral_callbacks.linalg import DenseOperator, lanczos
 from spectral_callbacks.linalg._krylov import BlockLanczos, IndependentLanczos, ThreeTermLanczos
 
-from .helpers import cross_entropy_loss, make_case
+from .helpers import BasisSpy, cross_entropy_loss, make_case
 
 #: aten ops that make the host wait for a CUDA device.
 SYNCING_OPS = {
@@ -155,19 +155,12 @@ def test_a_lanczos_solve_copies_to_the_host_only_at_its_checks(monkeypatch, max_
         return original(self)
 
     monkeypatch.setattr(IndependentLanczos, "tridiagonal", counted)
-    restarts = []
-    original_restart = IndependentLanczos.thick_restart
-
-    def restart(self, *args):
-        restarts.append(self.steps)
-        return original_restart(self, *args)
-
-    monkeypatch.setattr(IndependentLanczos, "thick_restart", restart)
+    spy = BasisSpy(monkeypatch)
     with recording_host_syncs() as counts:
         result = lanczos(operator, k=1, tol=1e-6, max_basis=max_basis)
     assert result.all_converged and result.num_iterations > 2 * len(checks)
     # Restarts happen at checks, from what the check copied: no copies of their own.
-    assert bool(restarts) == (max_basis is not None)
+    assert bool(spy.restarts) == (max_basis is not None)
     # One copy of (alpha, beta) per check; the scalars read afterwards are host tensors.
     assert counts["cpu"] == len(checks)
 

@@ -14,6 +14,8 @@ import spectral_callbacks.linalg.eigsh as eigsh
 from spectral_callbacks.linalg import DenseOperator, block_lanczos, eigenpairs, lanczos, slq
 from spectral_callbacks.linalg.eigsh import select_ritz
 
+from .helpers import BasisSpy
+
 SOLVERS = {"lanczos": lanczos, "block_lanczos": block_lanczos}
 
 
@@ -356,37 +358,10 @@ def test_eigenpairs_picks_the_solver_by_method_and_block_size():
         eigenpairs(op, k=2, method="lobpcg")
 
 
-class _BasisSpy:
-    """Records the basis capacity and the thick restarts of every single-vector solve."""
-
-    def __init__(self, monkeypatch) -> None:
-        from spectral_callbacks.linalg import _krylov
-
-        self.capacities: list[int] = []
-        self.restarts = 0
-        original_init = _krylov.IndependentLanczos.__init__
-        original_restart = _krylov.IndependentLanczos.thick_restart
-
-        def init(recurrence, *args, **kwargs):
-            original_init(recurrence, *args, **kwargs)
-            self.capacities.append(recurrence.basis.shape[1])
-
-        def restart(recurrence, *args, **kwargs):
-            self.restarts += 1
-            original_restart(recurrence, *args, **kwargs)
-            # Whatever was kept, the basis stays orthonormal.
-            m = recurrence.steps + 1
-            q = recurrence.basis[0, :m]
-            assert torch.allclose(q @ q.T, torch.eye(m, dtype=q.dtype), atol=1e-12)
-
-        monkeypatch.setattr(_krylov.IndependentLanczos, "__init__", init)
-        monkeypatch.setattr(_krylov.IndependentLanczos, "thick_restart", restart)
-
-
 @pytest.mark.parametrize("name", list(SPECTRA))
 @pytest.mark.parametrize("which", ["LA", "SA", "LM"])
 def test_bounded_basis_restarts_and_matches_exact_spectrum(monkeypatch, name, which):
-    spy = _BasisSpy(monkeypatch)
+    spy = BasisSpy(monkeypatch)
     spectrum = SPECTRA[name]
     a = matrix_with_spectrum(spectrum)
     op = DenseOperator(a)
@@ -436,7 +411,7 @@ def test_bounded_basis_on_random_spectra_with_repeats(n, k, extra, distinct, whi
 
 
 def test_default_bound_applies_when_the_basis_would_exceed_its_bytes(monkeypatch):
-    spy = _BasisSpy(monkeypatch)
+    spy = BasisSpy(monkeypatch)
     spectrum = SPECTRA["clustered"]
     op = DenseOperator(matrix_with_spectrum(spectrum))
     unbounded = lanczos(op, k=1, tol=1e-10, max_iter=120)
