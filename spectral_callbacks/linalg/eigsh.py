@@ -129,38 +129,46 @@ def minimum_default_basis(k: int) -> int:
 
 
 def basis_bound(
-    max_basis: int | None, k: int, operator: SymmetricOperator, max_steps: int
+    max_basis: int | None, k: int, operator: SymmetricOperator, max_steps: int, which: str = "LA"
 ) -> int | None:
     """The bound :func:`lanczos` puts on its basis: ``None`` when the basis needs none.
 
-    An explicit ``max_basis`` is checked (at least ``k + 2``: the ``k`` wanted Ritz vectors,
-    a new direction and the next). ``None`` picks the default: no bound while the
-    ``max_steps + 1`` vectors of an unbounded solve fit in :data:`KRYLOV_BASIS_BYTES`,
-    otherwise as many vectors as fit there, at least :func:`minimum_default_basis`.
+    An explicit ``max_basis`` is checked (:func:`validate_max_basis`). ``None`` picks the
+    default: no bound while the ``max_steps + 1`` vectors of an unbounded solve fit in
+    :data:`KRYLOV_BASIS_BYTES`, otherwise as many vectors as fit there, at least
+    :func:`minimum_default_basis`.
     """
     if max_basis is None:
         itemsize = torch.empty((), dtype=operator.dtype).element_size()
         fits = KRYLOV_BASIS_BYTES // (operator.size * itemsize)
         max_basis = max(fits, minimum_default_basis(k))
-    validate_max_basis(max_basis, k)
+    validate_max_basis(max_basis, k, which=which)
     return max_basis if max_basis <= max_steps else None
 
 
 def validate_max_basis(
-    max_basis: int | None, k: int, method: str = "lanczos", block_size: int | None = None
+    max_basis: int | None,
+    k: int,
+    method: str = "lanczos",
+    block_size: int | None = None,
+    which: str = "LA",
 ) -> None:
     """Check ``max_basis`` for a top-``k`` solve by ``method``; ``ValueError`` if it is bad.
 
-    It must be an integer of at least ``k + 2``, and only single-vector Lanczos restarts:
+    It must be an integer of at least ``k + 2`` (the ``k`` wanted Ritz vectors, a new
+    direction and the next; ``k + 3`` for ``which="LM"``, whose restarts also keep the
+    other end of the spectrum), and only single-vector Lanczos restarts:
     with block Lanczos (``method="block_lanczos"``, or ``"auto"`` with a ``block_size``) a
     bound is an error rather than silently ignored.
     """
     if max_basis is None:
         return
-    if isinstance(max_basis, bool) or not isinstance(max_basis, int) or max_basis < k + 2:
+    least = k + 3 if which == "LM" else k + 2
+    if isinstance(max_basis, bool) or not isinstance(max_basis, int) or max_basis < least:
+        extra = ("k + 3", " and, for which='LM', the other end") if which == "LM" else ("k + 2", "")
         raise ValueError(
-            f"max_basis must be None or an integer of at least k + 2 = {k + 2} (the k wanted "
-            f"Ritz vectors, a new direction and the next), got {max_basis!r}"
+            f"max_basis must be None or an integer of at least {extra[0]} = {least} (the k "
+            f"wanted Ritz vectors, a new direction and the next{extra[1]}), got {max_basis!r}"
         )
     chosen = choose_eigen_method(method, block_size)
     if chosen != "lanczos":
@@ -319,7 +327,8 @@ def lanczos(
         check_every: Largest gap, in steps, between convergence checks (each check is one
             host synchronisation and a float64 eigendecomposition of ``T_m``).
         return_eigenvectors: Whether to form the Ritz vectors.
-        max_basis: Most basis vectors held at once (at least ``k + 2``). Default: no
+        max_basis: Most basis vectors held at once (at least ``k + 2``; ``k + 3`` for
+            ``"LM"``, whose restarts keep both ends of the spectrum). Default: no
             bound while an unbounded basis (``max_iter + 1`` vectors) fits in
             :data:`KRYLOV_BASIS_BYTES` (1 GiB), otherwise as many vectors as fit there but
             at least ``max(16, 2k + 12)`` (:func:`basis_bound`). Pass ``max_iter + 1`` for
@@ -333,7 +342,7 @@ def lanczos(
     n = operator.size
     validate_eigen_arguments(k, which, tol, n)
     max_steps = min(n, max_iter or default_max_iter(k))
-    max_basis = basis_bound(max_basis, k, operator, max_steps)
+    max_basis = basis_bound(max_basis, k, operator, max_steps, which)
     if max_basis is not None:
         # Restarts revisit directions, so the product budget is no longer capped at n.
         max_steps = max_iter or default_max_iter(k)
@@ -373,7 +382,15 @@ def lanczos(
             break
         if full:
             m = recurrence.steps
-            kept = select_ritz(values, k + (m - k) // 2, which)
+            if which == "LM":
+                # Both ends compete for the largest |θ|: a restart that dropped one end would
+                # let the solve settle on the other end's local maximum of |θ| (seen with a
+                # basis of k + 2). Keeping both extremes makes each end's Ritz value monotone.
+                kept = select_ritz(values, k + (m - k - 1) // 2, which)
+                ends = torch.stack([values.argmin(), values.argmax()])
+                kept = torch.unique(torch.cat([kept, ends]))
+            else:
+                kept = select_ritz(values, k + (m - k) // 2, which)
             recurrence.thick_restart(vectors[:, kept], values[kept], last_coupling)
     m = recurrence.steps
     eigenvectors = None
@@ -596,7 +613,7 @@ def eigenpairs(
     default 4; ``max_basis`` only for the former).
     """
     chosen = choose_eigen_method(method, block_size)
-    validate_max_basis(max_basis, k, method, block_size)
+    validate_max_basis(max_basis, k, method, block_size, which)
     arguments = dict(
         k=k,
         which=which,
