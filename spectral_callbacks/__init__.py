@@ -11,10 +11,12 @@ from .callbacks import (
     SharpnessMonitor,
     SpectralEarlyStopping,
 )
+from .curvature import Batches
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "Batches",
     "HessianSpectrumMonitor",
     "RepresentationMonitor",
     "SharpnessMonitor",

@@ -7,8 +7,13 @@ The representation measures (``rankme``, ``alpha_req``, ``effective_rank``, ``st
 
 Each function builds a :class:`~spectral_callbacks.curvature.HessianOperator` over ``data``,
 runs one solver from :mod:`spectral_callbacks.linalg` on it, and leaves the model exactly as
-it found it. ``loss_fn(model, batch)`` returns the mean loss of a batch; ``data`` is one batch
-or an iterable of batches (the Hessian of the dataset loss, batches weighted by size).
+it found it. ``loss_fn(model, batch)`` returns the loss of a batch, its mean over the batch's
+samples (``reduction="mean"``, the default) or their sum (``reduction="sum"``); ``data`` is one
+batch or an iterable of batches (wrap a list of batches in
+:class:`~spectral_callbacks.curvature.Batches` to rule out reading it as one batch). The
+Hessian is that of the dataset loss: with ``"mean"`` the mean over every sample
+(``Σ_b (n_b/N) ∇²L_b``, batches weighted by size), with ``"sum"`` the sum over every sample
+(``Σ_b ∇²L_b``).
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from .curvature import (
     HessianOperator,
     LossFunction,
     ParameterFilter,
+    Reduction,
     StabilityPreconditioner,
     StabilityRatio,
     stability_preconditioner,
@@ -78,6 +84,7 @@ def hessian_eigenvalues(
     return_eigenvectors: bool = False,
     hvp: str = "auto",
     batch_size_fn: Callable[[Any], int] | None = None,
+    reduction: Reduction = "mean",
     preconditioner: torch.Tensor | StabilityPreconditioner | None = None,
     max_basis: int | None = None,
 ) -> EigenResult:
@@ -85,8 +92,8 @@ def hessian_eigenvalues(
 
     Args:
         model: The model (its train/eval modes are used as they are).
-        loss_fn: ``loss_fn(model, batch) -> scalar`` mean loss of a batch.
-        data: One batch or an iterable of batches.
+        loss_fn: ``loss_fn(model, batch) -> scalar`` loss of a batch (see ``reduction``).
+        data: One batch or an iterable of batches (module docstring).
         k: Number of eigenvalues.
         which: ``"LA"`` largest algebraic (descending), ``"SA"`` smallest algebraic
             (ascending), ``"LM"`` largest magnitude (descending ``|λ|``).
@@ -108,6 +115,9 @@ def hessian_eigenvalues(
             ``"forward_over_reverse"`` or ``"compiled"`` (see
             :class:`~spectral_callbacks.curvature.HessianOperator`).
         batch_size_fn: ``batch -> int`` when a batch's first tensor does not say its size.
+        reduction: ``"mean"`` if ``loss_fn`` returns a batch's mean loss, ``"sum"`` if it
+            sums over the batch's samples (``reduction="sum"`` losses: the Hessian is then
+            that of the summed dataset loss, ``Σ_b ∇²L_b``).
         preconditioner: Eigenpairs of ``D^½ H D^½`` instead: a flat tensor ``D`` (one
             non-negative entry per selected parameter entry), or a
             :class:`~spectral_callbacks.curvature.StabilityPreconditioner` from
@@ -126,7 +136,14 @@ def hessian_eigenvalues(
         NonFiniteLossError: If the loss is NaN or infinite on a batch.
     """
     with HessianOperator(
-        model, loss_fn, data, params=params, hvp=hvp, batch_size_fn=batch_size_fn, seed=seed
+        model,
+        loss_fn,
+        data,
+        params=params,
+        hvp=hvp,
+        batch_size_fn=batch_size_fn,
+        seed=seed,
+        reduction=reduction,
     ) as hessian:
         operator = hessian
         if isinstance(preconditioner, StabilityPreconditioner):
@@ -164,6 +181,8 @@ def optimizer_stability_ratio(
     method: str = "auto",
     block_size: int | None = None,
     max_basis: int | None = None,
+    batch_size_fn: Callable[[Any], int] | None = None,
+    reduction: Reduction = "mean",
 ) -> StabilityRatio:
     """The optimizer-aware edge-of-stability ratio ``λ_max(D̃^½ (H + W) D̃^½)`` outside a Trainer.
 
@@ -174,7 +193,16 @@ def optimizer_stability_ratio(
     :class:`~spectral_callbacks.SharpnessMonitor` logs as ``eos_ratio``. ``method``,
     ``block_size`` and ``max_basis`` choose the eigensolver as in :func:`hessian_eigenvalues`.
     """
-    with HessianOperator(model, loss_fn, data, params=params, hvp=hvp, seed=seed) as operator:
+    with HessianOperator(
+        model,
+        loss_fn,
+        data,
+        params=params,
+        hvp=hvp,
+        batch_size_fn=batch_size_fn,
+        seed=seed,
+        reduction=reduction,
+    ) as operator:
         preconditioner = stability_preconditioner(optimizer, operator.params)
         return stability_ratio(
             operator,
@@ -197,6 +225,7 @@ def hessian_trace(
     params: ParameterFilter = None,
     hvp: str = "auto",
     batch_size_fn: Callable[[Any], int] | None = None,
+    reduction: Reduction = "mean",
 ) -> TraceEstimate:
     """Trace of the loss Hessian by Hutch++ (default) or Hutchinson, with a standard error.
 
@@ -208,7 +237,14 @@ def hessian_trace(
         ``num_hvps``, ``method``).
     """
     with HessianOperator(
-        model, loss_fn, data, params=params, hvp=hvp, batch_size_fn=batch_size_fn, seed=seed
+        model,
+        loss_fn,
+        data,
+        params=params,
+        hvp=hvp,
+        batch_size_fn=batch_size_fn,
+        seed=seed,
+        reduction=reduction,
     ) as operator:
         return estimate_trace(operator, num_hvps=num_hvps, method=method, seed=seed)
 
@@ -223,6 +259,7 @@ def hessian_density(
     params: ParameterFilter = None,
     hvp: str = "auto",
     batch_size_fn: Callable[[Any], int] | None = None,
+    reduction: Reduction = "mean",
     reorthogonalize: bool | None = None,
 ) -> SpectralDensity:
     """Eigenvalue density of the loss Hessian by stochastic Lanczos quadrature.
@@ -235,7 +272,14 @@ def hessian_density(
     reorthogonalisation while the Krylov bases fit in 1 GiB, else two vectors per probe).
     """
     with HessianOperator(
-        model, loss_fn, data, params=params, hvp=hvp, batch_size_fn=batch_size_fn, seed=seed
+        model,
+        loss_fn,
+        data,
+        params=params,
+        hvp=hvp,
+        batch_size_fn=batch_size_fn,
+        seed=seed,
+        reduction=reduction,
     ) as operator:
         return slq(
             operator,

@@ -74,7 +74,7 @@ def main(out: pathlib.Path) -> None:
     representation = RepresentationMonitor(
         layers=["net.1"], every_n_steps=4, num_samples=24, fit_range=(2, 8)
     )
-    poisoned = SharpnessMonitor(every_n_steps=3, loss_fn=nan_on_rank_one)
+    poisoned = SharpnessMonitor(every_n_steps=3, loss_fn=nan_on_rank_one, name="poisoned")
     scripted = RankScripted()
     stopper = SpectralEarlyStopping(
         "spectral/test/rank_signal", rule="above", threshold=0.5, patience=1

@@ -80,12 +80,16 @@ def flat_parameters(model: nn.Module) -> torch.Tensor:
     return torch.cat([p.detach().reshape(-1) for p in model.parameters() if p.requires_grad])
 
 
-def dense_hessian_func(model: nn.Module, loss_fn, batches) -> torch.Tensor:
-    """Σ_b (n_b/N) ∇²L_b by torch.func.hessian of a flat-parameter function (no BatchNorm)."""
+def dense_hessian_func(model: nn.Module, loss_fn, batches, reduction="mean") -> torch.Tensor:
+    """Σ_b (n_b/N) ∇²L_b (``reduction="sum"``: Σ_b ∇²L_b) by torch.func.hessian of a
+    flat-parameter function (no BatchNorm)."""
     names = [n for n, p in model.named_parameters() if p.requires_grad]
     shapes = [p.shape for n, p in model.named_parameters() if p.requires_grad]
     theta = flat_parameters(model)
-    total = sum(b[0].shape[0] for b in batches)
+    total = sum(b[0].shape[0] for b in batches) if reduction == "mean" else None
+
+    def weight(batch) -> float:
+        return 1.0 if total is None else batch[0].shape[0] / total
 
     def loss_of(flat, batch):
         values, offset = {}, 0
@@ -96,7 +100,7 @@ def dense_hessian_func(model: nn.Module, loss_fn, batches) -> torch.Tensor:
         return loss_fn(_Reparametrised(model, values), batch)
 
     with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH):
-        return sum((b[0].shape[0] / total) * torch.func.hessian(loss_of)(theta, b) for b in batches)
+        return sum(weight(b) * torch.func.hessian(loss_of)(theta, b) for b in batches)
 
 
 class _Reparametrised(nn.Module):

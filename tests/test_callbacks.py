@@ -194,7 +194,7 @@ def monitors():
         HessianSpectrumMonitor(
             every_n_steps=3, k=2, trace_hvps=6, density_probes=2, density_steps=4
         ),
-        SharpnessMonitor(every_n_steps=5, eval_mode=True, params="^net\\.4\\."),
+        SharpnessMonitor(every_n_steps=5, eval_mode=True, params="^net\\.4\\.", name="head"),
     ]
 
 
@@ -389,7 +389,7 @@ def test_explicit_probe_data_and_several_probe_batches():
     explicit = SharpnessMonitor(
         every_n_steps=4, probe_data=[(x[:10], y[:10]), (x[10:40], y[10:40])], tol=1e-6
     )
-    collected = SharpnessMonitor(every_n_steps=4, probe_batches=3, tol=1e-6)
+    collected = SharpnessMonitor(every_n_steps=4, probe_batches=3, tol=1e-6, name="collected")
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=8)
     torch.manual_seed(0)
     model = TanhRegressor(lr=0.05)
@@ -407,7 +407,7 @@ def test_explicit_probe_data_and_several_probe_batches():
     reference = hessian_eigenvalues(
         model, mse, [(x[:8], y[:8]), (x[8:16], y[8:16]), (x[16:24], y[16:24])], k=1, tol=1e-8
     )
-    assert collected.last_metrics["spectral/hessian/lambda_max"] == pytest.approx(
+    assert collected.last_metrics["spectral/hessian/collected/lambda_max"] == pytest.approx(
         float(reference.eigenvalues[0]), rel=1e-5
     )
 

@@ -21,23 +21,15 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from torch import nn
 
-from ..curvature.data import as_batch_list, move_to_device
+from ..curvature.data import Batches, as_batch_list, map_tensors, move_to_device
 from ..logging.tensorboard import add_chart_layout, tensorboard_writers
 
 __all__ = ["SpectralMonitor", "training_step_loss"]
 
 
 def _clone_batch(batch: Any) -> Any:
-    """A deep copy of a batch whose tensors are detached clones (safe from in-place edits)."""
-    if isinstance(batch, torch.Tensor):
-        return batch.detach().clone()
-    if isinstance(batch, Mapping):
-        return type(batch)({k: _clone_batch(v) for k, v in batch.items()})
-    if isinstance(batch, tuple) and hasattr(batch, "_fields"):
-        return type(batch)(*(_clone_batch(v) for v in batch))
-    if isinstance(batch, (list, tuple)):
-        return type(batch)(_clone_batch(v) for v in batch)
-    return copy.deepcopy(batch)
+    """A copy of a batch whose tensors are detached clones (safe from in-place edits)."""
+    return map_tensors(batch, lambda tensor: tensor.detach().clone(), other=copy.deepcopy)
 
 
 def _accepts_batch_idx(module: pl.LightningModule) -> bool:
@@ -131,6 +123,9 @@ class SpectralMonitor(Callback):
         probe_data: Explicit probe data instead.
         eval_mode: Measure with the module in eval mode (modes are restored after); default
             measures in the mode training uses.
+        name: Tells two instances of one class apart (two losses, two tolerances): it goes
+            into every metric name and the checkpoint state key. Two monitors of one Trainer
+            that would log the same metric names or share a state key are refused at setup.
     """
 
     #: Whether checkpoints carry the probe data (so a resumed run measures the same data).
@@ -142,8 +137,18 @@ class SpectralMonitor(Callback):
         probe_batches: int = 1,
         probe_data: Any = None,
         eval_mode: bool = False,
+        name: str | None = None,
     ) -> None:
         super().__init__()
+        if name is not None and (
+            not isinstance(name, str) or not name or "/" in name or name != name.strip()
+        ):
+            raise ValueError(
+                f"name must be None or a non-empty string without '/' or surrounding spaces, "
+                f"got {name!r}"
+            )
+        #: The instance's name (metric names and state key), or ``None``.
+        self.name = name
         if not isinstance(every_n_steps, int) or every_n_steps < 1:
             raise ValueError(f"every_n_steps must be an integer >= 1, got {every_n_steps!r}")
         if not isinstance(probe_batches, int) or probe_batches < 1:
@@ -190,19 +195,26 @@ class SpectralMonitor(Callback):
     def validate_setup(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
         """Check arguments against the model; raise ``ValueError`` naming the argument."""
 
-    def probe_is_complete(self, probe: list[Any]) -> bool:
-        """Whether the batches collected so far make the whole probe."""
+    def probe_is_complete(self, trainer: pl.Trainer, probe: list[Any]) -> bool:
+        """Whether the batches collected so far make the whole probe.
+
+        Under DDP every process must decide alike (the measurement that follows runs
+        collectives), so a decision that depends on a process's own shard is reduced.
+        """
         return len(probe) >= self._probe_batches
 
     # -- Lightning hooks ---------------------------------------------------------------------
     def state_key_fields(self) -> dict[str, Any]:
         """Settings that tell two instances of one callback class apart in a checkpoint."""
-        return {
+        fields = {
             "every_n_steps": self._every_n_steps,
             "probe_batches": self._probe_batches,
             "explicit_probe": self._probe_data is not None,
             "eval_mode": self._eval_mode,
         }
+        if self.name is not None:
+            fields["name"] = self.name
+        return fields
 
     @property
     def state_key(self) -> str:
@@ -211,10 +223,24 @@ class SpectralMonitor(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
+        self._refuse_twins(trainer)
         self.validate_setup(trainer, pl_module)
         if self._probe_data is not None and not self._probe_complete:
             self._probe = [_clone_batch(b) for b in as_batch_list(self._probe_data)]
             self._probe_complete = True
+
+    def _refuse_twins(self, trainer: pl.Trainer) -> None:
+        """Two monitors that would overwrite each other's metrics or checkpoint state."""
+        for other in trainer.callbacks:
+            if other is self or not isinstance(other, SpectralMonitor):
+                continue
+            shared = sorted(set(self.metric_names()) & set(other.metric_names()))
+            if shared or other.state_key == self.state_key:
+                what = f"metric {shared[0]!r}" if shared else f"state key {self.state_key!r}"
+                raise ValueError(
+                    f"two {type(self).__name__}s share the {what}: give each a different "
+                    f"name=... (e.g. {type(self).__name__}(..., name='sum_loss'))"
+                )
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         for writer in tensorboard_writers(trainer.loggers):
@@ -226,7 +252,7 @@ class SpectralMonitor(Callback):
     ) -> None:
         if not self._probe_complete:
             self._probe.append(_clone_batch(batch))
-            self._probe_complete = self.probe_is_complete(self._probe)
+            self._probe_complete = self.probe_is_complete(trainer, self._probe)
         self._maybe_measure(trainer, pl_module)
 
     def on_train_batch_end(
@@ -240,8 +266,9 @@ class SpectralMonitor(Callback):
         self._maybe_measure(trainer, pl_module)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        # An epoch shorter than probe_batches: measure on what was collected.
-        if not self._probe_complete and self._probe:
+        # An epoch shorter than the probe: measure on what was collected (on every process,
+        # if any process collected something: the measurement runs collectives).
+        if not self._probe_complete and reduce_scalar(trainer, len(self._probe), "sum") > 0:
             self._probe_complete = True
             self._maybe_measure(trainer, pl_module)
 
@@ -280,7 +307,8 @@ class SpectralMonitor(Callback):
             return
         self._last_step = step
         device = next(pl_module.parameters()).device
-        probe = [move_to_device(b, device) for b in self._probe]
+        # Batches: a probe of one tensor batch, [x], must not read as the batch [x, y].
+        probe = Batches(move_to_device(b, device) for b in self._probe)
         self._probe = probe
         out_of_memory = None
         with preserved_modes(pl_module, self._eval_mode), muted_lightning_logging(pl_module):
@@ -346,6 +374,15 @@ class SpectralMonitor(Callback):
             listener = getattr(callback, "on_spectral_measurement", None)
             if listener is not None:
                 listener(trainer, step, dict(metrics))
+
+
+def reduce_scalar(trainer: pl.Trainer, value: float, op: str) -> float:
+    """``value`` reduced over every process (``op``: ``"sum"``, ``"min"``, ``"max"``); the
+    value itself in one process. Every process must call it, in the same order."""
+    if trainer.world_size <= 1:
+        return float(value)
+    tensor = torch.tensor(float(value), dtype=torch.float64, device=trainer.strategy.root_device)
+    return float(trainer.strategy.reduce(tensor, reduce_op=op))
 
 
 def current_learning_rate(trainer: pl.Trainer) -> float:

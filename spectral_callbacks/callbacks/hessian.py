@@ -15,8 +15,11 @@ import torch
 
 from ..curvature import (
     HVP_PATHS,
+    REDUCTIONS,
+    Batches,
     HessianOperator,
     ParameterFilter,
+    Reduction,
     UnsupportedOptimizerError,
     flat_size,
     select_parameters,
@@ -26,6 +29,7 @@ from ..curvature import (
 from ..curvature.preconditioner import NoPreconditionerYet
 from ..linalg import (
     SpectralDensity,
+    default_max_iter,
     eigenpairs,
     hutchpp,
     slq,
@@ -60,14 +64,23 @@ class _HessianMonitor(SpectralMonitor):
         block_size: int | None,
         max_basis: int | None,
         k: int,
+        max_iter: int | None,
+        reduction: Reduction,
+        name: str | None,
     ) -> None:
-        super().__init__(every_n_steps, probe_batches, probe_data, eval_mode)
+        super().__init__(every_n_steps, probe_batches, probe_data, eval_mode, name=name)
         if loss_fn is not None and not callable(loss_fn):
             raise ValueError(f"loss_fn must be callable as loss_fn(model, batch), got {loss_fn!r}")
         if not (isinstance(tol, (int, float)) and tol > 0 and math.isfinite(tol)):
             raise ValueError(f"tol must be a positive finite number, got {tol!r}")
         if hvp not in HVP_PATHS:
             raise ValueError(f"hvp must be one of {HVP_PATHS}, got {hvp!r}")
+        if reduction not in REDUCTIONS:
+            raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+        if max_iter is not None and (
+            isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < k
+        ):
+            raise ValueError(f"max_iter must be an integer >= k={k} or None, got {max_iter!r}")
         validate_method(method, block_size)
         validate_max_basis(max_basis, k, method, block_size)
         self._loss_fn = loss_fn
@@ -79,10 +92,31 @@ class _HessianMonitor(SpectralMonitor):
         self._method = method
         self._block_size = block_size
         self._max_basis = max_basis
+        self._max_iter = max_iter
+        self._reduction = reduction
         self._start: torch.Tensor | None = None
 
+    @property
+    def prefix(self) -> str:
+        """The start of every metric name: ``spectral/hessian/`` (``.../{name}/`` if named)."""
+        return PREFIX + (f"{self.name}/" if self.name else "")
+
     def state_key_fields(self) -> dict[str, Any]:
-        return {**super().state_key_fields(), "params": repr(self._params)}
+        # Settings that change the numbers, so that two monitors differing in them keep
+        # apart in a checkpoint (and their metric names are then checked at setup).
+        loss = None if self._loss_fn is None else _qualified_name(self._loss_fn)
+        fields = {**super().state_key_fields(), "params": repr(self._params)}
+        fields.update(tol=self._tol, loss_fn=loss, reduction=self._reduction)
+        return fields
+
+    def warn_unconverged(self, what: str, residual: float, value: float, max_iter: int) -> None:
+        """One warning that ``what`` missed ``tol`` (its ``..._converged`` metric is 0)."""
+        self.warn_once(
+            f"unconverged {what}",
+            f"{what} did not reach tol={self._tol:g} within max_iter={max_iter} products "
+            f"(relative residual {residual / abs(value) if value else math.inf:.2g}); it is "
+            f"logged with {what}_converged = 0: raise max_iter or loosen tol",
+        )
 
     def out_of_memory_advice(self) -> str:
         return (
@@ -112,11 +146,12 @@ class _HessianMonitor(SpectralMonitor):
         return HessianOperator(
             module,
             self._loss_fn or training_step_loss,
-            probe,
+            Batches(probe),
             params=self._params,
             hvp=self._hvp,
             seed=self._seed,
             distributed=trainer.world_size > 1,
+            reduction=self._reduction,
         )
 
     def warm_start_state(self) -> dict[str, torch.Tensor | None]:
@@ -141,6 +176,13 @@ class _HessianMonitor(SpectralMonitor):
         if not self._warm_start or self._start is None or self._start.shape[-1] != operator.size:
             return None
         return self._start
+
+
+def _qualified_name(function: Any) -> str:
+    """A name of ``function`` that is the same in every process and run."""
+    module = getattr(function, "__module__", None) or ""
+    name = getattr(function, "__qualname__", None) or type(function).__qualname__
+    return f"{module}.{name}"
 
 
 class SharpnessMonitor(_HessianMonitor):
@@ -214,6 +256,8 @@ class SharpnessMonitor(_HessianMonitor):
         method: str = "auto",
         block_size: int | None = None,
         max_basis: int | None = None,
+        reduction: Reduction = "mean",
+        name: str | None = None,
     ) -> None:
         super().__init__(
             every_n_steps=every_n_steps,
@@ -230,10 +274,10 @@ class SharpnessMonitor(_HessianMonitor):
             block_size=block_size,
             max_basis=max_basis,
             k=1,
+            max_iter=max_iter,
+            reduction=reduction,
+            name=name,
         )
-        if max_iter is not None and (not isinstance(max_iter, int) or max_iter < 1):
-            raise ValueError(f"max_iter must be a positive integer, got {max_iter!r}")
-        self._max_iter = max_iter
         self._optimizer_aware = optimizer_aware
         self._preconditioned_start: torch.Tensor | None = None
         self._undefined: set[str] = set()
@@ -258,17 +302,23 @@ class SharpnessMonitor(_HessianMonitor):
             if result.eigenvectors is not None and result.all_converged:
                 self._start = result.eigenvectors
             lambda_max = float(result.eigenvalues[0])
+            residual = float(result.residuals[0])
+            if not result.all_converged:
+                budget = self._max_iter or default_max_iter(1, operator.size)
+                self.warn_unconverged("lambda_max", residual, lambda_max, budget)
             stability = self._stability(trainer, operator, lambda_max, lr)
             num_hvps = operator.num_hvps
-        self._undefined = {PREFIX + name for name in stability.undefined}
+        prefix = self.prefix
+        self._undefined = {prefix + name for name in stability.undefined}
         return {
-            PREFIX + "lambda_max": lambda_max,
-            PREFIX + "eos_ratio": stability.eos_ratio,
-            PREFIX + "preconditioned_sharpness": stability.preconditioned_sharpness,
-            PREFIX + "stability_threshold": stability.threshold,
-            PREFIX + "stability_limit": stability.limit,
-            PREFIX + "lambda_max_residual": float(result.residuals[0]),
-            PREFIX + "num_hvps": float(num_hvps),
+            prefix + "lambda_max": lambda_max,
+            prefix + "eos_ratio": stability.eos_ratio,
+            prefix + "preconditioned_sharpness": stability.preconditioned_sharpness,
+            prefix + "stability_threshold": stability.threshold,
+            prefix + "stability_limit": stability.limit,
+            prefix + "lambda_max_residual": residual,
+            prefix + "lambda_max_converged": float(result.all_converged and stability.converged),
+            prefix + "num_hvps": float(num_hvps),
         }
 
     def _stability(
@@ -304,11 +354,18 @@ class SharpnessMonitor(_HessianMonitor):
         )
         if ratio.eigenvector is not None:
             self._preconditioned_start = ratio.eigenvector
+        if not ratio.converged:
+            budget = self._max_iter or default_max_iter(1, operator.size)
+            self.warn_unconverged("eos_ratio", ratio.residual, ratio.eos_ratio, budget)
         step = preconditioner.uniform_step
         if step > 0:
             limit = ratio.threshold / step - float(preconditioner.weight_decay[0])
             return _Stability(
-                ratio.eos_ratio, ratio.preconditioned_sharpness, ratio.threshold, limit
+                ratio.eos_ratio,
+                ratio.preconditioned_sharpness,
+                ratio.threshold,
+                limit,
+                converged=ratio.converged,
             )
         # No single step size (adaptive optimizers): no λ_max limit to draw.
         return _Stability(
@@ -317,6 +374,7 @@ class SharpnessMonitor(_HessianMonitor):
             ratio.threshold,
             math.nan,
             undefined=("stability_limit",),
+            converged=ratio.converged,
         )
 
     def undefined_metrics(self) -> set[str]:
@@ -333,23 +391,25 @@ class SharpnessMonitor(_HessianMonitor):
             "stability_threshold",
             "stability_limit",
             "lambda_max_residual",
+            "lambda_max_converged",
             "num_hvps",
         )
-        return [PREFIX + name for name in names]
+        return [self.prefix + name for name in names]
 
     def chart_layout(self) -> dict[str, dict[str, list[str]]]:
+        prefix = self.prefix
         return {
-            "spectral: sharpness": {
+            "spectral: sharpness" + (f" ({self.name})" if self.name else ""): {
                 "λ_max against the stability limit": [
-                    PREFIX + "lambda_max",
-                    PREFIX + "stability_limit",
+                    prefix + "lambda_max",
+                    prefix + "stability_limit",
                 ],
-                "edge-of-stability ratio (1 = edge)": [PREFIX + "eos_ratio"],
+                "edge-of-stability ratio (1 = edge)": [prefix + "eos_ratio"],
                 "preconditioned sharpness against its threshold": [
-                    PREFIX + "preconditioned_sharpness",
-                    PREFIX + "stability_threshold",
+                    prefix + "preconditioned_sharpness",
+                    prefix + "stability_threshold",
                 ],
-                "Hessian-vector products per measurement": [PREFIX + "num_hvps"],
+                "Hessian-vector products per measurement": [prefix + "num_hvps"],
             }
         }
 
@@ -361,6 +421,7 @@ class _Stability:
     threshold: float
     limit: float
     undefined: tuple[str, ...] = ()  # NaN by definition (see SpectralMonitor.undefined_metrics)
+    converged: bool = True
 
 
 #: What an adaptive optimizer without state yet (before its first step) cannot define.
@@ -430,6 +491,9 @@ class HessianSpectrumMonitor(_HessianMonitor):
         warm_start: bool = True,
         block_size: int | None = None,
         max_basis: int | None = None,
+        max_iter: int | None = None,
+        reduction: Reduction = "mean",
+        name: str | None = None,
     ) -> None:
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
             raise ValueError(f"k must be an integer >= 1, got {k!r}")
@@ -448,6 +512,9 @@ class HessianSpectrumMonitor(_HessianMonitor):
             block_size=block_size,
             max_basis=max_basis,
             k=k,
+            max_iter=max_iter,
+            reduction=reduction,
+            name=name,
         )
         if trace and (not isinstance(trace_hvps, int) or trace_hvps < 3):
             raise ValueError(f"trace_hvps must be an integer >= 3, got {trace_hvps!r}")
@@ -490,16 +557,28 @@ class HessianSpectrumMonitor(_HessianMonitor):
                 start=self.start_vectors(operator),
                 return_eigenvectors=self._warm_start,
                 max_basis=self._max_basis,
+                max_iter=self._max_iter,
             )
             if result.eigenvectors is not None and result.all_converged:
                 self._start = result.eigenvectors
             self.last_eigenvalues = result.eigenvalues
+            prefix = self.prefix
             for i, value in enumerate(result.eigenvalues.tolist(), start=1):
-                metrics[f"{PREFIX}eig_{i}"] = value
+                metrics[f"{prefix}eig_{i}"] = value
+            metrics[prefix + "eigs_converged"] = float(result.converged.double().mean())
+            if not result.all_converged:
+                worst = int(torch.argmax(result.residuals / result.eigenvalues.abs()))
+                budget = self._max_iter or default_max_iter(self._k, operator.size)
+                self.warn_unconverged(
+                    "eigs",
+                    float(result.residuals[worst]),
+                    float(result.eigenvalues[worst]),
+                    budget,
+                )
             if self._trace:
                 estimate = hutchpp(operator, num_hvps=self._trace_hvps, seed=self._seed)
-                metrics[PREFIX + "trace"] = estimate.estimate
-                metrics[PREFIX + "trace_stderr"] = estimate.stderr
+                metrics[prefix + "trace"] = estimate.estimate
+                metrics[prefix + "trace_stderr"] = estimate.stderr
             if self._density:
                 self.last_density = slq(
                     operator,
@@ -507,25 +586,27 @@ class HessianSpectrumMonitor(_HessianMonitor):
                     steps=self._density_steps,
                     seed=self._seed,
                 )
-                metrics[PREFIX + "negative_mass"] = self.last_density.negative_mass
-                metrics[PREFIX + "near_zero_mass"] = self.last_density.near_zero_mass
-                metrics[PREFIX + "lambda_min"] = self.last_density.lambda_min
-                metrics[PREFIX + "lambda_min_residual"] = self.last_density.lambda_min_residual
-            metrics[PREFIX + "spectrum_num_hvps"] = float(operator.num_hvps)
+                metrics[prefix + "negative_mass"] = self.last_density.negative_mass
+                metrics[prefix + "near_zero_mass"] = self.last_density.near_zero_mass
+                metrics[prefix + "lambda_min"] = self.last_density.lambda_min
+                metrics[prefix + "lambda_min_residual"] = self.last_density.lambda_min_residual
+            metrics[prefix + "spectrum_num_hvps"] = float(operator.num_hvps)
         return metrics
 
     def metric_names(self) -> list[str]:
-        names = [f"{PREFIX}eig_{i}" for i in range(1, self._k + 1)]
+        prefix = self.prefix
+        names = [f"{prefix}eig_{i}" for i in range(1, self._k + 1)]
+        names.append(prefix + "eigs_converged")
         if self._trace:
-            names += [PREFIX + "trace", PREFIX + "trace_stderr"]
+            names += [prefix + "trace", prefix + "trace_stderr"]
         if self._density:
             names += [
-                PREFIX + "negative_mass",
-                PREFIX + "near_zero_mass",
-                PREFIX + "lambda_min",
-                PREFIX + "lambda_min_residual",
+                prefix + "negative_mass",
+                prefix + "near_zero_mass",
+                prefix + "lambda_min",
+                prefix + "lambda_min_residual",
             ]
-        return [*names, PREFIX + "spectrum_num_hvps"]
+        return [*names, prefix + "spectrum_num_hvps"]
 
     def nan_metrics(self, trainer: pl.Trainer) -> dict[str, float]:
         self.last_eigenvalues = None
@@ -534,24 +615,26 @@ class HessianSpectrumMonitor(_HessianMonitor):
 
     def write_tensorboard(self, writer: Any, step: int) -> None:
         if self.last_eigenvalues is not None:
-            add_histogram(writer, PREFIX + "top_k", self.last_eigenvalues, step)
+            add_histogram(writer, self.prefix + "top_k", self.last_eigenvalues, step)
         density = self.last_density
         if density is not None and bool(torch.isfinite(density.nodes).all()):
             add_figure(
                 writer,
-                PREFIX + "density",
+                self.prefix + "density",
                 density_figure(density, self.last_eigenvalues, step),
                 step,
             )
 
     def chart_layout(self) -> dict[str, dict[str, list[str]]]:
-        charts = {"top-k eigenvalues": [PREFIX + r"eig_\d+"]}
+        prefix = self.prefix
+        charts = {"top-k eigenvalues": [prefix + r"eig_\d+"]}
         if self._trace:
-            charts["trace (Hutch++)"] = [PREFIX + "trace"]
+            charts["trace (Hutch++)"] = [prefix + "trace"]
         if self._density:
             charts["spectral mass below and near zero"] = [
-                PREFIX + "negative_mass",
-                PREFIX + "near_zero_mass",
+                prefix + "negative_mass",
+                prefix + "near_zero_mass",
             ]
-            charts["smallest eigenvalue λ_min"] = [PREFIX + "lambda_min"]
-        return {"spectral: Hessian spectrum": charts}
+            charts["smallest eigenvalue λ_min"] = [prefix + "lambda_min"]
+        suffix = f" ({self.name})" if self.name else ""
+        return {"spectral: Hessian spectrum" + suffix: charts}

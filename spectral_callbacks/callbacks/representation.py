@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -25,8 +26,9 @@ from ..representation import (
     stable_rank,
     von_neumann_entropy,
 )
+from ..representation.capture import LAYER_LAYOUTS
 from ..representation.spectra import POOLS
-from .base import SpectralMonitor, _clone_batch
+from .base import SpectralMonitor, _clone_batch, reduce_scalar
 
 __all__ = ["RepresentationMonitor", "default_forward"]
 
@@ -77,12 +79,19 @@ class RepresentationMonitor(SpectralMonitor):
         select: Picks the embedding tensor from a tuple/dict layer output: one callable, or a
             dict layer name -> callable.
         pool: ``"flatten"`` (every token / position a row), ``"mean"`` (average over them) or
-            a callable ``(B, T, …, D) -> (B, D)``.
+            a callable ``(B, T, …, D) -> (B, D)`` (it receives the features last).
+        layout: Where a layer's features are: ``"auto"`` (default; a convolution's channels,
+            axis 1 of ``(N, C, H, W)`` or ``(N, C, L)``, else the last axis, as in tokens
+            ``(B, T, D)``: :func:`~spectral_callbacks.representation.infer_layout`, with one
+            warning where a 4-D output comes from a layer without a 2-d convolution),
+            ``"channels_first"`` or ``"channels_last"`` for every layer.
         forward_fn: ``forward_fn(model, batch)`` runs the model (default :func:`default_forward`).
         probe_data: Explicit probe data (one batch or a list of batches).
         fit_range: Ranks ``(low, high)`` of the α-ReQ power-law fit.
         eval_mode: Measure in eval mode (default ``True``; modes are restored).
         seed: Seed of the RNG inside the probe's forward passes.
+        name: Tells two monitors of the same layers apart: metric names become
+            ``spectral/repr/{name}/{layer}/...``.
     """
 
     # Representation probes can be thousands of samples: re-collect on resume instead.
@@ -100,8 +109,12 @@ class RepresentationMonitor(SpectralMonitor):
         fit_range: tuple[int, int] = (11, 100),
         eval_mode: bool = True,
         seed: int = 0,
+        layout: str = "auto",
+        name: str | None = None,
     ) -> None:
-        super().__init__(every_n_steps, probe_batches=1, probe_data=probe_data, eval_mode=eval_mode)
+        super().__init__(
+            every_n_steps, probe_batches=1, probe_data=probe_data, eval_mode=eval_mode, name=name
+        )
         if isinstance(layers, str):
             layers = (layers,)
         if not layers or not all(isinstance(name, str) for name in layers):
@@ -110,6 +123,8 @@ class RepresentationMonitor(SpectralMonitor):
             raise ValueError(f"num_samples must be an integer >= 1, got {num_samples!r}")
         if not callable(pool) and pool not in POOLS:
             raise ValueError(f"pool must be one of {POOLS} or a callable, got {pool!r}")
+        if layout not in LAYER_LAYOUTS:
+            raise ValueError(f"layout must be one of {LAYER_LAYOUTS}, got {layout!r}")
         low, high = fit_range
         if not (isinstance(low, int) and isinstance(high, int) and 1 <= low < high):
             raise ValueError(
@@ -119,6 +134,7 @@ class RepresentationMonitor(SpectralMonitor):
         self._num_samples = num_samples
         self._select = select
         self._pool = pool
+        self._layout = layout
         self._forward_fn = forward_fn or default_forward
         self._fit_range = fit_range
         self._seed = seed
@@ -147,8 +163,11 @@ class RepresentationMonitor(SpectralMonitor):
             "probe batches."
         )
 
-    def probe_is_complete(self, probe: list[Any]) -> bool:
-        return sum(batch_size(b) for b in probe) >= self._num_samples
+    def probe_is_complete(self, trainer: pl.Trainer, probe: list[Any]) -> bool:
+        # Samples of the union of every process's shard: the probe, the steps measured and
+        # the values are those of one process on that union, whatever the world size.
+        samples = sum(batch_size(b) for b in probe)
+        return reduce_scalar(trainer, samples, "sum") >= self._num_samples
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         super().on_train_start(trainer, pl_module)
@@ -162,11 +181,16 @@ class RepresentationMonitor(SpectralMonitor):
         # Creating a DataLoader iterator draws its base seed from the global RNG: fork it so
         # the training run's random stream is untouched.
         with torch.random.fork_rng(devices=[]):
-            for batch in loaders:
-                self._probe.append(_clone_batch(batch))
-                if self.probe_is_complete(self._probe):
+            batches = iter(loaders)
+            while True:
+                batch = next(batches, None)
+                if batch is not None:
+                    self._probe.append(_clone_batch(batch))
+                # Every process takes part in each count, also one whose loader ran out.
+                all_exhausted = reduce_scalar(trainer, float(batch is None), "min") > 0
+                if self.probe_is_complete(trainer, self._probe) or all_exhausted:
                     break
-        self._probe_complete = bool(self._probe)
+        self._probe_complete = reduce_scalar(trainer, len(self._probe), "sum") > 0
 
     def measure(
         self, trainer: pl.Trainer, module: pl.LightningModule, probe: list[Any]
@@ -175,7 +199,14 @@ class RepresentationMonitor(SpectralMonitor):
         try:
             with (
                 measurement_context(module, self._seed, second_order=False),
-                capture_features(module, self._layers, self._select, self._pool) as accumulators,
+                capture_features(
+                    module,
+                    self._layers,
+                    self._select,
+                    self._pool,
+                    self._layout,
+                    on_ambiguous=lambda message: self.warn_once("layout", message),
+                ) as accumulators,
             ):
                 for batch in probe:
                     self._forward_fn(module, batch)
@@ -185,12 +216,12 @@ class RepresentationMonitor(SpectralMonitor):
         for layer, accumulator in accumulators.items():
             if trainer.world_size > 1:
                 accumulator.all_reduce()  # the union of every process's probe shard
+            # Non-finite outputs on any process make the reduced sums non-finite on every
+            # process, so all of them raise FloatingPointError here together.
             covariance = accumulator.covariance_spectrum()
             second_moment = accumulator.second_moment_spectrum()
             self.last_spectra[layer] = covariance.cpu()
-            if not bool(torch.isfinite(covariance).all() and torch.isfinite(second_moment).all()):
-                raise FloatingPointError(f"layer {layer!r} produced non-finite outputs")
-            name = f"{PREFIX}{layer}/"
+            name = f"{self.prefix}{layer}/"
             metrics[name + "rankme"] = rankme(second_moment)
             metrics[name + "alpha_req"] = self._alpha(layer, covariance)
             metrics[name + "effective_rank"] = effective_rank(covariance)
@@ -211,8 +242,13 @@ class RepresentationMonitor(SpectralMonitor):
         self._last_fits[layer] = fit
         return fit.alpha
 
+    @property
+    def prefix(self) -> str:
+        """The start of every metric name: ``spectral/repr/`` (``.../{name}/`` if named)."""
+        return PREFIX + (f"{self.name}/" if self.name else "")
+
     def metric_names(self) -> list[str]:
-        return [f"{PREFIX}{layer}/{metric}" for layer in self._layers for metric in METRICS]
+        return [f"{self.prefix}{layer}/{metric}" for layer in self._layers for metric in METRICS]
 
     def nan_metrics(self, trainer: pl.Trainer) -> dict[str, float]:
         self.last_spectra = {}
@@ -221,16 +257,19 @@ class RepresentationMonitor(SpectralMonitor):
     def write_tensorboard(self, writer: Any, step: int) -> None:
         for layer, spectrum in self.last_spectra.items():
             positive = spectrum[spectrum > 0]
-            add_histogram(writer, f"{PREFIX}{layer}/log10_eigenvalues", positive.log10(), step)
+            tag = f"{self.prefix}{layer}/"
+            add_histogram(writer, tag + "log10_eigenvalues", positive.log10(), step)
             if positive.numel() > 1:
                 figure = scree_figure(spectrum, self._last_fits.get(layer), layer, step)
-                add_figure(writer, f"{PREFIX}{layer}/scree", figure, step)
+                add_figure(writer, tag + "scree", figure, step)
 
     def chart_layout(self) -> dict[str, dict[str, list[str]]]:
+        prefix = re.escape(self.prefix) + ".*"
+        suffix = f" ({self.name})" if self.name else ""
         return {
-            "spectral: representations": {
-                "RankMe per layer": [PREFIX + r".*/rankme"],
-                "α-ReQ per layer": [PREFIX + r".*/alpha_req"],
-                "effective rank per layer": [PREFIX + r".*/effective_rank"],
+            "spectral: representations" + suffix: {
+                "RankMe per layer": [prefix + "/rankme"],
+                "α-ReQ per layer": [prefix + "/alpha_req"],
+                "effective rank per layer": [prefix + "/effective_rank"],
             }
         }

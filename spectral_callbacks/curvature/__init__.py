@@ -1,6 +1,14 @@
 """Curvature operators: a model, a loss and data turned into a matrix-free symmetric operator."""
 
-from .data import ParameterFilter, as_batch_list, batch_size, select_parameters
+from .data import (
+    REDUCTIONS,
+    Batches,
+    ParameterFilter,
+    Reduction,
+    as_batch_list,
+    batch_size,
+    select_parameters,
+)
 from .hessian import (
     HVP_PATHS,
     HessianOperator,
@@ -21,11 +29,14 @@ from .preconditioner import (
 
 __all__ = [
     "HVP_PATHS",
+    "REDUCTIONS",
     "SUPPORTED_OPTIMIZERS",
+    "Batches",
     "HessianOperator",
     "LossFunction",
     "NonFiniteLossError",
     "ParameterFilter",
+    "Reduction",
     "StabilityPreconditioner",
     "StabilityRatio",
     "UnsupportedOptimizerError",

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -13,12 +14,19 @@ from torch import nn
 from .._names import uncompiled_name
 
 __all__ = [
+    "REDUCTIONS",
+    "Batches",
     "ParameterFilter",
+    "Reduction",
     "as_batch_list",
     "batch_size",
     "move_to_device",
     "select_parameters",
 ]
+
+#: How ``loss_fn`` reduces over the samples of a batch, and so what the dataset loss is.
+Reduction = Literal["mean", "sum"]
+REDUCTIONS: tuple[str, ...] = ("mean", "sum")
 
 #: A parameter filter: ``None`` (all trainable parameters), a regular expression searched in
 #: each parameter name, a predicate on the name, or a sequence of parameter names or module
@@ -75,29 +83,50 @@ def _is_name_or_prefix(entry: str, name: str) -> bool:
     return name == entry or name.startswith(entry + ".")
 
 
+class Batches(list):
+    """An explicit list of batches: ``data=Batches([b1, b2, ...])`` is never read as one batch.
+
+    Without it, ``data`` is read by the rule of :func:`as_batch_list`, which cannot tell a list
+    of tensor batches ``[x1, x2]`` from one batch ``[x, y]`` (it takes the latter). Wrap the
+    batches to say which is meant; the callbacks pass their probe data this way.
+    """
+
+    def __repr__(self) -> str:
+        return f"Batches({list.__repr__(self)})"
+
+
 def as_batch_list(data: Any) -> list[Any]:
     """Interpret ``data`` as one batch or as an iterable of batches, and materialise it.
 
-    Batches: a ``DataLoader``, an iterator or generator, or a list/tuple whose elements are
-    all containers (tuples, lists or dicts), such as ``[(x1, y1), (x2, y2)]``. Anything else
-    (a tensor, ``(x, y)``, ``[x, y]``, a dict) is one batch. Batches are kept in a list, so
-    every Hessian-vector product sees the same data.
+    Batches: a :class:`Batches` list (always), a ``DataLoader``, an iterator or generator, or
+    a list/tuple whose elements are all containers (tuples, lists or dicts), such as
+    ``[(x1, y1), (x2, y2)]``. Anything else (a tensor, ``(x, y)``, ``[x, y]``, a dict, an
+    object of the user's own batch type) is one batch. Batches are kept in a list, so every
+    Hessian-vector product sees the same data.
+
+    Raises:
+        ValueError: If ``data`` holds no batch (``[]``, an empty loader).
     """
-    if isinstance(data, torch.utils.data.DataLoader) or (
-        isinstance(data, (list, tuple))
-        and data
-        and all(isinstance(b, (list, tuple, Mapping)) for b in data)
-    ):
+    if isinstance(data, (Batches, torch.utils.data.DataLoader)):
         batches = list(data)
-    elif isinstance(data, (torch.Tensor, list, tuple, Mapping)):
+    elif isinstance(data, (list, tuple)) and not _is_namedtuple(data):
+        if data and all(isinstance(b, (list, tuple, Mapping)) for b in data):
+            batches = list(data)
+        else:
+            batches = [data] if data else []
+    elif isinstance(data, (torch.Tensor, Mapping)) or _is_namedtuple(data):
         batches = [data]
-    elif isinstance(data, Iterable):
+    elif isinstance(data, Iterable) and not dataclasses.is_dataclass(data):
         batches = list(data)
     else:
         batches = [data]
     if not batches:
-        raise ValueError("data holds no batch")
+        raise ValueError(f"data holds no batch, got {data!r}")
     return batches
+
+
+def _is_namedtuple(obj: Any) -> bool:
+    return isinstance(obj, tuple) and hasattr(obj, "_fields")
 
 
 def _first_tensor(obj: Any) -> torch.Tensor | None:
@@ -105,6 +134,8 @@ def _first_tensor(obj: Any) -> torch.Tensor | None:
         return obj
     if isinstance(obj, Mapping):
         obj = list(obj.values())
+    elif dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        obj = [getattr(obj, field.name) for field in dataclasses.fields(obj)]
     if isinstance(obj, (list, tuple)):
         for item in obj:
             found = _first_tensor(item)
@@ -119,19 +150,40 @@ def batch_size(batch: Any) -> int:
     if tensor is None:
         raise ValueError(
             f"cannot infer the size of a batch of type {type(batch).__name__}: it holds no "
-            "tensor; pass batch_size_fn=... to say how many samples a batch has"
+            "tensor in a tuple, list, dict or dataclass; pass batch_size_fn=... (functional "
+            "API), or declare reduction='sum', which weights batches without their sizes"
         )
     return int(tensor.shape[0]) if tensor.ndim > 0 else 1
 
 
-def move_to_device(obj: Any, device: torch.device) -> Any:
-    """Move every tensor in a (nested) tuple / list / dict to ``device``."""
+def map_tensors(
+    obj: Any,
+    function: Callable[[torch.Tensor], torch.Tensor],
+    other: Callable[[Any], Any] | None = None,
+) -> Any:
+    """``obj`` with ``function`` applied to every tensor in it, containers rebuilt.
+
+    Containers: tuples (named ones too), lists, dicts and dataclass instances, nested; any
+    other object becomes ``other(obj)`` (default: the same object).
+    """
     if isinstance(obj, torch.Tensor):
-        return obj.to(device)
+        return function(obj)
     if isinstance(obj, Mapping):
-        return type(obj)({k: move_to_device(v, device) for k, v in obj.items()})
-    if isinstance(obj, tuple) and hasattr(obj, "_fields"):
-        return type(obj)(*(move_to_device(v, device) for v in obj))
+        return type(obj)({k: map_tensors(v, function, other) for k, v in obj.items()})
+    if _is_namedtuple(obj):
+        return type(obj)(*(map_tensors(v, function, other) for v in obj))
     if isinstance(obj, (list, tuple)):
-        return type(obj)(move_to_device(v, device) for v in obj)
-    return obj
+        return type(obj)(map_tensors(v, function, other) for v in obj)
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        changes = {
+            field.name: map_tensors(getattr(obj, field.name), function, other)
+            for field in dataclasses.fields(obj)
+            if field.init
+        }
+        return dataclasses.replace(obj, **changes)
+    return obj if other is None else other(obj)
+
+
+def move_to_device(obj: Any, device: torch.device) -> Any:
+    """Move every tensor in a (nested) tuple / list / dict / dataclass to ``device``."""
+    return map_tensors(obj, lambda tensor: tensor.to(device))

@@ -1,9 +1,18 @@
 """The Hessian of a model's loss as a matrix-free symmetric operator.
 
-For batches ``B_1 … B_K`` of sizes ``n_1 … n_K`` (``N = Σ n_b``) and a loss function that
-returns the *mean* loss of a batch, the dataset loss is ``L(θ) = Σ_b (n_b / N) L_b(θ)`` and
-its Hessian ``H = Σ_b (n_b / N) ∇²L_b(θ)``: batches are weighted by size, as a mean over all
-samples. Products ``H V`` with blocks of vectors are exact (autograd), by one of two paths:
+For batches ``B_1 … B_K`` of sizes ``n_1 … n_K`` (``N = Σ n_b``) the dataset loss depends on
+how ``loss_fn`` reduces over a batch's samples (``reduction``):
+
+``"mean"`` (default; ``loss_fn`` returns the mean loss of a batch)
+    ``L(θ) = Σ_b (n_b / N) L_b(θ)``, the mean over all ``N`` samples, and
+    ``H = Σ_b (n_b / N) ∇²L_b(θ)``: batches are weighted by size.
+``"sum"`` (``loss_fn`` returns the sum over a batch's samples, ``reduction="sum"``)
+    ``L(θ) = Σ_b L_b(θ)``, the sum over all samples, and ``H = Σ_b ∇²L_b(θ)``: every batch
+    has weight 1 and batch sizes are never needed.
+
+Weighting a summed loss by size would give neither Hessian (it is off by a factor that varies
+between batches), so the reduction must be declared. Products ``H V`` with blocks of vectors
+are exact (autograd), by one of these paths:
 
 ``"reuse_graph"``
     Build ``g_b = ∇L_b`` once per batch with ``create_graph=True`` and keep that first-order
@@ -45,7 +54,15 @@ from torch import nn
 
 from .._names import uncompiled_name
 from ..linalg._precision import autocast_disabled
-from .data import ParameterFilter, as_batch_list, batch_size, move_to_device, select_parameters
+from .data import (
+    REDUCTIONS,
+    ParameterFilter,
+    Reduction,
+    as_batch_list,
+    batch_size,
+    move_to_device,
+    select_parameters,
+)
 from .isolation import BufferSnapshot, compiled_code_allowed, measurement_context
 
 __all__ = [
@@ -143,17 +160,22 @@ class HessianOperator:
 
     Args:
         model: The model. Its train/eval modes are used as they are.
-        loss_fn: ``loss_fn(model, batch) -> scalar`` mean loss of a batch.
+        loss_fn: ``loss_fn(model, batch) -> scalar`` loss of a batch, reduced over its samples
+            as ``reduction`` says.
         data: One batch, or an iterable of batches (see
-            :func:`~spectral_callbacks.curvature.data.as_batch_list`); moved to the model's
-            device and kept for the operator's lifetime.
+            :func:`~spectral_callbacks.curvature.data.as_batch_list`; wrap a list of batches
+            in :class:`~spectral_callbacks.curvature.data.Batches` to say it is one); moved
+            to the model's device and kept for the operator's lifetime.
+        reduction: ``"mean"`` if ``loss_fn`` returns a batch's mean loss (batches weighted by
+            size), ``"sum"`` if it returns the sum over the batch's samples (every batch
+            weight 1); module docstring.
         params: Parameter filter (regular expression, predicate, or names / module prefixes);
             default all trainable parameters.
         hvp: ``"auto"``, ``"reuse_graph"``, ``"forward_over_reverse"`` or ``"compiled"``
             (module docstring).
         compile_backend: ``torch.compile`` backend of the ``"compiled"`` path.
         batch_size_fn: ``batch -> int`` number of samples, when the first tensor's leading
-            dimension is not it.
+            dimension is not it (unused with ``reduction="sum"``).
         seed: Seed of the RNG inside forward passes (fixes dropout masks).
         distributed: Under an initialised ``torch.distributed`` process group of several
             processes, make this the Hessian of the union of every process's ``data``: batch
@@ -178,9 +200,12 @@ class HessianOperator:
         seed: int = 0,
         distributed: bool = False,
         compile_backend: str = "inductor",
+        reduction: Reduction = "mean",
     ) -> None:
         if hvp not in HVP_PATHS:
             raise ValueError(f"hvp must be one of {HVP_PATHS}, got {hvp!r}")
+        if reduction not in REDUCTIONS:
+            raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
         if not callable(loss_fn):
             raise TypeError(f"loss_fn must be callable as loss_fn(model, batch), got {loss_fn!r}")
         self.model = model
@@ -198,20 +223,14 @@ class HessianOperator:
         self.size = sum(self.numels)
         self.seed = seed
         self.batches = [move_to_device(b, self.device) for b in as_batch_list(data)]
-        sizes = [(batch_size_fn or batch_size)(b) for b in self.batches]
-        if any(s < 1 for s in sizes):
-            raise ValueError(f"every batch must hold at least one sample, got sizes {sizes}")
         self.distributed = bool(
             distributed
             and torch.distributed.is_available()
             and torch.distributed.is_initialized()
             and torch.distributed.get_world_size() > 1
         )
-        total = float(sum(sizes))
-        if self.distributed:  # weights over the union of every process's batches
-            count = torch.tensor(total, dtype=torch.float64, device=self.device)
-            total = float(self._all_reduce(count))
-        self.batch_weights = [s / total for s in sizes]
+        self.reduction = reduction
+        self.batch_weights = self._batch_weights(batch_size_fn)
         self.hvp = hvp
         self.compile_backend = compile_backend
         self.num_hvps = 0
@@ -219,6 +238,19 @@ class HessianOperator:
         self._checked_finite = False
         self._vmap_failed = False
         self._buffers = BufferSnapshot(model)
+
+    def _batch_weights(self, batch_size_fn: Callable[[Any], int] | None) -> list[float]:
+        """Weight of each batch's loss in the dataset loss (module docstring)."""
+        if self.reduction == "sum":
+            return [1.0] * len(self.batches)
+        sizes = [(batch_size_fn or batch_size)(b) for b in self.batches]
+        if any(s < 1 for s in sizes):
+            raise ValueError(f"every batch must hold at least one sample, got sizes {sizes}")
+        total = float(sum(sizes))
+        if self.distributed:  # weights over the union of every process's batches
+            count = torch.tensor(total, dtype=torch.float64, device=self.device)
+            total = float(self._all_reduce(count))
+        return [s / total for s in sizes]
 
     # -- lifecycle -------------------------------------------------------------------------
     def __enter__(self) -> HessianOperator:

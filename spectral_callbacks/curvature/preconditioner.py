@@ -210,6 +210,8 @@ class StabilityRatio:
             followed from λ_max in closed form: one step size and one weight decay).
         eigenvector: The top eigenvector of the scaled operator (for warm starts), or None.
         residual: Its Ritz residual (NaN when computed in closed form).
+        converged: Whether the preconditioned solve met ``tol`` (``True`` in closed form,
+            where it is exact given ``lambda_max``).
     """
 
     eos_ratio: float
@@ -219,6 +221,7 @@ class StabilityRatio:
     num_hvps: int = 0
     eigenvector: torch.Tensor | None = None
     residual: float = math.nan
+    converged: bool = True
 
 
 def stability_ratio(
@@ -281,4 +284,5 @@ def stability_ratio(
         num_hvps=getattr(operator, "num_hvps", before + result.num_hvps) - before,
         eigenvector=result.eigenvectors[0] if result.all_converged else None,
         residual=float(result.residuals[0]),
+        converged=result.all_converged,
     )

@@ -7,6 +7,7 @@ a callback adds charts to it.
 
 from __future__ import annotations
 
+import sys
 import weakref
 from collections.abc import Sequence
 from typing import Any
@@ -21,10 +22,16 @@ _LAYOUTS: weakref.WeakKeyDictionary[Any, dict[str, dict[str, list]]] = weakref.W
 
 
 def tensorboard_writers(loggers: Sequence[Any]) -> list[Any]:
-    """The ``SummaryWriter`` of every TensorBoard logger in ``loggers``."""
+    """The ``SummaryWriter`` of every TensorBoard logger in ``loggers``, from the
+    ``lightning.pytorch`` and the ``pytorch_lightning`` namespaces alike."""
     from lightning.pytorch.loggers import TensorBoardLogger
 
-    return [logger.experiment for logger in loggers if isinstance(logger, TensorBoardLogger)]
+    classes: tuple[type, ...] = (TensorBoardLogger,)
+    # A logger of that namespace means it is imported already; never import it here.
+    legacy = sys.modules.get("pytorch_lightning.loggers")
+    if legacy is not None and hasattr(legacy, "TensorBoardLogger"):
+        classes += (legacy.TensorBoardLogger,)
+    return [logger.experiment for logger in loggers if isinstance(logger, classes)]
 
 
 def add_chart_layout(writer: Any, category: str, charts: dict[str, list[str]]) -> None:

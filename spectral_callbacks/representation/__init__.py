@@ -1,6 +1,6 @@
 """Spectra of representations: RankMe, α-ReQ, effective rank and friends; feature capture."""
 
-from .capture import capture_features, resolve_layers
+from .capture import LAYER_LAYOUTS, capture_features, infer_layout, resolve_layers
 from .metrics import (
     AlphaReqFit,
     alpha_req,
@@ -12,6 +12,7 @@ from .metrics import (
     von_neumann_entropy,
 )
 from .spectra import (
+    LAYOUTS,
     CovarianceAccumulator,
     as_embedding_matrix,
     covariance_spectrum,
@@ -19,6 +20,8 @@ from .spectra import (
 )
 
 __all__ = [
+    "LAYER_LAYOUTS",
+    "LAYOUTS",
     "AlphaReqFit",
     "CovarianceAccumulator",
     "alpha_req",
@@ -27,6 +30,7 @@ __all__ = [
     "capture_features",
     "covariance_spectrum",
     "effective_rank",
+    "infer_layout",
     "participation_ratio",
     "rankme",
     "resolve_layers",

@@ -11,9 +11,36 @@ import torch
 from torch import nn
 
 from .._names import uncompiled_name
-from .spectra import CovarianceAccumulator, Pool, as_embedding_matrix
+from .spectra import LAYOUTS, CovarianceAccumulator, Pool, as_embedding_matrix
 
-__all__ = ["capture_features", "resolve_layers"]
+__all__ = ["LAYER_LAYOUTS", "capture_features", "infer_layout", "resolve_layers"]
+
+#: ``layout`` choices of :func:`capture_features`: inferred per layer, or given.
+LAYER_LAYOUTS = ("auto", *LAYOUTS)
+
+
+def _conv_dims(module: nn.Module) -> set[int]:
+    """Spatial dimensionalities of the convolutions in ``module`` (itself included)."""
+    return {len(m.kernel_size) for m in module.modules() if isinstance(m, nn.modules.conv._ConvNd)}
+
+
+def infer_layout(module: nn.Module, ndim: int) -> tuple[str, bool]:
+    """Where the features of an ``ndim``-D output of ``module`` are, and whether that is sure.
+
+    PyTorch's convolutions put channels second, ``(N, C, L)`` / ``(N, C, H, W)`` /
+    ``(N, C, D, H, W)``; token models put features last, ``(B, T, D)``. So: a 3-D output is
+    channels-first if the module is or holds a 1-d convolution, else tokens (sure either
+    way: a transformer holds no 1-d convolution); a 4-D or 5-D output is channels-first, sure
+    when the module is or holds a convolution of that many spatial dimensions (a 4-D output of
+    a module without one, e.g. a Swin stage's ``(B, H, W, C)``, is the ambiguous case).
+    """
+    if ndim <= 2:
+        return "channels_last", True
+    dims = _conv_dims(module)
+    if ndim == 3:
+        return ("channels_first" if 1 in dims else "channels_last"), True
+    return "channels_first", (ndim - 2) in dims
+
 
 Select = Callable[[Any], torch.Tensor]
 
@@ -54,13 +81,20 @@ def capture_features(
     layers: Sequence[str],
     select: Select | dict[str, Select] | None = None,
     pool: Pool = "flatten",
+    layout: str = "auto",
+    on_ambiguous: Callable[[str], None] | None = None,
 ) -> Iterator[dict[str, CovarianceAccumulator]]:
     """Stream each named layer's outputs into a :class:`CovarianceAccumulator` while active.
 
     Hooks are removed on exit, also after an error. ``select`` picks the tensor from a tuple or
-    dict output (one callable for all layers, or a dict by layer name); ``pool`` turns
-    ``(B, T, …, D)`` outputs into rows (see :func:`as_embedding_matrix`).
+    dict output (one callable for all layers, or a dict by layer name); ``layout`` says where
+    the feature axis is (``"auto"``: :func:`infer_layout` per layer; or ``"channels_last"`` /
+    ``"channels_first"`` for all) and ``pool`` turns the positions into rows (see
+    :func:`as_embedding_matrix`). ``on_ambiguous(message)`` hears of each layer whose layout
+    ``"auto"`` had to guess.
     """
+    if layout not in LAYER_LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYER_LAYOUTS}, got {layout!r}")
     modules = resolve_layers(model, layers)
     accumulators = {name: CovarianceAccumulator() for name in modules}
     handles = []
@@ -69,7 +103,18 @@ def capture_features(
         chooser = select.get(name) if isinstance(select, dict) else select
 
         def hook(module: nn.Module, inputs: Any, output: Any) -> None:
-            accumulators[name].update(as_embedding_matrix(_as_tensor(name, output, chooser), pool))
+            features = _as_tensor(name, output, chooser)
+            chosen = layout
+            if layout == "auto":
+                chosen, sure = infer_layout(module, features.ndim)
+                if not sure and on_ambiguous is not None:
+                    on_ambiguous(
+                        f"layer {name!r} returns {features.ndim}-D outputs of shape "
+                        f"{tuple(features.shape)} and holds no {features.ndim - 2}-d "
+                        "convolution: taking axis 1 as the features (N, C, ...); pass "
+                        "layout='channels_last' if the features are the last axis"
+                    )
+            accumulators[name].update(as_embedding_matrix(features, pool, chosen))
 
         return hook
 

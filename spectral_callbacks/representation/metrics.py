@@ -37,6 +37,11 @@ def _spectrum(
 ) -> torch.Tensor:
     """Descending non-negative float64 eigenvalues from embeddings or a given spectrum."""
     z_or_eigs = torch.as_tensor(z_or_eigs)
+    if z_or_eigs.is_complex():
+        raise ValueError(
+            "the input is complex; the spectra are defined for real embeddings or eigenvalues "
+            "(pass torch.view_as_real(z).flatten(-2) or z.abs())"
+        )
     if z_or_eigs.ndim == 1:
         values = z_or_eigs.detach().to(torch.float64)
         if not bool(torch.isfinite(values).all()):
@@ -67,8 +72,7 @@ def rankme(
     those eigenvalues). ``ε = 1e-7`` as in the paper. Ranges over ``(0, min(N, D)]``.
     """
     values = _spectrum(z_or_eigs, centred=False, center=center, pool=pool)
-    singular = values.sqrt()
-    p = singular / singular.sum() + eps
+    p = _distribution(values.sqrt()) + eps
     return float(torch.exp(-(p * p.log()).sum()))
 
 

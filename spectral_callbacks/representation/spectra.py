@@ -20,6 +20,7 @@ from collections.abc import Callable
 import torch
 
 __all__ = [
+    "LAYOUTS",
     "CovarianceAccumulator",
     "as_embedding_matrix",
     "covariance_spectrum",
@@ -28,24 +29,41 @@ __all__ = [
 
 Pool = str | Callable[[torch.Tensor], torch.Tensor]
 POOLS = ("flatten", "mean")
+#: Where the feature axis of a ``(B, …)`` tensor is: last (tokens ``(B, T, D)``) or second
+#: (convolutions ``(N, C, H, W)``).
+LAYOUTS = ("channels_last", "channels_first")
 
 
-def as_embedding_matrix(features: torch.Tensor, pool: Pool = "flatten") -> torch.Tensor:
+def as_embedding_matrix(
+    features: torch.Tensor, pool: Pool = "flatten", layout: str = "channels_last"
+) -> torch.Tensor:
     """Turn layer outputs into an ``(N, D)`` matrix of embeddings.
 
-    ``(N, D)`` is returned as is. For ``(B, T, ..., D)`` (token or spatial models):
+    ``(N, D)`` is returned as is. A tensor of more dimensions has a batch axis first and one
+    feature axis, the last (``layout="channels_last"``: tokens ``(B, T, D)``, the default)
+    or the second (``layout="channels_first"``: a convolution's ``(N, C, H, W)`` or
+    ``(N, C, L)``, whose ``C`` channels are the features); the other axes are positions.
     ``pool="flatten"`` (default) treats every position as a sample, ``(B·T·…, D)``;
-    ``pool="mean"`` averages over positions, ``(B, D)``; a callable maps the tensor to
-    ``(B, D)`` itself.
+    ``pool="mean"`` averages over positions, ``(B, D)``; a callable receives the tensor with
+    the features last, ``(B, T, …, D)``, and returns ``(B, D)`` itself.
     """
-    if callable(pool):
-        features = pool(features)
-    elif pool not in POOLS:
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    if not callable(pool) and pool not in POOLS:
         raise ValueError(f"pool must be one of {POOLS} or a callable, got {pool!r}")
-    elif features.ndim > 2 and pool == "mean":
-        features = features.reshape(features.shape[0], -1, features.shape[-1]).mean(dim=1)
     if features.ndim == 1:
         raise ValueError("embeddings must have a feature dimension: got a 1-D tensor")
+    if features.is_complex():
+        raise ValueError(
+            "embeddings are complex; the spectra are defined for real embeddings: pass "
+            "torch.view_as_real(z).flatten(-2) (real and imaginary parts as features) or z.abs()"
+        )
+    if layout == "channels_first" and features.ndim > 2:
+        features = features.movedim(1, -1)
+    if callable(pool):
+        features = pool(features)
+    elif features.ndim > 2 and pool == "mean":
+        features = features.reshape(features.shape[0], -1, features.shape[-1]).mean(dim=1)
     return features.reshape(-1, features.shape[-1])
 
 
@@ -73,6 +91,8 @@ class CovarianceAccumulator:
         """Add a chunk of rows ``(n, D)``."""
         if rows.ndim != 2:
             raise ValueError(f"rows must be (n, D), got shape {tuple(rows.shape)}")
+        if rows.is_complex():
+            raise ValueError("rows are complex; the accumulator holds real embeddings")
         if self.dim is None:
             self.dim = rows.shape[1]
         if rows.shape[1] != self.dim:
@@ -146,7 +166,14 @@ class CovarianceAccumulator:
         return 0.5 * (moment + moment.T)
 
     def _spectrum(self, matrix: torch.Tensor, centred: bool) -> torch.Tensor:
-        values = torch.linalg.eigvalsh(matrix).flip(0).clamp_min(0)
+        """Descending eigenvalues; ``FloatingPointError`` for non-finite embeddings (or an
+        eigensolver failure), which the monitors log as NaN."""
+        if not bool(torch.isfinite(matrix).all()):
+            raise FloatingPointError("the embeddings hold NaN or infinite values")
+        try:
+            values = torch.linalg.eigvalsh(matrix).flip(0).clamp_min(0)
+        except torch.linalg.LinAlgError as error:
+            raise FloatingPointError(f"eigvalsh failed: {error}") from error
         rank_cap = self.count - 1 if centred else self.count
         if rank_cap < self.dim:
             if not self._warned:
@@ -170,15 +197,21 @@ class CovarianceAccumulator:
         return self._spectrum(self.second_moment(), centred=False)
 
 
-def covariance_spectrum(embeddings: torch.Tensor, pool: Pool = "flatten") -> torch.Tensor:
-    """Descending float64 eigenvalues of the centred covariance of ``embeddings``."""
+def covariance_spectrum(
+    embeddings: torch.Tensor, pool: Pool = "flatten", layout: str = "channels_last"
+) -> torch.Tensor:
+    """Descending float64 eigenvalues of the centred covariance of ``embeddings``
+    (rows by :func:`as_embedding_matrix`)."""
     accumulator = CovarianceAccumulator()
-    accumulator.update(as_embedding_matrix(embeddings, pool))
+    accumulator.update(as_embedding_matrix(embeddings, pool, layout))
     return accumulator.covariance_spectrum()
 
 
-def second_moment_spectrum(embeddings: torch.Tensor, pool: Pool = "flatten") -> torch.Tensor:
-    """Descending float64 eigenvalues of ``ZᵀZ / N`` (squared singular values of raw Z over N)."""
+def second_moment_spectrum(
+    embeddings: torch.Tensor, pool: Pool = "flatten", layout: str = "channels_last"
+) -> torch.Tensor:
+    """Descending float64 eigenvalues of ``ZᵀZ / N`` (squared singular values of raw Z over N;
+    rows by :func:`as_embedding_matrix`)."""
     accumulator = CovarianceAccumulator()
-    accumulator.update(as_embedding_matrix(embeddings, pool))
+    accumulator.update(as_embedding_matrix(embeddings, pool, layout))
     return accumulator.second_moment_spectrum()
