@@ -61,7 +61,13 @@ def test_tensorboard_events_match_the_functional_api(tmp_path):
     model = TanhRegressor(lr=0.1).double()
     sharpness = SharpnessMonitor(every_n_steps=5, tol=1e-8)
     spectrum = HessianSpectrumMonitor(
-        every_n_steps=10, k=3, tol=1e-8, trace_hvps=30, density_probes=2, density_steps=12
+        every_n_steps=10,
+        k=3,
+        tol=1e-8,
+        trace_hvps=30,
+        density_probes=2,
+        density_steps=12,
+        figure_every_n_steps=10,
     )
     snapshots = Snapshots()
     logger = TensorBoardLogger(tmp_path, name="run", version=0)

@@ -13,7 +13,7 @@ import copy
 import inspect
 import math
 import warnings
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import lightning.pytorch as pl
@@ -21,6 +21,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from torch import nn
 
+from .._checks import check_bool, check_integer
 from ..curvature.data import Batches, as_batch_list, map_tensors, move_to_device
 from ..logging.tensorboard import add_chart_layout, tensorboard_writers
 
@@ -126,10 +127,16 @@ class SpectralMonitor(Callback):
         name: Tells two instances of one class apart (two losses, two tolerances): it goes
             into every metric name and the checkpoint state key. Two monitors of one Trainer
             that would log the same metric names or share a state key are refused at setup.
+        figure_every_n_steps: Optimizer steps between TensorBoard figures (images, tens of
+            KB each): at the first measurement, then at the first measurement at least this
+            many steps after the last figure. Default ``10 · every_n_steps``; scalars and
+            histograms are written at every measurement.
     """
 
     #: Whether checkpoints carry the probe data (so a resumed run measures the same data).
     checkpoint_probe = True
+    #: Most measurements kept in :attr:`history` (and so in a checkpoint); the oldest go first.
+    history_size = 1000
 
     def __init__(
         self,
@@ -138,8 +145,15 @@ class SpectralMonitor(Callback):
         probe_data: Any = None,
         eval_mode: bool = False,
         name: str | None = None,
+        figure_every_n_steps: int | None = None,
     ) -> None:
         super().__init__()
+        check_integer("every_n_steps", every_n_steps, minimum=1)
+        check_integer("probe_batches", probe_batches, minimum=1)
+        check_bool("eval_mode", eval_mode)
+        if figure_every_n_steps is not None:
+            check_integer("figure_every_n_steps", figure_every_n_steps, minimum=1)
+        _check_probe_data(probe_data)
         if name is not None and (
             not isinstance(name, str) or not name or "/" in name or name != name.strip()
         ):
@@ -149,22 +163,25 @@ class SpectralMonitor(Callback):
             )
         #: The instance's name (metric names and state key), or ``None``.
         self.name = name
-        if not isinstance(every_n_steps, int) or every_n_steps < 1:
-            raise ValueError(f"every_n_steps must be an integer >= 1, got {every_n_steps!r}")
-        if not isinstance(probe_batches, int) or probe_batches < 1:
-            raise ValueError(f"probe_batches must be an integer >= 1, got {probe_batches!r}")
         self._every_n_steps = every_n_steps
         self._probe_batches = probe_batches
         self._probe_data = probe_data
         self._eval_mode = eval_mode
+        self._figure_every_n_steps = figure_every_n_steps or 10 * every_n_steps
+        self._last_figure_step: int | None = None
+        #: Whether the measurement being published writes figures (see figure_every_n_steps).
+        self.figures_due = False
         self._probe: list[Any] = []
         self._probe_complete = False
         self._last_step: int | None = None
         self._warned: set[str] = set()
         #: Values of the last measurement (metric name -> float).
         self.last_metrics: dict[str, float] = {}
-        #: Every measurement so far: (global_step, metrics).
+        #: The last :attr:`history_size` measurements: (global_step, metrics).
         self.history: list[tuple[int, dict[str, float]]] = []
+        #: Measurements so far (all of them, also those gone from the history).
+        self.num_measurements = 0
+        self._pending_probe_tensors: list[list[torch.Tensor]] | None = None
 
     # -- to implement ----------------------------------------------------------------------
     def measure(
@@ -250,6 +267,8 @@ class SpectralMonitor(Callback):
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
+        if self._pending_probe_tensors is not None:
+            self._rebuild_probe(batch)
         if not self._probe_complete:
             self._probe.append(_clone_batch(batch))
             self._probe_complete = self.probe_is_complete(trainer, self._probe)
@@ -273,23 +292,48 @@ class SpectralMonitor(Callback):
             self._maybe_measure(trainer, pl_module)
 
     def state_dict(self) -> dict[str, Any]:
-        return {
+        state: dict[str, Any] = {
             "last_step": self._last_step,
             "last_metrics": dict(self.last_metrics),
             "history": [(step, dict(values)) for step, values in self.history],
-            "probe": [move_to_device(b, torch.device("cpu")) for b in self._probe]
-            if self._probe_complete and self.checkpoint_probe
-            else None,
+            "num_measurements": self.num_measurements,
+            "last_figure_step": self._last_figure_step,
+            "probe": None,
         }
+        if self._probe_complete and self.checkpoint_probe:
+            state.update(_checkpointable_probe(self._probe))
+        return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._last_step = state_dict.get("last_step")
         self.last_metrics = dict(state_dict.get("last_metrics", {}))
         self.history = [(step, dict(values)) for step, values in state_dict.get("history", [])]
+        self.num_measurements = state_dict.get("num_measurements", len(self.history))
+        self._last_figure_step = state_dict.get("last_figure_step")
+        if self._probe_data is not None:
+            return
         probe = state_dict.get("probe")
-        if probe is not None and self._probe_data is None:
+        if probe is not None:
             self._probe = list(probe)
             self._probe_complete = True
+        elif state_dict.get("probe_tensors") is not None:
+            # Batches of the user's own types: their tensors were saved, their structure is
+            # taken from the first training batch of the resumed run (same loader, same type).
+            self._pending_probe_tensors = [list(t) for t in state_dict["probe_tensors"]]
+
+    def _rebuild_probe(self, template: Any) -> None:
+        saved, self._pending_probe_tensors = self._pending_probe_tensors, None
+        rebuilt = [_fill_tensors(template, tensors) for tensors in saved]
+        if any(batch is None for batch in rebuilt):
+            self.warn_once(
+                "probe",
+                f"the checkpoint's probe batches do not fit the structure of the resumed run's "
+                f"batches ({type(template).__name__}); collecting the probe anew, so values "
+                "after the resume are measured on other data",
+            )
+            return
+        self._probe = rebuilt
+        self._probe_complete = True
 
     # -- machinery ---------------------------------------------------------------------------
     def _due(self, trainer: pl.Trainer, step: int) -> bool:
@@ -361,10 +405,16 @@ class SpectralMonitor(Callback):
     def _publish(self, trainer: pl.Trainer, metrics: dict[str, float], step: int) -> None:
         self.last_metrics = dict(metrics)
         self.history.append((step, dict(metrics)))
+        del self.history[: -self.history_size]
+        self.num_measurements += 1
         for name, value in metrics.items():
             trainer.callback_metrics[name] = torch.tensor(value, dtype=torch.float32)
         for logger in trainer.loggers:
             logger.log_metrics(dict(metrics), step=step)
+        last_figure = self._last_figure_step
+        self.figures_due = last_figure is None or step - last_figure >= self._figure_every_n_steps
+        if self.figures_due:
+            self._last_figure_step = step
         if trainer.is_global_zero:
             for writer in tensorboard_writers(trainer.loggers):
                 self.write_tensorboard(writer, step)
@@ -374,6 +424,91 @@ class SpectralMonitor(Callback):
             listener = getattr(callback, "on_spectral_measurement", None)
             if listener is not None:
                 listener(trainer, step, dict(metrics))
+
+
+def _check_probe_data(probe_data: Any) -> None:
+    """Explicit probe data must hold batches that hold tensors. An iterator or loader is
+    checked when the probe is collected (reading it now would consume it)."""
+    if probe_data is None:
+        return
+    lazy = isinstance(probe_data, (torch.utils.data.DataLoader, Iterator)) or (
+        isinstance(probe_data, Iterable)
+        and not isinstance(probe_data, (torch.Tensor, list, tuple, Mapping, str))
+    )
+    if lazy:
+        return
+    try:
+        batches = as_batch_list(probe_data)
+    except ValueError as error:
+        raise ValueError(f"probe_data: {error}") from None
+    for index, batch in enumerate(batches):
+        if not _tensors_of(batch):
+            raise ValueError(
+                f"probe_data must be one batch or a list of batches that hold tensors; batch "
+                f"{index} is {batch!r}"
+            )
+
+
+def _is_plain(obj: Any) -> bool:
+    """Whether ``torch.load(weights_only=True)`` can read ``obj`` back: tensors, numbers,
+    strings and ``None`` in plain lists, tuples and ``str``-keyed dicts."""
+    if obj is None or isinstance(obj, (torch.Tensor, bool, int, float, str)):
+        return True
+    if type(obj) in (list, tuple):
+        return all(_is_plain(item) for item in obj)
+    if type(obj) is dict:
+        return all(isinstance(k, str) and _is_plain(v) for k, v in obj.items())
+    return False
+
+
+def _tensors_of(batch: Any) -> list[torch.Tensor]:
+    found: list[torch.Tensor] = []
+
+    def collect(tensor: torch.Tensor) -> torch.Tensor:
+        found.append(tensor)
+        return tensor
+
+    map_tensors(batch, collect)
+    return found
+
+
+def _fill_tensors(template: Any, tensors: list[torch.Tensor]) -> Any | None:
+    """``template`` with its tensors replaced by ``tensors`` in order (``None`` on a count
+    mismatch)."""
+    if len(_tensors_of(template)) != len(tensors):
+        return None
+    supply = iter(tensors)
+    return map_tensors(template, lambda _: next(supply), other=copy.deepcopy)
+
+
+def _checkpointable_probe(probe: list[Any]) -> dict[str, Any]:
+    """The probe in a form ``torch.load``'s default ``weights_only=True`` reads back.
+
+    Plain containers are stored as they are (CPU tensors). Batches of other types (named
+    tuples, dataclasses, a tokenizer's ``BatchEncoding``) are stored as their tensors alone,
+    to be put back into the structure of the resumed run's first batch; a batch whose
+    tensors sit in objects that are not containers is not stored (collected anew).
+    """
+    cpu = [move_to_device(b, torch.device("cpu")) for b in probe]
+    if all(_is_plain(b) for b in cpu):
+        return {"probe": cpu}
+    if any(_has_opaque_leaves(b) for b in cpu):
+        return {"probe_tensors": None}
+    return {"probe_tensors": [_tensors_of(b) for b in cpu]}
+
+
+def _has_opaque_leaves(batch: Any) -> bool:
+    """Whether ``batch`` holds objects that are neither containers, tensors nor plain values
+    (their contents, tensors perhaps, cannot be saved or rebuilt)."""
+    opaque: list[Any] = []
+
+    def note(obj: Any) -> Any:
+        if not (obj is None or isinstance(obj, (bool, int, float, str))):
+            opaque.append(obj)
+        return obj
+
+    map_tensors(batch, lambda tensor: tensor, other=note)
+    return bool(opaque)
 
 
 def reduce_scalar(trainer: pl.Trainer, value: float, op: str) -> float:

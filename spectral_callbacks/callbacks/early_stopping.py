@@ -11,6 +11,7 @@ import torch
 from lightning.pytorch.callbacks import EarlyStopping
 from lightning.pytorch.callbacks.early_stopping import EarlyStoppingReason
 
+from .._checks import check_bool, check_choice, check_integer, check_number
 from .base import SpectralMonitor
 
 __all__ = ["RULES", "SpectralEarlyStopping"]
@@ -76,23 +77,32 @@ class SpectralEarlyStopping(EarlyStopping):
         mode: str = "min",
         **kwargs: Any,
     ) -> None:
-        if rule not in RULES:
-            raise ValueError(f"rule must be one of {RULES}, got {rule!r}")
-        if action not in ACTIONS:
-            raise ValueError(f"action must be one of {ACTIONS}, got {action!r}")
-        if not isinstance(warmup_steps, int) or warmup_steps < 0:
-            raise ValueError(f"warmup_steps must be an integer >= 0, got {warmup_steps!r}")
-        if not isinstance(patience, int) or patience < 1:
-            raise ValueError(f"patience must be an integer >= 1, got {patience!r}")
+        if not isinstance(monitor, str) or not monitor:
+            raise TypeError(
+                f"monitor must be a metric name such as 'spectral/hessian/eos_ratio', "
+                f"got {monitor!r}"
+            )
+        check_choice("rule", rule, RULES)
+        check_choice("action", action, ACTIONS)
+        check_choice("mode", mode, ("min", "max"))
+        check_integer("warmup_steps", warmup_steps, minimum=0)
+        check_integer("patience", patience, minimum=1)
+        threshold = check_number("threshold", threshold, allow_none=True)
         if rule in ("above", "below") and threshold is None:
             raise ValueError(f"rule={rule!r} needs threshold=...")
-        if rule == "collapse":
-            if fraction is None and threshold is None:
-                raise ValueError(
-                    "rule='collapse' needs fraction=... (of the peak) or threshold=..."
-                )
-            if fraction is not None and not 0 < fraction < 1:
+        if fraction is not None:
+            if isinstance(fraction, bool) or not isinstance(fraction, (int, float)):
+                raise TypeError(f"fraction must be a number in (0, 1), got {fraction!r}")
+            if not 0 < fraction < 1:
                 raise ValueError(f"fraction must be in (0, 1), got {fraction!r}")
+        if rule == "collapse" and fraction is None and threshold is None:
+            raise ValueError("rule='collapse' needs fraction=... (of the peak) or threshold=...")
+        check_number("min_delta", kwargs.get("min_delta", 0.0))
+        for key in ("stopping_threshold", "divergence_threshold"):
+            check_number(key, kwargs.get(key), allow_none=True)
+        for key in ("check_finite", "verbose", "strict", "log_rank_zero_only"):
+            if key in kwargs:
+                check_bool(key, kwargs[key])
         kwargs.pop("check_on_train_epoch_end", None)
         super().__init__(monitor=monitor, patience=patience, mode=mode, **kwargs)
         self.rule = rule
@@ -120,6 +130,7 @@ class SpectralEarlyStopping(EarlyStopping):
         of stability); staying above ``1 + margin`` means the step size is past the edge and
         the run is catapulting or diverging. Needs a :class:`SharpnessMonitor`.
         """
+        check_number("margin", margin, minimum=0)
         return cls(
             "spectral/hessian/eos_ratio",
             rule="above",
@@ -146,6 +157,9 @@ class SpectralEarlyStopping(EarlyStopping):
         design, so set ``warmup_steps`` past it. Needs a :class:`RepresentationMonitor` with
         ``layer``.
         """
+        if not isinstance(layer, str) or not layer:
+            raise TypeError(f"layer must be a layer name of a RepresentationMonitor, got {layer!r}")
+        check_number("min_value", min_value, allow_none=True)
         return cls(
             f"spectral/repr/{layer}/rankme",
             rule="collapse",

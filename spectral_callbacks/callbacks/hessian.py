@@ -13,6 +13,13 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 
+from .._checks import (
+    check_bool,
+    check_callable,
+    check_choice,
+    check_integer,
+    check_tolerance,
+)
 from ..curvature import (
     HVP_PATHS,
     REDUCTIONS,
@@ -26,6 +33,7 @@ from ..curvature import (
     stability_preconditioner,
     stability_ratio,
 )
+from ..curvature.data import check_parameter_filter
 from ..curvature.preconditioner import NoPreconditionerYet
 from ..linalg import (
     SpectralDensity,
@@ -43,6 +51,11 @@ from .base import LossFn, SpectralMonitor, current_learning_rate, training_step_
 __all__ = ["HessianSpectrumMonitor", "SharpnessMonitor"]
 
 PREFIX = "spectral/hessian/"
+
+#: Largest warm-start state (bytes) a checkpoint carries by default: a resumed run then
+#: repeats the uninterrupted run's solves exactly. Beyond it the vectors are left out
+#: (``checkpoint_warm_start=None``) and a resumed run's next solve starts cold.
+WARM_START_CHECKPOINT_BYTES = 64 * 2**20
 
 
 class _HessianMonitor(SpectralMonitor):
@@ -67,20 +80,27 @@ class _HessianMonitor(SpectralMonitor):
         max_iter: int | None,
         reduction: Reduction,
         name: str | None,
+        checkpoint_warm_start: bool | None,
+        figure_every_n_steps: int | None,
     ) -> None:
-        super().__init__(every_n_steps, probe_batches, probe_data, eval_mode, name=name)
-        if loss_fn is not None and not callable(loss_fn):
-            raise ValueError(f"loss_fn must be callable as loss_fn(model, batch), got {loss_fn!r}")
-        if not (isinstance(tol, (int, float)) and tol > 0 and math.isfinite(tol)):
-            raise ValueError(f"tol must be a positive finite number, got {tol!r}")
-        if hvp not in HVP_PATHS:
-            raise ValueError(f"hvp must be one of {HVP_PATHS}, got {hvp!r}")
-        if reduction not in REDUCTIONS:
-            raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
-        if max_iter is not None and (
-            isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < k
-        ):
-            raise ValueError(f"max_iter must be an integer >= k={k} or None, got {max_iter!r}")
+        super().__init__(
+            every_n_steps,
+            probe_batches,
+            probe_data,
+            eval_mode,
+            name=name,
+            figure_every_n_steps=figure_every_n_steps,
+        )
+        check_callable("loss_fn", loss_fn, "loss_fn(model, batch) -> scalar", allow_none=True)
+        check_parameter_filter(params)
+        tol = check_tolerance("tol", tol)
+        check_integer("seed", seed, minimum=0)
+        check_choice("hvp", hvp, HVP_PATHS)
+        check_bool("warm_start", warm_start)
+        check_choice("reduction", reduction, REDUCTIONS)
+        check_integer("max_iter", max_iter, minimum=k, allow_none=True)
+        if checkpoint_warm_start is not None:
+            check_bool("checkpoint_warm_start", checkpoint_warm_start)
         validate_method(method, block_size)
         validate_max_basis(max_basis, k, method, block_size)
         self._loss_fn = loss_fn
@@ -94,6 +114,7 @@ class _HessianMonitor(SpectralMonitor):
         self._max_basis = max_basis
         self._max_iter = max_iter
         self._reduction = reduction
+        self._checkpoint_warm_start = checkpoint_warm_start
         self._start: torch.Tensor | None = None
 
     @property
@@ -160,10 +181,25 @@ class _HessianMonitor(SpectralMonitor):
 
     def state_dict(self) -> dict[str, Any]:
         state = super().state_dict()
-        if self._warm_start:
+        if not self._warm_start:
+            return state
+        vectors = self.warm_start_state()
+        size = sum(v.numel() * v.element_size() for v in vectors.values() if v is not None)
+        keep = self._checkpoint_warm_start
+        if keep is None:
+            keep = size <= WARM_START_CHECKPOINT_BYTES
+            if not keep:
+                self.warn_once(
+                    "checkpoint",
+                    f"the warm-start vectors ({size / 2**20:.0f} MiB) are left out of "
+                    f"checkpoints (over {WARM_START_CHECKPOINT_BYTES / 2**20:.0f} MiB): a "
+                    "resumed run starts its next solve cold; checkpoint_warm_start=True "
+                    "keeps them",
+                )
+        if keep:
             state["warm_start"] = {
                 name: None if vector is None else vector.detach().cpu()
-                for name, vector in self.warm_start_state().items()
+                for name, vector in vectors.items()
             }
         return state
 
@@ -194,9 +230,10 @@ class SharpnessMonitor(_HessianMonitor):
       probe data, by Lanczos to relative residual ``tol``, warm-started from the previous
       measurement's eigenvector (a few Hessian-vector products when it moved little);
     * ``spectral/hessian/eos_ratio``: 1.0 at the edge of stability of the *actual* optimizer
-      (the first optimizer of the module): ``λ_max(D̃^½ (H + W) D̃^½)`` with ``D̃`` its
-      effective elementwise step over the stability threshold of its update and ``W`` its L2
-      weight decay (:mod:`spectral_callbacks.curvature.preconditioner` derives each). For SGD
+      (every optimizer of the module; each parameter moves by the one that holds it):
+      ``λ_max(D̃^½ (H + W) D̃^½)`` with ``D̃`` its effective elementwise step over the
+      stability threshold of its update and ``W`` its L2 weight decay
+      (:mod:`spectral_callbacks.curvature.preconditioner` derives each). For SGD
       without momentum and one learning rate it is exactly ``λ_max · lr / 2``; with heavy-ball
       momentum β it is ``λ_max · lr / (2 + 2β)``; for Adam it is the preconditioned sharpness
       over ``(2 + 2β₁)/(1 - β₁)`` (38 at β₁ = 0.9, Cohen et al. 2022). Adaptive optimizers have
@@ -208,6 +245,8 @@ class SharpnessMonitor(_HessianMonitor):
     * ``spectral/hessian/stability_limit``: the λ_max at which the ratio reaches 1 when the
       step is one scalar, as for SGD (``2/lr`` without momentum); NaN for adaptive optimizers;
     * ``spectral/hessian/lambda_max_residual``: the Ritz residual ``‖H v - λ v‖``;
+    * ``spectral/hessian/lambda_max_converged``: 1 if λ_max (and the preconditioned solve)
+      met ``tol`` within ``max_iter``, else 0 (and one warning naming the setting);
     * ``spectral/hessian/num_hvps``: Hessian-vector products the measurement used.
 
     Args:
@@ -237,6 +276,18 @@ class SharpnessMonitor(_HessianMonitor):
             vectors. Default: all of them while they fit in 1 GiB, else as many as fit but
             at least 16 (:func:`~spectral_callbacks.linalg.lanczos`). Lower it for models
             whose parameter vectors are large next to free memory.
+        reduction: What the loss is: ``"mean"`` (default) if ``loss_fn`` / ``training_step``
+            returns a batch's mean loss (the probe's batches are weighted by size),
+            ``"sum"`` if it returns the sum over the batch's samples (then the Hessian is
+            that of the summed probe loss, ``Σ_b ∇²L_b``).
+        name: Tells two monitors of this class apart (e.g. two losses): metric names
+            become ``spectral/hessian/{name}/...`` and the name enters the state key.
+        checkpoint_warm_start: Whether checkpoints carry the warm-start vectors, so a
+            resumed run repeats the uninterrupted run's solves exactly: one parameter-sized
+            vector for λ_max and one for the preconditioned solve (``4 n`` bytes each in
+            float32, ``n`` the number of selected parameters). Default ``None``: while they
+            take at most :data:`WARM_START_CHECKPOINT_BYTES` (64 MiB); ``False`` never.
+        figure_every_n_steps: see :class:`~spectral_callbacks.callbacks.base.SpectralMonitor`.
     """
 
     def __init__(
@@ -258,6 +309,8 @@ class SharpnessMonitor(_HessianMonitor):
         max_basis: int | None = None,
         reduction: Reduction = "mean",
         name: str | None = None,
+        checkpoint_warm_start: bool | None = None,
+        figure_every_n_steps: int | None = None,
     ) -> None:
         super().__init__(
             every_n_steps=every_n_steps,
@@ -277,8 +330,10 @@ class SharpnessMonitor(_HessianMonitor):
             max_iter=max_iter,
             reduction=reduction,
             name=name,
+            checkpoint_warm_start=checkpoint_warm_start,
+            figure_every_n_steps=figure_every_n_steps,
         )
-        self._optimizer_aware = optimizer_aware
+        self._optimizer_aware = check_bool("optimizer_aware", optimizer_aware)
         self._preconditioned_start: torch.Tensor | None = None
         self._undefined: set[str] = set()
 
@@ -331,7 +386,7 @@ class SharpnessMonitor(_HessianMonitor):
         if not self._optimizer_aware or not optimizers or not math.isfinite(lambda_max):
             return plain
         try:
-            preconditioner = stability_preconditioner(optimizers[0], operator.params)
+            preconditioner = stability_preconditioner(optimizers, operator.params)
         except NoPreconditionerYet:
             return _Stability(math.nan, math.nan, math.nan, math.nan, undefined=_RATIO_METRICS)
         except UnsupportedOptimizerError as error:
@@ -376,6 +431,20 @@ class SharpnessMonitor(_HessianMonitor):
             undefined=("stability_limit",),
             converged=ratio.converged,
         )
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_train_start(trainer, pl_module)
+        optimizers = list(getattr(trainer, "optimizers", []) or [])
+        if not self._optimizer_aware or not optimizers:
+            return
+        held = {id(p) for opt in optimizers for g in opt.param_groups for p in g["params"]}
+        if not any(id(p) in held for _, p in select_parameters(pl_module, self._params)):
+            names = ", ".join(type(opt).__name__ for opt in optimizers)
+            raise ValueError(
+                f"{type(self).__name__}: the optimizer ({names}) holds none of the measured "
+                "parameters, so eos_ratio would be 0: measure the parameters it trains "
+                "(params=...) or pass optimizer_aware=False"
+            )
 
     def undefined_metrics(self) -> set[str]:
         return self._undefined
@@ -432,6 +501,8 @@ class HessianSpectrumMonitor(_HessianMonitor):
     """Logs the top-``k`` Hessian eigenvalues, the trace and the eigenvalue density.
 
     Metrics: ``spectral/hessian/eig_{i}`` for ``i = 1..k`` (``eig_1`` the largest),
+    ``spectral/hessian/eigs_converged`` (the fraction of the ``k`` that met ``tol``; below 1
+    one warning names the setting to change),
     ``spectral/hessian/trace`` and ``spectral/hessian/trace_stderr`` (Hutch++),
     ``spectral/hessian/negative_mass`` and ``spectral/hessian/near_zero_mass`` (fractions of
     the eigenvalues, estimated by SLQ, below ``-1 %`` of the spectral radius and within
@@ -468,6 +539,12 @@ class HessianSpectrumMonitor(_HessianMonitor):
         trace_hvps: Hessian-vector products for Hutch++.
         density_probes: Probes for the density.
         density_steps: Lanczos steps per density probe.
+        max_iter: Most Hessian-vector products of the top-k solve (default ``max(100, 20k)``).
+        reduction, name: as for :class:`SharpnessMonitor`.
+        checkpoint_warm_start: as for :class:`SharpnessMonitor`; here the ``k`` top
+            eigenvectors (``k · n`` entries in the solve's dtype).
+        figure_every_n_steps: Optimizer steps between density figures (default
+            ``10 · every_n_steps``).
     """
 
     def __init__(
@@ -494,9 +571,10 @@ class HessianSpectrumMonitor(_HessianMonitor):
         max_iter: int | None = None,
         reduction: Reduction = "mean",
         name: str | None = None,
+        checkpoint_warm_start: bool | None = None,
+        figure_every_n_steps: int | None = None,
     ) -> None:
-        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-            raise ValueError(f"k must be an integer >= 1, got {k!r}")
+        check_integer("k", k, minimum=1)
         super().__init__(
             every_n_steps=every_n_steps,
             probe_batches=probe_batches,
@@ -515,13 +593,14 @@ class HessianSpectrumMonitor(_HessianMonitor):
             max_iter=max_iter,
             reduction=reduction,
             name=name,
+            checkpoint_warm_start=checkpoint_warm_start,
+            figure_every_n_steps=figure_every_n_steps,
         )
-        if trace and (not isinstance(trace_hvps, int) or trace_hvps < 3):
-            raise ValueError(f"trace_hvps must be an integer >= 3, got {trace_hvps!r}")
-        if density and (not isinstance(density_probes, int) or density_probes < 1):
-            raise ValueError(f"density_probes must be an integer >= 1, got {density_probes!r}")
-        if density and (not isinstance(density_steps, int) or density_steps < 1):
-            raise ValueError(f"density_steps must be an integer >= 1, got {density_steps!r}")
+        check_bool("trace", trace)
+        check_bool("density", density)
+        check_integer("trace_hvps", trace_hvps, minimum=3)
+        check_integer("density_probes", density_probes, minimum=1)
+        check_integer("density_steps", density_steps, minimum=1)
         self._k = k
         self._trace = trace
         self._density = density
@@ -617,7 +696,7 @@ class HessianSpectrumMonitor(_HessianMonitor):
         if self.last_eigenvalues is not None:
             add_histogram(writer, self.prefix + "top_k", self.last_eigenvalues, step)
         density = self.last_density
-        if density is not None and bool(torch.isfinite(density.nodes).all()):
+        if self.figures_due and density is not None and bool(torch.isfinite(density.nodes).all()):
             add_figure(
                 writer,
                 self.prefix + "density",

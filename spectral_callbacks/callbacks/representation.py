@@ -12,6 +12,7 @@ import lightning.pytorch as pl
 import torch
 from torch import nn
 
+from .._checks import check_callable, check_choice, check_integer
 from ..curvature.data import batch_size
 from ..curvature.isolation import BufferSnapshot, measurement_context
 from ..logging.figures import scree_figure
@@ -92,6 +93,8 @@ class RepresentationMonitor(SpectralMonitor):
         seed: Seed of the RNG inside the probe's forward passes.
         name: Tells two monitors of the same layers apart: metric names become
             ``spectral/repr/{name}/{layer}/...``.
+        figure_every_n_steps: Optimizer steps between scree figures (default
+            ``10 · every_n_steps``); histograms are written at every measurement.
     """
 
     # Representation probes can be thousands of samples: re-collect on resume instead.
@@ -111,32 +114,53 @@ class RepresentationMonitor(SpectralMonitor):
         seed: int = 0,
         layout: str = "auto",
         name: str | None = None,
+        figure_every_n_steps: int | None = None,
     ) -> None:
         super().__init__(
-            every_n_steps, probe_batches=1, probe_data=probe_data, eval_mode=eval_mode, name=name
+            every_n_steps,
+            probe_batches=1,
+            probe_data=probe_data,
+            eval_mode=eval_mode,
+            name=name,
+            figure_every_n_steps=figure_every_n_steps,
         )
         if isinstance(layers, str):
             layers = (layers,)
-        if not layers or not all(isinstance(name, str) for name in layers):
+        if (
+            not isinstance(layers, Sequence)
+            or not layers
+            or not all(isinstance(name, str) for name in layers)
+        ):
             raise ValueError(f"layers must be a non-empty sequence of module names, got {layers!r}")
-        if not isinstance(num_samples, int) or num_samples < 1:
-            raise ValueError(f"num_samples must be an integer >= 1, got {num_samples!r}")
-        if not callable(pool) and pool not in POOLS:
-            raise ValueError(f"pool must be one of {POOLS} or a callable, got {pool!r}")
-        if layout not in LAYER_LAYOUTS:
-            raise ValueError(f"layout must be one of {LAYER_LAYOUTS}, got {layout!r}")
-        low, high = fit_range
-        if not (isinstance(low, int) and isinstance(high, int) and 1 <= low < high):
+        check_integer("num_samples", num_samples, minimum=1)
+        if not callable(pool):
+            check_choice("pool", pool, POOLS)
+        check_choice("layout", layout, LAYER_LAYOUTS)
+        check_callable(
+            "forward_fn", forward_fn, "forward_fn(model, batch) -> outputs", allow_none=True
+        )
+        if isinstance(select, dict):
+            for layer, chooser in select.items():
+                check_callable(f"select[{layer!r}]", chooser, "select(output) -> tensor")
+        else:
+            check_callable("select", select, "select(output) -> tensor", allow_none=True)
+        if not (
+            isinstance(fit_range, (tuple, list))
+            and len(fit_range) == 2
+            and all(isinstance(r, int) and not isinstance(r, bool) for r in fit_range)
+            and 1 <= fit_range[0] < fit_range[1]
+        ):
             raise ValueError(
                 f"fit_range must be (low, high) with 1 <= low < high, got {fit_range!r}"
             )
+        check_integer("seed", seed, minimum=0)
         self._layers = list(layers)
         self._num_samples = num_samples
         self._select = select
         self._pool = pool
         self._layout = layout
         self._forward_fn = forward_fn or default_forward
-        self._fit_range = fit_range
+        self._fit_range = tuple(fit_range)
         self._seed = seed
         self.last_spectra: dict[str, torch.Tensor] = {}
         self._last_fits: dict[str, Any] = {}
@@ -259,7 +283,7 @@ class RepresentationMonitor(SpectralMonitor):
             positive = spectrum[spectrum > 0]
             tag = f"{self.prefix}{layer}/"
             add_histogram(writer, tag + "log10_eigenvalues", positive.log10(), step)
-            if positive.numel() > 1:
+            if self.figures_due and positive.numel() > 1:
                 figure = scree_figure(spectrum, self._last_fits.get(layer), layer, step)
                 add_figure(writer, tag + "scree", figure, step)
 

@@ -20,6 +20,8 @@ __all__ = [
     "Reduction",
     "as_batch_list",
     "batch_size",
+    "check_parameter_filter",
+    "map_tensors",
     "move_to_device",
     "select_parameters",
 ]
@@ -34,6 +36,28 @@ REDUCTIONS: tuple[str, ...] = ("mean", "sum")
 #: selects a parameter if it selects its name with or without the ``_orig_mod`` segments of
 #: ``torch.compile``'d submodules.
 ParameterFilter = str | Callable[[str], bool] | Sequence[str] | None
+
+
+def check_parameter_filter(params: Any) -> ParameterFilter:
+    """``params`` must be a :data:`ParameterFilter`: ``None``, a valid regular expression, a
+    callable, or a sequence of names (``TypeError`` / ``ValueError`` naming it otherwise)."""
+    if params is None or callable(params):
+        return params
+    if isinstance(params, str):
+        try:
+            re.compile(params)
+        except re.error as error:
+            message = f"params={params!r} is not a valid regular expression: {error}"
+            raise ValueError(message) from None
+        return params
+    if isinstance(params, Sequence) and all(isinstance(entry, str) for entry in params):
+        if not params:
+            raise ValueError("params=[] selects nothing; pass None for every parameter")
+        return params
+    raise TypeError(
+        "params must be None (all trainable parameters), a regular expression, a predicate "
+        f"on parameter names, or a sequence of parameter names / module prefixes, got {params!r}"
+    )
 
 
 def select_parameters(

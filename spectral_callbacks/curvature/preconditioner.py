@@ -36,6 +36,7 @@ the optimizer does not update get ``D = 0``.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -165,25 +166,40 @@ class NoPreconditionerYet(UnsupportedOptimizerError):
 
 
 def stability_preconditioner(
-    optimizer: torch.optim.Optimizer, params: list[nn.Parameter]
+    optimizer: torch.optim.Optimizer | Sequence[torch.optim.Optimizer],
+    params: list[nn.Parameter],
 ) -> StabilityPreconditioner:
     """Build ``D``, ``c`` and ``W`` for ``params`` (flattened in this order) from ``optimizer``.
+
+    ``optimizer`` may be several optimizers (a module with one per part): each parameter
+    gets the step of the optimizer that holds it. Parameters none of them holds do not move
+    (``D = 0``).
 
     Raises:
         UnsupportedOptimizerError: For an optimizer class without a derivation, or an
             adaptive optimizer that has not taken a step yet.
+        ValueError: If the optimizers hold none of ``params`` (the ratio would be 0).
     """
-    owner: dict[int, dict] = {}
-    for group in optimizer.param_groups:
-        for p in group["params"]:
-            owner[id(p)] = group
+    optimizers = [optimizer] if isinstance(optimizer, torch.optim.Optimizer) else list(optimizer)
+    owner: dict[int, tuple[torch.optim.Optimizer, dict]] = {}
+    for each in optimizers:
+        for group in each.param_groups:
+            for p in group["params"]:
+                owner[id(p)] = (each, group)
+    if not any(id(p) in owner for p in params):
+        names = ", ".join(type(each).__name__ for each in optimizers)
+        raise ValueError(
+            f"the optimizer ({names}) holds none of the measured parameters, so no step moves "
+            "them and the stability ratio would be 0: measure the parameters it trains "
+            "(params=...) or pass optimizer_aware=False"
+        )
     steps, thresholds, decays = [], [], []
     for p in params:
-        group = owner.get(id(p))
-        if group is None:  # not trained by this optimizer: it does not move
+        held = owner.get(id(p))
+        if held is None:  # not trained by any of the optimizers: it does not move
             step, threshold, decay = 0.0, 2.0, 0.0
         else:
-            step, threshold, decay = _group_step_and_threshold(optimizer, group, p)
+            step, threshold, decay = _group_step_and_threshold(held[0], held[1], p)
         flat = torch.as_tensor(step, dtype=p.dtype, device=p.device).expand(p.shape).reshape(-1)
         steps.append(flat)
         thresholds.append(torch.full_like(flat, threshold))
@@ -192,7 +208,7 @@ def stability_preconditioner(
         step=torch.cat(steps).detach(),
         threshold=torch.cat(thresholds),
         weight_decay=torch.cat(decays),
-        optimizer=type(optimizer).__name__,
+        optimizer="+".join(type(each).__name__ for each in optimizers),
     )
 
 

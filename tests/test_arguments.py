@@ -1,0 +1,235 @@
+"""Every public constructor checks its arguments at once, or the object it builds trains.
+
+Random values (wrong types, out of range, NaN, truthy strings, ``True`` for integers) are
+thrown at random subsets of each constructor's arguments. Each draw must end in a
+``ValueError`` / ``TypeError`` whose message names one of the arguments drawn, or in a
+callback with which a short training run finishes.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+import warnings
+
+import lightning as L
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from spectral_callbacks import (
+    HessianSpectrumMonitor,
+    RepresentationMonitor,
+    SharpnessMonitor,
+    SpectralEarlyStopping,
+)
+from spectral_callbacks.functional import hessian_eigenvalues
+
+from .lightning_helpers import TanhRegressor, regression_data, trainer_kwargs
+
+ODD_VALUES = [
+    None,
+    True,
+    False,
+    -1,
+    0,
+    1,
+    2,
+    3,
+    7,
+    0.5,
+    1e-3,
+    -0.5,
+    math.nan,
+    math.inf,
+    "abc",
+    "0.5",
+    "no",
+    "auto",
+    "sum",
+    "mean",
+    [],
+    (),
+    {},
+    (2, 1),
+    (1, 3),
+    ["net.0"],
+    "^net\\.4\\.",
+    "[unclosed",
+    lambda *args: None,
+    object(),
+]
+
+CONSTRUCTORS = {
+    "SharpnessMonitor": SharpnessMonitor,
+    "HessianSpectrumMonitor": HessianSpectrumMonitor,
+    "RepresentationMonitor": RepresentationMonitor,
+    "SpectralEarlyStopping": SpectralEarlyStopping,
+    "SpectralEarlyStopping.sharpness": SpectralEarlyStopping.sharpness,
+    "SpectralEarlyStopping.rank_collapse": SpectralEarlyStopping.rank_collapse,
+}
+
+# What each constructor needs to be useful in the run below; drawn arguments replace these.
+BASE_ARGUMENTS = {
+    "SharpnessMonitor": {"every_n_steps": 1},
+    "HessianSpectrumMonitor": {
+        "every_n_steps": 1,
+        "k": 2,
+        "trace_hvps": 4,
+        "density_probes": 1,
+        "density_steps": 3,
+    },
+    "RepresentationMonitor": {"layers": ["net.1"], "every_n_steps": 1, "num_samples": 16},
+    "SpectralEarlyStopping": {"monitor": "spectral/hessian/lambda_max"},
+    "SpectralEarlyStopping.sharpness": {},
+    "SpectralEarlyStopping.rank_collapse": {"layer": "net.1"},
+}
+
+
+def _parameters(function) -> list[str]:
+    return [
+        name
+        for name, p in inspect.signature(function).parameters.items()
+        if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and name not in ("self", "cls")
+    ]
+
+
+def _train(callback) -> None:
+    x, y = regression_data(n=16)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=16)
+    callbacks = [callback]
+    if isinstance(callback, SpectralEarlyStopping):
+        # A producer of whatever it monitors, so that its setup check passes.
+        callbacks += [
+            SharpnessMonitor(every_n_steps=1),
+            RepresentationMonitor(layers=["net.1"], every_n_steps=1, num_samples=16),
+        ]
+    torch.manual_seed(0)
+    trainer = L.Trainer(max_steps=2, callbacks=callbacks, **trainer_kwargs())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.fit(TanhRegressor(), loader)
+    assert trainer.global_step == 2
+
+
+@st.composite
+def calls(draw):
+    name = draw(st.sampled_from(sorted(CONSTRUCTORS)))
+    names = _parameters(CONSTRUCTORS[name])
+    chosen = draw(st.lists(st.sampled_from(names), min_size=1, max_size=3, unique=True))
+    values = {arg: draw(st.sampled_from(ODD_VALUES)) for arg in chosen}
+    return name, values
+
+
+@settings(
+    max_examples=200,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+    derandomize=True,
+)
+@given(calls())
+def test_bad_arguments_are_refused_by_name_or_the_callback_trains(call):
+    name, drawn = call
+    arguments = {**BASE_ARGUMENTS[name], **drawn}
+    try:
+        callback = CONSTRUCTORS[name](**arguments)
+    except (ValueError, TypeError) as error:
+        message = str(error)
+        assert any(arg in message for arg in drawn), (name, drawn, message)
+        return
+    try:
+        _train(callback)
+    except (ValueError, TypeError) as error:
+        # Checked against the model at setup (k larger than the parameters, an unknown
+        # layer or parameter name): named too.
+        message = str(error)
+        assert any(arg in message for arg in drawn), (name, drawn, message)
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (lambda: SharpnessMonitor(every_n_steps=True), "every_n_steps must be an integer"),
+        (lambda: HessianSpectrumMonitor(k=True), "k must be an integer"),
+        (lambda: SharpnessMonitor(optimizer_aware="no"), "optimizer_aware must be True or False"),
+        (lambda: SharpnessMonitor(seed="0"), "seed must be an integer"),
+        (lambda: SharpnessMonitor(loss_fn=3), "loss_fn must be callable"),
+        (lambda: SharpnessMonitor(params="[unclosed"), "not a valid regular expression"),
+        (lambda: RepresentationMonitor(forward_fn=1), "forward_fn must be callable"),
+        (lambda: RepresentationMonitor(select="x"), "select must be callable"),
+        (lambda: RepresentationMonitor(fit_range=(True, 5)), "fit_range must be"),
+        (lambda: SpectralEarlyStopping(None), "monitor must be a metric name"),
+        (lambda: SpectralEarlyStopping(3), "monitor must be a metric name"),
+        (
+            lambda: SpectralEarlyStopping("m", rule="above", threshold="abc"),
+            "threshold must be a finite number",
+        ),
+        (
+            lambda: SpectralEarlyStopping("m", rule="above", threshold=math.nan),
+            "threshold must be a finite number",
+        ),
+        (
+            lambda: SpectralEarlyStopping("m", rule="collapse", fraction="0.5"),
+            "fraction must be a number",
+        ),
+        (lambda: SpectralEarlyStopping("m", min_delta=math.nan), "min_delta must be"),
+        (lambda: SpectralEarlyStopping.sharpness(margin=-0.1), "margin must be"),
+        (lambda: SharpnessMonitor(probe_data=[]), "probe_data"),
+    ],
+)
+def test_cases_the_audit_found(make, message):
+    with pytest.raises((ValueError, TypeError), match=message):
+        make()
+
+
+def test_an_optimizer_without_the_measured_parameters_is_an_error():
+    class Frozen(TanhRegressor):
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.net[0].parameters(), lr=0.1)
+
+    x, y = regression_data(n=16)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=16)
+    monitor = SharpnessMonitor(every_n_steps=1, params="^net\\.4\\.")
+    trainer = L.Trainer(max_steps=1, callbacks=[monitor], **trainer_kwargs())
+    with pytest.raises(ValueError, match=r"holds none of the measured parameters"):
+        trainer.fit(Frozen(), loader)
+
+
+def test_two_optimizers_each_step_their_own_parameters_in_eos_ratio():
+    class TwoOptimizers(TanhRegressor):
+        def __init__(self):
+            super().__init__()
+            self.automatic_optimization = False
+
+        def training_step(self, batch, batch_idx):
+            first, second = self.optimizers()
+            loss = F.mse_loss(self(batch[0]), batch[1])
+            first.zero_grad()
+            second.zero_grad()
+            self.manual_backward(loss)
+            first.step()
+            second.step()
+
+        def configure_optimizers(self):
+            return (
+                torch.optim.SGD(self.net[0].parameters(), lr=0.1),
+                torch.optim.SGD(self.net[2:].parameters(), lr=0.4),
+            )
+
+    x, y = regression_data(n=16)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=16)
+    loss = lambda m, b: F.mse_loss(m(b[0]), b[1])  # noqa: E731
+    monitor = SharpnessMonitor(every_n_steps=1, loss_fn=loss, tol=1e-8)
+    model = TwoOptimizers()
+    trainer = L.Trainer(max_steps=1, callbacks=[monitor], **trainer_kwargs())
+    trainer.fit(model, loader)
+    # D = lr / 2 per entry, by the optimizer that holds it: λ_max(D^½ H D^½).
+    first = sum(p.numel() for p in model.net[0].parameters())
+    scale = torch.full((sum(p.numel() for p in model.parameters()),), 0.4 / 2)
+    scale[:first] = 0.1 / 2
+    expected = hessian_eigenvalues(model, loss, (x, y), k=1, tol=1e-10, preconditioner=scale)
+    assert monitor.last_metrics["spectral/hessian/eos_ratio"] == pytest.approx(
+        float(expected.eigenvalues[0]), rel=1e-6
+    )
