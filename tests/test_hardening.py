@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import copy
 import dataclasses
 import math
 import warnings
@@ -517,7 +518,10 @@ def test_history_is_bounded_and_figures_are_sparse(tmp_path, monkeypatch):
     )
     logger = L.pytorch.loggers.TensorBoardLogger(tmp_path, name="run", version=0)
     trainer = L.Trainer(
-        max_steps=20, max_epochs=-1, callbacks=[sharpness, spectrum], **trainer_kwargs(logger=logger)
+        max_steps=20,
+        max_epochs=-1,
+        callbacks=[sharpness, spectrum],
+        **trainer_kwargs(logger=logger),
     )
     trainer.fit(AnyBatchRegressor(), loader)
     assert [s for s, _ in sharpness.history] == [18, 19, 20]
@@ -529,3 +533,96 @@ def test_history_is_bounded_and_figures_are_sparse(tmp_path, monkeypatch):
     # Figures every 10 · every_n_steps = 20 steps; histograms at every measurement.
     assert [e.step for e in events.Images("spectral/hessian/density")] == [0, 20]
     assert len(events.Histograms("spectral/hessian/top_k")) == 11
+
+
+# -- precision and honest convergence ----------------------------------------------------------
+
+
+def _ce(model, batch):
+    x, y = batch
+    return F.cross_entropy(model(x), y.long())
+
+
+@pytest.mark.parametrize("tol", [1e-8, 1e-6, 1e-4])
+def test_a_float32_solve_claims_no_residual_a_float64_product_does_not_confirm(tol):
+    model, batches = make_case("mlp")  # float64
+    dense = dense_hessian_func(model, _ce, batches)
+    single = copy.deepcopy(model).float()
+    data = [(x.float(), y) for x, y in batches]
+    result = hessian_eigenvalues(
+        single, _ce, data, k=3, tol=tol, return_eigenvectors=True, max_iter=60
+    )
+    vectors = result.eigenvectors.double()
+    vectors = vectors / vectors.norm(dim=1, keepdim=True)
+    true = (vectors @ dense - result.eigenvalues.unsqueeze(1) * vectors).norm(dim=1)
+    for flag, residual, value in zip(result.converged, true, result.eigenvalues, strict=True):
+        if flag:
+            # The float64 residual of the float32 vector, up to the vector's own rounding.
+            assert residual <= tol * abs(value) + 1e-6 * abs(value), (tol, residual, value)
+    if tol == 1e-8:
+        assert not bool(result.converged.any())  # float32 cannot resolve 1e-8
+    if tol == 1e-4:
+        assert bool(result.converged.all())
+    exact = torch.linalg.eigvalsh(dense).flip(0)[:3]
+    # Rayleigh quotients of float32 vectors never exceed λ_max by more than float32 rounding.
+    assert float(result.eigenvalues[0]) <= float(exact[0]) * (1 + 1e-6)
+
+
+def test_a_repeated_eigenvalue_is_not_skipped_when_the_krylov_space_exhausts():
+    from spectral_callbacks.linalg import DenseOperator, lanczos
+
+    torch.manual_seed(0)
+    spectrum = torch.cat([torch.zeros(4), torch.linspace(0.6, 20, 8)]).double()
+    q, _ = torch.linalg.qr(torch.randn(12, 12, dtype=torch.float64))
+    a = q @ torch.diag(spectrum) @ q.T
+    for seed in range(3):
+        result = lanczos(DenseOperator(0.5 * (a + a.T)), k=5, which="SA", tol=1e-8, seed=seed)
+        torch.testing.assert_close(result.eigenvalues, spectrum[:5], atol=1e-10, rtol=0)
+        assert bool(result.converged.all())
+
+
+class HalfRegressor(LightningModule):
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(3, 16), nn.Tanh(), nn.Linear(16, 1))
+
+    def forward(self, x):
+        return self.net(x)
+
+    def training_step(self, batch, batch_idx):
+        return F.mse_loss(self(batch[0]), batch[1])
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.0)
+
+
+@pytest.mark.parametrize("precision", ["bf16-true", "16-true"])
+def test_half_precision_models_are_measured_against_the_float64_truth(precision):
+    g = torch.Generator().manual_seed(9)
+    x, y = torch.randn(32, 3, generator=g), torch.randn(32, 1, generator=g)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=32)
+    torch.manual_seed(0)
+    model = HalfRegressor()
+    sharpness = SharpnessMonitor(every_n_steps=1, probe_data=(x, y), tol=0.05)
+    spectrum = HessianSpectrumMonitor(every_n_steps=1, k=2, tol=0.05)  # defaults otherwise
+    trainer = L.Trainer(
+        max_steps=1, callbacks=[sharpness, spectrum], **trainer_kwargs(precision=precision)
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.fit(model, loader)
+    truth_model = copy.deepcopy(model).double()
+    mse = lambda m, b: F.mse_loss(m(b[0]), b[1])  # noqa: E731
+    truth = hessian_eigenvalues(truth_model, mse, (x.double(), y.double()), k=2, tol=1e-10)
+    lam = sharpness.last_metrics["spectral/hessian/lambda_max"]
+    assert lam == pytest.approx(float(truth.eigenvalues[0]), rel=2e-2)
+    assert spectrum.last_metrics["spectral/hessian/eig_2"] == pytest.approx(
+        float(truth.eigenvalues[1]), rel=5e-2
+    )
+    assert math.isfinite(spectrum.last_metrics["spectral/hessian/trace"])
+    # A tolerance below the products' rounding is never claimed.
+    half = copy.deepcopy(model)
+    dtype = next(half.parameters()).dtype
+    tight = hessian_eigenvalues(half, mse, (x.to(dtype), y.to(dtype)), k=1, tol=1e-5)
+    assert not bool(tight.converged.any())
+    assert float(tight.eigenvalues[0]) == pytest.approx(float(truth.eigenvalues[0]), rel=2e-2)

@@ -96,11 +96,12 @@ def test_invariant_subspace_breakdown_restarts_exactly():
     spectrum = torch.cat([torch.full((3,), 2.0), torch.full((57,), -1.0)])
     a = matrix_with_spectrum(spectrum, seed=2)
     single = lanczos(DenseOperator(a), k=4, tol=1e-10, max_iter=20, return_eigenvectors=True)
-    # Each restart contributes one copy of each eigenvalue: the values are exact and the
-    # Ritz vectors orthonormal eigenvectors, but multiplicity is a block solver's job.
-    assert single.num_hvps == 4
+    # Each restart contributes one copy of each eigenvalue, and a check that lands on a
+    # breakdown does not end the solve: restarts go on until one adds no wanted value, so
+    # the third copy of 2 is found too (it once stopped at [2, 2, -1, -1] after 4 products).
+    assert single.num_hvps < 20 and bool(single.converged.all())
     assert torch.allclose(
-        single.eigenvalues, torch.tensor([2.0, 2.0, -1.0, -1.0], dtype=torch.float64), atol=1e-10
+        single.eigenvalues, torch.tensor([2.0, 2.0, 2.0, -1.0], dtype=torch.float64), atol=1e-10
     )
     vectors = single.eigenvectors
     assert torch.allclose(vectors @ vectors.T, torch.eye(4, dtype=torch.float64), atol=1e-10)

@@ -243,7 +243,14 @@ class SpectralMonitor(Callback):
         self._refuse_twins(trainer)
         self.validate_setup(trainer, pl_module)
         if self._probe_data is not None and not self._probe_complete:
-            self._probe = [_clone_batch(b) for b in as_batch_list(self._probe_data)]
+            try:
+                batches = as_batch_list(self._probe_data)
+            except ValueError as error:
+                raise ValueError(f"probe_data: {error}") from None
+            # As Lightning does to training batches: a 16-bit model ("bf16-true") gets its
+            # floating inputs in its own dtype.
+            convert = trainer.precision_plugin.convert_input
+            self._probe = [_clone_batch(convert(b)) for b in batches]
             self._probe_complete = True
 
     def _refuse_twins(self, trainer: pl.Trainer) -> None:

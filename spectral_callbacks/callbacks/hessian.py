@@ -130,13 +130,24 @@ class _HessianMonitor(SpectralMonitor):
         fields.update(tol=self._tol, loss_fn=loss, reduction=self._reduction)
         return fields
 
-    def warn_unconverged(self, what: str, residual: float, value: float, max_iter: int) -> None:
-        """One warning that ``what`` missed ``tol`` (its ``..._converged`` metric is 0)."""
+    def warn_unconverged(
+        self, what: str, residual: float, value: float, max_iter: int, operator: HessianOperator
+    ) -> None:
+        """One warning that ``what`` missed ``tol`` (its ``..._converged`` metric is < 1)."""
+        relative = residual / abs(value) if value else math.inf
+        advice = "raise max_iter or loosen tol"
+        if operator.product_dtype in (torch.bfloat16, torch.float16):
+            roundoff = torch.finfo(operator.product_dtype).eps / 2
+            advice = (
+                f"products in {str(operator.product_dtype).removeprefix('torch.')} (unit "
+                f"roundoff {roundoff:.1g}) resolve no smaller residual than a few times that: "
+                "loosen tol, or raise max_iter"
+            )
         self.warn_once(
             f"unconverged {what}",
             f"{what} did not reach tol={self._tol:g} within max_iter={max_iter} products "
-            f"(relative residual {residual / abs(value) if value else math.inf:.2g}); it is "
-            f"logged with {what}_converged = 0: raise max_iter or loosen tol",
+            f"(relative residual {relative:.2g}); it is logged with {what}_converged < 1: "
+            + advice,
         )
 
     def out_of_memory_advice(self) -> str:
@@ -360,7 +371,7 @@ class SharpnessMonitor(_HessianMonitor):
             residual = float(result.residuals[0])
             if not result.all_converged:
                 budget = self._max_iter or default_max_iter(1, operator.size)
-                self.warn_unconverged("lambda_max", residual, lambda_max, budget)
+                self.warn_unconverged("lambda_max", residual, lambda_max, budget, operator)
             stability = self._stability(trainer, operator, lambda_max, lr)
             num_hvps = operator.num_hvps
         prefix = self.prefix
@@ -411,7 +422,7 @@ class SharpnessMonitor(_HessianMonitor):
             self._preconditioned_start = ratio.eigenvector
         if not ratio.converged:
             budget = self._max_iter or default_max_iter(1, operator.size)
-            self.warn_unconverged("eos_ratio", ratio.residual, ratio.eos_ratio, budget)
+            self.warn_unconverged("eos_ratio", ratio.residual, ratio.eos_ratio, budget, operator)
         step = preconditioner.uniform_step
         if step > 0:
             limit = ratio.threshold / step - float(preconditioner.weight_decay[0])
@@ -653,6 +664,7 @@ class HessianSpectrumMonitor(_HessianMonitor):
                     float(result.residuals[worst]),
                     float(result.eigenvalues[worst]),
                     budget,
+                    operator,
                 )
             if self._trace:
                 estimate = hutchpp(operator, num_hvps=self._trace_hvps, seed=self._seed)

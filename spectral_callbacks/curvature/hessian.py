@@ -183,10 +183,22 @@ class HessianOperator:
             processes hold the same operator. Every process must then make the same calls in
             the same order (the solvers do, being deterministic given equal products).
 
+    Precision: products run in the parameters' dtype (a model in float32 is measured in
+    float32 even under a mixed-precision autocast region). For 16-bit parameters
+    (``precision="bf16-true"`` / ``"16-true"``) the operator's vectors are float32
+    (:attr:`dtype`): each product rounds the vector to the parameters' dtype, runs the
+    forward and backward passes there and returns float32, so only the product carries
+    16-bit rounding (relative error of order ``2^-8`` in bfloat16, ``2^-11`` in float16,
+    times the conditioning of the passes) and the solvers, which confirm small residuals
+    with fresh products (:func:`~spectral_callbacks.linalg.lanczos`), cannot claim a
+    tolerance below it.
+
     Attributes:
         size: Number of selected parameter entries ``n``.
         num_hvps: Hessian-vector products computed so far (one per vector).
         names: Names of the selected parameters.
+        dtype: Dtype of the vectors ``matmat`` takes and returns.
+        product_dtype: Dtype the products are computed in (the parameters').
     """
 
     def __init__(
@@ -216,7 +228,17 @@ class HessianOperator:
         dtypes = {p.dtype for p in self.params}
         if len(dtypes) != 1 or not next(iter(dtypes)).is_floating_point:
             raise ValueError(f"selected parameters must share one floating dtype, got {dtypes}")
-        self.dtype = self.params[0].dtype
+        #: The parameters' dtype, in which every product is computed.
+        self.product_dtype = self.params[0].dtype
+        #: The dtype of the vectors ``matmat`` takes and returns: the parameters' own, but
+        #: float32 for 16-bit parameters, so that Krylov bases, sums over batches and every
+        #: reduction of the solvers keep float32's precision (each product itself is only
+        #: as accurate as its 16-bit arithmetic; the solvers check residuals against that).
+        self.dtype = (
+            torch.float32
+            if self.product_dtype in (torch.bfloat16, torch.float16)
+            else self.product_dtype
+        )
         self.device = self.params[0].device
         self.shapes = [p.shape for p in self.params]
         self.numels = [p.numel() for p in self.params]
@@ -338,8 +360,9 @@ class HessianOperator:
         return "forward_over_reverse" if width > 1 and self.device.type == "cuda" else "reuse_graph"
 
     def _split(self, block: torch.Tensor) -> list[torch.Tensor]:
-        """Parameter-shaped views ``(b, *shape)`` of a ``(b, n)`` block."""
-        pieces = block.split(self.numels, dim=1)
+        """Parameter-shaped views ``(b, *shape)`` of a ``(b, n)`` block, in the products'
+        dtype."""
+        pieces = block.to(self.product_dtype).split(self.numels, dim=1)
         return [
             piece.reshape(block.shape[0], *shape)
             for piece, shape in zip(pieces, self.shapes, strict=True)
@@ -349,7 +372,7 @@ class HessianOperator:
         flat = [
             torch.zeros(width, numel, dtype=self.dtype, device=self.device)
             if piece is None
-            else piece.reshape(width, numel)
+            else piece.reshape(width, numel).to(self.dtype)
             for piece, numel in zip(pieces, self.numels, strict=True)
         ]
         return torch.cat(flat, dim=1)
@@ -440,7 +463,7 @@ class HessianOperator:
             self._raise_if_non_finite(losses)
             self._checked_finite = True
         product = self._block_product_function(compiled)
-        primals = tuple(p.detach() for p in self.params)
+        primals = tuple(p.detach() for p in self.params)  # in the products' dtype
         tangents = tuple(self._split(block))
         total = torch.zeros_like(block)
         for batch, weight in zip(self.batches, self.batch_weights, strict=True):

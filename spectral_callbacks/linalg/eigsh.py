@@ -230,6 +230,74 @@ def _worst_ratio(residuals: torch.Tensor, values: torch.Tensor, tol: float) -> f
     return float((residuals / (tol * values.abs()).clamp_min(torch.finfo(values.dtype).tiny)).max())
 
 
+#: Ritz residuals read off the projected matrix do not see the rounding of the products
+#: (nor a loss of orthogonality): below about this many unit roundoffs of the products'
+#: dtype, times the operator's scale, a claimed residual is confirmed with fresh products.
+CONFIRM_BELOW_ROUNDOFFS = 1000.0
+#: Below this many unit roundoffs of the operator's scale an eigenvalue is zero to the
+#: products' precision (see :func:`confirm_ritz_pairs`).
+ZERO_ROUNDOFFS = 100.0
+
+
+def product_roundoff(operator: SymmetricOperator) -> float:
+    """Unit roundoff of the dtype the operator's products are computed in
+    (``operator.product_dtype`` where it says, else its vectors' dtype)."""
+    return float(torch.finfo(getattr(operator, "product_dtype", operator.dtype)).eps) / 2
+
+
+def rounding_floor(operator: SymmetricOperator, scale: float) -> float:
+    """:data:`CONFIRM_BELOW_ROUNDOFFS` unit roundoffs of the products, times the operator's
+    ``scale`` (its largest ``|θ|`` seen)."""
+    return CONFIRM_BELOW_ROUNDOFFS * product_roundoff(operator) * scale
+
+
+def needs_confirmation(
+    operator: SymmetricOperator,
+    values: torch.Tensor,
+    converged: torch.Tensor,
+    tol: float,
+    scale: float,
+) -> bool:
+    """Whether a pair claimed converged has ``tol · |θ|`` below :func:`rounding_floor`."""
+    if not bool(converged.any()):
+        return False
+    return bool((tol * values[converged].abs() < rounding_floor(operator, scale)).any())
+
+
+def confirm_ritz_pairs(
+    operator: SymmetricOperator, vectors: torch.Tensor, tol: float, which: str, scale: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Rayleigh quotients, true residuals and convergence of unit Ritz vectors ``(k, n)``.
+
+    One fresh product per vector: ``θ_i = y_iᵀ A y_i / y_iᵀ y_i`` and
+    ``r_i = ‖A y_i - θ_i y_i‖ / ‖y_i‖``, reduced in float64, so the residual includes the
+    rounding of the product itself. A pair is converged when ``r_i <= tol · |θ_i|``: no
+    solve claims a tolerance its products cannot resolve. No relative tolerance is resolvable
+    for an eigenvalue that is zero to the products' precision: one with ``|θ_i|`` and
+    ``r_i`` both below ``z =`` :data:`ZERO_ROUNDOFFS` unit roundoffs times the operator's
+    ``scale`` (its largest ``|θ|``) counts as converged, where ``z <= tol · scale`` (never
+    for 16-bit products at a useful ``tol``). Returns the values, residuals, flags and
+    vectors ordered by ``which``.
+    """
+    products = operator.matmat(vectors).to(torch.float64)
+    exact = vectors.to(torch.float64)
+    norms = exact.norm(dim=1)
+    values = (exact * products).sum(dim=1) / norms**2
+    residuals = (products - values.unsqueeze(1) * exact).norm(dim=1) / norms
+    values, residuals = values.cpu(), residuals.cpu()
+    order = select_ritz(values, values.shape[0], which)
+    values, residuals = values[order], residuals[order]
+    # An eigenvalue within the rounding floor of the operator's scale is zero to the
+    # products' precision: no relative tolerance is resolvable for it, and a residual at
+    # that floor is as converged as the products can tell.
+    scale = max(scale, float(values.abs().max()))
+    zero = ZERO_ROUNDOFFS * product_roundoff(operator) * scale
+    converged = residuals <= tol * values.abs()
+    if zero <= tol * scale:
+        converged |= (values.abs() <= zero) & (residuals <= zero)
+    return values, residuals, converged, vectors[order.to(vectors.device)]
+
+
 def _warm_start_rows(start: torch.Tensor, operator: SymmetricOperator) -> torch.Tensor:
     """Given warm-start vectors as ``(r, n)`` rows in the operator's dtype and device."""
     rows = start.reshape(-1, operator.size).to(dtype=operator.dtype, device=operator.device)
@@ -338,6 +406,15 @@ def lanczos(
     Returns:
         An :class:`EigenResult`. If the operator produced a non-finite value the eigenvalues
         are NaN and nothing is marked converged.
+
+    Convergence is claimed honestly. A converged pair's tolerance ``tol · |θ|`` within
+    :data:`CONFIRM_BELOW_ROUNDOFFS` unit roundoffs of the products' dtype of the operator's
+    scale (float32 products at ``tol`` below about ``6e-5``; every 16-bit product) is
+    confirmed with one fresh product per pair (:func:`confirm_ritz_pairs`): the
+    eigenvalue is then the Rayleigh quotient and the residual the true one. And a
+    breakdown (an invariant Krylov space, every residual exactly 0) never ends the solve
+    while the space is smaller than the operator: the recurrence goes on from a random
+    direction orthogonal to it, which finds further copies of a repeated eigenvalue.
     """
     n = operator.size
     validate_eigen_arguments(k, which, tol, n)
@@ -358,6 +435,7 @@ def lanczos(
         preallocate=max_basis is not None,
     )
     schedule = _CheckSchedule(first=k, every=check_every, last=max_steps)
+    invariant_values: torch.Tensor | None = None
     while True:
         recurrence.step()
         products = recurrence.products
@@ -378,7 +456,20 @@ def lanczos(
             values[index].tolist(),
             residuals.tolist(),
         )
-        if bool(converged.all()) or products >= max_steps:
+        # A zero coupling is a breakdown at this very step: the basis spans an invariant
+        # space, so every residual is 0, yet eigenvalues outside it (another copy of a
+        # repeated one) may be wanted. The recurrence has already moved on to a random
+        # direction orthogonal to the basis: stop only when the space it added since the
+        # last such check changed none of the wanted values.
+        invariant = float(last_coupling) == 0.0 and recurrence.steps < n
+        settled = not invariant
+        if invariant:
+            wanted = values[index]
+            settled = invariant_values is not None and bool(
+                torch.allclose(wanted, invariant_values, rtol=tol, atol=0.0)
+            )
+            invariant_values = wanted
+        if (bool(converged.all()) and settled) or products >= max_steps:
             break
         if full:
             m = recurrence.steps
@@ -393,17 +484,25 @@ def lanczos(
                 kept = select_ritz(values, k + (m - k) // 2, which)
             recurrence.thick_restart(vectors[:, kept], values[kept], last_coupling)
     m = recurrence.steps
+    scale = float(values.abs().max())
+    values = values[index]
+    confirm = needs_confirmation(operator, values, converged, tol, scale)
     eigenvectors = None
-    if return_eigenvectors:
+    if return_eigenvectors or confirm:
         coefficients = vectors[:, index].T.to(dtype=operator.dtype, device=operator.device)
         eigenvectors = coefficients @ recurrence.basis[0, :m]
+    if confirm:
+        values, residuals, converged, eigenvectors = confirm_ritz_pairs(
+            operator, eigenvectors, tol, which, scale
+        )
+        products += k
     return EigenResult(
-        eigenvalues=values[index],
+        eigenvalues=values,
         residuals=residuals,
         converged=converged,
         num_hvps=products,
         num_iterations=products,
-        eigenvectors=eigenvectors,
+        eigenvectors=eigenvectors if return_eigenvectors else None,
         method="lanczos",
     )
 
@@ -489,17 +588,26 @@ def block_lanczos(
         # n - m·p directions fit in no block. The budget covers n products, which give the
         # matrix itself.
         return _dense_eigenpairs(operator, k, which, tol, p, m, return_eigenvectors)
+    scale = float(values.abs().max())
+    values = values[index]
+    confirm = needs_confirmation(operator, values, converged, tol, scale)
+    num_hvps = m * p
     eigenvectors = None
-    if return_eigenvectors:
+    if return_eigenvectors or confirm:
         coefficients = vectors[:, index].T.to(dtype=operator.dtype, device=operator.device)
         eigenvectors = coefficients @ recurrence.basis[: m * p]
+    if confirm:
+        values, residuals, converged, eigenvectors = confirm_ritz_pairs(
+            operator, eigenvectors, tol, which, scale
+        )
+        num_hvps += k
     return EigenResult(
-        eigenvalues=values[index],
+        eigenvalues=values,
         residuals=residuals,
         converged=converged,
-        num_hvps=m * p,
+        num_hvps=num_hvps,
         num_iterations=m,
-        eigenvectors=eigenvectors,
+        eigenvectors=eigenvectors if return_eigenvectors else None,
         method="block_lanczos",
     )
 
