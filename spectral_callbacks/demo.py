@@ -141,11 +141,25 @@ class MixtureClassifier(L.LightningModule):
 # -- the run ----------------------------------------------------------------------------------
 
 
-def _trainer(out: pathlib.Path, name: str, callbacks, progress: bool, **kwargs) -> L.Trainer:
+RUNS = ("edge_of_stability", "representations")
+
+
+def next_version(out: pathlib.Path) -> int:
+    """The first ``N`` with no ``out/{run}/version_N`` for either run: each demo run logs to
+    folders of its own, so runs into one ``--out`` never mix on the dashboard."""
+    version = 0
+    while any((out / run / f"version_{version}").exists() for run in RUNS):
+        version += 1
+    return version
+
+
+def _trainer(
+    out: pathlib.Path, name: str, version: int, callbacks, progress: bool, **kwargs
+) -> L.Trainer:
     return L.Trainer(
         accelerator="auto",
         devices=1,
-        logger=TensorBoardLogger(str(out), name=name, version=0, default_hp_metric=False),
+        logger=TensorBoardLogger(str(out), name=name, version=version, default_hp_metric=False),
         callbacks=callbacks,
         enable_progress_bar=progress,
         enable_model_summary=False,
@@ -162,6 +176,7 @@ def run_demo(
     out = pathlib.Path(out)
     out.mkdir(parents=True, exist_ok=True)
     settings = DemoSettings.fast() if fast else DemoSettings()
+    version = next_version(out)
     started = time.perf_counter()
 
     lr = 0.3
@@ -171,7 +186,7 @@ def run_demo(
     spectrum = HessianSpectrumMonitor(
         every_n_steps=settings.spectrum_every, k=5, trace_hvps=60, density_steps=48
     )
-    trainer = _trainer(out, "edge_of_stability", [sharpness, spectrum], progress, max_epochs=1)
+    trainer = _trainer(out, RUNS[0], version, [sharpness, spectrum], progress, max_epochs=1)
     loader = torch.utils.data.DataLoader(FullBatch(x, y, settings.eos_steps), batch_size=None)
     trainer.fit(TanhRegressor(lr=lr), loader)
 
@@ -191,7 +206,7 @@ def run_demo(
         torch.utils.data.TensorDataset(val_x, val_y), batch_size=512
     )
     trainer = _trainer(
-        out, "representations", [representation], progress, max_epochs=settings.repr_epochs
+        out, RUNS[1], version, [representation], progress, max_epochs=settings.repr_epochs
     )
     trainer.fit(MixtureClassifier(), train_loader, val_loader)
 
@@ -204,6 +219,7 @@ def run_demo(
         "layers": layers,
         "figure": str(out / "summary.png"),
         "logdir": str(out),
+        "version": version,
     }
     save_summary_figure(summary, out / "summary.png")
     print(format_summary(summary))
@@ -284,6 +300,7 @@ def format_summary(summary: dict) -> str:
     lines += [
         "",
         f"summary figure: {summary['figure']}",
+        f"logs of this run: {summary['logdir']}/{{{','.join(RUNS)}}}/version_{summary['version']}",
         f"took {summary['seconds']:.0f} s. Open the dashboard with:",
         "",
         f"   tensorboard --logdir {summary['logdir']}",

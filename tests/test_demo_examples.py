@@ -22,6 +22,17 @@ def test_demo_writes_logs_figure_and_summary(tmp_path, capsys):
     assert (out / "summary.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     for run in ("edge_of_stability", "representations"):
         assert list((out / run / "version_0").glob("events.out.tfevents.*")), run
+    assert "version_0" in printed
+
+
+def test_each_demo_run_logs_to_a_version_of_its_own(tmp_path):
+    from spectral_callbacks.demo import next_version
+
+    assert next_version(tmp_path) == 0
+    (tmp_path / "representations" / "version_0").mkdir(parents=True)
+    assert next_version(tmp_path) == 1
+    (tmp_path / "edge_of_stability" / "version_1").mkdir(parents=True)
+    assert next_version(tmp_path) == 2
 
 
 def test_module_entry_point_shows_help():

@@ -626,3 +626,99 @@ def test_half_precision_models_are_measured_against_the_float64_truth(precision)
     tight = hessian_eigenvalues(half, mse, (x.to(dtype), y.to(dtype)), k=1, tol=1e-5)
     assert not bool(tight.converged.any())
     assert float(tight.eigenvalues[0]) == pytest.approx(float(truth.eigenvalues[0]), rel=2e-2)
+
+
+# -- third-party patterns ----------------------------------------------------------------------
+
+
+class StatefulRecurrent(LightningModule):
+    """Keeps its hidden state between training steps, as Lightning's LSTM demo does."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.cell = nn.RNNCell(3, 5)
+        self.head = nn.Linear(5, 1)
+        self.hidden = None
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        hidden = self.cell(x, self.hidden)
+        self.hidden = hidden.detach()
+        return F.mse_loss(self.head(hidden), y)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def test_a_training_step_that_keeps_state_trains_as_without_the_monitors():
+    g = torch.Generator().manual_seed(10)
+    x, y = torch.randn(8, 3, generator=g), torch.randn(8, 1, generator=g)
+
+    def fit(callbacks):
+        loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=8)
+        torch.manual_seed(0)
+        model = StatefulRecurrent()
+        trainer = L.Trainer(max_steps=9, max_epochs=-1, callbacks=callbacks, **trainer_kwargs())
+        trainer.fit(model, loader)
+        return model
+
+    plain = fit([])
+    monitored = fit(
+        [
+            SharpnessMonitor(every_n_steps=2),
+            HessianSpectrumMonitor(every_n_steps=3, k=2, trace_hvps=4, density_steps=3),
+        ]
+    )
+    for a, b in zip(plain.parameters(), monitored.parameters(), strict=True):
+        assert torch.equal(a, b)
+    assert torch.equal(plain.hidden, monitored.hidden)
+
+
+def test_the_pytorch_lightning_namespace_logger_gets_histograms_and_the_layout(tmp_path):
+    import pytorch_lightning  # installed with lightning
+
+    from spectral_callbacks.logging.tensorboard import tensorboard_writers
+
+    logger = pytorch_lightning.loggers.TensorBoardLogger(tmp_path, name="pl", version=0)
+    assert tensorboard_writers([logger]) == [logger.experiment]
+
+
+class TokenEncoder(LightningModule):
+    """A block that returns a plain (B, T, D) tensor, like transformers 5.x blocks."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.block = nn.Linear(4, 6)
+        self.head = nn.Linear(6, 1)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.block(x)).mean(dim=1))
+
+    def training_step(self, batch, batch_idx):
+        return F.mse_loss(self(batch[0]), batch[1])
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.0)
+
+
+def test_a_select_that_drops_the_batch_dimension_is_warned():
+    g = torch.Generator().manual_seed(11)
+    x, y = torch.randn(16, 5, 4, generator=g), torch.randn(16, 1, generator=g)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=16)
+    stale = RepresentationMonitor(
+        layers=["block"],
+        every_n_steps=1,
+        num_samples=16,
+        select=lambda out: out[0],
+        fit_range=(1, 4),
+    )
+    trainer = L.Trainer(max_steps=1, callbacks=[stale], **trainer_kwargs())
+    with pytest.warns(RuntimeWarning, match="first dimension is not the batch of 16 samples"):
+        trainer.fit(TokenEncoder(), loader)
+    right = RepresentationMonitor(
+        layers=["block"], every_n_steps=1, num_samples=16, fit_range=(1, 4)
+    )
+    trainer = L.Trainer(max_steps=1, callbacks=[right], **trainer_kwargs())
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*first dimension.*")
+        trainer.fit(TokenEncoder(), loader)

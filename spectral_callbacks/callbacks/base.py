@@ -46,17 +46,42 @@ def _accepts_batch_idx(module: pl.LightningModule) -> bool:
     return len(positional) >= 2 or any(p.kind == p.VAR_POSITIONAL for p in positional)
 
 
+@contextlib.contextmanager
+def preserved_attributes(module: nn.Module) -> Iterator[None]:
+    """Put back every attribute ``module`` and its submodules (re)assign inside the block.
+
+    A ``training_step`` may keep state between steps (a recurrent model's ``self.hidden``);
+    a probe call must not pass as a training step there. Attributes assigned anew are
+    restored and new ones removed; a container changed in place is beyond this.
+    """
+    saved = [(m, dict(m.__dict__)) for m in module.modules()]
+    try:
+        yield
+    finally:
+        for submodule, attributes in saved:
+            current = submodule.__dict__
+            if current.keys() == attributes.keys() and all(
+                current[key] is value for key, value in attributes.items()
+            ):
+                continue
+            for key in [key for key in current if key not in attributes]:
+                del current[key]
+            current.update(attributes)
+
+
 def training_step_loss(module: nn.Module, batch: Any) -> torch.Tensor:
     """The loss a LightningModule's own ``training_step`` returns on ``batch``.
 
     ``training_step`` may return the loss tensor or a dict with a ``"loss"`` entry. The
-    callbacks call this with the module's ``self.log`` muted (:func:`muted_lightning_logging`).
+    callbacks call this with the module's ``self.log`` muted (:func:`muted_lightning_logging`);
+    attributes the step assigns are put back afterwards (:func:`preserved_attributes`).
     """
-    output = (
-        module.training_step(batch, 0)
-        if _accepts_batch_idx(module)
-        else module.training_step(batch)
-    )
+    with preserved_attributes(module):
+        output = (
+            module.training_step(batch, 0)
+            if _accepts_batch_idx(module)
+            else module.training_step(batch)
+        )
     if isinstance(output, Mapping):
         if "loss" not in output:
             raise ValueError(

@@ -220,6 +220,7 @@ class RepresentationMonitor(SpectralMonitor):
         self, trainer: pl.Trainer, module: pl.LightningModule, probe: list[Any]
     ) -> dict[str, float]:
         buffers = BufferSnapshot(module)
+        running: list[int | None] = [None]  # samples of the batch being run, for the hooks
         try:
             with (
                 measurement_context(module, self._seed, second_order=False),
@@ -229,10 +230,12 @@ class RepresentationMonitor(SpectralMonitor):
                     self._select,
                     self._pool,
                     self._layout,
-                    on_ambiguous=lambda message: self.warn_once("layout", message),
+                    on_ambiguous=lambda message: self.warn_once(message, message),
+                    batch_size=lambda: running[0],
                 ) as accumulators,
             ):
                 for batch in probe:
+                    running[0] = batch_size(batch)
                     self._forward_fn(module, batch)
         finally:
             buffers.restore()

@@ -83,6 +83,7 @@ def capture_features(
     pool: Pool = "flatten",
     layout: str = "auto",
     on_ambiguous: Callable[[str], None] | None = None,
+    batch_size: Callable[[], int | None] | None = None,
 ) -> Iterator[dict[str, CovarianceAccumulator]]:
     """Stream each named layer's outputs into a :class:`CovarianceAccumulator` while active.
 
@@ -91,7 +92,10 @@ def capture_features(
     the feature axis is (``"auto"``: :func:`infer_layout` per layer; or ``"channels_last"`` /
     ``"channels_first"`` for all) and ``pool`` turns the positions into rows (see
     :func:`as_embedding_matrix`). ``on_ambiguous(message)`` hears of each layer whose layout
-    ``"auto"`` had to guess.
+    ``"auto"`` had to guess, and, when ``batch_size()`` tells the number of samples of the
+    batch being run, of each selected output whose first dimension is not that number (a
+    ``select`` that picks a sample instead of the batch: Hugging Face blocks that return a
+    plain tensor in transformers 5.x, where ``output[0]`` is the first sequence).
     """
     if layout not in LAYER_LAYOUTS:
         raise ValueError(f"layout must be one of {LAYER_LAYOUTS}, got {layout!r}")
@@ -104,6 +108,16 @@ def capture_features(
 
         def hook(module: nn.Module, inputs: Any, output: Any) -> None:
             features = _as_tensor(name, output, chooser)
+            expected = batch_size() if batch_size is not None else None
+            mismatch = expected is not None and features.ndim > 1 and features.shape[0] != expected
+            if mismatch and on_ambiguous is not None:
+                on_ambiguous(
+                    f"layer {name!r}: the selected output has shape "
+                    f"{tuple(features.shape)}, whose first dimension is not the batch of "
+                    f"{expected} samples; check select= (a block of transformers 5.x "
+                    "returns a plain tensor: select=lambda out: out[0] then keeps the "
+                    "first sequence only; drop select=)"
+                )
             chosen = layout
             if layout == "auto":
                 chosen, sure = infer_layout(module, features.ndim)
