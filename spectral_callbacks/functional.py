@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ._checks import check_bool
 from .curvature import (
     HessianOperator,
     LossFunction,
@@ -271,6 +272,8 @@ def hessian_density(
     :func:`~spectral_callbacks.linalg.slq` for ``reorthogonalize`` (default: full
     reorthogonalisation while the Krylov bases fit in 1 GiB, else two vectors per probe).
     """
+    if reorthogonalize is not None:
+        check_bool("reorthogonalize", reorthogonalize)
     with HessianOperator(
         model,
         loss_fn,

@@ -114,5 +114,45 @@ def main(out: pathlib.Path) -> None:
     )
 
 
+class UnequalShards(TanhRegressor):
+    """Process 0 trains on batches of 4 samples, process 1 on batches of 12."""
+
+    def train_dataloader(self):
+        x, y = regression_data(n=96, dtype=torch.float64)
+        rank = self.trainer.global_rank
+        size = 4 if rank == 0 else 12
+        part = slice(0, 48) if rank == 0 else slice(48, 96)
+        dataset = torch.utils.data.TensorDataset(x[part], y[part])
+        return torch.utils.data.DataLoader(dataset, batch_size=size, shuffle=False)
+
+
+def unequal(out: pathlib.Path) -> None:
+    """Unequal per-process batches: the probe is complete when the union holds 20 samples."""
+    representation = RepresentationMonitor(
+        layers=["net.1"], every_n_steps=2, num_samples=20, fit_range=(2, 8)
+    )
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=2,
+        strategy="ddp",
+        max_steps=4,
+        callbacks=[representation],
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        use_distributed_sampler=False,
+    )
+    torch.manual_seed(2)
+    model = UnequalShards(lr=0.0).double()
+    trainer.fit(model)
+    rank = trainer.global_rank
+    (out / f"unequal{rank}.json").write_text(json.dumps(representation.history))
+    torch.save(
+        {"probe": representation._probe, "state": model.state_dict()}, out / f"unequal{rank}.pt"
+    )
+
+
 if __name__ == "__main__":
     main(pathlib.Path(sys.argv[1]))
+    unequal(pathlib.Path(sys.argv[1]))

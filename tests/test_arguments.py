@@ -233,3 +233,45 @@ def test_two_optimizers_each_step_their_own_parameters_in_eos_ratio():
     assert monitor.last_metrics["spectral/hessian/eos_ratio"] == pytest.approx(
         float(expected.eigenvalues[0]), rel=1e-6
     )
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        ({"k": True}, "k must be a positive integer"),
+        ({"k": 0}, "k must be a positive integer"),
+        ({"which": "largest"}, "which must be one of"),
+        ({"tol": "1e-3"}, "tol must be a positive finite number"),
+        ({"tol": math.nan}, "tol must be a positive finite number"),
+        ({"max_iter": 2.5}, "max_iter must be an integer"),
+        ({"seed": -1}, "seed must be an integer >= 0"),
+        ({"return_eigenvectors": "yes"}, "return_eigenvectors must be True or False"),
+        ({"hvp": "fast"}, "hvp must be one of"),
+        ({"reduction": "none"}, "reduction must be one of"),
+        ({"params": 3}, "params must be None"),
+        ({"batch_size_fn": 5}, "batch_size_fn must be callable"),
+        ({"method": "power"}, "method must be one of"),
+    ],
+)
+def test_the_functional_api_names_its_bad_arguments(arguments, message):
+    x, y = regression_data(n=8)
+    loss = lambda m, b: F.mse_loss(m(b[0]), b[1])  # noqa: E731
+    with pytest.raises((ValueError, TypeError), match=message):
+        hessian_eigenvalues(TanhRegressor(), loss, (x, y), **arguments)
+
+
+def test_the_functional_trace_and_density_name_their_bad_arguments():
+    from spectral_callbacks.functional import hessian_density, hessian_trace
+
+    x, y = regression_data(n=8)
+    loss = lambda m, b: F.mse_loss(m(b[0]), b[1])  # noqa: E731
+    with pytest.raises(TypeError, match="num_hvps must be an integer"):
+        hessian_trace(TanhRegressor(), loss, (x, y), num_hvps=True)
+    with pytest.raises(ValueError, match="method must be one of"):
+        hessian_trace(TanhRegressor(), loss, (x, y), method="exact")
+    with pytest.raises(TypeError, match="steps must be an integer"):
+        hessian_density(TanhRegressor(), loss, (x, y), steps=4.0)
+    with pytest.raises(TypeError, match="reorthogonalize must be True or False"):
+        hessian_density(TanhRegressor(), loss, (x, y), reorthogonalize="yes")
+    with pytest.raises(ValueError, match="data holds no batch"):
+        hessian_trace(TanhRegressor(), loss, [])

@@ -41,7 +41,9 @@ def ranks(tmp_path_factory):
     assert result.returncode == 0, result.stderr[-4000:]
     records = [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
     tensors = [torch.load(out / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
-    return records, tensors
+    unequal = [json.loads((out / f"unequal{r}.json").read_text()) for r in (0, 1)]
+    unequal_tensors = [torch.load(out / f"unequal{r}.pt", weights_only=False) for r in (0, 1)]
+    return records, tensors, (unequal, unequal_tensors)
 
 
 def same(a, b) -> bool:
@@ -55,7 +57,7 @@ def same(a, b) -> bool:
 
 
 def test_every_process_holds_the_same_numbers(ranks):
-    (first, second), _ = ranks
+    (first, second), _, _ = ranks
     for key in ("sharpness", "spectrum", "representation", "poisoned"):
         assert first[key], key
         assert same(first[key], second[key]), key
@@ -72,7 +74,7 @@ def model_at(snapshot):
 
 
 def test_hessian_values_equal_one_process_on_the_union_of_shards(ranks):
-    (record, _), (zero, one) = ranks
+    (record, _), (zero, one), _ = ranks
     # The shards differ (DistributedSampler), and together they are the probe.
     assert not torch.equal(zero["hessian_probe"][0][0], one["hessian_probe"][0][0])
     union = [zero["hessian_probe"][0], one["hessian_probe"][0]]
@@ -93,7 +95,7 @@ def test_hessian_values_equal_one_process_on_the_union_of_shards(ranks):
 
 
 def test_representation_values_equal_one_process_on_the_union(ranks):
-    (record, _), (zero, one) = ranks
+    (record, _), (zero, one), _ = ranks
     inputs = torch.cat(
         [b[0] for b in zero["representation_probe"]] + [b[0] for b in one["representation_probe"]]
     )
@@ -110,7 +112,7 @@ def test_representation_values_equal_one_process_on_the_union(ranks):
 
 
 def test_a_stop_decided_on_one_process_stops_both_at_the_same_step(ranks):
-    (first, second), _ = ranks
+    (first, second), _, _ = ranks
     assert first["global_step"] == second["global_step"] == 6
     assert first["stopped_step"] == second["stopped_step"] == 6
     assert "another process" in first["stopped_reason"]
@@ -118,9 +120,30 @@ def test_a_stop_decided_on_one_process_stops_both_at_the_same_step(ranks):
 
 
 def test_a_non_finite_loss_on_one_process_is_nan_everywhere_without_deadlock(ranks):
-    (first, second), _ = ranks
+    (first, second), _, _ = ranks
     assert [step for step, _ in first["poisoned"]] == [0, 3, 6]
     for record in (first, second):
         assert all(
             math.isnan(v["spectral/hessian/poisoned/lambda_max"]) for _, v in record["poisoned"]
         )
+
+
+def test_the_representation_probe_counts_the_samples_of_every_process(ranks):
+    (record, _), (zero, one), _ = ranks
+    # 8 samples per process and batch: the union holds 16 after the first batch and 32 after
+    # the second, so 24 samples are complete at the second batch, as in one process that
+    # trains on the union (batches of 16), and not at the third (24 per process).
+    assert [len(zero["representation_probe"]), len(one["representation_probe"])] == [2, 2]
+    assert record["representation"][0][0] == 1
+
+
+def test_unequal_shards_decide_the_probe_together_and_match_one_process(ranks):
+    _, _, ((zero, one), (zero_tensors, one_tensors)) = ranks
+    # Batches of 4 and 12: 16 samples after one batch, 32 after two (>= 20) on both.
+    assert same(zero, one) and [step for step, _ in zero] == [1, 2, 4]
+    assert [len(zero_tensors["probe"]), len(one_tensors["probe"])] == [2, 2]
+    inputs = torch.cat([b[0] for b in zero_tensors["probe"]] + [b[0] for b in one_tensors["probe"]])
+    model = model_at(zero_tensors["state"]).eval()
+    with torch.no_grad():
+        features = model.net[:2](inputs)
+    assert zero[-1][1]["spectral/repr/net.1/rankme"] == pytest.approx(rankme(features), rel=1e-6)

@@ -52,6 +52,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .._checks import check_bool, check_callable, check_choice, check_integer
 from .._names import uncompiled_name
 from ..linalg._precision import autocast_disabled
 from .data import (
@@ -60,6 +61,7 @@ from .data import (
     Reduction,
     as_batch_list,
     batch_size,
+    check_parameter_filter,
     move_to_device,
     select_parameters,
 )
@@ -214,12 +216,13 @@ class HessianOperator:
         compile_backend: str = "inductor",
         reduction: Reduction = "mean",
     ) -> None:
-        if hvp not in HVP_PATHS:
-            raise ValueError(f"hvp must be one of {HVP_PATHS}, got {hvp!r}")
-        if reduction not in REDUCTIONS:
-            raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
-        if not callable(loss_fn):
-            raise TypeError(f"loss_fn must be callable as loss_fn(model, batch), got {loss_fn!r}")
+        check_choice("hvp", hvp, HVP_PATHS)
+        check_choice("reduction", reduction, REDUCTIONS)
+        check_callable("loss_fn", loss_fn, "loss_fn(model, batch) -> scalar")
+        check_callable("batch_size_fn", batch_size_fn, "batch_size_fn(batch) -> int", True)
+        check_parameter_filter(params)
+        check_integer("seed", seed, minimum=0)
+        check_bool("distributed", distributed)
         self.model = model
         self.loss_fn = loss_fn
         named = select_parameters(model, params)

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .._checks import check_bool, check_choice, check_integer, check_tolerance
 from ._krylov import BlockLanczos, IndependentLanczos
 from ._precision import full_precision
 from .operators import SymmetricOperator
@@ -79,15 +80,16 @@ class EigenResult:
 
 
 def validate_eigen_arguments(k: int, which: str, tol: float, size: int) -> None:
-    """Raise ``ValueError`` naming the argument when ``k``, ``which`` or ``tol`` is invalid."""
-    if which not in WHICH:
-        raise ValueError(f"which must be one of {WHICH}, got {which!r}")
-    if not isinstance(k, int) or k < 1:
+    """Raise ``ValueError`` / ``TypeError`` naming the argument when ``k``, ``which`` or
+    ``tol`` is invalid."""
+    check_choice("which", which, WHICH)
+    if isinstance(k, bool) or not isinstance(k, int):
+        raise TypeError(f"k must be a positive integer, got {k!r}")
+    if k < 1:
         raise ValueError(f"k must be a positive integer, got {k!r}")
     if k > size:
         raise ValueError(f"k={k} is larger than the operator's dimension {size}")
-    if not (tol > 0 and math.isfinite(tol)):
-        raise ValueError(f"tol must be a positive finite number, got {tol!r}")
+    check_tolerance("tol", tol)
 
 
 def select_ritz(values: torch.Tensor, k: int, which: str) -> torch.Tensor:
@@ -721,7 +723,11 @@ def eigenpairs(
     default 4; ``max_basis`` only for the former).
     """
     chosen = choose_eigen_method(method, block_size)
+    validate_eigen_arguments(k, which, tol, operator.size)
     validate_max_basis(max_basis, k, method, block_size, which)
+    check_integer("max_iter", max_iter, minimum=1, allow_none=True)
+    check_integer("seed", seed, minimum=0)
+    check_bool("return_eigenvectors", return_eigenvectors)
     arguments = dict(
         k=k,
         which=which,

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .._checks import check_integer
 from ._krylov import IndependentLanczos, ThreeTermLanczos, tridiagonal_matrix
 from ._precision import full_precision
 from .operators import SymmetricOperator
@@ -175,8 +176,7 @@ def slq(
             :data:`FULL_REORTHOGONALISATION_BYTES`.
     """
     if probes is None:
-        if not isinstance(num_probes, int) or num_probes < 1:
-            raise ValueError(f"num_probes must be a positive integer, got {num_probes!r}")
+        check_integer("num_probes", num_probes, minimum=1)
         generator = torch.Generator(device=operator.device).manual_seed(seed)
         bits = torch.randint(
             0, 2, (num_probes, operator.size), generator=generator, device=operator.device
@@ -185,8 +185,7 @@ def slq(
     else:
         generator = torch.Generator(device=operator.device).manual_seed(seed)
         probes = probes.reshape(-1, operator.size).to(dtype=operator.dtype, device=operator.device)
-    if not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"steps must be a positive integer, got {steps!r}")
+    check_integer("steps", steps, minimum=1)
     steps = min(steps, operator.size)
     if reorthogonalize is None:
         basis_bytes = probes.shape[0] * (steps + 1) * operator.size * probes.element_size()

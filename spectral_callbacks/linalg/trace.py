@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .._checks import check_integer
 from ._precision import full_precision
 from .operators import SymmetricOperator
 
@@ -170,7 +171,5 @@ def trace(
 
 
 def _validate(num_hvps: int, minimum: int, block_size: int) -> None:
-    if not isinstance(num_hvps, int) or num_hvps < minimum:
-        raise ValueError(f"num_hvps must be an integer >= {minimum}, got {num_hvps!r}")
-    if not isinstance(block_size, int) or block_size < 1:
-        raise ValueError(f"block_size must be a positive integer, got {block_size!r}")
+    check_integer("num_hvps", num_hvps, minimum=minimum)
+    check_integer("block_size", block_size, minimum=1)
