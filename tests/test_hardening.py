@@ -722,3 +722,38 @@ def test_a_select_that_drops_the_batch_dimension_is_warned():
     with warnings.catch_warnings():
         warnings.filterwarnings("error", message=".*first dimension.*")
         trainer.fit(TokenEncoder(), loader)
+
+
+def test_a_lightning_cli_config_with_a_parameter_list_round_trips(tmp_path):
+    from lightning.pytorch.cli import LightningCLI
+
+    config = {
+        "trainer": {
+            "max_steps": 1,
+            "accelerator": "cpu",
+            "logger": False,
+            "callbacks": [
+                {
+                    "class_path": "spectral_callbacks.SharpnessMonitor",
+                    "init_args": {"every_n_steps": 3, "params": ["net.0"], "reduction": "sum"},
+                }
+            ],
+        }
+    }
+    cli = LightningCLI(AnyBatchRegressor, run=False, args=config, save_config_callback=None)
+    dumped = cli.parser.dump(cli.config)
+    assert "Unable to serialize" not in dumped
+    again = LightningCLI(
+        AnyBatchRegressor,
+        run=False,
+        args=["--config", _write(tmp_path, dumped)],
+        save_config_callback=None,
+    )
+    (monitor,) = [cb for cb in again.trainer.callbacks if isinstance(cb, SharpnessMonitor)]
+    assert monitor._params == ["net.0"] and monitor._reduction == "sum"
+
+
+def _write(folder, text: str) -> str:
+    path = folder / "config.yaml"
+    path.write_text(text)
+    return str(path)

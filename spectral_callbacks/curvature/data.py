@@ -35,7 +35,9 @@ REDUCTIONS: tuple[str, ...] = ("mean", "sum")
 #: prefixes (``"encoder"`` selects ``"encoder.weight"``, ``"encoder.0.bias"``, ...). A filter
 #: selects a parameter if it selects its name with or without the ``_orig_mod`` segments of
 #: ``torch.compile``'d submodules.
-ParameterFilter = str | Callable[[str], bool] | Sequence[str] | None
+# (Sequence before Callable: jsonargparse, and so LightningCLI, serialises a list of names
+# only when it meets that type first.)
+ParameterFilter = str | Sequence[str] | Callable[[str], bool] | None
 
 
 def check_parameter_filter(params: Any) -> ParameterFilter:
