@@ -75,6 +75,9 @@ def main(out: pathlib.Path) -> None:
         layers=["net.1"], every_n_steps=4, num_samples=24, fit_range=(2, 8)
     )
     poisoned = SharpnessMonitor(every_n_steps=3, loss_fn=nan_on_rank_one, name="poisoned")
+    differences = SharpnessMonitor(
+        every_n_steps=4, tol=1e-8, hvp="gradient_difference", name="differences"
+    )
     scripted = RankScripted()
     stopper = SpectralEarlyStopping(
         "spectral/test/rank_signal", rule="above", threshold=0.5, patience=1
@@ -85,7 +88,16 @@ def main(out: pathlib.Path) -> None:
         devices=2,
         strategy="ddp",
         max_steps=12,
-        callbacks=[sharpness, spectrum, representation, poisoned, scripted, stopper, recorder],
+        callbacks=[
+            sharpness,
+            spectrum,
+            representation,
+            poisoned,
+            differences,
+            scripted,
+            stopper,
+            recorder,
+        ],
         logger=False,
         enable_progress_bar=False,
         enable_model_summary=False,
@@ -102,6 +114,7 @@ def main(out: pathlib.Path) -> None:
         "spectrum": spectrum.history,
         "representation": representation.history,
         "poisoned": poisoned.history,
+        "differences": differences.history,
     }
     (out / f"rank{rank}.json").write_text(json.dumps(record))
     torch.save(

@@ -7,6 +7,8 @@ import json
 import math
 import pathlib
 
+import pytest
+
 BENCH = pathlib.Path(__file__).resolve().parents[1] / "bench" / "run.py"
 
 
@@ -58,3 +60,21 @@ def test_runs_of_some_figures_add_to_the_days_file(tmp_path):
     assert "top10" not in tiny and "training_overhead" not in stored
     table = next(tmp_path.glob("*-smoke.md")).read_text()
     assert "**2a." in table and "ours (Lanczos, tol=0.001)" in table
+
+
+def test_the_gradient_difference_study_runs_on_tiny_workloads(tmp_path):
+    spec = importlib.util.spec_from_file_location(
+        "bench_gradient_difference", BENCH.with_name("gradient_difference.py")
+    )
+    study = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(study)
+    result = study.main(["--smoke", "--out", str(tmp_path)])
+    assert {row["workload"] for row in result["costs"]} == {"mlp", "cnn", "gpt"}
+    mlp = next(row for row in result["costs"] if row["workload"] == "mlp")
+    assert mlp["relative_error"]["gradient_difference"] < 1e-3  # tanh: smooth
+    assert all(row["paths"]["reuse_graph"]["all_converged"] for row in result["convergence"])
+    memory = result["memory"][0]["paths"]
+    assert memory["gradient_difference"]["lambda_max"] == pytest.approx(
+        memory["reuse_graph"]["lambda_max"], rel=1e-2
+    )
+    assert next(tmp_path.glob("gradient-difference-*-smoke.md")).read_text().count("**") == 6

@@ -85,6 +85,15 @@ def test_hessian_values_equal_one_process_on_the_union_of_shards(ranks):
         assert values["spectral/hessian/lambda_max"] == pytest.approx(
             float(reference.eigenvalues[0]), rel=1e-6
         )
+    # Products from gradient differences all-reduce like exact ones (float64: error ~1e-10).
+    assert [step for step, _ in record["differences"]] == [0, 4]
+    for step, values in record["differences"]:
+        reference = hessian_eigenvalues(
+            model_at(zero["snapshots"][step]), mse, union, k=1, tol=1e-11
+        )
+        assert values["spectral/hessian/differences/lambda_max"] == pytest.approx(
+            float(reference.eigenvalues[0]), rel=1e-8
+        )
     for step, values in record["spectrum"]:
         model = model_at(zero["snapshots"][step])
         reference = hessian_eigenvalues(model, mse, union, k=3, tol=1e-11)

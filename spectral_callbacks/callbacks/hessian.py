@@ -272,7 +272,9 @@ class SharpnessMonitor(_HessianMonitor):
         seed: Seed of the start vector and of dropout masks during the probe.
         hvp: Hessian-vector product path (``"auto"``, ``"reuse_graph"``,
             ``"forward_over_reverse"``, ``"compiled"``: ``torch.compile`` once per run, then
-            cheaper products; see :class:`~spectral_callbacks.curvature.HessianOperator`).
+            cheaper products; ``"gradient_difference"``: two first-order gradients per
+            product, for losses without double backward, which ``"auto"`` switches to by
+            itself; see :class:`~spectral_callbacks.curvature.HessianOperator`).
         eval_mode: Measure in eval mode (default: the mode training uses).
         warm_start: Start each measurement from the previous eigenvectors.
         optimizer_aware: Compute ``eos_ratio`` from the optimizer (default); ``False`` logs

@@ -32,20 +32,51 @@ are exact (autograd), by one of these paths:
     other masks than eager dropout, so a model with active dropout fails that check and
     stays eager (measure it in eval mode to use compiled products).
 
+``"gradient_difference"``
+    Products from first-order gradients alone, for models whose loss has no double
+    backward (a custom ``autograd.Function`` without one, fused kernels, reentrant
+    activation checkpointing, engines that shard parameters): the central difference
+
+        ``H v ≈ (∇L(θ + h v) − ∇L(θ − h v)) / (2h)``.
+
+    Its error is truncation ``(h²/6) ‖∇³L[v, v, ·]‖`` against rounding ``≈ ε ‖∇L‖ / h``
+    (``ε`` the parameters' machine epsilon), smallest at ``h ∝ ε^{1/3}``. The step starts
+    scaled to the parameters, ``h‖v‖ = s₀ = ε^{1/3} (1 + ‖θ‖)`` (Nocedal & Wright, section
+    8.1); the first product measures the truncation coefficient from ``D(s₀)`` against
+    ``D(s₀/2)`` and the gradient's norm, and sets the step that minimises their sum
+    (``HessianOperator._calibrate``). The relative error of a product is then of order
+    ``ε^{2/3}``: 2e-5 to 6e-5 in float32 on the test models and benchmark workloads, about
+    ``4e-2`` in bfloat16. ``richardson=True`` combines the steps ``h`` and ``h/2``,
+    ``(4 D(h/2) − D(h)) / 3``, which cancels the ``h²`` term (error of order ``ε^{4/5}`` at
+    a step grown to ``ε^{1/5}``), at four gradients per product instead of two. The
+    operator states the error it measured (:attr:`HessianOperator.product_relative_error`)
+    and the eigensolvers confirm residuals near it with fresh products, so no solve claims
+    a tolerance the differences cannot resolve. A loss that is not smooth at the step's
+    scale (the kinks of ReLU-like activations) makes differences unreliable, whatever the
+    step: the measured error then exceeds 1e-2 and the operator warns. Both gradients of a pair run under the same
+    seeded RNG (equal dropout masks) with BatchNorm statistics frozen; the parameters are
+    moved in place (so activation checkpointing and sharded engines see the moved
+    values) and copied back from a saved copy after every product, bit for bit; attention
+    keeps its default kernels.
+
 ``"auto"`` takes ``reuse_graph`` for single vectors (a vmapped block of one is several times
 slower) and on the CPU, and ``forward_over_reverse`` for blocks on CUDA, where the block
-amortises it below the reused graph's cost per vector (bench/ and BENCHMARKS.md).
+amortises it below the reused graph's cost per vector (bench/ and BENCHMARKS.md). Where the
+loss has no double backward (and the cause is not attention, which runs on the math kernel)
+``auto`` switches to ``gradient_difference`` and warns once.
 """
 
 from __future__ import annotations
 
 import collections
+import functools
 import itertools
 import logging
 import math
 import re
 import types
 import warnings
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -82,7 +113,7 @@ logger = logging.getLogger("spectral_callbacks")
 #: ``loss_fn(model, batch) -> scalar tensor`` (the mean loss of the batch).
 LossFunction = Callable[[nn.Module, Any], torch.Tensor]
 
-HVP_PATHS = ("auto", "reuse_graph", "forward_over_reverse", "compiled")
+HVP_PATHS = ("auto", "reuse_graph", "forward_over_reverse", "compiled", "gradient_difference")
 
 #: Compiled block products keyed by ``(id(model), loss_fn, parameter names, backend)``, the
 #: most recently used last. A measurement builds a new operator, so the cache lives here to
@@ -92,6 +123,10 @@ HVP_PATHS = ("auto", "reuse_graph", "forward_over_reverse", "compiled")
 #: operators go straight to the eager path.
 _COMPILED: collections.OrderedDict[tuple, _CompiledProduct] = collections.OrderedDict()
 COMPILED_CACHE_SIZE = 8
+
+#: model -> the (loss function, parameter names, reduction) whose double-backward products
+#: passed :meth:`HessianOperator._check_symmetry`.
+_SYMMETRY_CHECKED: weakref.WeakKeyDictionary[nn.Module, set] = weakref.WeakKeyDictionary()
 
 
 def clear_compiled_products() -> None:
@@ -115,9 +150,33 @@ class _LossOfModel(nn.Module):
         return self.loss_fn(self.model, batch)
 
 
+class _NoSecondDerivative(Exception):
+    """The loss has no double backward; ``explained`` says which op and what to do."""
+
+    def __init__(self, explained: RuntimeError, original: BaseException | None) -> None:
+        super().__init__(str(explained))
+        self.explained = explained
+        self.original = original
+
+
+def _raise_second_order(error: RuntimeError) -> None:
+    """Re-raise ``error``, as :class:`_NoSecondDerivative` when an op lacks a second
+    derivative (so ``hvp="auto"`` can switch to gradient differences)."""
+    explained = _explain_second_order_failure(error)
+    if explained is not None:
+        raise _NoSecondDerivative(explained, error) from error
+    raise error
+
+
 def _explain_second_order_failure(error: RuntimeError) -> RuntimeError | None:
     """A clearer error for an op without a second derivative (or forward-mode AD)."""
     text = str(error)
+    if "once_differentiable" in text:
+        return RuntimeError(
+            "the loss runs through a custom autograd.Function whose backward is marked "
+            "@once_differentiable, so it has no double backward: use "
+            f"hvp='gradient_difference' (products from gradients alone). (original error: {text})"
+        )
     if "does not currently support double backward" in text:
         return RuntimeError(
             "the loss runs through a torch.compile'd module or function, and compiled graphs "
@@ -145,6 +204,7 @@ def _explain_second_order_failure(error: RuntimeError) -> RuntimeError | None:
             " Attention is already forced to the math kernel; this op is called another way "
             "(a custom kernel?): replace it by torch.nn.functional.scaled_dot_product_attention."
         )
+    hint += " hvp='gradient_difference' needs first-order gradients only."
     return RuntimeError(f"cannot differentiate {op} twice: {hint} (original error: {text})")
 
 
@@ -179,6 +239,8 @@ class HessianOperator:
         batch_size_fn: ``batch -> int`` number of samples, when the first tensor's leading
             dimension is not it (unused with ``reduction="sum"``).
         seed: Seed of the RNG inside forward passes (fixes dropout masks).
+        richardson: With ``hvp="gradient_difference"``, a Richardson step (four gradients
+            per product, error of order ``ε^{4/5}`` instead of ``ε^{2/3}``).
         distributed: Under an initialised ``torch.distributed`` process group of several
             processes, make this the Hessian of the union of every process's ``data``: batch
             weights use the global sample count and every product is all-reduced, so all
@@ -197,10 +259,15 @@ class HessianOperator:
 
     Attributes:
         size: Number of selected parameter entries ``n``.
-        num_hvps: Hessian-vector products computed so far (one per vector).
+        num_hvps: Hessian-vector products computed so far (one per vector), not counting the
+            two of the one-time symmetry probe (:meth:`_check_symmetry`) on the first
+            product for a model, loss and parameter selection.
         names: Names of the selected parameters.
         dtype: Dtype of the vectors ``matmat`` takes and returns.
         product_dtype: Dtype the products are computed in (the parameters').
+        product_relative_error: The relative error a product can carry beyond rounding
+            (``ε^{2/3}`` or ``ε^{4/5}`` for gradient differences, else 0): the eigensolvers
+            confirm residuals near it (:func:`~spectral_callbacks.linalg.lanczos`).
     """
 
     def __init__(
@@ -215,6 +282,7 @@ class HessianOperator:
         distributed: bool = False,
         compile_backend: str = "inductor",
         reduction: Reduction = "mean",
+        richardson: bool = False,
     ) -> None:
         check_choice("hvp", hvp, HVP_PATHS)
         check_choice("reduction", reduction, REDUCTIONS)
@@ -223,6 +291,7 @@ class HessianOperator:
         check_parameter_filter(params)
         check_integer("seed", seed, minimum=0)
         check_bool("distributed", distributed)
+        check_bool("richardson", richardson)
         self.model = model
         self.loss_fn = loss_fn
         named = select_parameters(model, params)
@@ -257,7 +326,12 @@ class HessianOperator:
         self.reduction = reduction
         self.batch_weights = self._batch_weights(batch_size_fn)
         self.hvp = hvp
+        self.richardson = richardson
         self.compile_backend = compile_backend
+        self._gradient_difference = hvp == "gradient_difference"
+        self._theta_norm: float | None = None
+        self._step: float | None = None  # gradient differences: step length, once chosen
+        self._stated_error: float | None = None
         self.num_hvps = 0
         self._graphs: list[tuple[float, list[tuple[int, torch.Tensor]]]] | None = None
         self._checked_finite = False
@@ -303,6 +377,43 @@ class HessianOperator:
         with autocast_disabled(self.device):
             return self._all_reduce(self._matmat(block))
 
+    def _check_symmetry(self) -> None:
+        """Once per model, loss and parameter selection: ``vᵀ(H w) = wᵀ(H v)`` for two random
+        vectors (two products). Double backward through an op whose backward is not itself
+        differentiable (a custom ``autograd.Function``, ``@once_differentiable`` included in
+        torch 2.13) silently drops terms, and the product it gives is not symmetric."""
+        # Only the reused graph: the forward-over-reverse paths go through forward-mode AD,
+        # which raises for such an op instead of dropping terms.
+        if self._gradient_difference or self._path_for(1) != "reuse_graph":
+            return
+        checked = _SYMMETRY_CHECKED.setdefault(self.model, set())
+        key = (self.loss_fn, tuple(self.names), self.reduction)
+        if key in checked:
+            return
+        generator = torch.Generator(device=self.device).manual_seed(self.seed + 7919)
+        pair = torch.randn(2, self.size, generator=generator, dtype=self.dtype, device=self.device)
+        # Not counted in num_hvps: a one-time check (like a compilation), which would make a
+        # resumed run's first count differ from the uninterrupted run's.
+        products = self._matmat_reuse_graph(pair).double()
+        v, w = pair.double()
+        cross = torch.stack([(v * products[1]).sum(), (w * products[0]).sum()])
+        scale = products[1].norm() * w.norm() + products[0].norm() * v.norm()
+        asymmetry = (cross[0] - cross[1]).abs() / scale.clamp_min(torch.finfo(torch.float64).tiny)
+        asymmetry = float(self._all_reduce(asymmetry.reshape(1), op="max")[0])
+        roundoff = torch.finfo(self.product_dtype).eps / 2
+        if asymmetry > min(0.1, max(1e4 * roundoff, 1e-10)):
+            self._graphs = None
+            raise _NoSecondDerivative(
+                RuntimeError(
+                    f"double backward of this loss gives an asymmetric Hessian (relative "
+                    f"asymmetry {asymmetry:.2g}): an op's backward is not differentiable (a "
+                    "custom autograd.Function, e.g. one marked @once_differentiable), so its "
+                    "second-order terms are missing: use hvp='gradient_difference'"
+                ),
+                None,
+            )
+        checked.add(key)
+
     def _all_reduce(self, tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
         """Sum (or max) over processes when distributed; the tensor itself otherwise."""
         if self.distributed:
@@ -328,15 +439,37 @@ class HessianOperator:
             raise NonFiniteLossError(where)
 
     def _matmat(self, block: torch.Tensor) -> torch.Tensor:
+        try:
+            self._check_symmetry()
+            return self._matmat_by_path(block)
+        except _NoSecondDerivative as error:
+            if self.hvp != "auto":
+                raise error.explained from error.original
+            # The loss has no double backward for a reason other than attention (which
+            # runs on the math kernel): products from gradients alone still work.
+            self._gradient_difference = True
+            self._graphs = None
+            warnings.warn(
+                f"{error.explained}\nhvp='auto' switches to hvp='gradient_difference' "
+                "(products from two gradients each, relative error about "
+                f"{self.product_relative_error:.0e}); pass hvp='gradient_difference' to say so",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+            return self._matmat_gradient_difference(block)
+
+    def _matmat_by_path(self, block: torch.Tensor) -> torch.Tensor:
         path = self._path_for(block.shape[0])
+        if path == "gradient_difference":
+            return self._matmat_gradient_difference(block)
         if path in ("forward_over_reverse", "compiled"):
             try:
                 return self._matmat_forward_over_reverse(block, compiled=path == "compiled")
             except RuntimeError as error:
                 explained = _explain_second_order_failure(error)
-                if explained is not None:
-                    raise explained from error
                 if self.hvp == "forward_over_reverse":
+                    if explained is not None:
+                        raise explained from error
                     if "ZeroTensors are immutable" in str(error):
                         raise RuntimeError(
                             f"{error}\nForward-mode AD through this loss fails in PyTorch "
@@ -353,7 +486,21 @@ class HessianOperator:
                 )
         return self._matmat_reuse_graph(block)
 
+    @property
+    def product_relative_error(self) -> float:
+        """The stated relative error of a product: 0 for the exact paths; for gradient
+        differences the one measured when the step was chosen (:meth:`_calibrate`), before
+        that the a-priori ``ε^{2/3}`` (``ε^{4/5}`` with Richardson)."""
+        if not self._gradient_difference:
+            return 0.0
+        if self._stated_error is not None:
+            return self._stated_error
+        eps = torch.finfo(self.product_dtype).eps
+        return eps ** (0.8 if self.richardson else 2.0 / 3.0)
+
     def _path_for(self, width: int) -> str:
+        if self._gradient_difference:
+            return "gradient_difference"
         if self.hvp in ("reuse_graph", "forward_over_reverse"):
             return self.hvp
         if self._vmap_failed:  # "auto" and "compiled" fall back to the path that always works
@@ -407,9 +554,27 @@ class HessianOperator:
                             loss, self.params, create_graph=True, allow_unused=True
                         )
                     except RuntimeError as error:
-                        raise _explain_second_order_failure(error) or error from error
-                # Gradients that are None or constant (no graph) have zero derivative.
-                outputs = [(i, g) for i, g in enumerate(grads) if g is not None and g.requires_grad]
+                        _raise_second_order(error)
+                # A gradient that is None (unused parameter) has zero derivative. One that
+                # is there but carries no graph is constant only if the loss is linear in
+                # that parameter; far more often an op's backward is not differentiable (a
+                # custom autograd.Function), which would read as a zero Hessian block.
+                constant = [
+                    self.names[i]
+                    for i, g in enumerate(grads)
+                    if g is not None and not g.requires_grad
+                ]
+                if constant:
+                    raise _NoSecondDerivative(
+                        RuntimeError(
+                            f"the gradient of {constant[:3]} carries no graph (a custom "
+                            "autograd.Function whose backward is not differentiable?), so "
+                            "double backward would read its Hessian block as 0: use "
+                            "hvp='gradient_difference'"
+                        ),
+                        None,
+                    )
+                outputs = [(i, g) for i, g in enumerate(grads) if g is not None]
                 graphs.append((weight, outputs))
             self._raise_if_non_finite(losses)
             self._graphs = graphs
@@ -437,7 +602,7 @@ class HessianOperator:
                         is_grads_batched=width > 1,
                     )
                 except RuntimeError as error:
-                    raise _explain_second_order_failure(error) or error from error
+                    _raise_second_order(error)
             total += weight * self._flatten(list(products), width)
         return total
 
@@ -457,14 +622,19 @@ class HessianOperator:
             _COMPILED.move_to_end(key)
         return eager if entry.failed else entry
 
+    def _check_finite_losses(self, math_attention: bool = True) -> None:
+        """The loss at ``θ`` on every batch, checked once (all processes together)."""
+        if self._checked_finite:
+            return
+        losses = []
+        for index, batch in enumerate(self.batches):
+            with measurement_context(self.model, self.seed, math_attention=math_attention):
+                losses.append(self._loss(batch, index).detach())
+        self._raise_if_non_finite(losses)
+        self._checked_finite = True
+
     def _matmat_forward_over_reverse(self, block: torch.Tensor, compiled: bool) -> torch.Tensor:
-        if not self._checked_finite:
-            losses = []
-            for index, batch in enumerate(self.batches):
-                with measurement_context(self.model, self.seed):
-                    losses.append(self._loss(batch, index).detach())
-            self._raise_if_non_finite(losses)
-            self._checked_finite = True
+        self._check_finite_losses()
         product = self._block_product_function(compiled)
         primals = tuple(p.detach() for p in self.params)  # in the products' dtype
         tangents = tuple(self._split(block))
@@ -475,11 +645,157 @@ class HessianOperator:
             total += weight * self._flatten(list(products), block.shape[0])
         return total
 
+    # -- path 4: differences of first-order gradients ------------------------------------------
+    def _weighted_gradient(self) -> list[torch.Tensor]:
+        """``Σ_b w_b ∇L_b`` at the parameters' current values, in float32 or wider."""
+        total = [torch.zeros(p.shape, dtype=self.dtype, device=self.device) for p in self.params]
+        for index, (batch, weight) in enumerate(zip(self.batches, self.batch_weights, strict=True)):
+            with measurement_context(self.model, self.seed, math_attention=False):
+                grads = _first_order_gradient(
+                    functools.partial(self._loss, batch, index), self.params, self.model
+                )
+            for accumulator, grad in zip(total, grads, strict=True):
+                if grad is not None:
+                    accumulator.add_(grad.to(self.dtype), alpha=weight)
+        return total
+
+    def _difference(self, saved: list[torch.Tensor], pieces: list[torch.Tensor], h: float):
+        """``(g(θ + h v) − g(θ − h v)) / 2h`` for one vector ``v`` given as ``pieces``, and the
+        mean ``(g(θ + h v) + g(θ − h v)) / 2``, flat."""
+        gradients = []
+        for sign in (1.0, -1.0):
+            with torch.no_grad():
+                for param, value, piece in zip(self.params, saved, pieces, strict=True):
+                    # Through .data: the parameter's version counter stays, so a graph that
+                    # saved it (another operator's, the user's) stays valid once restored.
+                    param.data.copy_(value + (sign * h) * piece.to(value.dtype))
+            gradients.append(torch.cat([g.reshape(-1) for g in self._weighted_gradient()]))
+        plus, minus = gradients
+        return (plus - minus) / (2.0 * h), 0.5 * (plus + minus)
+
+    def _calibrate(self, saved: list[torch.Tensor], pieces: list[torch.Tensor], norm: float):
+        """Choose the step from the first vector; return its product (Richardson).
+
+        With the default step ``s₀ = ε^{1/3} (1 + ‖θ‖)`` (a length in parameter space) the
+        central differences ``D(s₀)`` and ``D(s₀/2)`` of the unit direction give the
+        truncation coefficient ``c = ‖D(s₀) − D(s₀/2)‖ / (¾ s₀²)`` and the mean gradient
+        ``G = ‖∇L‖``; the step minimising ``c s² + ε G / s`` is ``s* = (ε G / 2c)^{1/3}``,
+        kept within ``[s₀/1000, s₀]`` (a loss that is not smooth at the scale of ``s₀``, a
+        ReLU network's kinks, shows as a large ``c`` and a smaller step). The relative error
+        of later products is then stated as ``(c s*² + ε G / s*) / ‖H u‖``. The quantities are
+        all-reduced first, so every process chooses the same step.
+        """
+        eps = torch.finfo(self.product_dtype).eps
+        step = eps ** (1.0 / 3.0) * (1.0 + self._theta_norm)
+        coarse, mean = self._difference(saved, pieces, step / norm)
+        fine, _ = self._difference(saved, pieces, step / (2 * norm))
+        local = (4.0 * fine - coarse) / 3.0
+        stacked = self._all_reduce(torch.stack([coarse, fine, mean]).double())
+        gap = float((stacked[0] - stacked[1]).norm()) / norm
+        gradient = float(stacked[2].norm())
+        curvature = float(stacked[1].norm()) / norm
+        c = gap / (0.75 * step**2)
+        best = (eps * gradient / (2.0 * c)) ** (1.0 / 3.0) if c > 0 else step
+        central = min(step, max(step / 1000.0, best))
+        scale = max(curvature, torch.finfo(torch.float64).tiny)
+        # This first product is the Richardson value of D(s₀) and D(s₀/2): its rounding is
+        # about (5/3) ε G / (s₀/2).
+        first = (10.0 / 3.0) * eps * gradient / step / scale
+        if self.richardson:
+            # The h² term cancels; the a-priori optimal step grows to ε^{1/5}, scaled like
+            # the central one, and what is left is mostly rounding, ~(5/3) ε G / s.
+            self._step = central * eps ** (0.2 - 1.0 / 3.0)
+            stated = 2.0 * eps * gradient / self._step / scale
+            self._stated_error = max(stated, eps**0.8, first)
+        else:
+            self._step = central
+            rounding = eps * gradient / central
+            self._stated_error = max((c * central**2 + rounding) / scale, first)
+        if self._stated_error > 1e-2:
+            warnings.warn(
+                f"gradient differences of this loss carry an estimated relative error of "
+                f"{self._stated_error:.1g} per product: the loss is not smooth at the scale of "
+                "the step (kinks of ReLU-like activations?). Values are flagged unconverged "
+                "but unreliable; use an exact path (hvp='auto') where double backward exists",
+                RuntimeWarning,
+                stacklevel=4,
+            )
+        return local
+
+    def _matmat_gradient_difference(self, block: torch.Tensor) -> torch.Tensor:
+        self._check_finite_losses(math_attention=False)
+        if self._theta_norm is None:
+            squares = sum(float(p.detach().double().pow(2).sum()) for p in self.params)
+            norm = torch.tensor(squares, dtype=torch.float64)
+            self._theta_norm = math.sqrt(float(self._all_reduce(norm, op="max")))
+        saved = [p.detach().clone() for p in self.params]
+        rows = []
+        try:
+            for row in block:
+                norm = float(row.double().norm())
+                if norm == 0.0:
+                    rows.append(torch.zeros_like(row))
+                    continue
+                pieces = [
+                    piece.reshape(shape)
+                    for piece, shape in zip(row.split(self.numels), self.shapes, strict=True)
+                ]
+                if self._step is None:
+                    rows.append(self._calibrate(saved, pieces, norm).to(self.dtype))
+                elif self.richardson:
+                    coarse, _ = self._difference(saved, pieces, self._step / norm)
+                    fine, _ = self._difference(saved, pieces, self._step / (2 * norm))
+                    rows.append((4.0 * fine - coarse) / 3.0)
+                else:
+                    rows.append(self._difference(saved, pieces, self._step / norm)[0])
+        finally:
+            with torch.no_grad():
+                for param, value in zip(self.params, saved, strict=True):
+                    param.data.copy_(value)  # bit for bit, whatever the differences did
+        return torch.stack(rows)
+
     def __repr__(self) -> str:
         return (
             f"HessianOperator(size={self.size}, parameters={len(self.params)}, "
             f"batches={len(self.batches)}, hvp={self.hvp!r}, device={self.device})"
         )
+
+
+def _first_order_gradient(
+    loss_of: Callable[[], torch.Tensor], params: list[nn.Parameter], model: nn.Module
+) -> list:
+    """``∇ loss_of()`` w.r.t. ``params`` (``None`` for unused ones), never into ``.grad``.
+
+    Reentrant activation checkpointing (``use_reentrant=True``) refuses
+    ``torch.autograd.grad`` (and frees the graph doing so); there the loss is computed
+    again and the gradient comes from ``loss.backward()``, with the ``.grad`` of every
+    parameter of ``model`` saved first and put back after, object for object (in one
+    process only: under DDP a backward would fire its gradient hooks). The caller runs both
+    forward passes under the same seeded RNG.
+    """
+    rng = torch.random.get_rng_state()
+    try:
+        return list(torch.autograd.grad(loss_of(), params, allow_unused=True))
+    except RuntimeError as error:
+        if "incompatible with .grad()" not in str(error):
+            raise
+        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+        if distributed and torch.distributed.get_world_size() > 1:
+            raise RuntimeError(
+                "reentrant activation checkpointing (use_reentrant=True) allows gradients "
+                "only by backward(), which under DDP would run its all-reduce hooks: use "
+                "torch.utils.checkpoint(..., use_reentrant=False)"
+            ) from error
+    torch.random.set_rng_state(rng)  # the same dropout masks as the first attempt
+    saved = [(p, p.grad) for p in model.parameters()]
+    try:
+        for param, _ in saved:
+            param.grad = None
+        loss_of().backward()
+        return [p.grad for p in params]
+    finally:
+        for param, grad in saved:
+            param.grad = grad
 
 
 def _block_product(model: nn.Module, loss_fn: LossFunction, names: list[str]) -> Callable:

@@ -91,12 +91,16 @@ def compiled_code_allowed() -> contextlib.AbstractContextManager:
 
 
 @contextlib.contextmanager
-def measurement_context(model: nn.Module, seed: int, second_order: bool = True) -> Iterator[None]:
+def measurement_context(
+    model: nn.Module, seed: int, second_order: bool = True, math_attention: bool | None = None
+) -> Iterator[None]:
     """Context for the forward passes of a measurement.
 
-    * ``second_order=True`` (curvature): gradients enabled and the math scaled-dot-product
-      attention kernel (flash, memory-efficient and cuDNN kernels have no double backward
-      and no forward-mode AD); ``second_order=False`` (representations): ``no_grad``;
+    * ``second_order=True`` (curvature): gradients enabled and, unless
+      ``math_attention=False`` (products from first-order gradients alone), the math
+      scaled-dot-product attention kernel (flash, memory-efficient and cuDNN kernels have
+      no double backward and no forward-mode AD); ``second_order=False``
+      (representations): ``no_grad``;
     * inference mode and autocast off (measured in the parameters' own precision, even
       inside a mixed-precision training step);
     * BatchNorm running statistics frozen; RNG streams forked and seeded;
@@ -111,7 +115,7 @@ def measurement_context(model: nn.Module, seed: int, second_order: bool = True) 
         for device_type in {d.type for d in devices}:
             if device_type in ("cpu", "cuda"):
                 stack.enter_context(torch.autocast(device_type=device_type, enabled=False))
-        if second_order:
+        if second_order if math_attention is None else math_attention:
             stack.enter_context(sdpa_kernel(SDPBackend.MATH))
         stack.enter_context(_frozen_batchnorm_statistics(model))
         stack.enter_context(_isolated_rng(devices, seed))

@@ -236,6 +236,9 @@ def _worst_ratio(residuals: torch.Tensor, values: torch.Tensor, tol: float) -> f
 #: (nor a loss of orthogonality): below about this many unit roundoffs of the products'
 #: dtype, times the operator's scale, a claimed residual is confirmed with fresh products.
 CONFIRM_BELOW_ROUNDOFFS = 1000.0
+#: ... and below this many times an operator's stated ``product_relative_error`` (products
+#: from finite differences of gradients).
+CONFIRM_BELOW_ERRORS = 100.0
 #: Below this many unit roundoffs of the operator's scale an eigenvalue is zero to the
 #: products' precision (see :func:`confirm_ritz_pairs`).
 ZERO_ROUNDOFFS = 100.0
@@ -248,9 +251,15 @@ def product_roundoff(operator: SymmetricOperator) -> float:
 
 
 def rounding_floor(operator: SymmetricOperator, scale: float) -> float:
-    """:data:`CONFIRM_BELOW_ROUNDOFFS` unit roundoffs of the products, times the operator's
+    """The residual below which a Ritz residual needs a fresh product to be believed:
+    :data:`CONFIRM_BELOW_ROUNDOFFS` unit roundoffs of the products, or
+    :data:`CONFIRM_BELOW_ERRORS` times their stated relative error, times the operator's
     ``scale`` (its largest ``|θ|`` seen)."""
-    return CONFIRM_BELOW_ROUNDOFFS * product_roundoff(operator) * scale
+    stated = float(getattr(operator, "product_relative_error", 0.0))
+    relative = max(
+        CONFIRM_BELOW_ROUNDOFFS * product_roundoff(operator), CONFIRM_BELOW_ERRORS * stated
+    )
+    return relative * scale
 
 
 def needs_confirmation(

@@ -23,6 +23,11 @@ class SymmetricOperator(Protocol):
         size: The dimension ``n``.
         dtype: The floating dtype of the vectors ``matmat`` takes and returns.
         device: The device of those vectors.
+
+    Optionally, for operators whose products are less exact than ``dtype`` suggests (read
+    by the solvers' convergence test): ``product_dtype``, the dtype the products are
+    computed in, and ``product_relative_error``, the relative error of one product beyond
+    its rounding (a finite difference's truncation, say).
     """
 
     size: int
@@ -102,6 +107,9 @@ class ScaledOperator:
         self.size = operator.size
         self.dtype = operator.dtype
         self.device = operator.device
+        # What the solvers read of the products' accuracy is that of the inner operator's.
+        self.product_dtype = getattr(operator, "product_dtype", operator.dtype)
+        self.product_relative_error = getattr(operator, "product_relative_error", 0.0)
 
     def matmat(self, block: torch.Tensor) -> torch.Tensor:
         """Return ``block D^½ (A + diag(w)) D^½`` for a ``(b, n)`` block."""

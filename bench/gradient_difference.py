@@ -1,0 +1,269 @@
+"""Products from gradient differences against exact products, on the CPU (about 3 minutes).
+
+    python bench/gradient_difference.py            # all three parts
+    python bench/gradient_difference.py --smoke    # tiny sizes (the test suite runs this)
+
+1. Cost of one product in gradient-times, by path, on an MLP (784-128-128-10), a BatchNorm
+   CNN and a 2-layer GPT on default attention kernels: the reused graph, a vmapped block of 8
+   (per vector), and gradient differences, central and Richardson; and each product's
+   relative error against the reused graph (float32). Tools interleaved per repeat.
+2. λ_max to ``tol=1e-3`` from a cold start, three seeds: products and seconds per path,
+   and the value's relative difference from the exact path's value at ``tol=1e-6``.
+3. Peak memory (resident set, fresh process) of one λ_max measurement of a GPT with context
+   T = 1024: gradient differences on default attention kernels against the reused graph
+   on the math kernel (the only path with double backward through attention).
+
+Writes ``bench/results/gradient-difference-<device>-<date>.{json,md}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import pathlib
+import platform
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from run import GPT, _mlp, classification_loss, sgd_steps  # noqa: E402
+
+from spectral_callbacks.curvature import HessianOperator  # noqa: E402
+from spectral_callbacks.functional import hessian_eigenvalues  # noqa: E402
+
+
+def _cnn(channels: int) -> torch.nn.Module:
+    nn = torch.nn
+    return nn.Sequential(
+        nn.Conv2d(3, channels, 3, padding=1),
+        nn.BatchNorm2d(channels),
+        nn.ReLU(),
+        nn.Conv2d(channels, channels, 3, padding=1),
+        nn.BatchNorm2d(channels),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(channels, 10),
+    )
+
+
+def workload(name: str, smoke: bool):
+    """(model, batch) after 10 SGD steps, in eval mode."""
+    g = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    if name == "mlp":
+        widths = [64, 32, 10] if smoke else [784, 128, 128, 10]
+        model = _mlp(widths)
+        x = torch.randn(64 if smoke else 256, widths[0], generator=g)
+        y = torch.randint(0, 10, (x.shape[0],), generator=g)
+    elif name == "cnn":
+        model = _cnn(4 if smoke else 16)
+        x = torch.randn(16 if smoke else 64, 3, 8 if smoke else 16, 8 if smoke else 16, generator=g)
+        y = torch.randint(0, 10, (x.shape[0],), generator=g)
+    elif name.startswith("gpt"):
+        context = int(name.removeprefix("gpt")) if name != "gpt" else (16 if smoke else 128)
+        vocab, dim = (64, 32) if smoke else (512, 128)
+        model = GPT(vocab=vocab, dim=dim, heads=4, layers=2, context=context)
+        tokens = torch.randint(0, vocab, (2 if smoke else 4, context + 1), generator=g)
+        x, y = tokens[:, :-1], tokens[:, 1:]
+    else:
+        raise ValueError(name)
+    batch = (x, y)
+    sgd_steps(model, batch, classification_loss, steps=10)
+    return model, batch
+
+
+def _seconds(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def product_costs(name: str, repeats: int, smoke: bool) -> dict:
+    model, batch = workload(name, smoke)
+    params = [p for p in model.parameters() if p.requires_grad]
+    operators = {
+        "reuse_graph": HessianOperator(model, classification_loss, batch, hvp="reuse_graph"),
+        "vmap_8": HessianOperator(model, classification_loss, batch, hvp="forward_over_reverse"),
+        "gradient_difference": HessianOperator(
+            model, classification_loss, batch, hvp="gradient_difference"
+        ),
+        "gradient_difference_richardson": HessianOperator(
+            model, classification_loss, batch, hvp="gradient_difference", richardson=True
+        ),
+    }
+    g = torch.Generator().manual_seed(1)
+    vector = torch.randn(1, operators["reuse_graph"].size, generator=g)
+    block = torch.randn(8, vector.shape[1], generator=g)
+    exact = operators["reuse_graph"].matmat(block)
+    errors = {}
+    for path, operator in operators.items():
+        approx = operator.matmat(block)  # also a warm-up
+        errors[path] = float(((approx - exact).norm(dim=1) / exact.norm(dim=1)).max())
+
+    def gradient():
+        torch.autograd.grad(classification_loss(model, batch), params)
+
+    gradient()
+    times: dict[str, list[float]] = {"gradient": [], **{path: [] for path in operators}}
+    for _ in range(repeats):  # interleaved: drift hits every path alike
+        times["gradient"].append(_seconds(gradient))
+        for path, operator in operators.items():
+            if path == "vmap_8":
+                times[path].append(_seconds(lambda o=operator: o.matmat(block)) / 8)
+            else:
+                times[path].append(_seconds(lambda o=operator: o.matmat(vector)))
+    for operator in operators.values():
+        operator.close()
+    medians = {path: statistics.median(values) for path, values in times.items()}
+    return {
+        "workload": name,
+        "parameters": sum(p.numel() for p in params),
+        "ms": {path: 1e3 * value for path, value in medians.items()},
+        "gradient_times": {path: value / medians["gradient"] for path, value in medians.items()},
+        "relative_error": {p: e for p, e in errors.items() if p != "reuse_graph"},
+    }
+
+
+def convergence(name: str, smoke: bool, seeds: int = 3) -> dict:
+    model, batch = workload(name, smoke)
+    reference = hessian_eigenvalues(model, classification_loss, batch, k=1, tol=1e-6)
+    truth = float(reference.eigenvalues[0])
+    rows = {}
+    for path in ("reuse_graph", "gradient_difference"):
+        products, seconds, errors, converged = [], [], [], []
+        for seed in range(seeds):
+            start = time.perf_counter()
+            result = hessian_eigenvalues(
+                model, classification_loss, batch, k=1, tol=1e-3, seed=seed, hvp=path
+            )
+            seconds.append(time.perf_counter() - start)
+            products.append(result.num_hvps)
+            errors.append(abs(float(result.eigenvalues[0]) / truth - 1))
+            converged.append(bool(result.converged.all()))
+        rows[path] = {
+            "hvps": products,
+            "median_seconds": statistics.median(seconds),
+            "max_relative_error": max(errors),
+            "all_converged": all(converged),
+        }
+    return {"workload": name, "lambda_max": truth, "paths": rows}
+
+
+MEMORY_CHILD = """
+import resource, sys, torch
+sys.path.insert(0, {root!r}); sys.path.insert(0, {bench!r})
+import gradient_difference as study
+from spectral_callbacks.functional import hessian_eigenvalues
+from run import classification_loss
+torch.set_num_threads(2)
+model, batch = study.workload({name!r}, {smoke!r})
+torch.autograd.grad(classification_loss(model, batch), list(model.parameters()))
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+result = hessian_eigenvalues(model, classification_loss, batch, k=1, tol=1e-3, hvp={hvp!r})
+after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print((after - before) / 1024, float(result.eigenvalues[0]), result.num_hvps)
+"""
+
+
+def memory(name: str, smoke: bool) -> dict:
+    rows = {}
+    for hvp in ("gradient_difference", "reuse_graph"):
+        code = MEMORY_CHILD.format(
+            root=str(ROOT), bench=str(ROOT / "bench"), name=name, smoke=smoke, hvp=hvp
+        )
+        out = subprocess.run(
+            [sys.executable, "-c", code], check=True, capture_output=True, text=True
+        ).stdout.split()
+        rows[hvp] = {
+            "extra_peak_mb": float(out[0]),
+            "lambda_max": float(out[1]),
+            "hvps": int(out[2]),
+        }
+    return {"workload": name, "paths": rows}
+
+
+def report(result: dict) -> str:
+    lines = [
+        f"Device: {result['device']}, torch {result['torch']}, {result['date']}, "
+        f"median of {result['repeats']} interleaved repeats.",
+        "",
+        "**1. One product** (ms; × one gradient; relative error against the exact product)",
+        "",
+        "| workload | parameters | gradient | reused graph | vmap 8 (per vector) | "
+        "gradient difference | with Richardson |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for row in result["costs"]:
+        ms, times, errors = row["ms"], row["gradient_times"], row["relative_error"]
+        cells = [f"{ms['gradient']:.2f}", f"{ms['reuse_graph']:.2f} ({times['reuse_graph']:.1f}×)"]
+        for path in ("vmap_8", "gradient_difference", "gradient_difference_richardson"):
+            cells.append(f"{ms[path]:.2f} ({times[path]:.1f}×; {errors[path]:.1e})")
+        lines.append(f"| {row['workload']} | {row['parameters']:,} | " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        "**2. λ_max to tol=1e-3, cold** (three seeds; error against the exact path at 1e-6)",
+        "",
+        "| workload | path | HVPs | median s | max rel. error | converged |",
+        "|---|---|---|---|---|---|",
+    ]
+    for row in result["convergence"]:
+        for path, values in row["paths"].items():
+            lines.append(
+                f"| {row['workload']} | {path} | {values['hvps']} | "
+                f"{values['median_seconds']:.3f} | {values['max_relative_error']:.1e} | "
+                f"{values['all_converged']} |"
+            )
+    lines += ["", "**3. Peak memory of one λ_max measurement** (resident set, fresh process)", ""]
+    for row in result["memory"]:
+        paths = row["paths"]
+        lines.append(
+            f"{row['workload']}: gradient differences on default attention kernels "
+            f"{paths['gradient_difference']['extra_peak_mb']:.0f} MB "
+            f"({paths['gradient_difference']['hvps']} products), reused graph on the math "
+            f"kernel {paths['reuse_graph']['extra_peak_mb']:.0f} MB "
+            f"({paths['reuse_graph']['hvps']} products); λ_max "
+            f"{paths['gradient_difference']['lambda_max']:.6g} vs "
+            f"{paths['reuse_graph']['lambda_max']:.6g}."
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--smoke", action="store_true")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--out", default=str(ROOT / "bench" / "results"))
+    args = parser.parse_args(argv)
+    smoke = args.smoke
+    device = f"cpu-{platform.machine()}-{torch.get_num_threads()}threads"
+    result = {
+        "device": device,
+        "torch": torch.__version__,
+        "date": dt.date.today().isoformat(),
+        "repeats": 2 if smoke else args.repeats,
+        "costs": [
+            product_costs(n, 2 if smoke else args.repeats, smoke) for n in ("mlp", "cnn", "gpt")
+        ],
+        "convergence": [convergence(n, smoke, 1 if smoke else 3) for n in ("mlp", "gpt")],
+        "memory": [memory("gpt32" if smoke else "gpt1024", smoke)],
+    }
+    out = pathlib.Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = f"gradient-difference-{device}-{result['date']}" + ("-smoke" if smoke else "")
+    (out / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
+    (out / f"{stem}.md").write_text(report(result))
+    print(report(result))
+    return result
+
+
+if __name__ == "__main__":
+    main()

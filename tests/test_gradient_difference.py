@@ -1,0 +1,255 @@
+"""Hessian-vector products from differences of first-order gradients (hvp="gradient_difference")."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import lightning as L
+import pytest
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from spectral_callbacks import HessianSpectrumMonitor, SharpnessMonitor
+from spectral_callbacks.curvature import HessianOperator
+from spectral_callbacks.functional import hessian_eigenvalues, hessian_trace
+
+from .helpers import (
+    TinyAttention,
+    assert_same_state,
+    cross_entropy_loss,
+    dense_hessian_rows,
+    make_case,
+    model_state,
+)
+from .lightning_helpers import NoisyClassifier, classification_loader, trainer_kwargs
+from .test_callbacks import _assert_identical_runs, _fit_and_capture
+
+
+def _relative_errors(model, batches, loss=cross_entropy_loss, **options):
+    with (
+        HessianOperator(model, loss, batches) as exact,
+        HessianOperator(model, loss, batches, hvp="gradient_difference", **options) as diff,
+    ):
+        g = torch.Generator().manual_seed(0)
+        block = torch.randn(4, exact.size, generator=g, dtype=exact.dtype)
+        truth = exact.matmat(block).double()
+        approx = diff.matmat(block).double()
+        assert diff.num_hvps == 4
+        return float(((approx - truth).norm(dim=1) / truth.norm(dim=1)).max()), diff
+
+
+@pytest.mark.parametrize("case", ["mlp", "cnn", "attention"])
+def test_product_error_against_exact_products(case):
+    model, batches = make_case(case)  # float64; the CNN's BatchNorm in train mode
+    central, operator = _relative_errors(model, batches)
+    richardson, other = _relative_errors(model, batches, richardson=True)
+    eps = torch.finfo(torch.float64).eps
+    assert central < 100 * eps ** (2 / 3) and richardson < 100 * eps ** (2 / 3)
+    # The error the operator states (measured when it chose its step) bounds the real one
+    # within a factor of 10, so the solvers' confirmation floor is not an underestimate.
+    assert central <= 10 * operator.product_relative_error < 1e3 * eps ** (2 / 3)
+    assert richardson <= 10 * other.product_relative_error
+    single = copy.deepcopy(model).float()
+    data = [(x.float(), y) for x, y in batches]
+    central32, operator32 = _relative_errors(single, data)
+    assert central32 < 100 * torch.finfo(torch.float32).eps ** (2 / 3)
+    assert central32 <= 10 * operator32.product_relative_error
+
+
+def test_products_leave_the_model_exactly_as_found():
+    model, batches = make_case("cnn")
+    model.train()
+    loss = cross_entropy_loss(model, batches[0])
+    loss.backward()  # a .grad that must survive
+    before = model_state(model)
+    g = torch.Generator().manual_seed(4)
+    with HessianOperator(model, cross_entropy_loss, batches, hvp="gradient_difference") as op:
+        op.matmat(torch.randn(3, op.size, generator=g, dtype=torch.float64))
+    assert_same_state(before, model_state(model))
+
+
+def test_dropout_masks_are_equal_in_both_gradients_of_a_pair():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Dropout(0.3), nn.Linear(8, 3)).double()
+    model.train()
+    x, y = torch.randn(16, 5, dtype=torch.float64), torch.randint(0, 3, (16,))
+    # With equal masks the difference is the derivative of one fixed function: the product
+    # of the same seeded masks by double backward.
+    error, _ = _relative_errors(model, [(x, y)])
+    assert error < 1e-8
+
+
+class OnceDifferentiableTanh(torch.autograd.Function):
+    """tanh whose backward has no derivative of its own."""
+
+    @staticmethod
+    def forward(ctx, x):
+        y = torch.tanh(x)
+        ctx.save_for_backward(y)
+        return y
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        (y,) = ctx.saved_tensors
+        return grad * (1 - y * y)
+
+
+class CustomOpNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.first = nn.Linear(4, 6)
+        self.second = nn.Linear(6, 3)
+
+    def forward(self, x):
+        return self.second(OnceDifferentiableTanh.apply(self.first(x)))
+
+
+class ReferenceNet(CustomOpNet):
+    def forward(self, x):
+        return self.second(torch.tanh(self.first(x)))
+
+
+def _truth(model, batches, loss=cross_entropy_loss):
+    return torch.linalg.eigvalsh(dense_hessian_rows(model, loss, batches)).flip(0)
+
+
+def test_a_custom_function_without_double_backward_is_measured_under_auto():
+    torch.manual_seed(0)
+    model = CustomOpNet().double()
+    reference = ReferenceNet().double()
+    reference.load_state_dict(model.state_dict())
+    g = torch.Generator().manual_seed(1)
+    batches = [(torch.randn(9, 4, generator=g, dtype=torch.float64), torch.randint(0, 3, (9,)))]
+    truth = _truth(reference, batches)
+    # torch 2.13 raises nothing here: double backward silently drops the op's second-order
+    # terms, which the symmetry probe of the first product finds.
+    with pytest.raises(RuntimeError, match=r"asymmetric Hessian.*gradient_difference"):
+        hessian_eigenvalues(model, cross_entropy_loss, batches, k=1, hvp="reuse_graph")
+    with pytest.warns(RuntimeWarning, match="switches to hvp='gradient_difference'"):
+        result = hessian_eigenvalues(model, cross_entropy_loss, batches, k=3, tol=1e-6)
+    torch.testing.assert_close(result.eigenvalues, truth[:3], rtol=1e-6, atol=0)
+    assert bool(result.converged.all())
+
+
+class CheckpointedNet(nn.Module):
+    def __init__(self, reentrant: bool) -> None:
+        super().__init__()
+        self.reentrant = reentrant
+        self.embed = nn.Linear(4, 6)
+        self.block = nn.Sequential(nn.Linear(6, 6), nn.Tanh())
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, x):
+        hidden = checkpoint(self.block, self.embed(x), use_reentrant=self.reentrant)
+        return self.head(hidden)
+
+
+@pytest.mark.parametrize("reentrant", [False, True], ids=["non-reentrant", "reentrant"])
+def test_activation_checkpointing(reentrant):
+    torch.manual_seed(0)
+    model = CheckpointedNet(reentrant).double()
+    plain = CheckpointedNet(False).double()
+    plain.load_state_dict(model.state_dict())
+    g = torch.Generator().manual_seed(2)
+    batches = [
+        (torch.randn(n, 4, generator=g, dtype=torch.float64), torch.randint(0, 3, (n,)))
+        for n in (5, 8)
+    ]
+    truth = _truth(plain, batches)
+    model.embed.weight.grad = torch.ones_like(model.embed.weight)
+    grad = model.embed.weight.grad
+    result = hessian_eigenvalues(
+        model, cross_entropy_loss, batches, k=3, tol=1e-6, hvp="gradient_difference"
+    )
+    torch.testing.assert_close(result.eigenvalues, truth[:3], rtol=1e-6, atol=0)
+    assert model.embed.weight.grad is grad and bool((grad == 1).all())
+    assert model.head.weight.grad is None
+
+
+@pytest.mark.parametrize("case", ["mlp", "cnn"])
+def test_top_k_and_trace_match_the_dense_hessian(case):
+    model, batches = make_case(case)
+    dense = dense_hessian_rows(model, cross_entropy_loss, batches)
+    truth = torch.linalg.eigvalsh(dense).flip(0)
+    result = hessian_eigenvalues(
+        model, cross_entropy_loss, batches, k=3, tol=1e-6, hvp="gradient_difference"
+    )
+    torch.testing.assert_close(result.eigenvalues, truth[:3], rtol=1e-6, atol=0)
+    trace = hessian_trace(
+        model, cross_entropy_loss, batches, num_hvps=10_000, hvp="gradient_difference"
+    )
+    assert trace.estimate == pytest.approx(float(dense.trace()), rel=1e-6)
+
+
+def test_a_tiny_gpt_on_default_attention_kernels():
+    torch.manual_seed(0)
+    model = TinyAttention().double()
+    g = torch.Generator().manual_seed(3)
+    batches = [(torch.randn(3, 5, 8, generator=g, dtype=torch.float64), torch.tensor([0, 2, 1]))]
+    truth = _truth(model, batches)
+    result = hessian_eigenvalues(
+        model, cross_entropy_loss, batches, k=2, tol=1e-6, hvp="gradient_difference"
+    )
+    torch.testing.assert_close(result.eigenvalues, truth[:2], rtol=1e-6, atol=0)
+
+
+def test_float32_residuals_are_not_claimed_below_the_differences_error():
+    model, batches = make_case("mlp")
+    single = copy.deepcopy(model).float()
+    data = [(x.float(), y) for x, y in batches]
+    truth = _truth(model, batches)
+    loose = hessian_eigenvalues(
+        single, cross_entropy_loss, data, k=1, tol=1e-3, hvp="gradient_difference"
+    )
+    assert bool(loose.converged.all())
+    assert float(loose.eigenvalues[0]) == pytest.approx(float(truth[0]), rel=1e-3)
+    tight = hessian_eigenvalues(
+        single, cross_entropy_loss, data, k=1, tol=1e-7, hvp="gradient_difference"
+    )
+    assert not bool(tight.converged.any())  # ε^{2/3} ≈ 2e-5 cannot reach 1e-7
+
+
+def test_the_monitors_train_bit_identically_with_gradient_differences():
+    monitors = [
+        SharpnessMonitor(every_n_steps=2, hvp="gradient_difference"),
+        HessianSpectrumMonitor(
+            every_n_steps=3,
+            k=2,
+            trace_hvps=6,
+            density_probes=2,
+            density_steps=4,
+            hvp="gradient_difference",
+        ),
+    ]
+    _assert_identical_runs(_fit_and_capture([]), _fit_and_capture(monitors))
+    values = monitors[0].last_metrics
+    assert math.isfinite(values["spectral/hessian/lambda_max"])
+
+
+def test_sharpness_monitor_values_agree_across_paths():
+    results, converged = {}, {}
+    for hvp in ("reuse_graph", "gradient_difference"):
+        monitor = SharpnessMonitor(every_n_steps=2, tol=1e-3, hvp=hvp, eval_mode=True)
+        L.seed_everything(0, verbose=False)
+        trainer = L.Trainer(max_steps=4, callbacks=[monitor], **trainer_kwargs())
+        trainer.fit(NoisyClassifier(), classification_loader())
+        results[hvp] = [v["spectral/hessian/lambda_max"] for _, v in monitor.history]
+        converged[hvp] = [v["spectral/hessian/lambda_max_converged"] for _, v in monitor.history]
+    assert results["gradient_difference"] == pytest.approx(results["reuse_graph"], rel=1e-3)
+    assert converged["gradient_difference"] == [1.0, 1.0, 1.0]
+
+
+def test_differences_leave_other_graphs_of_the_model_valid():
+    model, batches = make_case("mlp")
+    g = torch.Generator().manual_seed(5)
+    vector = torch.randn(1, sum(p.numel() for p in model.parameters()), generator=g).double()
+    with HessianOperator(model, cross_entropy_loss, batches) as exact:
+        first = exact.matmat(vector)  # builds and keeps its first-order graph
+        with HessianOperator(
+            model, cross_entropy_loss, batches, hvp="gradient_difference"
+        ) as differences:
+            differences.matmat(vector)
+        assert torch.equal(exact.matmat(vector), first)
