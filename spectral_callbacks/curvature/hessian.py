@@ -57,7 +57,10 @@ are exact (autograd), by one of these paths:
     pair run under the same seeded RNG (equal dropout masks) with BatchNorm statistics
     frozen; the parameters are moved in place (so activation checkpointing sees the moved
     values) and copied back from a saved copy after every product, bit for bit; attention
-    keeps its default kernels.
+    keeps its default kernels. Parameters sharded by ``fully_shard`` (FSDP2 ``DTensor`` parameters)
+    take this path only, with ``distributed=True``: each perturbation is sharded like its
+    parameter and the gradients come from FSDP's own ``backward()``
+    (:meth:`HessianOperator._sharded_weighted_gradient`).
 
 ``"auto"`` takes ``reuse_graph`` for single vectors (a vmapped block of one is several times
 slower) and on the CPU, and ``forward_over_reverse`` for blocks on CUDA, where the block
@@ -329,6 +332,21 @@ class HessianOperator:
         self.richardson = richardson
         self.compile_backend = compile_backend
         self._gradient_difference = hvp == "gradient_difference"
+        # Parameters sharded by fully_shard (FSDP2): DTensors, products by differences only.
+        self._sharded = any(_local_tensor(p) is not None for p in self.params)
+        if self._sharded:
+            if hvp not in ("auto", "gradient_difference"):
+                raise ValueError(
+                    f"hvp={hvp!r} needs double backward, which parameters sharded by "
+                    "fully_shard (FSDP2) do not support: use hvp='gradient_difference' "
+                    "(or 'auto')"
+                )
+            if not self.distributed:
+                raise ValueError(
+                    "parameters sharded by fully_shard (FSDP2) need distributed=True: the "
+                    "operator is then the Hessian of every process's batches together"
+                )
+            self._gradient_difference = True
         self._theta_norm: float | None = None
         self._step: float | None = None  # gradient differences: step length, once chosen
         self._stated_error: float | None = None
@@ -362,6 +380,8 @@ class HessianOperator:
         """Free the cached first-order graphs and restore every buffer of the model."""
         self._graphs = None
         self._buffers.restore()
+        if self._sharded:
+            _reshard(self.model)
 
     # -- products --------------------------------------------------------------------------
     def matvec(self, vector: torch.Tensor) -> torch.Tensor:
@@ -375,7 +395,7 @@ class HessianOperator:
         block = block.to(dtype=self.dtype, device=self.device)
         self.num_hvps += block.shape[0]
         with autocast_disabled(self.device):
-            return self._all_reduce(self._matmat(block))
+            return self._reduce_products(self._matmat(block))
 
     def _check_symmetry(self) -> None:
         """Once per model, loss and parameter selection: ``vᵀ(H w) = wᵀ(H v)`` for two random
@@ -413,6 +433,11 @@ class HessianOperator:
                 None,
             )
         checked.add(key)
+
+    def _reduce_products(self, products: torch.Tensor) -> torch.Tensor:
+        """Products of this process's batches summed over processes; products of sharded
+        parameters are whole on every process already (FSDP reduced their gradients)."""
+        return products if self._sharded else self._all_reduce(products)
 
     def _all_reduce(self, tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
         """Sum (or max) over processes when distributed; the tensor itself otherwise."""
@@ -630,6 +655,8 @@ class HessianOperator:
         for index, batch in enumerate(self.batches):
             with measurement_context(self.model, self.seed, math_attention=math_attention):
                 losses.append(self._loss(batch, index).detach())
+        if self._sharded:
+            _reshard(self.model)
         self._raise_if_non_finite(losses)
         self._checked_finite = True
 
@@ -648,6 +675,8 @@ class HessianOperator:
     # -- path 4: differences of first-order gradients ------------------------------------------
     def _weighted_gradient(self) -> list[torch.Tensor]:
         """``Σ_b w_b ∇L_b`` at the parameters' current values, in float32 or wider."""
+        if self._sharded:
+            return self._sharded_weighted_gradient()
         total = [torch.zeros(p.shape, dtype=self.dtype, device=self.device) for p in self.params]
         for index, (batch, weight) in enumerate(zip(self.batches, self.batch_weights, strict=True)):
             with measurement_context(self.model, self.seed, math_attention=False):
@@ -659,6 +688,45 @@ class HessianOperator:
                     accumulator.add_(grad.to(self.dtype), alpha=weight)
         return total
 
+    def _sharded_weighted_gradient(self) -> list[torch.Tensor]:
+        """The gradient of the dataset loss for parameters sharded by ``fully_shard`` (FSDP2),
+        whole on every process.
+
+        ``torch.autograd.grad`` with respect to FSDP2's sharded parameters does not follow
+        changes of the shards, so this runs FSDP's own ``backward()`` (one per gradient, on
+        the weighted sum of every batch's loss, so that every process enters the same
+        collectives), reads the reduce-scattered ``.grad`` (FSDP averages it over the
+        processes: multiplied back by their number, it is the gradient of the union), gathers
+        it whole, and puts every ``.grad`` of the model back as it found it.
+        """
+        _reshard(self.model)  # a forward alone leaves the root gathered, blind to the shards
+        saved = [(p, p.grad) for p in self.model.parameters()]
+        try:
+            for param, _ in saved:
+                param.grad = None
+            with measurement_context(self.model, self.seed, math_attention=False):
+                loss = sum(
+                    weight * self._loss(batch, index)
+                    for index, (batch, weight) in enumerate(
+                        zip(self.batches, self.batch_weights, strict=True)
+                    )
+                )
+                loss.backward()
+            gradients = []
+            for param in self.params:
+                grad = param.grad
+                if grad is None:
+                    gradients.append(torch.zeros(param.shape, dtype=self.dtype, device=self.device))
+                    continue
+                processes = param.device_mesh.size() if hasattr(param, "device_mesh") else 1
+                whole = grad.full_tensor() if hasattr(grad, "full_tensor") else grad
+                gradients.append(whole.to(self.dtype) * processes)
+            return gradients
+        finally:
+            for param, grad in saved:
+                param.grad = grad
+            _reshard(self.model)
+
     def _difference(self, saved: list[torch.Tensor], pieces: list[torch.Tensor], h: float):
         """``(g(θ + h v) − g(θ − h v)) / 2h`` for one vector ``v`` given as ``pieces``, and the
         mean ``(g(θ + h v) + g(θ − h v)) / 2``, flat."""
@@ -668,7 +736,7 @@ class HessianOperator:
                 for param, value, piece in zip(self.params, saved, pieces, strict=True):
                     # Through .data: the parameter's version counter stays, so a graph that
                     # saved it (another operator's, the user's) stays valid once restored.
-                    param.data.copy_(value + (sign * h) * piece.to(value.dtype))
+                    param.data.copy_(value + _like(value, (sign * h) * piece.to(value.dtype)))
             gradients.append(torch.cat([g.reshape(-1) for g in self._weighted_gradient()]))
         plus, minus = gradients
         return (plus - minus) / (2.0 * h), 0.5 * (plus + minus)
@@ -690,7 +758,7 @@ class HessianOperator:
         coarse, mean = self._difference(saved, pieces, step / norm)
         fine, _ = self._difference(saved, pieces, step / (2 * norm))
         local = (4.0 * fine - coarse) / 3.0
-        stacked = self._all_reduce(torch.stack([coarse, fine, mean]).double())
+        stacked = self._reduce_products(torch.stack([coarse, fine, mean]).double())
         gap = float((stacked[0] - stacked[1]).norm()) / norm
         gradient = float(stacked[2].norm())
         curvature = float(stacked[1].norm()) / norm
@@ -722,12 +790,24 @@ class HessianOperator:
             )
         return local
 
+    def _parameter_norm(self) -> float:
+        """``‖θ‖`` of the selected parameters, the same on every process: replicated
+        parameters (DDP) hold all of ``θ`` on each, sharded ones (FSDP2's ``DTensor``) a part."""
+        sharded = torch.zeros((), dtype=torch.float64, device=self.device)
+        replicated = 0.0
+        for p in self.params:
+            local = _local_tensor(p.detach())
+            if local is not None:
+                sharded += local.double().pow(2).sum()
+            else:
+                replicated += float(p.detach().double().pow(2).sum())
+        total = float(self._all_reduce(sharded)) if self.distributed else float(sharded)
+        return math.sqrt(total + replicated)
+
     def _matmat_gradient_difference(self, block: torch.Tensor) -> torch.Tensor:
         self._check_finite_losses(math_attention=False)
         if self._theta_norm is None:
-            squares = sum(float(p.detach().double().pow(2).sum()) for p in self.params)
-            norm = torch.tensor(squares, dtype=torch.float64)
-            self._theta_norm = math.sqrt(float(self._all_reduce(norm, op="max")))
+            self._theta_norm = self._parameter_norm()
         saved = [p.detach().clone() for p in self.params]
         rows = []
         try:
@@ -759,6 +839,39 @@ class HessianOperator:
             f"HessianOperator(size={self.size}, parameters={len(self.params)}, "
             f"batches={len(self.batches)}, hvp={self.hvp!r}, device={self.device})"
         )
+
+
+def _reshard(model: nn.Module) -> None:
+    """Put every module sharded by ``fully_shard`` (FSDP2) back on its sharded parameters.
+
+    FSDP2 gathers the whole parameters for a forward pass and, for the root module, shards
+    them again only after a backward pass: after a forward alone (the finiteness check) the
+    next forward would use the gathered copy and miss a perturbation of the shards.
+    """
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # a torch without FSDP2: nothing can be sharded by it
+        return
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
+
+
+def _local_tensor(tensor: torch.Tensor) -> torch.Tensor | None:
+    """This process's shard of a ``DTensor`` (FSDP2's sharded parameters); ``None`` for a
+    plain tensor."""
+    return tensor.to_local() if hasattr(tensor, "device_mesh") else None
+
+
+def _like(parameter: torch.Tensor, whole: torch.Tensor) -> torch.Tensor:
+    """``whole`` (the parameter's full shape) laid out like ``parameter``: as it is for a
+    plain tensor, sharded like a ``DTensor`` parameter (each process keeps its slice; no
+    communication, as every process holds the same ``whole``)."""
+    if not hasattr(parameter, "device_mesh"):
+        return whole
+    from torch.distributed.tensor import distribute_tensor
+
+    return distribute_tensor(whole, parameter.device_mesh, parameter.placements, src_data_rank=None)
 
 
 def _first_order_gradient(
