@@ -296,3 +296,19 @@ def test_sharded_parameters_refuse_the_double_backward_paths():
         model[0].weight.device_mesh = object()
         model[0].weight.to_local = lambda: model[0].weight
         HessianOperator(model, cross_entropy_loss, batches, hvp="reuse_graph")
+
+
+def test_auto_announces_its_switch_once_per_model_and_loss():
+    import warnings
+
+    torch.manual_seed(0)
+    model = CustomOpNet().double()
+    g = torch.Generator().manual_seed(6)
+    batches = [(torch.randn(9, 4, generator=g, dtype=torch.float64), torch.randint(0, 3, (9,)))]
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        for _ in range(3):  # three measurements: three operators
+            hessian_eigenvalues(model, cross_entropy_loss, batches, k=1, tol=1e-4)
+    assert (
+        len([w for w in record if "switches to hvp='gradient_difference'" in str(w.message)]) == 1
+    )
