@@ -47,13 +47,14 @@ are exact (autograd), by one of these paths:
     (``HessianOperator._calibrate``). The relative error of a product is then of order
     ``ε^{2/3}``: 2e-5 to 1.3e-4 in float32 on the test models and benchmark workloads, 3e-2
     in bfloat16 (where exact products carry 5e-3). ``richardson=True`` combines the steps
-    ``h`` and ``h/2``, ``(4 D(h/2) − D(h)) / 3``, which cancels the ``h²`` term (error of order ``ε^{4/5}`` at
-    a step grown to ``ε^{1/5}``), at four gradients per product instead of two. The
+    ``h`` and ``h/2``, ``(4 D(h/2) − D(h)) / 3``, which cancels the ``h²`` term (error of
+    order ``ε^{4/5}`` at a step grown to ``ε^{1/5}``), at four gradients per product. The
     operator states the error it measured (:attr:`HessianOperator.product_relative_error`)
     and the eigensolvers confirm residuals near it with fresh products, so no solve claims
     a tolerance the differences cannot resolve. A loss that is not smooth at the step's
     scale (the kinks of ReLU-like activations) makes differences unreliable, whatever the
-    step: the measured error then exceeds 1e-2 and the operator warns. Both gradients of a
+    step: the measured error then exceeds 1e-2 (and ten times ``ε^{2/3}``) and the operator
+    warns. Both gradients of a
     pair run under the same seeded RNG (equal dropout masks) with BatchNorm statistics
     frozen; the parameters are moved in place (so activation checkpointing sees the moved
     values) and copied back from a saved copy after every product, bit for bit; attention
