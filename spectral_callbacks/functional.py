@@ -43,6 +43,7 @@ from .linalg import (
     TraceEstimate,
     eigenpairs,
     slq,
+    subspace_fraction,
 )
 from .linalg import trace as estimate_trace
 from .representation import (
@@ -58,6 +59,7 @@ __all__ = [
     "EIGEN_METHODS",
     "alpha_req",
     "effective_rank",
+    "gradient_overlap",
     "hessian_density",
     "hessian_eigenvalues",
     "hessian_trace",
@@ -168,6 +170,35 @@ def hessian_eigenvalues(
         )
         result.num_hvps = hessian.num_hvps
     return result
+
+
+def gradient_overlap(
+    model: nn.Module,
+    loss_fn: LossFunction,
+    data: Any,
+    k: int = 10,
+    tol: float = 1e-3,
+    seed: int = 0,
+    params: ParameterFilter = None,
+    hvp: str = "auto",
+    reduction: Reduction = "mean",
+    eigenvectors: torch.Tensor | None = None,
+) -> float:
+    """``‖V_kᵀ g‖² / ‖g‖²``: the fraction of the gradient in the top-``k`` Hessian eigenspace.
+
+    Gur-Ari et al. (2018) found it close to 1 for ``k`` the number of classes ("gradient
+    descent happens in a tiny subspace"). ``g`` is the gradient of the dataset loss on
+    ``data``; ``V_k`` the top-``k`` eigenvectors, found by :func:`hessian_eigenvalues` (with
+    ``tol``, ``seed``, ``hvp``) unless given as ``(k, n)`` rows in ``eigenvectors`` (then no
+    products are spent, only the gradient).
+    """
+    with HessianOperator(
+        model, loss_fn, data, params=params, hvp=hvp, seed=seed, reduction=reduction
+    ) as operator:
+        if eigenvectors is None:
+            result = eigenpairs(operator, k=k, tol=tol, seed=seed, return_eigenvectors=True)
+            eigenvectors = result.eigenvectors
+        return subspace_fraction(eigenvectors, operator.gradient())
 
 
 def optimizer_stability_ratio(

@@ -40,7 +40,10 @@ from ..linalg import (
     default_max_iter,
     eigenpairs,
     hutchpp,
+    principal_angles,
     slq,
+    subspace_fraction,
+    subspace_overlap,
     validate_max_basis,
     validate_method,
 )
@@ -516,6 +519,14 @@ class HessianSpectrumMonitor(_HessianMonitor):
     Metrics: ``spectral/hessian/eig_{i}`` for ``i = 1..k`` (``eig_1`` the largest),
     ``spectral/hessian/eigs_converged`` (the fraction of the ``k`` that met ``tol``; below 1
     one warning names the setting to change),
+    ``spectral/hessian/gradient_overlap`` (``‖V_kᵀ g‖² / ‖g‖²`` for the top-k eigenvectors
+    ``V_k`` and the probe gradient ``g``, Gur-Ari et al. 2018; free on the reused-graph path,
+    one gradient per probe batch on the others), ``spectral/hessian/eigenspace_overlap``
+    (``‖V_prevᵀ V_k‖_F² / k`` against the previous converged measurement: 1 when the sharp
+    directions stayed, ``k/n`` for a random turn) and ``spectral/hessian/eigenspace_angle``
+    (their largest principal angle, radians; both logged from the second converged
+    measurement on), ``spectral/hessian/trace_lr_ratio`` (``tr H · lr / 2``: Wu & Su 2023 show
+    a minimum linearly stable for SGD has ``tr H ≤ 2/lr``, so 1 is that edge),
     ``spectral/hessian/trace`` and ``spectral/hessian/trace_stderr`` (Hutch++),
     ``spectral/hessian/negative_mass`` and ``spectral/hessian/near_zero_mass`` (fractions of
     the eigenvalues, estimated by SLQ, below ``-1 %`` of the spectral radius and within
@@ -558,6 +569,7 @@ class HessianSpectrumMonitor(_HessianMonitor):
             eigenvectors (``k · n`` entries in the solve's dtype).
         figure_every_n_steps: Optimizer steps between density figures (default
             ``10 · every_n_steps``).
+        gradient_overlap: Whether to log ``gradient_overlap`` (it needs the probe gradient).
     """
 
     def __init__(
@@ -586,6 +598,7 @@ class HessianSpectrumMonitor(_HessianMonitor):
         name: str | None = None,
         checkpoint_warm_start: bool | None = None,
         figure_every_n_steps: int | None = None,
+        gradient_overlap: bool = True,
     ) -> None:
         check_integer("k", k, minimum=1)
         super().__init__(
@@ -620,6 +633,7 @@ class HessianSpectrumMonitor(_HessianMonitor):
         self._trace_hvps = trace_hvps
         self._density_probes = density_probes
         self._density_steps = density_steps
+        self._gradient_overlap = check_bool("gradient_overlap", gradient_overlap)
         self.last_eigenvalues: torch.Tensor | None = None
         self.last_density: SpectralDensity | None = None
 
@@ -647,14 +661,18 @@ class HessianSpectrumMonitor(_HessianMonitor):
                 block_size=self._block_size,
                 seed=self._seed,
                 start=self.start_vectors(operator),
-                return_eigenvectors=self._warm_start,
+                return_eigenvectors=True,
                 max_basis=self._max_basis,
                 max_iter=self._max_iter,
             )
-            if result.eigenvectors is not None and result.all_converged:
+            previous = self._start
+            if previous is not None and previous.shape != result.eigenvectors.shape:
+                previous = None
+            if result.all_converged:
                 self._start = result.eigenvectors
             self.last_eigenvalues = result.eigenvalues
             prefix = self.prefix
+            metrics.update(self._geometry(trainer, operator, result, previous))
             for i, value in enumerate(result.eigenvalues.tolist(), start=1):
                 metrics[f"{prefix}eig_{i}"] = value
             metrics[prefix + "eigs_converged"] = float(result.converged.double().mean())
@@ -672,6 +690,9 @@ class HessianSpectrumMonitor(_HessianMonitor):
                 estimate = hutchpp(operator, num_hvps=self._trace_hvps, seed=self._seed)
                 metrics[prefix + "trace"] = estimate.estimate
                 metrics[prefix + "trace_stderr"] = estimate.stderr
+                metrics[prefix + "trace_lr_ratio"] = (
+                    estimate.estimate * current_learning_rate(trainer) / 2.0
+                )
             if self._density:
                 self.last_density = slq(
                     operator,
@@ -686,12 +707,36 @@ class HessianSpectrumMonitor(_HessianMonitor):
             metrics[prefix + "spectrum_num_hvps"] = float(operator.num_hvps)
         return metrics
 
+    def _geometry(
+        self,
+        trainer: pl.Trainer,
+        operator: HessianOperator,
+        result: Any,
+        previous: torch.Tensor | None,
+    ) -> dict[str, float]:
+        """Where the probe gradient points and how far the top-k space turned (no products)."""
+        prefix = self.prefix
+        metrics: dict[str, float] = {}
+        if self._gradient_overlap:
+            metrics[prefix + "gradient_overlap"] = subspace_fraction(
+                result.eigenvectors, operator.gradient()
+            )
+        # Logged once there are two converged measurements to compare (not at the first).
+        if previous is not None and result.all_converged:
+            vectors = result.eigenvectors
+            metrics[prefix + "eigenspace_overlap"] = subspace_overlap(previous, vectors)
+            metrics[prefix + "eigenspace_angle"] = float(principal_angles(previous, vectors).max())
+        return metrics
+
     def metric_names(self) -> list[str]:
         prefix = self.prefix
         names = [f"{prefix}eig_{i}" for i in range(1, self._k + 1)]
         names.append(prefix + "eigs_converged")
+        if self._gradient_overlap:
+            names.append(prefix + "gradient_overlap")
+        names += [prefix + "eigenspace_overlap", prefix + "eigenspace_angle"]
         if self._trace:
-            names += [prefix + "trace", prefix + "trace_stderr"]
+            names += [prefix + "trace", prefix + "trace_stderr", prefix + "trace_lr_ratio"]
         if self._density:
             names += [
                 prefix + "negative_mass",
@@ -721,8 +766,13 @@ class HessianSpectrumMonitor(_HessianMonitor):
     def chart_layout(self) -> dict[str, dict[str, list[str]]]:
         prefix = self.prefix
         charts = {"top-k eigenvalues": [prefix + r"eig_\d+"]}
+        charts["gradient in the top-k space; top-k space kept since the last measurement"] = [
+            prefix + "gradient_overlap",
+            prefix + "eigenspace_overlap",
+        ]
         if self._trace:
             charts["trace (Hutch++)"] = [prefix + "trace"]
+            charts["trace · lr / 2 (SGD's trace stability, 1 = edge)"] = [prefix + "trace_lr_ratio"]
         if self._density:
             charts["spectral mass below and near zero"] = [
                 prefix + "negative_mass",

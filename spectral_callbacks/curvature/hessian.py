@@ -572,6 +572,20 @@ class HessianOperator:
             )
         return loss.reshape(())
 
+    def gradient(self) -> torch.Tensor:
+        """The gradient of the dataset loss, ``Σ_b w_b ∇L_b``, flat like the products (summed
+        over processes when distributed). Free on the reused-graph path, whose first-order
+        graphs hold it; one gradient per batch otherwise."""
+        if self._graphs is not None:
+            flat = torch.zeros(self.size, dtype=self.dtype, device=self.device)
+            pieces = list(flat.split(self.numels))
+            for weight, outputs in self._graphs:
+                for i, g in outputs:
+                    pieces[i].add_(g.detach().reshape(-1).to(self.dtype), alpha=weight)
+        else:
+            flat = torch.cat([g.reshape(-1) for g in self._weighted_gradient()])
+        return self._reduce_products(flat)
+
     # -- path 1: reused first-order graph ------------------------------------------------------
     def _first_order_graphs(self) -> list[tuple[float, list[tuple[int, torch.Tensor]]]]:
         if self._graphs is None:

@@ -19,6 +19,7 @@ from .eigsh import (
 )
 from .operators import DenseOperator, ScaledOperator, SymmetricOperator
 from .quadrature import FULL_REORTHOGONALISATION_BYTES, ZERO_TOLERANCE, SpectralDensity, slq
+from .subspace import principal_angles, subspace_fraction, subspace_overlap
 from .trace import TraceEstimate, exact_trace, hutchinson, hutchpp, trace
 
 __all__ = [
@@ -41,7 +42,10 @@ __all__ = [
     "hutchinson",
     "hutchpp",
     "lanczos",
+    "principal_angles",
     "slq",
+    "subspace_fraction",
+    "subspace_overlap",
     "trace",
     "validate_max_basis",
     "validate_method",

@@ -1,0 +1,115 @@
+"""Where the gradient points and how the top eigenspace moves, against dense float64 truth."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import lightning as L
+import pytest
+import torch
+import torch.nn.functional as F
+
+from spectral_callbacks import HessianSpectrumMonitor
+from spectral_callbacks.linalg import principal_angles, subspace_fraction, subspace_overlap
+
+from .helpers import dense_hessian_rows
+from .lightning_helpers import TanhRegressor, full_batch_loader, regression_data, trainer_kwargs
+
+
+def test_subspace_measures_in_closed_form():
+    n = 6
+    e = torch.eye(n, dtype=torch.float64)
+    plane = e[:2]
+    v = torch.tensor([3.0, 0.0, 4.0, 0, 0, 0], dtype=torch.float64)
+    assert subspace_fraction(plane, v) == pytest.approx(9 / 25, rel=1e-14)
+    assert math.isnan(subspace_fraction(plane, torch.zeros(n)))
+    angle = 0.3
+    turned = torch.stack([e[0], math.cos(angle) * e[1] + math.sin(angle) * e[2]])
+    angles = principal_angles(plane, turned)
+    torch.testing.assert_close(angles, torch.tensor([0.0, angle], dtype=torch.float64))
+    assert subspace_overlap(plane, turned) == pytest.approx((1 + math.cos(angle) ** 2) / 2)
+    # Not orthonormal rows span the same space: the same answers.
+    skewed = torch.stack([turned[0] + 2 * turned[1], 3 * turned[1]])
+    assert subspace_overlap(plane, skewed) == pytest.approx(subspace_overlap(plane, turned))
+
+
+class Snapshots(L.Callback):
+    def __init__(self) -> None:
+        self.states: dict[int, dict] = {}
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.states[trainer.global_step] = copy.deepcopy(pl_module.state_dict())
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.states.setdefault(trainer.global_step, copy.deepcopy(pl_module.state_dict()))
+
+
+def mse(model, batch):
+    return F.mse_loss(model(batch[0]), batch[1])
+
+
+def test_the_spectrum_monitor_logs_overlap_rotation_and_trace_stability():
+    x, y = regression_data(n=32, d=3, dtype=torch.float64)
+    torch.manual_seed(0)
+    model = TanhRegressor(lr=0.2, d=3, width=5).double()
+    k = 2
+    monitor = HessianSpectrumMonitor(
+        every_n_steps=5, k=k, tol=1e-10, trace_hvps=10_000, density=False
+    )
+    snapshots = Snapshots()
+    trainer = L.Trainer(max_steps=10, callbacks=[monitor, snapshots], **trainer_kwargs())
+    trainer.fit(model, full_batch_loader(x, y, 10))
+    history = dict(monitor.history)
+    assert sorted(history) == [0, 5, 10]
+    assert "spectral/hessian/eigenspace_overlap" not in history[0]  # nothing to compare yet
+    vectors = {}
+    for step, values in history.items():
+        probe = TanhRegressor(d=3, width=5).double()
+        probe.load_state_dict(snapshots.states[step])
+        dense = dense_hessian_rows(probe, mse, [(x, y)])
+        eigenvectors = torch.linalg.eigh(dense).eigenvectors
+        top = eigenvectors[:, -k:].T
+        vectors[step] = top
+        params = list(probe.parameters())
+        gradient = torch.cat(
+            [g.reshape(-1) for g in torch.autograd.grad(mse(probe, (x, y)), params)]
+        )
+        expected = float((top @ gradient).pow(2).sum() / gradient.pow(2).sum())
+        assert values["spectral/hessian/gradient_overlap"] == pytest.approx(expected, rel=1e-6)
+        assert values["spectral/hessian/trace_lr_ratio"] == pytest.approx(
+            float(dense.trace()) * 0.2 / 2, rel=1e-9
+        )
+    for before, after in ((0, 5), (5, 10)):
+        overlap = float((vectors[before] @ vectors[after].T).pow(2).sum()) / k
+        assert history[after]["spectral/hessian/eigenspace_overlap"] == pytest.approx(
+            overlap, rel=1e-6
+        )
+        cosines = torch.linalg.svdvals(vectors[before] @ vectors[after].T).clamp(max=1.0)
+        assert history[after]["spectral/hessian/eigenspace_angle"] == pytest.approx(
+            float(torch.arccos(cosines.min())), abs=1e-6
+        )
+
+
+def test_functional_gradient_overlap_against_the_dense_hessian():
+    from spectral_callbacks.functional import gradient_overlap
+
+    from .helpers import cross_entropy_loss, make_case
+
+    model, batches = make_case("mlp")
+    dense = dense_hessian_rows(model, cross_entropy_loss, batches)
+    top = torch.linalg.eigh(dense).eigenvectors[:, -3:].T
+    params = [p for p in model.parameters()]
+    total = sum(b[0].shape[0] for b in batches)
+    gradient = sum(
+        (b[0].shape[0] / total)
+        * torch.cat(
+            [g.reshape(-1) for g in torch.autograd.grad(cross_entropy_loss(model, b), params)]
+        )
+        for b in batches
+    )
+    expected = float((top @ gradient).pow(2).sum() / gradient.pow(2).sum())
+    value = gradient_overlap(model, cross_entropy_loss, batches, k=3, tol=1e-10)
+    assert value == pytest.approx(expected, rel=1e-6)
+    given = gradient_overlap(model, cross_entropy_loss, batches, eigenvectors=top)
+    assert given == pytest.approx(expected, rel=1e-10)
