@@ -30,17 +30,21 @@ from .curvature import (
     LossFunction,
     ParameterFilter,
     Reduction,
+    SamSharpness,
     StabilityPreconditioner,
     StabilityRatio,
+    module_groups,
     stability_preconditioner,
     stability_ratio,
 )
+from .curvature.flatness import sam_sharpness as _sam_sharpness
 from .linalg import (
     EIGEN_METHODS,
     EigenResult,
     ScaledOperator,
     SpectralDensity,
     TraceEstimate,
+    block_traces,
     eigenpairs,
     slq,
     subspace_fraction,
@@ -62,10 +66,12 @@ __all__ = [
     "gradient_overlap",
     "hessian_density",
     "hessian_eigenvalues",
+    "hessian_layer_traces",
     "hessian_trace",
     "optimizer_stability_ratio",
     "participation_ratio",
     "rankme",
+    "sam_sharpness",
     "stable_rank",
     "von_neumann_entropy",
 ]
@@ -199,6 +205,50 @@ def gradient_overlap(
             result = eigenpairs(operator, k=k, tol=tol, seed=seed, return_eigenvectors=True)
             eigenvectors = result.eigenvectors
         return subspace_fraction(eigenvectors, operator.gradient())
+
+
+def hessian_layer_traces(
+    model: nn.Module,
+    loss_fn: LossFunction,
+    data: Any,
+    num_hvps: int = 30,
+    seed: int = 0,
+    params: ParameterFilter = None,
+    hvp: str = "auto",
+    reduction: Reduction = "mean",
+) -> dict[str, TraceEstimate]:
+    """The trace of each module's diagonal Hessian block ``H_ll`` (HAWQ-V2's sensitivity).
+
+    One Hutchinson estimate serves every block (:func:`~spectral_callbacks.linalg.block_traces`,
+    ``num_hvps`` products, a standard error per block; exact with ``num_hvps >= n``). Blocks
+    are the selected parameters grouped by the module that owns them
+    (``"encoder.0.weight"`` and ``"encoder.0.bias"`` make ``"encoder.0"``).
+    """
+    with HessianOperator(
+        model, loss_fn, data, params=params, hvp=hvp, seed=seed, reduction=reduction
+    ) as operator:
+        groups = module_groups(operator.names, operator.numels)
+        estimates = block_traces(operator, list(groups.values()), num_hvps=num_hvps, seed=seed)
+        return dict(zip(groups, estimates, strict=True))
+
+
+def sam_sharpness(
+    model: nn.Module,
+    loss_fn: LossFunction,
+    data: Any,
+    radius: float = 0.05,
+    seed: int = 0,
+    params: ParameterFilter = None,
+    reduction: Reduction = "mean",
+) -> SamSharpness:
+    """SAM's sharpness ``L(θ + ρ g/‖g‖) − L(θ)`` and first-order flatness
+    ``‖∇L(θ + ρ g/‖g‖)‖`` at radius ``ρ = radius`` (Foret et al. 2021; Zhang et al. 2023);
+    see :func:`spectral_callbacks.curvature.sam_sharpness`. ``radius`` 0.05 is SAM's
+    default. The model is left exactly as found."""
+    with HessianOperator(
+        model, loss_fn, data, params=params, seed=seed, reduction=reduction
+    ) as operator:
+        return _sam_sharpness(operator, radius)
 
 
 def optimizer_stability_ratio(

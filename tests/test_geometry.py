@@ -113,3 +113,122 @@ def test_functional_gradient_overlap_against_the_dense_hessian():
     assert value == pytest.approx(expected, rel=1e-6)
     given = gradient_overlap(model, cross_entropy_loss, batches, eigenvectors=top)
     assert given == pytest.approx(expected, rel=1e-10)
+
+
+def test_layer_traces_against_dense_diagonal_blocks():
+    from spectral_callbacks.functional import hessian_layer_traces
+
+    from .helpers import cross_entropy_loss, make_case
+
+    model, batches = make_case("mlp")  # layers "0", "2", "4"
+    dense = dense_hessian_rows(model, cross_entropy_loss, batches)
+    sizes = {"0": 4 * 6 + 6, "2": 6 * 5 + 5, "4": 5 * 3 + 3}
+    bounds = torch.tensor([0, *sizes.values()]).cumsum(0).tolist()
+    truth = {
+        name: float(dense[a:b, a:b].trace())
+        for name, a, b in zip(sizes, bounds[:-1], bounds[1:], strict=True)
+    }
+    exact = hessian_layer_traces(model, cross_entropy_loss, batches, num_hvps=10_000)
+    assert list(exact) == ["0", "2", "4"]
+    for name, estimate in exact.items():
+        assert estimate.estimate == pytest.approx(truth[name], rel=1e-10)
+        assert estimate.stderr == 0.0
+    sampled = hessian_layer_traces(model, cross_entropy_loss, batches, num_hvps=40, seed=1)
+    for name, estimate in sampled.items():
+        assert abs(estimate.estimate - truth[name]) < 5 * estimate.stderr + 1e-12
+
+
+class Quadratic(torch.nn.Module):
+    """L(θ) = ½ θᵀAθ: Hessian A, gradient Aθ."""
+
+    def __init__(self, a: torch.Tensor) -> None:
+        super().__init__()
+        self.a = a
+        g = torch.Generator().manual_seed(3)
+        self.theta = torch.nn.Parameter(torch.randn(a.shape[0], generator=g, dtype=a.dtype))
+
+    def forward(self, batch):
+        return 0.5 * self.theta @ self.a @ self.theta
+
+
+def test_sam_sharpness_on_a_quadratic_is_exact():
+    from spectral_callbacks.functional import sam_sharpness
+
+    from .helpers import model_state
+
+    g = torch.Generator().manual_seed(4)
+    m = torch.randn(6, 6, generator=g, dtype=torch.float64)
+    a = m @ m.T
+    model = Quadratic(a)
+    before = model_state(model)
+    rho = 0.1
+    result = sam_sharpness(model, lambda mod, batch: mod(batch), torch.zeros(1), radius=rho)
+    theta = model.theta.detach()
+    grad = a @ theta
+    unit = grad / grad.norm()
+    assert result.gradient_norm == pytest.approx(float(grad.norm()), rel=1e-12)
+    expected = rho * float(grad.norm()) + 0.5 * rho**2 * float(unit @ a @ unit)
+    assert result.sharpness == pytest.approx(expected, rel=1e-12)
+    assert result.perturbed_gradient_norm == pytest.approx(
+        float((a @ (theta + rho * unit)).norm()), rel=1e-12
+    )
+    after = model_state(model)
+    assert torch.equal(before["params"]["theta"], after["params"]["theta"])
+    with pytest.raises(ValueError, match="radius must be a finite number > 0"):
+        sam_sharpness(model, lambda mod, batch: mod(batch), torch.zeros(1), radius=0.0)
+
+
+def test_the_spectrum_monitor_logs_layer_traces_and_sam_sharpness(tmp_path):
+    from spectral_callbacks.functional import sam_sharpness
+
+    x, y = regression_data(n=32, d=3, dtype=torch.float64)
+    torch.manual_seed(0)
+    model = TanhRegressor(lr=0.0, d=3, width=5).double()  # lr 0: the final model is measured
+    monitor = HessianSpectrumMonitor(
+        every_n_steps=2, k=1, trace=False, density=False, layer_traces=10_000, sam_radius=0.05
+    )
+    logger = L.pytorch.loggers.TensorBoardLogger(tmp_path, name="run", version=0)
+    trainer = L.Trainer(max_steps=2, callbacks=[monitor], **trainer_kwargs(logger=logger))
+    trainer.fit(model, full_batch_loader(x, y, 2))
+    values = monitor.last_metrics
+    dense = dense_hessian_rows(model, mse, [(x, y)])
+    offset = 0
+    for layer in ("net.0", "net.2", "net.4"):
+        size = sum(p.numel() for n, p in model.named_parameters() if n.startswith(layer + "."))
+        block = float(dense[offset : offset + size, offset : offset + size].trace())
+        offset += size
+        assert values[f"spectral/hessian/layer/{layer}/trace"] == pytest.approx(block, rel=1e-9)
+        assert values[f"spectral/hessian/layer/{layer}/trace_per_param"] == pytest.approx(
+            block / size, rel=1e-9
+        )
+    reference = sam_sharpness(model, mse, (x, y), radius=0.05)
+    assert values["spectral/hessian/sam_sharpness"] == pytest.approx(reference.sharpness, rel=1e-9)
+    assert values["spectral/hessian/sam_gradient_norm"] == pytest.approx(
+        reference.perturbed_gradient_norm, rel=1e-9
+    )
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(logger.log_dir, size_guidance={"images": 0})
+    events.Reload()
+    assert "spectral/hessian/layer_traces" in events.Tags()["images"]
+    with pytest.raises(ValueError, match="layer_traces must be 0"):
+        HessianSpectrumMonitor(layer_traces=1)
+    with pytest.raises(ValueError, match="sam_radius must be a finite number > 0"):
+        HessianSpectrumMonitor(sam_radius=-1.0)
+
+
+def test_training_stays_bit_identical_with_every_geometry_measure():
+    from .test_callbacks import _assert_identical_runs, _fit_and_capture
+
+    monitor = HessianSpectrumMonitor(
+        every_n_steps=3,
+        k=2,
+        trace_hvps=6,
+        density_probes=2,
+        density_steps=4,
+        layer_traces=4,
+        sam_radius=0.05,
+    )
+    _assert_identical_runs(_fit_and_capture([]), _fit_and_capture([monitor]))
+    assert math.isfinite(monitor.last_metrics["spectral/hessian/sam_sharpness"])
+    assert math.isfinite(monitor.last_metrics["spectral/hessian/gradient_overlap"])

@@ -18,6 +18,7 @@ from .._checks import (
     check_callable,
     check_choice,
     check_integer,
+    check_number,
     check_tolerance,
 )
 from ..curvature import (
@@ -29,14 +30,17 @@ from ..curvature import (
     Reduction,
     UnsupportedOptimizerError,
     flat_size,
+    module_groups,
     select_parameters,
     stability_preconditioner,
     stability_ratio,
 )
 from ..curvature.data import check_parameter_filter
+from ..curvature.flatness import sam_sharpness
 from ..curvature.preconditioner import NoPreconditionerYet
 from ..linalg import (
     SpectralDensity,
+    block_traces,
     default_max_iter,
     eigenpairs,
     hutchpp,
@@ -47,7 +51,7 @@ from ..linalg import (
     validate_max_basis,
     validate_method,
 )
-from ..logging.figures import density_figure
+from ..logging.figures import density_figure, layer_trace_figure
 from ..logging.tensorboard import add_figure, add_histogram
 from .base import LossFn, SpectralMonitor, current_learning_rate, training_step_loss
 
@@ -570,6 +574,14 @@ class HessianSpectrumMonitor(_HessianMonitor):
         figure_every_n_steps: Optimizer steps between density figures (default
             ``10 · every_n_steps``).
         gradient_overlap: Whether to log ``gradient_overlap`` (it needs the probe gradient).
+        layer_traces: Hutchinson probes for the trace of each module's diagonal block
+            ``H_ll`` (HAWQ-V2's per-layer sensitivity), logged as
+            ``spectral/hessian/layer/{module}/trace``, ``.../trace_stderr`` and
+            ``.../trace_per_param`` with a figure of the last by layer; costs that many
+            products; 0 (default) off; at least the parameter count gives exact traces.
+        sam_radius: SAM's radius ``ρ``: logs ``spectral/hessian/sam_sharpness``
+            (``L(θ + ρ g/‖g‖) − L(θ)``) and ``sam_gradient_norm`` (``‖∇L(θ + ρ g/‖g‖)‖``),
+            at three forward and two backward passes; ``None`` (default) off.
     """
 
     def __init__(
@@ -599,6 +611,8 @@ class HessianSpectrumMonitor(_HessianMonitor):
         checkpoint_warm_start: bool | None = None,
         figure_every_n_steps: int | None = None,
         gradient_overlap: bool = True,
+        layer_traces: int = 0,
+        sam_radius: float | None = None,
     ) -> None:
         check_integer("k", k, minimum=1)
         super().__init__(
@@ -634,6 +648,14 @@ class HessianSpectrumMonitor(_HessianMonitor):
         self._density_probes = density_probes
         self._density_steps = density_steps
         self._gradient_overlap = check_bool("gradient_overlap", gradient_overlap)
+        self._layer_traces = check_integer("layer_traces", layer_traces, minimum=0)
+        if self._layer_traces == 1:
+            raise ValueError("layer_traces must be 0 (off) or at least 2 probes, got 1")
+        self._sam_radius = check_number(
+            "sam_radius", sam_radius, minimum=0.0, inclusive=False, allow_none=True
+        )
+        self._layers: dict[str, int] = {}  # module -> parameter count, known at setup
+        self.last_layer_traces: dict[str, float] = {}
         self.last_eigenvalues: torch.Tensor | None = None
         self.last_density: SpectralDensity | None = None
 
@@ -642,6 +664,9 @@ class HessianSpectrumMonitor(_HessianMonitor):
 
     def validate_setup(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
         super().validate_setup(trainer, module)
+        if self._layer_traces:
+            named = select_parameters(module, self._params)
+            self._layers = module_groups([n for n, _ in named], [p.numel() for _, p in named])
         size = flat_size(module, self._params)
         if self._k > size:
             raise ValueError(
@@ -704,7 +729,29 @@ class HessianSpectrumMonitor(_HessianMonitor):
                 metrics[prefix + "near_zero_mass"] = self.last_density.near_zero_mass
                 metrics[prefix + "lambda_min"] = self.last_density.lambda_min
                 metrics[prefix + "lambda_min_residual"] = self.last_density.lambda_min_residual
+            if self._layer_traces:
+                metrics.update(self._layer_trace_metrics(operator))
+            if self._sam_radius is not None:
+                # Last: moving the parameters drops the first-order graphs the rest reused.
+                sam = sam_sharpness(operator, self._sam_radius)
+                metrics[prefix + "sam_sharpness"] = sam.sharpness
+                metrics[prefix + "sam_gradient_norm"] = sam.perturbed_gradient_norm
             metrics[prefix + "spectrum_num_hvps"] = float(operator.num_hvps)
+        return metrics
+
+    def _layer_trace_metrics(self, operator: HessianOperator) -> dict[str, float]:
+        layers = module_groups(operator.names, operator.numels)
+        estimates = block_traces(
+            operator, list(layers.values()), num_hvps=self._layer_traces, seed=self._seed
+        )
+        metrics: dict[str, float] = {}
+        self.last_layer_traces = {}
+        for (layer, size), estimate in zip(layers.items(), estimates, strict=True):
+            tag = f"{self.prefix}layer/{layer}/"
+            metrics[tag + "trace"] = estimate.estimate
+            metrics[tag + "trace_stderr"] = estimate.stderr
+            metrics[tag + "trace_per_param"] = estimate.estimate / size
+            self.last_layer_traces[layer] = estimate.estimate / size
         return metrics
 
     def _geometry(
@@ -737,6 +784,11 @@ class HessianSpectrumMonitor(_HessianMonitor):
         names += [prefix + "eigenspace_overlap", prefix + "eigenspace_angle"]
         if self._trace:
             names += [prefix + "trace", prefix + "trace_stderr", prefix + "trace_lr_ratio"]
+        for layer in self._layers:
+            tag = f"{prefix}layer/{layer}/"
+            names += [tag + "trace", tag + "trace_stderr", tag + "trace_per_param"]
+        if self._sam_radius is not None:
+            names += [prefix + "sam_sharpness", prefix + "sam_gradient_norm"]
         if self._density:
             names += [
                 prefix + "negative_mass",
@@ -754,6 +806,10 @@ class HessianSpectrumMonitor(_HessianMonitor):
     def write_tensorboard(self, writer: Any, step: int) -> None:
         if self.last_eigenvalues is not None:
             add_histogram(writer, self.prefix + "top_k", self.last_eigenvalues, step)
+        finite = all(math.isfinite(v) for v in self.last_layer_traces.values())
+        if self.figures_due and self.last_layer_traces and finite:
+            figure = layer_trace_figure(self.last_layer_traces, step)
+            add_figure(writer, self.prefix + "layer_traces", figure, step)
         density = self.last_density
         if self.figures_due and density is not None and bool(torch.isfinite(density.nodes).all()):
             add_figure(
@@ -770,6 +826,10 @@ class HessianSpectrumMonitor(_HessianMonitor):
             prefix + "gradient_overlap",
             prefix + "eigenspace_overlap",
         ]
+        if self._layers:
+            charts["trace per parameter by layer"] = [prefix + r"layer/.*/trace_per_param"]
+        if self._sam_radius is not None:
+            charts["SAM sharpness L(θ + ρ ĝ) − L(θ)"] = [prefix + "sam_sharpness"]
         if self._trace:
             charts["trace (Hutch++)"] = [prefix + "trace"]
             charts["trace · lr / 2 (SGD's trace stability, 1 = edge)"] = [prefix + "trace_lr_ratio"]

@@ -7,8 +7,10 @@ from .data import (
     Reduction,
     as_batch_list,
     batch_size,
+    module_groups,
     select_parameters,
 )
+from .flatness import SamSharpness, sam_sharpness
 from .hessian import (
     HVP_PATHS,
     HessianOperator,
@@ -37,6 +39,7 @@ __all__ = [
     "NonFiniteLossError",
     "ParameterFilter",
     "Reduction",
+    "SamSharpness",
     "StabilityPreconditioner",
     "StabilityRatio",
     "UnsupportedOptimizerError",
@@ -45,6 +48,8 @@ __all__ = [
     "clear_compiled_products",
     "flat_size",
     "measurement_context",
+    "module_groups",
+    "sam_sharpness",
     "select_parameters",
     "stability_preconditioner",
     "stability_ratio",

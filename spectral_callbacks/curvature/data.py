@@ -22,6 +22,7 @@ __all__ = [
     "batch_size",
     "check_parameter_filter",
     "map_tensors",
+    "module_groups",
     "move_to_device",
     "select_parameters",
 ]
@@ -60,6 +61,20 @@ def check_parameter_filter(params: Any) -> ParameterFilter:
         "params must be None (all trainable parameters), a regular expression, a predicate "
         f"on parameter names, or a sequence of parameter names / module prefixes, got {params!r}"
     )
+
+
+def module_groups(names: list[str], numels: list[int]) -> dict[str, int]:
+    """Parameters grouped by the module that owns them, in model order: module name ->
+    number of entries (``"encoder.0.weight"`` and ``"encoder.0.bias"`` make ``"encoder.0"``).
+
+    A module's own parameters come together in ``named_parameters()``, so each group is one
+    consecutive range of the flattened parameters.
+    """
+    groups: dict[str, int] = {}
+    for name, numel in zip(names, numels, strict=True):
+        module = name.rsplit(".", 1)[0] if "." in name else name
+        groups[module] = groups.get(module, 0) + numel
+    return groups
 
 
 def select_parameters(

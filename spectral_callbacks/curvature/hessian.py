@@ -73,6 +73,7 @@ loss has no double backward (and the cause is not attention, which runs on the m
 from __future__ import annotations
 
 import collections
+import contextlib
 import functools
 import itertools
 import logging
@@ -81,7 +82,7 @@ import re
 import types
 import warnings
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -571,6 +572,35 @@ class HessianOperator:
                 "(requires_grad=False): was it computed under torch.no_grad() or detached?"
             )
         return loss.reshape(())
+
+    def loss(self) -> float:
+        """The dataset loss ``Σ_b w_b L_b`` at the parameters' current values (summed over
+        processes when distributed)."""
+        total = torch.zeros((), dtype=torch.float64, device=self.device)
+        for index, (batch, weight) in enumerate(zip(self.batches, self.batch_weights, strict=True)):
+            with measurement_context(self.model, self.seed, math_attention=False):
+                total += weight * self._loss(batch, index).detach().double()
+        return float(self._reduce_products(total))
+
+    @contextlib.contextmanager
+    def moved(self, offset: torch.Tensor) -> Iterator[None]:
+        """Inside the block the selected parameters are ``θ + offset`` (a flat vector like
+        the products); on exit they are copied back from a saved copy, bit for bit."""
+        if self._sharded:
+            raise ValueError("moving parameters sharded by fully_shard is not supported")
+        saved = [p.detach().clone() for p in self.params]
+        pieces = offset.to(self.device).split(self.numels)
+        try:
+            with torch.no_grad():
+                for param, value, piece in zip(self.params, saved, pieces, strict=True):
+                    param.data.copy_(value + piece.reshape(value.shape).to(value.dtype))
+            self._graphs = None  # the first-order graphs belong to θ
+            yield
+        finally:
+            with torch.no_grad():
+                for param, value in zip(self.params, saved, strict=True):
+                    param.data.copy_(value)
+            self._graphs = None
 
     def gradient(self) -> torch.Tensor:
         """The gradient of the dataset loss, ``Σ_b w_b ∇L_b``, flat like the products (summed

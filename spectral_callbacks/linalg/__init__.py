@@ -20,7 +20,7 @@ from .eigsh import (
 from .operators import DenseOperator, ScaledOperator, SymmetricOperator
 from .quadrature import FULL_REORTHOGONALISATION_BYTES, ZERO_TOLERANCE, SpectralDensity, slq
 from .subspace import principal_angles, subspace_fraction, subspace_overlap
-from .trace import TraceEstimate, exact_trace, hutchinson, hutchpp, trace
+from .trace import TraceEstimate, block_traces, exact_trace, hutchinson, hutchpp, trace
 
 __all__ = [
     "EIGEN_METHODS",
@@ -35,6 +35,7 @@ __all__ = [
     "SymmetricOperator",
     "TraceEstimate",
     "block_lanczos",
+    "block_traces",
     "choose_eigen_method",
     "default_max_iter",
     "eigenpairs",

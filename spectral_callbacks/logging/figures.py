@@ -8,7 +8,7 @@ import torch
 
 from ..linalg import SpectralDensity
 
-__all__ = ["density_figure", "scree_figure"]
+__all__ = ["density_figure", "layer_trace_figure", "scree_figure"]
 
 
 def density_figure(
@@ -76,5 +76,23 @@ def scree_figure(
     axes.set_ylabel("covariance eigenvalue")
     title = f"scree: {layer}" if layer else "scree"
     axes.set_title(title if step is None else f"{title}, step {step}", fontsize=9)
+    figure.tight_layout()
+    return figure
+
+
+def layer_trace_figure(per_parameter: dict[str, float], step: int | None = None) -> Any:
+    """The trace of each layer's diagonal Hessian block per parameter of the layer, by layer
+    in model order (log scale when every value is positive): where the curvature sits."""
+    from matplotlib.figure import Figure
+
+    names, values = list(per_parameter), list(per_parameter.values())
+    figure = Figure(figsize=(max(4.0, 0.45 * len(names) + 1.5), 3.2), dpi=100)
+    axes = figure.add_subplot()
+    axes.bar(range(len(names)), values, color="tab:orange")
+    axes.set_xticks(range(len(names)), names, rotation=60, ha="right", fontsize=7)
+    if all(value > 0 for value in values):
+        axes.set_yscale("log")
+    axes.set_ylabel("tr(H_ll) / parameters")
+    axes.set_title("Hessian trace per parameter by layer" + (f", step {step}" if step else ""))
     figure.tight_layout()
     return figure
