@@ -34,25 +34,11 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
+from hvp_paths import _cnn  # noqa: E402
 from run import GPT, _mlp, classification_loss, sgd_steps  # noqa: E402
 
 from spectral_callbacks.curvature import HessianOperator  # noqa: E402
 from spectral_callbacks.functional import hessian_eigenvalues  # noqa: E402
-
-
-def _cnn(channels: int) -> torch.nn.Module:
-    nn = torch.nn
-    return nn.Sequential(
-        nn.Conv2d(3, channels, 3, padding=1),
-        nn.BatchNorm2d(channels),
-        nn.ReLU(),
-        nn.Conv2d(channels, channels, 3, padding=1),
-        nn.BatchNorm2d(channels),
-        nn.ReLU(),
-        nn.AdaptiveAvgPool2d(1),
-        nn.Flatten(),
-        nn.Linear(channels, 10),
-    )
 
 
 def workload(name: str, smoke: bool):
