@@ -286,6 +286,13 @@ def format_summary(summary: dict) -> str:
             f"within ±1% of zero {last['spectral/hessian/near_zero_mass']:.2f}, "
             f"λ_min {last['spectral/hessian/lambda_min']:.4f}",
         ]
+        overlaps = [
+            f"{values['spectral/hessian/gradient_overlap']:.2f} (step {at})"
+            for at, values in summary["spectrum"]
+        ]
+        if len(overlaps) > 4:  # the first two and the last: where it goes, and where it ends
+            overlaps = [*overlaps[:2], "…", overlaps[-1]]
+        lines.append("   gradient in the top-5 eigenspace: " + " → ".join(overlaps))
     history = summary["representations"]
     lines += ["", "2. Representations (Adam on a 10-class Gaussian mixture)", ""]
     lines.append(f"   {'layer':<10}  {'RankMe':>15}  {'α-ReQ':>15}  {'effective rank':>15}")
