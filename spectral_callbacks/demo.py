@@ -293,6 +293,13 @@ def format_summary(summary: dict) -> str:
         if len(overlaps) > 4:  # the first two and the last: where it goes, and where it ends
             overlaps = [*overlaps[:2], "…", overlaps[-1]]
         lines.append("   gradient in the top-5 eigenspace: " + " → ".join(overlaps))
+        counts = [
+            f"{values['spectral/hessian/outliers']:.0f} (step {at})"
+            for at, values in summary["spectrum"]
+        ]
+        if len(counts) > 4:
+            counts = [*counts[:2], "…", counts[-1]]
+        lines.append("   outliers above the bulk (of the top 5): " + " → ".join(counts))
     history = summary["representations"]
     lines += ["", "2. Representations (Adam on a 10-class Gaussian mixture)", ""]
     lines.append(f"   {'layer':<10}  {'RankMe':>15}  {'α-ReQ':>15}  {'effective rank':>15}")

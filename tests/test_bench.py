@@ -78,3 +78,12 @@ def test_the_gradient_difference_study_runs_on_tiny_workloads(tmp_path):
         memory["reuse_graph"]["lambda_max"], rel=1e-2
     )
     assert next(tmp_path.glob("gradient-difference-*-smoke.md")).read_text().count("**") == 6
+
+
+def test_the_outlier_study_runs_on_a_tiny_mlp():
+    spec = importlib.util.spec_from_file_location("bench_outliers", BENCH.with_name("outliers.py"))
+    study = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(study)
+    (row,) = study.main(["--smoke"])
+    assert row["parameters"] == 714 and 0 <= row["slq_count"] <= 20
+    assert row["dense_count"] >= 0 and row["top"] == sorted(row["top"], reverse=True)

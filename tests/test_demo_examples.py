@@ -24,6 +24,7 @@ def test_demo_writes_logs_figure_and_summary(tmp_path, capsys):
         assert list((out / run / "version_0").glob("events.out.tfevents.*")), run
     assert "version_0" in printed
     assert "gradient in the top-5 eigenspace: " in printed
+    assert "outliers above the bulk (of the top 5): " in printed
 
 
 def test_each_demo_run_logs_to_a_version_of_its_own(tmp_path):

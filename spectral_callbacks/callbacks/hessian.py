@@ -41,6 +41,7 @@ from ..curvature.preconditioner import NoPreconditionerYet
 from ..linalg import (
     SpectralDensity,
     block_traces,
+    count_outliers,
     default_max_iter,
     eigenpairs,
     hutchpp,
@@ -536,6 +537,9 @@ class HessianSpectrumMonitor(_HessianMonitor):
     the eigenvalues, estimated by SLQ, below ``-1 %`` of the spectral radius and within
     ``±1 %`` of it: the quadrature cannot tell the sign of smaller ones, see
     :attr:`~spectral_callbacks.linalg.SpectralDensity.negative_mass`),
+    ``spectral/hessian/outliers`` and ``bulk_edge`` (how many of the top-k stand apart from
+    the bulk of the density, and where the bulk ends:
+    :func:`~spectral_callbacks.linalg.count_outliers`; no extra products),
     ``spectral/hessian/lambda_min`` and ``lambda_min_residual`` (the smallest eigenvalue,
     from the same quadrature's smallest Ritz value, and its Ritz residual: no extra products)
     and ``spectral/hessian/spectrum_num_hvps``. TensorBoard also gets a histogram of the top-k
@@ -729,6 +733,9 @@ class HessianSpectrumMonitor(_HessianMonitor):
                 metrics[prefix + "near_zero_mass"] = self.last_density.near_zero_mass
                 metrics[prefix + "lambda_min"] = self.last_density.lambda_min
                 metrics[prefix + "lambda_min_residual"] = self.last_density.lambda_min_residual
+                report = count_outliers(result.eigenvalues, self.last_density, operator.size)
+                metrics[prefix + "outliers"] = float(report.count)
+                metrics[prefix + "bulk_edge"] = report.bulk_edge
             if self._layer_traces:
                 metrics.update(self._layer_trace_metrics(operator))
             if self._sam_radius is not None:
@@ -795,6 +802,8 @@ class HessianSpectrumMonitor(_HessianMonitor):
                 prefix + "near_zero_mass",
                 prefix + "lambda_min",
                 prefix + "lambda_min_residual",
+                prefix + "outliers",
+                prefix + "bulk_edge",
             ]
         return [*names, prefix + "spectrum_num_hvps"]
 
@@ -839,5 +848,6 @@ class HessianSpectrumMonitor(_HessianMonitor):
                 prefix + "near_zero_mass",
             ]
             charts["smallest eigenvalue λ_min"] = [prefix + "lambda_min"]
+            charts["outliers above the bulk (of the top k)"] = [prefix + "outliers"]
         suffix = f" ({self.name})" if self.name else ""
         return {"spectral: Hessian spectrum" + suffix: charts}

@@ -18,6 +18,7 @@ from .eigsh import (
     validate_method,
 )
 from .operators import DenseOperator, ScaledOperator, SymmetricOperator
+from .outliers import OutlierReport, count_outliers
 from .quadrature import FULL_REORTHOGONALISATION_BYTES, ZERO_TOLERANCE, SpectralDensity, slq
 from .subspace import principal_angles, subspace_fraction, subspace_overlap
 from .trace import TraceEstimate, block_traces, exact_trace, hutchinson, hutchpp, trace
@@ -30,6 +31,7 @@ __all__ = [
     "ZERO_TOLERANCE",
     "DenseOperator",
     "EigenResult",
+    "OutlierReport",
     "ScaledOperator",
     "SpectralDensity",
     "SymmetricOperator",
@@ -37,6 +39,7 @@ __all__ = [
     "block_lanczos",
     "block_traces",
     "choose_eigen_method",
+    "count_outliers",
     "default_max_iter",
     "eigenpairs",
     "exact_trace",
