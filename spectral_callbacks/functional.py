@@ -33,6 +33,7 @@ from .curvature import (
     SamSharpness,
     StabilityPreconditioner,
     StabilityRatio,
+    curvature_operator,
     module_groups,
     stability_preconditioner,
     stability_ratio,
@@ -96,6 +97,9 @@ def hessian_eigenvalues(
     reduction: Reduction = "mean",
     preconditioner: torch.Tensor | StabilityPreconditioner | None = None,
     max_basis: int | None = None,
+    curvature: str = "hessian",
+    ggn_loss: str | None = None,
+    outputs_fn: Callable | None = None,
 ) -> EigenResult:
     """Top-``k`` eigenpairs of the loss Hessian, by Lanczos with full reorthogonalisation.
 
@@ -132,6 +136,12 @@ def hessian_eigenvalues(
             :class:`~spectral_callbacks.curvature.StabilityPreconditioner` from
             :func:`~spectral_callbacks.curvature.stability_preconditioner` (then
             ``D̃^½ (H + W) D̃^½``, whose top eigenvalue is the optimizer-aware ``eos_ratio``).
+        curvature: ``"hessian"`` (default) or ``"ggn"``: the Gauss–Newton part
+            ``Jᵀ H_out J`` of the Hessian (:class:`~spectral_callbacks.curvature.GGNOperator`),
+            which needs ``ggn_loss`` (``"cross_entropy"``, ``"mse"`` or ``"bce"``) and
+            ``outputs_fn(model, batch) -> (outputs, targets)`` (default ``(model(x), y)``);
+            ``loss_fn`` and ``hvp`` are then unused. The same three arguments work in
+            :func:`hessian_trace` and :func:`hessian_density`.
         max_basis: Most parameter-sized Krylov vectors held at once by ``"lanczos"``
             (at least ``k + 2``; it restarts when they are used up). Default: all of them
             while they fit in 1 GiB, else as many as fit but at least ``max(16, 2k + 12)``
@@ -144,10 +154,13 @@ def hessian_eigenvalues(
     Raises:
         NonFiniteLossError: If the loss is NaN or infinite on a batch.
     """
-    with HessianOperator(
+    with curvature_operator(
         model,
         loss_fn,
         data,
+        curvature=curvature,
+        ggn_loss=ggn_loss,
+        outputs_fn=outputs_fn,
         params=params,
         hvp=hvp,
         batch_size_fn=batch_size_fn,
@@ -308,6 +321,9 @@ def hessian_trace(
     hvp: str = "auto",
     batch_size_fn: Callable[[Any], int] | None = None,
     reduction: Reduction = "mean",
+    curvature: str = "hessian",
+    ggn_loss: str | None = None,
+    outputs_fn: Callable | None = None,
 ) -> TraceEstimate:
     """Trace of the loss Hessian by Hutch++ (default) or Hutchinson, with a standard error.
 
@@ -318,10 +334,13 @@ def hessian_trace(
         A :class:`~spectral_callbacks.linalg.TraceEstimate` (``estimate``, ``stderr``,
         ``num_hvps``, ``method``).
     """
-    with HessianOperator(
+    with curvature_operator(
         model,
         loss_fn,
         data,
+        curvature=curvature,
+        ggn_loss=ggn_loss,
+        outputs_fn=outputs_fn,
         params=params,
         hvp=hvp,
         batch_size_fn=batch_size_fn,
@@ -343,6 +362,9 @@ def hessian_density(
     batch_size_fn: Callable[[Any], int] | None = None,
     reduction: Reduction = "mean",
     reorthogonalize: bool | None = None,
+    curvature: str = "hessian",
+    ggn_loss: str | None = None,
+    outputs_fn: Callable | None = None,
 ) -> SpectralDensity:
     """Eigenvalue density of the loss Hessian by stochastic Lanczos quadrature.
 
@@ -355,10 +377,13 @@ def hessian_density(
     """
     if reorthogonalize is not None:
         check_bool("reorthogonalize", reorthogonalize)
-    with HessianOperator(
+    with curvature_operator(
         model,
         loss_fn,
         data,
+        curvature=curvature,
+        ggn_loss=ggn_loss,
+        outputs_fn=outputs_fn,
         params=params,
         hvp=hvp,
         batch_size_fn=batch_size_fn,

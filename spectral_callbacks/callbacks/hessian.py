@@ -7,6 +7,7 @@ the solvers of :mod:`spectral_callbacks.linalg`; they only add scheduling and lo
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,6 +38,7 @@ from ..curvature import (
 )
 from ..curvature.data import check_parameter_filter
 from ..curvature.flatness import sam_sharpness
+from ..curvature.ggn import CURVATURES, GGN_LOSSES, GGNOperator
 from ..curvature.preconditioner import NoPreconditionerYet
 from ..linalg import (
     SpectralDensity,
@@ -125,10 +127,15 @@ class _HessianMonitor(SpectralMonitor):
         self._checkpoint_warm_start = checkpoint_warm_start
         self._start: torch.Tensor | None = None
 
+    #: Which curvature the monitor measures (``HessianSpectrumMonitor`` may set ``"ggn"``).
+    _curvature = "hessian"
+
     @property
     def prefix(self) -> str:
-        """The start of every metric name: ``spectral/hessian/`` (``.../{name}/`` if named)."""
-        return PREFIX + (f"{self.name}/" if self.name else "")
+        """The start of every metric name: ``spectral/hessian/`` (``spectral/ggn/`` for the
+        Gauss–Newton part; ``.../{name}/`` if named)."""
+        base = "spectral/ggn/" if self._curvature == "ggn" else PREFIX
+        return base + (f"{self.name}/" if self.name else "")
 
     def state_key_fields(self) -> dict[str, Any]:
         # Settings that change the numbers, so that two monitors differing in them keep
@@ -183,6 +190,16 @@ class _HessianMonitor(SpectralMonitor):
         self, trainer: pl.Trainer, module: pl.LightningModule, probe: list[Any]
     ) -> HessianOperator:
         # Under DDP every process contributes its probe shard; products are all-reduced.
+        if self._curvature == "ggn":
+            return GGNOperator(
+                module,
+                self._ggn_loss,
+                Batches(probe),
+                outputs_fn=self._outputs_fn,
+                params=self._params,
+                reduction=self._reduction,
+                seed=self._seed,
+            )
         return HessianOperator(
             module,
             self._loss_fn or training_step_loss,
@@ -583,6 +600,15 @@ class HessianSpectrumMonitor(_HessianMonitor):
             ``spectral/hessian/layer/{module}/trace``, ``.../trace_stderr`` and
             ``.../trace_per_param`` with a figure of the last by layer; costs that many
             products; 0 (default) off; at least the parameter count gives exact traces.
+        curvature: ``"hessian"`` (default) or ``"ggn"``: the Gauss–Newton part
+            ``G = Jᵀ H_out J`` (:class:`~spectral_callbacks.curvature.GGNOperator`), logged
+            under ``spectral/ggn/`` (``eig_{i}``, ``trace``, the density, ...) so a Hessian
+            monitor and a GGN monitor run side by side; needs ``ggn_loss`` and
+            ``gradient_overlap=False``.
+        ggn_loss: ``"cross_entropy"``, ``"mse"`` or ``"bce"``: the loss whose ``H_out`` is
+            used (with ``reduction``).
+        outputs_fn: ``outputs_fn(model, batch) -> (outputs, targets)`` for the GGN (default
+            ``(model(x), y)`` of a batch ``(x, y)``).
         sam_radius: SAM's radius ``ρ``: logs ``spectral/hessian/sam_sharpness``
             (``L(θ + ρ g/‖g‖) − L(θ)``) and ``sam_gradient_norm`` (``‖∇L(θ + ρ g/‖g‖)‖``),
             at three forward and two backward passes; ``None`` (default) off.
@@ -617,8 +643,24 @@ class HessianSpectrumMonitor(_HessianMonitor):
         gradient_overlap: bool = True,
         layer_traces: int = 0,
         sam_radius: float | None = None,
+        curvature: str = "hessian",
+        ggn_loss: str | None = None,
+        outputs_fn: Callable | None = None,
     ) -> None:
         check_integer("k", k, minimum=1)
+        check_choice("curvature", curvature, CURVATURES)
+        if curvature == "ggn":
+            check_choice("ggn_loss", ggn_loss, GGN_LOSSES)
+            check_callable("outputs_fn", outputs_fn, "outputs_fn(model, batch) -> (f, y)", True)
+            if sam_radius is not None or gradient_overlap:
+                raise ValueError(
+                    "curvature='ggn' measures G = Jᵀ H_out J alone: pass gradient_overlap=False "
+                    "and no sam_radius (they are properties of the loss, measured with the "
+                    "Hessian)"
+                )
+        self._curvature = curvature
+        self._ggn_loss = ggn_loss
+        self._outputs_fn = outputs_fn
         super().__init__(
             every_n_steps=every_n_steps,
             probe_batches=probe_batches,
@@ -664,10 +706,15 @@ class HessianSpectrumMonitor(_HessianMonitor):
         self.last_density: SpectralDensity | None = None
 
     def state_key_fields(self) -> dict[str, Any]:
-        return {**super().state_key_fields(), "k": self._k}
+        fields = {**super().state_key_fields(), "k": self._k}
+        if self._curvature != "hessian":
+            fields["curvature"] = self._curvature
+        return fields
 
     def validate_setup(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
         super().validate_setup(trainer, module)
+        if self._curvature == "ggn" and trainer.world_size > 1:
+            raise ValueError("curvature='ggn' is not supported under DDP yet")
         if self._layer_traces:
             named = select_parameters(module, self._params)
             self._layers = module_groups([n for n, _ in named], [p.numel() for _, p in named])

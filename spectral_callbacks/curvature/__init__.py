@@ -11,6 +11,7 @@ from .data import (
     select_parameters,
 )
 from .flatness import SamSharpness, sam_sharpness
+from .ggn import CURVATURES, GGN_LOSSES, GGNOperator, curvature_operator
 from .hessian import (
     HVP_PATHS,
     HessianOperator,
@@ -30,10 +31,13 @@ from .preconditioner import (
 )
 
 __all__ = [
+    "CURVATURES",
+    "GGN_LOSSES",
     "HVP_PATHS",
     "REDUCTIONS",
     "SUPPORTED_OPTIMIZERS",
     "Batches",
+    "GGNOperator",
     "HessianOperator",
     "LossFunction",
     "NonFiniteLossError",
@@ -46,6 +50,7 @@ __all__ = [
     "as_batch_list",
     "batch_size",
     "clear_compiled_products",
+    "curvature_operator",
     "flat_size",
     "measurement_context",
     "module_groups",

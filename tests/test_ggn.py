@@ -1,0 +1,119 @@
+"""The generalised Gauss–Newton operator against a dense Jᵀ H_out J from torch.func.jacrev."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from spectral_callbacks.curvature.ggn import GGNOperator
+
+from .helpers import flat_parameters, make_case
+
+
+def dense_ggn(model, batches, loss: str) -> torch.Tensor:
+    """Σ_b (n_b/N) J_bᵀ H_out,b J_b with J from jacrev of a flat-parameter function."""
+    names = [n for n, _ in model.named_parameters()]
+    shapes = [p.shape for _, p in model.named_parameters()]
+    theta = flat_parameters(model)
+    total = sum(b[0].shape[0] for b in batches)
+
+    def outputs_of(flat, x):
+        values, offset = {}, 0
+        for name, shape in zip(names, shapes, strict=True):
+            values[name] = flat[offset : offset + shape.numel()].reshape(shape)
+            offset += shape.numel()
+        return torch.func.functional_call(model, values, (x,))
+
+    result = 0
+    for x, y in batches:
+        f = outputs_of(theta, x)
+        jacobian = torch.func.jacrev(outputs_of)(theta, x).reshape(f.numel(), -1)
+
+        def loss_of(out, y=y, shape=f.shape):
+            if loss == "cross_entropy":
+                return F.cross_entropy(out.reshape(shape), y)
+            if loss == "mse":
+                return F.mse_loss(out.reshape(shape), y)
+            return F.binary_cross_entropy_with_logits(out.reshape(shape), y)
+
+        h_out = torch.func.hessian(loss_of)(f.reshape(-1))
+        result = result + (x.shape[0] / total) * jacobian.T @ h_out @ jacobian
+    return result
+
+
+@pytest.mark.parametrize("loss", ["cross_entropy", "mse", "bce"])
+def test_ggn_products_match_the_dense_gauss_newton_matrix(loss):
+    model, batches = make_case("mlp")  # outputs (n, 3), batches of 7, 4 and 9
+    if loss != "cross_entropy":
+        g = torch.Generator().manual_seed(5)
+        batches = [
+            (x, torch.rand(x.shape[0], 3, generator=g, dtype=torch.float64)) for x, _ in batches
+        ]
+    dense = dense_ggn(model, batches, loss)
+    with GGNOperator(model, loss, batches) as ggn:
+        g = torch.Generator().manual_seed(6)
+        block = torch.randn(4, ggn.size, generator=g, dtype=torch.float64)
+        torch.testing.assert_close(ggn.matmat(block), block @ dense, rtol=1e-10, atol=1e-12)
+    assert torch.linalg.eigvalsh(dense).min() > -1e-12  # PSD, as G must be
+
+
+def test_functional_and_monitor_measure_the_ggn_beside_the_hessian():
+    import lightning as L
+
+    from spectral_callbacks import HessianSpectrumMonitor
+    from spectral_callbacks.functional import hessian_eigenvalues, hessian_trace
+
+    from .helpers import cross_entropy_loss
+    from .lightning_helpers import NoisyClassifier, classification_loader, trainer_kwargs
+
+    model, batches = make_case("mlp")
+    dense = dense_ggn(model, batches, "cross_entropy")
+    exact = torch.linalg.eigvalsh(dense).flip(0)
+    result = hessian_eigenvalues(
+        model, None, batches, k=3, tol=1e-10, curvature="ggn", ggn_loss="cross_entropy"
+    )
+    torch.testing.assert_close(result.eigenvalues, exact[:3], rtol=1e-8, atol=1e-12)
+    trace = hessian_trace(
+        model, None, batches, num_hvps=10_000, curvature="ggn", ggn_loss="cross_entropy"
+    )
+    assert trace.estimate == pytest.approx(float(dense.trace()), rel=1e-10)
+    hessian = hessian_eigenvalues(model, cross_entropy_loss, batches, k=1, tol=1e-10)
+    assert float(hessian.eigenvalues[0]) != pytest.approx(float(exact[0]), rel=1e-3)
+    with pytest.raises(ValueError, match="needs ggn_loss"):
+        hessian_eigenvalues(model, None, batches, curvature="ggn")
+
+    L.seed_everything(0, verbose=False)
+    ggn = HessianSpectrumMonitor(
+        every_n_steps=1,
+        k=2,
+        tol=1e-8,
+        trace=False,
+        density=False,
+        curvature="ggn",
+        ggn_loss="cross_entropy",
+        gradient_overlap=False,
+        eval_mode=True,
+    )
+    spectrum = HessianSpectrumMonitor(every_n_steps=1, k=2, trace=False, density=False)
+    ((x, y),) = list(classification_loader(n=32, batch_size=32))
+    data = torch.utils.data.TensorDataset(x.double(), y)
+    loader = torch.utils.data.DataLoader(data, batch_size=32)
+
+    class Optimizerless(NoisyClassifier):
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.0)
+
+    module = Optimizerless().double()
+    trainer = L.Trainer(max_steps=1, callbacks=[ggn, spectrum], **trainer_kwargs())
+    trainer.fit(module, loader)
+    module.eval()
+    truth = hessian_eigenvalues(
+        module, None, (x.double(), y), k=2, tol=1e-10, curvature="ggn", ggn_loss="cross_entropy"
+    )
+    assert ggn.last_metrics["spectral/ggn/eig_1"] == pytest.approx(
+        float(truth.eigenvalues[0]), rel=1e-6
+    )
+    assert "spectral/hessian/eig_1" in spectrum.last_metrics
+    with pytest.raises(ValueError, match="gradient_overlap=False"):
+        HessianSpectrumMonitor(curvature="ggn", ggn_loss="mse")
