@@ -35,6 +35,7 @@ from .curvature import (
     StabilityRatio,
     curvature_operator,
     module_groups,
+    select_parameters,
     stability_preconditioner,
     stability_ratio,
 )
@@ -67,6 +68,7 @@ __all__ = [
     "gradient_overlap",
     "hessian_density",
     "hessian_eigenvalues",
+    "hessian_layer_lambda_max",
     "hessian_layer_traces",
     "hessian_trace",
     "optimizer_stability_ratio",
@@ -243,6 +245,38 @@ def hessian_layer_traces(
         groups = module_groups(operator.names, operator.numels)
         estimates = block_traces(operator, list(groups.values()), num_hvps=num_hvps, seed=seed)
         return dict(zip(groups, estimates, strict=True))
+
+
+def hessian_layer_lambda_max(
+    model: nn.Module,
+    loss_fn: LossFunction,
+    data: Any,
+    tol: float = 1e-3,
+    seed: int = 0,
+    params: ParameterFilter = None,
+    hvp: str = "auto",
+    reduction: Reduction = "mean",
+) -> dict[str, EigenResult]:
+    """The top eigenvalue of each module's diagonal Hessian block ``H_ll``, by Lanczos on the
+    Hessian restricted to that module's parameters (one solve, and one first-order graph,
+    per module; modules as in :func:`hessian_layer_traces`)."""
+    names = [name for name, _ in select_parameters(model, params)]
+    groups = module_groups(names, [1] * len(names))
+    results = {}
+    for module in groups:
+        members = [n for n in names if (n.rsplit(".", 1)[0] if "." in n else n) == module]
+        results[module] = hessian_eigenvalues(
+            model,
+            loss_fn,
+            data,
+            k=1,
+            tol=tol,
+            seed=seed,
+            params=members,
+            hvp=hvp,
+            reduction=reduction,
+        )
+    return results
 
 
 def sam_sharpness(

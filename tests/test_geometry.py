@@ -185,7 +185,14 @@ def test_the_spectrum_monitor_logs_layer_traces_and_sam_sharpness(tmp_path):
     torch.manual_seed(0)
     model = TanhRegressor(lr=0.0, d=3, width=5).double()  # lr 0: the final model is measured
     monitor = HessianSpectrumMonitor(
-        every_n_steps=2, k=1, trace=False, density=False, layer_traces=10_000, sam_radius=0.05
+        every_n_steps=2,
+        k=1,
+        trace=False,
+        density=False,
+        layer_traces=10_000,
+        sam_radius=0.05,
+        layer_lambda_max=True,
+        tol=1e-10,
     )
     logger = L.pytorch.loggers.TensorBoardLogger(tmp_path, name="run", version=0)
     trainer = L.Trainer(max_steps=2, callbacks=[monitor], **trainer_kwargs(logger=logger))
@@ -201,6 +208,10 @@ def test_the_spectrum_monitor_logs_layer_traces_and_sam_sharpness(tmp_path):
         assert values[f"spectral/hessian/layer/{layer}/trace_per_param"] == pytest.approx(
             block / size, rel=1e-9
         )
+        top = float(
+            torch.linalg.eigvalsh(dense[offset - size : offset, offset - size : offset])[-1]
+        )
+        assert values[f"spectral/hessian/layer/{layer}/lambda_max"] == pytest.approx(top, rel=1e-8)
     reference = sam_sharpness(model, mse, (x, y), radius=0.05)
     assert values["spectral/hessian/sam_sharpness"] == pytest.approx(reference.sharpness, rel=1e-9)
     assert values["spectral/hessian/sam_gradient_norm"] == pytest.approx(
@@ -228,7 +239,24 @@ def test_training_stays_bit_identical_with_every_geometry_measure():
         density_steps=4,
         layer_traces=4,
         sam_radius=0.05,
+        layer_lambda_max=True,
     )
     _assert_identical_runs(_fit_and_capture([]), _fit_and_capture([monitor]))
     assert math.isfinite(monitor.last_metrics["spectral/hessian/sam_sharpness"])
     assert math.isfinite(monitor.last_metrics["spectral/hessian/gradient_overlap"])
+
+
+def test_layer_lambda_max_against_dense_diagonal_blocks():
+    from spectral_callbacks.functional import hessian_layer_lambda_max
+
+    from .helpers import cross_entropy_loss, make_case
+
+    model, batches = make_case("mlp")
+    dense = dense_hessian_rows(model, cross_entropy_loss, batches)
+    sizes = {"0": 30, "2": 35, "4": 18}
+    bounds = torch.tensor([0, *sizes.values()]).cumsum(0).tolist()
+    results = hessian_layer_lambda_max(model, cross_entropy_loss, batches, tol=1e-10)
+    assert list(results) == ["0", "2", "4"]
+    for (name, a), b in zip(zip(sizes, bounds[:-1], strict=True), bounds[1:], strict=True):
+        truth = float(torch.linalg.eigvalsh(dense[a:b, a:b])[-1])
+        assert float(results[name].eigenvalues[0]) == pytest.approx(truth, rel=1e-8)

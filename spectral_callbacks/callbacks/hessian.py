@@ -609,6 +609,9 @@ class HessianSpectrumMonitor(_HessianMonitor):
             used (with ``reduction``).
         outputs_fn: ``outputs_fn(model, batch) -> (outputs, targets)`` for the GGN (default
             ``(model(x), y)`` of a batch ``(x, y)``).
+        layer_lambda_max: Also log ``spectral/hessian/layer/{module}/lambda_max``, the top
+            eigenvalue of each module's diagonal block (one Lanczos solve and one
+            first-order graph per module, counted in ``spectrum_num_hvps``).
         sam_radius: SAM's radius ``ρ``: logs ``spectral/hessian/sam_sharpness``
             (``L(θ + ρ g/‖g‖) − L(θ)``) and ``sam_gradient_norm`` (``‖∇L(θ + ρ g/‖g‖)‖``),
             at three forward and two backward passes; ``None`` (default) off.
@@ -646,6 +649,7 @@ class HessianSpectrumMonitor(_HessianMonitor):
         curvature: str = "hessian",
         ggn_loss: str | None = None,
         outputs_fn: Callable | None = None,
+        layer_lambda_max: bool = False,
     ) -> None:
         check_integer("k", k, minimum=1)
         check_choice("curvature", curvature, CURVATURES)
@@ -700,6 +704,9 @@ class HessianSpectrumMonitor(_HessianMonitor):
         self._sam_radius = check_number(
             "sam_radius", sam_radius, minimum=0.0, inclusive=False, allow_none=True
         )
+        self._layer_lambda_max = check_bool("layer_lambda_max", layer_lambda_max)
+        if layer_lambda_max and curvature != "hessian":
+            raise ValueError("layer_lambda_max applies to curvature='hessian'")
         self._layers: dict[str, int] = {}  # module -> parameter count, known at setup
         self.last_layer_traces: dict[str, float] = {}
         self.last_eigenvalues: torch.Tensor | None = None
@@ -715,7 +722,7 @@ class HessianSpectrumMonitor(_HessianMonitor):
         super().validate_setup(trainer, module)
         if self._curvature == "ggn" and trainer.world_size > 1:
             raise ValueError("curvature='ggn' is not supported under DDP yet")
-        if self._layer_traces:
+        if self._layer_traces or self._layer_lambda_max:
             named = select_parameters(module, self._params)
             self._layers = module_groups([n for n, _ in named], [p.numel() for _, p in named])
         size = flat_size(module, self._params)
@@ -785,12 +792,36 @@ class HessianSpectrumMonitor(_HessianMonitor):
                 metrics[prefix + "bulk_edge"] = report.bulk_edge
             if self._layer_traces:
                 metrics.update(self._layer_trace_metrics(operator))
+            if self._layer_lambda_max:
+                metrics.update(self._layer_lambda_max_metrics(trainer, module, probe, operator))
             if self._sam_radius is not None:
                 # Last: moving the parameters drops the first-order graphs the rest reused.
                 sam = sam_sharpness(operator, self._sam_radius)
                 metrics[prefix + "sam_sharpness"] = sam.sharpness
                 metrics[prefix + "sam_gradient_norm"] = sam.perturbed_gradient_norm
             metrics[prefix + "spectrum_num_hvps"] = float(operator.num_hvps)
+        return metrics
+
+    def _layer_lambda_max_metrics(
+        self, trainer: pl.Trainer, module: pl.LightningModule, probe: list[Any], whole: Any
+    ) -> dict[str, float]:
+        """λ_max of each module's diagonal block: the Hessian restricted to its parameters."""
+        metrics: dict[str, float] = {}
+        for layer in module_groups(whole.names, [1] * len(whole.names)):
+            members = [n for n in whole.names if (n.rsplit(".", 1)[0] if "." in n else n) == layer]
+            with HessianOperator(
+                module,
+                self._loss_fn or training_step_loss,
+                Batches(probe),
+                params=members,
+                hvp=self._hvp,
+                seed=self._seed,
+                distributed=trainer.world_size > 1,
+                reduction=self._reduction,
+            ) as block:
+                result = eigenpairs(block, k=1, tol=self._tol, seed=self._seed)
+                whole.num_hvps += block.num_hvps  # counted in spectrum_num_hvps
+            metrics[f"{self.prefix}layer/{layer}/lambda_max"] = float(result.eigenvalues[0])
         return metrics
 
     def _layer_trace_metrics(self, operator: HessianOperator) -> dict[str, float]:
@@ -840,7 +871,10 @@ class HessianSpectrumMonitor(_HessianMonitor):
             names += [prefix + "trace", prefix + "trace_stderr", prefix + "trace_lr_ratio"]
         for layer in self._layers:
             tag = f"{prefix}layer/{layer}/"
-            names += [tag + "trace", tag + "trace_stderr", tag + "trace_per_param"]
+            if self._layer_traces:
+                names += [tag + "trace", tag + "trace_stderr", tag + "trace_per_param"]
+            if self._layer_lambda_max:
+                names.append(tag + "lambda_max")
         if self._sam_radius is not None:
             names += [prefix + "sam_sharpness", prefix + "sam_gradient_norm"]
         if self._density:
@@ -882,8 +916,10 @@ class HessianSpectrumMonitor(_HessianMonitor):
             prefix + "gradient_overlap",
             prefix + "eigenspace_overlap",
         ]
-        if self._layers:
+        if self._layer_traces:
             charts["trace per parameter by layer"] = [prefix + r"layer/.*/trace_per_param"]
+        if self._layer_lambda_max:
+            charts["λ_max of each layer's diagonal block"] = [prefix + r"layer/.*/lambda_max"]
         if self._sam_radius is not None:
             charts["SAM sharpness L(θ + ρ ĝ) − L(θ)"] = [prefix + "sam_sharpness"]
         if self._trace:
