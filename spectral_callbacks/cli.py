@@ -7,10 +7,13 @@ import sys
 
 
 def main(argv: list[str] | None = None) -> int:
+    from . import __version__  # the package's __init__ imports no torch
+
     parser = argparse.ArgumentParser(
         prog="spectral-callbacks",
         description="Spectral callbacks for PyTorch Lightning.",
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
     demo = commands.add_parser(
         "demo",

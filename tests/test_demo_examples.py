@@ -87,3 +87,27 @@ def test_representations_example(tmp_path, monkeypatch):
     history = load_example("representations").main(["--fast"])
     assert len(history) >= 2
     assert all(0 < v["spectral/repr/encoder/rankme"] <= 64 for _, v in history)
+
+
+def test_help_and_version_answer_without_importing_torch():
+    code = (
+        "import sys\n"
+        "from spectral_callbacks.cli import main\n"
+        "for argv in (['--help'], ['--version'], ['demo', '--help']):\n"
+        "    try:\n"
+        "        main(argv)\n"
+        "    except SystemExit as done:\n"
+        "        assert done.code == 0, argv\n"
+        "print('torch imported:', 'torch' in sys.modules)\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr
+    from spectral_callbacks import __version__
+
+    assert f"spectral-callbacks {__version__}" in result.stdout
+    assert "torch imported: False" in result.stdout
+    import spectral_callbacks
+
+    assert spectral_callbacks.SharpnessMonitor.__name__ == "SharpnessMonitor"  # lazy import
