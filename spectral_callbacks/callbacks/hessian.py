@@ -576,8 +576,15 @@ class HessianSpectrumMonitor(_HessianMonitor):
         k: Number of top eigenvalues (at most the number of parameters, checked at setup).
         trace: Whether to estimate the trace.
         density: Whether to estimate the density (stochastic Lanczos quadrature).
-        probe_batches, loss_fn, tol, probe_data, params, seed, hvp, eval_mode, warm_start:
-            as for :class:`SharpnessMonitor`.
+        probe_batches: As for :class:`SharpnessMonitor`.
+        loss_fn: As for :class:`SharpnessMonitor`.
+        tol: As for :class:`SharpnessMonitor`.
+        probe_data: As for :class:`SharpnessMonitor`.
+        params: As for :class:`SharpnessMonitor`.
+        seed: As for :class:`SharpnessMonitor`.
+        hvp: As for :class:`SharpnessMonitor`.
+        eval_mode: As for :class:`SharpnessMonitor`.
+        warm_start: As for :class:`SharpnessMonitor`.
         method: Eigensolver, ``"auto"`` (Lanczos, or block Lanczos when ``block_size`` is
             given), ``"lanczos"`` or ``"block_lanczos"``.
         block_size: Vectors per block of block Lanczos (default 4); at least the
@@ -589,7 +596,8 @@ class HessianSpectrumMonitor(_HessianMonitor):
         density_probes: Probes for the density.
         density_steps: Lanczos steps per density probe.
         max_iter: Most Hessian-vector products of the top-k solve (default ``max(100, 20k)``).
-        reduction, name: as for :class:`SharpnessMonitor`.
+        reduction: As for :class:`SharpnessMonitor`.
+        name: As for :class:`SharpnessMonitor`.
         checkpoint_warm_start: as for :class:`SharpnessMonitor`; here the ``k`` top
             eigenvectors (``k · n`` entries in the solve's dtype).
         figure_every_n_steps: Optimizer steps between density figures (default
