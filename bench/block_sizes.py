@@ -4,7 +4,7 @@
     python bench/block_sizes.py --workloads tiny       # seconds
 
 On a GPU a block of ``p`` products costs less per vector than one product (vmapped, and far
-less when compiled: BENCHMARKS.md), but block Lanczos needs more products for the same
+less when compiled: docs/benchmarks.md), but block Lanczos needs more products for the same
 eigenvalues. This study measures the second factor, which does not depend on the device, so
 that a GPU run only has to time the products. For each workload and block size ``p`` (1 is
 single-vector ``lanczos``) it counts the products and reports the error against a

@@ -4,7 +4,7 @@
 #   bash bench/gpu.sh --workloads W1                      # then W2, W3 (--no-shared-figures)
 #   bash bench/gpu.sh --workloads W2 --figures top10 warm --no-shared-figures
 #
-# The peers (BENCHMARKS.md) travel as wheels in .whl/ (carry it; README "Benchmarks" shows
+# The peers (docs/benchmarks.md) travel as wheels in .whl/ (carry it; docs/benchmarks.md shows
 # the download). Results go to bench/results/ and, after every figure, to $OUT when it is
 # set, so a command cut off at the lease's limit still returns its finished figures. The
 # day's earlier results for this device (copied back into bench/results/ after the last

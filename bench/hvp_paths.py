@@ -1,4 +1,4 @@
-"""Figure 1 of BENCHMARKS.md: cost of a gradient and of a Hessian-vector product by each path.
+"""Figure 1 of docs/benchmarks.md: cost of a gradient and of a Hessian-vector product by each path.
 
 Usage::
 

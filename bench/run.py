@@ -1,4 +1,4 @@
-"""The benchmark of BENCHMARKS.md: every workload and tool on one device, six figures.
+"""The benchmark of docs/benchmarks.md: every workload and tool on one device, six figures.
 
     python bench/run.py --device cuda                    # W1 W2 W3, all peers that import
     python bench/run.py --device cpu --smoke             # the tiny workload, seconds
@@ -228,7 +228,7 @@ def compiled_hvp_costs(model, batch, loss_fn, device, repeats) -> dict:
 
 
 def reference_eigenvalues(model, batch, loss_fn, k: int) -> torch.Tensor:
-    """Lanczos with full reorthogonalisation, 120 steps, float64 tridiagonal (BENCHMARKS.md)."""
+    """Lanczos with full reorthogonalisation, 120 steps, float64 tridiagonal (docs/benchmarks.md)."""
     with HessianOperator(model, loss_fn, batch) as op:
         return lanczos(op, k=k, tol=1e-14, max_iter=min(120, op.size)).eigenvalues
 

@@ -65,7 +65,7 @@ are exact (autograd), by one of these paths:
 
 ``"auto"`` takes ``reuse_graph`` for single vectors (a vmapped block of one is several times
 slower) and on the CPU, and ``forward_over_reverse`` for blocks on CUDA, where the block
-amortises it below the reused graph's cost per vector (bench/ and BENCHMARKS.md). Where the
+amortises it below the reused graph's cost per vector (docs/benchmarks.md). Where the
 loss has no double backward (and the cause is not attention, which runs on the math kernel)
 ``auto`` switches to ``gradient_difference`` and warns once.
 """
