@@ -228,7 +228,7 @@ def compiled_hvp_costs(model, batch, loss_fn, device, repeats) -> dict:
 
 
 def reference_eigenvalues(model, batch, loss_fn, k: int) -> torch.Tensor:
-    """Lanczos with full reorthogonalisation, 120 steps, float64 tridiagonal (docs/benchmarks.md)."""
+    """Lanczos with full reorthogonalisation, 120 steps, float64 tridiagonal (docs/benchmarks)."""
     with HessianOperator(model, loss_fn, batch) as op:
         return lanczos(op, k=k, tol=1e-14, max_iter=min(120, op.size)).eigenvalues
 
