@@ -107,21 +107,16 @@ def select_ritz(values: torch.Tensor, k: int, which: str) -> torch.Tensor:
 #: eigenvectors). A direction absent from the previous eigenvectors, such as an eigenvalue
 #: that has overtaken the previous top one(s), has almost no component in them, so a pure
 #: warm start finds it late or never: a residual-converged solve then reports the old
-#: direction's value. With the random part it enters the Krylov space as in a cold start.
-#: Measured (``bench/warm_starts.py``): top-10 of an MLP 64-64-10 ten SGD steps later at
-#: ``tol = 1e-3``, twelve seeds: pure warm starts 94 products and all 1.2e-2 off (an
-#: eigenvalue that entered the top ten was skipped); mixed 96-118 and 3 off, as many as cold
-#: starts (92-124, 2 off). Top-1 warm starts cost 0-3 more products (8 -> 9-10 on a 2-layer
-#: GPT, 10 -> 12-13 on the MLP).
+#: direction's value. With the random part it enters the Krylov space as in a cold start,
+#: at a cost of a few products (``bench/warm_starts.py``; docs, "How the numbers are
+#: computed").
 WARM_START_MIXING = 1.0
 
 
 #: Bytes the single-vector Lanczos basis may take by default. A basis that would grow past
 #: it is bounded (thick restart, see :func:`lanczos`) to as many vectors as fit, but never
-#: fewer than :func:`minimum_default_basis`. Measured (``bench/thick_restart.py``, tol 1e-3,
-#: three seeds): bounding W1's top-1 basis to 16 vectors cost 56 products against 53
-#: unbounded, 24 cost 54; top-10 with 32 vectors cost 192 against 181 (a 2-layer GPT: 32
-#: against 32, and 103 against 99).
+#: fewer than :func:`minimum_default_basis`; a bound costs a few more products than an
+#: unbounded basis (``bench/thick_restart.py``; docs, "How the numbers are computed").
 KRYLOV_BASIS_BYTES = 2**30
 
 
@@ -544,8 +539,7 @@ def block_lanczos(
         tol: Relative Ritz residual tolerance.
         block_size: Vectors per block ``p``; default 4 (at most ``n``). Larger blocks resolve
             higher multiplicities and batch more products per step but need more products in
-            all: top-10 of a 2-layer GPT at ``tol=1e-3`` took 148–160 products with ``p=4``,
-            240–264 with ``p=12``, and 99–102 by single-vector Lanczos.
+            all than single-vector Lanczos (``bench/block_sizes.py``).
         max_iter: Maximum number of operator products (so about ``max_iter / p`` steps);
             default ``min(n, 2·max(100, 20k))`` rounded up to whole blocks, twice the
             single-vector default because a block needs more products.
@@ -699,12 +693,10 @@ def choose_eigen_method(method: str, block_size: int | None = None) -> str:
     """The eigensolver ``method`` stands for: ``"auto"`` is single-vector Lanczos unless a
     ``block_size`` is given (then block Lanczos), on every device.
 
-    Block Lanczos needs more products for the same top-k: at k=10, tol=1e-3 a block of 12
-    used its whole default budget (204 HVPs) without converging on W1 (error 1.1e-2) and a
-    2-layer GPT, where single-vector Lanczos converged in 99-182 HVPs to ~1e-6 (README). A
-    cheaper product per vector in a block (vmapped, compiled) would have to beat that
-    factor; once GPU measurements of this code exist, a device-dependent choice belongs
-    here (``bench/block_sizes.py`` turns one block-product timing into a prediction).
+    Block Lanczos needs more products for the same top-k (``bench/top_k_methods.py``), so
+    a cheaper product per vector in a block (vmapped, compiled) would have to beat that
+    factor before ``"auto"`` should choose it; ``bench/block_sizes.py`` turns one
+    block-product timing into that prediction.
     """
     validate_method(method, block_size)
     if method != "auto":

@@ -119,11 +119,10 @@ class SpectralDensity:
 
         Every node is a Ritz value, so ``λ_min ≤ lambda_min`` (Cauchy interlacing), and some
         eigenvalue lies within :attr:`lambda_min_residual` of it (both up to rounding when
-        the recurrences kept two vectors: Paige 1980). Lanczos resolves the ends
-        of a spectrum first: with the default 64 steps it matched a separate solve for the
-        smallest eigenvalue (``tol=1e-8``) to within 1.1e-7 of λ_max on W1 and a 2-layer GPT
-        (README, "Density"). Like any Krylov estimate it cannot reveal an eigenvalue that no
-        probe has reached yet.
+        the recurrences kept two vectors: Paige 1980). Lanczos resolves the ends of a
+        spectrum first, so with the default 64 steps it is close to a separate solve for the
+        smallest eigenvalue (``bench/negative_mass.py``). Like any Krylov estimate it cannot
+        reveal an eigenvalue that no probe has reached yet.
         """
         finite = self.nodes[torch.isfinite(self.nodes)]
         return float(finite.min()) if finite.numel() else math.nan
