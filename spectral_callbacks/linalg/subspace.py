@@ -27,6 +27,12 @@ def subspace_fraction(rows: torch.Tensor, vector: torch.Tensor) -> float:
     the *gradient overlap* of Gur-Ari et al. (2018), ``‖V_kᵀ g‖² / ‖g‖²``, which they found
     close to 1 for ``k`` the number of classes: gradient descent happens in a tiny subspace.
     NaN for a zero vector.
+
+    Example:
+        >>> import torch
+        >>> plane = torch.eye(3)[:2]                   # the span of e₁ and e₂
+        >>> subspace_fraction(plane, torch.tensor([3.0, 0.0, 4.0]))
+        0.36
     """
     v = vector.reshape(-1).to(device=rows.device, dtype=torch.float64)
     norm = float(v.pow(2).sum())
@@ -38,7 +44,14 @@ def subspace_fraction(rows: torch.Tensor, vector: torch.Tensor) -> float:
 
 def principal_angles(first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
     """Principal angles (radians, ascending) between the spans of two ``(k, n)`` row sets:
-    ``arccos`` of the singular values of ``Q₁ Q₂ᵀ``, float64 on the CPU."""
+    ``arccos`` of the singular values of ``Q₁ Q₂ᵀ``, float64 on the CPU.
+
+    Example:
+        >>> import math, torch
+        >>> turned = torch.tensor([[math.cos(0.3), math.sin(0.3), 0.0]])
+        >>> principal_angles(torch.eye(3)[:1], turned).tolist()  # doctest: +ELLIPSIS
+        [0.3000...]
+    """
     q1, q2 = _orthonormal(first), _orthonormal(second.to(first.device))
     cosines = torch.linalg.svdvals(q1 @ q2.T).clamp(0.0, 1.0)
     return torch.arccos(cosines).cpu()

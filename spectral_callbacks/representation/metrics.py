@@ -70,6 +70,13 @@ def rankme(
     ``σ_k`` are the singular values of the raw (uncentred, unless ``center=True``) embedding
     matrix, obtained as ``sqrt`` of the second-moment eigenvalues (a 1-D input is taken as
     those eigenvalues). ``ε = 1e-7`` as in the paper. Ranges over ``(0, min(N, D)]``.
+
+    Example:
+        Three equal singular values and no others give RankMe 3 (up to ``ε``):
+
+        >>> import torch
+        >>> round(rankme(torch.tensor([4.0, 4.0, 4.0, 0.0])), 4)
+        3.0
     """
     values = _spectrum(z_or_eigs, centred=False, center=center, pool=pool)
     p = _distribution(values.sqrt()) + eps
