@@ -87,3 +87,15 @@ def test_the_outlier_study_runs_on_a_tiny_mlp():
     (row,) = study.main(["--smoke"])
     assert row["parameters"] == 714 and 0 <= row["slq_count"] <= 20
     assert row["dense_count"] >= 0 and row["top"] == sorted(row["top"], reverse=True)
+
+
+def test_the_monitor_cost_study_runs_a_few_steps():
+    spec = importlib.util.spec_from_file_location(
+        "bench_monitor_cost", BENCH.with_name("monitor_cost.py")
+    )
+    study = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(study)
+    rows = study.main(["--smoke"])
+    assert {row["model"] for row in rows} == {"A", "B"}
+    sharp = next(r for r in rows if r["model"] == "A" and "Sharpness" in r["monitor"])
+    assert sharp["measurements"] == 11 and sharp["median_products"] > 0
