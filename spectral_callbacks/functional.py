@@ -39,6 +39,7 @@ from .curvature import (
     stability_preconditioner,
     stability_ratio,
 )
+from .curvature.data import module_of
 from .curvature.flatness import sam_sharpness as _sam_sharpness
 from .linalg import (
     EIGEN_METHODS,
@@ -276,7 +277,7 @@ def hessian_layer_lambda_max(
     groups = module_groups(names, [1] * len(names))
     results = {}
     for module in groups:
-        members = [n for n in names if (n.rsplit(".", 1)[0] if "." in n else n) == module]
+        members = [n for n in names if module_of(n) == module]
         results[module] = hessian_eigenvalues(
             model,
             loss_fn,

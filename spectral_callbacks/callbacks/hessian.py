@@ -36,7 +36,7 @@ from ..curvature import (
     stability_preconditioner,
     stability_ratio,
 )
-from ..curvature.data import check_parameter_filter
+from ..curvature.data import check_parameter_filter, module_of
 from ..curvature.flatness import sam_sharpness
 from ..curvature.ggn import CURVATURES, GGN_LOSSES, GGNOperator
 from ..curvature.preconditioner import NoPreconditionerYet
@@ -816,7 +816,7 @@ class HessianSpectrumMonitor(_HessianMonitor):
         """λ_max of each module's diagonal block: the Hessian restricted to its parameters."""
         metrics: dict[str, float] = {}
         for layer in module_groups(whole.names, [1] * len(whole.names)):
-            members = [n for n in whole.names if (n.rsplit(".", 1)[0] if "." in n else n) == layer]
+            members = [n for n in whole.names if module_of(n) == layer]
             with HessianOperator(
                 module,
                 self._loss_fn or training_step_loss,

@@ -23,6 +23,7 @@ __all__ = [
     "check_parameter_filter",
     "map_tensors",
     "module_groups",
+    "module_of",
     "move_to_device",
     "select_parameters",
 ]
@@ -72,9 +73,14 @@ def module_groups(names: list[str], numels: list[int]) -> dict[str, int]:
     """
     groups: dict[str, int] = {}
     for name, numel in zip(names, numels, strict=True):
-        module = name.rsplit(".", 1)[0] if "." in name else name
+        module = module_of(name)
         groups[module] = groups.get(module, 0) + numel
     return groups
+
+
+def module_of(name: str) -> str:
+    """The module that owns parameter ``name`` (``"encoder.0.weight"`` -> ``"encoder.0"``)."""
+    return name.rsplit(".", 1)[0] if "." in name else name
 
 
 def select_parameters(
