@@ -117,7 +117,7 @@ class GGNOperator:
         self._graphs = None
         self._buffers.restore()
 
-    def _output_curvature(self, outputs: torch.Tensor, targets: torch.Tensor):
+    def _output_curvature(self, outputs: torch.Tensor):
         """``w ↦ H_out w`` for this batch's (flattened) outputs, reduction included."""
         f = outputs.detach()
         if self.loss == "cross_entropy":
@@ -141,14 +141,12 @@ class GGNOperator:
             graphs = []
             for batch in self.batches:
                 with measurement_context(self.model, self.seed):
-                    outputs, targets = self.outputs_fn(self.model, batch)
+                    outputs, _ = self.outputs_fn(self.model, batch)  # H_out needs no targets
                     dummy = torch.zeros_like(outputs, requires_grad=True)
                     transposed = torch.autograd.grad(
                         outputs, self.params, dummy, create_graph=True, allow_unused=True
                     )
-                graphs.append(
-                    (outputs, dummy, transposed, self._output_curvature(outputs, targets))
-                )
+                graphs.append((outputs, dummy, transposed, self._output_curvature(outputs)))
             self._graphs = graphs
         return self._graphs
 
