@@ -33,6 +33,7 @@ from torch import nn
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.report import markdown  # noqa: E402
 from spectral_callbacks.curvature import HessianOperator  # noqa: E402
 from spectral_callbacks.functional import hessian_eigenvalues, rankme  # noqa: E402
 from spectral_callbacks.linalg import lanczos  # noqa: E402
@@ -633,130 +634,6 @@ def merge_results(earlier: dict, new: dict) -> dict:
     for name, entry in new.get("workloads", {}).items():
         merged["workloads"].setdefault(name, {}).update(entry)
     return merged
-
-
-def _mib(value) -> str:
-    return value if isinstance(value, str) else f"{value:.0f} MiB"
-
-
-def _table(header: list[str], rows: list[list[str]]) -> list[str]:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    return lines + ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
-
-
-def _cost(row: dict, key: str) -> str:
-    value = row.get(key, "not run")
-    return value if isinstance(value, str) else f"{value:.2f} ({value / row['grad_ms']:.1f}×)"
-
-
-def markdown(results: dict) -> str:
-    """The six figures as markdown tables."""
-    workloads = results["workloads"]
-    lines = [
-        f"Device: {results['device']}, torch {results['torch']}, {results['date']}, "
-        f"median of {results['repeats']}.",
-        "",
-        "**1. Gradient and HVP cost** (ms per vector; × gradient)",
-        "",
-    ]
-    paths = [
-        "fresh_double_backward_ms",
-        "reuse_graph_ms",
-        "forward_over_reverse_1_ms_per_vector",
-        "forward_over_reverse_8_ms_per_vector",
-        "compiled_1_ms_per_vector",
-        "compiled_8_ms_per_vector",
-    ]
-    lines += _table(
-        [
-            "workload",
-            "gradient",
-            "fresh double backward",
-            "reused graph",
-            "fwd-over-rev",
-            "vmap 8",
-            "compiled, 1",
-            "compiled, vmap 8",
-        ],
-        [
-            [name, f"{e['hvp_paths']['grad_ms']:.2f}"] + [_cost(e["hvp_paths"], k) for k in paths]
-            for name, e in workloads.items()
-            if "hvp_paths" in e
-        ],
-    )
-    for figure, key in (
-        ("2a. Top-1 to relative error ≤ 1e-3", "top1"),
-        ("2b. Top-10 to relative error ≤ 1e-2", "top10"),
-    ):
-        rows = []
-        for name, entry in workloads.items():
-            for row in entry.get(key, []):
-                if "status" in row:
-                    rows.append([name, row["tool"], row["status"], "", ""])
-                else:
-                    rows.append(
-                        [
-                            name,
-                            row["tool"],
-                            f"{row['seconds']:.3f}",
-                            f"{row['max_rel_error']:.1e}",
-                            row.get("host_syncs", "not counted"),
-                        ]
-                    )
-        lines += [
-            "",
-            f"**{figure}**",
-            "",
-            *_table(["workload", "tool", "seconds", "max rel. error", "host syncs"], rows),
-        ]
-    compile_notes = [
-        f"{name}: {e['hvp_paths'][f'compile_{w}_s']:.1f} s for blocks of {w}"
-        for name, e in workloads.items()
-        for w in (1, 8)
-        if f"compile_{w}_s" in e.get("hvp_paths", {})
-    ]
-    if compile_notes:
-        lines += ["", "One-time compilation (eager check included): " + "; ".join(compile_notes)]
-    rows = [
-        [
-            name,
-            w["hvp"],
-            w["measurements"],
-            f"{w['median_seconds']:.4f}",
-            f"{w['median_gradient_times']:.1f}",
-            w["median_hvps"],
-        ]
-        for name, e in workloads.items()
-        for w in e.get("warm_tracking", [])
-    ]
-    lines += ["", "**3. Warm-started tracking** (λ_max to 1e-3 from the previous eigenvector)", ""]
-    lines += _table(
-        ["workload", "HVP path", "measurements", "median s", "gradient-times", "HVPs"], rows
-    )
-    o = results.get("training_overhead")
-    if o is not None:
-        lines += [
-            "",
-            f"**4. Training overhead** of `SharpnessMonitor(every_n_steps={o['every_n_steps']})`, "
-            f"{o['model']}, {o['steps']} SGD steps: {o['plain_s']:.2f} s → "
-            f"{o['monitored_s']:.2f} s ({100 * o['overhead']:+.1f} %).",
-        ]
-    memory = ", ".join(
-        f"{n}: {_mib(e.get('peak_extra_memory_mib', 'not run'))} "
-        f"(unbounded basis: {_mib(e.get('peak_extra_memory_unbounded_mib', 'not run'))})"
-        for n, e in workloads.items()
-    )
-    lines += ["", f"**5. Peak extra device memory of a cold top-1 measurement**: {memory}"]
-    r = results.get("representation")
-    if r is not None:
-        lines += [
-            "",
-            f"**6. RankMe of {r['shape'][0]} × {r['shape'][1]} embeddings**: streaming float64 "
-            f"covariance {r['ours_seconds']:.3f} s, `torch.linalg.svdvals` (float64) "
-            f"{r['svdvals_seconds']:.3f} s; RankMe {r['rankme_ours']:.4f} vs "
-            f"{r['rankme_svdvals']:.4f} (relative difference {r['relative_difference']:.1e}).",
-        ]
-    return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> dict:

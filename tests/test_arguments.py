@@ -275,3 +275,20 @@ def test_the_functional_trace_and_density_name_their_bad_arguments():
         hessian_density(TanhRegressor(), loss, (x, y), reorthogonalize="yes")
     with pytest.raises(ValueError, match="data holds no batch"):
         hessian_trace(TanhRegressor(), loss, [])
+
+
+@pytest.mark.parametrize(
+    "callback",
+    [SharpnessMonitor, HessianSpectrumMonitor, RepresentationMonitor, SpectralEarlyStopping],
+)
+def test_every_constructor_argument_is_documented(callback):
+    """The callback pages render the class docstrings as the argument reference, so an
+    argument missing from ``Args:`` is missing from the documentation."""
+    import re
+
+    doc = inspect.getdoc(callback)
+    assert "\nArgs:\n" in doc
+    args_section = doc.split("\nArgs:\n")[1].split("\n\n")[0]
+    documented = set(re.findall(r"^ {4}\**(\w+)(?: \(.*?\))?:", args_section, re.M))
+    parameters = list(inspect.signature(callback).parameters)
+    assert [p for p in parameters if p not in documented] == []

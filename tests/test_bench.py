@@ -99,3 +99,16 @@ def test_the_monitor_cost_study_runs_a_few_steps():
     assert {row["model"] for row in rows} == {"A", "B"}
     sharp = next(r for r in rows if r["model"] == "A" and "Sharpness" in r["monitor"])
     assert sharp["measurements"] == 11 and sharp["median_products"] > 0
+
+
+def test_recorded_tables_are_rendered_from_the_recorded_json():
+    """Every ``bench/run.py`` table in ``bench/results/`` (and on the benchmarks page, which
+    renders the same files) is what ``bench/report.py`` makes of the JSON beside it."""
+    spec = importlib.util.spec_from_file_location("bench_report", BENCH.with_name("report.py"))
+    report = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(report)
+    runs = report.peer_comparisons()
+    assert runs, "no bench/run.py results are recorded"
+    assert runs[0][1]["device"].startswith("cpu")
+    for path, results in runs:
+        assert path.with_suffix(".md").read_text() == report.markdown(results), path.name

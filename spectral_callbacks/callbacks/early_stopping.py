@@ -62,7 +62,12 @@ class SpectralEarlyStopping(EarlyStopping):
         fraction: ``"collapse"``: fraction of the peak below which the value has collapsed.
         warmup_steps: Ignore measurements at ``global_step < warmup_steps``.
         action: ``"stop"`` or ``"warn"``.
-        **kwargs: The other arguments of ``EarlyStopping``.
+        patience: Measurements in a row that must meet the rule (for ``"improvement"``:
+            measurements without an improvement) before the run stops.
+        mode: ``"min"`` or ``"max"``: the direction of improvement of ``"improvement"``
+            (the other rules ignore it; ``"collapse"`` always tracks the maximum).
+        **kwargs: The other arguments of ``EarlyStopping`` (``min_delta``, ``verbose``,
+            ``check_finite``, ``stopping_threshold``, ``divergence_threshold``, ...).
     """
 
     def __init__(

@@ -1,0 +1,1 @@
+"""Benchmarks and studies (run as scripts: ``python bench/run.py``); results in ``bench/results/``."""

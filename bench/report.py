@@ -1,0 +1,177 @@
+"""The report of ``bench/run.py``: markdown tables from its JSON results (no torch needed).
+
+    python bench/report.py                      # rewrite every run's .md from its .json
+    python bench/report.py bench/results/X.json # print one run's tables
+
+The documentation site renders the same tables from the same files at build time
+(``docs/hooks.py``), so no table of the comparison with the peers is copied by hand.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import sys
+
+RESULTS = pathlib.Path(__file__).resolve().parent / "results"
+
+
+def is_peer_comparison(results: dict) -> bool:
+    """Whether a results file was written by ``bench/run.py`` (the comparison with the peers)."""
+    return {"workloads", "device", "repeats"} <= results.keys()
+
+
+def peer_comparisons(folder: pathlib.Path = RESULTS) -> list[tuple[pathlib.Path, dict]]:
+    """Every ``bench/run.py`` results file in ``folder``: CPU runs first, newest first."""
+    runs = []
+    for path in sorted(folder.glob("*.json")):
+        results = json.loads(path.read_text())
+        if isinstance(results, dict) and is_peer_comparison(results):
+            runs.append((path, results))
+    runs.sort(key=lambda run: run[1]["date"], reverse=True)
+    runs.sort(key=lambda run: not run[1]["device"].startswith("cpu"))
+    return runs
+
+
+def _as_list(rows: list | dict) -> list:
+    """Files before 2026-12 hold one warm-tracking row as a dict (the ``auto`` path)."""
+    return [rows] if isinstance(rows, dict) else rows
+
+
+def _mib(value) -> str:
+    return value if isinstance(value, str) else f"{value:.0f} MiB"
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return lines + ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+
+
+def _cost(row: dict, key: str) -> str:
+    value = row.get(key, "not run")
+    return value if isinstance(value, str) else f"{value:.2f} ({value / row['grad_ms']:.1f}×)"
+
+
+def markdown(results: dict) -> str:
+    """The six figures as markdown tables."""
+    workloads = results["workloads"]
+    lines = [
+        f"Device: {results['device']}, torch {results['torch']}, {results['date']}, "
+        f"median of {results['repeats']}.",
+        "",
+        "**1. Gradient and HVP cost** (ms per vector; × gradient)",
+        "",
+    ]
+    paths = [
+        "fresh_double_backward_ms",
+        "reuse_graph_ms",
+        "forward_over_reverse_1_ms_per_vector",
+        "forward_over_reverse_8_ms_per_vector",
+        "compiled_1_ms_per_vector",
+        "compiled_8_ms_per_vector",
+    ]
+    lines += _table(
+        [
+            "workload",
+            "gradient",
+            "fresh double backward",
+            "reused graph",
+            "fwd-over-rev",
+            "vmap 8",
+            "compiled, 1",
+            "compiled, vmap 8",
+        ],
+        [
+            [name, f"{e['hvp_paths']['grad_ms']:.2f}"] + [_cost(e["hvp_paths"], k) for k in paths]
+            for name, e in workloads.items()
+            if "hvp_paths" in e
+        ],
+    )
+    for figure, key in (
+        ("2a. Top-1 to relative error ≤ 1e-3", "top1"),
+        ("2b. Top-10 to relative error ≤ 1e-2", "top10"),
+    ):
+        rows = []
+        for name, entry in workloads.items():
+            for row in entry.get(key, []):
+                if "status" in row:
+                    rows.append([name, row["tool"], row["status"], "", ""])
+                else:
+                    rows.append(
+                        [
+                            name,
+                            row["tool"],
+                            f"{row['seconds']:.3f}",
+                            f"{row['max_rel_error']:.1e}",
+                            row.get("host_syncs", "not counted"),
+                        ]
+                    )
+        lines += [
+            "",
+            f"**{figure}**",
+            "",
+            *_table(["workload", "tool", "seconds", "max rel. error", "host syncs"], rows),
+        ]
+    compile_notes = [
+        f"{name}: {e['hvp_paths'][f'compile_{w}_s']:.1f} s for blocks of {w}"
+        for name, e in workloads.items()
+        for w in (1, 8)
+        if f"compile_{w}_s" in e.get("hvp_paths", {})
+    ]
+    if compile_notes:
+        lines += ["", "One-time compilation (eager check included): " + "; ".join(compile_notes)]
+    rows = [
+        [
+            name,
+            w.get("hvp", "auto"),
+            w["measurements"],
+            f"{w['median_seconds']:.4f}",
+            f"{w['median_gradient_times']:.1f}",
+            w["median_hvps"],
+        ]
+        for name, e in workloads.items()
+        for w in _as_list(e.get("warm_tracking", []))
+    ]
+    lines += ["", "**3. Warm-started tracking** (λ_max to 1e-3 from the previous eigenvector)", ""]
+    lines += _table(
+        ["workload", "HVP path", "measurements", "median s", "gradient-times", "HVPs"], rows
+    )
+    o = results.get("training_overhead")
+    if o is not None:
+        lines += [
+            "",
+            f"**4. Training overhead** of `SharpnessMonitor(every_n_steps={o['every_n_steps']})`, "
+            f"{o['model']}, {o['steps']} SGD steps: {o['plain_s']:.2f} s → "
+            f"{o['monitored_s']:.2f} s ({100 * o['overhead']:+.1f} %).",
+        ]
+    memory = ", ".join(
+        f"{n}: {_mib(e.get('peak_extra_memory_mib', 'not run'))} "
+        f"(unbounded basis: {_mib(e.get('peak_extra_memory_unbounded_mib', 'not run'))})"
+        for n, e in workloads.items()
+    )
+    lines += ["", f"**5. Peak extra device memory of a cold top-1 measurement**: {memory}"]
+    r = results.get("representation")
+    if r is not None:
+        lines += [
+            "",
+            f"**6. RankMe of {r['shape'][0]} × {r['shape'][1]} embeddings**: streaming float64 "
+            f"covariance {r['ours_seconds']:.3f} s, `torch.linalg.svdvals` (float64) "
+            f"{r['svdvals_seconds']:.3f} s; RankMe {r['rankme_ours']:.4f} vs "
+            f"{r['rankme_svdvals']:.4f} (relative difference {r['relative_difference']:.1e}).",
+        ]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    paths = [pathlib.Path(a) for a in (sys.argv[1:] if argv is None else argv)]
+    if paths:
+        for path in paths:
+            print(markdown(json.loads(path.read_text())))
+        return
+    for path, results in peer_comparisons():
+        path.with_suffix(".md").write_text(markdown(results))
+        print(f"wrote {path.with_suffix('.md')}")
+
+
+if __name__ == "__main__":
+    main()
