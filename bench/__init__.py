@@ -1,1 +1,2 @@
-"""Benchmarks and studies (run as scripts: ``python bench/run.py``); results in ``bench/results/``."""
+"""Benchmarks and studies, run as scripts (``python bench/run.py``); results in
+``bench/results/``."""

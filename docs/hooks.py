@@ -16,6 +16,7 @@ CALLBACKS = (
     "SharpnessMonitor",
     "HessianSpectrumMonitor",
     "RepresentationMonitor",
+    "WeightSpectrumMonitor",
     "SpectralEarlyStopping",
 )
 

@@ -1,9 +1,11 @@
-"""Spectral callbacks for PyTorch Lightning: Hessian sharpness and spectra during training.
+"""Spectral callbacks for PyTorch Lightning: Hessian, representation and weight spectra
+during training.
 
 The callbacks live at the top level; the math is importable without Lightning from
-:mod:`spectral_callbacks.linalg`, :mod:`spectral_callbacks.curvature` and
-:mod:`spectral_callbacks.functional`. The top-level names are imported on first use, so
-``spectral-callbacks --help`` and ``--version`` answer without importing torch.
+:mod:`spectral_callbacks.linalg`, :mod:`spectral_callbacks.curvature`,
+:mod:`spectral_callbacks.weights` and :mod:`spectral_callbacks.functional`. The top-level
+names are imported on first use, so ``spectral-callbacks --help`` and ``--version`` answer
+without importing torch.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ _EXPORTS = {
     "RepresentationMonitor": ".callbacks",
     "SharpnessMonitor": ".callbacks",
     "SpectralEarlyStopping": ".callbacks",
+    "WeightSpectrumMonitor": ".callbacks",
 }
 
 __all__ = [
@@ -28,6 +31,7 @@ __all__ = [
     "RepresentationMonitor",
     "SharpnessMonitor",
     "SpectralEarlyStopping",
+    "WeightSpectrumMonitor",
     "__version__",
 ]
 
@@ -37,6 +41,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs; at run time __getattr__ imports
         RepresentationMonitor,
         SharpnessMonitor,
         SpectralEarlyStopping,
+        WeightSpectrumMonitor,
     )
     from .curvature import Batches
 

@@ -3,8 +3,10 @@
 1. **Edge of stability.** Full-batch gradient descent on a tanh MLP with MSE loss:
    ``SharpnessMonitor`` shows λ_max climbing to ``2/lr`` and hovering there (Cohen et al.
    2021), ``HessianSpectrumMonitor`` the top-5 eigenvalues, trace and density.
-2. **Representations.** A small classifier trained with Adam on a Gaussian-mixture task:
-   ``RepresentationMonitor`` logs RankMe and α-ReQ of three encoder layers as they change.
+2. **Representations and weights.** A small classifier trained with Adam on a
+   Gaussian-mixture task: ``RepresentationMonitor`` logs RankMe and α-ReQ of three encoder
+   layers as they change, ``WeightSpectrumMonitor`` the heavy-tailed α, stable rank and the
+   turn of each layer's top singular subspace.
 
 Writes TensorBoard logs under ``out``, a summary figure ``out/summary.png``, and prints what
 it measured and the ``tensorboard`` command to run.
@@ -23,7 +25,12 @@ import torch.nn.functional as F
 from lightning.pytorch.loggers import TensorBoardLogger
 from torch import nn
 
-from .callbacks import HessianSpectrumMonitor, RepresentationMonitor, SharpnessMonitor
+from .callbacks import (
+    HessianSpectrumMonitor,
+    RepresentationMonitor,
+    SharpnessMonitor,
+    WeightSpectrumMonitor,
+)
 
 __all__ = ["DemoSettings", "run_demo"]
 
@@ -205,8 +212,14 @@ def run_demo(
     val_loader = torch.utils.data.DataLoader(
         torch.utils.data.TensorDataset(val_x, val_y), batch_size=512
     )
+    weights = WeightSpectrumMonitor(every_n_steps=settings.repr_every, drift_rank=5)
     trainer = _trainer(
-        out, RUNS[1], version, [representation], progress, max_epochs=settings.repr_epochs
+        out,
+        RUNS[1],
+        version,
+        [representation, weights],
+        progress,
+        max_epochs=settings.repr_epochs,
     )
     trainer.fit(MixtureClassifier(), train_loader, val_loader)
 
@@ -217,6 +230,8 @@ def run_demo(
         "spectrum": spectrum.history,
         "representations": representation.history,
         "layers": layers,
+        "weights": weights.history,
+        "weight_layers": weights.layer_names,
         "figure": str(out / "summary.png"),
         "logdir": str(out),
         "version": version,
@@ -311,6 +326,17 @@ def format_summary(summary: dict) -> str:
             cells.append(f"{first[key]:6.2f} → {last[key]:6.2f}")
         lines.append(f"   {layer:<10}  " + "  ".join(f"{c:>15}" for c in cells))
     lines.append(f"   (steps {first_step} → {last_step})")
+    history = summary["weights"]
+    (first_step, first), (last_step, last) = history[0], history[-1]
+    lines += ["", f"   weight spectra (steps {first_step} → {last_step})", ""]
+    lines.append(f"   {'layer':<10}  {'α':>15}  {'stable rank':>15}  {'top-5 turn (rad)':>16}")
+    for layer in summary["weight_layers"]:
+        prefix = f"spectral/weights/{layer}/"
+        cells = [
+            f"{first[prefix + m]:6.2f} → {last[prefix + m]:6.2f}" for m in ("alpha", "stable_rank")
+        ]
+        cells.append(f"{last[prefix + 'left_subspace_angle']:.2f}")
+        lines.append(f"   {layer:<10}  {cells[0]:>15}  {cells[1]:>15}  {cells[2]:>16}")
     lines += [
         "",
         f"summary figure: {summary['figure']}",

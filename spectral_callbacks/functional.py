@@ -1,8 +1,11 @@
-"""The public one-call functions: curvature of a model's loss, and spectra of embeddings.
+"""The public one-call functions: curvature of a model's loss, spectra of embeddings and of
+weights.
 
 The representation measures (``rankme``, ``alpha_req``, ``effective_rank``, ``stable_rank``,
 ``participation_ratio``, ``von_neumann_entropy``) are re-exported from
-:mod:`spectral_callbacks.representation`, where their definitions are written out.
+:mod:`spectral_callbacks.representation`, and the weight spectra (``weight_spectra``,
+``singular_subspace_drift``) from :mod:`spectral_callbacks.weights`, where their
+definitions are written out.
 
 
 Each function builds a :class:`~spectral_callbacks.curvature.HessianOperator` over ``data``,
@@ -61,6 +64,7 @@ from .representation import (
     stable_rank,
     von_neumann_entropy,
 )
+from .weights import singular_subspace_drift, weight_spectra
 
 __all__ = [
     "EIGEN_METHODS",
@@ -76,8 +80,10 @@ __all__ = [
     "participation_ratio",
     "rankme",
     "sam_sharpness",
+    "singular_subspace_drift",
     "stable_rank",
     "von_neumann_entropy",
+    "weight_spectra",
 ]
 
 

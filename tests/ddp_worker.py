@@ -22,6 +22,7 @@ from spectral_callbacks import (
     RepresentationMonitor,
     SharpnessMonitor,
     SpectralEarlyStopping,
+    WeightSpectrumMonitor,
 )
 from spectral_callbacks.callbacks import SpectralMonitor
 from tests.lightning_helpers import TanhRegressor, regression_data
@@ -78,6 +79,7 @@ def main(out: pathlib.Path) -> None:
     differences = SharpnessMonitor(
         every_n_steps=4, tol=1e-8, hvp="gradient_difference", name="differences"
     )
+    weights = WeightSpectrumMonitor(every_n_steps=4, drift_rank=3)
     scripted = RankScripted()
     stopper = SpectralEarlyStopping(
         "spectral/test/rank_signal", rule="above", threshold=0.5, patience=1
@@ -94,6 +96,7 @@ def main(out: pathlib.Path) -> None:
             representation,
             poisoned,
             differences,
+            weights,
             scripted,
             stopper,
             recorder,
@@ -115,6 +118,7 @@ def main(out: pathlib.Path) -> None:
         "representation": representation.history,
         "poisoned": poisoned.history,
         "differences": differences.history,
+        "weights": weights.history,
     }
     (out / f"rank{rank}.json").write_text(json.dumps(record))
     torch.save(

@@ -24,6 +24,7 @@ from spectral_callbacks import (
     RepresentationMonitor,
     SharpnessMonitor,
     SpectralEarlyStopping,
+    WeightSpectrumMonitor,
 )
 from spectral_callbacks.functional import hessian_eigenvalues
 
@@ -69,6 +70,8 @@ CONSTRUCTORS = {
     "SpectralEarlyStopping": SpectralEarlyStopping,
     "SpectralEarlyStopping.sharpness": SpectralEarlyStopping.sharpness,
     "SpectralEarlyStopping.rank_collapse": SpectralEarlyStopping.rank_collapse,
+    "SpectralEarlyStopping.alpha_band": SpectralEarlyStopping.alpha_band,
+    "WeightSpectrumMonitor": WeightSpectrumMonitor,
 }
 
 # What each constructor needs to be useful in the run below; drawn arguments replace these.
@@ -85,6 +88,8 @@ BASE_ARGUMENTS = {
     "SpectralEarlyStopping": {"monitor": "spectral/hessian/lambda_max"},
     "SpectralEarlyStopping.sharpness": {},
     "SpectralEarlyStopping.rank_collapse": {"layer": "net.1"},
+    "SpectralEarlyStopping.alpha_band": {},
+    "WeightSpectrumMonitor": {"every_n_steps": 1},
 }
 
 
@@ -105,6 +110,7 @@ def _train(callback) -> None:
         callbacks += [
             SharpnessMonitor(every_n_steps=1),
             RepresentationMonitor(layers=["net.1"], every_n_steps=1, num_samples=16),
+            WeightSpectrumMonitor(every_n_steps=1),
         ]
     torch.manual_seed(0)
     trainer = L.Trainer(max_steps=2, callbacks=callbacks, **trainer_kwargs())
@@ -279,7 +285,13 @@ def test_the_functional_trace_and_density_name_their_bad_arguments():
 
 @pytest.mark.parametrize(
     "callback",
-    [SharpnessMonitor, HessianSpectrumMonitor, RepresentationMonitor, SpectralEarlyStopping],
+    [
+        SharpnessMonitor,
+        HessianSpectrumMonitor,
+        RepresentationMonitor,
+        WeightSpectrumMonitor,
+        SpectralEarlyStopping,
+    ],
 )
 def test_every_constructor_argument_is_documented(callback):
     """The callback pages render the class docstrings as the argument reference, so an

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import math
 import pathlib
+import re
 import subprocess
 import sys
 
@@ -25,6 +26,8 @@ def test_demo_writes_logs_figure_and_summary(tmp_path, capsys):
     assert "version_0" in printed
     assert "gradient in the top-5 eigenspace: " in printed
     assert "outliers above the bulk (of the top 5): " in printed
+    assert "weight spectra (steps 0 → " in printed
+    assert re.search(r"encoder\.0 +\d+\.\d+ → +\d+\.\d+", printed)
 
 
 def test_each_demo_run_logs_to_a_version_of_its_own(tmp_path):

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from spectral_callbacks.functional import hessian_eigenvalues, hessian_trace, rankme
 from spectral_callbacks.representation import effective_rank, participation_ratio
+from spectral_callbacks.weights import singular_subspace_drift, weight_spectra
 
 from .lightning_helpers import TanhRegressor
 
@@ -58,7 +59,7 @@ def same(a, b) -> bool:
 
 def test_every_process_holds_the_same_numbers(ranks):
     (first, second), _, _ = ranks
-    for key in ("sharpness", "spectrum", "representation", "poisoned"):
+    for key in ("sharpness", "spectrum", "representation", "poisoned", "weights"):
         assert first[key], key
         assert same(first[key], second[key]), key
 
@@ -101,6 +102,29 @@ def test_hessian_values_equal_one_process_on_the_union_of_shards(ranks):
         assert logged == pytest.approx(reference.eigenvalues.tolist(), rel=1e-6)
         trace = hessian_trace(model, mse, union, num_hvps=30, seed=0)
         assert values["spectral/hessian/trace"] == pytest.approx(trace.estimate, rel=1e-6)
+
+
+def test_weight_spectra_are_those_of_the_weights_at_each_step(ranks):
+    (record, _), (zero, _), _ = ranks
+    # The scripted stopper ends the run early; every 4th step until then is measured.
+    assert [step for step, _ in record["weights"]] == list(range(0, record["global_step"] + 1, 4))
+    assert len(record["weights"]) >= 2
+    reference = weight_spectra(model_at(zero["snapshots"][0]))
+    for step, values in record["weights"]:
+        spectra = weight_spectra(model_at(zero["snapshots"][step]))
+        for layer, spectrum in spectra.items():
+            for metric in ("alpha", "stable_rank", "log_norm", "mp_softrank"):
+                assert values[f"spectral/weights/{layer}/{metric}"] == pytest.approx(
+                    spectrum.metrics[metric], rel=1e-12, nan_ok=True
+                ), (step, layer, metric)
+            drift = singular_subspace_drift(
+                model_at(zero["snapshots"][step]).get_submodule(layer).weight,
+                model_at(zero["snapshots"][0]).get_submodule(layer).weight,
+                rank=3,
+            )
+            logged = values[f"spectral/weights/{layer}/singular_value_change"]
+            assert logged == pytest.approx(drift.singular_value_change, rel=1e-9, abs=1e-15)
+    assert set(reference) == {"net.0", "net.2", "net.4"}
 
 
 def test_representation_values_equal_one_process_on_the_union(ranks):

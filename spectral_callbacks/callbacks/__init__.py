@@ -4,6 +4,7 @@ from .base import SpectralMonitor, training_step_loss
 from .early_stopping import SpectralEarlyStopping
 from .hessian import HessianSpectrumMonitor, SharpnessMonitor
 from .representation import RepresentationMonitor
+from .weights import WeightSpectrumMonitor
 
 __all__ = [
     "HessianSpectrumMonitor",
@@ -11,5 +12,6 @@ __all__ = [
     "SharpnessMonitor",
     "SpectralEarlyStopping",
     "SpectralMonitor",
+    "WeightSpectrumMonitor",
     "training_step_loss",
 ]

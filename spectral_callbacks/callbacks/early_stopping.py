@@ -16,7 +16,7 @@ from .base import SpectralMonitor
 
 __all__ = ["RULES", "SpectralEarlyStopping"]
 
-RULES = ("improvement", "above", "below", "collapse")
+RULES = ("improvement", "above", "below", "collapse", "outside")
 ACTIONS = ("stop", "warn")
 
 # Which callback produces which metric, for the error on a key nobody logs.
@@ -28,6 +28,7 @@ _PRODUCERS = (
     ("spectral/hessian/spectrum_num_hvps", "HessianSpectrumMonitor"),
     ("spectral/hessian/", "SharpnessMonitor"),
     ("spectral/repr/", "RepresentationMonitor(layers=[...]) with that layer"),
+    ("spectral/weights/", "WeightSpectrumMonitor (with that layer among its layers)"),
 )
 
 
@@ -45,21 +46,25 @@ class SpectralEarlyStopping(EarlyStopping):
     * ``"above"``: stop after ``patience`` measurements in a row with ``value > threshold``;
     * ``"below"``: stop after ``patience`` measurements in a row with ``value < threshold``;
     * ``"collapse"``: stop after ``patience`` measurements in a row with
-      ``value < fraction · peak`` (the peak since ``warmup_steps``) or ``value < threshold``.
+      ``value < fraction · peak`` (the peak since ``warmup_steps``) or ``value < threshold``;
+    * ``"outside"``: stop after ``patience`` measurements in a row with the value outside
+      ``band = (low, high)``.
 
-    The presets :meth:`sharpness` and :meth:`rank_collapse` build the two rules users ask
-    for. Measurements before ``warmup_steps`` are ignored (RankMe collapses briefly early in
-    training by design). With ``action="warn"`` a tripped rule warns instead of stopping.
-    Either way the reason is printed, logged as ``spectral/early_stopping/triggered`` = 1 at
-    that step, and stored: ``stopped_reason``, ``stopped_step``, ``stopped_value`` (the first
-    trip) and ``events`` (every trip). Under DDP the decision is reduced like
+    The presets :meth:`sharpness`, :meth:`rank_collapse` and :meth:`alpha_band` build the rules
+    users ask for. Measurements before ``warmup_steps`` are ignored (RankMe collapses briefly
+    early in training by design). With ``action="warn"`` a tripped rule warns instead of
+    stopping. Either way the reason is printed, logged as ``spectral/early_stopping/triggered``
+    = 1 at that step, and stored: ``stopped_reason``, ``stopped_step``, ``stopped_value`` (the
+    first trip) and ``events`` (every trip). Under DDP the decision is reduced like
     ``EarlyStopping``'s (any rank stops all).
 
     Args:
         monitor: A metric key of this package's callbacks, e.g. ``"spectral/hessian/eos_ratio"``.
-        rule: One of ``"improvement"``, ``"above"``, ``"below"``, ``"collapse"``.
+        rule: One of ``"improvement"``, ``"above"``, ``"below"``, ``"collapse"``,
+            ``"outside"``.
         threshold: The bound of ``"above"`` / ``"below"``; the absolute floor of ``"collapse"``.
         fraction: ``"collapse"``: fraction of the peak below which the value has collapsed.
+        band: ``"outside"``: the ``(low, high)`` the value must stay within.
         warmup_steps: Ignore measurements at ``global_step < warmup_steps``.
         action: ``"stop"`` or ``"warn"``.
         patience: Measurements in a row that must meet the rule (for ``"improvement"``:
@@ -76,6 +81,7 @@ class SpectralEarlyStopping(EarlyStopping):
         rule: str = "improvement",
         threshold: float | None = None,
         fraction: float | None = None,
+        band: tuple[float, float] | None = None,
         warmup_steps: int = 0,
         action: str = "stop",
         patience: int = 3,
@@ -100,6 +106,19 @@ class SpectralEarlyStopping(EarlyStopping):
                 raise TypeError(f"fraction must be a number in (0, 1), got {fraction!r}")
             if not 0 < fraction < 1:
                 raise ValueError(f"fraction must be in (0, 1), got {fraction!r}")
+        if band is not None:
+            if (
+                not isinstance(band, (tuple, list))
+                or len(band) != 2
+                or not all(isinstance(b, (int, float)) and not isinstance(b, bool) for b in band)
+                or not band[0] < band[1]
+            ):
+                raise ValueError(
+                    f"band must be two numbers (low, high) with low < high, got {band!r}"
+                )
+            band = (float(band[0]), float(band[1]))
+        if rule == "outside" and band is None:
+            raise ValueError("rule='outside' needs band=(low, high)")
         if rule == "collapse" and fraction is None and threshold is None:
             raise ValueError("rule='collapse' needs fraction=... (of the peak) or threshold=...")
         check_number("min_delta", kwargs.get("min_delta", 0.0))
@@ -113,6 +132,7 @@ class SpectralEarlyStopping(EarlyStopping):
         self.rule = rule
         self.threshold = threshold
         self.fraction = fraction
+        self.band = band
         self.warmup_steps = warmup_steps
         self.action = action
         self.violations = 0
@@ -173,6 +193,41 @@ class SpectralEarlyStopping(EarlyStopping):
             patience=patience,
             warmup_steps=warmup_steps,
             mode="max",
+            **kwargs,
+        )
+
+    @classmethod
+    def alpha_band(
+        cls,
+        low: float = 2.0,
+        high: float = 6.0,
+        layer: str | None = None,
+        patience: int = 1,
+        action: str = "warn",
+        warmup_steps: int = 0,
+        **kwargs: Any,
+    ) -> SpectralEarlyStopping:
+        """Heavy-tailed self-regularisation: the mean α over layers (or ``layer``'s α) outside
+        ``[low, high]`` for ``patience`` measurements in a row; warns by default.
+
+        Martin & Mahoney (2021) read α near 2 as well trained, above about 6 as
+        under-trained and below 2 as over-fitted or over-regularised, so the default band is
+        ``[2, 6]``; an initialised network starts above it (set ``warmup_steps``). Needs a
+        :class:`WeightSpectrumMonitor`.
+        """
+        check_number("low", low)
+        check_number("high", high)
+        if layer is not None and (not isinstance(layer, str) or not layer):
+            raise TypeError(f"layer must be a layer name of a WeightSpectrumMonitor, got {layer!r}")
+        from .weights import AVERAGE
+
+        return cls(
+            f"spectral/weights/{layer or AVERAGE}/alpha",
+            rule="outside",
+            band=(low, high),
+            patience=patience,
+            action=action,
+            warmup_steps=warmup_steps,
             **kwargs,
         )
 
@@ -268,6 +323,12 @@ class SpectralEarlyStopping(EarlyStopping):
             return (
                 value < self.threshold,
                 f"{self.monitor} = {value:.4g} below {self.threshold:.4g}",
+            )
+        if self.rule == "outside":
+            low, high = self.band
+            return (
+                not low <= value <= high,
+                f"{self.monitor} = {value:.4g} outside [{low:.4g}, {high:.4g}]",
             )
         if self.threshold is not None and value < self.threshold:
             return True, f"{self.monitor} = {value:.4g} below the floor {self.threshold:.4g}"

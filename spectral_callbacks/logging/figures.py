@@ -8,7 +8,13 @@ import torch
 
 from ..linalg import SpectralDensity
 
-__all__ = ["density_figure", "layer_trace_figure", "scree_figure"]
+__all__ = [
+    "alpha_by_layer_figure",
+    "density_figure",
+    "esd_figure",
+    "layer_trace_figure",
+    "scree_figure",
+]
 
 
 def density_figure(
@@ -94,5 +100,68 @@ def layer_trace_figure(per_parameter: dict[str, float], step: int | None = None)
         axes.set_yscale("log")
     axes.set_ylabel("tr(H_ll) / parameters")
     axes.set_title("Hessian trace per parameter by layer" + (f", step {step}" if step else ""))
+    figure.tight_layout()
+    return figure
+
+
+def esd_figure(
+    eigenvalues: torch.Tensor, fit: Any = None, layer: str = "", step: int | None = None
+) -> Any:
+    """A layer's ESD on log-log axes (a histogram in logarithmic bins, as a density) with the
+    fitted power-law tail ``p(λ) = (n_tail / n) (α − 1) / xmin · (λ / xmin)^{−α}``."""
+    import numpy as np
+    from matplotlib.figure import Figure
+
+    values = eigenvalues.detach().double().cpu().numpy()
+    positive = values[values > 0]
+    figure = Figure(figsize=(5, 3.2), dpi=100)
+    axes = figure.add_subplot()
+    if positive.size > 1 and positive.max() > positive.min():
+        edges = np.logspace(np.log10(positive.min()), np.log10(positive.max()), 40)
+        density, edges = np.histogram(positive, bins=edges, density=True)
+        centres = np.sqrt(edges[:-1] * edges[1:])
+        shown = density > 0
+        axes.loglog(centres[shown], density[shown], ".", color="tab:blue", label="ESD")
+        if fit is not None and fit.xmax > fit.xmin:
+            grid = np.logspace(np.log10(fit.xmin), np.log10(fit.xmax), 50)
+            share = fit.num_tail / positive.size
+            tail = share * (fit.alpha - 1) / fit.xmin * (grid / fit.xmin) ** (-fit.alpha)
+            axes.loglog(grid, tail, color="tab:red", label=f"α = {fit.alpha:.2f} (λ ≥ xmin)")
+            axes.axvline(fit.xmin, color="tab:red", linewidth=0.6, linestyle=":")
+        axes.legend(fontsize=8)
+    axes.set_xlabel("eigenvalue of WᵀW")
+    axes.set_ylabel("density")
+    title = f"ESD: {layer}" if layer else "ESD"
+    axes.set_title(title if step is None else f"{title}, step {step}", fontsize=9)
+    figure.tight_layout()
+    return figure
+
+
+def alpha_by_layer_figure(
+    alphas: dict[str, float], farms_alphas: dict[str, float] | None = None, step: int | None = None
+) -> Any:
+    """α of each layer against its depth (model order), with the 2 and 6 guides of
+    heavy-tailed self-regularisation and, when given, the FARMS α."""
+    from matplotlib.figure import Figure
+
+    names = list(alphas)
+    depth = list(range(len(names)))
+    figure = Figure(figsize=(max(4.5, 0.3 * len(names) + 2.0), 3.2), dpi=100)
+    axes = figure.add_subplot()
+    axes.plot(depth, [alphas[n] for n in names], "o-", markersize=3, label="α")
+    if farms_alphas is not None:
+        axes.plot(
+            depth,
+            [farms_alphas.get(n, float("nan")) for n in names],
+            "s--",
+            markersize=3,
+            label="FARMS α",
+        )
+    for guide in (2.0, 6.0):
+        axes.axhline(guide, color="grey", linewidth=0.6, linestyle=":")
+    axes.set_xticks(depth, names, rotation=70, ha="right", fontsize=6)
+    axes.set_ylabel("α")
+    axes.legend(fontsize=8)
+    axes.set_title("α by layer depth" + (f", step {step}" if step is not None else ""), fontsize=9)
     figure.tight_layout()
     return figure

@@ -1,0 +1,370 @@
+"""WeightSpectrumMonitor: heavy-tailed weight spectra of every layer, live during training."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+
+from .._checks import check_bool, check_integer, check_number
+from ..logging.figures import alpha_by_layer_figure, esd_figure
+from ..logging.tensorboard import add_figure, add_histogram
+from ..weights import (
+    AVERAGED_METRICS,
+    DRIFT_METRICS,
+    LAYER_METRICS,
+    LayerFilter,
+    LayerSpectrum,
+    SingularBasis,
+    check_layer_filter,
+    model_averages,
+    singular_basis,
+    singular_subspace_drift,
+    weight_layers,
+    weight_spectra,
+)
+from .base import SpectralMonitor
+
+__all__ = ["AVERAGE", "WeightSpectrumMonitor"]
+
+PREFIX = "spectral/weights/"
+#: The pseudo-layer under which the averages over layers are logged.
+AVERAGE = "all_layers"
+
+
+class WeightSpectrumMonitor(SpectralMonitor):
+    """Logs the heavy-tailed spectral metrics of each layer's weights while the model trains.
+
+    Every ``every_n_steps`` optimizer steps the ESD of each selected layer (a module with a
+    weight of 2 or more dimensions) is computed on the weights' device, batched over layers
+    of one shape, and logged per layer as ``spectral/weights/{layer}/{metric}``:
+
+    ``alpha`` (the power-law exponent of the ESD's tail: continuous MLE, ``xmin`` by the
+    Kolmogorov–Smirnov distance), ``alpha_weighted`` (``α · log₁₀ λ_max``),
+    ``spectral_norm`` (``λ_max``), ``log_spectral_norm``, ``norm`` (``Σλ``), ``log_norm``,
+    ``log_alpha_norm`` (``log₁₀ Σλ^α``), ``stable_rank`` (``Σλ / λ_max``), ``mp_softrank``
+    and ``num_spikes`` (the Marchenko–Pastur bulk edge over ``λ_max`` and the eigenvalues
+    above it), ``num_pl_spikes`` (eigenvalues in the fitted tail), ``xmin``,
+    ``ks_distance`` and ``farms_alpha`` (α of the ESD averaged over square submatrices,
+    free of the aspect-ratio bias). Conventions follow weightwatcher, so values compare:
+    :mod:`spectral_callbacks.weights`. The means over layers go to
+    ``spectral/weights/all_layers/{metric}`` for ``alpha``, ``alpha_weighted``,
+    ``log_spectral_norm``, ``log_norm``, ``log_alpha_norm``, ``stable_rank``,
+    ``mp_softrank`` and ``farms_alpha`` (layers where a metric is NaN left out).
+
+    With ``drift_rank`` set, each layer also logs ``left_subspace_angle`` and
+    ``right_subspace_angle`` (the largest principal angle, radians, between its top-``r``
+    singular subspaces now and at the reference) and ``singular_value_change``
+    (``‖σ − σ_ref‖ / ‖σ_ref‖``), and their means. The reference is the first measurement, or
+    ``reference`` (a state dict); it is kept as its top-``r`` singular vectors and singular
+    values, also in checkpoints.
+
+    TensorBoard also gets a custom-scalars chart (α, α̂, spectral norm and stable rank per
+    layer, the averages), a histogram of α over layers (``spectral/weights/alpha``) and
+    figures: the ESD of ``figure_layers`` on log-log axes with the fitted tail, and α by
+    layer depth.
+
+    Cost: one float64 SVD of every matrix (a kernel's ``k₁k₂`` slices each), the fits
+    (``O(n²)`` in a layer's ``n`` eigenvalues), the FARMS windows' SVDs for non-square
+    matrices, and with drift a full SVD per layer; no data and no gradients.
+    ``bench/weightwatcher_crosscheck.py`` records the seconds.
+
+    Training is not touched: the weights are only read. Under DDP the weights are the same
+    on every process, so process 0 computes and broadcasts, and every process logs the
+    same values. Weights sharded by FSDP are refused at setup.
+
+    Args:
+        every_n_steps: Optimizer steps between measurements.
+        layers: Which layers: ``None`` (every module with a weight of 2 or more dimensions:
+            linear, convolution, embedding, Hugging Face ``Conv1D``), a regular expression
+            searched in module names, a predicate on the module name, or a sequence of
+            module names or prefixes.
+        farms: Whether to compute ``farms_alpha``.
+        aspect_ratio: The FARMS windows' aspect ratio (``≥ 1``; 1: square).
+        drift_rank: Singular vectors per subspace for the drift metrics, or ``None`` (no
+            drift metrics).
+        reference: The drift's reference weights, a state dict (``"{layer}.weight"`` keys);
+            default the weights at the first measurement. Needs ``drift_rank``.
+        figure_layers: Layers whose ESD figure is drawn (default the first and the last).
+        name: Tells two monitors apart: metric names become ``spectral/weights/{name}/...``.
+        figure_every_n_steps: Optimizer steps between figures (default
+            ``10 · every_n_steps``); scalars and the histogram are written at every
+            measurement.
+    """
+
+    checkpoint_probe = False
+
+    def __init__(
+        self,
+        every_n_steps: int = 500,
+        layers: LayerFilter = None,
+        farms: bool = True,
+        aspect_ratio: float = 1.0,
+        drift_rank: int | None = None,
+        reference: Mapping[str, torch.Tensor] | None = None,
+        figure_layers: Sequence[str] | None = None,
+        name: str | None = None,
+        figure_every_n_steps: int | None = None,
+    ) -> None:
+        super().__init__(every_n_steps, name=name, figure_every_n_steps=figure_every_n_steps)
+        check_layer_filter(layers)
+        check_bool("farms", farms)
+        check_number("aspect_ratio", aspect_ratio, minimum=1.0)
+        if drift_rank is not None:
+            check_integer("drift_rank", drift_rank, minimum=1)
+        if reference is not None:
+            if drift_rank is None:
+                raise ValueError("reference=... is the drift's reference: set drift_rank=... too")
+            if not isinstance(reference, Mapping) or not all(
+                isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in reference.items()
+            ):
+                raise TypeError(
+                    "reference must be a state dict (parameter name -> tensor), got "
+                    f"{type(reference).__name__}"
+                )
+        if figure_layers is not None and (
+            isinstance(figure_layers, str)
+            or not isinstance(figure_layers, Sequence)
+            or not all(isinstance(n, str) for n in figure_layers)
+        ):
+            raise TypeError(
+                f"figure_layers must be a sequence of layer names, got {figure_layers!r}"
+            )
+        self._layers_filter = layers
+        self._farms = farms
+        self._aspect_ratio = float(aspect_ratio)
+        self._drift_rank = drift_rank
+        self._reference_weights = reference
+        self._figure_layers = None if figure_layers is None else list(figure_layers)
+        #: The selected layers' names, resolved against the model at setup.
+        self.layer_names: list[str] = []
+        #: The drift reference of each layer (top singular vectors and singular values).
+        self.reference_bases: dict[str, SingularBasis] = {}
+        self.reference_step: int | None = None
+        #: The spectra of the last measurement (on process 0 only under DDP).
+        self.last_spectra: dict[str, LayerSpectrum] = {}
+        self._undefined: set[str] = set()
+        # No probe data: the weights are the measurement's whole input.
+        self._probe_complete = True
+
+    # -- setup -----------------------------------------------------------------------------
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage == "fit":
+            self._resolve_layers(pl_module)
+        super().setup(trainer, pl_module, stage)
+
+    def _resolve_layers(self, module: pl.LightningModule) -> None:
+        weights = weight_layers(module, self._layers_filter)
+        if AVERAGE in weights:
+            raise ValueError(
+                f"a layer is named {AVERAGE!r}, the name under which the averages are logged; "
+                "leave it out with layers=..."
+            )
+        for layer, weight in weights.items():
+            if type(weight).__name__ == "DTensor" or hasattr(weight, "_local_tensor"):
+                raise ValueError(
+                    f"WeightSpectrumMonitor needs whole weights, and {layer!r} is sharded "
+                    "(FSDP); leave sharded layers out with layers=..."
+                )
+        self.layer_names = list(weights)
+        for entry in self._figure_layers or []:
+            if entry not in weights:
+                raise ValueError(
+                    f"figure_layers entry {entry!r} is not a measured layer; measured layers: "
+                    f"{self.layer_names}"
+                )
+        if self._reference_weights is not None and not self.reference_bases:
+            self.reference_bases = self._bases_of_reference(weights)
+
+    def _bases_of_reference(self, weights: dict[str, torch.Tensor]) -> dict[str, SingularBasis]:
+        bases = {}
+        missing = []
+        for layer, weight in weights.items():
+            tensor = self._reference_weights.get(
+                f"{layer}.weight", self._reference_weights.get(layer)
+            )
+            if tensor is None:
+                missing.append(f"{layer}.weight")
+                continue
+            if tensor.shape != weight.shape:
+                raise ValueError(
+                    f"reference[{layer + '.weight'!r}] has shape {tuple(tensor.shape)}, the "
+                    f"layer's weight {tuple(weight.shape)}"
+                )
+            bases[layer] = singular_basis(tensor, self._drift_rank)
+        if missing:
+            raise ValueError(f"reference has no weight for {missing}")
+        return bases
+
+    def state_key_fields(self) -> dict[str, Any]:
+        layers = self._layers_filter
+        described = getattr(layers, "__qualname__", None) if callable(layers) else layers
+        return {
+            **super().state_key_fields(),
+            "layers": tuple(described) if isinstance(described, list) else described,
+            "drift_rank": self._drift_rank,
+        }
+
+    # -- measurement -----------------------------------------------------------------------
+    def measure(
+        self, trainer: pl.Trainer, module: pl.LightningModule, probe: list[Any]
+    ) -> dict[str, float]:
+        metrics: dict[str, float] | None = None
+        error: str | None = None
+        if trainer.is_global_zero:
+            try:
+                metrics = self._measure_here(module, trainer.global_step)
+            except FloatingPointError as failure:
+                error = str(failure)
+        if trainer.world_size > 1:
+            metrics, error = trainer.strategy.broadcast((metrics, error), src=0)
+        if error is not None:
+            raise FloatingPointError(error)
+        return metrics
+
+    def _measure_here(self, module: pl.LightningModule, step: int) -> dict[str, float]:
+        names = set(self.layer_names)
+        weights = weight_layers(module, lambda layer: layer in names)
+        for layer, weight in weights.items():
+            if not bool(torch.isfinite(weight).all()):
+                raise FloatingPointError(f"the weights of {layer!r} are not finite")
+        spectra = weight_spectra(
+            module, lambda layer: layer in names, farms=self._farms, aspect_ratio=self._aspect_ratio
+        )
+        self.last_spectra = spectra
+        prefix = self.prefix
+        metrics: dict[str, float] = {}
+        undefined: set[str] = set()
+        for layer, spectrum in spectra.items():
+            for metric in LAYER_METRICS:
+                metrics[f"{prefix}{layer}/{metric}"] = float(spectrum.metrics[metric])
+            if spectrum.fit is None:  # fewer than 2 eigenvalues above the floor
+                undefined |= {
+                    f"{prefix}{layer}/{m}"
+                    for m in (
+                        "alpha",
+                        "alpha_weighted",
+                        "log_alpha_norm",
+                        "num_pl_spikes",
+                        "xmin",
+                        "ks_distance",
+                        "farms_alpha",
+                    )
+                }
+        for metric, value in model_averages(spectra).items():
+            metrics[f"{prefix}{AVERAGE}/{metric}"] = value
+        if self._drift_rank is not None:
+            metrics.update(self._drift(weights, step))
+        self._undefined = undefined
+        return metrics
+
+    def _drift(self, weights: dict[str, torch.Tensor], step: int) -> dict[str, float]:
+        bases = {layer: singular_basis(w, self._drift_rank) for layer, w in weights.items()}
+        if not self.reference_bases:
+            self.reference_bases, self.reference_step = bases, step
+        prefix = self.prefix
+        metrics: dict[str, float] = {}
+        sums = dict.fromkeys(DRIFT_METRICS, 0.0)
+        for layer, basis in bases.items():
+            drift = singular_subspace_drift(basis, self.reference_bases[layer])
+            for metric in DRIFT_METRICS:
+                value = getattr(drift, metric)
+                metrics[f"{prefix}{layer}/{metric}"] = value
+                sums[metric] += value
+        for metric, total in sums.items():
+            metrics[f"{prefix}{AVERAGE}/{metric}"] = total / len(bases)
+        return metrics
+
+    def undefined_metrics(self) -> set[str]:
+        return self._undefined
+
+    def out_of_memory_advice(self) -> str:
+        return (
+            "A measurement holds a float64 copy of the matrices of one shape (at most "
+            "256 MiB at a time) and their SVDs: measure fewer layers (layers=...)."
+        )
+
+    # -- names and dashboards --------------------------------------------------------------
+    @property
+    def prefix(self) -> str:
+        """The start of every metric name: ``spectral/weights/`` (``.../{name}/`` if named)."""
+        return PREFIX + (f"{self.name}/" if self.name else "")
+
+    def metric_names(self) -> list[str]:
+        per_layer = list(LAYER_METRICS)
+        averaged = list(AVERAGED_METRICS)
+        if self._drift_rank is not None:
+            per_layer += DRIFT_METRICS
+            averaged += DRIFT_METRICS
+        names = [f"{self.prefix}{layer}/{m}" for layer in self.layer_names for m in per_layer]
+        return names + [f"{self.prefix}{AVERAGE}/{m}" for m in averaged]
+
+    def nan_metrics(self, trainer: pl.Trainer) -> dict[str, float]:
+        self.last_spectra = {}
+        return super().nan_metrics(trainer)
+
+    def write_tensorboard(self, writer: Any, step: int) -> None:
+        spectra = self.last_spectra
+        if not spectra:
+            return
+        alphas = {layer: s.metrics["alpha"] for layer, s in spectra.items()}
+        add_histogram(writer, self.prefix + "alpha", torch.tensor(list(alphas.values())), step)
+        if not self.figures_due:
+            return
+        shown = self._figure_layers or list(
+            dict.fromkeys([self.layer_names[0], self.layer_names[-1]])
+        )
+        for layer in shown:
+            spectrum = spectra[layer]
+            figure = esd_figure(spectrum.eigenvalues, spectrum.fit, layer, step)
+            add_figure(writer, f"{self.prefix}{layer}/esd", figure, step)
+        farms = (
+            {layer: s.metrics["farms_alpha"] for layer, s in spectra.items()}
+            if self._farms
+            else None
+        )
+        add_figure(
+            writer, self.prefix + "alpha_by_layer", alpha_by_layer_figure(alphas, farms, step), step
+        )
+
+    def chart_layout(self) -> dict[str, dict[str, list[str]]]:
+        # Layer names hold dots, never slashes; the averages are not a layer.
+        layer = re.escape(self.prefix) + "(?!" + AVERAGE + "/)[^/]+"
+        average = re.escape(f"{self.prefix}{AVERAGE}/")
+        suffix = f" ({self.name})" if self.name else ""
+        charts = {
+            "α per layer": [layer + "/alpha"],
+            "α̂ = α log₁₀ λ_max per layer": [layer + "/alpha_weighted"],
+            "log₁₀ spectral norm per layer": [layer + "/log_spectral_norm"],
+            "stable rank per layer": [layer + "/stable_rank"],
+            "averages over layers: α and FARMS α": [average + "alpha", average + "farms_alpha"],
+        }
+        if self._drift_rank is not None:
+            charts["largest principal angle of the left singular subspace"] = [
+                layer + "/left_subspace_angle"
+            ]
+            charts["relative change of the singular values"] = [layer + "/singular_value_change"]
+        return {"spectral: weights" + suffix: charts}
+
+    # -- state -----------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        state = super().state_dict()
+        state["reference_step"] = self.reference_step
+        state["reference_bases"] = {
+            layer: {"left": b.left, "right": b.right, "values": b.values}
+            for layer, b in self.reference_bases.items()
+        }
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        self.reference_step = state_dict.get("reference_step")
+        saved = state_dict.get("reference_bases") or {}
+        if saved:
+            self.reference_bases = {
+                layer: SingularBasis(b["left"], b["right"], b["values"])
+                for layer, b in saved.items()
+            }
