@@ -192,6 +192,16 @@ def markdown(results: dict) -> str:
         if "comparable" in r and not r["comparable"]
     ]
     lines += [f"- {d}" for d in differing] or ["- none"]
+    ours_only = sorted(
+        {f"{run['model']} {name}" for run in results["runs"] for name in run.get("ours_only", [])}
+    )
+    if ours_only:
+        lines += [
+            "",
+            "Layers weightwatcher does not analyse (more than its `max_N` = 50,000 rows): "
+            + ", ".join(ours_only)
+            + ".",
+        ]
     lines += [
         "",
         "**Cost of one measurement** (median of "
@@ -237,7 +247,14 @@ def main(argv: list[str] | None = None) -> dict:
                 train(name, model, args.steps)
             theirs = weightwatcher_layers(model)
             ours = weight_spectra(model, farms=False)
-            results["runs"].append({"model": name, "state": state, "layers": compare(ours, theirs)})
+            results["runs"].append(
+                {
+                    "model": name,
+                    "state": state,
+                    "layers": compare(ours, theirs),
+                    "ours_only": [n for n in ours if n not in theirs["layers"]],
+                }
+            )
             print(name, state, "done", flush=True)
         results["cost"].append(
             {

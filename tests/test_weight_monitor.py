@@ -260,3 +260,31 @@ def test_alpha_band_preset():
     lonely = SpectralEarlyStopping.alpha_band()
     with pytest.raises(ValueError, match="add WeightSpectrumMonitor"):
         fit([lonely], steps=2)
+
+
+def test_a_lightning_cli_config_round_trips(tmp_path):
+    from lightning.pytorch.cli import LightningCLI
+
+    config = {
+        "trainer": {
+            "max_steps": 1,
+            "accelerator": "cpu",
+            "logger": False,
+            "callbacks": [
+                {
+                    "class_path": "spectral_callbacks.WeightSpectrumMonitor",
+                    "init_args": {"every_n_steps": 3, "layers": ["net.0"], "drift_rank": 2},
+                }
+            ],
+        }
+    }
+    cli = LightningCLI(TanhRegressor, run=False, args=config, save_config_callback=None)
+    dumped = cli.parser.dump(cli.config)
+    assert "Unable to serialize" not in dumped
+    path = tmp_path / "config.yaml"
+    path.write_text(dumped)
+    again = LightningCLI(
+        TanhRegressor, run=False, args=["--config", str(path)], save_config_callback=None
+    )
+    (monitor,) = [cb for cb in again.trainer.callbacks if isinstance(cb, WeightSpectrumMonitor)]
+    assert monitor._layers_filter == ["net.0"] and monitor._drift_rank == 2

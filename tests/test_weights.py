@@ -26,7 +26,7 @@ from spectral_callbacks.weights import (
     weight_layers,
     weight_spectra,
 )
-from spectral_callbacks.weights.metrics import farms_windows
+from spectral_callbacks.weights.metrics import FARMS_MAX_WINDOWS, farms_windows
 
 CROSSCHECK = pathlib.Path(__file__).resolve().parents[1] / "bench" / "weightwatcher_crosscheck.py"
 
@@ -168,6 +168,10 @@ def test_farms_windows_are_pooled_submatrices():
     # Aspect ratio 2: windows of 60 × 30 rows; a 30 × 100 weight is transposed first.
     assert all(w[r, c].shape == (60, 30) for r, c in farms_windows(100, 30, 2.0))
     assert torch.allclose(farms_eigenvalues(w.T), farms_eigenvalues(w), rtol=1e-10, atol=1e-12)
+    # A tall matrix is sampled by 8 evenly spaced windows, the first and last at its ends.
+    tall = farms_windows(1000, 10)
+    assert len(tall) == FARMS_MAX_WINDOWS == 8
+    assert tall[0][0].start == 0 and tall[-1][0].stop == 1000
     kernel = torch.randn(40, 10, 3, 3, generator=generator(5), dtype=torch.float64)
     assert farms_eigenvalues(kernel).numel() == 4 * 10 * 9
     with pytest.raises(ValueError, match="aspect_ratio must be a number >= 1"):

@@ -30,6 +30,7 @@ from .esd import eigenvalue_scale, esd, weight_matrices
 from .powerlaw import PowerLawFit, fit_power_law
 
 __all__ = [
+    "FARMS_MAX_WINDOWS",
     "LAYER_METRICS",
     "MarchenkoPasturBulk",
     "farms_eigenvalues",
@@ -55,6 +56,10 @@ LAYER_METRICS = (
     "ks_distance",
     "farms_alpha",
 )
+
+#: Most FARMS windows per matrix: a tall matrix (a 50257 × 768 token embedding) is sampled
+#: by this many evenly spaced windows instead of covered by all of them.
+FARMS_MAX_WINDOWS = 8
 
 #: Tracy–Widom (β = 1) 0.99 quantile: the bulk edge's margin for the largest bulk eigenvalue.
 _TRACY_WIDOM_99 = 2.02
@@ -138,8 +143,9 @@ def marchenko_pastur_bulk(
 
 
 def _windows(length: int, window: int) -> list[int]:
-    """Evenly spaced starts of ``ceil(length / window)`` windows that cover ``[0, length)``."""
-    count = math.ceil(length / window)
+    """Evenly spaced starts of ``ceil(length / window)`` windows that cover ``[0, length)``,
+    or of :data:`FARMS_MAX_WINDOWS` when more would be needed."""
+    count = min(math.ceil(length / window), FARMS_MAX_WINDOWS)
     if count == 1:
         return [0]
     return [round(i * (length - window) / (count - 1)) for i in range(count)]
@@ -158,7 +164,8 @@ def farms_eigenvalues(
     ratio instead. Here each ``N × M`` matrix of the layer (``N ≥ M``; a kernel's slices
     each) is cut into windows of ``round(Q·M) × M`` rows slid along ``N`` (when
     ``N/M ≥ Q``), or ``N × round(N/Q)`` columns slid along ``M`` (when ``N/M < Q``): the
-    fewest evenly spaced windows that cover the matrix, overlapping where they must. All
+    fewest evenly spaced windows that cover the matrix, overlapping where they must, but at
+    most :data:`FARMS_MAX_WINDOWS` (8) evenly spaced ones, which then sample it. All
     windows have one size, so pooling their eigenvalues is averaging their ESDs. Scale as
     in :func:`~spectral_callbacks.weights.esd`.
 
