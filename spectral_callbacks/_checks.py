@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import re
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -17,6 +18,7 @@ __all__ = [
     "check_callable",
     "check_choice",
     "check_integer",
+    "check_name_filter",
     "check_number",
     "check_tolerance",
 ]
@@ -112,3 +114,32 @@ def _bounds_text(minimum: float | None, maximum: float | None, inclusive: bool) 
     if maximum is not None:
         return f" {high} {maximum}"
     return ""
+
+
+def check_name_filter(name: str, value: Any, everything: str, entries: str) -> Any:
+    """``value`` must be a name filter: ``None`` (``everything``), a valid regular expression,
+    a predicate on names, or a non-empty sequence of ``entries`` (names or module prefixes).
+
+    Args:
+        name: The argument's name (``"params"``, ``"layers"``).
+        value: What was passed.
+        everything: What ``None`` selects, for the messages ("all trainable parameters").
+        entries: What the sequence holds, for the messages ("parameter names").
+    """
+    if value is None or callable(value):
+        return value
+    if isinstance(value, str):
+        try:
+            re.compile(value)
+        except re.error as error:
+            message = f"{name}={value!r} is not a valid regular expression: {error}"
+            raise ValueError(message) from None
+        return value
+    if isinstance(value, Sequence) and all(isinstance(entry, str) for entry in value):
+        if not value:
+            raise ValueError(f"{name}=[] selects nothing; pass None for {everything}")
+        return value
+    raise TypeError(
+        f"{name} must be None ({everything}), a regular expression, a predicate on names, or "
+        f"a sequence of {entries} / module prefixes, got {value!r}"
+    )

@@ -90,3 +90,33 @@ def trainer_kwargs(**overrides):
     }
     kwargs.update(overrides)
     return kwargs
+
+
+def cli_round_trip(module_class, callback_class, init_args: dict, folder):
+    """A LightningCLI config naming ``callback_class`` with ``init_args`` is dumped without a
+    serialisation failure and read back; returns the callback the second CLI built."""
+    from lightning.pytorch.cli import LightningCLI
+
+    config = {
+        "trainer": {
+            "max_steps": 1,
+            "accelerator": "cpu",
+            "logger": False,
+            "callbacks": [
+                {
+                    "class_path": f"spectral_callbacks.{callback_class.__name__}",
+                    "init_args": init_args,
+                }
+            ],
+        }
+    }
+    cli = LightningCLI(module_class, run=False, args=config, save_config_callback=None)
+    dumped = cli.parser.dump(cli.config)
+    assert "Unable to serialize" not in dumped
+    path = folder / "config.yaml"
+    path.write_text(dumped)
+    again = LightningCLI(
+        module_class, run=False, args=["--config", str(path)], save_config_callback=None
+    )
+    (callback,) = [cb for cb in again.trainer.callbacks if isinstance(cb, callback_class)]
+    return callback

@@ -55,6 +55,18 @@ def read_events(log_dir) -> EventAccumulator:
     return accumulator
 
 
+def custom_charts(events: EventAccumulator) -> dict[str, list[str]]:
+    """The custom-scalars dashboard last written: chart title -> tag patterns."""
+    config = events.Tensors("custom_scalars__config__")[-1]
+    layout = layout_pb2.Layout()
+    layout.ParseFromString(config.tensor_proto.string_val[0])
+    return {
+        chart.title: list(chart.multiline.tag)
+        for category in layout.category
+        for chart in category.chart
+    }
+
+
 def test_tensorboard_events_match_the_functional_api(tmp_path):
     torch.manual_seed(0)
     x, y = regression_data(n=32, dtype=torch.float64)
@@ -126,14 +138,7 @@ def test_tensorboard_events_match_the_functional_api(tmp_path):
     image = events.Images("spectral/hessian/density")[-1]
     assert image.step == 20 and image.width > 100 and image.height > 100
 
-    config = events.Tensors("custom_scalars__config__")[-1]
-    layout = layout_pb2.Layout()
-    layout.ParseFromString(config.tensor_proto.string_val[0])
-    charts = {
-        chart.title: list(chart.multiline.tag)
-        for category in layout.category
-        for chart in category.chart
-    }
+    charts = custom_charts(events)
     assert charts["λ_max against the stability limit"] == [
         "^spectral/hessian/lambda_max$",
         "^spectral/hessian/stability_limit$",

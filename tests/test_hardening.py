@@ -31,7 +31,7 @@ from spectral_callbacks.functional import (
 from spectral_callbacks.representation import as_embedding_matrix
 
 from .helpers import dense_hessian_func, make_case
-from .lightning_helpers import trainer_kwargs
+from .lightning_helpers import cli_round_trip, trainer_kwargs
 
 # -- batches of every shape ---------------------------------------------------------------------
 
@@ -725,35 +725,6 @@ def test_a_select_that_drops_the_batch_dimension_is_warned():
 
 
 def test_a_lightning_cli_config_with_a_parameter_list_round_trips(tmp_path):
-    from lightning.pytorch.cli import LightningCLI
-
-    config = {
-        "trainer": {
-            "max_steps": 1,
-            "accelerator": "cpu",
-            "logger": False,
-            "callbacks": [
-                {
-                    "class_path": "spectral_callbacks.SharpnessMonitor",
-                    "init_args": {"every_n_steps": 3, "params": ["net.0"], "reduction": "sum"},
-                }
-            ],
-        }
-    }
-    cli = LightningCLI(AnyBatchRegressor, run=False, args=config, save_config_callback=None)
-    dumped = cli.parser.dump(cli.config)
-    assert "Unable to serialize" not in dumped
-    again = LightningCLI(
-        AnyBatchRegressor,
-        run=False,
-        args=["--config", _write(tmp_path, dumped)],
-        save_config_callback=None,
-    )
-    (monitor,) = [cb for cb in again.trainer.callbacks if isinstance(cb, SharpnessMonitor)]
+    init_args = {"every_n_steps": 3, "params": ["net.0"], "reduction": "sum"}
+    monitor = cli_round_trip(AnyBatchRegressor, SharpnessMonitor, init_args, tmp_path)
     assert monitor._params == ["net.0"] and monitor._reduction == "sum"
-
-
-def _write(folder, text: str) -> str:
-    path = folder / "config.yaml"
-    path.write_text(text)
-    return str(path)

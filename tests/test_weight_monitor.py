@@ -13,7 +13,6 @@ import lightning as L
 import pytest
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
-from tensorboard.plugins.custom_scalar import layout_pb2
 
 from spectral_callbacks import SpectralEarlyStopping, WeightSpectrumMonitor
 from spectral_callbacks.weights import (
@@ -23,8 +22,14 @@ from spectral_callbacks.weights import (
     weight_spectra,
 )
 
-from .lightning_helpers import TanhRegressor, full_batch_loader, regression_data, trainer_kwargs
-from .test_callbacks import Snapshots, read_events
+from .lightning_helpers import (
+    TanhRegressor,
+    cli_round_trip,
+    full_batch_loader,
+    regression_data,
+    trainer_kwargs,
+)
+from .test_callbacks import Snapshots, custom_charts, read_events
 
 LAYERS = ["net.0", "net.2", "net.4"]
 
@@ -110,14 +115,7 @@ def test_tensorboard_dashboard_histogram_and_figures(tmp_path):
     images = events.Tags()["images"]
     assert {"spectral/weights/net.0/esd", "spectral/weights/net.4/esd"} <= set(images)
     assert [i.step for i in events.Images("spectral/weights/alpha_by_layer")] == [0, 8]
-    config = events.Tensors("custom_scalars__config__")[-1]
-    layout = layout_pb2.Layout()
-    layout.ParseFromString(config.tensor_proto.string_val[0])
-    charts = {
-        chart.title: list(chart.multiline.tag)
-        for category in layout.category
-        for chart in category.chart
-    }
+    charts = custom_charts(events)
     (alpha_chart,) = charts["α per layer"]
     assert sorted(t for t in scalars if re.search(alpha_chart, t)) == [
         f"spectral/weights/{layer}/alpha" for layer in LAYERS
@@ -263,28 +261,6 @@ def test_alpha_band_preset():
 
 
 def test_a_lightning_cli_config_round_trips(tmp_path):
-    from lightning.pytorch.cli import LightningCLI
-
-    config = {
-        "trainer": {
-            "max_steps": 1,
-            "accelerator": "cpu",
-            "logger": False,
-            "callbacks": [
-                {
-                    "class_path": "spectral_callbacks.WeightSpectrumMonitor",
-                    "init_args": {"every_n_steps": 3, "layers": ["net.0"], "drift_rank": 2},
-                }
-            ],
-        }
-    }
-    cli = LightningCLI(TanhRegressor, run=False, args=config, save_config_callback=None)
-    dumped = cli.parser.dump(cli.config)
-    assert "Unable to serialize" not in dumped
-    path = tmp_path / "config.yaml"
-    path.write_text(dumped)
-    again = LightningCLI(
-        TanhRegressor, run=False, args=["--config", str(path)], save_config_callback=None
-    )
-    (monitor,) = [cb for cb in again.trainer.callbacks if isinstance(cb, WeightSpectrumMonitor)]
-    assert monitor._layers_filter == ["net.0"] and monitor._drift_rank == 2
+    init_args = {"every_n_steps": 3, "layers": ["net.0"], "drift_rank": 2}
+    callback = cli_round_trip(TanhRegressor, WeightSpectrumMonitor, init_args, tmp_path)
+    assert callback._layers_filter == ["net.0"] and callback._drift_rank == 2

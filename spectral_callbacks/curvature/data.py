@@ -11,6 +11,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from .._checks import check_name_filter
 from .._names import uncompiled_name
 
 __all__ = [
@@ -45,23 +46,7 @@ ParameterFilter = str | Sequence[str] | Callable[[str], bool] | None
 def check_parameter_filter(params: Any) -> ParameterFilter:
     """``params`` must be a :data:`ParameterFilter`: ``None``, a valid regular expression, a
     callable, or a sequence of names (``TypeError`` / ``ValueError`` naming it otherwise)."""
-    if params is None or callable(params):
-        return params
-    if isinstance(params, str):
-        try:
-            re.compile(params)
-        except re.error as error:
-            message = f"params={params!r} is not a valid regular expression: {error}"
-            raise ValueError(message) from None
-        return params
-    if isinstance(params, Sequence) and all(isinstance(entry, str) for entry in params):
-        if not params:
-            raise ValueError("params=[] selects nothing; pass None for every parameter")
-        return params
-    raise TypeError(
-        "params must be None (all trainable parameters), a regular expression, a predicate "
-        f"on parameter names, or a sequence of parameter names / module prefixes, got {params!r}"
-    )
+    return check_name_filter("params", params, "all trainable parameters", "parameter names")
 
 
 def module_groups(names: list[str], numels: list[int]) -> dict[str, int]:

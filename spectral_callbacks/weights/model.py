@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from .._checks import check_name_filter
 from .._names import uncompiled_name
 from .esd import layer_esds
 from .metrics import layer_metrics
@@ -72,24 +73,7 @@ class LayerSpectrum:
 
 def check_layer_filter(layers: object) -> LayerFilter:
     """``layers`` must be a :data:`LayerFilter` (``TypeError`` / ``ValueError`` naming it)."""
-    if layers is None or callable(layers):
-        return layers
-    if isinstance(layers, str):
-        try:
-            re.compile(layers)
-        except re.error as error:
-            raise ValueError(
-                f"layers={layers!r} is not a valid regular expression: {error}"
-            ) from None
-        return layers
-    if isinstance(layers, Sequence) and all(isinstance(entry, str) for entry in layers):
-        if not layers:
-            raise ValueError("layers=[] selects nothing; pass None for every layer")
-        return layers
-    raise TypeError(
-        "layers must be None (every layer with a weight matrix), a regular expression, a "
-        f"predicate on module names, or a sequence of module names / prefixes, got {layers!r}"
-    )
+    return check_name_filter("layers", layers, "every layer with a weight matrix", "module names")
 
 
 def _selects(entry: str, name: str) -> bool:
