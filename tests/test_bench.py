@@ -8,6 +8,7 @@ import math
 import pathlib
 
 import pytest
+import torch
 
 BENCH = pathlib.Path(__file__).resolve().parents[1] / "bench" / "run.py"
 
@@ -112,3 +113,17 @@ def test_recorded_tables_are_rendered_from_the_recorded_json():
     assert runs[0][1]["device"].startswith("cpu")
     for path, results in runs:
         assert path.with_suffix(".md").read_text() == report.markdown(results), path.name
+
+
+def test_cpu_workloads_have_the_advertised_sizes():
+    """C1: a BatchNorm CNN of about 0.5 M parameters; G1: a 4-layer GPT, d = 256, 4 heads,
+    context 128, vocabulary 2048, on default SDPA kernels (built here without training)."""
+    bench = load_bench()
+    cnn = bench.small_cnn()
+    assert 0.45e6 < sum(p.numel() for p in cnn.parameters()) < 0.6e6
+    assert sum(isinstance(m, torch.nn.BatchNorm2d) for m in cnn.modules()) == 5
+    assert cnn(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+    gpt = bench.GPT(vocab=2048, dim=256, heads=4, layers=4, context=128)
+    assert len(gpt.blocks) == 4 and gpt.blocks[0].heads == 4
+    assert gpt(torch.randint(0, 2048, (2, 128))).shape == (2, 128, 2048)
+    assert {"C1", "G1", "W1"} <= set(bench.WORKLOADS)

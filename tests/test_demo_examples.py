@@ -114,3 +114,22 @@ def test_help_and_version_answer_without_importing_torch():
     import spectral_callbacks
 
     assert spectral_callbacks.SharpnessMonitor.__name__ == "SharpnessMonitor"  # lazy import
+
+
+def test_the_readme_quickstart_runs(tmp_path, monkeypatch):
+    """The README's quickstart block, as written, trains and logs every monitor's metrics."""
+    readme = (pathlib.Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme.split("## Quickstart", 1)[1]
+    code = section.split("```python\n", 1)[1].split("```", 1)[0]
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {}
+    exec(compile(code, "README.md", "exec"), namespace)
+    metrics = namespace["trainer"].callback_metrics
+    for key in (
+        "spectral/hessian/lambda_max",
+        "spectral/hessian/eig_1",
+        "spectral/repr/encoder/rankme",
+        "spectral/weights/all_layers/alpha",
+    ):
+        assert key in metrics, key
+    assert list((tmp_path / "runs").rglob("events.out.tfevents.*"))
