@@ -14,3 +14,9 @@ def uncompiled_name(name: str) -> str:
     layers and parameters as in their code, so selections match either spelling.
     """
     return ".".join(part for part in name.split(".") if part != COMPILED_WRAPPER_ATTRIBUTE)
+
+
+def is_name_or_prefix(entry: str, name: str) -> bool:
+    """Whether ``entry`` is ``name`` itself or a module prefix of it (``"encoder"`` of
+    ``"encoder.0.weight"``, not of ``"encoder2.weight"``)."""
+    return name == entry or name.startswith(entry + ".")

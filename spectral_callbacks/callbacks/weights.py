@@ -15,6 +15,7 @@ from ..logging.tensorboard import add_figure, add_histogram
 from ..weights import (
     AVERAGED_METRICS,
     DRIFT_METRICS,
+    FIT_METRICS,
     LAYER_METRICS,
     LayerFilter,
     LayerSpectrum,
@@ -23,8 +24,8 @@ from ..weights import (
     model_averages,
     singular_basis,
     singular_subspace_drift,
+    spectra_of,
     weight_layers,
-    weight_spectra,
 )
 from .base import SpectralMonitor
 
@@ -228,12 +229,7 @@ class WeightSpectrumMonitor(SpectralMonitor):
     def _measure_here(self, module: pl.LightningModule, step: int) -> dict[str, float]:
         names = set(self.layer_names)
         weights = weight_layers(module, lambda layer: layer in names)
-        for layer, weight in weights.items():
-            if not bool(torch.isfinite(weight).all()):
-                raise FloatingPointError(f"the weights of {layer!r} are not finite")
-        spectra = weight_spectra(
-            module, lambda layer: layer in names, farms=self._farms, aspect_ratio=self._aspect_ratio
-        )
+        spectra = spectra_of(weights, farms=self._farms, aspect_ratio=self._aspect_ratio)
         self.last_spectra = spectra
         prefix = self.prefix
         metrics: dict[str, float] = {}
@@ -242,18 +238,7 @@ class WeightSpectrumMonitor(SpectralMonitor):
             for metric in LAYER_METRICS:
                 metrics[f"{prefix}{layer}/{metric}"] = float(spectrum.metrics[metric])
             if spectrum.fit is None:  # fewer than 2 eigenvalues above the floor
-                undefined |= {
-                    f"{prefix}{layer}/{m}"
-                    for m in (
-                        "alpha",
-                        "alpha_weighted",
-                        "log_alpha_norm",
-                        "num_pl_spikes",
-                        "xmin",
-                        "ks_distance",
-                        "farms_alpha",
-                    )
-                }
+                undefined |= {f"{prefix}{layer}/{m}" for m in FIT_METRICS}
         for metric, value in model_averages(spectra).items():
             metrics[f"{prefix}{AVERAGE}/{metric}"] = value
         if self._drift_rank is not None:

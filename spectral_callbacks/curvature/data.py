@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from .._checks import check_name_filter
-from .._names import uncompiled_name
+from .._names import is_name_or_prefix, uncompiled_name
 
 __all__ = [
     "REDUCTIONS",
@@ -92,11 +92,11 @@ def select_parameters(
         wanted = list(params)
 
         def selects(name: str) -> bool:
-            return any(_is_name_or_prefix(entry, name) for entry in wanted)
+            return any(is_name_or_prefix(entry, name) for entry in wanted)
 
         for entry in wanted:
             if not any(
-                _is_name_or_prefix(entry, n) or _is_name_or_prefix(entry, uncompiled_name(n))
+                is_name_or_prefix(entry, n) or is_name_or_prefix(entry, uncompiled_name(n))
                 for n in names
             ):
                 close = difflib.get_close_matches(entry, names, n=5, cutoff=0.4)
@@ -108,11 +108,6 @@ def select_parameters(
             f"params={params!r} selects no trainable parameter; trainable parameters: {names}"
         )
     return chosen
-
-
-def _is_name_or_prefix(entry: str, name: str) -> bool:
-    """Whether ``entry`` is the parameter ``name`` or a module prefix of it."""
-    return name == entry or name.startswith(entry + ".")
 
 
 class Batches(list):

@@ -12,6 +12,7 @@ from .drift import (
 )
 from .esd import CONV_EIGENVALUE_SCALE, esd, layer_esds, weight_matrices
 from .metrics import (
+    FIT_METRICS,
     LAYER_METRICS,
     MarchenkoPasturBulk,
     farms_eigenvalues,
@@ -24,6 +25,7 @@ from .model import (
     LayerSpectrum,
     check_layer_filter,
     model_averages,
+    spectra_of,
     weight_layers,
     weight_spectra,
 )
@@ -34,6 +36,7 @@ __all__ = [
     "CONV_EIGENVALUE_SCALE",
     "DRIFT_METRICS",
     "EIGENVALUE_FLOOR",
+    "FIT_METRICS",
     "LAYER_METRICS",
     "LayerFilter",
     "LayerSpectrum",
@@ -51,6 +54,7 @@ __all__ = [
     "model_averages",
     "singular_basis",
     "singular_subspace_drift",
+    "spectra_of",
     "weight_layers",
     "weight_matrices",
     "weight_spectra",

@@ -31,6 +31,7 @@ from .powerlaw import PowerLawFit, fit_power_law
 
 __all__ = [
     "FARMS_MAX_WINDOWS",
+    "FIT_METRICS",
     "LAYER_METRICS",
     "MarchenkoPasturBulk",
     "farms_eigenvalues",
@@ -51,6 +52,18 @@ LAYER_METRICS = (
     "stable_rank",
     "mp_softrank",
     "num_spikes",
+    "num_pl_spikes",
+    "xmin",
+    "ks_distance",
+    "farms_alpha",
+)
+
+#: The metrics that need a power-law fit: NaN by definition for a layer without one (fewer
+#: than 2 eigenvalues above the floor).
+FIT_METRICS = (
+    "alpha",
+    "alpha_weighted",
+    "log_alpha_norm",
     "num_pl_spikes",
     "xmin",
     "ks_distance",
@@ -155,7 +168,6 @@ def farms_eigenvalues(
     weight: torch.Tensor,
     aspect_ratio: float = 1.0,
     dtype: torch.dtype = torch.float64,
-    eigenvalues: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The ESD averaged over submatrices of one aspect ratio (FARMS, Hu et al. 2025).
 
@@ -173,16 +185,12 @@ def farms_eigenvalues(
         weight: A 2-d weight or a convolution kernel.
         aspect_ratio: ``Q ≥ 1`` of the windows (default 1: square).
         dtype: Precision of the SVDs.
-        eigenvalues: The layer's ESD, returned as it is when one window covers each matrix
-            (its aspect ratio rounds to ``Q``), which spares the SVDs.
 
     Returns:
         The pooled eigenvalues, ascending.
     """
     matrices = weight_matrices(weight)
     windows = farms_windows(*matrices.shape[1:], aspect_ratio)
-    if len(windows) == 1 and eigenvalues is not None:
-        return eigenvalues.to(dtype).sort().values
     stacked = torch.stack([matrices[:, rows, columns] for rows, columns in windows])
     singular = torch.linalg.svdvals(stacked.to(dtype))
     return (singular.square().reshape(-1) * eigenvalue_scale(weight)).sort().values

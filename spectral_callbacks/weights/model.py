@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from .._checks import check_name_filter
-from .._names import uncompiled_name
+from .._names import is_name_or_prefix, uncompiled_name
 from .esd import layer_esds
 from .metrics import layer_metrics
 from .powerlaw import PowerLawFit, fit_power_law
@@ -29,6 +29,7 @@ __all__ = [
     "LayerSpectrum",
     "check_layer_filter",
     "model_averages",
+    "spectra_of",
     "weight_layers",
     "weight_spectra",
 ]
@@ -76,10 +77,6 @@ def check_layer_filter(layers: object) -> LayerFilter:
     return check_name_filter("layers", layers, "every layer with a weight matrix", "module names")
 
 
-def _selects(entry: str, name: str) -> bool:
-    return name == entry or name.startswith(entry + ".")
-
-
 def weight_layers(model: nn.Module, layers: LayerFilter = None) -> dict[str, torch.Tensor]:
     """The weights of the layers ``layers`` selects: module name -> weight, in model order.
 
@@ -119,7 +116,7 @@ def weight_layers(model: nn.Module, layers: LayerFilter = None) -> dict[str, tor
     else:
         wanted = list(layers)
         for entry in wanted:
-            if not any(_selects(entry, n) for n in names):
+            if not any(is_name_or_prefix(entry, n) for n in names):
                 close = difflib.get_close_matches(entry, names, n=5, cutoff=0.4)
                 hint = f"; close matches: {close}" if close else f"; layers: {names}"
                 raise ValueError(
@@ -127,7 +124,7 @@ def weight_layers(model: nn.Module, layers: LayerFilter = None) -> dict[str, tor
                 )
 
         def selects(name: str) -> bool:
-            return any(_selects(entry, name) for entry in wanted)
+            return any(is_name_or_prefix(entry, name) for entry in wanted)
 
     chosen = {n: w for n, w in found.items() if selects(n)}
     if not chosen:
@@ -170,7 +167,23 @@ def weight_spectra(
         >>> list(spectra), spectra["0"].eigenvalues.numel()
         (['0', '2'], 64)
     """
-    weights = weight_layers(model, layers)
+    return spectra_of(weight_layers(model, layers), farms, aspect_ratio, dtype)
+
+
+def spectra_of(
+    weights: dict[str, torch.Tensor],
+    farms: bool = True,
+    aspect_ratio: float = 1.0,
+    dtype: torch.dtype = torch.float64,
+) -> dict[str, LayerSpectrum]:
+    """:func:`weight_spectra` of weights already selected (name -> weight).
+
+    Raises:
+        FloatingPointError: If a weight holds a NaN or an infinity (named in the message).
+    """
+    for name, weight in weights.items():
+        if not bool(torch.isfinite(weight).all()):
+            raise FloatingPointError(f"the weights of {name!r} are not finite")
     esds = layer_esds(weights, dtype)
     spectra: dict[str, LayerSpectrum] = {}
     for name, weight in weights.items():
