@@ -1,13 +1,19 @@
-"""What one measurement of each monitor costs on the demo's models (CPU, about 2 minutes).
+"""What one measurement of each monitor costs in a training run (CPU).
 
-    python bench/monitor_cost.py            # 1,000 steps, medians of 3 interleaved runs
-    python bench/monitor_cost.py --smoke    # 40 steps, 1 run (the test suite runs this)
+    python bench/monitor_cost.py                      # the demo's models A and B, ~2 minutes
+    python bench/monitor_cost.py --workloads C1       # a CPU workload of bench/run.py
+    python bench/monitor_cost.py --smoke              # 40 steps, 1 run (the test suite)
 
 Model A is the demo's tanh MLP trained by full-batch gradient descent. Model B is the
-demo's mixture classifier (Adam, batches of 128). Each run trains the same steps with no
-callback or with one monitor; the overhead is the extra wall time of the run over the run
-without callbacks. Products and gradients per measurement come from the monitors' own
-counts. Writes ``bench/results/monitor-cost-<date>.md``.
+demo's mixture classifier (Adam, batches of 128). C1 and G1 are the CPU workloads of
+``bench/run.py`` (from their initialisation, SGD with learning rate 0.05 on their one batch)
+with the monitors at their defaults: ``SharpnessMonitor(every_n_steps=100)`` and
+``HessianSpectrumMonitor(every_n_steps=500)``. Each run trains the same steps with no callback
+or with one monitor, interleaved over the repeats. Two overheads are reported: the extra wall
+time of the run over the run without callbacks (medians), and the time spent in the
+monitor's measurements over the rest of its own run (immune to drift between runs).
+Products per measurement come from the monitors' own counts. Writes
+``bench/results/monitor-cost-<workloads>-<date>.md`` (``monitor-cost-<date>.md`` for A, B).
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ import argparse
 import datetime as dt
 import pathlib
 import platform
+import re
 import statistics
 import sys
 import time
@@ -27,6 +34,7 @@ import torch
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.run import classification_loss, initial_workload  # noqa: E402
 from spectral_callbacks import (  # noqa: E402
     HessianSpectrumMonitor,
     RepresentationMonitor,
@@ -55,10 +63,55 @@ def monitors(steps: int) -> dict:
     }
 
 
-def run(model_name: str, make_callback, steps: int) -> tuple[float, object]:
+#: The default monitors the targets of docs/benchmarks.md are stated for (C1, G1).
+def default_monitors() -> dict:
+    return {
+        "none": lambda: None,
+        "SharpnessMonitor(every_n_steps=100)": lambda: SharpnessMonitor(every_n_steps=100),
+        "HessianSpectrumMonitor(every_n_steps=500)": lambda: HessianSpectrumMonitor(
+            every_n_steps=500
+        ),
+    }
+
+
+class WorkloadModule(L.LightningModule):
+    """A workload of ``bench/run.py`` trained by SGD on its one batch."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__()
+        self.net, self.batch = initial_workload(name, torch.device("cpu"))
+
+    def training_step(self, batch, batch_idx):
+        return classification_loss(self.net, batch)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.05)
+
+
+def timed_measurements(callback) -> list[float]:
+    """Wrap ``callback.measure`` (this instance only) to record the seconds of each call."""
+    seconds: list[float] = []
+    measure = callback.measure
+
+    def timed(*args, **kwargs):
+        began = time.perf_counter()
+        try:
+            return measure(*args, **kwargs)
+        finally:
+            seconds.append(time.perf_counter() - began)
+
+    callback.measure = timed
+    return seconds
+
+
+def run(model_name: str, make_callback, steps: int) -> tuple[float, object, list[float]]:
     callback = make_callback()
+    measured = [] if callback is None else timed_measurements(callback)
     torch.manual_seed(0)
-    if model_name == "A":
+    if model_name in WORKLOAD_MODELS:
+        model = WorkloadModule(model_name)
+        loader = torch.utils.data.DataLoader(FullBatch(*model.batch, steps), batch_size=None)
+    elif model_name == "A":
         x, y = teacher_regression()
         model = TanhRegressor(lr=0.3)
         loader = torch.utils.data.DataLoader(FullBatch(x, y, steps), batch_size=None)
@@ -82,74 +135,112 @@ def run(model_name: str, make_callback, steps: int) -> tuple[float, object]:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         trainer.fit(model, loader)
-    return time.perf_counter() - start, callback
+    return time.perf_counter() - start, callback, measured
+
+
+def choices_for(model_name: str, steps: int) -> dict:
+    if model_name in WORKLOAD_MODELS:
+        return default_monitors()
+    choices = monitors(steps)
+    if model_name == "A":
+        choices.pop(next(k for k in choices if k.startswith("Representation")))
+    else:
+        choices = {k: v for k, v in choices.items() if not k.startswith("Hessian")}
+    return choices
+
+
+def measure_model(model_name: str, steps: int, repeats: int, pattern: str | None) -> list[dict]:
+    choices = choices_for(model_name, steps)
+    if pattern is not None:
+        choices = {k: v for k, v in choices.items() if k == "none" or re.search(pattern, k)}
+    times: dict[str, list[float]] = {name: [] for name in choices}
+    inside: dict[str, list[float]] = {name: [] for name in choices}
+    last: dict[str, object] = {}
+    for _ in range(repeats):  # interleaved: machine drift hits every setting alike
+        for name, make in choices.items():
+            seconds, callback, measured = run(model_name, make, steps)
+            times[name].append(seconds)
+            inside[name].append(sum(measured) / (seconds - sum(measured)))
+            last[name] = callback
+    base = statistics.median(times["none"])
+    rows = []
+    for name in choices:
+        if name == "none":
+            continue
+        history = last[name].history
+        products = [
+            v.get("spectral/hessian/num_hvps", v.get("spectral/hessian/spectrum_num_hvps"))
+            for _, v in history
+        ]
+        products = [p for p in products if p is not None]
+        rows.append(
+            {
+                "model": model_name,
+                "monitor": name,
+                "measurements": len(history),
+                "median_products": statistics.median(products) if products else 0.0,
+                "first_products": products[0] if products else 0.0,
+                "overhead": statistics.median(times[name]) / base - 1.0,
+                "measurement_share": statistics.median(inside[name]),
+                "seconds": statistics.median(times[name]),
+                "base_seconds": base,
+            }
+        )
+    return rows
+
+
+MODELS = {
+    "A": "the demo's tanh MLP (1,377 parameters), full-batch GD",
+    "B": "the demo's mixture classifier (29,642 parameters; Adam, batches of 128)",
+    "C1": "bench/run.py's BatchNorm CNN (539,178 parameters; SGD on one batch of 128)",
+    "G1": "bench/run.py's small GPT (4,242,944 parameters; SGD on one batch of 8 × 128)",
+    "tiny": "bench/run.py's smoke MLP (SGD on one batch of 128)",
+}
+#: Models that are workloads of ``bench/run.py`` (the others are the demo's).
+WORKLOAD_MODELS = ("C1", "G1", "tiny")
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true")
+    parser.add_argument("--workloads", nargs="+", choices=list(MODELS), default=["A", "B"])
+    parser.add_argument("--monitors", default=None, help="regular expression: only these")
+    parser.add_argument("--steps", type=int, default=1000)
+    parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", default=str(ROOT / "bench" / "results"))
     args = parser.parse_args(argv)
-    steps, repeats = (40, 1) if args.smoke else (1000, 3)
-    rows = []
-    for model_name in ("A", "B"):
-        choices = monitors(steps)
-        if model_name == "A":
-            choices.pop(next(k for k in choices if k.startswith("Representation")))
-        else:
-            choices = {k: v for k, v in choices.items() if not k.startswith("Hessian")}
-        times: dict[str, list[float]] = {name: [] for name in choices}
-        last: dict[str, object] = {}
-        for _ in range(repeats):  # interleaved: machine drift hits every setting alike
-            for name, make in choices.items():
-                seconds, callback = run(model_name, make, steps)
-                times[name].append(seconds)
-                last[name] = callback
-        base = statistics.median(times["none"])
-        for name in choices:
-            if name == "none":
-                continue
-            callback = last[name]
-            history = callback.history
-            products = [
-                v.get("spectral/hessian/num_hvps", v.get("spectral/hessian/spectrum_num_hvps"))
-                for _, v in history
-            ]
-            products = [p for p in products if p is not None]
-            rows.append(
-                {
-                    "model": model_name,
-                    "monitor": name,
-                    "measurements": len(history),
-                    "median_products": statistics.median(products) if products else 0.0,
-                    "first_products": products[0] if products else 0.0,
-                    "overhead": statistics.median(times[name]) / base - 1.0,
-                    "seconds": statistics.median(times[name]),
-                    "base_seconds": base,
-                }
-            )
+    steps, repeats = (40, 1) if args.smoke else (args.steps, args.repeats)
+    rows = [
+        row
+        for model_name in args.workloads
+        for row in measure_model(model_name, steps, repeats, args.monitors)
+    ]
     device = f"cpu-{platform.machine()}-{torch.get_num_threads()}threads"
     lines = [
-        f"# Cost of one measurement on the demo models ({dt.date.today()}, {device}, "
+        f"# Cost of the monitors in training ({dt.date.today()}, {device}, "
         f"torch {torch.__version__}, {steps} steps, median of {repeats} interleaved runs)",
         "",
-        "A: the demo's tanh MLP (1,377 parameters), full-batch GD. B: the demo's mixture "
-        "classifier (29,642 parameters; Adam, batches of 128).",
+        *(f"{name}: {MODELS[name]}." for name in args.workloads),
         "",
-        "| model | monitor | measurements | products (first; median) | run time | overhead |",
-        "|---|---|---|---|---|---|",
+        "Overhead: the run's wall time over the run without callbacks. In measurements: the "
+        "seconds inside the monitor's measurements over the rest of the same run.",
+        "",
+        "| model | monitor | measurements | products (first; median) | run time | overhead "
+        "| in measurements |",
+        "|---|---|---|---|---|---|---|",
     ]
     for row in rows:
         lines.append(
             f"| {row['model']} | `{row['monitor']}` | {row['measurements']} | "
             f"{row['first_products']:.0f}; {row['median_products']:.0f} | "
             f"{row['seconds']:.2f} s (vs {row['base_seconds']:.2f} s) | "
-            f"{100 * row['overhead']:+.0f} % |"
+            f"{100 * row['overhead']:+.1f} % | {100 * row['measurement_share']:.1f} % |"
         )
     text = "\n".join(lines) + "\n"
     print(text)
     if not args.smoke:
-        (pathlib.Path(args.out) / f"monitor-cost-{dt.date.today()}.md").write_text(text)
+        tag = "" if args.workloads == ["A", "B"] else "-".join(args.workloads) + "-"
+        (pathlib.Path(args.out) / f"monitor-cost-{tag}{dt.date.today()}.md").write_text(text)
     return rows
 
 

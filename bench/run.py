@@ -20,6 +20,7 @@ import json
 import math
 import pathlib
 import platform
+import re
 import statistics
 import sys
 import time
@@ -100,6 +101,13 @@ WORKLOADS = ("tiny", "W1", "W2", "W3", "C1", "G1")
 
 def make_workload(name: str, device: torch.device):
     """(model, batch, loss_fn): the same for every tool; 20 SGD steps, then eval mode."""
+    model, batch = initial_workload(name, device)
+    sgd_steps(model, batch, classification_loss, steps=20)
+    return model, batch, classification_loss
+
+
+def initial_workload(name: str, device: torch.device) -> tuple[nn.Module, tuple]:
+    """(model, batch) of workload ``name`` at its seeded initialisation, before any step."""
     g = torch.Generator().manual_seed(0)
     torch.manual_seed(0)  # the same initial weights for every tool and every run
     if name == "tiny":
@@ -129,10 +137,7 @@ def make_workload(name: str, device: torch.device):
         x, y = tokens[:, :-1], tokens[:, 1:]
     else:
         raise ValueError(f"unknown workload {name!r}; choose from {', '.join(WORKLOADS)}")
-    model = model.to(device)
-    batch = (x.to(device), y.to(device))
-    sgd_steps(model, batch, classification_loss, steps=20)
-    return model, batch, classification_loss
+    return model.to(device), (x.to(device), y.to(device))
 
 
 def sgd_steps(model: nn.Module, batch, loss_fn, steps: int, lr: float = 0.05) -> nn.Module:
@@ -361,9 +366,10 @@ def tool_runs(
     return runs
 
 
-def count_host_syncs(run: Callable[[], object], device: torch.device) -> int | str:
+def count_host_syncs(run: Callable[[], object], device: torch.device) -> tuple[int | str, object]:
     """Call ``run`` once (the timing's warm-up) and count its host synchronisations by CUDA's
-    sync debug mode (each warns); ``"n/a (CPU)"`` elsewhere.
+    sync debug mode (each warns); ``"n/a (CPU)"`` elsewhere. Returns the count and the
+    result of the call.
 
     ``tests/test_host_syncs.py`` finds them on the CPU for our eager paths; this counts them
     for every tool and path where they cost: on the GPU. A compiled product compiles in
@@ -371,36 +377,55 @@ def count_host_syncs(run: Callable[[], object], device: torch.device) -> int | s
     includes the compiler's.
     """
     if device.type != "cuda":
-        run()
-        return "n/a (CPU)"
+        return "n/a (CPU)", run()
     torch.cuda.synchronize(device)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         torch.cuda.set_sync_debug_mode("warn")
         try:
-            run()
+            result = run()
         finally:
             torch.cuda.set_sync_debug_mode("default")
-    return sum("synchronizing" in str(w.message) for w in caught)
+    return sum("synchronizing" in str(w.message) for w in caught), result
+
+
+def selected(tool: str, patterns: tuple[str, ...] | None) -> bool:
+    """Whether ``tool`` matches one of the regular expressions ``patterns`` (all: ``None``)."""
+    return patterns is None or any(re.search(p, tool) for p in patterns)
 
 
 def time_to_accuracy(
-    model, batch, loss_fn, device, repeats, reference, k, tol, compiled, slow_seconds=60.0
+    model,
+    batch,
+    loss_fn,
+    device,
+    repeats,
+    reference,
+    k,
+    tol,
+    compiled,
+    slow_seconds=60.0,
+    tools: tuple[str, ...] | None = None,
 ) -> list[dict]:
     """Every tool's median seconds and error, timed interleaved: after one warm-up call of
     each, ``repeats`` rounds call every tool once, so machine drift hits all alike. A tool
-    whose warm-up took more than ``slow_seconds`` is timed in the first round only (its
-    row says how many repeats it got), which keeps one command within minutes."""
+    whose warm-up took more than ``slow_seconds`` is not called again: its warm-up is its one
+    timing (its row says 1 repeat), which keeps one command within minutes; on the CPU the
+    peers compile nothing, and the tools before it have warmed up the kernels. ``tools``
+    (regular expressions) picks a subset, so slow peers can be run in commands of their own,
+    each beside our settings."""
     rows: dict[str, dict] = {}
     active: dict[str, Callable] = {}
     for tool, run in tool_runs(model, batch, loss_fn, k, tol, compiled).items():
+        if not selected(tool, tools):
+            continue
         if run is None:
             rows[tool] = {"tool": tool, "status": "not installed"}
             continue
         try:
             _sync(device)
             began = time.perf_counter()
-            syncs = count_host_syncs(run, device)
+            syncs, values = count_host_syncs(run, device)
             warm_up = time.perf_counter() - began
         except Exception as error:  # a peer failing (e.g. default SDPA) is a result
             rows[tool] = {
@@ -408,30 +433,26 @@ def time_to_accuracy(
                 "status": f"fails: {type(error).__name__}: {str(error)[:120]}",
             }
             continue
-        rows[tool] = {
-            "tool": tool,
-            "host_syncs": syncs,
-            "times": [],
-            "slow": warm_up > slow_seconds,
-        }
+        slow = warm_up > slow_seconds
+        rows[tool] = {"tool": tool, "host_syncs": syncs, "times": [warm_up] if slow else []}
+        if slow:
+            rows[tool]["values"] = values
+            continue
         active[tool] = run
-    for round_index in range(repeats):
+    for _ in range(repeats):
         for tool, run in active.items():
             row = rows[tool]
-            if row["slow"] and round_index > 0:
-                continue
             _sync(device)
             began = time.perf_counter()
             values = run()
             _sync(device)
             row["times"].append(time.perf_counter() - began)
             row["values"] = values
-    for tool in active:
-        row = rows[tool]
-        row["seconds"] = statistics.median(row["times"])
-        row["repeats"] = len(row.pop("times"))
-        row["max_rel_error"] = max_relative_error(row["values"], reference[:k])
-        del row["slow"]
+    for row in rows.values():
+        if "times" in row:
+            row["seconds"] = statistics.median(row["times"])
+            row["repeats"] = len(row.pop("times"))
+            row["max_rel_error"] = max_relative_error(row["values"], reference[:k])
     return list(rows.values())
 
 
@@ -596,9 +617,11 @@ def run(
     shared_figures: bool = True,
     figures: tuple[str, ...] = WORKLOAD_FIGURES + SHARED_FIGURES,
     save: Callable[[dict], None] = lambda results: None,
+    tools: tuple[str, ...] | None = None,
 ) -> dict:
     """Run the chosen figures; ``save(results)`` after each, so a run cut short keeps its
-    finished figures (a GPU lease ends a command after ten minutes)."""
+    finished figures (a GPU lease ends a command after ten minutes). ``tools`` picks the
+    tools of figures 2a and 2b (see :func:`time_to_accuracy`)."""
     results: dict = {"workloads": {}}
     for name in workloads:
         model, batch, loss_fn = make_workload(name, device)
@@ -625,6 +648,7 @@ def run(
                     k=k,
                     tol=tol,
                     compiled=compiled,
+                    tools=tools,
                 )
                 save(results)
         if "warm" in figures:
@@ -670,15 +694,25 @@ def run(
     return results
 
 
+#: Figures whose rows are one per tool: a run of some tools replaces only their rows.
+TOOL_FIGURES = ("top1", "top10")
+
+
 def merge_results(earlier: dict, new: dict) -> dict:
-    """``new`` over ``earlier``, figure by figure: runs of some figures or workloads on one
-    device and day add to one file."""
+    """``new`` over ``earlier``, figure by figure (in figures 2a and 2b, tool by tool): runs
+    of some figures, workloads or tools on one device and day add to one file."""
     merged = {**earlier, **new}
     merged["workloads"] = {
         name: dict(entry) for name, entry in earlier.get("workloads", {}).items()
     }
     for name, entry in new.get("workloads", {}).items():
-        merged["workloads"].setdefault(name, {}).update(entry)
+        target = merged["workloads"].setdefault(name, {})
+        for figure, value in entry.items():
+            if figure in TOOL_FIGURES and figure in target:
+                rows = {row["tool"]: row for row in target[figure]}
+                rows.update({row["tool"]: row for row in value})
+                value = list(rows.values())
+            target[figure] = value
     return merged
 
 
@@ -708,6 +742,13 @@ def main(argv: list[str] | None = None) -> dict:
         choices=WORKLOAD_FIGURES + SHARED_FIGURES,
         default=list(WORKLOAD_FIGURES + SHARED_FIGURES),
         help="which figures to run (default all); later runs add to the day's file",
+    )
+    parser.add_argument(
+        "--tools",
+        nargs="+",
+        default=None,
+        help="regular expressions: only the matching tools of figures 2a and 2b (default "
+        "all); their rows replace those of an earlier run of the day",
     )
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", default=str(ROOT / "bench" / "results"))
@@ -749,6 +790,7 @@ def main(argv: list[str] | None = None) -> dict:
         args.shared_figures,
         tuple(args.figures),
         save,
+        tuple(args.tools) if args.tools else None,
     )
     results.update(meta)
     print(markdown(save(results)))

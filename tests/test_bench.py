@@ -63,6 +63,44 @@ def test_runs_of_some_figures_add_to_the_days_file(tmp_path):
     assert "**2a." in table and "ours (Lanczos, tol=0.001)" in table
 
 
+def test_runs_of_some_tools_replace_only_their_rows(tmp_path):
+    bench = load_bench()
+    common = ["--device", "cpu", "--smoke", "--repeats", "1", "--out", str(tmp_path)]
+    common += ["--figures", "top1", "--no-shared-figures"]
+    bench.main([*common, "--tools", r"tol=0\.001\)"])
+    path = next(tmp_path.glob("*-smoke.json"))
+    first = json.loads(path.read_text())["workloads"]["tiny"]["top1"]
+    assert [row["tool"] for row in first] == ["ours (Lanczos, tol=0.001)"]
+    bench.main([*common, "--tools", r"tol=0\.01\)", r"tol=0\.001\)"])
+    rows = json.loads(path.read_text())["workloads"]["tiny"]["top1"]
+    assert [row["tool"] for row in rows] == [
+        "ours (Lanczos, tol=0.001)",
+        "ours (Lanczos, tol=0.01)",
+    ]
+    assert rows[0]["seconds"] != first[0]["seconds"]  # replaced by the second run's timing
+
+
+def test_a_slow_tool_is_timed_by_its_warm_up_alone():
+    bench = load_bench()
+    model, batch, loss_fn = bench.make_workload("tiny", torch.device("cpu"))
+    reference = bench.reference_eigenvalues(model, batch, loss_fn, k=1)
+    rows = bench.time_to_accuracy(
+        model,
+        batch,
+        loss_fn,
+        torch.device("cpu"),
+        repeats=3,
+        reference=reference,
+        k=1,
+        tol=1e-3,
+        compiled=False,
+        slow_seconds=0.0,
+        tools=("ours",),
+    )
+    assert rows and all(row["repeats"] == 1 for row in rows)
+    assert all(row["max_rel_error"] <= 1e-2 for row in rows)
+
+
 def test_the_gradient_difference_study_runs_on_tiny_workloads(tmp_path):
     spec = importlib.util.spec_from_file_location(
         "bench_gradient_difference", BENCH.with_name("gradient_difference.py")
@@ -100,6 +138,25 @@ def test_the_monitor_cost_study_runs_a_few_steps():
     assert {row["model"] for row in rows} == {"A", "B"}
     sharp = next(r for r in rows if r["model"] == "A" and "Sharpness" in r["monitor"])
     assert sharp["measurements"] == 11 and sharp["median_products"] > 0
+    tiny = study.main(["--smoke", "--workloads", "tiny"])
+    assert [r["monitor"] for r in tiny] == [
+        "SharpnessMonitor(every_n_steps=100)",
+        "HessianSpectrumMonitor(every_n_steps=500)",
+    ]
+    assert all(r["measurements"] == 1 and r["first_products"] > 0 for r in tiny)  # step 0
+    assert all(0 < r["measurement_share"] < 10 for r in tiny)
+
+
+def test_the_spectrum_parts_study_runs_on_the_tiny_workload():
+    from bench import spectrum_parts
+
+    (row,) = spectrum_parts.main(["--smoke"])
+    assert row["top_k_cold"]["products"] >= 10 and row["top_k_warm"]["all_converged"]
+    assert set(row["trace"]) == {99, 33} and row["density"]["products"] == 8 * 64
+    assert 0 <= row["density"]["all_probes"]["negative_mass"] <= 1
+    spread = row["density"]["single_probe_spread"]
+    assert all(value >= 0 for value in spread.values())
+    assert 0 <= row["density"]["single_probe_mean"]["near_zero_mass"] <= 1
 
 
 def test_recorded_tables_are_rendered_from_the_recorded_json():
