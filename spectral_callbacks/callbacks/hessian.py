@@ -44,9 +44,10 @@ from ..linalg import (
     SpectralDensity,
     block_traces,
     count_outliers,
+    default_density_probes,
     default_max_iter,
+    deflated_hutchinson,
     eigenpairs,
-    hutchpp,
     principal_angles,
     slq,
     subspace_fraction,
@@ -549,7 +550,9 @@ class HessianSpectrumMonitor(_HessianMonitor):
     (their largest principal angle, radians; both logged from the second converged
     measurement on), ``spectral/hessian/trace_lr_ratio`` (``tr H · lr / 2``: Wu & Su 2023 show
     a minimum linearly stable for SGD has ``tr H ≤ 2/lr``, so 1 is that edge),
-    ``spectral/hessian/trace`` and ``spectral/hessian/trace_stderr`` (Hutch++),
+    ``spectral/hessian/trace`` and ``spectral/hessian/trace_stderr`` (Hutchinson on the
+    complement of the top-k Ritz vectors, plus their Ritz values:
+    :func:`~spectral_callbacks.linalg.deflated_hutchinson`),
     ``spectral/hessian/negative_mass`` and ``spectral/hessian/near_zero_mass`` (fractions of
     the eigenvalues, estimated by SLQ, below ``-1 %`` of the spectral radius and within
     ``±1 %`` of it: the quadrature cannot tell the sign of smaller ones, see
@@ -563,9 +566,11 @@ class HessianSpectrumMonitor(_HessianMonitor):
     values (``spectral/hessian/top_k``) and a log-scale density figure
     (``spectral/hessian/density``).
 
-    Cost per measurement: the top-k solve (about ``20k`` products cold, fewer warm), plus
-    ``trace_hvps`` products for the trace and ``density_probes · density_steps`` for the
-    density. Memory beyond the probe's first-order graphs: the top-k solve keeps its Krylov
+    Cost per measurement, in Hessian-vector products (each 2–3 gradients): the top-k solve
+    (8–12 per eigenvalue cold, a few fewer warm), ``trace_hvps`` for the trace (none spent on
+    finding the top subspace again) and ``density_probes · density_steps`` for the density
+    (4 × 64 on models of more than 4,096 parameters); docs/hessian-spectrum.md has the
+    measured split. Memory beyond the probe's first-order graphs: the top-k solve keeps its Krylov
     basis (one parameter-sized vector per step, allocated by doubling, or at most
     ``max_basis`` vectors: by default those that fit in 1 GiB), and the density
     keeps ``density_probes · (density_steps + 1)`` such vectors while they fit in
@@ -592,8 +597,15 @@ class HessianSpectrumMonitor(_HessianMonitor):
         max_basis: Most parameter-sized Krylov vectors the top-k Lanczos solve holds at
             once (at least ``k + 2``), as for :class:`SharpnessMonitor`; the default bound
             for large models is at least ``max(16, 2k + 12)``.
-        trace_hvps: Hessian-vector products for Hutch++.
-        density_probes: Probes for the density.
+        trace_hvps: Hessian-vector products for the trace: Rademacher probes of Hutchinson's
+            estimator on the complement of the top-k Ritz vectors
+            (:func:`~spectral_callbacks.linalg.deflated_hutchinson`); its standard error
+            falls as ``1/sqrt(trace_hvps)``; at least the parameter count gives the exact
+            trace.
+        density_probes: Probes for the density; ``None`` (default) takes
+            :func:`~spectral_callbacks.linalg.default_density_probes` of the parameter count
+            (``⌈16384 / n⌉`` from 4 to 8: fewer probes scatter the outlier count and bulk
+            edge of large models).
         density_steps: Lanczos steps per density probe.
         max_iter: Most Hessian-vector products of the top-k solve (default ``max(100, 20k)``).
         reduction: As for :class:`SharpnessMonitor`.
@@ -637,8 +649,8 @@ class HessianSpectrumMonitor(_HessianMonitor):
         probe_data: Any = None,
         params: ParameterFilter = None,
         method: str = "auto",
-        trace_hvps: int = 99,
-        density_probes: int = 8,
+        trace_hvps: int = 33,
+        density_probes: int | None = None,
         density_steps: int = 64,
         seed: int = 0,
         hvp: str = "auto",
@@ -696,8 +708,8 @@ class HessianSpectrumMonitor(_HessianMonitor):
         )
         check_bool("trace", trace)
         check_bool("density", density)
-        check_integer("trace_hvps", trace_hvps, minimum=3)
-        check_integer("density_probes", density_probes, minimum=1)
+        check_integer("trace_hvps", trace_hvps, minimum=2)
+        check_integer("density_probes", density_probes, minimum=1, allow_none=True)
         check_integer("density_steps", density_steps, minimum=1)
         self._k = k
         self._trace = trace
@@ -778,7 +790,13 @@ class HessianSpectrumMonitor(_HessianMonitor):
                     operator,
                 )
             if self._trace:
-                estimate = hutchpp(operator, num_hvps=self._trace_hvps, seed=self._seed)
+                estimate = deflated_hutchinson(
+                    operator,
+                    result.eigenvectors,
+                    result.eigenvalues,
+                    num_hvps=self._trace_hvps,
+                    seed=self._seed,
+                )
                 metrics[prefix + "trace"] = estimate.estimate
                 metrics[prefix + "trace_stderr"] = estimate.stderr
                 metrics[prefix + "trace_lr_ratio"] = (
@@ -787,7 +805,7 @@ class HessianSpectrumMonitor(_HessianMonitor):
             if self._density:
                 self.last_density = slq(
                     operator,
-                    num_probes=self._density_probes,
+                    num_probes=self._density_probes or default_density_probes(operator.size),
                     steps=self._density_steps,
                     seed=self._seed,
                 )
@@ -931,7 +949,7 @@ class HessianSpectrumMonitor(_HessianMonitor):
         if self._sam_radius is not None:
             charts["SAM sharpness L(θ + ρ ĝ) − L(θ)"] = [prefix + "sam_sharpness"]
         if self._trace:
-            charts["trace (Hutch++)"] = [prefix + "trace"]
+            charts["trace (Hutchinson deflated by the top k)"] = [prefix + "trace"]
             charts["trace · lr / 2 (SGD's trace stability, 1 = edge)"] = [prefix + "trace_lr_ratio"]
         if self._density:
             charts["spectral mass below and near zero"] = [

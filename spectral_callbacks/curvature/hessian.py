@@ -660,6 +660,10 @@ class HessianOperator:
 
     def _matmat_reuse_graph(self, block: torch.Tensor) -> torch.Tensor:
         width = block.shape[0]
+        if width > 1 and self.device.type == "cpu":
+            # A vmapped backward (is_grads_batched) cost 1.5-1.8x as much per vector as one
+            # backward per vector on 2 CPU cores (C1, G1 of bench/run.py).
+            return torch.cat([self._matmat_reuse_graph(row) for row in block.split(1)])
         pieces = self._split(block)
         total = torch.zeros_like(block)
         for weight, outputs in self._first_order_graphs():

@@ -19,11 +19,27 @@ from .eigsh import (
 )
 from .operators import DenseOperator, ScaledOperator, SymmetricOperator
 from .outliers import OutlierReport, count_outliers
-from .quadrature import FULL_REORTHOGONALISATION_BYTES, ZERO_TOLERANCE, SpectralDensity, slq
+from .quadrature import (
+    DENSITY_PROBE_COORDINATES,
+    FULL_REORTHOGONALISATION_BYTES,
+    ZERO_TOLERANCE,
+    SpectralDensity,
+    default_density_probes,
+    slq,
+)
 from .subspace import principal_angles, subspace_fraction, subspace_overlap
-from .trace import TraceEstimate, block_traces, exact_trace, hutchinson, hutchpp, trace
+from .trace import (
+    TraceEstimate,
+    block_traces,
+    deflated_hutchinson,
+    exact_trace,
+    hutchinson,
+    hutchpp,
+    trace,
+)
 
 __all__ = [
+    "DENSITY_PROBE_COORDINATES",
     "EIGEN_METHODS",
     "FULL_REORTHOGONALISATION_BYTES",
     "KRYLOV_BASIS_BYTES",
@@ -40,7 +56,9 @@ __all__ = [
     "block_traces",
     "choose_eigen_method",
     "count_outliers",
+    "default_density_probes",
     "default_max_iter",
+    "deflated_hutchinson",
     "eigenpairs",
     "exact_trace",
     "hutchinson",

@@ -19,7 +19,14 @@ from ._krylov import IndependentLanczos, ThreeTermLanczos, tridiagonal_matrix
 from ._precision import full_precision
 from .operators import SymmetricOperator
 
-__all__ = ["FULL_REORTHOGONALISATION_BYTES", "ZERO_TOLERANCE", "SpectralDensity", "slq"]
+__all__ = [
+    "DENSITY_PROBE_COORDINATES",
+    "FULL_REORTHOGONALISATION_BYTES",
+    "ZERO_TOLERANCE",
+    "SpectralDensity",
+    "default_density_probes",
+    "slq",
+]
 
 #: :func:`slq` reorthogonalises fully while its Krylov bases, ``num_probes · (steps + 1) · n``
 #: entries, take at most this many bytes; beyond, it keeps two vectors per probe. At the
@@ -30,6 +37,27 @@ FULL_REORTHOGONALISATION_BYTES = 2**30
 #: Eigenvalues closer to zero than this fraction of the spectral radius count as zero in
 #: :attr:`SpectralDensity.negative_mass` and :attr:`SpectralDensity.near_zero_mass`.
 ZERO_TOLERANCE = 0.01
+
+
+#: Probe coordinates (probes times the dimension) :func:`default_density_probes` asks for.
+DENSITY_PROBE_COORDINATES = 2**14
+
+
+def default_density_probes(size: int, least: int = 4, most: int = 8) -> int:
+    """Probes for a density of an ``n = size`` operator: ``⌈2¹⁴ / n⌉``, from ``least`` to
+    ``most``.
+
+    A Rademacher probe ``z`` estimates the fraction ``p`` of eigenvalues in a set ``S`` by
+    ``zᵀ P_S z / n`` (``P_S`` the projector on their eigenvectors), with variance
+    ``2 (‖P_S‖_F² - Σ_i (P_S)_ii²) / n² ≤ 2 p (1 - p) / n``, divided by the number of
+    probes; small models, whose products are cheap, get up to ``most``. For large models
+    the quadrature, not the probe, sets the error: each probe's 64 nodes fall differently,
+    and the outlier count and bulk edge read off one or two probes' rules scattered
+    (``bench/results/spectrum-parts-cpu-x86_64-2threads-2026-12-02.md``: on a 0.54 M CNN
+    the outlier count had a standard deviation of 4.5 with one probe, 3 with two, 0 with
+    four), hence at least ``least``.
+    """
+    return max(least, min(most, math.ceil(DENSITY_PROBE_COORDINATES / size)))
 
 
 @dataclass
@@ -121,8 +149,8 @@ class SpectralDensity:
         eigenvalue lies within :attr:`lambda_min_residual` of it (both up to rounding when
         the recurrences kept two vectors: Paige 1980). Lanczos resolves the ends of a
         spectrum first, so with the default 64 steps it is close to a separate solve for the
-        smallest eigenvalue (``bench/negative_mass.py``). Like any Krylov estimate it cannot
-        reveal an eigenvalue that no probe has reached yet.
+        smallest eigenvalue (``bench/results/negative-mass-2026-11-23.md``). Like any Krylov
+        estimate it cannot reveal an eigenvalue that no probe has reached yet.
         """
         finite = self.nodes[torch.isfinite(self.nodes)]
         return float(finite.min()) if finite.numel() else math.nan
