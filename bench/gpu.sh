@@ -31,9 +31,9 @@ status=0
 if [ -n "${OUT:-}" ]; then
   # Start from the day's results that travelled here, then write straight into $OUT.
   cp bench/results/NVIDIA-*-"$(date -I)".json "$OUT"/ 2> /dev/null || true
-  python3 bench/run.py --device cuda --out "$OUT" "$@" || status=$?
+  python3 -m bench.run --device cuda --out "$OUT" "$@" || status=$?
   cp "$OUT"/NVIDIA-* bench/results/ 2> /dev/null || true
 else
-  python3 bench/run.py --device cuda "$@" || status=$?
+  python3 -m bench.run --device cuda "$@" || status=$?
 fi
 exit "$status"

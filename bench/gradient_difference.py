@@ -1,7 +1,7 @@
 """Products from gradient differences against exact products, on the CPU (about 3 minutes).
 
-    python bench/gradient_difference.py            # all three parts
-    python bench/gradient_difference.py --smoke    # tiny sizes (the test suite runs this)
+    python -m bench.gradient_difference            # all three parts
+    python -m bench.gradient_difference --smoke    # tiny sizes (the test suite runs this)
 
 1. Cost of one product in gradient-times, by path, on an MLP (784-128-128-10), a BatchNorm
    CNN and a 2-layer GPT on default attention kernels: the reused graph, a vmapped block of 8
@@ -22,7 +22,6 @@ import argparse
 import datetime as dt
 import json
 import pathlib
-import platform
 import statistics
 import subprocess
 import sys
@@ -30,15 +29,13 @@ import time
 
 import torch
 
+from bench.harness import device_label
+from bench.report import RESULTS
+from bench.workloads import GPT, classification_loss, mlp, sgd_steps, tiny_cnn
+from spectral_callbacks.curvature import HessianOperator
+from spectral_callbacks.functional import hessian_eigenvalues
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "bench"))
-
-from hvp_paths import _cnn  # noqa: E402
-from run import GPT, _mlp, classification_loss, sgd_steps  # noqa: E402
-
-from spectral_callbacks.curvature import HessianOperator  # noqa: E402
-from spectral_callbacks.functional import hessian_eigenvalues  # noqa: E402
 
 
 def workload(name: str, smoke: bool):
@@ -47,11 +44,11 @@ def workload(name: str, smoke: bool):
     torch.manual_seed(0)
     if name == "mlp":
         widths = [64, 32, 10] if smoke else [784, 128, 128, 10]
-        model = _mlp(widths)
+        model = mlp(widths)
         x = torch.randn(64 if smoke else 256, widths[0], generator=g)
         y = torch.randint(0, 10, (x.shape[0],), generator=g)
     elif name == "cnn":
-        model = _cnn(4 if smoke else 16)
+        model = tiny_cnn(4 if smoke else 16)
         x = torch.randn(16 if smoke else 64, 3, 8 if smoke else 16, 8 if smoke else 16, generator=g)
         y = torch.randint(0, 10, (x.shape[0],), generator=g)
     elif name.startswith("gpt"):
@@ -145,11 +142,10 @@ def convergence(name: str, smoke: bool, seeds: int = 3) -> dict:
 
 
 MEMORY_CHILD = """
-import resource, sys, torch
-sys.path.insert(0, {root!r}); sys.path.insert(0, {bench!r})
-import gradient_difference as study
+import resource, torch
+from bench import gradient_difference as study
+from bench.workloads import classification_loss
 from spectral_callbacks.functional import hessian_eigenvalues
-from run import classification_loss
 torch.set_num_threads(2)
 model, batch = study.workload({name!r}, {smoke!r})
 torch.autograd.grad(classification_loss(model, batch), list(model.parameters()))
@@ -163,11 +159,9 @@ print((after - before) / 1024, float(result.eigenvalues[0]), result.num_hvps)
 def memory(name: str, smoke: bool) -> dict:
     rows = {}
     for hvp in ("gradient_difference", "reuse_graph"):
-        code = MEMORY_CHILD.format(
-            root=str(ROOT), bench=str(ROOT / "bench"), name=name, smoke=smoke, hvp=hvp
-        )
-        out = subprocess.run(
-            [sys.executable, "-c", code], check=True, capture_output=True, text=True
+        code = MEMORY_CHILD.format(name=name, smoke=smoke, hvp=hvp)
+        out = subprocess.run(  # from the repository root, where bench is a package
+            [sys.executable, "-c", code], check=True, capture_output=True, text=True, cwd=ROOT
         ).stdout.split()
         rows[hvp] = {
             "extra_peak_mb": float(out[0]),
@@ -227,10 +221,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true")
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--out", default=str(ROOT / "bench" / "results"))
+    parser.add_argument("--out", default=str(RESULTS))
     args = parser.parse_args(argv)
     smoke = args.smoke
-    device = f"cpu-{platform.machine()}-{torch.get_num_threads()}threads"
+    device = device_label(torch.device("cpu"))
     result = {
         "device": device,
         "torch": torch.__version__,

@@ -1,8 +1,8 @@
 """What one measurement of each monitor costs in a training run (CPU).
 
-    python bench/monitor_cost.py                      # the demo's models A and B, ~2 minutes
-    python bench/monitor_cost.py --workloads C1       # a CPU workload of bench/run.py
-    python bench/monitor_cost.py --smoke              # 40 steps, 1 run (the test suite)
+    python -m bench.monitor_cost                      # the demo's models A and B, ~2 minutes
+    python -m bench.monitor_cost --workloads C1       # a CPU workload of bench/run.py
+    python -m bench.monitor_cost --smoke              # 40 steps, 1 run (the test suite)
 
 Model A is the demo's tanh MLP trained by full-batch gradient descent. Model B is the
 demo's mixture classifier (Adam, batches of 128). C1 and G1 are the CPU workloads of
@@ -13,34 +13,33 @@ or with one monitor, interleaved over the repeats. Two overheads are reported: t
 time of the run over the run without callbacks (medians), and the time spent in the
 monitor's measurements over the rest of its own run (immune to drift between runs).
 Products per measurement come from the monitors' own counts. Writes
-``bench/results/monitor-cost-<workloads>-<date>.md`` (``monitor-cost-<date>.md`` for A, B).
+``bench/results/monitor-cost-<date>.md`` for A and B; runs on C1 and G1 (one workload and
+monitor per command fits in ten minutes) add to ``monitor-cost-cpu-workloads-<date>.{json,md}``.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime as dt
+import json
 import pathlib
-import platform
 import re
 import statistics
-import sys
 import time
 import warnings
 
 import lightning.pytorch as L
 import torch
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from bench.run import classification_loss, initial_workload  # noqa: E402
-from spectral_callbacks import (  # noqa: E402
+from bench.harness import device_label
+from bench.report import RESULTS
+from bench.workloads import classification_loss, initial_workload
+from spectral_callbacks import (
     HessianSpectrumMonitor,
     RepresentationMonitor,
     SharpnessMonitor,
 )
-from spectral_callbacks.demo import (  # noqa: E402
+from spectral_callbacks.demo import (
     FullBatch,
     MixtureClassifier,
     TanhRegressor,
@@ -153,6 +152,7 @@ def measure_model(model_name: str, steps: int, repeats: int, pattern: str | None
     choices = choices_for(model_name, steps)
     if pattern is not None:
         choices = {k: v for k, v in choices.items() if k == "none" or re.search(pattern, k)}
+    run(model_name, lambda: None, min(steps, 20))  # warm-up: imports, kernels, allocator
     times: dict[str, list[float]] = {name: [] for name in choices}
     inside: dict[str, list[float]] = {name: [] for name in choices}
     last: dict[str, object] = {}
@@ -200,6 +200,33 @@ MODELS = {
 WORKLOAD_MODELS = ("C1", "G1", "tiny")
 
 
+def markdown(rows: list[dict], date: str, device: str) -> str:
+    models = list(dict.fromkeys(row["model"] for row in rows))
+    lines = [
+        f"# Cost of the monitors in training ({date}, {device}, torch {torch.__version__})",
+        "",
+        *(f"{name}: {MODELS[name]}." for name in models),
+        "",
+        "Each row: steps trained, and interleaved runs (median) with no callback and with the "
+        "monitor. Overhead: the run's wall time over the run without callbacks. In "
+        "measurements: the seconds inside the monitor's measurements over the rest of the "
+        "same run.",
+        "",
+        "| model | monitor | steps; runs | measurements | products (first; median) | run time "
+        "| overhead | in measurements |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        lines.append(
+            f"| {row['model']} | `{row['monitor']}` | {row.get('steps', 1000)}; "
+            f"{row.get('repeats', 3)} | {row['measurements']} | "
+            f"{row['first_products']:.0f}; {row['median_products']:.0f} | "
+            f"{row['seconds']:.2f} s (vs {row['base_seconds']:.2f} s) | "
+            f"{100 * row['overhead']:+.1f} % | {100 * row['measurement_share']:.1f} % |"
+        )
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true")
@@ -207,40 +234,33 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--monitors", default=None, help="regular expression: only these")
     parser.add_argument("--steps", type=int, default=1000)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--out", default=str(ROOT / "bench" / "results"))
+    parser.add_argument("--out", default=str(RESULTS))
     args = parser.parse_args(argv)
     steps, repeats = (40, 1) if args.smoke else (args.steps, args.repeats)
     rows = [
-        row
+        {**row, "steps": steps, "repeats": repeats}
         for model_name in args.workloads
         for row in measure_model(model_name, steps, repeats, args.monitors)
     ]
-    device = f"cpu-{platform.machine()}-{torch.get_num_threads()}threads"
-    lines = [
-        f"# Cost of the monitors in training ({dt.date.today()}, {device}, "
-        f"torch {torch.__version__}, {steps} steps, median of {repeats} interleaved runs)",
-        "",
-        *(f"{name}: {MODELS[name]}." for name in args.workloads),
-        "",
-        "Overhead: the run's wall time over the run without callbacks. In measurements: the "
-        "seconds inside the monitor's measurements over the rest of the same run.",
-        "",
-        "| model | monitor | measurements | products (first; median) | run time | overhead "
-        "| in measurements |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    for row in rows:
-        lines.append(
-            f"| {row['model']} | `{row['monitor']}` | {row['measurements']} | "
-            f"{row['first_products']:.0f}; {row['median_products']:.0f} | "
-            f"{row['seconds']:.2f} s (vs {row['base_seconds']:.2f} s) | "
-            f"{100 * row['overhead']:+.1f} % | {100 * row['measurement_share']:.1f} % |"
-        )
-    text = "\n".join(lines) + "\n"
-    print(text)
+    date, device = dt.date.today().isoformat(), device_label(torch.device("cpu"))
     if not args.smoke:
-        tag = "" if args.workloads == ["A", "B"] else "-".join(args.workloads) + "-"
-        (pathlib.Path(args.out) / f"monitor-cost-{tag}{dt.date.today()}.md").write_text(text)
+        # The demo models (A, B) keep their own file; runs on the workloads of bench/run.py
+        # (one monitor or workload per command) add to one file of the day, row by row.
+        demo = set(args.workloads) <= {"A", "B"}
+        stem = pathlib.Path(args.out) / (
+            f"monitor-cost-{date}" if demo else f"monitor-cost-cpu-workloads-{date}"
+        )
+        path = stem.with_suffix(".json")
+        if path.exists() and not demo:
+            kept = {(r["model"], r["monitor"]): r for r in json.loads(path.read_text())["rows"]}
+            kept.update({(r["model"], r["monitor"]): r for r in rows})
+            rows = list(kept.values())
+        if not demo:
+            path.write_text(
+                json.dumps({"date": date, "device": device, "rows": rows}, indent=2) + "\n"
+            )
+        stem.with_suffix(".md").write_text(markdown(rows, date, device))
+    print(markdown(rows, date, device))
     return rows
 
 

@@ -1,7 +1,7 @@
 """Outliers of the Hessian of small MLPs on a 10-class Gaussian mixture (CPU, about 1 minute).
 
-    python bench/outliers.py            # 3 seeds, 2 training lengths
-    python bench/outliers.py --smoke    # 1 seed, tiny (the test suite runs this)
+    python -m bench.outliers            # 3 seeds, 2 training lengths
+    python -m bench.outliers --smoke    # 1 seed, tiny (the test suite runs this)
 
 Papyan (2019) ties the Hessian's outliers to the classes (C or C(C-1) of them); small MLPs
 showed fewer. For each model this counts the outliers by the rule of
@@ -16,18 +16,15 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import pathlib
-import sys
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from spectral_callbacks.curvature import HessianOperator  # noqa: E402
-from spectral_callbacks.demo import gaussian_mixture  # noqa: E402
-from spectral_callbacks.linalg import (  # noqa: E402
+from bench.report import RESULTS
+from spectral_callbacks.curvature import HessianOperator
+from spectral_callbacks.demo import gaussian_mixture
+from spectral_callbacks.linalg import (
     SpectralDensity,
     count_outliers,
     lanczos,
@@ -87,14 +84,14 @@ def study(seed: int, steps: int, smoke: bool) -> dict:
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true")
-    parser.add_argument("--out", default=str(ROOT / "bench" / "results"))
+    parser.add_argument("--out", default=str(RESULTS))
     args = parser.parse_args(argv)
     seeds, lengths = ([0], [20]) if args.smoke else ([0, 1, 2], [100, 1000])
     rows = [study(seed, steps, args.smoke) for steps in lengths for seed in seeds]
     lines = [
         f"# Outliers of MLP Hessians on a 10-class Gaussian mixture ({dt.date.today()})",
         "",
-        "`python bench/outliers.py`: full-batch SGD (lr 0.1), float64; the rule of "
+        "`python -m bench.outliers`: full-batch SGD (lr 0.1), float64; the rule of "
         "`count_outliers` on the exact spectrum and on top-20 Lanczos + SLQ (8 × 64).",
         "",
         "| seed | SGD steps | parameters | train accuracy | dense count | SLQ count | "

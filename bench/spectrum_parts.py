@@ -10,13 +10,16 @@ monitor runs them (the same functions on one ``HessianOperator``), each timed an
 - the top-``k`` solve (``eigenpairs``, ``k = 10``, ``tol = 1e-3``) from a random start, and
   warm-started from those eigenvectors after 50 more SGD steps (the monitor's later
   measurements);
-- Hutch++ (``hutchpp``) at 99 and 33 products, three seeds each: the spread of the
-  estimates over seeds, relative to the mean of the 99-product ones;
+- Hutch++ (``hutchpp``) at 99 and 33 products, and Hutchinson deflated by the warm solve's
+  top-``k`` Ritz pairs (``deflated_hutchinson``) at 33, three seeds each: the spread of the
+  estimates over seeds, relative to the mean of the 99-product Hutch++ ones;
 - stochastic Lanczos quadrature (``slq``) with 8 probes of 64 steps: the density's scalars
   (negative and near-zero mass, ``λ_min``, outliers, bulk edge) from all 8 probes, and their
-  spread over the 8 single-probe rules (the error of ``density_probes = 1``).
+  spread over disjoint groups of 1, 2 and 4 of those probes (the error of
+  ``density_probes`` = 1, 2, 4).
 
-Writes ``bench/results/spectrum-parts-<device>-<date>.{json,md}``.
+Writes ``bench/results/spectrum-parts-<device>-<date>.{json,md}``; runs of some
+``--parts`` or workloads on one day add to that file.
 """
 
 from __future__ import annotations
@@ -25,17 +28,23 @@ import argparse
 import datetime as dt
 import json
 import pathlib
-import platform
 import statistics
 import time
 
 import torch
 
-from bench.run import gradient_ms, make_workload, sgd_steps
+from bench.harness import device_label, gradient_ms
+from bench.report import RESULTS
+from bench.workloads import make_workload, sgd_steps
 from spectral_callbacks.curvature import HessianOperator
-from spectral_callbacks.linalg import SpectralDensity, count_outliers, eigenpairs, hutchpp, slq
-
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+from spectral_callbacks.linalg import (
+    SpectralDensity,
+    count_outliers,
+    deflated_hutchinson,
+    eigenpairs,
+    hutchpp,
+    slq,
+)
 
 
 def _timed(fn):
@@ -56,20 +65,26 @@ def density_scalars(density: SpectralDensity, top: torch.Tensor, size: int) -> d
     }
 
 
-def single_probe(density: SpectralDensity, probe: int) -> SpectralDensity:
-    """The quadrature rule of one probe of ``density`` as a density of its own."""
-    residuals = None if density.residuals is None else density.residuals[probe : probe + 1]
+def probe_subset(density: SpectralDensity, probes) -> SpectralDensity:
+    """The quadrature rules of some probes of ``density`` as a density of their own."""
+    index = torch.as_tensor(list(probes))
+    residuals = None if density.residuals is None else density.residuals[index]
     return SpectralDensity(
-        density.nodes[probe : probe + 1],
-        density.weights[probe : probe + 1],
-        density.num_hvps // density.nodes.shape[0],
+        density.nodes[index],
+        density.weights[index],
+        density.num_hvps // density.nodes.shape[0] * index.numel(),
         residuals,
         density.reorthogonalized,
     )
 
 
+#: Parts of a measurement besides the top-k solve (``--parts`` picks).
+PARTS = ("trace", "density")
+
+
 def parts(
     name: str,
+    which: tuple[str, ...] = PARTS,
     k: int = 10,
     trace_settings: tuple[int, ...] = (99, 33),
     seeds: int = 3,
@@ -96,43 +111,65 @@ def parts(
     with HessianOperator(model, loss_fn, batch) as op:
         before = op.num_hvps
         warm, seconds = _timed(
-            lambda: eigenpairs(op, k=k, tol=1e-3, start=cold.eigenvectors, seed=1)
+            lambda: eigenpairs(
+                op, k=k, tol=1e-3, start=cold.eigenvectors, seed=1, return_eigenvectors=True
+            )
         )
         row["top_k_warm"] = cost(seconds, warm.num_hvps)
         row["top_k_warm"]["all_converged"] = bool(warm.all_converged)
-        row["trace"] = {}
-        for num_hvps in trace_settings:
-            estimates, times = [], []
-            for seed in range(seeds):
-                estimate, seconds = _timed(lambda s=seed, m=num_hvps: hutchpp(op, m, seed=s))
-                estimates.append(estimate.estimate)
-                times.append(seconds)
-            row["trace"][num_hvps] = {
-                **cost(statistics.median(times), num_hvps),
-                "estimates": estimates,
-            }
-        reference = statistics.mean(row["trace"][max(trace_settings)]["estimates"])
-        for entry in row["trace"].values():
-            spread = statistics.stdev(entry["estimates"]) if seeds > 1 else 0.0
-            entry["relative_spread"] = spread / abs(reference)
-        density, seconds = _timed(lambda: slq(op, num_probes=probes, steps=steps))
-        row["density"] = cost(seconds, density.num_hvps)
-        row["density"]["probes"], row["density"]["steps"] = probes, steps
-        row["density"]["all_probes"] = density_scalars(density, warm.eigenvalues, op.size)
-        singles = [
-            density_scalars(single_probe(density, p), warm.eigenvalues, op.size)
-            for p in range(probes)
-        ]
-        row["density"]["single_probe_spread"] = {
-            key: statistics.stdev(s[key] for s in singles) if probes > 1 else 0.0
-            for key in singles[0]
-        }
-        row["density"]["single_probe_mean"] = {
-            key: statistics.mean(s[key] for s in singles) for key in singles[0]
-        }
+        if "trace" in which:
+            row["trace"] = trace_part(op, warm, trace_settings, seeds, cost)
+        if "density" in which:
+            row["density"] = density_part(op, warm, probes, steps, cost)
         assert op.num_hvps - before >= warm.num_hvps  # every part went through this operator
     row["top_k_eigenvalues"] = warm.eigenvalues.tolist()
     return row
+
+
+def trace_part(op, warm, trace_settings: tuple[int, ...], seeds: int, cost) -> dict:
+    """Hutch++ at each setting and the deflated estimator at the smallest, over seeds."""
+    estimators = {
+        f"Hutch++ {m}": (m, lambda s, m=m: hutchpp(op, m, seed=s)) for m in trace_settings
+    }
+    deflated = min(trace_settings)
+    estimators[f"deflated Hutchinson {deflated}"] = (
+        deflated,
+        lambda s: deflated_hutchinson(op, warm.eigenvectors, warm.eigenvalues, deflated, seed=s),
+    )
+    entries = {}
+    for label, (num_hvps, estimator) in estimators.items():
+        estimates, times = [], []
+        for seed in range(seeds):
+            estimate, seconds = _timed(lambda s=seed, e=estimator: e(s))
+            estimates.append(estimate.estimate)
+            times.append(seconds)
+        entries[label] = {**cost(statistics.median(times), num_hvps), "estimates": estimates}
+    reference = statistics.mean(entries[f"Hutch++ {max(trace_settings)}"]["estimates"])
+    for entry in entries.values():
+        spread = statistics.stdev(entry["estimates"]) if seeds > 1 else 0.0
+        entry["relative_spread"] = spread / abs(reference)
+    return entries
+
+
+def density_part(op, warm, probes: int, steps: int, cost) -> dict:
+    """SLQ with ``probes`` probes, and the spread of its scalars over disjoint groups of
+    1, 2 and 4 of those probes (the error of a density with that many)."""
+    density, seconds = _timed(lambda: slq(op, num_probes=probes, steps=steps))
+    entry = cost(seconds, density.num_hvps)
+    entry["probes"], entry["steps"] = probes, steps
+    entry["all_probes"] = density_scalars(density, warm.eigenvalues, op.size)
+    entry["spread_by_probes"] = {}
+    for size in (1, 2, 4):
+        if probes // size < 2:
+            continue
+        groups = [
+            density_scalars(probe_subset(density, range(g, g + size)), warm.eigenvalues, op.size)
+            for g in range(0, probes - size + 1, size)
+        ]
+        entry["spread_by_probes"][size] = {
+            key: statistics.stdev(group[key] for group in groups) for key in groups[0]
+        }
+    return entry
 
 
 def markdown(rows: list[dict], meta: dict) -> str:
@@ -147,55 +184,77 @@ def markdown(rows: list[dict], meta: dict) -> str:
         "|---|---|---|---|---|",
     ]
     for row in rows:
-        name = row["workload"]
         entries = [("top-10, cold", row["top_k_cold"]), ("top-10, warm", row["top_k_warm"])]
-        entries += [(f"Hutch++ {m}", e) for m, e in row["trace"].items()]
-        density = row["density"]
-        entries.append((f"SLQ {density['probes']}×{density['steps']}", density))
+        entries += list(row.get("trace", {}).items())
+        if "density" in row:
+            density = row["density"]
+            entries.append((f"SLQ {density['probes']}×{density['steps']}", density))
         for label, entry in entries:
             lines.append(
-                f"| {name} | {label} | {entry['products']} | {entry['seconds']:.2f} | "
+                f"| {row['workload']} | {label} | {entry['products']} | {entry['seconds']:.2f} | "
                 f"{entry['gradient_times']:.0f} |"
             )
     lines += [
         "",
-        "Accuracy of the cheaper settings: Hutch++'s spread over seeds relative to the mean "
-        "of the 99-product estimates; the density's scalars from all 8 probes and the "
-        "standard deviation of the 8 single-probe values (the error of one probe).",
+        "The trace estimates' spread over three seeds, relative to the mean of the 99-product "
+        "Hutch++ estimates:",
         "",
-        "| workload | Hutch++ spread (99; 33) | scalar | 8 probes | one probe: std |",
-        "|---|---|---|---|---|",
+        "| workload | " + " | ".join(rows[0].get("trace", {})) + " |",
+        "|---|" + "---|" * len(rows[0].get("trace", {})),
     ]
     for row in rows:
-        spreads = "; ".join(f"{e['relative_spread']:.1e}" for e in row["trace"].values())
-        density = row["density"]
-        for i, (key, value) in enumerate(density["all_probes"].items()):
-            lines.append(
-                f"| {row['workload'] if i == 0 else ''} | {spreads if i == 0 else ''} | {key} | "
-                f"{value:.4g} | {density['single_probe_spread'][key]:.2g} |"
-            )
+        spreads = [f"{e['relative_spread']:.1e}" for e in row.get("trace", {}).values()]
+        lines.append(f"| {row['workload']} | " + " | ".join(spreads) + " |")
+    lines += [
+        "",
+        "The density's scalars from all 8 probes, and their standard deviation over disjoint "
+        "groups of 1, 2 and 4 of those probes (the error of a density with that many probes; "
+        "8, 4 and 2 groups):",
+        "",
+        "| workload | scalar | 8 probes | std, 1 probe | std, 2 probes | std, 4 probes |",
+        "|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        density = row.get("density")
+        if density is None:
+            continue
+        spread = {str(size): v for size, v in density.get("spread_by_probes", {}).items()}
+        for key, value in density["all_probes"].items():
+            cells = [f"{spread[s][key]:.2g}" if s in spread else "" for s in ("1", "2", "4")]
+            lines.append(f"| {row['workload']} | {key} | {value:.4g} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def merge_rows(earlier: list[dict], new: list[dict]) -> list[dict]:
+    """``new`` over ``earlier``, workload by workload and part by part."""
+    rows = {row["workload"]: dict(row) for row in earlier}
+    for row in new:
+        rows.setdefault(row["workload"], {}).update(row)
+    return list(rows.values())
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workloads", nargs="+", default=["C1", "G1"])
+    parser.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS))
     parser.add_argument("--smoke", action="store_true", help="the tiny workload, seconds")
-    parser.add_argument("--out", default=str(ROOT / "bench" / "results"))
+    parser.add_argument("--out", default=str(RESULTS))
     args = parser.parse_args(argv)
     workloads = ["tiny"] if args.smoke else args.workloads
-    rows = [parts(name) for name in workloads]
+    rows = [parts(name, tuple(args.parts)) for name in workloads]
     meta = {
-        "device": f"cpu-{platform.machine()}-{torch.get_num_threads()}threads",
+        "device": device_label(torch.device("cpu")),
         "torch": torch.__version__,
         "date": dt.date.today().isoformat(),
     }
-    text = markdown(rows, meta)
-    print(text)
-    if not args.smoke:
+    if not args.smoke:  # runs of some parts or workloads on one day add to one file
         stem = pathlib.Path(args.out) / f"spectrum-parts-{meta['device']}-{meta['date']}"
-        stem.with_suffix(".json").write_text(json.dumps({**meta, "rows": rows}, indent=2) + "\n")
-        stem.with_suffix(".md").write_text(text)
+        path = stem.with_suffix(".json")
+        if path.exists():
+            rows = merge_rows(json.loads(path.read_text())["rows"], rows)
+        path.write_text(json.dumps({**meta, "rows": rows}, indent=2) + "\n")
+        stem.with_suffix(".md").write_text(markdown(rows, meta))
+    print(markdown(rows, meta))
     return rows
 
 

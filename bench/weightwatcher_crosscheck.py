@@ -2,7 +2,7 @@
 Face), randomly initialised and after some training, and the cost of one measurement.
 
     pip install torch==2.14.1 weightwatcher==0.7.7 timm transformers   # its own venv
-    PYTHONPATH=. python bench/weightwatcher_crosscheck.py [--steps 20] [--out bench/results]
+    python -m bench.weightwatcher_crosscheck [--steps 20] [--out bench/results]
 
 Both tools see the same weights. Per layer: the largest relative difference of the sorted
 eigenvalues (over eigenvalues ≥ 1e-6 λ_max; the smaller ones are SVD round-off for both

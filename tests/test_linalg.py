@@ -194,7 +194,7 @@ def test_warm_start_from_previous_eigenvector_needs_fewer_products():
     assert torch.allclose(warm_b.eigenvalues, cold_b.eigenvalues, rtol=1e-3)
     # The random part of the mixed start must be filtered out too, so the saving is small
     # on this 200 x 200 matrix (9 against 11; a pure warm start took 2). On models with
-    # millions of parameters it is most of a cold solve (bench/warm_starts.py).
+    # millions of parameters it is most of a cold solve (bench/results/warm-starts-2026-11-23.md).
     assert warm_b.num_hvps < cold_b.num_hvps, (warm_b.num_hvps, cold_b.num_hvps)
 
 
@@ -246,7 +246,8 @@ def test_block_warm_start_for_top_k():
     assert warm.converged.all()
     assert torch.allclose(warm.eigenvalues, cold.eigenvalues, rtol=1e-5)
     # Each warm row carries a random part to filter out (WARM_START_MIXING): a small saving
-    # on a 200 x 200 matrix, most of a cold solve on models (bench/warm_starts.py).
+    # on a 200 x 200 matrix, most of a cold solve on models
+    # (bench/results/warm-starts-2026-11-23.md).
     assert warm.num_hvps < cold.num_hvps, (warm.num_hvps, cold.num_hvps)
 
 

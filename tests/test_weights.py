@@ -5,9 +5,7 @@ whole pipeline against weightwatcher 0.7.7 (installed from the registry by the t
 
 from __future__ import annotations
 
-import importlib.util
 import math
-import pathlib
 
 import pytest
 import torch
@@ -27,8 +25,6 @@ from spectral_callbacks.weights import (
     weight_spectra,
 )
 from spectral_callbacks.weights.metrics import FARMS_MAX_WINDOWS, farms_windows
-
-CROSSCHECK = pathlib.Path(__file__).resolve().parents[1] / "bench" / "weightwatcher_crosscheck.py"
 
 
 def generator(seed: int = 0) -> torch.Generator:
@@ -286,10 +282,9 @@ def test_model_metrics_and_averages():
 
 
 def load_crosscheck():
-    spec = importlib.util.spec_from_file_location("weightwatcher_crosscheck", CROSSCHECK)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    from bench import weightwatcher_crosscheck
+
+    return weightwatcher_crosscheck
 
 
 class SmallNet(nn.Module):
