@@ -99,9 +99,7 @@ def test_hessian_values_equal_one_process_on_the_union_of_shards(ranks):
         )
     for step, values in record["spectrum"]:
         model = model_at(zero["snapshots"][step])
-        reference = hessian_eigenvalues(
-            model, mse, union, k=3, tol=1e-11, return_eigenvectors=True
-        )
+        reference = hessian_eigenvalues(model, mse, union, k=3, tol=1e-11, return_eigenvectors=True)
         logged = [values[f"spectral/hessian/eig_{i}"] for i in (1, 2, 3)]
         assert logged == pytest.approx(reference.eigenvalues.tolist(), rel=1e-6)
         # The trace: Hutchinson deflated by the top-3 Ritz pairs, as in one process.
