@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bench.harness import device_label, gradient_ms, max_relative_error, sync, timed
+from bench.harness import device_label, gradient_ms, max_relative_error, stopwatch, sync, timed
 from bench.report import RESULTS, markdown
 from bench.workloads import WORKLOADS, classification_loss, make_workload, mlp
 from spectral_callbacks.curvature import HessianOperator
@@ -269,10 +269,9 @@ def time_to_accuracy(
             rows[tool] = {"tool": tool, "status": "not installed"}
             continue
         try:
-            sync(device)
-            began = time.perf_counter()
-            syncs, values = count_host_syncs(run, device)
-            warm_up = time.perf_counter() - began
+            warm_up, (syncs, values) = stopwatch(
+                lambda run=run: count_host_syncs(run, device), device
+            )
         except Exception as error:  # a peer failing (e.g. default SDPA) is a result
             rows[tool] = {
                 "tool": tool,
@@ -287,13 +286,8 @@ def time_to_accuracy(
         active[tool] = run
     for _ in range(repeats):
         for tool, run in active.items():
-            row = rows[tool]
-            sync(device)
-            began = time.perf_counter()
-            values = run()
-            sync(device)
-            row["times"].append(time.perf_counter() - began)
-            row["values"] = values
+            seconds, rows[tool]["values"] = stopwatch(run, device)
+            rows[tool]["times"].append(seconds)
     for row in rows.values():
         if "times" in row:
             row["seconds"] = statistics.median(row["times"])
@@ -328,14 +322,21 @@ def warm_tracking(model, batch, loss_fn, device, steps, every, grad_ms, hvp="aut
     for step in range(steps + 1):
         if step % every == 0:
             model.eval()
-            sync(device)
-            began = time.perf_counter()
-            result = hessian_eigenvalues(
-                model, loss_fn, batch, k=1, tol=1e-3, start=start, return_eigenvectors=True, hvp=hvp
+            seconds, result = stopwatch(
+                lambda start=start: hessian_eigenvalues(
+                    model,
+                    loss_fn,
+                    batch,
+                    k=1,
+                    tol=1e-3,
+                    start=start,
+                    return_eigenvectors=True,
+                    hvp=hvp,
+                ),
+                device,
             )
-            sync(device)
             if start is not None:
-                times.append(time.perf_counter() - began)
+                times.append(seconds)
                 hvps.append(result.num_hvps)
             start = result.eigenvectors
             model.train()

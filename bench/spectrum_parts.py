@@ -29,11 +29,10 @@ import datetime as dt
 import json
 import pathlib
 import statistics
-import time
 
 import torch
 
-from bench.harness import device_label, gradient_ms
+from bench.harness import device_label, gradient_ms, stopwatch
 from bench.report import RESULTS
 from bench.workloads import make_workload, sgd_steps
 from spectral_callbacks.curvature import HessianOperator
@@ -45,12 +44,6 @@ from spectral_callbacks.linalg import (
     hutchpp,
     slq,
 )
-
-
-def _timed(fn):
-    began = time.perf_counter()
-    result = fn()
-    return result, time.perf_counter() - began
 
 
 def density_scalars(density: SpectralDensity, top: torch.Tensor, size: int) -> dict[str, float]:
@@ -105,15 +98,18 @@ def parts(
         }
 
     with HessianOperator(model, loss_fn, batch) as op:
-        cold, seconds = _timed(lambda: eigenpairs(op, k=k, tol=1e-3, return_eigenvectors=True))
+        seconds, cold = stopwatch(
+            lambda: eigenpairs(op, k=k, tol=1e-3, return_eigenvectors=True), op.device
+        )
         row["top_k_cold"] = cost(seconds, cold.num_hvps)
     sgd_steps(model, batch, loss_fn, steps=50)
     with HessianOperator(model, loss_fn, batch) as op:
         before = op.num_hvps
-        warm, seconds = _timed(
+        seconds, warm = stopwatch(
             lambda: eigenpairs(
                 op, k=k, tol=1e-3, start=cold.eigenvectors, seed=1, return_eigenvectors=True
-            )
+            ),
+            op.device,
         )
         row["top_k_warm"] = cost(seconds, warm.num_hvps)
         row["top_k_warm"]["all_converged"] = bool(warm.all_converged)
@@ -140,7 +136,7 @@ def trace_part(op, warm, trace_settings: tuple[int, ...], seeds: int, cost) -> d
     for label, (num_hvps, estimator) in estimators.items():
         estimates, times = [], []
         for seed in range(seeds):
-            estimate, seconds = _timed(lambda s=seed, e=estimator: e(s))
+            seconds, estimate = stopwatch(lambda s=seed, e=estimator: e(s), op.device)
             estimates.append(estimate.estimate)
             times.append(seconds)
         entries[label] = {**cost(statistics.median(times), num_hvps), "estimates": estimates}
@@ -154,7 +150,7 @@ def trace_part(op, warm, trace_settings: tuple[int, ...], seeds: int, cost) -> d
 def density_part(op, warm, probes: int, steps: int, cost) -> dict:
     """SLQ with ``probes`` probes, and the spread of its scalars over disjoint groups of
     1, 2 and 4 of those probes (the error of a density with that many)."""
-    density, seconds = _timed(lambda: slq(op, num_probes=probes, steps=steps))
+    seconds, density = stopwatch(lambda: slq(op, num_probes=probes, steps=steps), op.device)
     entry = cost(seconds, density.num_hvps)
     entry["probes"], entry["steps"] = probes, steps
     entry["all_probes"] = density_scalars(density, warm.eigenvalues, op.size)

@@ -17,7 +17,8 @@ are exact (autograd), by one of these paths:
 ``"reuse_graph"``
     Build ``g_b = ∇L_b`` once per batch with ``create_graph=True`` and keep that first-order
     graph; each product is a backward pass through it, ``∂(g_b · v)/∂θ``. A block of vectors
-    goes through one vmapped backward (``is_grads_batched``).
+    goes through one vmapped backward (``is_grads_batched``) on accelerators, and one
+    backward per vector on the CPU, where that is cheaper per vector.
 ``"forward_over_reverse"``
     ``torch.func.jvp`` of ``torch.func.grad`` of the loss, vmapped over a block of vectors;
     nothing is kept between products, each block re-runs forward and backward.
