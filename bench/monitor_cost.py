@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import json
 import pathlib
 import re
 import statistics
@@ -32,7 +31,7 @@ import lightning.pytorch as L
 import torch
 
 from bench.harness import device_label
-from bench.report import RESULTS
+from bench.report import RESULTS, keyed_merge, write_day_file
 from bench.workloads import classification_loss, initial_workload
 from spectral_callbacks import (
     HessianSpectrumMonitor,
@@ -250,16 +249,16 @@ def main(argv: list[str] | None = None) -> list[dict]:
         stem = pathlib.Path(args.out) / (
             f"monitor-cost-{date}" if demo else f"monitor-cost-cpu-workloads-{date}"
         )
-        path = stem.with_suffix(".json")
-        if path.exists() and not demo:
-            kept = {(r["model"], r["monitor"]): r for r in json.loads(path.read_text())["rows"]}
-            kept.update({(r["model"], r["monitor"]): r for r in rows})
-            rows = list(kept.values())
-        if not demo:
-            path.write_text(
-                json.dumps({"date": date, "device": device, "rows": rows}, indent=2) + "\n"
+        if demo:
+            stem.with_suffix(".md").write_text(markdown(rows, date, device))
+        else:
+            rows = write_day_file(
+                stem,
+                {"date": date, "device": device},
+                rows,
+                keyed_merge(lambda row: (row["model"], row["monitor"])),
+                lambda rows, meta: markdown(rows, meta["date"], meta["device"]),
             )
-        stem.with_suffix(".md").write_text(markdown(rows, date, device))
     print(markdown(rows, date, device))
     return rows
 

@@ -12,8 +12,38 @@ from __future__ import annotations
 import json
 import pathlib
 import sys
+from collections.abc import Callable
 
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"
+
+
+def keyed_merge(key: Callable[[dict], object]) -> Callable[[list[dict], list[dict]], list[dict]]:
+    """A merge for :func:`write_day_file`: new rows replace earlier rows of the same key."""
+
+    def merge(earlier: list[dict], new: list[dict]) -> list[dict]:
+        kept = {key(row): row for row in earlier}
+        kept.update({key(row): row for row in new})
+        return list(kept.values())
+
+    return merge
+
+
+def write_day_file(
+    stem: pathlib.Path,
+    meta: dict,
+    rows: list[dict],
+    merge: Callable[[list[dict], list[dict]], list[dict]],
+    markdown: Callable[[list[dict], dict], str],
+) -> list[dict]:
+    """Write ``rows`` (with ``meta``) to ``stem.json`` and their table to ``stem.md``,
+    merged into the rows already there: a day's runs of other workloads, monitors or parts
+    add to one file. Returns the rows written."""
+    path = stem.with_suffix(".json")
+    if path.exists():
+        rows = merge(json.loads(path.read_text())["rows"], rows)
+    path.write_text(json.dumps({**meta, "rows": rows}, indent=2) + "\n")
+    stem.with_suffix(".md").write_text(markdown(rows, meta))
+    return rows
 
 
 def is_peer_comparison(results: dict) -> bool:

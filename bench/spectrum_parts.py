@@ -26,14 +26,13 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import json
 import pathlib
 import statistics
 
 import torch
 
 from bench.harness import device_label, gradient_ms, stopwatch
-from bench.report import RESULTS
+from bench.report import RESULTS, write_day_file
 from bench.workloads import make_workload, sgd_steps
 from spectral_callbacks.curvature import HessianOperator
 from spectral_callbacks.linalg import (
@@ -245,11 +244,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     }
     if not args.smoke:  # runs of some parts or workloads on one day add to one file
         stem = pathlib.Path(args.out) / f"spectrum-parts-{meta['device']}-{meta['date']}"
-        path = stem.with_suffix(".json")
-        if path.exists():
-            rows = merge_rows(json.loads(path.read_text())["rows"], rows)
-        path.write_text(json.dumps({**meta, "rows": rows}, indent=2) + "\n")
-        stem.with_suffix(".md").write_text(markdown(rows, meta))
+        rows = write_day_file(stem, meta, rows, merge_rows, markdown)
     print(markdown(rows, meta))
     return rows
 

@@ -29,7 +29,10 @@ from torch import nn
 
 from ._checks import check_bool
 from .curvature import (
+    Curvature,
+    GgnLoss,
     HessianOperator,
+    HvpPath,
     LossFunction,
     ParameterFilter,
     Reduction,
@@ -46,10 +49,13 @@ from .curvature.data import module_of
 from .curvature.flatness import sam_sharpness as _sam_sharpness
 from .linalg import (
     EIGEN_METHODS,
+    EigenMethod,
     EigenResult,
     ScaledOperator,
     SpectralDensity,
     TraceEstimate,
+    TraceMethod,
+    Which,
     block_traces,
     eigenpairs,
     slq,
@@ -92,22 +98,22 @@ def hessian_eigenvalues(
     loss_fn: LossFunction,
     data: Any,
     k: int = 5,
-    which: str = "LA",
+    which: Which = "LA",
     tol: float = 1e-3,
     max_iter: int | None = None,
     seed: int = 0,
     params: ParameterFilter = None,
-    method: str = "auto",
+    method: EigenMethod = "auto",
     block_size: int | None = None,
     start: torch.Tensor | None = None,
     return_eigenvectors: bool = False,
-    hvp: str = "auto",
+    hvp: HvpPath = "auto",
     batch_size_fn: Callable[[Any], int] | None = None,
     reduction: Reduction = "mean",
     preconditioner: torch.Tensor | StabilityPreconditioner | None = None,
     max_basis: int | None = None,
-    curvature: str = "hessian",
-    ggn_loss: str | None = None,
+    curvature: Curvature = "hessian",
+    ggn_loss: GgnLoss | None = None,
     outputs_fn: Callable | None = None,
 ) -> EigenResult:
     """Top-``k`` eigenpairs of the loss Hessian, by Lanczos with full reorthogonalisation.
@@ -220,7 +226,7 @@ def gradient_overlap(
     tol: float = 1e-3,
     seed: int = 0,
     params: ParameterFilter = None,
-    hvp: str = "auto",
+    hvp: HvpPath = "auto",
     reduction: Reduction = "mean",
     eigenvectors: torch.Tensor | None = None,
 ) -> float:
@@ -248,7 +254,7 @@ def hessian_layer_traces(
     num_hvps: int = 30,
     seed: int = 0,
     params: ParameterFilter = None,
-    hvp: str = "auto",
+    hvp: HvpPath = "auto",
     reduction: Reduction = "mean",
 ) -> dict[str, TraceEstimate]:
     """The trace of each module's diagonal Hessian block ``H_ll`` (HAWQ-V2's sensitivity).
@@ -273,7 +279,7 @@ def hessian_layer_lambda_max(
     tol: float = 1e-3,
     seed: int = 0,
     params: ParameterFilter = None,
-    hvp: str = "auto",
+    hvp: HvpPath = "auto",
     reduction: Reduction = "mean",
 ) -> dict[str, EigenResult]:
     """The top eigenvalue of each module's diagonal Hessian block ``H_ll``, by Lanczos on the
@@ -325,8 +331,8 @@ def optimizer_stability_ratio(
     tol: float = 1e-3,
     seed: int = 0,
     params: ParameterFilter = None,
-    hvp: str = "auto",
-    method: str = "auto",
+    hvp: HvpPath = "auto",
+    method: EigenMethod = "auto",
     block_size: int | None = None,
     max_basis: int | None = None,
     batch_size_fn: Callable[[Any], int] | None = None,
@@ -368,14 +374,14 @@ def hessian_trace(
     loss_fn: LossFunction,
     data: Any,
     num_hvps: int = 99,
-    method: str = "hutch++",
+    method: TraceMethod = "hutch++",
     seed: int = 0,
     params: ParameterFilter = None,
-    hvp: str = "auto",
+    hvp: HvpPath = "auto",
     batch_size_fn: Callable[[Any], int] | None = None,
     reduction: Reduction = "mean",
-    curvature: str = "hessian",
-    ggn_loss: str | None = None,
+    curvature: Curvature = "hessian",
+    ggn_loss: GgnLoss | None = None,
     outputs_fn: Callable | None = None,
 ) -> TraceEstimate:
     """Trace of the loss Hessian by Hutch++ (default) or Hutchinson, with a standard error.
@@ -420,12 +426,12 @@ def hessian_density(
     steps: int = 64,
     seed: int = 0,
     params: ParameterFilter = None,
-    hvp: str = "auto",
+    hvp: HvpPath = "auto",
     batch_size_fn: Callable[[Any], int] | None = None,
     reduction: Reduction = "mean",
     reorthogonalize: bool | None = None,
-    curvature: str = "hessian",
-    ggn_loss: str | None = None,
+    curvature: Curvature = "hessian",
+    ggn_loss: GgnLoss | None = None,
     outputs_fn: Callable | None = None,
 ) -> SpectralDensity:
     """Eigenvalue density of the loss Hessian by stochastic Lanczos quadrature.

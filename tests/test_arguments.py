@@ -244,8 +244,8 @@ def test_two_optimizers_each_step_their_own_parameters_in_eos_ratio():
 @pytest.mark.parametrize(
     ("arguments", "message"),
     [
-        ({"k": True}, "k must be a positive integer"),
-        ({"k": 0}, "k must be a positive integer"),
+        ({"k": True}, "k must be an integer >= 1"),
+        ({"k": 0}, "k must be an integer >= 1"),
         ({"which": "largest"}, "which must be one of"),
         ({"tol": "1e-3"}, "tol must be a positive finite number"),
         ({"tol": math.nan}, "tol must be a positive finite number"),

@@ -8,7 +8,15 @@ import math
 import pytest
 import torch
 
-from bench import gradient_difference, monitor_cost, outliers, report, spectrum_parts, workloads
+from bench import (
+    gradient_difference,
+    monitor_cost,
+    outliers,
+    probe_size,
+    report,
+    spectrum_parts,
+    workloads,
+)
 from bench import run as bench_run
 
 
@@ -139,6 +147,23 @@ def test_the_spectrum_parts_study_runs_on_the_tiny_workload():
     assert set(spreads) == {1, 2, 4}
     assert all(value >= 0 for spread in spreads.values() for value in spread.values())
     assert 0 <= row["density"]["all_probes"]["near_zero_mass"] <= 1
+
+
+def test_the_probe_size_study_splits_the_batch_and_measures_each_part():
+    (row,) = probe_size.main(["--smoke"])
+    assert [split["parts"] for split in row["splits"]] == [1, 2, 4]
+    whole, half, quarter = row["splits"]
+    assert whole["max_abs_error"] == 0 and whole["values"] == [row["reference"]]
+    assert len(half["values"]) == 2 and len(quarter["values"]) == 4
+    assert quarter["samples"] * 4 == half["samples"] * 2 == row["batch"]
+    assert all(split["products"] >= 1 for split in row["splits"])
+
+
+def test_probe_size_parts_are_disjoint_and_cover_the_batch():
+    batch = (torch.arange(12.0).reshape(12, 1), torch.arange(12))
+    parts = probe_size.split_batch(batch, 4)
+    assert torch.equal(torch.cat([part[0] for part in parts]), batch[0])
+    assert torch.equal(torch.cat([part[1] for part in parts]), batch[1])
 
 
 def test_recorded_tables_are_rendered_from_the_recorded_json():

@@ -199,3 +199,22 @@ def test_end_to_end_sharpness_rule_trips_at_a_large_learning_rate():
     assert stopper.stopped_step is not None and trainer.global_step == stopper.stopped_step < 400
     assert all(r > 1.1 or not math.isfinite(r) for r in ratios[-2:])
     assert "spectral/hessian/eos_ratio" in stopper.stopped_reason
+
+
+@pytest.mark.parametrize(
+    ("key", "producer"),
+    [
+        ("spectral/hessian/eos_ratio", "SharpnessMonitor"),
+        ("spectral/hessian/adam/lambda_max", "SharpnessMonitor"),
+        ("spectral/hessian/eig_7", "HessianSpectrumMonitor"),
+        ("spectral/ggn/trace", "HessianSpectrumMonitor"),
+        ("spectral/hessian/layer/net.0/trace_per_param", "HessianSpectrumMonitor"),
+        ("spectral/ggn/lambda_max", None),  # the GGN has no sharpness monitor
+        ("spectral/hessian/not_a_metric", None),
+        ("spectral/repr/encoder/rankme", "RepresentationMonitor(layers=[...]) with that layer"),
+    ],
+)
+def test_the_missing_producer_is_read_off_the_metric_tables(key, producer):
+    from spectral_callbacks.callbacks.early_stopping import producer_of
+
+    assert producer_of(key) == producer

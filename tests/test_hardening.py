@@ -677,7 +677,7 @@ def test_a_training_step_that_keeps_state_trains_as_without_the_monitors():
 def test_the_pytorch_lightning_namespace_logger_gets_histograms_and_the_layout(tmp_path):
     import pytorch_lightning  # installed with lightning
 
-    from spectral_callbacks.logging.tensorboard import tensorboard_writers
+    from spectral_callbacks.reporting.tensorboard import tensorboard_writers
 
     logger = pytorch_lightning.loggers.TensorBoardLogger(tmp_path, name="pl", version=0)
     assert tensorboard_writers([logger]) == [logger.experiment]
@@ -727,4 +727,5 @@ def test_a_select_that_drops_the_batch_dimension_is_warned():
 def test_a_lightning_cli_config_with_a_parameter_list_round_trips(tmp_path):
     init_args = {"every_n_steps": 3, "params": ["net.0"], "reduction": "sum"}
     monitor = cli_round_trip(AnyBatchRegressor, SharpnessMonitor, init_args, tmp_path)
-    assert monitor._params == ["net.0"] and monitor._reduction == "sum"
+    assert monitor.operator_settings.params == ["net.0"]
+    assert monitor.operator_settings.reduction == "sum"

@@ -299,7 +299,7 @@ def test_unconverged_is_reported():
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"k": 0}, "k must be a positive integer"),
+        ({"k": 0}, "k must be an integer >= 1"),
         ({"k": 31}, "larger than the operator's dimension"),
         ({"which": "XX"}, "which must be one of"),
         ({"tol": -1.0}, "tol must be a positive"),

@@ -23,7 +23,7 @@ from torch import nn
 
 from .._checks import check_bool, check_integer
 from ..curvature.data import Batches, as_batch_list, map_tensors, move_to_device
-from ..logging.tensorboard import add_chart_layout, tensorboard_writers
+from ..reporting.tensorboard import add_chart_layout, tensorboard_writers
 
 __all__ = ["SpectralMonitor", "training_step_loss"]
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Any
+from typing import Any, Literal, get_args
 
 import lightning.pytorch as pl
 import torch
@@ -12,24 +12,34 @@ from lightning.pytorch.callbacks import EarlyStopping
 from lightning.pytorch.callbacks.early_stopping import EarlyStoppingReason
 
 from .._checks import check_bool, check_choice, check_integer, check_number
+from . import metrics as metric_table
 from .base import SpectralMonitor
 
 __all__ = ["RULES", "SpectralEarlyStopping"]
 
-RULES = ("improvement", "above", "below", "collapse", "outside")
-ACTIONS = ("stop", "warn")
+Rule = Literal["improvement", "above", "below", "collapse", "outside"]
+RULES: tuple[str, ...] = get_args(Rule)
+Action = Literal["stop", "warn"]
+ACTIONS: tuple[str, ...] = get_args(Action)
 
-# Which callback produces which metric, for the error on a key nobody logs.
-_PRODUCERS = (
-    ("spectral/hessian/eig_", "HessianSpectrumMonitor"),
-    ("spectral/hessian/trace", "HessianSpectrumMonitor"),
-    ("spectral/hessian/negative_mass", "HessianSpectrumMonitor"),
-    ("spectral/hessian/near_zero_mass", "HessianSpectrumMonitor"),
-    ("spectral/hessian/spectrum_num_hvps", "HessianSpectrumMonitor"),
-    ("spectral/hessian/", "SharpnessMonitor"),
+# Which callback logs a metric nobody logs, for the error: the Hessian monitors by their
+# metric tables, the others by their prefix.
+_PREFIX_PRODUCERS = (
     ("spectral/repr/", "RepresentationMonitor(layers=[...]) with that layer"),
     ("spectral/weights/", "WeightSpectrumMonitor (with that layer among its layers)"),
 )
+
+
+def producer_of(key: str) -> str | None:
+    """The monitor (as users would add it) whose metric table holds ``key``, or ``None``."""
+    from .hessian import HessianSpectrumMonitor, SharpnessMonitor
+
+    prefixes = {SharpnessMonitor: ("spectral/hessian/",)}
+    prefixes[HessianSpectrumMonitor] = ("spectral/hessian/", "spectral/ggn/")
+    for monitor, monitor_prefixes in prefixes.items():
+        if any(metric_table.matches(monitor.METRICS, p, key) for p in monitor_prefixes):
+            return monitor.__name__
+    return next((name for prefix, name in _PREFIX_PRODUCERS if key.startswith(prefix)), None)
 
 
 class SpectralEarlyStopping(EarlyStopping):
@@ -78,14 +88,14 @@ class SpectralEarlyStopping(EarlyStopping):
     def __init__(
         self,
         monitor: str,
-        rule: str = "improvement",
+        rule: Rule = "improvement",
         threshold: float | None = None,
         fraction: float | None = None,
         band: tuple[float, float] | None = None,
         warmup_steps: int = 0,
-        action: str = "stop",
+        action: Action = "stop",
         patience: int = 3,
-        mode: str = "min",
+        mode: Literal["min", "max"] = "min",
         **kwargs: Any,
     ) -> None:
         if not isinstance(monitor, str) or not monitor:
@@ -203,7 +213,7 @@ class SpectralEarlyStopping(EarlyStopping):
         high: float = 6.0,
         layer: str | None = None,
         patience: int = 1,
-        action: str = "warn",
+        action: Action = "warn",
         warmup_steps: int = 0,
         **kwargs: Any,
     ) -> SpectralEarlyStopping:
@@ -240,9 +250,7 @@ class SpectralEarlyStopping(EarlyStopping):
         producers = [cb for cb in trainer.callbacks if isinstance(cb, SpectralMonitor)]
         if any(cb.produces(self.monitor) for cb in producers):
             return
-        producer = next(
-            (name for prefix, name in _PRODUCERS if self.monitor.startswith(prefix)), None
-        )
+        producer = producer_of(self.monitor)
         hint = f"add {producer} to the Trainer's callbacks" if producer else "check the metric name"
         message = (
             f"SpectralEarlyStopping monitors {self.monitor!r}, which none of the Trainer's "

@@ -8,56 +8,49 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
 
-from .._checks import (
-    check_bool,
-    check_callable,
-    check_choice,
-    check_integer,
-    check_number,
-    check_tolerance,
-)
+from .._checks import check_bool, check_callable, check_choice, check_integer, check_number
 from ..curvature import (
-    HVP_PATHS,
-    REDUCTIONS,
     Batches,
+    Curvature,
+    EdgeOfStability,
+    GgnLoss,
     HessianOperator,
+    HvpPath,
     ParameterFilter,
     Reduction,
-    UnsupportedOptimizerError,
+    edge_of_stability,
     flat_size,
     module_groups,
     select_parameters,
-    stability_preconditioner,
-    stability_ratio,
 )
-from ..curvature.data import check_parameter_filter, module_of
+from ..curvature.data import module_of
 from ..curvature.flatness import sam_sharpness
 from ..curvature.ggn import CURVATURES, GGN_LOSSES, GGNOperator
-from ..curvature.preconditioner import NoPreconditionerYet
 from ..linalg import (
+    EigenMethod,
     SpectralDensity,
     block_traces,
     count_outliers,
     default_density_probes,
     default_max_iter,
     deflated_hutchinson,
-    eigenpairs,
     principal_angles,
     slq,
+    solve,
     subspace_fraction,
     subspace_overlap,
-    validate_max_basis,
-    validate_method,
 )
-from ..logging.figures import density_figure, layer_trace_figure
-from ..logging.tensorboard import add_figure, add_histogram
+from ..reporting.figures import density_figure, layer_trace_figure
+from ..reporting.tensorboard import add_figure, add_histogram
+from ..settings import EigenSettings, OperatorSettings
+from . import metrics as metric_table
 from .base import LossFn, SpectralMonitor, current_learning_rate, training_step_loss
+from .metrics import MetricSpec
 
 __all__ = ["HessianSpectrumMonitor", "SharpnessMonitor"]
 
@@ -77,22 +70,14 @@ class _HessianMonitor(SpectralMonitor):
         every_n_steps: int,
         probe_batches: int,
         probe_data: Any,
-        loss_fn: LossFn | None,
-        params: ParameterFilter,
-        tol: float,
-        seed: int,
-        hvp: str,
         eval_mode: bool,
-        warm_start: bool,
-        method: str,
-        block_size: int | None,
-        max_basis: int | None,
-        k: int,
-        max_iter: int | None,
-        reduction: Reduction,
         name: str | None,
-        checkpoint_warm_start: bool | None,
         figure_every_n_steps: int | None,
+        loss_fn: LossFn | None,
+        solver: EigenSettings,
+        operator_settings: OperatorSettings,
+        warm_start: bool,
+        checkpoint_warm_start: bool | None,
     ) -> None:
         super().__init__(
             every_n_steps,
@@ -103,29 +88,17 @@ class _HessianMonitor(SpectralMonitor):
             figure_every_n_steps=figure_every_n_steps,
         )
         check_callable("loss_fn", loss_fn, "loss_fn(model, batch) -> scalar", allow_none=True)
-        check_parameter_filter(params)
-        tol = check_tolerance("tol", tol)
-        check_integer("seed", seed, minimum=0)
-        check_choice("hvp", hvp, HVP_PATHS)
         check_bool("warm_start", warm_start)
-        check_choice("reduction", reduction, REDUCTIONS)
-        check_integer("max_iter", max_iter, minimum=k, allow_none=True)
         if checkpoint_warm_start is not None:
             check_bool("checkpoint_warm_start", checkpoint_warm_start)
-        validate_method(method, block_size)
-        validate_max_basis(max_basis, k, method, block_size)
-        self._loss_fn = loss_fn
-        self._params = params
-        self._tol = float(tol)
-        self._seed = seed
-        self._hvp = hvp
-        self._warm_start = warm_start
-        self._method = method
-        self._block_size = block_size
-        self._max_basis = max_basis
-        self._max_iter = max_iter
-        self._reduction = reduction
-        self._checkpoint_warm_start = checkpoint_warm_start
+        #: The eigensolver's settings (``k``, ``tol``, ``method``, ``block_size``,
+        #: ``max_iter``, ``max_basis``, ``seed``), checked when they were built.
+        self.solver = solver
+        #: The curvature operator's settings (``params``, ``hvp``, ``reduction``, ``seed``).
+        self.operator_settings = operator_settings
+        self.loss_fn = loss_fn
+        self.warm_start = warm_start
+        self.checkpoint_warm_start = checkpoint_warm_start
         self._start: torch.Tensor | None = None
 
     #: Which curvature the monitor measures (``HessianSpectrumMonitor`` may set ``"ggn"``).
@@ -141,15 +114,16 @@ class _HessianMonitor(SpectralMonitor):
     def state_key_fields(self) -> dict[str, Any]:
         # Settings that change the numbers, so that two monitors differing in them keep
         # apart in a checkpoint (and their metric names are then checked at setup).
-        loss = None if self._loss_fn is None else _qualified_name(self._loss_fn)
-        fields = {**super().state_key_fields(), "params": repr(self._params)}
-        fields.update(tol=self._tol, loss_fn=loss, reduction=self._reduction)
+        loss = None if self.loss_fn is None else _qualified_name(self.loss_fn)
+        fields = {**super().state_key_fields(), "params": repr(self.operator_settings.params)}
+        fields.update(tol=self.solver.tol, loss_fn=loss, reduction=self.operator_settings.reduction)
         return fields
 
     def warn_unconverged(
-        self, what: str, residual: float, value: float, max_iter: int, operator: HessianOperator
+        self, what: str, residual: float, value: float, operator: HessianOperator
     ) -> None:
         """One warning that ``what`` missed ``tol`` (its ``..._converged`` metric is < 1)."""
+        max_iter = self.solver.max_iter or default_max_iter(self.solver.k, operator.size)
         relative = residual / abs(value) if value else math.inf
         advice = "raise max_iter or loosen tol"
         if operator.product_dtype in (torch.bfloat16, torch.float16):
@@ -161,7 +135,7 @@ class _HessianMonitor(SpectralMonitor):
             )
         self.warn_once(
             f"unconverged {what}",
-            f"{what} did not reach tol={self._tol:g} within max_iter={max_iter} products "
+            f"{what} did not reach tol={self.solver.tol:g} within max_iter={max_iter} products "
             f"(relative residual {relative:.2g}); it is logged with {what}_converged < 1: "
             + advice,
         )
@@ -174,42 +148,39 @@ class _HessianMonitor(SpectralMonitor):
         )
 
     def validate_setup(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
-        select_parameters(module, self._params)  # raises naming the parameters that exist
-        if self._loss_fn is None and not module.automatic_optimization:
+        select_parameters(module, self.operator_settings.params)  # names those that exist
+        if self.loss_fn is None and not module.automatic_optimization:
             raise ValueError(
                 f"{type(self).__name__}: the module uses manual optimization, so its training_step "
                 "runs backward itself and cannot serve as the probe loss; pass loss_fn=..."
             )
-        size = flat_size(module, self._params)
-        if self._block_size is not None and self._block_size > size:
-            raise ValueError(
-                f"block_size={self._block_size} is larger than the number of selected "
-                f"parameters ({size})"
-            )
+        size = flat_size(module, self.operator_settings.params)
+        self.solver.check_size(size, f"the number of selected parameters ({size})")
 
     def operator(
         self, trainer: pl.Trainer, module: pl.LightningModule, probe: list[Any]
     ) -> HessianOperator:
         # Under DDP every process contributes its probe shard; products are all-reduced.
+        settings = self.operator_settings
         if self._curvature == "ggn":
             return GGNOperator(
                 module,
                 self._ggn_loss,
                 Batches(probe),
                 outputs_fn=self._outputs_fn,
-                params=self._params,
-                reduction=self._reduction,
-                seed=self._seed,
+                params=settings.params,
+                reduction=settings.reduction,
+                seed=settings.seed,
             )
         return HessianOperator(
             module,
-            self._loss_fn or training_step_loss,
+            self.loss_fn or training_step_loss,
             Batches(probe),
-            params=self._params,
-            hvp=self._hvp,
-            seed=self._seed,
+            params=settings.params,
+            hvp=settings.hvp,
+            seed=settings.seed,
             distributed=trainer.world_size > 1,
-            reduction=self._reduction,
+            reduction=settings.reduction,
         )
 
     def warm_start_state(self) -> dict[str, torch.Tensor | None]:
@@ -218,11 +189,11 @@ class _HessianMonitor(SpectralMonitor):
 
     def state_dict(self) -> dict[str, Any]:
         state = super().state_dict()
-        if not self._warm_start:
+        if not self.warm_start:
             return state
         vectors = self.warm_start_state()
         size = sum(v.numel() * v.element_size() for v in vectors.values() if v is not None)
-        keep = self._checkpoint_warm_start
+        keep = self.checkpoint_warm_start
         if keep is None:
             keep = size <= WARM_START_CHECKPOINT_BYTES
             if not keep:
@@ -246,7 +217,7 @@ class _HessianMonitor(SpectralMonitor):
             setattr(self, f"_{name}", vector)
 
     def start_vectors(self, operator: HessianOperator) -> torch.Tensor | None:
-        if not self._warm_start or self._start is None or self._start.shape[-1] != operator.size:
+        if not self.warm_start or self._start is None or self._start.shape[-1] != operator.size:
             return None
         return self._start
 
@@ -339,11 +310,11 @@ class SharpnessMonitor(_HessianMonitor):
         params: ParameterFilter = None,
         max_iter: int | None = None,
         seed: int = 0,
-        hvp: str = "auto",
+        hvp: HvpPath = "auto",
         eval_mode: bool = False,
         warm_start: bool = True,
         optimizer_aware: bool = True,
-        method: str = "auto",
+        method: EigenMethod = "auto",
         block_size: int | None = None,
         max_basis: int | None = None,
         reduction: Reduction = "mean",
@@ -352,27 +323,21 @@ class SharpnessMonitor(_HessianMonitor):
         figure_every_n_steps: int | None = None,
     ) -> None:
         super().__init__(
-            every_n_steps=every_n_steps,
-            probe_batches=probe_batches,
-            probe_data=probe_data,
+            every_n_steps,
+            probe_batches,
+            probe_data,
+            eval_mode,
+            name,
+            figure_every_n_steps,
             loss_fn=loss_fn,
-            params=params,
-            tol=tol,
-            seed=seed,
-            hvp=hvp,
-            eval_mode=eval_mode,
+            # Fields in order: k, which, tol, method, block_size, max_iter, max_basis, seed.
+            solver=EigenSettings(1, "LA", tol, method, block_size, max_iter, max_basis, seed),
+            operator_settings=OperatorSettings(params, hvp, reduction, seed),
             warm_start=warm_start,
-            method=method,
-            block_size=block_size,
-            max_basis=max_basis,
-            k=1,
-            max_iter=max_iter,
-            reduction=reduction,
-            name=name,
             checkpoint_warm_start=checkpoint_warm_start,
-            figure_every_n_steps=figure_every_n_steps,
         )
-        self._optimizer_aware = check_bool("optimizer_aware", optimizer_aware)
+        #: Whether ``eos_ratio`` comes from the optimizer (else ``λ_max · lr / 2``).
+        self.optimizer_aware = check_bool("optimizer_aware", optimizer_aware)
         self._preconditioned_start: torch.Tensor | None = None
         self._undefined: set[str] = set()
 
@@ -381,25 +346,18 @@ class SharpnessMonitor(_HessianMonitor):
     ) -> dict[str, float]:
         lr = current_learning_rate(trainer)
         with self.operator(trainer, module, probe) as operator:
-            result = eigenpairs(
+            result = solve(
                 operator,
-                k=1,
-                tol=self._tol,
-                method=self._method,
-                block_size=self._block_size,
-                max_iter=self._max_iter,
-                seed=self._seed,
+                self.solver,
                 start=self.start_vectors(operator),
-                return_eigenvectors=self._warm_start,
-                max_basis=self._max_basis,
+                return_eigenvectors=self.warm_start,
             )
             if result.eigenvectors is not None and result.all_converged:
                 self._start = result.eigenvectors
             lambda_max = float(result.eigenvalues[0])
             residual = float(result.residuals[0])
             if not result.all_converged:
-                budget = self._max_iter or default_max_iter(1, operator.size)
-                self.warn_unconverged("lambda_max", residual, lambda_max, budget, operator)
+                self.warn_unconverged("lambda_max", residual, lambda_max, operator)
             stability = self._stability(trainer, operator, lambda_max, lr)
             num_hvps = operator.num_hvps
         prefix = self.prefix
@@ -417,67 +375,33 @@ class SharpnessMonitor(_HessianMonitor):
 
     def _stability(
         self, trainer: pl.Trainer, operator: HessianOperator, lambda_max: float, lr: float
-    ) -> _Stability:
-        plain = _Stability(
-            lambda_max * lr / 2.0, lambda_max * lr, 2.0, 2.0 / lr if lr > 0 else math.nan
-        )
-        optimizers = list(getattr(trainer, "optimizers", []) or [])
-        if not self._optimizer_aware or not optimizers or not math.isfinite(lambda_max):
-            return plain
-        try:
-            preconditioner = stability_preconditioner(optimizers, operator.params)
-        except NoPreconditionerYet:
-            return _Stability(math.nan, math.nan, math.nan, math.nan, undefined=_RATIO_METRICS)
-        except UnsupportedOptimizerError as error:
-            self.warn_once("optimizer", f"{error}; eos_ratio is lambda_max * lr / 2 instead")
-            return plain
-        start = self._preconditioned_start if self._warm_start else None
-        if start is not None and start.shape[-1] != operator.size:
-            start = None
-        ratio = stability_ratio(
+    ) -> EdgeOfStability:
+        stability = edge_of_stability(
             operator,
-            preconditioner,
-            lambda_max=lambda_max,
-            tol=self._tol,
-            seed=self._seed,
-            start=start,
-            max_iter=self._max_iter,
-            method=self._method,
-            block_size=self._block_size,
-            max_basis=self._max_basis,
+            list(getattr(trainer, "optimizers", []) or []),
+            lambda_max,
+            lr,
+            self.solver,
+            start=self._preconditioned_start if self.warm_start else None,
+            optimizer_aware=self.optimizer_aware,
         )
-        if ratio.eigenvector is not None:
-            self._preconditioned_start = ratio.eigenvector
-        if not ratio.converged:
-            budget = self._max_iter or default_max_iter(1, operator.size)
-            self.warn_unconverged("eos_ratio", ratio.residual, ratio.eos_ratio, budget, operator)
-        step = preconditioner.uniform_step
-        if step > 0:
-            limit = ratio.threshold / step - float(preconditioner.weight_decay[0])
-            return _Stability(
-                ratio.eos_ratio,
-                ratio.preconditioned_sharpness,
-                ratio.threshold,
-                limit,
-                converged=ratio.converged,
-            )
-        # No single step size (adaptive optimizers): no λ_max limit to draw.
-        return _Stability(
-            ratio.eos_ratio,
-            ratio.preconditioned_sharpness,
-            ratio.threshold,
-            math.nan,
-            undefined=("stability_limit",),
-            converged=ratio.converged,
-        )
+        if stability.fallback is not None:
+            message = f"{stability.fallback}; eos_ratio is lambda_max * lr / 2 instead"
+            self.warn_once("optimizer", message)
+        if stability.eigenvector is not None:
+            self._preconditioned_start = stability.eigenvector
+        if not stability.converged:
+            self.warn_unconverged("eos_ratio", stability.residual, stability.eos_ratio, operator)
+        return stability
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         super().on_train_start(trainer, pl_module)
         optimizers = list(getattr(trainer, "optimizers", []) or [])
-        if not self._optimizer_aware or not optimizers:
+        if not self.optimizer_aware or not optimizers:
             return
         held = {id(p) for opt in optimizers for g in opt.param_groups for p in g["params"]}
-        if not any(id(p) in held for _, p in select_parameters(pl_module, self._params)):
+        selected = select_parameters(pl_module, self.operator_settings.params)
+        if not any(id(p) in held for _, p in selected):
             names = ", ".join(type(opt).__name__ for opt in optimizers)
             raise ValueError(
                 f"{type(self).__name__}: the optimizer ({names}) holds none of the measured "
@@ -491,49 +415,37 @@ class SharpnessMonitor(_HessianMonitor):
     def warm_start_state(self) -> dict[str, torch.Tensor | None]:
         return {"start": self._start, "preconditioned_start": self._preconditioned_start}
 
-    def metric_names(self) -> list[str]:
-        names = (
-            "lambda_max",
-            "eos_ratio",
+    #: Every metric, its chart and whether NaN can be its value by definition.
+    METRICS = (
+        MetricSpec("lambda_max", chart="λ_max against the stability limit"),
+        MetricSpec("eos_ratio", chart="edge-of-stability ratio (1 = edge)", may_be_undefined=True),
+        MetricSpec(
             "preconditioned_sharpness",
+            chart="preconditioned sharpness against its threshold",
+            may_be_undefined=True,
+        ),
+        MetricSpec(
             "stability_threshold",
-            "stability_limit",
-            "lambda_max_residual",
-            "lambda_max_converged",
-            "num_hvps",
-        )
-        return [self.prefix + name for name in names]
+            chart="preconditioned sharpness against its threshold",
+            may_be_undefined=True,
+        ),
+        MetricSpec(
+            "stability_limit", chart="λ_max against the stability limit", may_be_undefined=True
+        ),
+        MetricSpec("lambda_max_residual"),
+        MetricSpec("lambda_max_converged"),
+        MetricSpec("num_hvps", chart="Hessian-vector products per measurement"),
+    )
+
+    def metric_names(self) -> list[str]:
+        return metric_table.expand_names(self.METRICS, self.prefix)
 
     def chart_layout(self) -> dict[str, dict[str, list[str]]]:
-        prefix = self.prefix
-        return {
-            "spectral: sharpness" + (f" ({self.name})" if self.name else ""): {
-                "λ_max against the stability limit": [
-                    prefix + "lambda_max",
-                    prefix + "stability_limit",
-                ],
-                "edge-of-stability ratio (1 = edge)": [prefix + "eos_ratio"],
-                "preconditioned sharpness against its threshold": [
-                    prefix + "preconditioned_sharpness",
-                    prefix + "stability_threshold",
-                ],
-                "Hessian-vector products per measurement": [prefix + "num_hvps"],
-            }
-        }
+        category = "spectral: sharpness" + (f" ({self.name})" if self.name else "")
+        return {category: metric_table.chart_layout(self.METRICS, self.prefix)}
 
 
-@dataclass
-class _Stability:
-    eos_ratio: float
-    preconditioned_sharpness: float
-    threshold: float
-    limit: float
-    undefined: tuple[str, ...] = ()  # NaN by definition (see SpectralMonitor.undefined_metrics)
-    converged: bool = True
-
-
-#: What an adaptive optimizer without state yet (before its first step) cannot define.
-_RATIO_METRICS = ("eos_ratio", "preconditioned_sharpness", "stability_threshold", "stability_limit")
+_OVERLAPS = "gradient in the top-k space; top-k space kept since the last measurement"
 
 
 class HessianSpectrumMonitor(_HessianMonitor):
@@ -648,12 +560,12 @@ class HessianSpectrumMonitor(_HessianMonitor):
         tol: float = 1e-3,
         probe_data: Any = None,
         params: ParameterFilter = None,
-        method: str = "auto",
+        method: EigenMethod = "auto",
         trace_hvps: int = 33,
         density_probes: int | None = None,
         density_steps: int = 64,
         seed: int = 0,
-        hvp: str = "auto",
+        hvp: HvpPath = "auto",
         eval_mode: bool = False,
         warm_start: bool = True,
         block_size: int | None = None,
@@ -666,12 +578,11 @@ class HessianSpectrumMonitor(_HessianMonitor):
         gradient_overlap: bool = True,
         layer_traces: int = 0,
         sam_radius: float | None = None,
-        curvature: str = "hessian",
-        ggn_loss: str | None = None,
+        curvature: Curvature = "hessian",
+        ggn_loss: GgnLoss | None = None,
         outputs_fn: Callable | None = None,
         layer_lambda_max: bool = False,
     ) -> None:
-        check_integer("k", k, minimum=1)
         check_choice("curvature", curvature, CURVATURES)
         if curvature == "ggn":
             check_choice("ggn_loss", ggn_loss, GGN_LOSSES)
@@ -686,32 +597,24 @@ class HessianSpectrumMonitor(_HessianMonitor):
         self._ggn_loss = ggn_loss
         self._outputs_fn = outputs_fn
         super().__init__(
-            every_n_steps=every_n_steps,
-            probe_batches=probe_batches,
-            probe_data=probe_data,
+            every_n_steps,
+            probe_batches,
+            probe_data,
+            eval_mode,
+            name,
+            figure_every_n_steps,
             loss_fn=loss_fn,
-            params=params,
-            tol=tol,
-            seed=seed,
-            hvp=hvp,
-            eval_mode=eval_mode,
+            # Fields in order: k, which, tol, method, block_size, max_iter, max_basis, seed.
+            solver=EigenSettings(k, "LA", tol, method, block_size, max_iter, max_basis, seed),
+            operator_settings=OperatorSettings(params, hvp, reduction, seed),
             warm_start=warm_start,
-            method=method,
-            block_size=block_size,
-            max_basis=max_basis,
-            k=k,
-            max_iter=max_iter,
-            reduction=reduction,
-            name=name,
             checkpoint_warm_start=checkpoint_warm_start,
-            figure_every_n_steps=figure_every_n_steps,
         )
         check_bool("trace", trace)
         check_bool("density", density)
         check_integer("trace_hvps", trace_hvps, minimum=2)
         check_integer("density_probes", density_probes, minimum=1, allow_none=True)
         check_integer("density_steps", density_steps, minimum=1)
-        self._k = k
         self._trace = trace
         self._density = density
         self._trace_hvps = trace_hvps
@@ -733,7 +636,7 @@ class HessianSpectrumMonitor(_HessianMonitor):
         self.last_density: SpectralDensity | None = None
 
     def state_key_fields(self) -> dict[str, Any]:
-        fields = {**super().state_key_fields(), "k": self._k}
+        fields = {**super().state_key_fields(), "k": self.solver.k}
         if self._curvature != "hessian":
             fields["curvature"] = self._curvature
         return fields
@@ -743,30 +646,16 @@ class HessianSpectrumMonitor(_HessianMonitor):
         if self._curvature == "ggn" and trainer.world_size > 1:
             raise ValueError("curvature='ggn' is not supported under DDP yet")
         if self._layer_traces or self._layer_lambda_max:
-            named = select_parameters(module, self._params)
+            named = select_parameters(module, self.operator_settings.params)
             self._layers = module_groups([n for n, _ in named], [p.numel() for _, p in named])
-        size = flat_size(module, self._params)
-        if self._k > size:
-            raise ValueError(
-                f"k={self._k} is larger than the number of selected parameters ({size})"
-            )
 
     def measure(
         self, trainer: pl.Trainer, module: pl.LightningModule, probe: list[Any]
     ) -> dict[str, float]:
         metrics: dict[str, float] = {}
         with self.operator(trainer, module, probe) as operator:
-            result = eigenpairs(
-                operator,
-                k=self._k,
-                tol=self._tol,
-                method=self._method,
-                block_size=self._block_size,
-                seed=self._seed,
-                start=self.start_vectors(operator),
-                return_eigenvectors=True,
-                max_basis=self._max_basis,
-                max_iter=self._max_iter,
+            result = solve(
+                operator, self.solver, start=self.start_vectors(operator), return_eigenvectors=True
             )
             previous = self._start
             if previous is not None and previous.shape != result.eigenvectors.shape:
@@ -781,12 +670,10 @@ class HessianSpectrumMonitor(_HessianMonitor):
             metrics[prefix + "eigs_converged"] = float(result.converged.double().mean())
             if not result.all_converged:
                 worst = int(torch.argmax(result.residuals / result.eigenvalues.abs()))
-                budget = self._max_iter or default_max_iter(self._k, operator.size)
                 self.warn_unconverged(
                     "eigs",
                     float(result.residuals[worst]),
                     float(result.eigenvalues[worst]),
-                    budget,
                     operator,
                 )
             if self._trace:
@@ -795,7 +682,7 @@ class HessianSpectrumMonitor(_HessianMonitor):
                     result.eigenvectors,
                     result.eigenvalues,
                     num_hvps=self._trace_hvps,
-                    seed=self._seed,
+                    seed=self.solver.seed,
                 )
                 metrics[prefix + "trace"] = estimate.estimate
                 metrics[prefix + "trace_stderr"] = estimate.stderr
@@ -807,7 +694,7 @@ class HessianSpectrumMonitor(_HessianMonitor):
                     operator,
                     num_probes=self._density_probes or default_density_probes(operator.size),
                     steps=self._density_steps,
-                    seed=self._seed,
+                    seed=self.solver.seed,
                 )
                 metrics[prefix + "negative_mass"] = self.last_density.negative_mass
                 metrics[prefix + "near_zero_mass"] = self.last_density.near_zero_mass
@@ -837,15 +724,15 @@ class HessianSpectrumMonitor(_HessianMonitor):
             members = [n for n in whole.names if module_of(n) == layer]
             with HessianOperator(
                 module,
-                self._loss_fn or training_step_loss,
+                self.loss_fn or training_step_loss,
                 Batches(probe),
                 params=members,
-                hvp=self._hvp,
-                seed=self._seed,
+                hvp=self.operator_settings.hvp,
+                seed=self.operator_settings.seed,
                 distributed=trainer.world_size > 1,
-                reduction=self._reduction,
+                reduction=self.operator_settings.reduction,
             ) as block:
-                result = eigenpairs(block, k=1, tol=self._tol, seed=self._seed)
+                result = solve(block, EigenSettings(tol=self.solver.tol, seed=self.solver.seed))
                 whole.num_hvps += block.num_hvps  # counted in spectrum_num_hvps
             metrics[f"{self.prefix}layer/{layer}/lambda_max"] = float(result.eigenvalues[0])
         return metrics
@@ -853,7 +740,7 @@ class HessianSpectrumMonitor(_HessianMonitor):
     def _layer_trace_metrics(self, operator: HessianOperator) -> dict[str, float]:
         layers = module_groups(operator.names, operator.numels)
         estimates = block_traces(
-            operator, list(layers.values()), num_hvps=self._layer_traces, seed=self._seed
+            operator, list(layers.values()), num_hvps=self._layer_traces, seed=self.solver.seed
         )
         metrics: dict[str, float] = {}
         self.last_layer_traces = {}
@@ -886,33 +773,57 @@ class HessianSpectrumMonitor(_HessianMonitor):
             metrics[prefix + "eigenspace_angle"] = float(principal_angles(previous, vectors).max())
         return metrics
 
+    #: Every metric, its chart and the setting that turns it on (``part``).
+    METRICS = (
+        MetricSpec("eig_{i}", chart="top-k eigenvalues"),
+        MetricSpec("eigs_converged"),
+        MetricSpec("gradient_overlap", chart=_OVERLAPS, part="gradient_overlap"),
+        MetricSpec("eigenspace_overlap", chart=_OVERLAPS),
+        MetricSpec("eigenspace_angle"),
+        MetricSpec("trace", chart="trace (Hutchinson deflated by the top k)", part="trace"),
+        MetricSpec("trace_stderr", part="trace"),
+        MetricSpec(
+            "trace_lr_ratio", chart="trace · lr / 2 (SGD's trace stability, 1 = edge)", part="trace"
+        ),
+        MetricSpec("layer/{layer}/trace", part="layer_traces"),
+        MetricSpec("layer/{layer}/trace_stderr", part="layer_traces"),
+        MetricSpec(
+            "layer/{layer}/trace_per_param",
+            chart="trace per parameter by layer",
+            part="layer_traces",
+        ),
+        MetricSpec(
+            "layer/{layer}/lambda_max",
+            chart="λ_max of each layer's diagonal block",
+            part="layer_lambda_max",
+        ),
+        MetricSpec("sam_sharpness", chart="SAM sharpness L(θ + ρ ĝ) − L(θ)", part="sam"),
+        MetricSpec("sam_gradient_norm", part="sam"),
+        MetricSpec("negative_mass", chart="spectral mass below and near zero", part="density"),
+        MetricSpec("near_zero_mass", chart="spectral mass below and near zero", part="density"),
+        MetricSpec("lambda_min", chart="smallest eigenvalue λ_min", part="density"),
+        MetricSpec("lambda_min_residual", part="density"),
+        MetricSpec("outliers", chart="outliers above the bulk (of the top k)", part="density"),
+        MetricSpec("bulk_edge", part="density"),
+        MetricSpec("spectrum_num_hvps"),
+    )
+
+    def metric_specs(self) -> list[MetricSpec]:
+        """The rows of :attr:`METRICS` this monitor's settings turn on."""
+        parts = {
+            None: True,
+            "gradient_overlap": self._gradient_overlap,
+            "trace": self._trace,
+            "layer_traces": bool(self._layer_traces),
+            "layer_lambda_max": self._layer_lambda_max,
+            "sam": self._sam_radius is not None,
+            "density": self._density,
+        }
+        return [spec for spec in self.METRICS if parts[spec.part]]
+
     def metric_names(self) -> list[str]:
-        prefix = self.prefix
-        names = [f"{prefix}eig_{i}" for i in range(1, self._k + 1)]
-        names.append(prefix + "eigs_converged")
-        if self._gradient_overlap:
-            names.append(prefix + "gradient_overlap")
-        names += [prefix + "eigenspace_overlap", prefix + "eigenspace_angle"]
-        if self._trace:
-            names += [prefix + "trace", prefix + "trace_stderr", prefix + "trace_lr_ratio"]
-        for layer in self._layers:
-            tag = f"{prefix}layer/{layer}/"
-            if self._layer_traces:
-                names += [tag + "trace", tag + "trace_stderr", tag + "trace_per_param"]
-            if self._layer_lambda_max:
-                names.append(tag + "lambda_max")
-        if self._sam_radius is not None:
-            names += [prefix + "sam_sharpness", prefix + "sam_gradient_norm"]
-        if self._density:
-            names += [
-                prefix + "negative_mass",
-                prefix + "near_zero_mass",
-                prefix + "lambda_min",
-                prefix + "lambda_min_residual",
-                prefix + "outliers",
-                prefix + "bulk_edge",
-            ]
-        return [*names, prefix + "spectrum_num_hvps"]
+        specs = self.metric_specs()
+        return metric_table.expand_names(specs, self.prefix, self.solver.k, list(self._layers))
 
     def nan_metrics(self, trainer: pl.Trainer) -> dict[str, float]:
         self.last_eigenvalues = None
@@ -936,27 +847,6 @@ class HessianSpectrumMonitor(_HessianMonitor):
             )
 
     def chart_layout(self) -> dict[str, dict[str, list[str]]]:
-        prefix = self.prefix
-        charts = {"top-k eigenvalues": [prefix + r"eig_\d+"]}
-        charts["gradient in the top-k space; top-k space kept since the last measurement"] = [
-            prefix + "gradient_overlap",
-            prefix + "eigenspace_overlap",
-        ]
-        if self._layer_traces:
-            charts["trace per parameter by layer"] = [prefix + r"layer/.*/trace_per_param"]
-        if self._layer_lambda_max:
-            charts["λ_max of each layer's diagonal block"] = [prefix + r"layer/.*/lambda_max"]
-        if self._sam_radius is not None:
-            charts["SAM sharpness L(θ + ρ ĝ) − L(θ)"] = [prefix + "sam_sharpness"]
-        if self._trace:
-            charts["trace (Hutchinson deflated by the top k)"] = [prefix + "trace"]
-            charts["trace · lr / 2 (SGD's trace stability, 1 = edge)"] = [prefix + "trace_lr_ratio"]
-        if self._density:
-            charts["spectral mass below and near zero"] = [
-                prefix + "negative_mass",
-                prefix + "near_zero_mass",
-            ]
-            charts["smallest eigenvalue λ_min"] = [prefix + "lambda_min"]
-            charts["outliers above the bulk (of the top k)"] = [prefix + "outliers"]
+        charts = metric_table.chart_layout(self.metric_specs(), self.prefix)
         suffix = f" ({self.name})" if self.name else ""
         return {"spectral: Hessian spectrum" + suffix: charts}

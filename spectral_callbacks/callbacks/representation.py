@@ -15,8 +15,8 @@ from torch import nn
 from .._checks import check_callable, check_choice, check_integer
 from ..curvature.data import batch_size
 from ..curvature.isolation import BufferSnapshot, measurement_context
-from ..logging.figures import scree_figure
-from ..logging.tensorboard import add_figure, add_histogram
+from ..reporting.figures import scree_figure
+from ..reporting.tensorboard import add_figure, add_histogram
 from ..representation import (
     alpha_req_fit,
     capture_features,
@@ -27,7 +27,7 @@ from ..representation import (
     stable_rank,
     von_neumann_entropy,
 )
-from ..representation.capture import LAYER_LAYOUTS
+from ..representation.capture import LAYER_LAYOUTS, LayerLayout
 from ..representation.spectra import POOLS
 from .base import SpectralMonitor, _clone_batch, reduce_scalar
 
@@ -112,7 +112,7 @@ class RepresentationMonitor(SpectralMonitor):
         fit_range: tuple[int, int] = (11, 100),
         eval_mode: bool = True,
         seed: int = 0,
-        layout: str = "auto",
+        layout: LayerLayout = "auto",
         name: str | None = None,
         figure_every_n_steps: int | None = None,
     ) -> None:

@@ -10,8 +10,8 @@ import lightning.pytorch as pl
 import torch
 
 from .._checks import check_bool, check_integer, check_number
-from ..logging.figures import alpha_by_layer_figure, esd_figure
-from ..logging.tensorboard import add_figure, add_histogram
+from ..reporting.figures import alpha_by_layer_figure, esd_figure
+from ..reporting.tensorboard import add_figure, add_histogram
 from ..weights import (
     AVERAGED_METRICS,
     DRIFT_METRICS,

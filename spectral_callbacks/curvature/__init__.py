@@ -11,10 +11,11 @@ from .data import (
     select_parameters,
 )
 from .flatness import SamSharpness, sam_sharpness
-from .ggn import CURVATURES, GGN_LOSSES, GGNOperator, curvature_operator
+from .ggn import CURVATURES, GGN_LOSSES, Curvature, GgnLoss, GGNOperator, curvature_operator
 from .hessian import (
     HVP_PATHS,
     HessianOperator,
+    HvpPath,
     LossFunction,
     NonFiniteLossError,
     clear_compiled_products,
@@ -23,9 +24,11 @@ from .hessian import (
 from .isolation import measurement_context
 from .preconditioner import (
     SUPPORTED_OPTIMIZERS,
+    EdgeOfStability,
     StabilityPreconditioner,
     StabilityRatio,
     UnsupportedOptimizerError,
+    edge_of_stability,
     stability_preconditioner,
     stability_ratio,
 )
@@ -37,8 +40,12 @@ __all__ = [
     "REDUCTIONS",
     "SUPPORTED_OPTIMIZERS",
     "Batches",
+    "Curvature",
+    "EdgeOfStability",
     "GGNOperator",
+    "GgnLoss",
     "HessianOperator",
+    "HvpPath",
     "LossFunction",
     "NonFiniteLossError",
     "ParameterFilter",
@@ -51,6 +58,7 @@ __all__ = [
     "batch_size",
     "clear_compiled_products",
     "curvature_operator",
+    "edge_of_stability",
     "flat_size",
     "measurement_context",
     "module_groups",

@@ -5,14 +5,14 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import re
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any, Literal
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
 
 import torch
 from torch import nn
 
-from .._checks import check_name_filter
 from .._names import is_name_or_prefix, uncompiled_name
+from ..settings import REDUCTIONS, ParameterFilter, Reduction, check_parameter_filter
 
 __all__ = [
     "REDUCTIONS",
@@ -28,25 +28,6 @@ __all__ = [
     "move_to_device",
     "select_parameters",
 ]
-
-#: How ``loss_fn`` reduces over the samples of a batch, and so what the dataset loss is.
-Reduction = Literal["mean", "sum"]
-REDUCTIONS: tuple[str, ...] = ("mean", "sum")
-
-#: A parameter filter: ``None`` (all trainable parameters), a regular expression searched in
-#: each parameter name, a predicate on the name, or a sequence of parameter names or module
-#: prefixes (``"encoder"`` selects ``"encoder.weight"``, ``"encoder.0.bias"``, ...). A filter
-#: selects a parameter if it selects its name with or without the ``_orig_mod`` segments of
-#: ``torch.compile``'d submodules.
-# (Sequence before Callable: jsonargparse, and so LightningCLI, serialises a list of names
-# only when it meets that type first.)
-ParameterFilter = str | Sequence[str] | Callable[[str], bool] | None
-
-
-def check_parameter_filter(params: Any) -> ParameterFilter:
-    """``params`` must be a :data:`ParameterFilter`: ``None``, a valid regular expression, a
-    callable, or a sequence of names (``TypeError`` / ``ValueError`` naming it otherwise)."""
-    return check_name_filter("params", params, "all trainable parameters", "parameter names")
 
 
 def module_groups(names: list[str], numels: list[int]) -> dict[str, int]:

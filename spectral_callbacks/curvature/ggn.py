@@ -32,20 +32,27 @@ import torch
 from torch import nn
 
 from .._checks import check_callable, check_choice
-from .data import (
-    REDUCTIONS,
+from ..settings import (
+    CURVATURES,
+    GGN_LOSSES,
+    Curvature,
+    GgnLoss,
+    OperatorSettings,
+    ParameterFilter,
     Reduction,
-    as_batch_list,
-    batch_size,
-    move_to_device,
-    select_parameters,
 )
+from .data import as_batch_list, batch_size, move_to_device, select_parameters
 from .isolation import BufferSnapshot, measurement_context
 
-__all__ = ["CURVATURES", "GGN_LOSSES", "GGNOperator", "curvature_operator", "default_outputs"]
-
-GGN_LOSSES = ("cross_entropy", "mse", "bce")
-CURVATURES = ("hessian", "ggn")
+__all__ = [
+    "CURVATURES",
+    "GGN_LOSSES",
+    "Curvature",
+    "GGNOperator",
+    "GgnLoss",
+    "curvature_operator",
+    "default_outputs",
+]
 
 
 def default_outputs(model: nn.Module, batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
@@ -71,15 +78,15 @@ class GGNOperator:
     def __init__(
         self,
         model: nn.Module,
-        loss: str,
+        loss: GgnLoss,
         data: Any,
         outputs_fn: Callable[[nn.Module, Any], tuple[torch.Tensor, torch.Tensor]] | None = None,
-        params: Any = None,
+        params: ParameterFilter = None,
         reduction: Reduction = "mean",
         seed: int = 0,
     ) -> None:
         check_choice("loss", loss, GGN_LOSSES)
-        check_choice("reduction", reduction, REDUCTIONS)
+        OperatorSettings(params=params, reduction=reduction, seed=seed)
         check_callable("outputs_fn", outputs_fn, "outputs_fn(model, batch) -> (f, y)", True)
         self.model = model
         self.loss = loss
@@ -190,8 +197,8 @@ def curvature_operator(
     model: nn.Module,
     loss_fn: Callable | None,
     data: Any,
-    curvature: str = "hessian",
-    ggn_loss: str | None = None,
+    curvature: Curvature = "hessian",
+    ggn_loss: GgnLoss | None = None,
     outputs_fn: Callable | None = None,
     **options: Any,
 ):

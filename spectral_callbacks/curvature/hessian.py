@@ -89,25 +89,18 @@ from typing import Any
 import torch
 from torch import nn
 
-from .._checks import check_bool, check_callable, check_choice, check_integer
+from .._checks import check_bool, check_callable
 from .._names import uncompiled_name
 from ..linalg._precision import autocast_disabled
-from .data import (
-    REDUCTIONS,
-    ParameterFilter,
-    Reduction,
-    as_batch_list,
-    batch_size,
-    check_parameter_filter,
-    move_to_device,
-    select_parameters,
-)
+from ..settings import HVP_PATHS, HvpPath, OperatorSettings, ParameterFilter, Reduction
+from .data import as_batch_list, batch_size, move_to_device, select_parameters
 from .isolation import BufferSnapshot, compiled_code_allowed, measurement_context
 
 __all__ = [
     "COMPILED_CACHE_SIZE",
     "HVP_PATHS",
     "HessianOperator",
+    "HvpPath",
     "LossFunction",
     "NonFiniteLossError",
     "clear_compiled_products",
@@ -119,7 +112,6 @@ logger = logging.getLogger("spectral_callbacks")
 #: ``loss_fn(model, batch) -> scalar tensor`` (the mean loss of the batch).
 LossFunction = Callable[[nn.Module, Any], torch.Tensor]
 
-HVP_PATHS = ("auto", "reuse_graph", "forward_over_reverse", "compiled", "gradient_difference")
 
 #: Compiled block products keyed by ``(id(model), loss_fn, parameter names, backend)``, the
 #: most recently used last. A measurement builds a new operator, so the cache lives here to
@@ -285,7 +277,7 @@ class HessianOperator:
         loss_fn: LossFunction,
         data: Any,
         params: ParameterFilter = None,
-        hvp: str = "auto",
+        hvp: HvpPath = "auto",
         batch_size_fn: Callable[[Any], int] | None = None,
         seed: int = 0,
         distributed: bool = False,
@@ -293,12 +285,9 @@ class HessianOperator:
         reduction: Reduction = "mean",
         richardson: bool = False,
     ) -> None:
-        check_choice("hvp", hvp, HVP_PATHS)
-        check_choice("reduction", reduction, REDUCTIONS)
+        OperatorSettings(params=params, hvp=hvp, reduction=reduction, seed=seed)
         check_callable("loss_fn", loss_fn, "loss_fn(model, batch) -> scalar")
         check_callable("batch_size_fn", batch_size_fn, "batch_size_fn(batch) -> int", True)
-        check_parameter_filter(params)
-        check_integer("seed", seed, minimum=0)
         check_bool("distributed", distributed)
         check_bool("richardson", richardson)
         self.model = model

@@ -42,11 +42,15 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..settings import EigenMethod, EigenSettings
+
 __all__ = [
     "SUPPORTED_OPTIMIZERS",
+    "EdgeOfStability",
     "StabilityPreconditioner",
     "StabilityRatio",
     "UnsupportedOptimizerError",
+    "edge_of_stability",
     "heavy_ball_threshold",
     "nesterov_threshold",
     "stability_preconditioner",
@@ -248,7 +252,7 @@ def stability_ratio(
     seed: int = 0,
     start: torch.Tensor | None = None,
     max_iter: int | None = None,
-    method: str = "auto",
+    method: EigenMethod = "auto",
     block_size: int | None = None,
     max_basis: int | None = None,
 ) -> StabilityRatio:
@@ -260,10 +264,20 @@ def stability_ratio(
     ``method`` (:func:`~spectral_callbacks.linalg.eigenpairs`, with ``block_size`` and
     ``max_basis``) runs on the scaled operator, warm-started from ``start``.
     """
-    from ..linalg import ScaledOperator, eigenpairs, validate_max_basis, validate_method
+    # Fields in order: k, which, tol, method, block_size, max_iter, max_basis, seed.
+    settings = EigenSettings(1, "LA", tol, method, block_size, max_iter, max_basis, seed)
+    return _stability_ratio(operator, preconditioner, settings, lambda_max, start)
 
-    validate_method(method, block_size)
-    validate_max_basis(max_basis, 1, method, block_size)
+
+def _stability_ratio(
+    operator,
+    preconditioner: StabilityPreconditioner,
+    settings: EigenSettings,
+    lambda_max: float | None,
+    start: torch.Tensor | None,
+) -> StabilityRatio:
+    from ..linalg import ScaledOperator, solve
+
     threshold = preconditioner.uniform_threshold
     step = preconditioner.uniform_step
     decay = preconditioner.weight_decay
@@ -279,18 +293,7 @@ def stability_ratio(
     shift = decay if bool((decay != 0).any()) else None
     scaled = ScaledOperator(operator, preconditioner.scaled_step, shift)
     before = getattr(operator, "num_hvps", 0)
-    result = eigenpairs(
-        scaled,
-        k=1,
-        tol=tol,
-        method=method,
-        block_size=block_size,
-        seed=seed,
-        start=start,
-        max_iter=max_iter,
-        return_eigenvectors=True,
-        max_basis=max_basis,
-    )
+    result = solve(scaled, settings, start=start, return_eigenvectors=True)
     ratio = float(result.eigenvalues[0])
     return StabilityRatio(
         eos_ratio=ratio,
@@ -301,4 +304,89 @@ def stability_ratio(
         eigenvector=result.eigenvectors[0] if result.all_converged else None,
         residual=float(result.residuals[0]),
         converged=result.all_converged,
+    )
+
+
+#: What an adaptive optimizer without state yet (before its first step) cannot define.
+RATIO_METRICS = ("eos_ratio", "preconditioned_sharpness", "stability_threshold", "stability_limit")
+
+
+@dataclass
+class EdgeOfStability:
+    """Where a measured ``λ_max`` stands against the optimizer's edge of stability.
+
+    Attributes:
+        eos_ratio: ``λ_max(D̃^½ (H + W) D̃^½)`` (:func:`stability_ratio`), or
+            ``λ_max · lr / 2`` when the optimizer is not taken into account; 1.0 is the edge.
+        preconditioned_sharpness: ``λ_max(D^½ (H + W) D^½)`` (``λ_max · lr`` plain).
+        threshold: The stability threshold ``c`` it is compared with (2 plain; NaN when
+            parameter groups differ in it).
+        limit: The ``λ_max`` at which the ratio reaches 1 when the step is one scalar
+            (``c / step − w``; ``2 / lr`` plain); NaN for adaptive optimizers.
+        undefined: Names among :data:`RATIO_METRICS` that are NaN by definition (no
+            preconditioner before an adaptive optimizer's first step; no scalar step).
+        converged: Whether the preconditioned solve met its tolerance.
+        residual: That solve's Ritz residual (NaN when the ratio is closed-form).
+        eigenvector: Its top eigenvector, for the next warm start, or ``None``.
+        fallback: Why the plain ``λ_max · lr / 2`` was used for an optimizer given (an
+            optimizer without a derivation), or ``None``.
+    """
+
+    eos_ratio: float
+    preconditioned_sharpness: float
+    threshold: float
+    limit: float
+    undefined: tuple[str, ...] = ()
+    converged: bool = True
+    residual: float = math.nan
+    eigenvector: torch.Tensor | None = None
+    fallback: str | None = None
+
+
+def edge_of_stability(
+    operator,
+    optimizers: Sequence[torch.optim.Optimizer],
+    lambda_max: float,
+    lr: float,
+    settings: EigenSettings,
+    start: torch.Tensor | None = None,
+    optimizer_aware: bool = True,
+) -> EdgeOfStability:
+    """The edge-of-stability numbers of :class:`~spectral_callbacks.SharpnessMonitor`.
+
+    With ``optimizer_aware`` and optimizers given, the ratio is :func:`stability_ratio` of
+    the optimizers' :func:`stability_preconditioner` (solved with ``settings``, warm-started
+    from ``start``); otherwise, for a non-finite ``λ_max``, or for an optimizer without a
+    derivation (``fallback`` says which), it is SGD's ``λ_max · lr / 2`` with threshold 2
+    and limit ``2 / lr``.
+    """
+    plain = EdgeOfStability(
+        lambda_max * lr / 2.0, lambda_max * lr, 2.0, 2.0 / lr if lr > 0 else math.nan
+    )
+    if not optimizer_aware or not optimizers or not math.isfinite(lambda_max):
+        return plain
+    try:
+        preconditioner = stability_preconditioner(list(optimizers), operator.params)
+    except NoPreconditionerYet:
+        nan = math.nan
+        return EdgeOfStability(nan, nan, nan, nan, undefined=RATIO_METRICS)
+    except UnsupportedOptimizerError as error:
+        plain.fallback = str(error)
+        return plain
+    if start is not None and start.shape[-1] != operator.size:
+        start = None
+    ratio = _stability_ratio(operator, preconditioner, settings, lambda_max, start)
+    step = preconditioner.uniform_step
+    limit, undefined = math.nan, ("stability_limit",)  # no single step size (adaptive)
+    if step > 0:
+        limit, undefined = ratio.threshold / step - float(preconditioner.weight_decay[0]), ()
+    return EdgeOfStability(
+        ratio.eos_ratio,
+        ratio.preconditioned_sharpness,
+        ratio.threshold,
+        limit,
+        undefined=undefined,
+        converged=ratio.converged,
+        residual=ratio.residual,
+        eigenvector=ratio.eigenvector,
     )

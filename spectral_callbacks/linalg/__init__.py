@@ -8,14 +8,15 @@ from .eigsh import (
     EIGEN_METHODS,
     KRYLOV_BASIS_BYTES,
     WHICH,
+    EigenMethod,
     EigenResult,
+    Which,
     block_lanczos,
     choose_eigen_method,
     default_max_iter,
     eigenpairs,
     lanczos,
-    validate_max_basis,
-    validate_method,
+    solve,
 )
 from .operators import DenseOperator, ScaledOperator, SymmetricOperator
 from .outliers import OutlierReport, count_outliers
@@ -30,6 +31,7 @@ from .quadrature import (
 from .subspace import principal_angles, subspace_fraction, subspace_overlap
 from .trace import (
     TraceEstimate,
+    TraceMethod,
     block_traces,
     deflated_hutchinson,
     exact_trace,
@@ -46,12 +48,15 @@ __all__ = [
     "WHICH",
     "ZERO_TOLERANCE",
     "DenseOperator",
+    "EigenMethod",
     "EigenResult",
     "OutlierReport",
     "ScaledOperator",
     "SpectralDensity",
     "SymmetricOperator",
     "TraceEstimate",
+    "TraceMethod",
+    "Which",
     "block_lanczos",
     "block_traces",
     "choose_eigen_method",
@@ -66,9 +71,8 @@ __all__ = [
     "lanczos",
     "principal_angles",
     "slq",
+    "solve",
     "subspace_fraction",
     "subspace_overlap",
     "trace",
-    "validate_max_basis",
-    "validate_method",
 ]

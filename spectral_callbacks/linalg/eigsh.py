@@ -20,10 +20,12 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
-from .._checks import check_bool, check_choice, check_integer, check_tolerance
+from .._checks import check_bool
+from ..settings import EIGEN_METHODS, WHICH, EigenMethod, EigenSettings, Which
 from ._krylov import BlockLanczos, IndependentLanczos
 from ._precision import full_precision
 from .operators import SymmetricOperator
@@ -32,22 +34,18 @@ __all__ = [
     "EIGEN_METHODS",
     "KRYLOV_BASIS_BYTES",
     "WHICH",
+    "EigenMethod",
     "EigenResult",
+    "Which",
     "basis_bound",
     "block_lanczos",
     "choose_eigen_method",
     "eigenpairs",
     "lanczos",
-    "validate_max_basis",
-    "validate_method",
+    "solve",
 ]
 
 logger = logging.getLogger("spectral_callbacks")
-
-WHICH = ("LA", "SA", "LM")
-
-#: Names accepted by :func:`eigenpairs` (and every ``method=`` argument above it).
-EIGEN_METHODS = ("auto", "lanczos", "block_lanczos")
 
 
 @dataclass
@@ -71,7 +69,7 @@ class EigenResult:
     num_hvps: int
     num_iterations: int
     eigenvectors: torch.Tensor | None = None
-    method: str = "lanczos"
+    method: EigenMethod = "lanczos"
 
     @property
     def all_converged(self) -> bool:
@@ -81,15 +79,9 @@ class EigenResult:
 
 def validate_eigen_arguments(k: int, which: str, tol: float, size: int) -> None:
     """Raise ``ValueError`` / ``TypeError`` naming the argument when ``k``, ``which`` or
-    ``tol`` is invalid."""
-    check_choice("which", which, WHICH)
-    if isinstance(k, bool) or not isinstance(k, int):
-        raise TypeError(f"k must be a positive integer, got {k!r}")
-    if k < 1:
-        raise ValueError(f"k must be a positive integer, got {k!r}")
-    if k > size:
-        raise ValueError(f"k={k} is larger than the operator's dimension {size}")
-    check_tolerance("tol", tol)
+    ``tol`` is invalid or ``k`` exceeds ``size`` (checks of
+    :class:`~spectral_callbacks.settings.EigenSettings`)."""
+    EigenSettings(k=k, which=which, tol=tol).check_size(size)
 
 
 def select_ritz(values: torch.Tensor, k: int, which: str) -> torch.Tensor:
@@ -127,12 +119,13 @@ def minimum_default_basis(k: int) -> int:
 
 
 def basis_bound(
-    max_basis: int | None, k: int, operator: SymmetricOperator, max_steps: int, which: str = "LA"
+    max_basis: int | None, k: int, operator: SymmetricOperator, max_steps: int, which: Which = "LA"
 ) -> int | None:
     """The bound :func:`lanczos` puts on its basis: ``None`` when the basis needs none.
 
-    An explicit ``max_basis`` is checked (:func:`validate_max_basis`). ``None`` picks the
-    default: no bound while the ``max_steps + 1`` vectors of an unbounded solve fit in
+    An explicit ``max_basis`` is checked
+    (:class:`~spectral_callbacks.settings.EigenSettings`). ``None`` picks the default: no
+    bound while the ``max_steps + 1`` vectors of an unbounded solve fit in
     :data:`KRYLOV_BASIS_BYTES`, otherwise as many vectors as fit there, at least
     :func:`minimum_default_basis`.
     """
@@ -140,40 +133,8 @@ def basis_bound(
         itemsize = torch.empty((), dtype=operator.dtype).element_size()
         fits = KRYLOV_BASIS_BYTES // (operator.size * itemsize)
         max_basis = max(fits, minimum_default_basis(k))
-    validate_max_basis(max_basis, k, which=which)
+    EigenSettings(k=k, which=which, max_basis=max_basis)  # raises naming max_basis
     return max_basis if max_basis <= max_steps else None
-
-
-def validate_max_basis(
-    max_basis: int | None,
-    k: int,
-    method: str = "lanczos",
-    block_size: int | None = None,
-    which: str = "LA",
-) -> None:
-    """Check ``max_basis`` for a top-``k`` solve by ``method``; ``ValueError`` if it is bad.
-
-    It must be an integer of at least ``k + 2`` (the ``k`` wanted Ritz vectors, a new
-    direction and the next; ``k + 3`` for ``which="LM"``, whose restarts also keep the
-    other end of the spectrum), and only single-vector Lanczos restarts:
-    with block Lanczos (``method="block_lanczos"``, or ``"auto"`` with a ``block_size``) a
-    bound is an error rather than silently ignored.
-    """
-    if max_basis is None:
-        return
-    least = k + 3 if which == "LM" else k + 2
-    if isinstance(max_basis, bool) or not isinstance(max_basis, int) or max_basis < least:
-        extra = ("k + 3", " and, for which='LM', the other end") if which == "LM" else ("k + 2", "")
-        raise ValueError(
-            f"max_basis must be None or an integer of at least {extra[0]} = {least} (the k "
-            f"wanted Ritz vectors, a new direction and the next{extra[1]}), got {max_basis!r}"
-        )
-    chosen = choose_eigen_method(method, block_size)
-    if chosen != "lanczos":
-        raise ValueError(
-            f"max_basis={max_basis} bounds the basis of method='lanczos' (restarted "
-            f"single-vector Lanczos); {chosen!r} keeps its whole basis"
-        )
 
 
 def default_max_iter(k: int, size: int | None = None) -> int:
@@ -361,7 +322,7 @@ def _make_generator(seed: int, device: torch.device) -> torch.Generator:
 def lanczos(
     operator: SymmetricOperator,
     k: int = 1,
-    which: str = "LA",
+    which: Which = "LA",
     tol: float = 1e-3,
     max_iter: int | None = None,
     seed: int = 0,
@@ -518,7 +479,7 @@ def lanczos(
 def block_lanczos(
     operator: SymmetricOperator,
     k: int = 1,
-    which: str = "LA",
+    which: Which = "LA",
     tol: float = 1e-3,
     block_size: int | None = None,
     max_iter: int | None = None,
@@ -671,46 +632,21 @@ def _non_finite_result(k: int, num_hvps: int, num_iterations: int, method: str) 
     )
 
 
-def validate_method(method: str, block_size: int | None) -> None:
-    """Check a ``method`` / ``block_size`` pair, raising ``ValueError`` naming the bad one.
-
-    ``block_size`` belongs to block Lanczos: with ``method="lanczos"`` it is an error rather
-    than silently ignored, and with ``"auto"`` it selects block Lanczos.
-    """
-    if method not in EIGEN_METHODS:
-        raise ValueError(f"method must be one of {EIGEN_METHODS}, got {method!r}")
-    if block_size is None:
-        return
-    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
-        raise ValueError(f"block_size must be a positive integer or None, got {block_size!r}")
-    if method == "lanczos":
-        raise ValueError(
-            f"block_size={block_size} applies to method='block_lanczos' (or 'auto'); "
-            "method='lanczos' uses one vector"
-        )
-
-
-def choose_eigen_method(method: str, block_size: int | None = None) -> str:
-    """The eigensolver ``method`` stands for: ``"auto"`` is single-vector Lanczos unless a
-    ``block_size`` is given (then block Lanczos), on every device.
-
-    Block Lanczos needs more products for the same top-k
-    (``bench/results/top-k-methods-2026-11-23.json``), so a cheaper product per vector in a
-    block (vmapped, compiled) would have to beat that factor before ``"auto"`` should choose
-    it; ``bench/results/block-sizes-2026-11-23.json`` has the steps a block saves.
-    """
-    validate_method(method, block_size)
-    if method != "auto":
-        return method
-    return "lanczos" if block_size is None else "block_lanczos"
+def choose_eigen_method(
+    method: EigenMethod, block_size: int | None = None
+) -> Literal["lanczos", "block_lanczos"]:
+    """The eigensolver ``method`` stands for (:attr:`EigenSettings.solver
+    <spectral_callbacks.settings.EigenSettings.solver>`): ``"auto"`` is single-vector Lanczos
+    unless a ``block_size`` is given (then block Lanczos), on every device."""
+    return EigenSettings(method=method, block_size=block_size).solver
 
 
 def eigenpairs(
     operator: SymmetricOperator,
     k: int = 1,
-    which: str = "LA",
+    which: Which = "LA",
     tol: float = 1e-3,
-    method: str = "auto",
+    method: EigenMethod = "auto",
     block_size: int | None = None,
     max_iter: int | None = None,
     seed: int = 0,
@@ -724,21 +660,42 @@ def eigenpairs(
     of :func:`lanczos` and :func:`block_lanczos` (``block_size`` only for the latter,
     default 4; ``max_basis`` only for the former).
     """
-    chosen = choose_eigen_method(method, block_size)
-    validate_eigen_arguments(k, which, tol, operator.size)
-    validate_max_basis(max_basis, k, method, block_size, which)
-    check_integer("max_iter", max_iter, minimum=1, allow_none=True)
-    check_integer("seed", seed, minimum=0)
-    check_bool("return_eigenvectors", return_eigenvectors)
-    arguments = dict(
+    settings = EigenSettings(
         k=k,
         which=which,
         tol=tol,
+        method=method,
+        block_size=block_size,
         max_iter=max_iter,
+        max_basis=max_basis,
         seed=seed,
+    )
+    return solve(operator, settings, start=start, return_eigenvectors=return_eigenvectors)
+
+
+def solve(
+    operator: SymmetricOperator,
+    settings: EigenSettings,
+    start: torch.Tensor | None = None,
+    return_eigenvectors: bool = False,
+) -> EigenResult:
+    """:func:`eigenpairs` with its settings given as one
+    :class:`~spectral_callbacks.settings.EigenSettings` (what the monitors keep).
+
+    ``start`` is the warm start (a ``(n,)`` vector or ``(r, n)`` rows, e.g. a previous
+    result's ``eigenvectors``).
+    """
+    settings.check_size(operator.size)
+    check_bool("return_eigenvectors", return_eigenvectors)
+    arguments = dict(
+        k=settings.k,
+        which=settings.which,
+        tol=settings.tol,
+        max_iter=settings.max_iter,
+        seed=settings.seed,
         start=start,
         return_eigenvectors=return_eigenvectors,
     )
-    if chosen == "lanczos":
-        return lanczos(operator, max_basis=max_basis, **arguments)
-    return block_lanczos(operator, block_size=block_size, **arguments)
+    if settings.solver == "lanczos":
+        return lanczos(operator, max_basis=settings.max_basis, **arguments)
+    return block_lanczos(operator, block_size=settings.block_size, **arguments)

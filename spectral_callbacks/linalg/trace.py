@@ -10,6 +10,7 @@ from __future__ import annotations
 import itertools
 import math
 from dataclasses import dataclass
+from typing import Literal, get_args
 
 import torch
 
@@ -28,7 +29,9 @@ __all__ = [
     "trace",
 ]
 
-METHODS = ("hutch++", "hutchinson")
+#: Estimators of :func:`trace`.
+TraceMethod = Literal["hutch++", "hutchinson"]
+METHODS: tuple[str, ...] = get_args(TraceMethod)
 
 #: Largest ``|VVᵀ - I|`` entry up to which :func:`deflated_hutchinson` trusts given Ritz
 #: values as the trace on the span of its rows (the error is about this squared, relative).
@@ -233,7 +236,7 @@ def deflated_hutchinson(
 def trace(
     operator: SymmetricOperator,
     num_hvps: int = 99,
-    method: str = "hutch++",
+    method: TraceMethod = "hutch++",
     seed: int = 0,
     block_size: int = 16,
 ) -> TraceEstimate:

@@ -1,6 +1,12 @@
 """Spectra of representations: RankMe, α-ReQ, effective rank and friends; feature capture."""
 
-from .capture import LAYER_LAYOUTS, capture_features, infer_layout, resolve_layers
+from .capture import (
+    LAYER_LAYOUTS,
+    LayerLayout,
+    capture_features,
+    infer_layout,
+    resolve_layers,
+)
 from .metrics import (
     AlphaReqFit,
     alpha_req,
@@ -14,6 +20,7 @@ from .metrics import (
 from .spectra import (
     LAYOUTS,
     CovarianceAccumulator,
+    Layout,
     as_embedding_matrix,
     covariance_spectrum,
     second_moment_spectrum,
@@ -24,6 +31,8 @@ __all__ = [
     "LAYOUTS",
     "AlphaReqFit",
     "CovarianceAccumulator",
+    "LayerLayout",
+    "Layout",
     "alpha_req",
     "alpha_req_fit",
     "as_embedding_matrix",

@@ -5,18 +5,19 @@ from __future__ import annotations
 import contextlib
 import difflib
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any
+from typing import Any, Literal, get_args
 
 import torch
 from torch import nn
 
 from .._names import uncompiled_name
-from .spectra import LAYOUTS, CovarianceAccumulator, Pool, as_embedding_matrix
+from .spectra import CovarianceAccumulator, Layout, Pool, as_embedding_matrix
 
-__all__ = ["LAYER_LAYOUTS", "capture_features", "infer_layout", "resolve_layers"]
+__all__ = ["LAYER_LAYOUTS", "LayerLayout", "capture_features", "infer_layout", "resolve_layers"]
 
 #: ``layout`` choices of :func:`capture_features`: inferred per layer, or given.
-LAYER_LAYOUTS = ("auto", *LAYOUTS)
+LayerLayout = Literal["auto", Layout]
+LAYER_LAYOUTS: tuple[str, ...] = get_args(LayerLayout)
 
 
 def _conv_dims(module: nn.Module) -> set[int]:
@@ -81,7 +82,7 @@ def capture_features(
     layers: Sequence[str],
     select: Select | dict[str, Select] | None = None,
     pool: Pool = "flatten",
-    layout: str = "auto",
+    layout: LayerLayout = "auto",
     on_ambiguous: Callable[[str], None] | None = None,
     batch_size: Callable[[], int | None] | None = None,
 ) -> Iterator[dict[str, CovarianceAccumulator]]:

@@ -16,12 +16,14 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable
+from typing import Literal, get_args
 
 import torch
 
 __all__ = [
     "LAYOUTS",
     "CovarianceAccumulator",
+    "Layout",
     "as_embedding_matrix",
     "covariance_spectrum",
     "second_moment_spectrum",
@@ -31,11 +33,12 @@ Pool = str | Callable[[torch.Tensor], torch.Tensor]
 POOLS = ("flatten", "mean")
 #: Where the feature axis of a ``(B, …)`` tensor is: last (tokens ``(B, T, D)``) or second
 #: (convolutions ``(N, C, H, W)``).
-LAYOUTS = ("channels_last", "channels_first")
+Layout = Literal["channels_last", "channels_first"]
+LAYOUTS: tuple[str, ...] = get_args(Layout)
 
 
 def as_embedding_matrix(
-    features: torch.Tensor, pool: Pool = "flatten", layout: str = "channels_last"
+    features: torch.Tensor, pool: Pool = "flatten", layout: Layout = "channels_last"
 ) -> torch.Tensor:
     """Turn layer outputs into an ``(N, D)`` matrix of embeddings.
 
@@ -198,7 +201,7 @@ class CovarianceAccumulator:
 
 
 def covariance_spectrum(
-    embeddings: torch.Tensor, pool: Pool = "flatten", layout: str = "channels_last"
+    embeddings: torch.Tensor, pool: Pool = "flatten", layout: Layout = "channels_last"
 ) -> torch.Tensor:
     """Descending float64 eigenvalues of the centred covariance of ``embeddings``
     (rows by :func:`as_embedding_matrix`)."""
@@ -208,7 +211,7 @@ def covariance_spectrum(
 
 
 def second_moment_spectrum(
-    embeddings: torch.Tensor, pool: Pool = "flatten", layout: str = "channels_last"
+    embeddings: torch.Tensor, pool: Pool = "flatten", layout: Layout = "channels_last"
 ) -> torch.Tensor:
     """Descending float64 eigenvalues of ``ZᵀZ / N`` (squared singular values of raw Z over N;
     rows by :func:`as_embedding_matrix`)."""

@@ -1,0 +1,82 @@
+"""Tables of the metrics a monitor publishes: one row per metric (no Lightning here).
+
+A monitor's names (``metric_names``), its custom-scalars dashboard (``chart_layout``) and
+:class:`~spectral_callbacks.SpectralEarlyStopping`'s hint for a key nobody logs are all
+read off its table, so adding a metric is adding one row.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+__all__ = ["MetricSpec", "chart_layout", "expand_names", "matches"]
+
+#: What each placeholder of a templated name stands for, as a regular expression.
+_PLACEHOLDERS = {"{i}": r"\d+", "{layer}": ".*"}
+
+
+@dataclass(frozen=True)
+class MetricSpec:
+    """One metric of a monitor.
+
+    Attributes:
+        name: The name after the monitor's prefix (``"lambda_max"``). ``{i}`` stands for
+            ``1..k`` (``"eig_{i}"``) and ``{layer}`` for each measured module
+            (``"layer/{layer}/trace"``).
+        chart: Title of the custom-scalars chart the metric is drawn in (rows with one
+            title share a chart, in table order), or ``None``.
+        part: The monitor setting that turns the metric on (``"trace"``, ``"density"``), or
+            ``None`` for a metric every measurement publishes.
+        may_be_undefined: Whether NaN can be the metric's value by definition (an adaptive
+            optimizer's ratio before its first step), not only a numerical failure.
+    """
+
+    name: str
+    chart: str | None = None
+    part: str | None = None
+    may_be_undefined: bool = False
+
+    @property
+    def pattern(self) -> str:
+        """The name as a regular expression (placeholders matched, the rest literal)."""
+        pattern = re.escape(self.name)
+        for placeholder, regex in _PLACEHOLDERS.items():
+            pattern = pattern.replace(re.escape(placeholder), regex)
+        return pattern
+
+
+def expand_names(
+    specs: Iterable[MetricSpec], prefix: str, k: int = 0, layers: Sequence[str] = ()
+) -> list[str]:
+    """Every full name the rows stand for: ``eig_{i}`` for ``i = 1..k``, ``{layer}`` for each
+    of ``layers`` (a row with no placeholder is one name)."""
+    names: list[str] = []
+    for spec in specs:
+        if "{i}" in spec.name:
+            names += [prefix + spec.name.replace("{i}", str(i)) for i in range(1, k + 1)]
+        elif "{layer}" in spec.name:
+            names += [prefix + spec.name.replace("{layer}", layer) for layer in layers]
+        else:
+            names.append(prefix + spec.name)
+    return names
+
+
+def chart_layout(specs: Iterable[MetricSpec], prefix: str) -> dict[str, list[str]]:
+    """Chart title -> the tags (regular expressions for templated rows) it draws."""
+    charts: dict[str, list[str]] = {}
+    for spec in specs:
+        if spec.chart is not None:
+            tag = prefix + (spec.pattern if "{" in spec.name else spec.name)
+            charts.setdefault(spec.chart, []).append(tag)
+    return charts
+
+
+def matches(specs: Iterable[MetricSpec], prefix: str, key: str) -> bool:
+    """Whether ``key`` is one of the names the rows stand for under ``prefix`` (any ``k``,
+    any layer, any monitor name between the prefix and the metric)."""
+    if not key.startswith(prefix):
+        return False
+    rest = key[len(prefix) :]
+    return any(re.fullmatch(f"(?:[^/]+/)?{spec.pattern}", rest) for spec in specs)

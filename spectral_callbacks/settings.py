@@ -1,0 +1,202 @@
+"""Settings of the eigensolver and of the curvature operator, each checked here and only here.
+
+The functional API (:func:`~spectral_callbacks.linalg.eigenpairs`,
+:class:`~spectral_callbacks.curvature.HessianOperator`, the ``hessian_*`` functions) and the
+monitors take flat keyword arguments and build these frozen dataclasses from them, so a
+setting has one check, one error message and one default wherever it is passed. A monitor
+keeps its settings as public attributes (``monitor.solver``, ``monitor.curvature``).
+
+This module sits below ``linalg`` and ``curvature`` (it imports neither), so the choices of
+each setting are written down here and re-exported there.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal, get_args
+
+from ._checks import check_choice, check_integer, check_name_filter, check_tolerance
+
+__all__ = [
+    "CURVATURES",
+    "EIGEN_METHODS",
+    "GGN_LOSSES",
+    "HVP_PATHS",
+    "REDUCTIONS",
+    "WHICH",
+    "Curvature",
+    "EigenMethod",
+    "EigenSettings",
+    "GgnLoss",
+    "HvpPath",
+    "OperatorSettings",
+    "ParameterFilter",
+    "Reduction",
+    "Which",
+    "check_parameter_filter",
+]
+
+#: Which end of the spectrum: largest algebraic, smallest algebraic, largest magnitude.
+Which = Literal["LA", "SA", "LM"]
+WHICH: tuple[str, ...] = get_args(Which)
+
+#: Eigensolvers of :func:`~spectral_callbacks.linalg.eigenpairs` (and of every ``method=``
+#: argument above it): ``"auto"`` is single-vector Lanczos unless a ``block_size`` is given.
+EigenMethod = Literal["auto", "lanczos", "block_lanczos"]
+EIGEN_METHODS: tuple[str, ...] = get_args(EigenMethod)
+
+#: How a Hessian-vector product is computed (see
+#: :class:`~spectral_callbacks.curvature.HessianOperator`).
+HvpPath = Literal["auto", "reuse_graph", "forward_over_reverse", "compiled", "gradient_difference"]
+HVP_PATHS: tuple[str, ...] = get_args(HvpPath)
+
+#: How ``loss_fn`` reduces over the samples of a batch, and so what the dataset loss is.
+Reduction = Literal["mean", "sum"]
+REDUCTIONS: tuple[str, ...] = get_args(Reduction)
+
+#: Losses whose output Hessian ``H_out`` the GGN knows in closed form.
+GgnLoss = Literal["cross_entropy", "mse", "bce"]
+GGN_LOSSES: tuple[str, ...] = get_args(GgnLoss)
+#: The curvature a monitor or function measures: the loss Hessian or its Gauss–Newton part.
+Curvature = Literal["hessian", "ggn"]
+CURVATURES: tuple[str, ...] = get_args(Curvature)
+
+#: A parameter filter: ``None`` (all trainable parameters), a regular expression searched in
+#: each parameter name, a predicate on the name, or a sequence of parameter names or module
+#: prefixes (``"encoder"`` selects ``"encoder.weight"``, ``"encoder.0.bias"``, ...). A filter
+#: selects a parameter if it selects its name with or without the ``_orig_mod`` segments of
+#: ``torch.compile``'d submodules.
+# (Sequence before Callable: jsonargparse, and so LightningCLI, serialises a list of names
+# only when it meets that type first.)
+ParameterFilter = str | Sequence[str] | Callable[[str], bool] | None
+
+
+def check_parameter_filter(params: Any) -> ParameterFilter:
+    """``params`` must be a :data:`ParameterFilter`: ``None``, a valid regular expression, a
+    callable, or a sequence of names (``TypeError`` / ``ValueError`` naming it otherwise)."""
+    return check_name_filter("params", params, "all trainable parameters", "parameter names")
+
+
+@dataclass(frozen=True)
+class EigenSettings:
+    """How a top-``k`` eigensolve runs; invalid values raise at construction.
+
+    Attributes:
+        k: Number of eigenpairs (a positive integer; at most the operator's dimension,
+            checked by :meth:`check_size` once it is known).
+        which: ``"LA"``, ``"SA"`` or ``"LM"`` (:data:`WHICH`).
+        tol: Relative Ritz residual tolerance ``‖A y − θ y‖ ≤ tol · |θ|`` (positive, finite).
+        method: ``"auto"``, ``"lanczos"`` or ``"block_lanczos"`` (:data:`EIGEN_METHODS`).
+        block_size: Vectors per block of block Lanczos (a positive integer), or ``None``;
+            an error with ``method="lanczos"``, and it makes ``"auto"`` block Lanczos.
+        max_iter: Most operator products (at least ``k``), or ``None`` for the solver's
+            default budget.
+        max_basis: Most Krylov vectors single-vector Lanczos holds at once (at least
+            ``k + 2``, ``k + 3`` for ``"LM"``), or ``None`` for the default bound; an error
+            with block Lanczos, which keeps its whole basis.
+        seed: Seed of the random start vectors (a non-negative integer).
+    """
+
+    k: int = 1
+    which: Which = "LA"
+    tol: float = 1e-3
+    method: EigenMethod = "auto"
+    block_size: int | None = None
+    max_iter: int | None = None
+    max_basis: int | None = None
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        check_choice("which", self.which, WHICH)
+        check_integer("k", self.k, minimum=1)
+        object.__setattr__(self, "tol", check_tolerance("tol", self.tol))
+        self._check_method()
+        check_integer("max_iter", self.max_iter, minimum=self.k, allow_none=True)
+        self._check_max_basis()
+        check_integer("seed", self.seed, minimum=0)
+
+    def _check_method(self) -> None:
+        method, block_size = self.method, self.block_size
+        if isinstance(method, bool) or method not in EIGEN_METHODS:
+            raise ValueError(f"method must be one of {EIGEN_METHODS}, got {method!r}")
+        if block_size is None:
+            return
+        if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
+            raise ValueError(f"block_size must be a positive integer or None, got {block_size!r}")
+        if method == "lanczos":
+            raise ValueError(
+                f"block_size={block_size} applies to method='block_lanczos' (or 'auto'); "
+                "method='lanczos' uses one vector"
+            )
+
+    def _check_max_basis(self) -> None:
+        max_basis = self.max_basis
+        if max_basis is None:
+            return
+        least = self.k + 3 if self.which == "LM" else self.k + 2
+        if isinstance(max_basis, bool) or not isinstance(max_basis, int) or max_basis < least:
+            extra = (
+                ("k + 3", " and, for which='LM', the other end")
+                if self.which == "LM"
+                else ("k + 2", "")
+            )
+            raise ValueError(
+                f"max_basis must be None or an integer of at least {extra[0]} = {least} (the k "
+                f"wanted Ritz vectors, a new direction and the next{extra[1]}), got "
+                f"{max_basis!r}"
+            )
+        if self.solver != "lanczos":
+            raise ValueError(
+                f"max_basis={max_basis} bounds the basis of method='lanczos' (restarted "
+                f"single-vector Lanczos); {self.solver!r} keeps its whole basis"
+            )
+
+    @property
+    def solver(self) -> Literal["lanczos", "block_lanczos"]:
+        """The solver ``method`` stands for: ``"auto"`` is single-vector Lanczos unless a
+        ``block_size`` is given (then block Lanczos), on every device.
+
+        Block Lanczos needs more products for the same top-k
+        (``bench/results/top-k-methods-2026-11-23.json``), so a cheaper product per vector
+        in a block (vmapped, compiled) would have to beat that factor before ``"auto"``
+        should choose it.
+        """
+        if self.method != "auto":
+            return self.method
+        return "lanczos" if self.block_size is None else "block_lanczos"
+
+    def check_size(self, size: int, dimension: str | None = None) -> None:
+        """``ValueError`` when ``k`` or ``block_size`` exceeds the operator's ``size``.
+
+        ``dimension`` says what ``size`` is in the message (default "the operator's
+        dimension ``size``"; a monitor names the selected parameters).
+        """
+        dimension = dimension or f"the operator's dimension {size}"
+        if self.k > size:
+            raise ValueError(f"k={self.k} is larger than {dimension}")
+        if self.block_size is not None and self.block_size > size:
+            raise ValueError(f"block_size={self.block_size} is larger than {dimension}")
+
+
+@dataclass(frozen=True)
+class OperatorSettings:
+    """How a curvature operator is built from a model and a loss; checked at construction.
+
+    Attributes:
+        params: Which parameters (:data:`ParameterFilter`); ``None`` all trainable ones.
+        hvp: Product path, one of :data:`HVP_PATHS`.
+        reduction: ``"mean"`` or ``"sum"`` (:data:`REDUCTIONS`): what ``loss_fn`` returns.
+        seed: Seed of dropout masks and other randomness in the forward passes.
+    """
+
+    params: ParameterFilter = None
+    hvp: HvpPath = "auto"
+    reduction: Reduction = "mean"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        check_choice("hvp", self.hvp, HVP_PATHS)
+        check_choice("reduction", self.reduction, REDUCTIONS)
+        check_parameter_filter(self.params)
+        check_integer("seed", self.seed, minimum=0)
