@@ -4,7 +4,7 @@ The functional API (:func:`~spectral_callbacks.linalg.eigenpairs`,
 :class:`~spectral_callbacks.curvature.HessianOperator`, the ``hessian_*`` functions) and the
 monitors take flat keyword arguments and build these frozen dataclasses from them, so a
 setting has one check, one error message and one default wherever it is passed. A monitor
-keeps its settings as public attributes (``monitor.solver``, ``monitor.curvature``).
+keeps its settings as public attributes (``monitor.solver``, ``monitor.operator_settings``).
 
 This module sits below ``linalg`` and ``curvature`` (it imports neither), so the choices of
 each setting are written down here and re-exported there.

@@ -33,7 +33,7 @@ __all__ = [
 
 
 def _spectrum(
-    z_or_eigs: torch.Tensor, centred: bool, center: bool | None, pool: Pool
+    z_or_eigs: torch.Tensor, center_by_default: bool, center: bool | None, pool: Pool
 ) -> torch.Tensor:
     """Descending non-negative float64 eigenvalues from embeddings or a given spectrum."""
     z_or_eigs = torch.as_tensor(z_or_eigs)
@@ -47,10 +47,10 @@ def _spectrum(
         if not bool(torch.isfinite(values).all()):
             raise ValueError("the spectrum holds non-finite values")
         return torch.sort(values.clamp_min(0), descending=True).values
-    use_centre = centred if center is None else center
+    use_center = center_by_default if center is None else center
     return (
         covariance_spectrum(z_or_eigs, pool)
-        if use_centre
+        if use_center
         else second_moment_spectrum(z_or_eigs, pool)
     )
 
@@ -78,7 +78,7 @@ def rankme(
         >>> round(rankme(torch.tensor([4.0, 4.0, 4.0, 0.0])), 4)
         3.0
     """
-    values = _spectrum(z_or_eigs, centred=False, center=center, pool=pool)
+    values = _spectrum(z_or_eigs, center_by_default=False, center=center, pool=pool)
     p = _distribution(values.sqrt()) + eps
     return float(torch.exp(-(p * p.log()).sum()))
 
@@ -87,7 +87,7 @@ def von_neumann_entropy(
     z_or_eigs: torch.Tensor, center: bool | None = None, pool: Pool = "flatten"
 ) -> float:
     """Von Neumann entropy of the trace-normalised covariance, ``-Σ p_i log p_i`` in nats."""
-    p = _distribution(_spectrum(z_or_eigs, centred=True, center=center, pool=pool))
+    p = _distribution(_spectrum(z_or_eigs, center_by_default=True, center=center, pool=pool))
     p = p[p > 0]
     return float(-(p * p.log()).sum())
 
@@ -106,7 +106,7 @@ def participation_ratio(
     z_or_eigs: torch.Tensor, center: bool | None = None, pool: Pool = "flatten"
 ) -> float:
     """Participation ratio ``(Σ λ)² / Σ λ²`` = ``exp(H_2(p))`` of the covariance spectrum."""
-    values = _spectrum(z_or_eigs, centred=True, center=center, pool=pool)
+    values = _spectrum(z_or_eigs, center_by_default=True, center=center, pool=pool)
     p = _distribution(values)
     return float(1.0 / (p * p).sum())
 
@@ -115,7 +115,7 @@ def stable_rank(
     z_or_eigs: torch.Tensor, center: bool | None = None, pool: Pool = "flatten"
 ) -> float:
     """Stable rank ``‖Z_c‖_F² / ‖Z_c‖_2² = Σ λ / λ_max`` = ``exp(H_∞(p))``."""
-    values = _spectrum(z_or_eigs, centred=True, center=center, pool=pool)
+    values = _spectrum(z_or_eigs, center_by_default=True, center=center, pool=pool)
     p = _distribution(values)
     return float(1.0 / p.max())
 
@@ -152,7 +152,7 @@ def alpha_req_fit(
         raise ValueError(
             f"fit_range must be two ranks (low, high) with 1 <= low < high, got {fit_range!r}"
         )
-    values = _spectrum(z_or_eigs, centred=True, center=center, pool=pool)
+    values = _spectrum(z_or_eigs, center_by_default=True, center=center, pool=pool)
     ranks = torch.arange(1, values.numel() + 1, dtype=torch.float64)
     keep = (ranks >= low) & (ranks <= high) & (values > 0)
     if int(keep.sum()) < 2:
