@@ -7,7 +7,8 @@ import torch.nn.functional as F
 from lightning.pytorch import LightningModule
 from torch import nn
 
-from spectral_callbacks.demo import FullBatch
+# The demo's data and model, shared with the tests (one TanhRegressor in the repository).
+from spectral_callbacks.demo import FullBatch, TanhRegressor  # noqa: F401
 
 
 def regression_data(n: int = 64, d: int = 8, seed: int = 0, dtype=torch.float32):
@@ -23,28 +24,6 @@ def regression_data(n: int = 64, d: int = 8, seed: int = 0, dtype=torch.float32)
 def full_batch_loader(x, y, steps: int):
     """One epoch of ``steps`` full-batch gradient steps (the demo's dataset)."""
     return torch.utils.data.DataLoader(FullBatch(x, y, steps), batch_size=None)
-
-
-class TanhRegressor(LightningModule):
-    """A tanh MLP with MSE loss trained by SGD; logs its loss from training_step."""
-
-    def __init__(self, lr: float = 0.1, d: int = 8, width: int = 32, momentum: float = 0.0) -> None:
-        super().__init__()
-        self.lr, self.momentum = lr, momentum
-        self.net = nn.Sequential(
-            nn.Linear(d, width), nn.Tanh(), nn.Linear(width, width), nn.Tanh(), nn.Linear(width, 1)
-        )
-
-    def forward(self, x):
-        return self.net(x)
-
-    def training_step(self, batch, batch_idx):
-        loss = F.mse_loss(self(batch[0]), batch[1])
-        self.log("train_loss", loss)
-        return loss
-
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=self.lr, momentum=self.momentum)
 
 
 class NoisyClassifier(LightningModule):
