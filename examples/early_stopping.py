@@ -14,15 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from spectral_callbacks import SharpnessMonitor, SpectralEarlyStopping
-
-
-class FullBatch(torch.utils.data.IterableDataset):
-    def __init__(self, x, y, steps):
-        self.x, self.y, self.steps = x, y, steps
-
-    def __iter__(self):
-        for _ in range(self.steps):
-            yield self.x, self.y
+from spectral_callbacks.demo import FullBatch  # the same full batch, `steps` times
 
 
 class Regressor(L.LightningModule):
