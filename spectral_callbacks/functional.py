@@ -57,6 +57,7 @@ from .linalg import (
     TraceMethod,
     Which,
     block_traces,
+    deflated_hutchinson,
     eigenpairs,
     slq,
     subspace_fraction,
@@ -383,11 +384,18 @@ def hessian_trace(
     curvature: Curvature = "hessian",
     ggn_loss: GgnLoss | None = None,
     outputs_fn: Callable | None = None,
+    deflate: EigenResult | None = None,
 ) -> TraceEstimate:
     """Trace of the loss Hessian by Hutch++ (default) or Hutchinson, with a standard error.
 
     With ``num_hvps >= n`` (the number of parameters) the trace is computed exactly from the
     ``n`` unit vectors and ``stderr`` is 0. See :func:`spectral_callbacks.linalg.hutchpp`.
+
+    With ``deflate``, the result of :func:`hessian_eigenvalues` with
+    ``return_eigenvectors=True`` on the same model, loss and data, the estimate is that of
+    :class:`~spectral_callbacks.HessianSpectrumMonitor`: ``Σ θ_i`` of its Ritz pairs plus
+    Hutchinson with ``num_hvps`` probes on their orthogonal complement
+    (:func:`~spectral_callbacks.linalg.deflated_hutchinson`; ``method`` is then unused).
 
     Example:
         >>> import torch, torch.nn.functional as F
@@ -415,7 +423,16 @@ def hessian_trace(
         seed=seed,
         reduction=reduction,
     ) as operator:
-        return estimate_trace(operator, num_hvps=num_hvps, method=method, seed=seed)
+        if deflate is None:
+            return estimate_trace(operator, num_hvps=num_hvps, method=method, seed=seed)
+        if deflate.eigenvectors is None:
+            raise ValueError(
+                "deflate needs the Ritz vectors: pass the result of "
+                "hessian_eigenvalues(..., return_eigenvectors=True)"
+            )
+        return deflated_hutchinson(
+            operator, deflate.eigenvectors, deflate.eigenvalues, num_hvps=num_hvps, seed=seed
+        )
 
 
 def hessian_density(

@@ -211,7 +211,13 @@ def test_end_to_end_sharpness_rule_trips_at_a_large_learning_rate():
         ("spectral/hessian/layer/net.0/trace_per_param", "HessianSpectrumMonitor"),
         ("spectral/ggn/lambda_max", None),  # the GGN has no sharpness monitor
         ("spectral/hessian/not_a_metric", None),
-        ("spectral/repr/encoder/rankme", "RepresentationMonitor(layers=[...]) with that layer"),
+        ("spectral/repr/encoder/rankme", "RepresentationMonitor"),
+        ("spectral/repr/probe/encoder.0/alpha_req", "RepresentationMonitor"),
+        ("spectral/repr/encoder/lambda_max", None),
+        ("spectral/weights/net.0/alpha", "WeightSpectrumMonitor"),
+        ("spectral/weights/all_layers/farms_alpha", "WeightSpectrumMonitor"),
+        ("spectral/weights/net.0/left_subspace_angle", "WeightSpectrumMonitor"),
+        ("spectral/weights/net.0/rankme", None),
     ],
 )
 def test_the_missing_producer_is_read_off_the_metric_tables(key, producer):

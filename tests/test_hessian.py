@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -157,6 +158,28 @@ def test_trace_against_exact(name):
     full = hessian_trace(model, cross_entropy_loss, batches, num_hvps=10_000)
     assert full.num_hvps == dense(name).shape[0] and full.stderr == 0
     assert full.estimate == pytest.approx(exact, abs=1e-10)
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_trace_deflated_by_a_top_k_solve_against_exact(name):
+    model, batches = make_case(name)
+    hessian = dense(name)
+    exact = float(torch.trace(hessian))
+    top = hessian_eigenvalues(
+        model, cross_entropy_loss, batches, k=4, tol=1e-8, return_eigenvectors=True
+    )
+    estimate = hessian_trace(model, cross_entropy_loss, batches, num_hvps=30, seed=3, deflate=top)
+    assert abs(estimate.estimate - exact) <= 4 * estimate.stderr
+    # Independent reference for the complement's part: the dense Hessian projected off the
+    # top-4 eigenvectors, whose Frobenius norm bounds the Hutchinson variance.
+    vectors = top.eigenvectors.double()
+    projector = torch.eye(hessian.shape[0], dtype=torch.float64) - vectors.T @ vectors
+    rest = projector @ hessian @ projector
+    assert estimate.stderr <= 4 * float(torch.linalg.matrix_norm(rest)) * (2 / 30) ** 0.5
+    assert estimate.num_hvps <= 30
+    values_only = dataclasses.replace(top, eigenvectors=None)
+    with pytest.raises(ValueError, match="return_eigenvectors=True"):
+        hessian_trace(model, cross_entropy_loss, batches, deflate=values_only)
 
 
 @pytest.mark.parametrize("name", CASES)

@@ -3,13 +3,20 @@ a measurement publishes."""
 
 from __future__ import annotations
 
+import math
 import re
+import warnings
 
 import lightning as L
 import pytest
 import torch
 
-from spectral_callbacks import HessianSpectrumMonitor, SharpnessMonitor
+from spectral_callbacks import (
+    HessianSpectrumMonitor,
+    RepresentationMonitor,
+    SharpnessMonitor,
+    WeightSpectrumMonitor,
+)
 from spectral_callbacks.callbacks.metrics import MetricSpec, chart_layout, expand_names, matches
 from spectral_callbacks.curvature.preconditioner import RATIO_METRICS
 
@@ -36,6 +43,9 @@ def test_the_metrics_that_may_be_nan_by_definition_are_the_ratio_metrics():
         lambda: SharpnessMonitor(every_n_steps=2),
         lambda: HessianSpectrumMonitor(every_n_steps=2, k=2, density_steps=8, layer_traces=4),
         lambda: HessianSpectrumMonitor(every_n_steps=2, k=2, trace=False, density=False),
+        lambda: RepresentationMonitor(layers=["net.1", "net.3"], every_n_steps=2, num_samples=16),
+        lambda: WeightSpectrumMonitor(every_n_steps=2, drift_rank=2),
+        lambda: WeightSpectrumMonitor(every_n_steps=2, farms=False),
     ],
 )
 def test_a_measurement_publishes_exactly_the_names_of_the_table(make):
@@ -53,3 +63,50 @@ def test_a_measurement_publishes_exactly_the_names_of_the_table(make):
     charts = monitor.chart_layout().values()
     charted = [tag for chart in charts for tags in chart.values() for tag in tags]
     assert charted and all(any(re.fullmatch(tag, n) for n in names) for tag in charted)
+
+
+def _fit(monitor):
+    x, y = regression_data()
+    trainer = L.Trainer(max_steps=3, callbacks=[monitor], **trainer_kwargs())
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=16)
+    trainer.fit(TanhRegressor(), loader)
+
+
+def test_alpha_req_without_enough_ranks_is_nan_by_definition_not_a_failure():
+    # A 32-wide layer has no ranks 40..100 to fit.
+    monitor = RepresentationMonitor(
+        layers=["net.1"], every_n_steps=2, num_samples=64, fit_range=(40, 100)
+    )
+    with pytest.warns(RuntimeWarning, match="α-ReQ of 'net.1' is NaN") as caught:
+        _fit(monitor)
+    values = monitor.history[-1][1]
+    assert math.isnan(values["spectral/repr/net.1/alpha_req"])
+    assert math.isfinite(values["spectral/repr/net.1/rankme"])
+    assert monitor.undefined_metrics() == {"spectral/repr/net.1/alpha_req"}
+    assert not [w for w in caught if "non-finite" in str(w.message)]
+
+
+def test_weights_without_farms_publish_no_farms_alpha_and_no_nan():
+    monitor = WeightSpectrumMonitor(every_n_steps=2, farms=False)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*non-finite.*")
+        _fit(monitor)
+    values = monitor.history[-1][1]
+    assert values and not any("farms_alpha" in name for name in values)
+    # The 1-output head has one eigenvalue: no tail to fit, NaN by definition.
+    undefined = monitor.undefined_metrics()
+    assert "spectral/weights/net.4/alpha" in undefined
+    assert all(math.isfinite(v) for name, v in values.items() if name not in undefined)
+
+
+def test_the_weights_per_layer_charts_leave_the_average_out():
+    monitor = WeightSpectrumMonitor(every_n_steps=2, name="w")
+    charts = monitor.chart_layout()["spectral: weights (w)"]
+    per_layer = charts["α per layer"]
+    assert any(re.fullmatch(tag, "spectral/weights/w/net.0/alpha") for tag in per_layer)
+    assert not any(re.fullmatch(tag, "spectral/weights/w/all_layers/alpha") for tag in per_layer)
+    averages = charts["averages over layers: α and FARMS α"]
+    assert averages == [
+        "spectral/weights/w/all_layers/alpha",
+        "spectral/weights/w/all_layers/farms_alpha",
+    ]

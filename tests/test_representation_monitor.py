@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import re
 
 import lightning.pytorch as L
 import numpy as np
@@ -133,7 +134,10 @@ def test_logs_every_layer_and_matches_a_direct_forward(tmp_path):
         for category in layout.category
         for chart in category.chart
     }
-    assert charts["RankMe per layer"] == [r"^spectral/repr/.*/rankme$"]
+    assert charts["RankMe per layer"] == [r"^spectral/repr/[^/]+/rankme$"]
+    (rankme_tag,) = charts["RankMe per layer"]
+    logged = [tag for tag in events.Tags()["scalars"] if tag.endswith("/rankme")]
+    assert len(logged) == 2 and all(re.fullmatch(rankme_tag, tag) for tag in logged)
 
 
 def test_without_validation_the_probe_is_the_first_training_batches():

@@ -263,4 +263,4 @@ def test_alpha_band_preset():
 def test_a_lightning_cli_config_round_trips(tmp_path):
     init_args = {"every_n_steps": 3, "layers": ["net.0"], "drift_rank": 2}
     callback = cli_round_trip(TanhRegressor, WeightSpectrumMonitor, init_args, tmp_path)
-    assert callback._layers_filter == ["net.0"] and callback._drift_rank == 2
+    assert callback.layers == ["net.0"] and callback.drift_rank == 2

@@ -24,6 +24,7 @@ from torch import nn
 from .._checks import check_bool, check_integer
 from ..curvature.data import Batches, as_batch_list, map_tensors, move_to_device
 from ..reporting.tensorboard import add_chart_layout, tensorboard_writers
+from .metrics import MetricSpec
 
 __all__ = ["SpectralMonitor", "training_step_loss"]
 
@@ -143,6 +144,13 @@ class SpectralMonitor(Callback):
     on the module's device) and reused by every measurement, so successive values are
     comparable; ``probe_data=`` (one batch or a list of batches) overrides.
 
+    Settings are public attributes named as the arguments, as on Lightning's callbacks
+    (``monitor.every_n_steps``, ``monitor.layers``), except the Hessian monitors' solver and
+    operator settings, which are grouped in ``monitor.solver``
+    (:class:`~spectral_callbacks.settings.EigenSettings`) and ``monitor.operator_settings``
+    (:class:`~spectral_callbacks.settings.OperatorSettings`). They are checked by the
+    constructor only: make a new monitor to change one.
+
     Args:
         every_n_steps: Optimizer steps between measurements (>= 1).
         probe_batches: Training batches to copy as probe data (>= 1).
@@ -162,6 +170,10 @@ class SpectralMonitor(Callback):
     checkpoint_probe = True
     #: Most measurements kept in :attr:`history` (and so in a checkpoint); the oldest go first.
     history_size = 1000
+    #: The monitor's metric table (:mod:`~spectral_callbacks.callbacks.metrics`), one row
+    #: per metric, and the prefixes its names can start with.
+    METRICS: tuple[MetricSpec, ...] = ()
+    METRIC_PREFIXES: tuple[str, ...] = ()
 
     def __init__(
         self,
@@ -188,11 +200,11 @@ class SpectralMonitor(Callback):
             )
         #: The instance's name (metric names and state key), or ``None``.
         self.name = name
-        self._every_n_steps = every_n_steps
-        self._probe_batches = probe_batches
-        self._probe_data = probe_data
-        self._eval_mode = eval_mode
-        self._figure_every_n_steps = figure_every_n_steps or 10 * every_n_steps
+        self.every_n_steps = every_n_steps
+        self.probe_batches = probe_batches
+        self.probe_data = probe_data
+        self.eval_mode = eval_mode
+        self.figure_every_n_steps = figure_every_n_steps or 10 * every_n_steps
         self._last_figure_step: int | None = None
         #: Whether the measurement being published writes figures (see figure_every_n_steps).
         self.figures_due = False
@@ -243,16 +255,16 @@ class SpectralMonitor(Callback):
         Under DDP every process must decide alike (the measurement that follows runs
         collectives), so a decision that depends on a process's own shard is reduced.
         """
-        return len(probe) >= self._probe_batches
+        return len(probe) >= self.probe_batches
 
     # -- Lightning hooks ---------------------------------------------------------------------
     def state_key_fields(self) -> dict[str, Any]:
         """Settings that tell two instances of one callback class apart in a checkpoint."""
         fields = {
-            "every_n_steps": self._every_n_steps,
-            "probe_batches": self._probe_batches,
-            "explicit_probe": self._probe_data is not None,
-            "eval_mode": self._eval_mode,
+            "every_n_steps": self.every_n_steps,
+            "probe_batches": self.probe_batches,
+            "explicit_probe": self.probe_data is not None,
+            "eval_mode": self.eval_mode,
         }
         if self.name is not None:
             fields["name"] = self.name
@@ -267,9 +279,9 @@ class SpectralMonitor(Callback):
             return
         self._refuse_twins(trainer)
         self.validate_setup(trainer, pl_module)
-        if self._probe_data is not None and not self._probe_complete:
+        if self.probe_data is not None and not self._probe_complete:
             try:
-                batches = as_batch_list(self._probe_data)
+                batches = as_batch_list(self.probe_data)
             except ValueError as error:
                 raise ValueError(f"probe_data: {error}") from None
             # As Lightning does to training batches: a 16-bit model ("bf16-true") gets its
@@ -342,7 +354,7 @@ class SpectralMonitor(Callback):
         self.history = [(step, dict(values)) for step, values in state_dict.get("history", [])]
         self.num_measurements = state_dict.get("num_measurements", len(self.history))
         self._last_figure_step = state_dict.get("last_figure_step")
-        if self._probe_data is not None:
+        if self.probe_data is not None:
             return
         probe = state_dict.get("probe")
         if probe is not None:
@@ -373,7 +385,7 @@ class SpectralMonitor(Callback):
             return True
         if trainer.fast_dev_run:
             return False  # a smoke run: one measurement proves the wiring
-        return step != self._last_step and step % self._every_n_steps == 0
+        return step != self._last_step and step % self.every_n_steps == 0
 
     def _maybe_measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.sanity_checking or not self._probe_complete:
@@ -387,7 +399,7 @@ class SpectralMonitor(Callback):
         probe = Batches(move_to_device(b, device) for b in self._probe)
         self._probe = probe
         out_of_memory = None
-        with preserved_modes(pl_module, self._eval_mode), muted_lightning_logging(pl_module):
+        with preserved_modes(pl_module, self.eval_mode), muted_lightning_logging(pl_module):
             try:
                 metrics = self.measure(trainer, pl_module, probe)
             except FloatingPointError as error:
@@ -444,7 +456,7 @@ class SpectralMonitor(Callback):
         for logger in trainer.loggers:
             logger.log_metrics(dict(metrics), step=step)
         last_figure = self._last_figure_step
-        self.figures_due = last_figure is None or step - last_figure >= self._figure_every_n_steps
+        self.figures_due = last_figure is None or step - last_figure >= self.figure_every_n_steps
         if self.figures_due:
             self._last_figure_step = step
         if trainer.is_global_zero:

@@ -22,24 +22,19 @@ RULES: tuple[str, ...] = get_args(Rule)
 Action = Literal["stop", "warn"]
 ACTIONS: tuple[str, ...] = get_args(Action)
 
-# Which callback logs a metric nobody logs, for the error: the Hessian monitors by their
-# metric tables, the others by their prefix.
-_PREFIX_PRODUCERS = (
-    ("spectral/repr/", "RepresentationMonitor(layers=[...]) with that layer"),
-    ("spectral/weights/", "WeightSpectrumMonitor (with that layer among its layers)"),
-)
-
 
 def producer_of(key: str) -> str | None:
-    """The monitor (as users would add it) whose metric table holds ``key``, or ``None``."""
+    """The monitor whose metric table holds ``key`` (for the error on a key nobody logs),
+    or ``None``."""
     from .hessian import HessianSpectrumMonitor, SharpnessMonitor
+    from .representation import RepresentationMonitor
+    from .weights import WeightSpectrumMonitor
 
-    prefixes = {SharpnessMonitor: ("spectral/hessian/",)}
-    prefixes[HessianSpectrumMonitor] = ("spectral/hessian/", "spectral/ggn/")
-    for monitor, monitor_prefixes in prefixes.items():
-        if any(metric_table.matches(monitor.METRICS, p, key) for p in monitor_prefixes):
+    monitors = (SharpnessMonitor, HessianSpectrumMonitor, RepresentationMonitor)
+    for monitor in (*monitors, WeightSpectrumMonitor):
+        if any(metric_table.matches(monitor.METRICS, p, key) for p in monitor.METRIC_PREFIXES):
             return monitor.__name__
-    return next((name for prefix, name in _PREFIX_PRODUCERS if key.startswith(prefix)), None)
+    return None
 
 
 class SpectralEarlyStopping(EarlyStopping):

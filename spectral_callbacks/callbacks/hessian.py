@@ -55,6 +55,7 @@ from .metrics import MetricSpec
 __all__ = ["HessianSpectrumMonitor", "SharpnessMonitor"]
 
 PREFIX = "spectral/hessian/"
+GGN_PREFIX = "spectral/ggn/"
 
 #: Largest warm-start state (bytes) a checkpoint carries by default: a resumed run then
 #: repeats the uninterrupted run's solves exactly. Beyond it the vectors are left out
@@ -102,13 +103,13 @@ class _HessianMonitor(SpectralMonitor):
         self._start: torch.Tensor | None = None
 
     #: Which curvature the monitor measures (``HessianSpectrumMonitor`` may set ``"ggn"``).
-    _curvature = "hessian"
+    curvature = "hessian"
 
     @property
     def prefix(self) -> str:
         """The start of every metric name: ``spectral/hessian/`` (``spectral/ggn/`` for the
         Gauss–Newton part; ``.../{name}/`` if named)."""
-        base = "spectral/ggn/" if self._curvature == "ggn" else PREFIX
+        base = GGN_PREFIX if self.curvature == "ggn" else PREFIX
         return base + (f"{self.name}/" if self.name else "")
 
     def state_key_fields(self) -> dict[str, Any]:
@@ -162,12 +163,12 @@ class _HessianMonitor(SpectralMonitor):
     ) -> HessianOperator:
         # Under DDP every process contributes its probe shard; products are all-reduced.
         settings = self.operator_settings
-        if self._curvature == "ggn":
+        if self.curvature == "ggn":
             return GGNOperator(
                 module,
-                self._ggn_loss,
+                self.ggn_loss,
                 Batches(probe),
-                outputs_fn=self._outputs_fn,
+                outputs_fn=self.outputs_fn,
                 params=settings.params,
                 reduction=settings.reduction,
                 seed=settings.seed,
@@ -437,6 +438,8 @@ class SharpnessMonitor(_HessianMonitor):
         MetricSpec("num_hvps", chart="Hessian-vector products per measurement"),
     )
 
+    METRIC_PREFIXES = (PREFIX,)
+
     def metric_names(self) -> list[str]:
         return metric_table.expand_names(self.METRICS, self.prefix)
 
@@ -593,9 +596,9 @@ class HessianSpectrumMonitor(_HessianMonitor):
                     "and no sam_radius (they are properties of the loss, measured with the "
                     "Hessian)"
                 )
-        self._curvature = curvature
-        self._ggn_loss = ggn_loss
-        self._outputs_fn = outputs_fn
+        self.curvature = curvature
+        self.ggn_loss = ggn_loss
+        self.outputs_fn = outputs_fn
         super().__init__(
             every_n_steps,
             probe_batches,
@@ -615,19 +618,19 @@ class HessianSpectrumMonitor(_HessianMonitor):
         check_integer("trace_hvps", trace_hvps, minimum=2)
         check_integer("density_probes", density_probes, minimum=1, allow_none=True)
         check_integer("density_steps", density_steps, minimum=1)
-        self._trace = trace
-        self._density = density
-        self._trace_hvps = trace_hvps
-        self._density_probes = density_probes
-        self._density_steps = density_steps
-        self._gradient_overlap = check_bool("gradient_overlap", gradient_overlap)
-        self._layer_traces = check_integer("layer_traces", layer_traces, minimum=0)
-        if self._layer_traces == 1:
+        self.trace = trace
+        self.density = density
+        self.trace_hvps = trace_hvps
+        self.density_probes = density_probes
+        self.density_steps = density_steps
+        self.gradient_overlap = check_bool("gradient_overlap", gradient_overlap)
+        self.layer_traces = check_integer("layer_traces", layer_traces, minimum=0)
+        if self.layer_traces == 1:
             raise ValueError("layer_traces must be 0 (off) or at least 2 probes, got 1")
-        self._sam_radius = check_number(
+        self.sam_radius = check_number(
             "sam_radius", sam_radius, minimum=0.0, inclusive=False, allow_none=True
         )
-        self._layer_lambda_max = check_bool("layer_lambda_max", layer_lambda_max)
+        self.layer_lambda_max = check_bool("layer_lambda_max", layer_lambda_max)
         if layer_lambda_max and curvature != "hessian":
             raise ValueError("layer_lambda_max applies to curvature='hessian'")
         self._layers: dict[str, int] = {}  # module -> parameter count, known at setup
@@ -637,15 +640,15 @@ class HessianSpectrumMonitor(_HessianMonitor):
 
     def state_key_fields(self) -> dict[str, Any]:
         fields = {**super().state_key_fields(), "k": self.solver.k}
-        if self._curvature != "hessian":
-            fields["curvature"] = self._curvature
+        if self.curvature != "hessian":
+            fields["curvature"] = self.curvature
         return fields
 
     def validate_setup(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
         super().validate_setup(trainer, module)
-        if self._curvature == "ggn" and trainer.world_size > 1:
+        if self.curvature == "ggn" and trainer.world_size > 1:
             raise ValueError("curvature='ggn' is not supported under DDP yet")
-        if self._layer_traces or self._layer_lambda_max:
+        if self.layer_traces or self.layer_lambda_max:
             named = select_parameters(module, self.operator_settings.params)
             self._layers = module_groups([n for n, _ in named], [p.numel() for _, p in named])
 
@@ -676,12 +679,12 @@ class HessianSpectrumMonitor(_HessianMonitor):
                     float(result.eigenvalues[worst]),
                     operator,
                 )
-            if self._trace:
+            if self.trace:
                 estimate = deflated_hutchinson(
                     operator,
                     result.eigenvectors,
                     result.eigenvalues,
-                    num_hvps=self._trace_hvps,
+                    num_hvps=self.trace_hvps,
                     seed=self.solver.seed,
                 )
                 metrics[prefix + "trace"] = estimate.estimate
@@ -689,11 +692,11 @@ class HessianSpectrumMonitor(_HessianMonitor):
                 metrics[prefix + "trace_lr_ratio"] = (
                     estimate.estimate * current_learning_rate(trainer) / 2.0
                 )
-            if self._density:
+            if self.density:
                 self.last_density = slq(
                     operator,
-                    num_probes=self._density_probes or default_density_probes(operator.size),
-                    steps=self._density_steps,
+                    num_probes=self.density_probes or default_density_probes(operator.size),
+                    steps=self.density_steps,
                     seed=self.solver.seed,
                 )
                 metrics[prefix + "negative_mass"] = self.last_density.negative_mass
@@ -703,13 +706,13 @@ class HessianSpectrumMonitor(_HessianMonitor):
                 report = count_outliers(result.eigenvalues, self.last_density, operator.size)
                 metrics[prefix + "outliers"] = float(report.count)
                 metrics[prefix + "bulk_edge"] = report.bulk_edge
-            if self._layer_traces:
+            if self.layer_traces:
                 metrics.update(self._layer_trace_metrics(operator))
-            if self._layer_lambda_max:
+            if self.layer_lambda_max:
                 metrics.update(self._layer_lambda_max_metrics(trainer, module, probe, operator))
-            if self._sam_radius is not None:
+            if self.sam_radius is not None:
                 # Last: moving the parameters drops the first-order graphs the rest reused.
-                sam = sam_sharpness(operator, self._sam_radius)
+                sam = sam_sharpness(operator, self.sam_radius)
                 metrics[prefix + "sam_sharpness"] = sam.sharpness
                 metrics[prefix + "sam_gradient_norm"] = sam.perturbed_gradient_norm
             metrics[prefix + "spectrum_num_hvps"] = float(operator.num_hvps)
@@ -740,7 +743,7 @@ class HessianSpectrumMonitor(_HessianMonitor):
     def _layer_trace_metrics(self, operator: HessianOperator) -> dict[str, float]:
         layers = module_groups(operator.names, operator.numels)
         estimates = block_traces(
-            operator, list(layers.values()), num_hvps=self._layer_traces, seed=self.solver.seed
+            operator, list(layers.values()), num_hvps=self.layer_traces, seed=self.solver.seed
         )
         metrics: dict[str, float] = {}
         self.last_layer_traces = {}
@@ -762,7 +765,7 @@ class HessianSpectrumMonitor(_HessianMonitor):
         """Where the probe gradient points and how far the top-k space turned (no products)."""
         prefix = self.prefix
         metrics: dict[str, float] = {}
-        if self._gradient_overlap:
+        if self.gradient_overlap:
             metrics[prefix + "gradient_overlap"] = subspace_fraction(
                 result.eigenvectors, operator.gradient()
             )
@@ -808,16 +811,18 @@ class HessianSpectrumMonitor(_HessianMonitor):
         MetricSpec("spectrum_num_hvps"),
     )
 
+    METRIC_PREFIXES = (PREFIX, GGN_PREFIX)
+
     def metric_specs(self) -> list[MetricSpec]:
         """The rows of :attr:`METRICS` this monitor's settings turn on."""
         parts = {
             None: True,
-            "gradient_overlap": self._gradient_overlap,
-            "trace": self._trace,
-            "layer_traces": bool(self._layer_traces),
-            "layer_lambda_max": self._layer_lambda_max,
-            "sam": self._sam_radius is not None,
-            "density": self._density,
+            "gradient_overlap": self.gradient_overlap,
+            "trace": self.trace,
+            "layer_traces": bool(self.layer_traces),
+            "layer_lambda_max": self.layer_lambda_max,
+            "sam": self.sam_radius is not None,
+            "density": self.density,
         }
         return [spec for spec in self.METRICS if parts[spec.part]]
 

@@ -11,10 +11,11 @@ import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-__all__ = ["MetricSpec", "chart_layout", "expand_names", "matches"]
+__all__ = ["MetricSpec", "chart_layout", "expand_names", "matches", "undefined_names"]
 
-#: What each placeholder of a templated name stands for, as a regular expression.
-_PLACEHOLDERS = {"{i}": r"\d+", "{layer}": ".*"}
+#: What each placeholder of a templated name stands for, as a regular expression (module
+#: names hold dots, never slashes).
+_PLACEHOLDERS = {"{i}": r"\d+", "{layer}": "[^/]+"}
 
 
 @dataclass(frozen=True)
@@ -38,11 +39,13 @@ class MetricSpec:
     part: str | None = None
     may_be_undefined: bool = False
 
-    @property
-    def pattern(self) -> str:
-        """The name as a regular expression (placeholders matched, the rest literal)."""
+    def pattern(self, reserved: Sequence[str] = ()) -> str:
+        """The name as a regular expression (placeholders matched, the rest literal);
+        ``{layer}`` matches no name of ``reserved`` (a pseudo-layer such as the averages)."""
         pattern = re.escape(self.name)
         for placeholder, regex in _PLACEHOLDERS.items():
+            if placeholder == "{layer}" and reserved:
+                regex = "(?!(?:" + "|".join(map(re.escape, reserved)) + ")/)" + regex
             pattern = pattern.replace(re.escape(placeholder), regex)
         return pattern
 
@@ -63,13 +66,20 @@ def expand_names(
     return names
 
 
-def chart_layout(specs: Iterable[MetricSpec], prefix: str) -> dict[str, list[str]]:
-    """Chart title -> the tags (regular expressions for templated rows) it draws."""
+def undefined_names(specs: Iterable[MetricSpec], prefix: str, layers: Sequence[str]) -> set[str]:
+    """The names of ``layers`` that are NaN by definition: the ``may_be_undefined`` rows."""
+    return set(expand_names([s for s in specs if s.may_be_undefined], prefix, layers=layers))
+
+
+def chart_layout(
+    specs: Iterable[MetricSpec], prefix: str, reserved: Sequence[str] = ()
+) -> dict[str, list[str]]:
+    """Chart title -> the tags it draws: regular expressions, so a templated row's chart
+    draws every eigenvalue or layer (none of ``reserved``) that is logged."""
     charts: dict[str, list[str]] = {}
     for spec in specs:
         if spec.chart is not None:
-            tag = prefix + (spec.pattern if "{" in spec.name else spec.name)
-            charts.setdefault(spec.chart, []).append(tag)
+            charts.setdefault(spec.chart, []).append(re.escape(prefix) + spec.pattern(reserved))
     return charts
 
 
@@ -79,4 +89,4 @@ def matches(specs: Iterable[MetricSpec], prefix: str, key: str) -> bool:
     if not key.startswith(prefix):
         return False
     rest = key[len(prefix) :]
-    return any(re.fullmatch(f"(?:[^/]+/)?{spec.pattern}", rest) for spec in specs)
+    return any(re.fullmatch(f"(?:[^/]+/)?{spec.pattern()}", rest) for spec in specs)

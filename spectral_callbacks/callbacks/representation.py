@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import re
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -29,12 +28,13 @@ from ..representation import (
 )
 from ..representation.capture import LAYER_LAYOUTS, LayerLayout
 from ..representation.spectra import POOLS
+from . import metrics as metric_table
 from .base import SpectralMonitor, _clone_batch, reduce_scalar
+from .metrics import MetricSpec
 
 __all__ = ["RepresentationMonitor", "default_forward"]
 
 PREFIX = "spectral/repr/"
-METRICS = ("rankme", "alpha_req", "effective_rank", "stable_rank", "participation_ratio", "vne")
 
 
 def default_forward(module: nn.Module, batch: Any) -> Any:
@@ -154,24 +154,25 @@ class RepresentationMonitor(SpectralMonitor):
                 f"fit_range must be (low, high) with 1 <= low < high, got {fit_range!r}"
             )
         check_integer("seed", seed, minimum=0)
-        self._layers = list(layers)
-        self._num_samples = num_samples
-        self._select = select
-        self._pool = pool
-        self._layout = layout
-        self._forward_fn = forward_fn or default_forward
-        self._fit_range = tuple(fit_range)
-        self._seed = seed
+        self.layers = list(layers)
+        self.num_samples = num_samples
+        self.select = select
+        self.pool = pool
+        self.layout = layout
+        self.forward_fn = forward_fn or default_forward
+        self.fit_range = tuple(fit_range)
+        self.seed = seed
         self.last_spectra: dict[str, torch.Tensor] = {}
         self._last_fits: dict[str, Any] = {}
+        self._undefined: set[str] = set()
 
     def state_key_fields(self) -> dict[str, Any]:
-        return {**super().state_key_fields(), "layers": tuple(self._layers)}
+        return {**super().state_key_fields(), "layers": tuple(self.layers)}
 
     def validate_setup(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
-        resolve_layers(module, self._layers)  # raises with close matches
+        resolve_layers(module, self.layers)  # raises with close matches
         own_forward = type(module).forward not in (pl.LightningModule.forward, nn.Module.forward)
-        if self._forward_fn is default_forward and not own_forward:
+        if self.forward_fn is default_forward and not own_forward:
             # Found now, not at the first measurement steps into training.
             raise ValueError(
                 f"RepresentationMonitor runs the probe batches through the LightningModule's "
@@ -191,11 +192,11 @@ class RepresentationMonitor(SpectralMonitor):
         # Samples of the union of every process's shard: the probe, the steps measured and
         # the values are those of one process on that union, whatever the world size.
         samples = sum(batch_size(b) for b in probe)
-        return reduce_scalar(trainer, samples, "sum") >= self._num_samples
+        return reduce_scalar(trainer, samples, "sum") >= self.num_samples
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         super().on_train_start(trainer, pl_module)
-        if self._probe_complete or self._probe_data is not None:
+        if self._probe_complete or self.probe_data is not None:
             return
         loaders = trainer.val_dataloaders
         if isinstance(loaders, (list, tuple)):
@@ -223,23 +224,24 @@ class RepresentationMonitor(SpectralMonitor):
         running: list[int | None] = [None]  # samples of the batch being run, for the hooks
         try:
             with (
-                measurement_context(module, self._seed, second_order=False),
+                measurement_context(module, self.seed, second_order=False),
                 capture_features(
                     module,
-                    self._layers,
-                    self._select,
-                    self._pool,
-                    self._layout,
+                    self.layers,
+                    self.select,
+                    self.pool,
+                    self.layout,
                     on_ambiguous=lambda message: self.warn_once(message, message),
                     batch_size=lambda: running[0],
                 ) as accumulators,
             ):
                 for batch in probe:
                     running[0] = batch_size(batch)
-                    self._forward_fn(module, batch)
+                    self.forward_fn(module, batch)
         finally:
             buffers.restore()
         metrics: dict[str, float] = {}
+        self._undefined = set()
         for layer, accumulator in accumulators.items():
             if trainer.world_size > 1:
                 accumulator.all_reduce()  # the union of every process's probe shard
@@ -261,10 +263,12 @@ class RepresentationMonitor(SpectralMonitor):
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", RuntimeWarning)
-                fit = alpha_req_fit(covariance, self._fit_range)
+                fit = alpha_req_fit(covariance, self.fit_range)
         except ValueError as error:
+            # NaN by definition (too few eigenvalues in fit_range), not a numerical failure.
             self.warn_once("alpha_req", f"α-ReQ of {layer!r} is NaN: {error}")
             self._last_fits.pop(layer, None)
+            self._undefined |= metric_table.undefined_names(self.METRICS, self.prefix, [layer])
             return math.nan
         self._last_fits[layer] = fit
         return fit.alpha
@@ -274,8 +278,23 @@ class RepresentationMonitor(SpectralMonitor):
         """The start of every metric name: ``spectral/repr/`` (``.../{name}/`` if named)."""
         return PREFIX + (f"{self.name}/" if self.name else "")
 
+    #: One row per metric, ``{layer}`` standing for each of ``layers``.
+    METRICS = (
+        MetricSpec("{layer}/rankme", chart="RankMe per layer"),
+        MetricSpec("{layer}/alpha_req", chart="α-ReQ per layer", may_be_undefined=True),
+        MetricSpec("{layer}/effective_rank", chart="effective rank per layer"),
+        MetricSpec("{layer}/stable_rank"),
+        MetricSpec("{layer}/participation_ratio"),
+        MetricSpec("{layer}/vne"),
+    )
+
+    METRIC_PREFIXES = (PREFIX,)
+
     def metric_names(self) -> list[str]:
-        return [f"{self.prefix}{layer}/{metric}" for layer in self._layers for metric in METRICS]
+        return metric_table.expand_names(self.METRICS, self.prefix, layers=self.layers)
+
+    def undefined_metrics(self) -> set[str]:
+        return self._undefined
 
     def nan_metrics(self, trainer: pl.Trainer) -> dict[str, float]:
         self.last_spectra = {}
@@ -291,12 +310,6 @@ class RepresentationMonitor(SpectralMonitor):
                 add_figure(writer, tag + "scree", figure, step)
 
     def chart_layout(self) -> dict[str, dict[str, list[str]]]:
-        prefix = re.escape(self.prefix) + ".*"
         suffix = f" ({self.name})" if self.name else ""
-        return {
-            "spectral: representations" + suffix: {
-                "RankMe per layer": [prefix + "/rankme"],
-                "α-ReQ per layer": [prefix + "/alpha_req"],
-                "effective rank per layer": [prefix + "/effective_rank"],
-            }
-        }
+        charts = metric_table.chart_layout(self.METRICS, self.prefix)
+        return {"spectral: representations" + suffix: charts}

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -27,13 +26,39 @@ from ..weights import (
     spectra_of,
     weight_layers,
 )
+from . import metrics as metric_table
 from .base import SpectralMonitor
+from .metrics import MetricSpec
 
 __all__ = ["AVERAGE", "WeightSpectrumMonitor"]
 
 PREFIX = "spectral/weights/"
 #: The pseudo-layer under which the averages over layers are logged.
 AVERAGE = "all_layers"
+
+_CHARTS = {
+    "{layer}/alpha": "α per layer",
+    "{layer}/alpha_weighted": "α̂ = α log₁₀ λ_max per layer",
+    "{layer}/log_spectral_norm": "log₁₀ spectral norm per layer",
+    "{layer}/stable_rank": "stable rank per layer",
+    f"{AVERAGE}/alpha": "averages over layers: α and FARMS α",
+    f"{AVERAGE}/farms_alpha": "averages over layers: α and FARMS α",
+    "{layer}/left_subspace_angle": "largest principal angle of the left singular subspace",
+    "{layer}/singular_value_change": "relative change of the singular values",
+}
+
+
+def _rows(layer: str, metrics: Sequence[str], part: str | None = None) -> list[MetricSpec]:
+    return [
+        MetricSpec(
+            f"{layer}/{metric}",
+            chart=_CHARTS.get(f"{layer}/{metric}"),
+            part="farms" if metric == "farms_alpha" else part,
+            # A layer with fewer than 2 eigenvalues above the fit's floor has no tail.
+            may_be_undefined=layer == "{layer}" and metric in FIT_METRICS,
+        )
+        for metric in metrics
+    ]
 
 
 class WeightSpectrumMonitor(SpectralMonitor):
@@ -134,12 +159,12 @@ class WeightSpectrumMonitor(SpectralMonitor):
             raise TypeError(
                 f"figure_layers must be a sequence of layer names, got {figure_layers!r}"
             )
-        self._layers_filter = layers
-        self._farms = farms
-        self._aspect_ratio = float(aspect_ratio)
-        self._drift_rank = drift_rank
-        self._reference_weights = reference
-        self._figure_layers = None if figure_layers is None else list(figure_layers)
+        self.layers = layers
+        self.farms = farms
+        self.aspect_ratio = float(aspect_ratio)
+        self.drift_rank = drift_rank
+        self.reference = reference
+        self.figure_layers = None if figure_layers is None else list(figure_layers)
         #: The selected layers' names, resolved against the model at setup.
         self.layer_names: list[str] = []
         #: The drift reference of each layer (top singular vectors and singular values).
@@ -158,7 +183,7 @@ class WeightSpectrumMonitor(SpectralMonitor):
         super().setup(trainer, pl_module, stage)
 
     def _resolve_layers(self, module: pl.LightningModule) -> None:
-        weights = weight_layers(module, self._layers_filter)
+        weights = weight_layers(module, self.layers)
         if AVERAGE in weights:
             raise ValueError(
                 f"a layer is named {AVERAGE!r}, the name under which the averages are logged; "
@@ -171,22 +196,20 @@ class WeightSpectrumMonitor(SpectralMonitor):
                     "(FSDP); leave sharded layers out with layers=..."
                 )
         self.layer_names = list(weights)
-        for entry in self._figure_layers or []:
+        for entry in self.figure_layers or []:
             if entry not in weights:
                 raise ValueError(
                     f"figure_layers entry {entry!r} is not a measured layer; measured layers: "
                     f"{self.layer_names}"
                 )
-        if self._reference_weights is not None and not self.reference_bases:
+        if self.reference is not None and not self.reference_bases:
             self.reference_bases = self._bases_of_reference(weights)
 
     def _bases_of_reference(self, weights: dict[str, torch.Tensor]) -> dict[str, SingularBasis]:
         bases = {}
         missing = []
         for layer, weight in weights.items():
-            tensor = self._reference_weights.get(
-                f"{layer}.weight", self._reference_weights.get(layer)
-            )
+            tensor = self.reference.get(f"{layer}.weight", self.reference.get(layer))
             if tensor is None:
                 missing.append(f"{layer}.weight")
                 continue
@@ -195,18 +218,18 @@ class WeightSpectrumMonitor(SpectralMonitor):
                     f"reference[{layer + '.weight'!r}] has shape {tuple(tensor.shape)}, the "
                     f"layer's weight {tuple(weight.shape)}"
                 )
-            bases[layer] = singular_basis(tensor, self._drift_rank)
+            bases[layer] = singular_basis(tensor, self.drift_rank)
         if missing:
             raise ValueError(f"reference has no weight for {missing}")
         return bases
 
     def state_key_fields(self) -> dict[str, Any]:
-        layers = self._layers_filter
+        layers = self.layers
         described = getattr(layers, "__qualname__", None) if callable(layers) else layers
         return {
             **super().state_key_fields(),
             "layers": tuple(described) if isinstance(described, list) else described,
-            "drift_rank": self._drift_rank,
+            "drift_rank": self.drift_rank,
         }
 
     # -- measurement -----------------------------------------------------------------------
@@ -229,25 +252,27 @@ class WeightSpectrumMonitor(SpectralMonitor):
     def _measure_here(self, module: pl.LightningModule, step: int) -> dict[str, float]:
         names = set(self.layer_names)
         weights = weight_layers(module, lambda layer: layer in names)
-        spectra = spectra_of(weights, farms=self._farms, aspect_ratio=self._aspect_ratio)
+        spectra = spectra_of(weights, farms=self.farms, aspect_ratio=self.aspect_ratio)
         self.last_spectra = spectra
         prefix = self.prefix
         metrics: dict[str, float] = {}
         undefined: set[str] = set()
         for layer, spectrum in spectra.items():
             for metric in LAYER_METRICS:
-                metrics[f"{prefix}{layer}/{metric}"] = float(spectrum.metrics[metric])
-            if spectrum.fit is None:  # fewer than 2 eigenvalues above the floor
-                undefined |= {f"{prefix}{layer}/{m}" for m in FIT_METRICS}
+                if metric != "farms_alpha" or self.farms:
+                    metrics[f"{prefix}{layer}/{metric}"] = float(spectrum.metrics[metric])
+            if spectrum.fit is None:
+                undefined |= metric_table.undefined_names(self.metric_specs(), prefix, [layer])
         for metric, value in model_averages(spectra).items():
-            metrics[f"{prefix}{AVERAGE}/{metric}"] = value
-        if self._drift_rank is not None:
+            if metric != "farms_alpha" or self.farms:
+                metrics[f"{prefix}{AVERAGE}/{metric}"] = value
+        if self.drift_rank is not None:
             metrics.update(self._drift(weights, step))
         self._undefined = undefined
         return metrics
 
     def _drift(self, weights: dict[str, torch.Tensor], step: int) -> dict[str, float]:
-        bases = {layer: singular_basis(w, self._drift_rank) for layer, w in weights.items()}
+        bases = {layer: singular_basis(w, self.drift_rank) for layer, w in weights.items()}
         if not self.reference_bases:
             self.reference_bases, self.reference_step = bases, step
         prefix = self.prefix
@@ -278,14 +303,24 @@ class WeightSpectrumMonitor(SpectralMonitor):
         """The start of every metric name: ``spectral/weights/`` (``.../{name}/`` if named)."""
         return PREFIX + (f"{self.name}/" if self.name else "")
 
+    #: One row per metric: ``{layer}`` stands for each measured layer, ``all_layers`` is
+    #: the mean over them; ``part`` names the setting that turns a row on.
+    METRICS = (
+        *_rows("{layer}", LAYER_METRICS),
+        *_rows(AVERAGE, AVERAGED_METRICS),
+        *_rows("{layer}", DRIFT_METRICS, part="drift"),
+        *_rows(AVERAGE, DRIFT_METRICS, part="drift"),
+    )
+
+    METRIC_PREFIXES = (PREFIX,)
+
+    def metric_specs(self) -> list[MetricSpec]:
+        """The rows of :attr:`METRICS` this monitor's settings turn on."""
+        parts = {None: True, "farms": self.farms, "drift": self.drift_rank is not None}
+        return [spec for spec in self.METRICS if parts[spec.part]]
+
     def metric_names(self) -> list[str]:
-        per_layer = list(LAYER_METRICS)
-        averaged = list(AVERAGED_METRICS)
-        if self._drift_rank is not None:
-            per_layer += DRIFT_METRICS
-            averaged += DRIFT_METRICS
-        names = [f"{self.prefix}{layer}/{m}" for layer in self.layer_names for m in per_layer]
-        return names + [f"{self.prefix}{AVERAGE}/{m}" for m in averaged]
+        return metric_table.expand_names(self.metric_specs(), self.prefix, layers=self.layer_names)
 
     def nan_metrics(self, trainer: pl.Trainer) -> dict[str, float]:
         self.last_spectra = {}
@@ -299,7 +334,7 @@ class WeightSpectrumMonitor(SpectralMonitor):
         add_histogram(writer, self.prefix + "alpha", torch.tensor(list(alphas.values())), step)
         if not self.figures_due:
             return
-        shown = self._figure_layers or list(
+        shown = self.figure_layers or list(
             dict.fromkeys([self.layer_names[0], self.layer_names[-1]])
         )
         for layer in shown:
@@ -308,7 +343,7 @@ class WeightSpectrumMonitor(SpectralMonitor):
             add_figure(writer, f"{self.prefix}{layer}/esd", figure, step)
         farms = (
             {layer: s.metrics["farms_alpha"] for layer, s in spectra.items()}
-            if self._farms
+            if self.farms
             else None
         )
         add_figure(
@@ -316,22 +351,9 @@ class WeightSpectrumMonitor(SpectralMonitor):
         )
 
     def chart_layout(self) -> dict[str, dict[str, list[str]]]:
-        # Layer names hold dots, never slashes; the averages are not a layer.
-        layer = re.escape(self.prefix) + "(?!" + AVERAGE + "/)[^/]+"
-        average = re.escape(f"{self.prefix}{AVERAGE}/")
+        # The averages are not a layer: the per-layer charts leave them out.
+        charts = metric_table.chart_layout(self.metric_specs(), self.prefix, reserved=[AVERAGE])
         suffix = f" ({self.name})" if self.name else ""
-        charts = {
-            "α per layer": [layer + "/alpha"],
-            "α̂ = α log₁₀ λ_max per layer": [layer + "/alpha_weighted"],
-            "log₁₀ spectral norm per layer": [layer + "/log_spectral_norm"],
-            "stable rank per layer": [layer + "/stable_rank"],
-            "averages over layers: α and FARMS α": [average + "alpha", average + "farms_alpha"],
-        }
-        if self._drift_rank is not None:
-            charts["largest principal angle of the left singular subspace"] = [
-                layer + "/left_subspace_angle"
-            ]
-            charts["relative change of the singular values"] = [layer + "/singular_value_change"]
         return {"spectral: weights" + suffix: charts}
 
     # -- state -----------------------------------------------------------------------------
