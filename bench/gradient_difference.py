@@ -31,9 +31,9 @@ import torch
 
 from bench.harness import device_label
 from bench.report import RESULTS
-from bench.workloads import GPT, classification_loss, mlp, sgd_steps, tiny_cnn
 from spectral_callbacks.curvature import HessianOperator
 from spectral_callbacks.functional import hessian_eigenvalues
+from spectral_callbacks.workloads import GPT, classification_loss, mlp, sgd_steps, tiny_cnn
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -144,7 +144,7 @@ def convergence(name: str, smoke: bool, seeds: int = 3) -> dict:
 MEMORY_CHILD = """
 import resource, torch
 from bench import gradient_difference as study
-from bench.workloads import classification_loss
+from spectral_callbacks.workloads import classification_loss
 from spectral_callbacks.functional import hessian_eigenvalues
 torch.set_num_threads(2)
 model, batch = study.workload({name!r}, {smoke!r})

@@ -32,17 +32,18 @@ import torch
 
 from bench.harness import device_label
 from bench.report import RESULTS, keyed_merge, write_day_file
-from bench.workloads import classification_loss, initial_workload
 from spectral_callbacks import (
     HessianSpectrumMonitor,
     RepresentationMonitor,
     SharpnessMonitor,
 )
-from spectral_callbacks.demo import (
+from spectral_callbacks.workloads import (
+    Classifier,
     FullBatch,
     MixtureClassifier,
     TanhRegressor,
     gaussian_mixture,
+    initial_workload,
     teacher_regression,
 )
 
@@ -72,20 +73,6 @@ def default_monitors() -> dict:
     }
 
 
-class WorkloadModule(L.LightningModule):
-    """A workload of ``bench/run.py`` trained by SGD on its one batch."""
-
-    def __init__(self, name: str) -> None:
-        super().__init__()
-        self.net, self.batch = initial_workload(name, torch.device("cpu"))
-
-    def training_step(self, batch, batch_idx):
-        return classification_loss(self.net, batch)
-
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=0.05)
-
-
 def timed_measurements(callback) -> list[float]:
     """Wrap ``callback.measure`` (this instance only) to record the seconds of each call."""
     seconds: list[float] = []
@@ -107,14 +94,15 @@ def run(model_name: str, make_callback, steps: int) -> tuple[float, object, list
     measured = [] if callback is None else timed_measurements(callback)
     torch.manual_seed(0)
     if model_name in WORKLOAD_MODELS:
-        model = WorkloadModule(model_name)
-        loader = torch.utils.data.DataLoader(FullBatch(*model.batch, steps), batch_size=None)
+        network, batch = initial_workload(model_name, torch.device("cpu"))
+        model = Classifier(network, lr=0.05)  # SGD on the workload's one batch
+        loader = torch.utils.data.DataLoader(FullBatch(*batch, steps), batch_size=None)
     elif model_name == "A":
         x, y = teacher_regression()
         model = TanhRegressor(lr=0.3)
         loader = torch.utils.data.DataLoader(FullBatch(x, y, steps), batch_size=None)
     else:
-        x, y = gaussian_mixture(4096, seed=0)
+        x, y = gaussian_mixture(4096)
         model = MixtureClassifier()
         loader = torch.utils.data.DataLoader(
             torch.utils.data.TensorDataset(x, y), batch_size=128, shuffle=True

@@ -23,13 +23,13 @@ from torch import nn
 
 from bench.report import RESULTS
 from spectral_callbacks.curvature import HessianOperator
-from spectral_callbacks.demo import gaussian_mixture
 from spectral_callbacks.linalg import (
     SpectralDensity,
     count_outliers,
     lanczos,
     slq,
 )
+from spectral_callbacks.workloads import gaussian_mixture
 
 
 def loss_fn(model, batch):
@@ -45,7 +45,7 @@ def dense_hessian(operator: HessianOperator) -> torch.Tensor:
 
 def study(seed: int, steps: int, smoke: bool) -> dict:
     d, width = (16, 16) if smoke else (32, 32)
-    x, y = gaussian_mixture(512 if smoke else 2048, d=d, seed=seed)
+    x, y = gaussian_mixture(512 if smoke else 2048, d=d, seed=seed + 1, means_seed=seed)
     torch.manual_seed(seed)
     model = nn.Sequential(
         nn.Linear(d, width), nn.Tanh(), nn.Linear(width, width), nn.Tanh(), nn.Linear(width, 10)

@@ -27,9 +27,9 @@ import torch
 
 from bench.harness import device_label, gradient_ms, stopwatch
 from bench.report import RESULTS, keyed_merge, write_day_file
-from bench.workloads import make_workload
 from spectral_callbacks.curvature import HessianOperator
 from spectral_callbacks.linalg import eigenpairs
+from spectral_callbacks.workloads import make_workload
 
 
 def split_batch(batch: tuple, parts: int) -> list[tuple]:

@@ -30,12 +30,12 @@ from torch import nn
 
 from bench.harness import device_label, gradient_ms, max_relative_error, stopwatch, sync, timed
 from bench.report import RESULTS, markdown
-from bench.workloads import WORKLOADS, classification_loss, make_workload, mlp
 from spectral_callbacks.curvature import HessianOperator
 from spectral_callbacks.functional import hessian_eigenvalues, rankme
 from spectral_callbacks.linalg import lanczos
 from spectral_callbacks.linalg.eigsh import default_max_iter
 from spectral_callbacks.representation import CovarianceAccumulator
+from spectral_callbacks.workloads import WORKLOADS, classification_loss, make_workload, mlp
 
 # -- figure 1: HVP paths ------------------------------------------------------------------------
 

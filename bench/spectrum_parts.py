@@ -33,7 +33,6 @@ import torch
 
 from bench.harness import device_label, gradient_ms, stopwatch
 from bench.report import RESULTS, write_day_file
-from bench.workloads import make_workload, sgd_steps
 from spectral_callbacks.curvature import HessianOperator
 from spectral_callbacks.linalg import (
     SpectralDensity,
@@ -43,6 +42,7 @@ from spectral_callbacks.linalg import (
     hutchpp,
     slq,
 )
+from spectral_callbacks.workloads import make_workload, sgd_steps
 
 
 def density_scalars(density: SpectralDensity, top: torch.Tensor, size: int) -> dict[str, float]:

@@ -10,39 +10,10 @@ import argparse
 
 import lightning.pytorch as L
 import torch
-import torch.nn.functional as F
 from lightning.pytorch.loggers import TensorBoardLogger
-from torch import nn
 
 from spectral_callbacks import HessianSpectrumMonitor, SharpnessMonitor
-
-
-class SmallCNN(L.LightningModule):
-    def __init__(self):
-        super().__init__()
-        self.features = nn.Sequential(
-            nn.Conv2d(3, 16, 3, padding=1),
-            nn.BatchNorm2d(16),
-            nn.ReLU(),
-            nn.MaxPool2d(2),
-            nn.Conv2d(16, 32, 3, padding=1),
-            nn.BatchNorm2d(32),
-            nn.ReLU(),
-            nn.AdaptiveAvgPool2d(1),
-        )
-        self.head = nn.Linear(32, 4)
-
-    def forward(self, x):
-        return self.head(self.features(x).flatten(1))
-
-    def training_step(self, batch, batch_idx):
-        x, y = batch
-        loss = F.cross_entropy(self(x), y)
-        self.log("train/loss", loss, prog_bar=True)
-        return loss
-
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=0.05, momentum=0.9)
+from spectral_callbacks.workloads import Classifier, tiny_cnn
 
 
 def stripes(n, seed=0):
@@ -76,7 +47,8 @@ def main(argv=None):
         logger=TensorBoardLogger(args.out, name="cnn_batchnorm"),
         enable_checkpointing=False,
     )
-    trainer.fit(SmallCNN(), loader)
+    # Two 16-channel convolutions with BatchNorm, SGD with momentum.
+    trainer.fit(Classifier(tiny_cnn(16, classes=4), lr=0.05, momentum=0.9), loader)
     step, last = spectrum.history[-1]
     print(
         f"step {step}: top-5 eigenvalues",

@@ -11,30 +11,10 @@ import argparse
 
 import lightning.pytorch as L
 import torch
-import torch.nn.functional as F
 from lightning.pytorch.loggers import TensorBoardLogger
-from torch import nn
 
 from spectral_callbacks import HessianSpectrumMonitor, SharpnessMonitor
-from spectral_callbacks.demo import FullBatch  # the same full batch, `steps` times
-
-
-class Regressor(L.LightningModule):
-    def __init__(self, lr):
-        super().__init__()
-        self.lr = lr
-        self.net = nn.Sequential(
-            nn.Linear(8, 32), nn.Tanh(), nn.Linear(32, 32), nn.Tanh(), nn.Linear(32, 1)
-        )
-
-    def training_step(self, batch, batch_idx):
-        x, y = batch
-        loss = F.mse_loss(self.net(x), y)
-        self.log("train/loss", loss)
-        return loss
-
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=self.lr)
+from spectral_callbacks.workloads import FullBatch, TanhRegressor, teacher_regression
 
 
 def main(argv=None):
@@ -45,13 +25,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     steps = 60 if args.fast else 3000
 
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(64, 8, generator=g)
-    y = (
-        torch.tanh(x @ torch.randn(8, 16, generator=g) / 8**0.5)
-        @ torch.randn(16, 1, generator=g)
-        / 4
-    )
+    x, y = teacher_regression(noise=0.0)  # 64 samples of a random tanh teacher
     torch.manual_seed(1)
     sharpness = SharpnessMonitor(every_n_steps=20)
     spectrum = HessianSpectrumMonitor(every_n_steps=500 if not args.fast else 30, k=5)
@@ -62,7 +36,8 @@ def main(argv=None):
         enable_checkpointing=False,
     )
     trainer.fit(
-        Regressor(args.lr), torch.utils.data.DataLoader(FullBatch(x, y, steps), batch_size=None)
+        TanhRegressor(lr=args.lr),
+        torch.utils.data.DataLoader(FullBatch(x, y, steps), batch_size=None),
     )
     for step, values in sharpness.history[:: max(1, len(sharpness.history) // 10)]:
         lam = values["spectral/hessian/lambda_max"]

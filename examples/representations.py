@@ -12,42 +12,10 @@ import argparse
 
 import lightning.pytorch as L
 import torch
-import torch.nn.functional as F
 from lightning.pytorch.loggers import TensorBoardLogger
-from torch import nn
 
 from spectral_callbacks import RepresentationMonitor, SpectralEarlyStopping
-
-
-class Classifier(L.LightningModule):
-    def __init__(self):
-        super().__init__()
-        self.encoder = nn.Sequential(
-            nn.Linear(32, 128), nn.ReLU(), nn.Linear(128, 128), nn.ReLU(), nn.Linear(128, 64)
-        )
-        self.head = nn.Linear(64, 10)
-
-    def forward(self, x):
-        return self.head(torch.relu(self.encoder(x)))
-
-    def training_step(self, batch, batch_idx):
-        return F.cross_entropy(self(batch[0]), batch[1])
-
-    def validation_step(self, batch, batch_idx):
-        self.log("val/accuracy", (self(batch[0]).argmax(1) == batch[1]).float().mean())
-
-    def configure_optimizers(self):
-        return torch.optim.Adam(self.parameters(), lr=1e-3)
-
-
-def mixture(n, seed):
-    g = torch.Generator().manual_seed(0)
-    means = (
-        3.0 * torch.randn(10, 8, generator=g) @ torch.linalg.qr(torch.randn(32, 8, generator=g)).Q.T
-    )
-    g = torch.Generator().manual_seed(seed)
-    labels = torch.randint(0, 10, (n,), generator=g)
-    return means[labels] + torch.randn(n, 32, generator=g), labels
+from spectral_callbacks.workloads import MixtureClassifier, gaussian_mixture
 
 
 def main(argv=None):
@@ -55,8 +23,9 @@ def main(argv=None):
     parser.add_argument("--fast", action="store_true")
     parser.add_argument("--out", default="runs/representations")
     args = parser.parse_args(argv)
-    train = torch.utils.data.TensorDataset(*mixture(512 if args.fast else 8192, seed=1))
-    val = torch.utils.data.TensorDataset(*mixture(1024, seed=2))
+    # One mixture (the means), two samples of it.
+    train = torch.utils.data.TensorDataset(*gaussian_mixture(512 if args.fast else 8192, seed=1))
+    val = torch.utils.data.TensorDataset(*gaussian_mixture(1024, seed=3))
     layers = ["encoder.1", "encoder.3", "encoder"]
     monitor = RepresentationMonitor(
         layers=layers, every_n_steps=2 if args.fast else 32, num_samples=1024
@@ -71,7 +40,7 @@ def main(argv=None):
         enable_checkpointing=False,
     )
     trainer.fit(
-        Classifier(),
+        MixtureClassifier(),
         torch.utils.data.DataLoader(train, batch_size=128, shuffle=True),
         torch.utils.data.DataLoader(val, batch_size=512),
     )

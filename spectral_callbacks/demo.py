@@ -8,28 +8,33 @@
    layers as they change, ``WeightSpectrumMonitor`` the heavy-tailed α, stable rank and the
    turn of each layer's top singular subspace.
 
-Writes TensorBoard logs under ``out``, a summary figure ``out/summary.png``, and prints what
+The models and data are those of :mod:`spectral_callbacks.workloads`. Writes TensorBoard
+logs under ``out``, a summary figure ``out/summary.png``, and prints what
 it measured and the ``tensorboard`` command to run.
 """
 
 from __future__ import annotations
 
-import math
 import pathlib
 import time
 from dataclasses import dataclass
 
 import lightning.pytorch as L
 import torch
-import torch.nn.functional as F
 from lightning.pytorch.loggers import TensorBoardLogger
-from torch import nn
 
 from .callbacks import (
     HessianSpectrumMonitor,
     RepresentationMonitor,
     SharpnessMonitor,
     WeightSpectrumMonitor,
+)
+from .workloads import (
+    FullBatch,
+    MixtureClassifier,
+    TanhRegressor,
+    gaussian_mixture,
+    teacher_regression,
 )
 
 __all__ = ["DemoSettings", "run_demo"]
@@ -56,94 +61,6 @@ class DemoSettings:
             repr_every=8,
             repr_samples=512,
         )
-
-
-# -- part 1: edge of stability --------------------------------------------------------------
-
-
-class FullBatch(torch.utils.data.IterableDataset):
-    """One epoch yielding the same full batch ``steps`` times (full-batch gradient descent)."""
-
-    def __init__(self, x: torch.Tensor, y: torch.Tensor, steps: int) -> None:
-        self.x, self.y, self.steps = x, y, steps
-
-    def __iter__(self):
-        for _ in range(self.steps):
-            yield self.x, self.y
-
-    def __len__(self) -> int:
-        return self.steps
-
-
-def teacher_regression(n: int = 64, d: int = 8, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Inputs and noisy targets of a random tanh teacher network."""
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, d, generator=g)
-    hidden = torch.tanh(x @ (torch.randn(d, 16, generator=g) / math.sqrt(d)))
-    y = hidden @ (torch.randn(16, 1, generator=g) / 4) + 0.1 * torch.randn(n, 1, generator=g)
-    return x, y
-
-
-class TanhRegressor(L.LightningModule):
-    """A tanh MLP with MSE loss, trained by gradient descent (heavy-ball ``momentum``
-    optional); logs ``train/loss`` from ``training_step``. The tests use it too."""
-
-    def __init__(self, lr: float = 0.1, d: int = 8, width: int = 32, momentum: float = 0.0) -> None:
-        super().__init__()
-        self.lr, self.momentum = lr, momentum
-        self.net = nn.Sequential(
-            nn.Linear(d, width), nn.Tanh(), nn.Linear(width, width), nn.Tanh(), nn.Linear(width, 1)
-        )
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
-
-    def training_step(self, batch, batch_idx):
-        loss = F.mse_loss(self(batch[0]), batch[1])
-        self.log("train/loss", loss)
-        return loss
-
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=self.lr, momentum=self.momentum)
-
-
-# -- part 2: representations ----------------------------------------------------------------
-
-
-def gaussian_mixture(n: int, d: int = 32, classes: int = 10, seed: int = 0):
-    """Classes whose means span an 8-dimensional subspace, with isotropic noise."""
-    g = torch.Generator().manual_seed(seed)
-    basis = torch.linalg.qr(torch.randn(d, 8, generator=g)).Q
-    means = 3.0 * torch.randn(classes, 8, generator=g) @ basis.T
-    labels = torch.randint(0, classes, (n,), generator=torch.Generator().manual_seed(seed + 1))
-    x = means[labels] + torch.randn(n, d, generator=torch.Generator().manual_seed(seed + 2))
-    return x, labels
-
-
-class MixtureClassifier(L.LightningModule):
-    """An MLP encoder and a linear head, trained with Adam."""
-
-    def __init__(self, d: int = 32, classes: int = 10) -> None:
-        super().__init__()
-        self.encoder = nn.Sequential(
-            nn.Linear(d, 128), nn.ReLU(), nn.Linear(128, 128), nn.ReLU(), nn.Linear(128, 64)
-        )
-        self.head = nn.Linear(64, classes)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(torch.relu(self.encoder(x)))
-
-    def training_step(self, batch, batch_idx):
-        loss = F.cross_entropy(self(batch[0]), batch[1])
-        self.log("train/loss", loss)
-        return loss
-
-    def validation_step(self, batch, batch_idx):
-        x, y = batch
-        self.log("val/accuracy", (self(x).argmax(dim=1) == y).float().mean())
-
-    def configure_optimizers(self):
-        return torch.optim.Adam(self.parameters(), lr=1e-3)
 
 
 # -- the run ----------------------------------------------------------------------------------
@@ -205,8 +122,8 @@ def run_demo(
         every_n_steps=settings.repr_every,
         num_samples=min(2048, settings.repr_samples),
     )
-    train_x, train_y = gaussian_mixture(settings.repr_samples, seed=0)
-    val_x, val_y = gaussian_mixture(2048, seed=10)
+    train_x, train_y = gaussian_mixture(settings.repr_samples, seed=1)
+    val_x, val_y = gaussian_mixture(2048, seed=10)  # the same mixture, other samples
     train_loader = torch.utils.data.DataLoader(
         torch.utils.data.TensorDataset(train_x, train_y), batch_size=128, shuffle=True
     )

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import copy
-import itertools
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from spectral_callbacks.workloads import mlp
 
 
 class TinyAttention(nn.Module):
@@ -30,10 +31,8 @@ class TinyAttention(nn.Module):
 
 
 def tanh_mlp(widths=(4, 6, 5, 3)) -> nn.Module:
-    layers: list[nn.Module] = []
-    for a, b in itertools.pairwise(widths):
-        layers += [nn.Linear(a, b), nn.Tanh()]
-    return nn.Sequential(*layers[:-1])
+    """The benchmarks' MLP at the size of a dense float64 reference."""
+    return mlp(widths)
 
 
 def bn_cnn() -> nn.Module:

@@ -7,18 +7,9 @@ import torch.nn.functional as F
 from lightning.pytorch import LightningModule
 from torch import nn
 
-# The demo's data and model, shared with the tests (one TanhRegressor in the repository).
-from spectral_callbacks.demo import FullBatch, TanhRegressor  # noqa: F401
-
-
-def regression_data(n: int = 64, d: int = 8, seed: int = 0, dtype=torch.float32):
-    """Inputs and targets from a random tanh teacher, with noise."""
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, d, generator=g, dtype=dtype)
-    w1 = torch.randn(d, 16, generator=g, dtype=dtype) / d**0.5
-    w2 = torch.randn(16, 1, generator=g, dtype=dtype) / 4
-    y = torch.tanh(x @ w1) @ w2 + 0.1 * torch.randn(n, 1, generator=g, dtype=dtype)
-    return x, y
+# The workloads shared with the demo, examples and benchmarks.
+from spectral_callbacks.workloads import FullBatch, TanhRegressor  # noqa: F401
+from spectral_callbacks.workloads import teacher_regression as regression_data  # noqa: F401
 
 
 def full_batch_loader(x, y, steps: int):

@@ -15,9 +15,9 @@ from bench import (
     probe_size,
     report,
     spectrum_parts,
-    workloads,
 )
 from bench import run as bench_run
+from spectral_callbacks import workloads
 
 
 def test_smoke_run_reports_every_figure(tmp_path):
@@ -187,6 +187,20 @@ def test_cpu_workloads_have_the_advertised_sizes():
     assert len(gpt.blocks) == 4 and gpt.blocks[0].heads == 4
     assert tokens.shape == (8, 128) and gpt(tokens[:2]).shape == (2, 128, 2048)
     assert {"C1", "G1", "W1"} <= set(workloads.WORKLOADS)
+
+
+def test_a_training_and_a_validation_set_of_the_mixture_share_its_means():
+    train_x, train_y = workloads.gaussian_mixture(4000, seed=1)
+    val_x, val_y = workloads.gaussian_mixture(4000, seed=3)
+    assert not torch.equal(train_x[:10], val_x[:10])
+    train_means = torch.stack([train_x[train_y == c].mean(0) for c in range(10)])
+    val_means = torch.stack([val_x[val_y == c].mean(0) for c in range(10)])
+    # About 400 unit-variance samples per class: the means agree to ~0.07 per coordinate,
+    # while different classes' means are several units apart.
+    assert (train_means - val_means).norm(dim=1).max() < 1.0
+    assert torch.cdist(train_means, train_means).add(torch.eye(10) * 1e9).min() > 2.0
+    other = workloads.gaussian_mixture(4000, seed=3, means_seed=5)[0]
+    assert not torch.allclose(other.mean(0), val_x.mean(0), atol=0.3)
 
 
 def test_the_speed_up_line_compares_tools_timed_in_one_command():

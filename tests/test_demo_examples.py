@@ -77,7 +77,7 @@ def test_small_gpt_example(tmp_path, monkeypatch):
     assert len(sharpness) >= 2 and all(
         math.isfinite(v["spectral/hessian/lambda_max"]) for _, v in sharpness
     )
-    assert all(math.isfinite(v["spectral/repr/blocks.1/rankme"]) for _, v in representation)
+    assert all(math.isfinite(v["spectral/repr/model.blocks.1/rankme"]) for _, v in representation)
 
 
 def test_early_stopping_example():

@@ -213,7 +213,7 @@ def test_negative_mass_against_the_dense_spectrum_of_a_trained_tanh_mlp():
     # The demo's model: after 2,000 steps of gradient descent 48 % of its Hessian's
     # eigenvalues are negative, all within 0.6 % of λ_max of zero. Quadrature nodes below
     # zero carry 75 % of the mass there, so the monitors report the resolved fractions.
-    from spectral_callbacks.demo import TanhRegressor, teacher_regression
+    from spectral_callbacks.workloads import TanhRegressor, teacher_regression
 
     torch.manual_seed(1)
     x, y = teacher_regression()
