@@ -15,6 +15,7 @@ from bench import (
     probe_size,
     report,
     spectrum_parts,
+    warm_mixing,
 )
 from bench import run as bench_run
 from spectral_callbacks import workloads
@@ -131,6 +132,7 @@ def test_the_monitor_cost_study_runs_a_few_steps():
     tiny = study.main(["--smoke", "--workloads", "tiny"])
     assert [r["monitor"] for r in tiny] == [
         "SharpnessMonitor(every_n_steps=100)",
+        "SharpnessMonitor(every_n_steps=100, tol=0.01)",
         "HessianSpectrumMonitor(every_n_steps=500)",
     ]
     assert all(r["measurements"] == 1 and r["first_products"] > 0 for r in tiny)  # step 0
@@ -164,6 +166,34 @@ def test_probe_size_parts_are_disjoint_and_cover_the_batch():
     parts = probe_size.split_batch(batch, 4)
     assert torch.equal(torch.cat([part[0] for part in parts]), batch[0])
     assert torch.equal(torch.cat([part[1] for part in parts]), batch[1])
+
+
+def test_the_warm_mixing_study_tracks_every_strategy_against_a_reference():
+    (row,) = warm_mixing.main(["--smoke"])
+    strategies = {s["strategy"]: s for s in row["strategies"]}
+    assert len(strategies) == len(warm_mixing.STRATEGIES)
+    assert len(row["references"]) == row["steps"] // row["every"] + 1
+    for label, _, rule in warm_mixing.STRATEGIES:
+        measured = strategies[label]
+        assert measured["measurements"] == len(row["references"]) - 1
+        assert measured["median_products"] >= 1 and measured["max_error"] < 1e-2
+        weights = measured["mixing"]
+        expected = {"one": [1.0] * len(weights), "pure": [0.0] * len(weights)}.get(rule)
+        if expected is not None:
+            assert weights == expected
+        else:
+            assert weights[0] == 1.0 and all(0.05 <= w <= 1.0 for w in weights)
+
+
+def test_the_adaptive_mixing_weight_is_the_sine_of_the_observed_turn():
+    e1, e2 = torch.eye(2, dtype=torch.float64)
+    turned = torch.tensor([3**0.5 / 2, 0.5], dtype=torch.float64)  # 30 degrees from e1
+    weight = warm_mixing.mixing_weight
+    assert weight("adaptive", [e1]) == 1.0  # one vector: nothing observed yet
+    assert weight("adaptive", [e1, turned]) == pytest.approx(0.5)
+    assert weight("adaptive", [e1, -e1]) == warm_mixing.ADAPTIVE_FLOOR  # a sign is no turn
+    assert weight("adaptive", [e1, e2]) == 1.0
+    assert weight("one", [e1, e1]) == 1.0 and weight("pure", []) == 0.0
 
 
 def test_recorded_tables_are_rendered_from_the_recorded_json():

@@ -7,6 +7,7 @@ Nothing here knows about models or Lightning: every routine sees a matrix only t
 from .eigsh import (
     EIGEN_METHODS,
     KRYLOV_BASIS_BYTES,
+    WARM_START_MIXING,
     WHICH,
     EigenMethod,
     EigenResult,
@@ -45,6 +46,7 @@ __all__ = [
     "EIGEN_METHODS",
     "FULL_REORTHOGONALISATION_BYTES",
     "KRYLOV_BASIS_BYTES",
+    "WARM_START_MIXING",
     "WHICH",
     "ZERO_TOLERANCE",
     "DenseOperator",

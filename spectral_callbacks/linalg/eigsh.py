@@ -24,7 +24,7 @@ from typing import Literal
 
 import torch
 
-from .._checks import check_bool
+from .._checks import check_bool, check_number
 from ..settings import EIGEN_METHODS, WHICH, EigenMethod, EigenSettings, Which
 from ._krylov import BlockLanczos, IndependentLanczos
 from ._precision import full_precision
@@ -279,10 +279,11 @@ def _start_block(
     rows: int,
     operator: SymmetricOperator,
     generator: torch.Generator,
+    mixing: float = WARM_START_MIXING,
 ) -> torch.Tensor:
     """A ``(rows, n)`` start block: warm-start rows, completed with random rows.
 
-    Each given unit row gets ``WARM_START_MIXING`` times a random unit vector of its own (see
+    Each given unit row gets ``mixing`` times a random unit vector of its own (see
     :data:`WARM_START_MIXING` for why); exact previous eigenvectors would otherwise pass the
     convergence check at once, before a random row has brought in a direction they lack.
     With a common random vector one block step would recover the given rows exactly (from
@@ -307,8 +308,7 @@ def _start_block(
             rows, n, generator=generator, dtype=operator.dtype, device=operator.device
         )
     used = min(rows, unit.shape[0])
-    mixing = noise[:used] / noise[:used].norm(dim=1, keepdim=True)
-    random[:used] = unit[:used] + WARM_START_MIXING * mixing
+    random[:used] = unit[:used] + mixing * noise[:used] / noise[:used].norm(dim=1, keepdim=True)
     return random
 
 
@@ -330,6 +330,7 @@ def lanczos(
     check_every: int = 4,
     return_eigenvectors: bool = False,
     max_basis: int | None = None,
+    start_mixing: float = WARM_START_MIXING,
 ) -> EigenResult:
     """Top-``k`` eigenpairs by single-vector Lanczos with full reorthogonalisation.
 
@@ -358,7 +359,7 @@ def lanczos(
         seed: Seed of the random start vector (and of restart vectors).
         start: Warm start: a vector ``(n,)`` or rows ``(r, n)``; rows are summed after
             normalisation, so previous top-``k`` eigenvectors seed the next solve, and a
-            random unit vector is added (:data:`WARM_START_MIXING`) so that a direction the
+            random unit vector is added (``start_mixing`` times it) so that a direction the
             rows lack can still be found.
         check_every: Largest gap, in steps, between convergence checks (each check is one
             host synchronisation and a float64 eigendecomposition of ``T_m``).
@@ -370,6 +371,9 @@ def lanczos(
             at least ``max(16, 2k + 12)`` (:func:`basis_bound`). Pass ``max_iter + 1`` for
             no bound. With a bound, ``max_iter`` still counts every product, across
             restarts, and may exceed ``n``.
+        start_mixing: Weight ``w ≥ 0`` of the random unit vector added to the unit warm
+            start (default :data:`WARM_START_MIXING`); ``0`` is a pure warm start, which
+            cannot find a direction the start lacks. Unused without ``start``.
 
     Returns:
         An :class:`EigenResult`. If the operator produced a non-finite value the eigenvalues
@@ -386,6 +390,7 @@ def lanczos(
     """
     n = operator.size
     validate_eigen_arguments(k, which, tol, n)
+    check_number("start_mixing", start_mixing, minimum=0.0)
     max_steps = min(n, max_iter or default_max_iter(k))
     max_basis = basis_bound(max_basis, k, operator, max_steps, which)
     if max_basis is not None:
@@ -397,7 +402,7 @@ def lanczos(
     basis_steps = max_steps if max_basis is None else max_basis - 1
     recurrence = IndependentLanczos(
         operator,
-        _start_block(start, 1, operator, generator),
+        _start_block(start, 1, operator, generator, start_mixing),
         basis_steps,
         generator,
         preallocate=max_basis is not None,
