@@ -30,8 +30,13 @@ def producer_of(key: str) -> str | None:
     from .representation import RepresentationMonitor
     from .weights import WeightSpectrumMonitor
 
-    monitors = (SharpnessMonitor, HessianSpectrumMonitor, RepresentationMonitor)
-    for monitor in (*monitors, WeightSpectrumMonitor):
+    monitors = (
+        SharpnessMonitor,
+        HessianSpectrumMonitor,
+        RepresentationMonitor,
+        WeightSpectrumMonitor,
+    )
+    for monitor in monitors:
         if any(metric_table.matches(monitor.METRICS, p, key) for p in monitor.METRIC_PREFIXES):
             return monitor.__name__
     return None

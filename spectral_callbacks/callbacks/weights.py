@@ -49,6 +49,8 @@ _CHARTS = {
 
 
 def _rows(layer: str, metrics: Sequence[str], part: str | None = None) -> list[MetricSpec]:
+    """Rows of ``metrics`` under ``layer`` (``"{layer}"`` or the averages); ``farms_alpha``
+    is turned on by ``farms``, the other rows by ``part``."""
     return [
         MetricSpec(
             f"{layer}/{metric}",
@@ -108,7 +110,7 @@ class WeightSpectrumMonitor(SpectralMonitor):
             linear, convolution, embedding, Hugging Face ``Conv1D``), a regular expression
             searched in module names, a predicate on the module name, or a sequence of
             module names or prefixes.
-        farms: Whether to compute ``farms_alpha``.
+        farms: Whether to compute and log ``farms_alpha`` (per layer and averaged).
         aspect_ratio: The FARMS windows' aspect ratio (``≥ 1``; 1: square).
         drift_rank: Singular vectors per subspace for the drift metrics, or ``None`` (no
             drift metrics).
