@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import math
 import platform
 import statistics
@@ -16,6 +17,16 @@ def device_label(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     return f"cpu-{platform.machine()}-{torch.get_num_threads()}threads"
+
+
+def run_meta(device: torch.device) -> dict:
+    """What a day file records of its runs: date, device label, torch version, threads."""
+    return {
+        "date": dt.date.today().isoformat(),
+        "device": device_label(device),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+    }
 
 
 def sync(device: torch.device) -> None:

@@ -19,14 +19,12 @@ one day add to that file.
 from __future__ import annotations
 
 import argparse
-import datetime as dt
-import pathlib
 import statistics
 
 import torch
 
-from bench.harness import device_label, gradient_ms, stopwatch
-from bench.report import RESULTS, keyed_merge, write_day_file
+from bench.harness import gradient_ms, run_meta, stopwatch
+from bench.report import RESULTS, heading, keyed_merge, record_day
 from spectral_callbacks.curvature import HessianOperator
 from spectral_callbacks.linalg import eigenpairs
 from spectral_callbacks.workloads import make_workload
@@ -83,8 +81,7 @@ def probe_sizes(name: str, splits: tuple[int, ...] = (1, 2, 4)) -> dict:
 
 def markdown(rows: list[dict], meta: dict) -> str:
     lines = [
-        f"# Probe size and the top eigenvalue ({meta['date']}, {meta['device']}, "
-        f"torch {meta['torch']})",
+        heading("Probe size and the top eigenvalue", meta),
         "",
         "λ_max (tol 1e-4) on disjoint parts of the workload's batch against the whole "
         "batch; cost of one top-1 solve at tol 1e-3 (median over the parts; gradient-times "
@@ -114,15 +111,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
     args = parser.parse_args(argv)
     names = ["tiny"] if args.smoke else args.workloads
     rows = [probe_sizes(name) for name in names]
-    meta = {
-        "date": dt.date.today().isoformat(),
-        "device": device_label(torch.device("cpu")),
-        "torch": torch.__version__,
-    }
+    meta = run_meta(torch.device("cpu"))
     if not args.smoke:
-        stem = pathlib.Path(args.out) / f"probe-size-{meta['device']}-{meta['date']}"
         merge = keyed_merge(lambda row: row["workload"])
-        rows = write_day_file(stem, meta, rows, merge, markdown)
+        rows = record_day("probe-size", meta, rows, args.out, merge, markdown)
     print(markdown(rows, meta))
     return rows
 

@@ -46,6 +46,24 @@ def write_day_file(
     return rows
 
 
+def record_day(
+    study: str,
+    meta: dict,
+    rows: list[dict],
+    out: str | pathlib.Path,
+    merge: Callable[[list[dict], list[dict]], list[dict]],
+    markdown: Callable[[list[dict], dict], str],
+) -> list[dict]:
+    """:func:`write_day_file` to ``out/{study}-{device}-{date}.{json,md}``."""
+    stem = pathlib.Path(out) / f"{study}-{meta['device']}-{meta['date']}"
+    return write_day_file(stem, meta, rows, merge, markdown)
+
+
+def heading(title: str, meta: dict) -> str:
+    """A day file's first line: ``# title (date, device, torch version)``."""
+    return f"# {title} ({meta['date']}, {meta['device']}, torch {meta['torch']})"
+
+
 def is_peer_comparison(results: dict) -> bool:
     """Whether a results file was written by ``bench/run.py`` (the comparison with the peers)."""
     return {"workloads", "device", "repeats"} <= results.keys()

@@ -25,14 +25,12 @@ Writes ``bench/results/spectrum-parts-<device>-<date>.{json,md}``; runs of some
 from __future__ import annotations
 
 import argparse
-import datetime as dt
-import pathlib
 import statistics
 
 import torch
 
-from bench.harness import device_label, gradient_ms, stopwatch
-from bench.report import RESULTS, write_day_file
+from bench.harness import gradient_ms, run_meta, stopwatch
+from bench.report import RESULTS, heading, record_day
 from spectral_callbacks.curvature import HessianOperator
 from spectral_callbacks.linalg import (
     SpectralDensity,
@@ -169,8 +167,7 @@ def density_part(op, warm, probes: int, steps: int, cost) -> dict:
 
 def markdown(rows: list[dict], meta: dict) -> str:
     lines = [
-        f"# Parts of one HessianSpectrumMonitor measurement ({meta['date']}, {meta['device']}, "
-        f"torch {meta['torch']})",
+        heading("Parts of one HessianSpectrumMonitor measurement", meta),
         "",
         "Products, seconds and gradient-times (seconds over one gradient of the probe) of each "
         "part, as the monitor runs them after 20 (cold) and 70 (warm) SGD steps.",
@@ -237,14 +234,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     args = parser.parse_args(argv)
     workloads = ["tiny"] if args.smoke else args.workloads
     rows = [parts(name, tuple(args.parts)) for name in workloads]
-    meta = {
-        "device": device_label(torch.device("cpu")),
-        "torch": torch.__version__,
-        "date": dt.date.today().isoformat(),
-    }
+    meta = run_meta(torch.device("cpu"))
     if not args.smoke:  # runs of some parts or workloads on one day add to one file
-        stem = pathlib.Path(args.out) / f"spectrum-parts-{meta['device']}-{meta['date']}"
-        rows = write_day_file(stem, meta, rows, merge_rows, markdown)
+        rows = record_day("spectrum-parts", meta, rows, args.out, merge_rows, markdown)
     print(markdown(rows, meta))
     return rows
 

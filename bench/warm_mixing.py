@@ -30,16 +30,14 @@ one day add to that file.
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import functools
 import math
-import pathlib
 import statistics
 
 import torch
 
-from bench.harness import device_label, gradient_ms, stopwatch
-from bench.report import RESULTS, keyed_merge, write_day_file
+from bench.harness import gradient_ms, run_meta, stopwatch
+from bench.report import RESULTS, heading, keyed_merge, record_day
 from spectral_callbacks.curvature import HessianOperator
 from spectral_callbacks.linalg import WARM_START_MIXING, lanczos
 from spectral_callbacks.workloads import make_workload
@@ -150,8 +148,7 @@ def tracking(name: str, steps: int, every: int, reference_tol: float = 1e-5) -> 
 
 def markdown(rows: list[dict], meta: dict) -> str:
     lines = [
-        f"# Warm-start mixing and tolerance in λ_max tracking ({meta['date']}, "
-        f"{meta['device']}, torch {meta['torch']})",
+        heading("Warm-start mixing and tolerance in λ_max tracking", meta),
         "",
         "Per measurement (after the first, cold one): median products and seconds (operator "
         "included; gradient-times in gradients of the batch) and the largest relative error "
@@ -191,16 +188,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
         rows = [
             tracking(name, args.steps, args.every, args.reference_tol) for name in args.workloads
         ]
-    meta = {
-        "date": dt.date.today().isoformat(),
-        "device": device_label(torch.device("cpu")),
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
-    }
+    meta = run_meta(torch.device("cpu"))
     if not args.smoke:
-        stem = pathlib.Path(args.out) / f"warm-mixing-{meta['device']}-{meta['date']}"
         merge = keyed_merge(lambda row: (row["workload"], row["steps"], row["every"]))
-        rows = write_day_file(stem, meta, rows, merge, markdown)
+        rows = record_day("warm-mixing", meta, rows, args.out, merge, markdown)
     print(markdown(rows, meta))
     return rows
 
