@@ -16,7 +16,9 @@ monitor runs them (the same functions on one ``HessianOperator``), each timed an
 - stochastic Lanczos quadrature (``slq``) with 8 probes of 64 steps: the density's scalars
   (negative and near-zero mass, ``λ_min``, outliers, bulk edge) from all 8 probes, and their
   spread over disjoint groups of 1, 2 and 4 of those probes (the error of
-  ``density_probes`` = 1, 2, 4).
+  ``density_probes`` = 1, 2, 4);
+- with ``--parts density_steps``: SLQ with 4 probes at 16, 32, 64 and 128 steps (the same
+  probes), the density's scalars at each (C1 about 7 minutes).
 
 Writes ``bench/results/spectrum-parts-<device>-<date>.{json,md}``; runs of some
 ``--parts`` or workloads on one day add to that file.
@@ -68,8 +70,11 @@ def probe_subset(density: SpectralDensity, probes) -> SpectralDensity:
     )
 
 
-#: Parts of a measurement besides the top-k solve (``--parts`` picks).
-PARTS = ("trace", "density")
+#: Parts of a measurement besides the top-k solve (``--parts`` picks; the default is the
+#: first two): ``density_steps`` is SLQ's scalars at several numbers of steps.
+PARTS = ("trace", "density", "density_steps")
+#: Steps per probe of ``density_steps``; the longest is the reference.
+DENSITY_STEPS = (16, 32, 64, 128)
 
 
 def parts(
@@ -114,6 +119,8 @@ def parts(
             row["trace"] = trace_part(op, warm, trace_settings, seeds, cost)
         if "density" in which:
             row["density"] = density_part(op, warm, probes, steps, cost)
+        if "density_steps" in which:
+            row["density_steps"] = density_steps_part(op, warm, cost)
         assert op.num_hvps - before >= warm.num_hvps  # every part went through this operator
     row["top_k_eigenvalues"] = warm.eigenvalues.tolist()
     return row
@@ -165,6 +172,20 @@ def density_part(op, warm, probes: int, steps: int, cost) -> dict:
     return entry
 
 
+def density_steps_part(op, warm, cost, probes: int = 4) -> list[dict]:
+    """SLQ with ``probes`` probes (the monitor's default count on large models) at each of
+    :data:`DENSITY_STEPS`; the same probes every time (one seed), so a run of ``m`` steps is
+    the first ``m`` steps of the longest."""
+    entries = []
+    for steps in DENSITY_STEPS:
+        seconds, density = stopwatch(lambda s=steps: slq(op, num_probes=probes, steps=s), op.device)
+        entry = cost(seconds, density.num_hvps)
+        entry["probes"], entry["steps"] = probes, steps
+        entry["scalars"] = density_scalars(density, warm.eigenvalues, op.size)
+        entries.append(entry)
+    return entries
+
+
 def markdown(rows: list[dict], meta: dict) -> str:
     lines = [
         heading("Parts of one HessianSpectrumMonitor measurement", meta),
@@ -186,34 +207,54 @@ def markdown(rows: list[dict], meta: dict) -> str:
                 f"| {row['workload']} | {label} | {entry['products']} | {entry['seconds']:.2f} | "
                 f"{entry['gradient_times']:.0f} |"
             )
-    lines += [
-        "",
-        "The trace estimates' spread over three seeds, relative to the mean of the 99-product "
-        "Hutch++ estimates:",
-        "",
-        "| workload | " + " | ".join(rows[0].get("trace", {})) + " |",
-        "|---|" + "---|" * len(rows[0].get("trace", {})),
-    ]
-    for row in rows:
-        spreads = [f"{e['relative_spread']:.1e}" for e in row.get("trace", {}).values()]
+    traced = [row for row in rows if "trace" in row]
+    if traced:
+        lines += [
+            "",
+            "The trace estimates' spread over three seeds, relative to the mean of the "
+            "99-product Hutch++ estimates:",
+            "",
+            "| workload | " + " | ".join(traced[0]["trace"]) + " |",
+            "|---|" + "---|" * len(traced[0]["trace"]),
+        ]
+    for row in traced:
+        spreads = [f"{e['relative_spread']:.1e}" for e in row["trace"].values()]
         lines.append(f"| {row['workload']} | " + " | ".join(spreads) + " |")
-    lines += [
-        "",
-        "The density's scalars from all 8 probes, and their standard deviation over disjoint "
-        "groups of 1, 2 and 4 of those probes (the error of a density with that many probes; "
-        "8, 4 and 2 groups):",
-        "",
-        "| workload | scalar | 8 probes | std, 1 probe | std, 2 probes | std, 4 probes |",
-        "|---|---|---|---|---|---|",
-    ]
-    for row in rows:
-        density = row.get("density")
-        if density is None:
-            continue
+    densities = [row for row in rows if "density" in row]
+    if densities:
+        lines += [
+            "",
+            "The density's scalars from all 8 probes, and their standard deviation over "
+            "disjoint groups of 1, 2 and 4 of those probes (the error of a density with that "
+            "many probes; 8, 4 and 2 groups):",
+            "",
+            "| workload | scalar | 8 probes | std, 1 probe | std, 2 probes | std, 4 probes |",
+            "|---|---|---|---|---|---|",
+        ]
+    for row in densities:
+        density = row["density"]
         spread = {str(size): v for size, v in density.get("spread_by_probes", {}).items()}
         for key, value in density["all_probes"].items():
             cells = [f"{spread[s][key]:.2g}" if s in spread else "" for s in ("1", "2", "4")]
             lines.append(f"| {row['workload']} | {key} | {value:.4g} | " + " | ".join(cells) + " |")
+    stepped = [row for row in rows if "density_steps" in row]
+    if stepped:
+        keys = list(stepped[0]["density_steps"][0]["scalars"])
+        lines += [
+            "",
+            "SLQ with 4 probes at several numbers of steps per probe (the same probes): each "
+            "scalar, and the products and gradient-times of the density:",
+            "",
+            "| workload | steps | products | gradient-times | " + " | ".join(keys) + " |",
+            "|---|---|---|---|" + "---|" * len(keys),
+        ]
+        for row in stepped:
+            for entry in row["density_steps"]:
+                values = " | ".join(f"{entry['scalars'][key]:.4g}" for key in keys)
+                lines.append(
+                    f"| {row['workload']} | {entry['steps']} | {entry['products']} "
+                    f"| {entry['gradient_times']:.0f} | {values} |"
+                )
     return "\n".join(lines) + "\n"
 
 
@@ -228,7 +269,7 @@ def merge_rows(earlier: list[dict], new: list[dict]) -> list[dict]:
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workloads", nargs="+", default=["C1", "G1"])
-    parser.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS))
+    parser.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS[:2]))
     parser.add_argument("--smoke", action="store_true", help="the tiny workload, seconds")
     parser.add_argument("--out", default=str(RESULTS))
     args = parser.parse_args(argv)

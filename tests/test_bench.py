@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 
@@ -149,6 +150,18 @@ def test_the_spectrum_parts_study_runs_on_the_tiny_workload():
     assert set(spreads) == {1, 2, 4}
     assert all(value >= 0 for spread in spreads.values() for value in spread.values())
     assert 0 <= row["density"]["all_probes"]["near_zero_mass"] <= 1
+
+
+def test_the_density_steps_part_runs_the_same_probes_at_each_length():
+    (row,) = spectrum_parts.main(["--smoke", "--parts", "density_steps"])
+    assert "density" not in row and "trace" not in row
+    entries = row["density_steps"]
+    assert [e["steps"] for e in entries] == list(spectrum_parts.DENSITY_STEPS)
+    assert all(e["products"] == 4 * e["steps"] for e in entries)
+    # λ_min only falls as the Krylov space grows (the smallest Ritz value of nested spaces).
+    minima = [e["scalars"]["lambda_min"] for e in entries]
+    pairs = itertools.pairwise(minima)
+    assert all(later <= earlier + 1e-6 * abs(earlier) for earlier, later in pairs)
 
 
 def test_the_probe_size_study_splits_the_batch_and_measures_each_part():
