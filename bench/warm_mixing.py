@@ -23,8 +23,12 @@ at ``tol = 1e-5`` (``--reference-tol``). Per strategy: the median products and s
 measurement (operator included, in gradients of the batch: "gradient-times"), and the
 largest relative error of its eigenvalue against the reference.
 
-Writes ``bench/results/warm-mixing-<device>-<date>.{json,md}``; runs of other workloads on
-one day add to that file.
+With ``--train-mode`` the model stays in train mode: the Hessian is that of the train-mode
+loss (BatchNorm on the batch's statistics), as the monitors measure by default, and
+gradient-times are train-mode gradients; ``--strategies REGEX`` runs some strategies.
+
+Writes ``bench/results/warm-mixing-<device>-<date>.{json,md}``; runs of other workloads or
+modes on one day add to that file.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from __future__ import annotations
 import argparse
 import functools
 import math
+import re
 import statistics
 
 import torch
@@ -78,23 +83,35 @@ def measure(model, loss_fn, batch, tol, start, mixing, seed) -> tuple[float, int
         return float(result.eigenvalues[0]), int(op.num_hvps), result.eigenvectors[0]
 
 
-def tracking(name: str, steps: int, every: int, reference_tol: float = 1e-5) -> dict:
+def tracking(
+    name: str,
+    steps: int,
+    every: int,
+    reference_tol: float = 1e-5,
+    train_mode: bool = False,
+    strategies: tuple = STRATEGIES,
+) -> dict:
+    """Train ``name`` by SGD and measure every ``every`` steps by each of ``strategies``;
+    with ``train_mode`` the Hessian is that of the train-mode loss (BatchNorm on batch
+    statistics), as the monitors measure by default, and gradient-times are train-mode
+    gradients."""
     device = torch.device("cpu")
     model, batch, loss_fn = make_workload(name, device)
+    model.train(train_mode)
     grad_ms = gradient_ms(model, batch, loss_fn, device, repeats=3)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
-    history: dict[str, list[torch.Tensor]] = {label: [] for label, _, _ in STRATEGIES}
-    records: dict[str, list[dict]] = {label: [] for label, _, _ in STRATEGIES}
+    history: dict[str, list[torch.Tensor]] = {label: [] for label, _, _ in strategies}
+    records: dict[str, list[dict]] = {label: [] for label, _, _ in strategies}
     references = []
     for step in range(steps + 1):
         if step % every == 0:
-            model.eval()
+            model.train(train_mode)
             measurement = step // every
             reference, _, _ = measure(
                 model, loss_fn, batch, reference_tol, None, 0.0, seed=1000 + step
             )
             references.append(reference)
-            for label, tol, rule in STRATEGIES:  # interleaved: drift hits all alike
+            for label, tol, rule in strategies:  # interleaved: drift hits all alike
                 previous = history[label]
                 mixing = mixing_weight(rule, previous)
                 start = previous[-1] if previous else None
@@ -118,7 +135,7 @@ def tracking(name: str, steps: int, every: int, reference_tol: float = 1e-5) -> 
         loss_fn(model, batch).backward()
         optimizer.step()
     rows = []
-    for label, tol, rule in STRATEGIES:
+    for label, tol, rule in strategies:
         measured = records[label]
         seconds = statistics.median(r["seconds"] for r in measured)
         rows.append(
@@ -140,6 +157,7 @@ def tracking(name: str, steps: int, every: int, reference_tol: float = 1e-5) -> 
         "steps": steps,
         "every": every,
         "reference_tol": reference_tol,
+        "mode": "train" if train_mode else "eval",
         "gradient_ms": grad_ms,
         "references": references,
         "strategies": rows,
@@ -155,7 +173,7 @@ def markdown(rows: list[dict], meta: dict) -> str:
         "of λ_max against a cold solve (its tol in the first column), with how many "
         "measurements missed 1e-3.",
         "",
-        "| workload (reference tol) | SGD steps (every) | strategy | products | seconds "
+        "| workload, mode (reference tol) | SGD steps (every) | strategy | products | seconds "
         "| gradient-times "
         "| max error | over 1e-3 | mixing weights |",
         "|---|---|---|---|---|---|---|---|---|",
@@ -164,7 +182,8 @@ def markdown(rows: list[dict], meta: dict) -> str:
         for s in row["strategies"]:
             weights = ", ".join(f"{w:.2g}" for w in s["mixing"])
             lines.append(
-                f"| {row['workload']} ({row.get('reference_tol', 1e-5):.0e}) "
+                f"| {row['workload']}, {row.get('mode', 'eval')} mode "
+                f"({row.get('reference_tol', 1e-5):.0e}) "
                 f"| {row['steps']} ({row['every']}) | {s['strategy']} "
                 f"| {s['median_products']:.1f} | {s['median_seconds']:.2f} "
                 f"| {s['median_gradient_times']:.1f} | {s['max_error']:.1e} "
@@ -179,18 +198,29 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--every", type=int, default=10)
     parser.add_argument("--reference-tol", type=float, default=1e-5)
+    parser.add_argument("--train-mode", action="store_true", help="BatchNorm on batch statistics")
+    parser.add_argument("--strategies", default=None, help="regular expression: only these")
     parser.add_argument("--smoke", action="store_true")
     parser.add_argument("--out", default=str(RESULTS))
     args = parser.parse_args(argv)
-    if args.smoke:
-        rows = [tracking("tiny", steps=4, every=2)]
-    else:
-        rows = [
-            tracking(name, args.steps, args.every, args.reference_tol) for name in args.workloads
-        ]
+    chosen = tuple(
+        s for s in STRATEGIES if args.strategies is None or re.search(args.strategies, s[0])
+    )
+    if not chosen:
+        parser.error(
+            f"--strategies {args.strategies!r} matches none of {[s[0] for s in STRATEGIES]}"
+        )
+    names, steps, every = (
+        (["tiny"], 4, 2) if args.smoke else (args.workloads, args.steps, args.every)
+    )
+    rows = [
+        tracking(name, steps, every, args.reference_tol, args.train_mode, chosen) for name in names
+    ]
     meta = run_meta(torch.device("cpu"))
     if not args.smoke:
-        merge = keyed_merge(lambda row: (row["workload"], row["steps"], row["every"]))
+        merge = keyed_merge(
+            lambda row: (row["workload"], row["steps"], row["every"], row.get("mode", "eval"))
+        )
         rows = record_day("warm-mixing", meta, rows, args.out, merge, markdown)
     print(markdown(rows, meta))
     return rows

@@ -198,6 +198,16 @@ def test_the_warm_mixing_study_tracks_every_strategy_against_a_reference():
             assert weights[0] == 1.0 and all(0.05 <= w <= 1.0 for w in weights)
 
 
+def test_the_warm_mixing_study_runs_some_strategies_in_train_mode():
+    (row,) = warm_mixing.main(["--smoke", "--train-mode", "--strategies", "tol 1e-2"])
+    assert row["mode"] == "train"
+    assert [s["strategy"] for s in row["strategies"]] == [
+        label for label, tol, _ in warm_mixing.STRATEGIES if tol == 1e-2
+    ]
+    with pytest.raises(SystemExit):
+        warm_mixing.main(["--smoke", "--strategies", "no such strategy"])
+
+
 def test_the_adaptive_mixing_weight_is_the_sine_of_the_observed_turn():
     e1, e2 = torch.eye(2, dtype=torch.float64)
     turned = torch.tensor([3**0.5 / 2, 0.5], dtype=torch.float64)  # 30 degrees from e1
