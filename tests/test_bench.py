@@ -16,6 +16,7 @@ from bench import (
     probe_size,
     report,
     spectrum_parts,
+    train_mode_products,
     warm_mixing,
 )
 from bench import run as bench_run
@@ -206,6 +207,16 @@ def test_the_warm_mixing_study_runs_some_strategies_in_train_mode():
     ]
     with pytest.raises(SystemExit):
         warm_mixing.main(["--smoke", "--strategies", "no such strategy"])
+
+
+def test_the_train_mode_products_study_times_every_path_in_both_modes():
+    (row,) = train_mode_products.main(["--smoke"])
+    assert set(row["modes"]) == {"eval", "train"}
+    for entry in row["modes"].values():
+        assert entry["gradient_ms"] > 0
+        assert entry["reuse_graph"]["relative_error"] == 0  # the reference itself
+        assert entry["forward_over_reverse"]["relative_error"] < 1e-5
+        assert all(entry[path]["ms"] > 0 for path in train_mode_products.PATHS)
 
 
 def test_the_adaptive_mixing_weight_is_the_sine_of_the_observed_turn():

@@ -1,0 +1,115 @@
+"""What one Hessian-vector product costs with BatchNorm in train mode, as the monitors
+measure by default, against eval mode (CPU: C1 about 2 minutes).
+
+    python -m bench.train_mode_products --workloads C1
+    python -m bench.train_mode_products --smoke      # the tiny workload (the test suite)
+
+On a workload of ``bench/run.py`` (20 SGD steps), in eval mode (BatchNorm on its running
+statistics) and in train mode (BatchNorm on the batch's own statistics: a different loss,
+whose Hessian is the one ``SharpnessMonitor`` measures by default): the milliseconds of one
+gradient and of one product by each path of
+:class:`~spectral_callbacks.curvature.HessianOperator` (the first product, which also forms
+the graph, left out), medians of ``repeats`` rounds that call each path once, and each
+path's relative error against the reused graph's product.
+
+Writes ``bench/results/train-mode-products-<device>-<date>.{json,md}``; runs of other
+workloads on one day add to that file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import functools
+import statistics
+
+import torch
+
+from bench.harness import gradient_ms, run_meta, stopwatch
+from bench.report import RESULTS, heading, keyed_merge, record_day
+from spectral_callbacks.curvature import HessianOperator
+from spectral_callbacks.workloads import make_workload
+
+PATHS = ("reuse_graph", "forward_over_reverse", "gradient_difference")
+
+
+def product_costs(name: str, repeats: int) -> dict:
+    device = torch.device("cpu")
+    model, batch, loss_fn = make_workload(name, device)
+    row: dict = {"workload": name, "modes": {}}
+    for mode in ("eval", "train"):
+        model.train(mode == "train")
+        entry: dict = {"gradient_ms": gradient_ms(model, batch, loss_fn, device, repeats)}
+        products, times = {}, {path: [] for path in PATHS}
+        with contextlib.ExitStack() as stack:
+            operators = {
+                path: stack.enter_context(HessianOperator(model, loss_fn, batch, hvp=path))
+                for path in PATHS
+            }
+            generator = torch.Generator().manual_seed(0)
+            vector = torch.randn(operators["reuse_graph"].size, generator=generator)
+            for path, op in operators.items():
+                products[path] = op.matvec(vector)  # forms the graph: not timed
+            for _ in range(repeats):  # interleaved: drift hits every path alike
+                for path, op in operators.items():
+                    seconds, _ = stopwatch(functools.partial(op.matvec, vector), device)
+                    times[path].append(seconds)
+        exact = products["reuse_graph"]
+        for path in PATHS:
+            ms = statistics.median(times[path]) * 1e3
+            entry[path] = {
+                "ms": ms,
+                "gradients": ms / entry["gradient_ms"],
+                "relative_error": float((products[path] - exact).norm() / exact.norm()),
+            }
+        row["modes"][mode] = entry
+    model.eval()
+    return row
+
+
+def markdown(rows: list[dict], meta: dict) -> str:
+    lines = [
+        heading("One Hessian-vector product in eval and train mode", meta),
+        "",
+        "Milliseconds of one gradient and of one product by each path (median of interleaved "
+        "rounds; the graph-forming first product left out), in gradients, and the relative "
+        "error against the reused graph's product. Train mode: BatchNorm on the batch's "
+        "statistics, as the monitors measure by default.",
+        "",
+        "| workload | mode | gradient | " + " | ".join(PATHS) + " |",
+        "|---|---|---|" + "---|" * len(PATHS),
+    ]
+    for row in rows:
+        for mode, entry in row["modes"].items():
+            cells = [
+                f"{entry[p]['ms']:.0f} ({entry[p]['gradients']:.1f}×; "
+                f"{entry[p]['relative_error']:.1e})"
+                for p in PATHS
+            ]
+            lines.append(
+                f"| {row['workload']} | {mode} | {entry['gradient_ms']:.0f} | "
+                + " | ".join(cells)
+                + " |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--workloads", nargs="+", default=["C1"])
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--smoke", action="store_true")
+    parser.add_argument("--out", default=str(RESULTS))
+    args = parser.parse_args(argv)
+    names, repeats = (["tiny"], 2) if args.smoke else (args.workloads, args.repeats)
+    rows = [product_costs(name, repeats) for name in names]
+    meta = run_meta(torch.device("cpu"))
+    if not args.smoke:
+        merge = keyed_merge(lambda row: row["workload"])
+        rows = record_day("train-mode-products", meta, rows, args.out, merge, markdown)
+    print(markdown(rows, meta))
+    return rows
+
+
+if __name__ == "__main__":
+    main()
