@@ -117,7 +117,8 @@ def _mib(value) -> str:
     return value if isinstance(value, str) else f"{value:.0f} MiB"
 
 
-def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+def table(header: list[str], rows: list[list[str]]) -> list[str]:
+    """A markdown table's lines: the header, the separator and one line per row."""
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     return lines + ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
 
@@ -145,7 +146,7 @@ def markdown(results: dict) -> str:
         "compiled_1_ms_per_vector",
         "compiled_8_ms_per_vector",
     ]
-    lines += _table(
+    lines += table(
         [
             "workload",
             "gradient",
@@ -189,7 +190,7 @@ def markdown(results: dict) -> str:
             "",
             f"**{figure}**",
             "",
-            *_table(
+            *table(
                 ["workload", "tool", "seconds", "max rel. error", "repeats", "host syncs"], rows
             ),
         ]
@@ -221,7 +222,7 @@ def markdown(results: dict) -> str:
         for w in _as_list(e.get("warm_tracking", []))
     ]
     lines += ["", "**3. Warm-started tracking** (λ_max to 1e-3 from the previous eigenvector)", ""]
-    lines += _table(
+    lines += table(
         ["workload", "HVP path", "measurements", "median s", "gradient-times", "HVPs"], rows
     )
     o = results.get("training_overhead")

@@ -32,7 +32,7 @@ import statistics
 import torch
 
 from bench.harness import gradient_ms, run_meta, stopwatch
-from bench.report import RESULTS, heading, record_day
+from bench.report import RESULTS, heading, record_day, table
 from spectral_callbacks.curvature import HessianOperator
 from spectral_callbacks.linalg import (
     SpectralDensity,
@@ -245,16 +245,14 @@ def markdown(rows: list[dict], meta: dict) -> str:
             "SLQ with 4 probes at several numbers of steps per probe (the same probes): each "
             "scalar, and the products and gradient-times of the density:",
             "",
-            "| workload | steps | products | gradient-times | " + " | ".join(keys) + " |",
-            "|---|---|---|---|" + "---|" * len(keys),
         ]
-        for row in stepped:
-            for entry in row["density_steps"]:
-                values = " | ".join(f"{entry['scalars'][key]:.4g}" for key in keys)
-                lines.append(
-                    f"| {row['workload']} | {entry['steps']} | {entry['products']} "
-                    f"| {entry['gradient_times']:.0f} | {values} |"
-                )
+        cells = [
+            [row["workload"], entry["steps"], entry["products"], f"{entry['gradient_times']:.0f}"]
+            + [f"{entry['scalars'][key]:.4g}" for key in keys]
+            for row in stepped
+            for entry in row["density_steps"]
+        ]
+        lines += table(["workload", "steps", "products", "gradient-times", *keys], cells)
     return "\n".join(lines) + "\n"
 
 

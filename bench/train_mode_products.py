@@ -26,7 +26,7 @@ import statistics
 import torch
 
 from bench.harness import gradient_ms, run_meta, stopwatch
-from bench.report import RESULTS, heading, keyed_merge, record_day
+from bench.report import RESULTS, heading, keyed_merge, record_day, table
 from spectral_callbacks.curvature import HessianOperator
 from spectral_callbacks.workloads import make_workload
 
@@ -76,21 +76,17 @@ def markdown(rows: list[dict], meta: dict) -> str:
         "error against the reused graph's product. Train mode: BatchNorm on the batch's "
         "statistics, as the monitors measure by default.",
         "",
-        "| workload | mode | gradient | " + " | ".join(PATHS) + " |",
-        "|---|---|---|" + "---|" * len(PATHS),
     ]
-    for row in rows:
-        for mode, entry in row["modes"].items():
-            cells = [
-                f"{entry[p]['ms']:.0f} ({entry[p]['gradients']:.1f}×; "
-                f"{entry[p]['relative_error']:.1e})"
-                for p in PATHS
-            ]
-            lines.append(
-                f"| {row['workload']} | {mode} | {entry['gradient_ms']:.0f} | "
-                + " | ".join(cells)
-                + " |"
-            )
+    cells = [
+        [row["workload"], mode, f"{entry['gradient_ms']:.0f}"]
+        + [
+            f"{entry[p]['ms']:.0f} ({entry[p]['gradients']:.1f}×; {entry[p]['relative_error']:.1e})"
+            for p in PATHS
+        ]
+        for row in rows
+        for mode, entry in row["modes"].items()
+    ]
+    lines += table(["workload", "mode", "gradient", *PATHS], cells)
     return "\n".join(lines) + "\n"
 
 

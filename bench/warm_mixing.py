@@ -42,7 +42,7 @@ import statistics
 import torch
 
 from bench.harness import gradient_ms, run_meta, stopwatch
-from bench.report import RESULTS, heading, keyed_merge, record_day
+from bench.report import RESULTS, heading, keyed_merge, record_day, table
 from spectral_callbacks.curvature import HessianOperator
 from spectral_callbacks.linalg import WARM_START_MIXING, lanczos
 from spectral_callbacks.workloads import make_workload
@@ -173,22 +173,26 @@ def markdown(rows: list[dict], meta: dict) -> str:
         "of λ_max against a cold solve (its tol in the first column), with how many "
         "measurements missed 1e-3.",
         "",
-        "| workload, mode (reference tol) | SGD steps (every) | strategy | products | seconds "
-        "| gradient-times "
-        "| max error | over 1e-3 | mixing weights |",
-        "|---|---|---|---|---|---|---|---|---|",
     ]
-    for row in rows:
-        for s in row["strategies"]:
-            weights = ", ".join(f"{w:.2g}" for w in s["mixing"])
-            lines.append(
-                f"| {row['workload']}, {row.get('mode', 'eval')} mode "
-                f"({row.get('reference_tol', 1e-5):.0e}) "
-                f"| {row['steps']} ({row['every']}) | {s['strategy']} "
-                f"| {s['median_products']:.1f} | {s['median_seconds']:.2f} "
-                f"| {s['median_gradient_times']:.1f} | {s['max_error']:.1e} "
-                f"| {s['over_1e-3']} of {s['measurements']} | {weights} |"
-            )
+    header = ["workload, mode (reference tol)", "SGD steps (every)", "strategy", "products"]
+    header += ["seconds", "gradient-times", "max error", "over 1e-3", "mixing weights"]
+    cells = [
+        [
+            f"{row['workload']}, {row.get('mode', 'eval')} mode "
+            f"({row.get('reference_tol', 1e-5):.0e})",
+            f"{row['steps']} ({row['every']})",
+            s["strategy"],
+            f"{s['median_products']:.1f}",
+            f"{s['median_seconds']:.2f}",
+            f"{s['median_gradient_times']:.1f}",
+            f"{s['max_error']:.1e}",
+            f"{s['over_1e-3']} of {s['measurements']}",
+            ", ".join(f"{w:.2g}" for w in s["mixing"]),
+        ]
+        for row in rows
+        for s in row["strategies"]
+    ]
+    lines += table(header, cells)
     return "\n".join(lines) + "\n"
 
 
