@@ -259,14 +259,17 @@ class WeightSpectrumMonitor(SpectralMonitor):
         prefix = self.prefix
         metrics: dict[str, float] = {}
         undefined: set[str] = set()
+        specs = self.metric_specs()
+        # Metrics of rows the settings turn off (farms_alpha without farms) are not logged.
+        off = {spec.name.rsplit("/", 1)[1] for spec in self.METRICS if spec not in specs}
         for layer, spectrum in spectra.items():
             for metric in LAYER_METRICS:
-                if metric != "farms_alpha" or self.farms:
+                if metric not in off:
                     metrics[f"{prefix}{layer}/{metric}"] = float(spectrum.metrics[metric])
             if spectrum.fit is None:
-                undefined |= metric_table.undefined_names(self.metric_specs(), prefix, [layer])
+                undefined |= metric_table.undefined_names(specs, prefix, [layer])
         for metric, value in model_averages(spectra).items():
-            if metric != "farms_alpha" or self.farms:
+            if metric not in off:
                 metrics[f"{prefix}{AVERAGE}/{metric}"] = value
         if self.drift_rank is not None:
             metrics.update(self._drift(weights, step))
