@@ -31,7 +31,6 @@ from ._checks import check_bool
 from .curvature import (
     Curvature,
     GgnLoss,
-    HessianOperator,
     HvpPath,
     LossFunction,
     ParameterFilter,
@@ -40,13 +39,12 @@ from .curvature import (
     StabilityPreconditioner,
     StabilityRatio,
     curvature_operator,
-    module_groups,
-    select_parameters,
+    layer_lambda_max,
+    layer_traces,
+    sam_sharpness_of,
     stability_preconditioner,
     stability_ratio,
 )
-from .curvature.data import module_of
-from .curvature.flatness import sam_sharpness as _sam_sharpness
 from .linalg import (
     EIGEN_METHODS,
     EigenMethod,
@@ -56,13 +54,12 @@ from .linalg import (
     TraceEstimate,
     TraceMethod,
     Which,
-    block_traces,
     deflated_hutchinson,
     eigenpairs,
+    estimate_trace,
     slq,
     subspace_fraction,
 )
-from .linalg import trace as estimate_trace
 from .representation import (
     alpha_req,
     effective_rank,
@@ -71,6 +68,7 @@ from .representation import (
     stable_rank,
     von_neumann_entropy,
 )
+from .settings import OperatorSettings
 from .weights import singular_subspace_drift, weight_spectra
 
 __all__ = [
@@ -182,19 +180,17 @@ def hessian_eigenvalues(
         >>> torch.allclose(result.eigenvalues, exact), bool(result.converged.all())
         (True, True)
     """
-    with curvature_operator(
-        model,
-        loss_fn,
-        data,
+    settings = OperatorSettings(
+        params=params,
+        hvp=hvp,
+        reduction=reduction,
+        seed=seed,
         curvature=curvature,
         ggn_loss=ggn_loss,
         outputs_fn=outputs_fn,
-        params=params,
-        hvp=hvp,
         batch_size_fn=batch_size_fn,
-        seed=seed,
-        reduction=reduction,
-    ) as hessian:
+    )
+    with curvature_operator(model, loss_fn, data, settings) as hessian:
         operator = hessian
         if isinstance(preconditioner, StabilityPreconditioner):
             decay = preconditioner.weight_decay
@@ -239,9 +235,8 @@ def gradient_overlap(
     ``tol``, ``seed``, ``hvp``) unless given as ``(k, n)`` rows in ``eigenvectors`` (then no
     products are spent, only the gradient).
     """
-    with HessianOperator(
-        model, loss_fn, data, params=params, hvp=hvp, seed=seed, reduction=reduction
-    ) as operator:
+    settings = OperatorSettings(params=params, hvp=hvp, reduction=reduction, seed=seed)
+    with curvature_operator(model, loss_fn, data, settings) as operator:
         if eigenvectors is None:
             result = eigenpairs(operator, k=k, tol=tol, seed=seed, return_eigenvectors=True)
             eigenvectors = result.eigenvectors
@@ -265,12 +260,10 @@ def hessian_layer_traces(
     are the selected parameters grouped by the module that owns them
     (``"encoder.0.weight"`` and ``"encoder.0.bias"`` make ``"encoder.0"``).
     """
-    with HessianOperator(
-        model, loss_fn, data, params=params, hvp=hvp, seed=seed, reduction=reduction
-    ) as operator:
-        groups = module_groups(operator.names, operator.numels)
-        estimates = block_traces(operator, list(groups.values()), num_hvps=num_hvps, seed=seed)
-        return dict(zip(groups, estimates, strict=True))
+    settings = OperatorSettings(params=params, hvp=hvp, reduction=reduction, seed=seed)
+    with curvature_operator(model, loss_fn, data, settings) as operator:
+        traces = layer_traces(operator, num_hvps, seed=seed)
+    return {module: estimate for module, (_, estimate) in traces.items()}
 
 
 def hessian_layer_lambda_max(
@@ -286,23 +279,8 @@ def hessian_layer_lambda_max(
     """The top eigenvalue of each module's diagonal Hessian block ``H_ll``, by Lanczos on the
     Hessian restricted to that module's parameters (one solve, and one first-order graph,
     per module; modules as in :func:`hessian_layer_traces`)."""
-    names = [name for name, _ in select_parameters(model, params)]
-    groups = module_groups(names, [1] * len(names))
-    results = {}
-    for module in groups:
-        members = [n for n in names if module_of(n) == module]
-        results[module] = hessian_eigenvalues(
-            model,
-            loss_fn,
-            data,
-            k=1,
-            tol=tol,
-            seed=seed,
-            params=members,
-            hvp=hvp,
-            reduction=reduction,
-        )
-    return results
+    settings = OperatorSettings(params=params, hvp=hvp, reduction=reduction, seed=seed)
+    return layer_lambda_max(model, loss_fn, data, settings, tol=tol, seed=seed)
 
 
 def sam_sharpness(
@@ -316,12 +294,11 @@ def sam_sharpness(
 ) -> SamSharpness:
     """SAM's sharpness ``L(θ + ρ g/‖g‖) − L(θ)`` and first-order flatness
     ``‖∇L(θ + ρ g/‖g‖)‖`` at radius ``ρ = radius`` (Foret et al. 2021; Zhang et al. 2023);
-    see :func:`spectral_callbacks.curvature.sam_sharpness`. ``radius`` 0.05 is SAM's
+    see :func:`spectral_callbacks.curvature.sam_sharpness_of`. ``radius`` 0.05 is SAM's
     default. The model is left exactly as found."""
-    with HessianOperator(
-        model, loss_fn, data, params=params, seed=seed, reduction=reduction
-    ) as operator:
-        return _sam_sharpness(operator, radius)
+    settings = OperatorSettings(params=params, reduction=reduction, seed=seed)
+    with curvature_operator(model, loss_fn, data, settings) as operator:
+        return sam_sharpness_of(operator, radius)
 
 
 def optimizer_stability_ratio(
@@ -348,16 +325,10 @@ def optimizer_stability_ratio(
     :class:`~spectral_callbacks.SharpnessMonitor` logs as ``eos_ratio``. ``method``,
     ``block_size`` and ``max_basis`` choose the eigensolver as in :func:`hessian_eigenvalues`.
     """
-    with HessianOperator(
-        model,
-        loss_fn,
-        data,
-        params=params,
-        hvp=hvp,
-        batch_size_fn=batch_size_fn,
-        seed=seed,
-        reduction=reduction,
-    ) as operator:
+    settings = OperatorSettings(
+        params=params, hvp=hvp, reduction=reduction, seed=seed, batch_size_fn=batch_size_fn
+    )
+    with curvature_operator(model, loss_fn, data, settings) as operator:
         preconditioner = stability_preconditioner(optimizer, operator.params)
         return stability_ratio(
             operator,
@@ -410,19 +381,17 @@ def hessian_trace(
         A :class:`~spectral_callbacks.linalg.TraceEstimate` (``estimate``, ``stderr``,
         ``num_hvps``, ``method``).
     """
-    with curvature_operator(
-        model,
-        loss_fn,
-        data,
+    settings = OperatorSettings(
+        params=params,
+        hvp=hvp,
+        reduction=reduction,
+        seed=seed,
         curvature=curvature,
         ggn_loss=ggn_loss,
         outputs_fn=outputs_fn,
-        params=params,
-        hvp=hvp,
         batch_size_fn=batch_size_fn,
-        seed=seed,
-        reduction=reduction,
-    ) as operator:
+    )
+    with curvature_operator(model, loss_fn, data, settings) as operator:
         if deflate is None:
             return estimate_trace(operator, num_hvps=num_hvps, method=method, seed=seed)
         if deflate.eigenvectors is None:
@@ -462,19 +431,17 @@ def hessian_density(
     """
     if reorthogonalize is not None:
         check_bool("reorthogonalize", reorthogonalize)
-    with curvature_operator(
-        model,
-        loss_fn,
-        data,
+    settings = OperatorSettings(
+        params=params,
+        hvp=hvp,
+        reduction=reduction,
+        seed=seed,
         curvature=curvature,
         ggn_loss=ggn_loss,
         outputs_fn=outputs_fn,
-        params=params,
-        hvp=hvp,
         batch_size_fn=batch_size_fn,
-        seed=seed,
-        reduction=reduction,
-    ) as operator:
+    )
+    with curvature_operator(model, loss_fn, data, settings) as operator:
         return slq(
             operator,
             num_probes=num_probes,

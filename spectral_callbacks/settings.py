@@ -16,7 +16,14 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, get_args
 
-from ._checks import check_choice, check_integer, check_name_filter, check_tolerance
+from ._checks import (
+    check_bool,
+    check_callable,
+    check_choice,
+    check_integer,
+    check_name_filter,
+    check_tolerance,
+)
 
 __all__ = [
     "CURVATURES",
@@ -183,20 +190,52 @@ class EigenSettings:
 class OperatorSettings:
     """How a curvature operator is built from a model and a loss; checked at construction.
 
+    :func:`~spectral_callbacks.curvature.curvature_operator` builds the operator these
+    settings describe; the operators' own constructors take the same fields as keywords.
+
     Attributes:
         params: Which parameters (:data:`ParameterFilter`); ``None`` all trainable ones.
-        hvp: Product path, one of :data:`HVP_PATHS`.
+        hvp: Product path, one of :data:`HVP_PATHS` (the Hessian's; the GGN has one path).
         reduction: ``"mean"`` or ``"sum"`` (:data:`REDUCTIONS`): what ``loss_fn`` returns.
         seed: Seed of dropout masks and other randomness in the forward passes.
+        curvature: ``"hessian"`` or ``"ggn"`` (:data:`CURVATURES`).
+        ggn_loss: With ``curvature="ggn"``, the loss whose output Hessian is used, one of
+            :data:`GGN_LOSSES` (required there, unused otherwise).
+        outputs_fn: ``outputs_fn(model, batch) -> (outputs, targets)`` for the GGN, or
+            ``None`` for ``(model(x), y)``.
+        batch_size_fn: ``batch -> int`` samples in a batch, or ``None`` for the leading
+            dimension of its first tensor (unused with ``reduction="sum"``).
+        richardson: With ``hvp="gradient_difference"``, a Richardson step (four gradients
+            per product instead of two).
+        compile_backend: ``torch.compile`` backend of ``hvp="compiled"``.
     """
 
     params: ParameterFilter = None
     hvp: HvpPath = "auto"
     reduction: Reduction = "mean"
     seed: int = 0
+    curvature: Curvature = "hessian"
+    ggn_loss: GgnLoss | None = None
+    outputs_fn: Callable[..., Any] | None = None
+    batch_size_fn: Callable[[Any], int] | None = None
+    richardson: bool = False
+    compile_backend: str | Callable[..., Any] = "inductor"
 
     def __post_init__(self) -> None:
         check_choice("hvp", self.hvp, HVP_PATHS)
         check_choice("reduction", self.reduction, REDUCTIONS)
         check_parameter_filter(self.params)
         check_integer("seed", self.seed, minimum=0)
+        check_choice("curvature", self.curvature, CURVATURES)
+        if self.curvature == "ggn" and self.ggn_loss not in GGN_LOSSES:
+            raise ValueError(
+                f"curvature='ggn' needs ggn_loss, one of {GGN_LOSSES}, got {self.ggn_loss!r}"
+            )
+        check_callable("outputs_fn", self.outputs_fn, "outputs_fn(model, batch) -> (f, y)", True)
+        check_callable("batch_size_fn", self.batch_size_fn, "batch_size_fn(batch) -> int", True)
+        check_bool("richardson", self.richardson)
+        if not (isinstance(self.compile_backend, str) or callable(self.compile_backend)):
+            raise TypeError(
+                "compile_backend must be a torch.compile backend name or callable, got "
+                f"{self.compile_backend!r}"
+            )

@@ -80,6 +80,16 @@ def main(out: pathlib.Path) -> None:
         every_n_steps=4, tol=1e-8, hvp="gradient_difference", name="differences"
     )
     weights = WeightSpectrumMonitor(every_n_steps=4, drift_rank=3)
+    ggn = HessianSpectrumMonitor(
+        every_n_steps=4,
+        k=2,
+        tol=1e-10,
+        trace_hvps=30,
+        density=False,
+        curvature="ggn",
+        ggn_loss="mse",
+        gradient_overlap=False,
+    )
     scripted = RankScripted()
     stopper = SpectralEarlyStopping(
         "spectral/test/rank_signal", rule="above", threshold=0.5, patience=1
@@ -97,6 +107,7 @@ def main(out: pathlib.Path) -> None:
             poisoned,
             differences,
             weights,
+            ggn,
             scripted,
             stopper,
             recorder,
@@ -119,6 +130,7 @@ def main(out: pathlib.Path) -> None:
         "poisoned": poisoned.history,
         "differences": differences.history,
         "weights": weights.history,
+        "ggn": ggn.history,
     }
     (out / f"rank{rank}.json").write_text(json.dumps(record))
     torch.save(

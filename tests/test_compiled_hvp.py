@@ -15,7 +15,12 @@ import torch
 
 from spectral_callbacks.callbacks.base import muted_lightning_logging, training_step_loss
 from spectral_callbacks.curvature import HessianOperator, clear_compiled_products
-from spectral_callbacks.curvature.hessian import _COMPILED, COMPILED_CACHE_SIZE
+from spectral_callbacks.curvature.products import ForwardOverReverseProducts
+from spectral_callbacks.curvature.products.compiled import (
+    COMPILED_CACHE_SIZE,
+    cache_size,
+    compiled_entries,
+)
 from spectral_callbacks.linalg import lanczos
 
 from .helpers import cross_entropy_loss, dense_hessian_func, dense_hessian_rows, make_case
@@ -45,10 +50,6 @@ class ManualMSERegressor(TanhRegressor):
         return loss
 
 
-def _compiled_entries(model):
-    return [entry for key, entry in _COMPILED.items() if key[0] == id(model)]
-
-
 def _block(size: int, width: int = 3, seed: int = 1) -> torch.Tensor:
     generator = torch.Generator().manual_seed(seed)
     return torch.randn(width, size, dtype=torch.float64, generator=generator)
@@ -66,7 +67,7 @@ def test_compiled_products_match_dense(name):
     ) as op:
         block = _block(op.size)
         assert torch.allclose(op.matmat(block), block @ hessian, atol=1e-10)
-        assert [entry.failed for entry in _compiled_entries(model)] == [False]
+        assert [entry.failed for entry in compiled_entries(model)] == [False]
 
 
 def test_one_compilation_serves_later_measurements():
@@ -172,7 +173,7 @@ def test_inductor_lanczos_matches_eigvalsh():
     expected = torch.linalg.eigvalsh(dense_hessian_func(model, cross_entropy_loss, [batch]))
     with HessianOperator(model, cross_entropy_loss, batch, hvp="compiled") as op:
         result = lanczos(op, k=2, tol=1e-10)
-        (entry,) = _compiled_entries(model)
+        (entry,) = compiled_entries(model)
     assert torch.allclose(result.eigenvalues, expected.flip(0)[:2], rtol=1e-8, atol=1e-12)
     # Inductor's CPU code needs a C++ compiler; without one the fallback (tested above) runs.
     if shutil.which("g++") or shutil.which("c++") or shutil.which("clang++"):
@@ -192,7 +193,7 @@ def test_sharpness_monitor_on_compiled_products():
     compiled_monitor = SharpnessMonitor(every_n_steps=4, eval_mode=True, hvp="compiled")
     compiled_run = _fit_and_capture([compiled_monitor])
     _assert_identical_runs(plain, compiled_run)
-    entries = _compiled_entries(compiled_run[0])
+    entries = compiled_entries(compiled_run[0])
     assert len(entries) == 1 and not entries[0].failed
     assert len(entries[0]._checked) == 1  # one width, one batch shape: checked once
 
@@ -208,7 +209,7 @@ def test_sharpness_monitor_on_compiled_products():
     with pytest.warns(RuntimeWarning, match="differ from eager"):
         dropout_run = _fit_and_capture([SharpnessMonitor(every_n_steps=4, hvp="compiled")])
     _assert_identical_runs(plain, dropout_run)
-    assert [entry.failed for entry in _compiled_entries(dropout_run[0])] == [True]
+    assert [entry.failed for entry in compiled_entries(dropout_run[0])] == [True]
 
 
 def test_compiled_cache_is_bounded_and_can_be_cleared():
@@ -224,12 +225,11 @@ def test_compiled_cache_is_bounded_and_can_be_cleared():
     models = [tanh_mlp() for _ in range(COMPILED_CACHE_SIZE + 1)]
     first = weakref.ref(models[0])
     for model in models:
-        HessianOperator(model, cross_entropy_loss, batch, hvp="compiled")._block_product_function(
-            compiled=True
-        )
-    assert len(_COMPILED) == COMPILED_CACHE_SIZE and not _compiled_entries(models[0])
+        operator = HessianOperator(model, cross_entropy_loss, batch, hvp="compiled")
+        ForwardOverReverseProducts(operator, compiled=True)  # creates the cache entry
+    assert cache_size() == COMPILED_CACHE_SIZE and not compiled_entries(models[0])
     del models[0]
     gc.collect()
     assert first() is None
     clear_compiled_products()
-    assert len(_COMPILED) == 0
+    assert cache_size() == 0

@@ -17,7 +17,7 @@ from torch import nn
 
 from spectral_callbacks import RepresentationMonitor, SharpnessMonitor
 from spectral_callbacks.curvature import HessianOperator, select_parameters
-from spectral_callbacks.curvature.hessian import _explain_second_order_failure
+from spectral_callbacks.curvature.products import explain_second_order_failure
 from spectral_callbacks.representation import resolve_layers
 
 from .helpers import cross_entropy_loss, dense_hessian_func, make_case
@@ -127,5 +127,5 @@ def test_double_backward_of_compiled_graphs_is_explained():
     error = RuntimeError(
         "torch.compile with aot_autograd does not currently support double backward"
     )
-    explained = str(_explain_second_order_failure(error))
+    explained = str(explain_second_order_failure(error))
     assert "set_stance" in explained and "_orig_mod" in explained and "2.6" in explained

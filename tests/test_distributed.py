@@ -14,10 +14,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from spectral_callbacks.curvature.ggn import curvature_operator
+from spectral_callbacks.curvature import curvature_operator
 from spectral_callbacks.functional import hessian_eigenvalues, rankme
 from spectral_callbacks.linalg import deflated_hutchinson
 from spectral_callbacks.representation import effective_rank, participation_ratio
+from spectral_callbacks.settings import OperatorSettings
 from spectral_callbacks.weights import singular_subspace_drift, weight_spectra
 
 from .lightning_helpers import TanhRegressor
@@ -61,7 +62,7 @@ def same(a, b) -> bool:
 
 def test_every_process_holds_the_same_numbers(ranks):
     (first, second), _, _ = ranks
-    for key in ("sharpness", "spectrum", "representation", "poisoned", "weights"):
+    for key in ("sharpness", "spectrum", "representation", "poisoned", "weights", "ggn"):
         assert first[key], key
         assert same(first[key], second[key]), key
 
@@ -108,6 +109,33 @@ def test_hessian_values_equal_one_process_on_the_union_of_shards(ranks):
                 op, reference.eigenvectors, reference.eigenvalues, num_hvps=30, seed=0
             )
         assert values["spectral/hessian/trace"] == pytest.approx(trace.estimate, rel=1e-6)
+
+
+def test_ggn_values_equal_one_process_on_the_union_of_shards(ranks):
+    (record, _), (zero, _), _ = ranks
+    union = [zero["hessian_probe"][0], ranks[1][1]["hessian_probe"][0]]
+    assert [step for step, _ in record["ggn"]] == [0, 4]  # the scripted stopper ends at 7
+    settings = OperatorSettings(curvature="ggn", ggn_loss="mse")
+    for step, values in record["ggn"]:
+        model = model_at(zero["snapshots"][step])
+        reference = hessian_eigenvalues(
+            model,
+            None,
+            union,
+            k=2,
+            tol=1e-11,
+            curvature="ggn",
+            ggn_loss="mse",
+            return_eigenvectors=True,
+        )
+        logged = [values[f"spectral/ggn/eig_{i}"] for i in (1, 2)]
+        assert logged == pytest.approx(reference.eigenvalues.tolist(), rel=1e-6)
+        # The trace: Hutchinson deflated by the top-2 Ritz pairs, as in one process.
+        with curvature_operator(model, None, union, settings) as op:
+            trace = deflated_hutchinson(
+                op, reference.eigenvectors, reference.eigenvalues, num_hvps=30, seed=0
+            )
+        assert values["spectral/ggn/trace"] == pytest.approx(trace.estimate, rel=1e-6)
 
 
 def test_weight_spectra_are_those_of_the_weights_at_each_step(ranks):

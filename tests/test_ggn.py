@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import copy
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
 
-from spectral_callbacks.curvature.ggn import GGNOperator
+from spectral_callbacks.curvature import GGNOperator, NonFiniteLossError
 
 from .helpers import flat_parameters, make_case
 
@@ -117,3 +120,37 @@ def test_functional_and_monitor_measure_the_ggn_beside_the_hessian():
     assert "spectral/hessian/eig_1" in spectrum.last_metrics
     with pytest.raises(ValueError, match="gradient_overlap=False"):
         HessianSpectrumMonitor(curvature="ggn", ggn_loss="mse")
+
+
+def test_a_bfloat16_model_gets_float32_vectors_and_products_near_the_dense_ggn():
+    """Products run in bfloat16, vectors (and so the solvers' bases) stay float32."""
+    model, batches = make_case("mlp")
+    low = copy.deepcopy(model).to(torch.bfloat16)
+    low_batches = [(x.to(torch.bfloat16), y) for x, y in batches]
+    with GGNOperator(low, "cross_entropy", low_batches) as ggn:
+        assert (ggn.dtype, ggn.product_dtype) == (torch.float32, torch.bfloat16)
+        block = torch.randn(3, ggn.size, generator=torch.Generator().manual_seed(2))
+        products = ggn.matmat(block)
+        assert products.dtype == torch.float32
+    # The reference: the float64 GGN at the bfloat16-rounded weights.
+    exact = block.double() @ dense_ggn(low.double(), batches, "cross_entropy")
+    error = (products.double() - exact).norm() / exact.norm()
+    assert error < 1e-2  # bfloat16 forward and backward passes: a few units of 2^-8
+
+
+def test_an_empty_batch_is_refused_by_name():
+    model, batches = make_case("mlp")
+    x, y = batches[0]
+    with pytest.raises(ValueError, match="at least one sample"):
+        GGNOperator(model, "cross_entropy", [batches[1], (x[:0], y[:0])])
+
+
+def test_a_non_finite_output_raises_on_the_first_product():
+    model, batches = make_case("mlp")
+    x, y = batches[0]
+    poisoned = [(torch.full_like(x, math.nan), y)]
+    with (
+        GGNOperator(model, "cross_entropy", poisoned) as ggn,
+        pytest.raises(NonFiniteLossError, match="an output is nan"),
+    ):
+        ggn.matvec(torch.ones(ggn.size, dtype=torch.float64))

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from spectral_callbacks.curvature import HessianOperator, NonFiniteLossError
-from spectral_callbacks.curvature.hessian import _explain_second_order_failure
+from spectral_callbacks.curvature.products import explain_second_order_failure
 from spectral_callbacks.functional import hessian_density, hessian_eigenvalues, hessian_trace
 from spectral_callbacks.linalg import slq
 
@@ -414,8 +414,8 @@ def test_bad_hvp_path_is_rejected():
 
 def test_missing_second_derivative_is_explained():
     error = RuntimeError("derivative for aten::_cudnn_rnn_backward is not implemented")
-    explained = _explain_second_order_failure(error)
+    explained = explain_second_order_failure(error)
     assert "cudnn" in str(explained).lower() and "torch.backends.cudnn.flags(enabled=False)" in str(
         explained
     )
-    assert _explain_second_order_failure(RuntimeError("something else")) is None
+    assert explain_second_order_failure(RuntimeError("something else")) is None

@@ -11,11 +11,11 @@ from spectral_callbacks.linalg import (
     DenseOperator,
     deflated_hutchinson,
     eigenpairs,
+    estimate_trace,
     exact_trace,
     hutchinson,
     hutchpp,
     slq,
-    trace,
 )
 
 from .test_linalg import matrix_with_spectrum
@@ -119,7 +119,7 @@ def test_deflated_hutchinson_orthonormalises_rows_that_are_not(hessian_like):
 def test_trace_exact_when_budget_covers_dimension(method):
     a = matrix_with_spectrum(torch.linspace(-3, 7, 40), seed=3)
     op = DenseOperator(a)
-    est = trace(op, num_hvps=40, method=method)
+    est = estimate_trace(op, num_hvps=40, method=method)
     assert est.stderr == 0.0 and est.method == "exact"
     assert est.num_hvps == 40 == op.num_matvecs
     assert est.estimate == pytest.approx(float(torch.trace(a)), abs=1e-10)
@@ -130,7 +130,7 @@ def test_trace_exact_when_budget_covers_dimension(method):
 
 def test_trace_rejects_unknown_method():
     with pytest.raises(ValueError, match="method must be one of"):
-        trace(DenseOperator(torch.eye(3, dtype=torch.float64)), method="girard")
+        estimate_trace(DenseOperator(torch.eye(3, dtype=torch.float64)), method="girard")
 
 
 @pytest.mark.parametrize("steps", [5, 12])

@@ -1,6 +1,7 @@
 """Callbacks that measure the loss Hessian: sharpness and the spectrum.
 
-Both build a :class:`~spectral_callbacks.curvature.HessianOperator` on the probe data and run
+Both build their curvature operator on the probe data
+(:func:`~spectral_callbacks.curvature.curvature_operator`) and run
 the solvers of :mod:`spectral_callbacks.linalg`; they only add scheduling and logging.
 """
 
@@ -13,35 +14,35 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 
-from .._checks import check_bool, check_callable, check_choice, check_integer, check_number
+from .._checks import check_bool, check_callable, check_integer, check_number
 from ..curvature import (
     Batches,
     Curvature,
+    CurvatureOperator,
     EdgeOfStability,
     GgnLoss,
-    HessianOperator,
     HvpPath,
     ParameterFilter,
     Reduction,
+    curvature_operator,
     edge_of_stability,
     flat_size,
+    layer_lambda_max,
+    layer_traces,
     module_groups,
+    sam_sharpness_of,
     select_parameters,
 )
-from ..curvature.data import module_of
-from ..curvature.flatness import sam_sharpness
-from ..curvature.ggn import CURVATURES, GGN_LOSSES, GGNOperator
 from ..linalg import (
     EigenMethod,
     SpectralDensity,
-    block_traces,
     count_outliers,
     default_density_probes,
     default_max_iter,
     deflated_hutchinson,
+    eigensolve,
     principal_angles,
     slq,
-    solve,
     subspace_fraction,
     subspace_overlap,
 )
@@ -102,8 +103,11 @@ class _HessianMonitor(SpectralMonitor):
         self.checkpoint_warm_start = checkpoint_warm_start
         self._start: torch.Tensor | None = None
 
-    #: Which curvature the monitor measures (``HessianSpectrumMonitor`` may set ``"ggn"``).
-    curvature = "hessian"
+    @property
+    def curvature(self) -> Curvature:
+        """Which curvature the monitor measures (``HessianSpectrumMonitor`` may measure
+        ``"ggn"``)."""
+        return self.operator_settings.curvature
 
     @property
     def prefix(self) -> str:
@@ -121,7 +125,7 @@ class _HessianMonitor(SpectralMonitor):
         return fields
 
     def warn_unconverged(
-        self, what: str, residual: float, value: float, operator: HessianOperator
+        self, what: str, residual: float, value: float, operator: CurvatureOperator
     ) -> None:
         """One warning that ``what`` missed ``tol`` (its ``..._converged`` metric is < 1)."""
         max_iter = self.solver.max_iter or default_max_iter(self.solver.k, operator.size)
@@ -160,29 +164,21 @@ class _HessianMonitor(SpectralMonitor):
 
     def operator(
         self, trainer: pl.Trainer, module: pl.LightningModule, probe: list[Any]
-    ) -> HessianOperator:
-        # Under DDP every process contributes its probe shard; products are all-reduced.
-        settings = self.operator_settings
-        if self.curvature == "ggn":
-            return GGNOperator(
-                module,
-                self.ggn_loss,
-                Batches(probe),
-                outputs_fn=self.outputs_fn,
-                params=settings.params,
-                reduction=settings.reduction,
-                seed=settings.seed,
-            )
-        return HessianOperator(
+    ) -> CurvatureOperator:
+        """The operator of :attr:`operator_settings` on ``probe``; under DDP every process
+        contributes its probe shard and products are all-reduced."""
+        return curvature_operator(
             module,
-            self.loss_fn or training_step_loss,
+            self.probe_loss,
             Batches(probe),
-            params=settings.params,
-            hvp=settings.hvp,
-            seed=settings.seed,
+            self.operator_settings,
             distributed=trainer.world_size > 1,
-            reduction=settings.reduction,
         )
+
+    @property
+    def probe_loss(self) -> LossFn:
+        """``loss_fn``, or the module's own ``training_step`` loss."""
+        return self.loss_fn or training_step_loss
 
     def warm_start_state(self) -> dict[str, torch.Tensor | None]:
         """The vectors a resumed run needs to repeat the uninterrupted run's solves."""
@@ -217,7 +213,7 @@ class _HessianMonitor(SpectralMonitor):
         for name, vector in (state_dict.get("warm_start") or {}).items():
             setattr(self, f"_{name}", vector)
 
-    def start_vectors(self, operator: HessianOperator) -> torch.Tensor | None:
+    def start_vectors(self, operator: CurvatureOperator) -> torch.Tensor | None:
         if not self.warm_start or self._start is None or self._start.shape[-1] != operator.size:
             return None
         return self._start
@@ -347,7 +343,7 @@ class SharpnessMonitor(_HessianMonitor):
     ) -> dict[str, float]:
         lr = current_learning_rate(trainer)
         with self.operator(trainer, module, probe) as operator:
-            result = solve(
+            result = eigensolve(
                 operator,
                 self.solver,
                 start=self.start_vectors(operator),
@@ -375,7 +371,7 @@ class SharpnessMonitor(_HessianMonitor):
         }
 
     def _stability(
-        self, trainer: pl.Trainer, operator: HessianOperator, lambda_max: float, lr: float
+        self, trainer: pl.Trainer, operator: CurvatureOperator, lambda_max: float, lr: float
     ) -> EdgeOfStability:
         stability = edge_of_stability(
             operator,
@@ -586,19 +582,21 @@ class HessianSpectrumMonitor(_HessianMonitor):
         outputs_fn: Callable | None = None,
         layer_lambda_max: bool = False,
     ) -> None:
-        check_choice("curvature", curvature, CURVATURES)
-        if curvature == "ggn":
-            check_choice("ggn_loss", ggn_loss, GGN_LOSSES)
-            check_callable("outputs_fn", outputs_fn, "outputs_fn(model, batch) -> (f, y)", True)
-            if sam_radius is not None or gradient_overlap:
-                raise ValueError(
-                    "curvature='ggn' measures G = Jᵀ H_out J alone: pass gradient_overlap=False "
-                    "and no sam_radius (they are properties of the loss, measured with the "
-                    "Hessian)"
-                )
-        self.curvature = curvature
-        self.ggn_loss = ggn_loss
-        self.outputs_fn = outputs_fn
+        operator_settings = OperatorSettings(
+            params,
+            hvp,
+            reduction,
+            seed,
+            curvature=curvature,
+            ggn_loss=ggn_loss,
+            outputs_fn=outputs_fn,
+        )
+        if curvature == "ggn" and (sam_radius is not None or gradient_overlap):
+            raise ValueError(
+                "curvature='ggn' measures G = Jᵀ H_out J alone: pass gradient_overlap=False "
+                "and no sam_radius (they are properties of the loss, measured with the "
+                "Hessian)"
+            )
         super().__init__(
             every_n_steps,
             probe_batches,
@@ -609,7 +607,7 @@ class HessianSpectrumMonitor(_HessianMonitor):
             loss_fn=loss_fn,
             # Fields in order: k, which, tol, method, block_size, max_iter, max_basis, seed.
             solver=EigenSettings(k, "LA", tol, method, block_size, max_iter, max_basis, seed),
-            operator_settings=OperatorSettings(params, hvp, reduction, seed),
+            operator_settings=operator_settings,
             warm_start=warm_start,
             checkpoint_warm_start=checkpoint_warm_start,
         )
@@ -646,8 +644,6 @@ class HessianSpectrumMonitor(_HessianMonitor):
 
     def validate_setup(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
         super().validate_setup(trainer, module)
-        if self.curvature == "ggn" and trainer.world_size > 1:
-            raise ValueError("curvature='ggn' is not supported under DDP yet")
         if self.layer_traces or self.layer_lambda_max:
             named = select_parameters(module, self.operator_settings.params)
             self._layers = module_groups([n for n, _ in named], [p.numel() for _, p in named])
@@ -657,7 +653,7 @@ class HessianSpectrumMonitor(_HessianMonitor):
     ) -> dict[str, float]:
         metrics: dict[str, float] = {}
         with self.operator(trainer, module, probe) as operator:
-            result = solve(
+            result = eigensolve(
                 operator, self.solver, start=self.start_vectors(operator), return_eigenvectors=True
             )
             previous = self._start
@@ -712,42 +708,40 @@ class HessianSpectrumMonitor(_HessianMonitor):
                 metrics.update(self._layer_lambda_max_metrics(trainer, module, probe, operator))
             if self.sam_radius is not None:
                 # Last: moving the parameters drops the first-order graphs the rest reused.
-                sam = sam_sharpness(operator, self.sam_radius)
+                sam = sam_sharpness_of(operator, self.sam_radius)
                 metrics[prefix + "sam_sharpness"] = sam.sharpness
                 metrics[prefix + "sam_gradient_norm"] = sam.perturbed_gradient_norm
             metrics[prefix + "spectrum_num_hvps"] = float(operator.num_hvps)
         return metrics
 
     def _layer_lambda_max_metrics(
-        self, trainer: pl.Trainer, module: pl.LightningModule, probe: list[Any], whole: Any
+        self,
+        trainer: pl.Trainer,
+        module: pl.LightningModule,
+        probe: list[Any],
+        whole: CurvatureOperator,
     ) -> dict[str, float]:
         """λ_max of each module's diagonal block: the Hessian restricted to its parameters."""
-        metrics: dict[str, float] = {}
-        for layer in module_groups(whole.names, [1] * len(whole.names)):
-            members = [n for n in whole.names if module_of(n) == layer]
-            with HessianOperator(
-                module,
-                self.loss_fn or training_step_loss,
-                Batches(probe),
-                params=members,
-                hvp=self.operator_settings.hvp,
-                seed=self.operator_settings.seed,
-                distributed=trainer.world_size > 1,
-                reduction=self.operator_settings.reduction,
-            ) as block:
-                result = solve(block, EigenSettings(tol=self.solver.tol, seed=self.solver.seed))
-                whole.num_hvps += block.num_hvps  # counted in spectrum_num_hvps
-            metrics[f"{self.prefix}layer/{layer}/lambda_max"] = float(result.eigenvalues[0])
-        return metrics
-
-    def _layer_trace_metrics(self, operator: HessianOperator) -> dict[str, float]:
-        layers = module_groups(operator.names, operator.numels)
-        estimates = block_traces(
-            operator, list(layers.values()), num_hvps=self.layer_traces, seed=self.solver.seed
+        results = layer_lambda_max(
+            module,
+            self.probe_loss,
+            Batches(probe),
+            self.operator_settings,
+            tol=self.solver.tol,
+            seed=self.solver.seed,
+            distributed=trainer.world_size > 1,
         )
+        whole.num_hvps += sum(result.num_hvps for result in results.values())
+        return {
+            f"{self.prefix}layer/{layer}/lambda_max": float(result.eigenvalues[0])
+            for layer, result in results.items()
+        }
+
+    def _layer_trace_metrics(self, operator: CurvatureOperator) -> dict[str, float]:
         metrics: dict[str, float] = {}
         self.last_layer_traces = {}
-        for (layer, size), estimate in zip(layers.items(), estimates, strict=True):
+        traces = layer_traces(operator, self.layer_traces, seed=self.solver.seed)
+        for layer, (size, estimate) in traces.items():
             tag = f"{self.prefix}layer/{layer}/"
             metrics[tag + "trace"] = estimate.estimate
             metrics[tag + "trace_stderr"] = estimate.stderr
@@ -758,7 +752,7 @@ class HessianSpectrumMonitor(_HessianMonitor):
     def _geometry(
         self,
         trainer: pl.Trainer,
-        operator: HessianOperator,
+        operator: CurvatureOperator,
         result: Any,
         previous: torch.Tensor | None,
     ) -> dict[str, float]:

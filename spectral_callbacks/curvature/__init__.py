@@ -10,18 +10,19 @@ from .data import (
     module_groups,
     select_parameters,
 )
-from .flatness import SamSharpness, sam_sharpness
-from .ggn import CURVATURES, GGN_LOSSES, Curvature, GgnLoss, GGNOperator, curvature_operator
+from .factory import curvature_operator
+from .flatness import SamSharpness, sam_sharpness_of
+from .ggn import CURVATURES, GGN_LOSSES, Curvature, GgnLoss, GGNOperator
 from .hessian import (
     HVP_PATHS,
     HessianOperator,
     HvpPath,
     LossFunction,
-    NonFiniteLossError,
-    clear_compiled_products,
     flat_size,
 )
 from .isolation import measurement_context
+from .layers import layer_lambda_max, layer_traces
+from .operator import CurvatureOperator, NonFiniteLossError
 from .preconditioner import (
     SUPPORTED_OPTIMIZERS,
     EdgeOfStability,
@@ -32,6 +33,7 @@ from .preconditioner import (
     stability_preconditioner,
     stability_ratio,
 )
+from .products import clear_compiled_products
 
 __all__ = [
     "CURVATURES",
@@ -41,6 +43,7 @@ __all__ = [
     "SUPPORTED_OPTIMIZERS",
     "Batches",
     "Curvature",
+    "CurvatureOperator",
     "EdgeOfStability",
     "GGNOperator",
     "GgnLoss",
@@ -60,9 +63,11 @@ __all__ = [
     "curvature_operator",
     "edge_of_stability",
     "flat_size",
+    "layer_lambda_max",
+    "layer_traces",
     "measurement_context",
     "module_groups",
-    "sam_sharpness",
+    "sam_sharpness_of",
     "select_parameters",
     "stability_preconditioner",
     "stability_ratio",

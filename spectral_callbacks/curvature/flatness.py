@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from .._checks import check_number
 from .hessian import HessianOperator
 
-__all__ = ["SamSharpness", "sam_sharpness"]
+__all__ = ["SamSharpness", "sam_sharpness_of"]
 
 
 @dataclass
@@ -36,7 +36,7 @@ class SamSharpness:
     perturbed_gradient_norm: float
 
 
-def sam_sharpness(operator: HessianOperator, radius: float) -> SamSharpness:
+def sam_sharpness_of(operator: HessianOperator, radius: float) -> SamSharpness:
     """SAM's sharpness and first-order flatness at radius ``radius`` on ``operator``'s data.
 
     Three forward and two backward passes (the gradient, then the loss and the gradient at

@@ -20,7 +20,9 @@ are weighted by size, as for :class:`~spectral_callbacks.curvature.HessianOperat
 ``"sum"`` neither. A product ``G v`` is ``Jᵀ (H_out (J v))``: ``J v`` by the double-vjp
 trick (the gradient of ``uᵀ f`` with respect to ``θ`` is linear in ``u``, so differentiating
 it with respect to ``u`` gives ``J v``), ``Jᵀ w`` by one backward pass through the kept
-graph of ``f``; no second derivative of the model is needed.
+graph of ``f``; no second derivative of the model is needed. What it shares with the
+Hessian (selection, float32 vectors for 16-bit parameters, batch weights, the distributed
+reduce, lifecycle) is :class:`~spectral_callbacks.curvature.operator.CurvatureOperator`'s.
 """
 
 from __future__ import annotations
@@ -31,7 +33,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from .._checks import check_callable, check_choice
 from ..settings import (
     CURVATURES,
     GGN_LOSSES,
@@ -41,8 +42,8 @@ from ..settings import (
     ParameterFilter,
     Reduction,
 )
-from .data import as_batch_list, batch_size, move_to_device, select_parameters
-from .isolation import BufferSnapshot, measurement_context
+from .isolation import measurement_context
+from .operator import CurvatureOperator
 
 __all__ = [
     "CURVATURES",
@@ -50,7 +51,6 @@ __all__ = [
     "Curvature",
     "GGNOperator",
     "GgnLoss",
-    "curvature_operator",
     "default_outputs",
 ]
 
@@ -60,7 +60,7 @@ def default_outputs(model: nn.Module, batch: Any) -> tuple[torch.Tensor, torch.T
     return model(batch[0]), batch[1]
 
 
-class GGNOperator:
+class GGNOperator(CurvatureOperator):
     """``G = Σ_b w_b J_bᵀ H_out,b J_b`` over ``data`` (module docstring), with the products
     and attributes of :class:`~spectral_callbacks.curvature.HessianOperator`.
 
@@ -73,6 +73,9 @@ class GGNOperator:
         params: Parameter filter, as for the Hessian.
         reduction: ``"mean"`` (torch's default reduction of ``loss``) or ``"sum"``.
         seed: Seed of the RNG inside forward passes.
+        batch_size_fn: ``batch -> int`` samples in a batch (``reduction="mean"``), as for
+            the Hessian.
+        distributed: As for the Hessian: the GGN of the union of every process's ``data``.
     """
 
     def __init__(
@@ -84,45 +87,45 @@ class GGNOperator:
         params: ParameterFilter = None,
         reduction: Reduction = "mean",
         seed: int = 0,
+        batch_size_fn: Callable[[Any], int] | None = None,
+        distributed: bool = False,
     ) -> None:
-        check_choice("loss", loss, GGN_LOSSES)
-        OperatorSettings(params=params, reduction=reduction, seed=seed)
-        check_callable("outputs_fn", outputs_fn, "outputs_fn(model, batch) -> (f, y)", True)
-        self.model = model
-        self.loss = loss
-        self.outputs_fn = outputs_fn or default_outputs
-        named = select_parameters(model, params)
-        self.names = [name for name, _ in named]
-        self.params = [p for _, p in named]
-        self.numels = [p.numel() for p in self.params]
-        self.shapes = [p.shape for p in self.params]
-        self.size = sum(self.numels)
-        self.dtype = self.params[0].dtype
-        self.product_dtype = self.dtype  # products are exact in the parameters' dtype
-        self.product_relative_error = 0.0
-        self.device = self.params[0].device
-        self.seed = seed
-        self.reduction = reduction
-        self.batches = [move_to_device(b, self.device) for b in as_batch_list(data)]
-        if reduction == "sum":
-            self.batch_weights = [1.0] * len(self.batches)
-        else:
-            sizes = [batch_size(b) for b in self.batches]
-            self.batch_weights = [s / sum(sizes) for s in sizes]
-        self.num_hvps = 0
+        settings = OperatorSettings(
+            params=params,
+            reduction=reduction,
+            seed=seed,
+            curvature="ggn",
+            ggn_loss=loss,
+            outputs_fn=outputs_fn,
+            batch_size_fn=batch_size_fn,
+        )
+        super().__init__(model, data, settings, distributed)
+        self._check_not_sharded()
+
+    @classmethod
+    def from_settings(
+        cls, model: nn.Module, data: Any, settings: OperatorSettings, distributed: bool = False
+    ) -> GGNOperator:
+        """The operator of checked ``settings`` (``curvature="ggn"``)."""
+        operator = cls.__new__(cls)
+        CurvatureOperator.__init__(operator, model, data, settings, distributed)
+        operator._check_not_sharded()
+        return operator
+
+    def _check_not_sharded(self) -> None:
+        self.loss = self.settings.ggn_loss
+        self.outputs_fn = self.settings.outputs_fn or default_outputs
         self._graphs: list | None = None
-        self._buffers = BufferSnapshot(model)
+        if self.sharded:
+            raise ValueError(
+                "the Gauss-Newton operator needs the graph of the outputs, which parameters "
+                "sharded by fully_shard (FSDP2) do not keep: measure the Hessian with "
+                "hvp='gradient_difference'"
+            )
 
-    def __enter__(self) -> GGNOperator:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def close(self) -> None:
-        """Free the kept graphs and restore every buffer."""
+    def release(self) -> None:
+        """Free the kept graphs of the outputs (rebuilt at the next product)."""
         self._graphs = None
-        self._buffers.restore()
 
     def _output_curvature(self, outputs: torch.Tensor):
         """``w ↦ H_out w`` for this batch's (flattened) outputs, reduction included."""
@@ -154,21 +157,17 @@ class GGNOperator:
                         outputs, self.params, dummy, create_graph=True, allow_unused=True
                     )
                 graphs.append((outputs, dummy, transposed, self._output_curvature(outputs)))
+            self.raise_if_non_finite([g[0].detach() for g in graphs], what="an output")
             self._graphs = graphs
         return self._graphs
 
-    def matmat(self, block: torch.Tensor) -> torch.Tensor:
-        """``G`` applied to each row of a ``(b, n)`` block."""
-        if block.ndim != 2 or block.shape[1] != self.size:
-            raise ValueError(f"block must have shape (b, {self.size}), got {tuple(block.shape)}")
-        block = block.to(dtype=self.dtype, device=self.device)
-        self.num_hvps += block.shape[0]
+    def _products(self, block: torch.Tensor) -> torch.Tensor:
+        """``Σ_b w_b J_bᵀ H_out,b J_b v`` for each row, in the parameters' dtype."""
         rows = []
-        for row in block:
-            pieces = [
-                p.reshape(s) for p, s in zip(row.split(self.numels), self.shapes, strict=True)
-            ]
-            total = torch.zeros(self.size, dtype=self.dtype, device=self.device)
+        split = self.split(block)  # parameter-shaped, in the products' dtype
+        for index in range(block.shape[0]):
+            pieces = [piece[index] for piece in split]
+            total = torch.zeros(1, self.size, dtype=self.dtype, device=self.device)
             for (outputs, dummy, transposed, curvature), weight in zip(
                 self._batch_graphs(), self.batch_weights, strict=True
             ):
@@ -180,40 +179,6 @@ class GGNOperator:
                     back = torch.autograd.grad(
                         outputs, self.params, curvature(jv), retain_graph=True, allow_unused=True
                     )
-                flat = torch.cat(
-                    [
-                        torch.zeros(n, dtype=self.dtype, device=self.device)
-                        if g is None
-                        else g.reshape(-1)
-                        for g, n in zip(back, self.numels, strict=True)
-                    ]
-                )
-                total += weight * flat
+                total += weight * self.flatten(list(back), 1)
             rows.append(total)
-        return torch.stack(rows)
-
-
-def curvature_operator(
-    model: nn.Module,
-    loss_fn: Callable | None,
-    data: Any,
-    curvature: Curvature = "hessian",
-    ggn_loss: GgnLoss | None = None,
-    outputs_fn: Callable | None = None,
-    **options: Any,
-):
-    """The operator ``curvature`` names: the loss Hessian
-    (:class:`~spectral_callbacks.curvature.HessianOperator` of ``loss_fn``, with ``options``)
-    or the Gauss–Newton part (:class:`GGNOperator` of ``ggn_loss`` on ``outputs_fn``'s
-    outputs; of ``options`` it takes ``params``, ``reduction`` and ``seed``)."""
-    from .hessian import HessianOperator
-
-    check_choice("curvature", curvature, CURVATURES)
-    if curvature == "hessian":
-        if loss_fn is None:
-            raise ValueError("curvature='hessian' needs loss_fn(model, batch) -> scalar")
-        return HessianOperator(model, loss_fn, data, **options)
-    if ggn_loss is None:
-        raise ValueError(f"curvature='ggn' needs ggn_loss, one of {GGN_LOSSES}")
-    kept = {key: options[key] for key in ("params", "reduction", "seed") if key in options}
-    return GGNOperator(model, ggn_loss, data, outputs_fn=outputs_fn, **kept)
+        return torch.cat(rows)

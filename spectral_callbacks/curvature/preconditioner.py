@@ -276,7 +276,7 @@ def _stability_ratio(
     lambda_max: float | None,
     start: torch.Tensor | None,
 ) -> StabilityRatio:
-    from ..linalg import ScaledOperator, solve
+    from ..linalg import ScaledOperator, eigensolve
 
     threshold = preconditioner.uniform_threshold
     step = preconditioner.uniform_step
@@ -293,7 +293,7 @@ def _stability_ratio(
     shift = decay if bool((decay != 0).any()) else None
     scaled = ScaledOperator(operator, preconditioner.scaled_step, shift)
     before = getattr(operator, "num_hvps", 0)
-    result = solve(scaled, settings, start=start, return_eigenvectors=True)
+    result = eigensolve(scaled, settings, start=start, return_eigenvectors=True)
     ratio = float(result.eigenvalues[0])
     return StabilityRatio(
         eos_ratio=ratio,

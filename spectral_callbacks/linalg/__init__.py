@@ -13,11 +13,10 @@ from .eigsh import (
     EigenResult,
     Which,
     block_lanczos,
-    choose_eigen_method,
     default_max_iter,
     eigenpairs,
+    eigensolve,
     lanczos,
-    solve,
 )
 from .operators import DenseOperator, ScaledOperator, SymmetricOperator
 from .outliers import OutlierReport, count_outliers
@@ -35,10 +34,10 @@ from .trace import (
     TraceMethod,
     block_traces,
     deflated_hutchinson,
+    estimate_trace,
     exact_trace,
     hutchinson,
     hutchpp,
-    trace,
 )
 
 __all__ = [
@@ -61,20 +60,19 @@ __all__ = [
     "Which",
     "block_lanczos",
     "block_traces",
-    "choose_eigen_method",
     "count_outliers",
     "default_density_probes",
     "default_max_iter",
     "deflated_hutchinson",
     "eigenpairs",
+    "eigensolve",
+    "estimate_trace",
     "exact_trace",
     "hutchinson",
     "hutchpp",
     "lanczos",
     "principal_angles",
     "slq",
-    "solve",
     "subspace_fraction",
     "subspace_overlap",
-    "trace",
 ]

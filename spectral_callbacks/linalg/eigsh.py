@@ -20,7 +20,6 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
-from typing import Literal
 
 import torch
 
@@ -39,10 +38,9 @@ __all__ = [
     "Which",
     "basis_bound",
     "block_lanczos",
-    "choose_eigen_method",
     "eigenpairs",
+    "eigensolve",
     "lanczos",
-    "solve",
 ]
 
 logger = logging.getLogger("spectral_callbacks")
@@ -75,13 +73,6 @@ class EigenResult:
     def all_converged(self) -> bool:
         """Whether every requested eigenpair met the tolerance."""
         return bool(self.converged.all())
-
-
-def validate_eigen_arguments(k: int, which: str, tol: float, size: int) -> None:
-    """Raise ``ValueError`` / ``TypeError`` naming the argument when ``k``, ``which`` or
-    ``tol`` is invalid or ``k`` exceeds ``size`` (checks of
-    :class:`~spectral_callbacks.settings.EigenSettings`)."""
-    EigenSettings(k=k, which=which, tol=tol).check_size(size)
 
 
 def select_ritz(values: torch.Tensor, k: int, which: str) -> torch.Tensor:
@@ -119,21 +110,20 @@ def minimum_default_basis(k: int) -> int:
 
 
 def basis_bound(
-    max_basis: int | None, k: int, operator: SymmetricOperator, max_steps: int, which: Which = "LA"
+    max_basis: int | None, k: int, operator: SymmetricOperator, max_steps: int
 ) -> int | None:
     """The bound :func:`lanczos` puts on its basis: ``None`` when the basis needs none.
 
-    An explicit ``max_basis`` is checked
-    (:class:`~spectral_callbacks.settings.EigenSettings`). ``None`` picks the default: no
+    An explicit ``max_basis`` was checked by
+    :class:`~spectral_callbacks.settings.EigenSettings`. ``None`` picks the default: no
     bound while the ``max_steps + 1`` vectors of an unbounded solve fit in
     :data:`KRYLOV_BASIS_BYTES`, otherwise as many vectors as fit there, at least
-    :func:`minimum_default_basis`.
+    :func:`minimum_default_basis` (which is never below the least ``max_basis`` allows).
     """
     if max_basis is None:
         itemsize = torch.empty((), dtype=operator.dtype).element_size()
         fits = KRYLOV_BASIS_BYTES // (operator.size * itemsize)
         max_basis = max(fits, minimum_default_basis(k))
-    EigenSettings(k=k, which=which, max_basis=max_basis)  # raises naming max_basis
     return max_basis if max_basis <= max_steps else None
 
 
@@ -318,7 +308,6 @@ def _make_generator(seed: int, device: torch.device) -> torch.Generator:
     return generator
 
 
-@full_precision
 def lanczos(
     operator: SymmetricOperator,
     k: int = 1,
@@ -388,17 +377,38 @@ def lanczos(
     while the space is smaller than the operator: the recurrence goes on from a random
     direction orthogonal to it, which finds further copies of a repeated eigenvalue.
     """
-    n = operator.size
-    validate_eigen_arguments(k, which, tol, n)
+    settings = EigenSettings(
+        k=k,
+        which=which,
+        tol=tol,
+        method="lanczos",
+        max_iter=max_iter,
+        max_basis=max_basis,
+        seed=seed,
+    )
+    settings.check_size(operator.size)
     check_number("start_mixing", start_mixing, minimum=0.0)
+    return _lanczos(operator, settings, start, return_eigenvectors, check_every, start_mixing)
+
+
+@full_precision
+def _lanczos(
+    operator: SymmetricOperator,
+    settings: EigenSettings,
+    start: torch.Tensor | None,
+    return_eigenvectors: bool,
+    check_every: int = 4,
+    start_mixing: float = WARM_START_MIXING,
+) -> EigenResult:
+    """:func:`lanczos` with checked ``settings``."""
+    n = operator.size
+    k, which, tol, max_iter = settings.k, settings.which, settings.tol, settings.max_iter
     max_steps = min(n, max_iter or default_max_iter(k))
-    max_basis = basis_bound(max_basis, k, operator, max_steps, which)
+    max_basis = basis_bound(settings.max_basis, k, operator, max_steps)
     if max_basis is not None:
         # Restarts revisit directions, so the product budget is no longer capped at n.
         max_steps = max_iter or default_max_iter(k)
-    if max_steps < k:
-        raise ValueError(f"max_iter={max_iter} must be at least k={k}")
-    generator = _make_generator(seed, operator.device)
+    generator = _make_generator(settings.seed, operator.device)
     basis_steps = max_steps if max_basis is None else max_basis - 1
     recurrence = IndependentLanczos(
         operator,
@@ -480,7 +490,6 @@ def lanczos(
     )
 
 
-@full_precision
 def block_lanczos(
     operator: SymmetricOperator,
     k: int = 1,
@@ -523,15 +532,35 @@ def block_lanczos(
         converged there and whose budget covers ``n`` products finishes on the dense
         matrix built from ``n`` products (small operators only).
     """
-    validate_eigen_arguments(k, which, tol, operator.size)
+    settings = EigenSettings(
+        k=k,
+        which=which,
+        tol=tol,
+        method="block_lanczos",
+        block_size=block_size,
+        max_iter=max_iter,
+        seed=seed,
+    )
+    settings.check_size(operator.size)
+    return _block_lanczos(operator, settings, start, return_eigenvectors, check_every)
+
+
+@full_precision
+def _block_lanczos(
+    operator: SymmetricOperator,
+    settings: EigenSettings,
+    start: torch.Tensor | None,
+    return_eigenvectors: bool,
+    check_every: int = 2,
+) -> EigenResult:
+    """:func:`block_lanczos` with checked ``settings``."""
     n = operator.size
-    p = block_size if block_size is not None else min(n, 4)
-    if not isinstance(p, int) or p < 1 or p > n:
-        raise ValueError(f"block_size must be an integer in [1, {n}], got {block_size!r}")
+    k, which, tol, max_iter = settings.k, settings.which, settings.tol, settings.max_iter
+    p = settings.block_size if settings.block_size is not None else min(n, 4)
     budget = max_iter or min(n, 2 * default_max_iter(k, n))
     # Never let the basis exceed the dimension: beyond it the projection is exact anyway.
     max_blocks = max(1, min(math.ceil(budget / p), n // p))
-    generator = _make_generator(seed, operator.device)
+    generator = _make_generator(settings.seed, operator.device)
     recurrence = BlockLanczos(
         operator, _start_block(start, p, operator, generator), max_blocks, generator
     )
@@ -637,15 +666,6 @@ def _non_finite_result(k: int, num_hvps: int, num_iterations: int, method: str) 
     )
 
 
-def choose_eigen_method(
-    method: EigenMethod, block_size: int | None = None
-) -> Literal["lanczos", "block_lanczos"]:
-    """The eigensolver ``method`` stands for (:attr:`EigenSettings.solver
-    <spectral_callbacks.settings.EigenSettings.solver>`): ``"auto"`` is single-vector Lanczos
-    unless a ``block_size`` is given (then block Lanczos), on every device."""
-    return EigenSettings(method=method, block_size=block_size).solver
-
-
 def eigenpairs(
     operator: SymmetricOperator,
     k: int = 1,
@@ -661,7 +681,8 @@ def eigenpairs(
 ) -> EigenResult:
     """Top-``k`` eigenpairs by the solver ``method`` names: the one entry point above linalg.
 
-    ``method`` is resolved by :func:`choose_eigen_method`; the other arguments are those
+    ``method`` is resolved by :attr:`EigenSettings.solver
+    <spectral_callbacks.settings.EigenSettings.solver>`; the other arguments are those
     of :func:`lanczos` and :func:`block_lanczos` (``block_size`` only for the latter,
     default 4; ``max_basis`` only for the former).
     """
@@ -675,16 +696,16 @@ def eigenpairs(
         max_basis=max_basis,
         seed=seed,
     )
-    return solve(operator, settings, start=start, return_eigenvectors=return_eigenvectors)
+    return eigensolve(operator, settings, start=start, return_eigenvectors=return_eigenvectors)
 
 
-def solve(
+def eigensolve(
     operator: SymmetricOperator,
     settings: EigenSettings,
     start: torch.Tensor | None = None,
     return_eigenvectors: bool = False,
 ) -> EigenResult:
-    """:func:`eigenpairs` with its settings given as one
+    """:func:`eigenpairs` with its settings given as one checked
     :class:`~spectral_callbacks.settings.EigenSettings` (what the monitors keep).
 
     ``start`` is the warm start (a ``(n,)`` vector or ``(r, n)`` rows, e.g. a previous
@@ -692,15 +713,6 @@ def solve(
     """
     settings.check_size(operator.size)
     check_bool("return_eigenvectors", return_eigenvectors)
-    arguments = dict(
-        k=settings.k,
-        which=settings.which,
-        tol=settings.tol,
-        max_iter=settings.max_iter,
-        seed=settings.seed,
-        start=start,
-        return_eigenvectors=return_eigenvectors,
-    )
     if settings.solver == "lanczos":
-        return lanczos(operator, max_basis=settings.max_basis, **arguments)
-    return block_lanczos(operator, block_size=settings.block_size, **arguments)
+        return _lanczos(operator, settings, start, return_eigenvectors)
+    return _block_lanczos(operator, settings, start, return_eigenvectors)

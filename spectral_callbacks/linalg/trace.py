@@ -23,13 +23,13 @@ __all__ = [
     "TraceEstimate",
     "block_traces",
     "deflated_hutchinson",
+    "estimate_trace",
     "exact_trace",
     "hutchinson",
     "hutchpp",
-    "trace",
 ]
 
-#: Estimators of :func:`trace`.
+#: Estimators of :func:`estimate_trace`.
 TraceMethod = Literal["hutch++", "hutchinson"]
 METHODS: tuple[str, ...] = get_args(TraceMethod)
 
@@ -233,7 +233,7 @@ def deflated_hutchinson(
     )
 
 
-def trace(
+def estimate_trace(
     operator: SymmetricOperator,
     num_hvps: int = 99,
     method: TraceMethod = "hutch++",

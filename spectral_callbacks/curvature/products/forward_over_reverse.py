@@ -1,0 +1,91 @@
+"""Paths ``"forward_over_reverse"`` and ``"compiled"``: ``torch.func.jvp`` of
+``torch.func.grad`` of the loss, vmapped over a block of vectors.
+
+Nothing is kept between products: each block re-runs forward and backward. ``"compiled"``
+runs the same function under ``torch.compile`` (:mod:`.compiled`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from ..._names import uncompiled_name
+from ..isolation import measurement_context
+from .compiled import compiled_block_product
+
+if TYPE_CHECKING:
+    from ..hessian import HessianOperator, LossFunction
+
+__all__ = ["ForwardOverReverseProducts", "block_product"]
+
+
+class _LossOfModel(nn.Module):
+    """``forward(batch) = loss_fn(model, batch)``, so ``functional_call`` can swap parameters."""
+
+    def __init__(self, model: nn.Module, loss_fn: LossFunction) -> None:
+        super().__init__()
+        self.model = model
+        self.loss_fn = loss_fn
+
+    def forward(self, batch: Any) -> torch.Tensor:
+        return self.loss_fn(self.model, batch)
+
+
+def block_product(model: nn.Module, loss_fn: LossFunction, names: list[str]) -> Callable:
+    """``f(primals, tangents, batch) -> H V``: ``jvp`` of ``grad`` vmapped over the block.
+
+    ``primals`` are the selected parameters' values, ``tangents`` the block as a tuple of
+    ``(b, *shape)`` tensors. Everything that changes between calls is an argument, so a
+    compiled version of ``f`` is reused across measurements (guards see only shapes).
+    """
+    from torch.func import functional_call, grad, jvp, vmap
+
+    wrapper = _LossOfModel(model, loss_fn)
+    # Without `_orig_mod`: dynamo traces a compiled submodule as the module it wraps, where
+    # that attribute does not exist (the lookup would break the graph and leave the whole
+    # product eager); eagerly, the compiled wrapper forwards attribute lookups to that module.
+    keys = ["model." + uncompiled_name(name) for name in names]
+
+    def loss_at(values: tuple[torch.Tensor, ...], batch: Any) -> torch.Tensor:
+        return functional_call(wrapper, dict(zip(keys, values, strict=True)), (batch,)).reshape(())
+
+    def product(
+        primals: tuple[torch.Tensor, ...], tangents: tuple[torch.Tensor, ...], batch: Any
+    ) -> tuple[torch.Tensor, ...]:
+        def one(direction: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+            return jvp(lambda values: grad(loss_at)(values, batch), (primals,), (direction,))[1]
+
+        return vmap(one, randomness="same")(tangents)
+
+    return product
+
+
+class ForwardOverReverseProducts:
+    """Vmapped forward-over-reverse products of ``operator``'s batches, eager or compiled."""
+
+    def __init__(self, operator: HessianOperator, compiled: bool) -> None:
+        self.operator = operator
+        eager = block_product(operator.model, operator.loss_fn, operator.names)
+        self.product = (
+            compiled_block_product(
+                eager, operator.model, operator.loss_fn, operator.names, operator.compile_backend
+            )
+            if compiled
+            else eager
+        )
+
+    def matmat(self, block: torch.Tensor) -> torch.Tensor:
+        op = self.operator
+        op.check_finite_losses()
+        primals = tuple(p.detach() for p in op.params)  # in the products' dtype
+        tangents = tuple(op.split(block))
+        total = torch.zeros_like(block)
+        for batch, weight in zip(op.batches, op.batch_weights, strict=True):
+            with measurement_context(op.model, op.seed):
+                products = self.product(primals, tangents, batch)
+            total += weight * op.flatten(list(products), block.shape[0])
+        return total
