@@ -164,8 +164,8 @@ class EigenSettings:
         """The solver ``method`` stands for: ``"auto"`` is single-vector Lanczos unless a
         ``block_size`` is given (then block Lanczos), on every device.
 
-        Block Lanczos needs more products for the same top-k
-        (``bench/results/top-k-methods-2026-11-23.json``), so a cheaper product per vector
+        Block Lanczos needs more products for the same top-k (docs/benchmarks.md), so a
+        cheaper product per vector
         in a block (vmapped, compiled) would have to beat that factor before ``"auto"``
         should choose it.
         """

@@ -15,6 +15,7 @@ from spectral_callbacks import (
     HessianSpectrumMonitor,
     RepresentationMonitor,
     SharpnessMonitor,
+    SpectralEarlyStopping,
     WeightSpectrumMonitor,
 )
 from spectral_callbacks.callbacks.metrics import MetricSpec, chart_layout, expand_names, matches
@@ -110,3 +111,14 @@ def test_the_weights_per_layer_charts_leave_the_average_out():
         "spectral/weights/w/all_layers/alpha",
         "spectral/weights/w/all_layers/farms_alpha",
     ]
+
+
+def test_a_name_without_a_row_is_refused_and_presets_watch_table_rows():
+    monitor = SharpnessMonitor(every_n_steps=1, name="fast")
+    assert monitor.metric("lambda_max") == "spectral/hessian/fast/lambda_max"
+    with pytest.raises(KeyError, match="lambda_maxx"):
+        monitor.metric("lambda_maxx")
+    assert SpectralEarlyStopping.sharpness().monitor == "spectral/hessian/eos_ratio"
+    assert SpectralEarlyStopping.rank_collapse("enc").monitor == "spectral/repr/enc/rankme"
+    assert SpectralEarlyStopping.alpha_band().monitor == "spectral/weights/all_layers/alpha"
+    assert SpectralEarlyStopping.alpha_band(layer="fc").monitor == "spectral/weights/fc/alpha"

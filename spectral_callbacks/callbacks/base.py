@@ -13,7 +13,7 @@ import copy
 import inspect
 import math
 import warnings
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import lightning.pytorch as pl
@@ -24,6 +24,7 @@ from torch import nn
 from .._checks import check_bool, check_integer
 from ..curvature.data import Batches, as_batch_list, map_tensors, move_to_device
 from ..reporting.tensorboard import add_chart_layout, tensorboard_writers
+from . import metrics as metric_table
 from .metrics import MetricSpec
 
 __all__ = ["SpectralMonitor", "training_step_loss"]
@@ -230,6 +231,27 @@ class SpectralMonitor(Callback):
     def metric_names(self) -> list[str]:
         """Every metric name a measurement of this callback publishes."""
         raise NotImplementedError
+
+    @property
+    def prefix(self) -> str:
+        """The start of every metric name of this monitor (its ``METRIC_PREFIXES`` entry,
+        then ``{name}/`` if named)."""
+        return self.METRIC_PREFIXES[0] + (f"{self.name}/" if self.name else "")
+
+    def metric_specs(self) -> Sequence[MetricSpec]:
+        """The rows of :attr:`METRICS` this monitor's settings turn on (all by default)."""
+        return self.METRICS
+
+    def metric(self, row: str, **fields: Any) -> str:
+        """The full name of row ``row`` of the metric table, e.g.
+        ``monitor.metric("eig_{i}", i=1)``; ``KeyError`` for a name that has no row."""
+        return metric_table.full_name(self.metric_specs(), self.prefix, row, **fields)
+
+    @classmethod
+    def metric_key(cls, row: str, **fields: Any) -> str:
+        """The name row ``row`` has on an unnamed monitor of this class (what the
+        :class:`~spectral_callbacks.SpectralEarlyStopping` presets watch)."""
+        return metric_table.full_name(cls.METRICS, cls.METRIC_PREFIXES[0], row, **fields)
 
     def produces(self, name: str) -> bool:
         """Whether this callback publishes metric ``name``."""

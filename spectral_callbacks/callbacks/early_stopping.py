@@ -14,6 +14,9 @@ from lightning.pytorch.callbacks.early_stopping import EarlyStoppingReason
 from .._checks import check_bool, check_choice, check_integer, check_number
 from . import metrics as metric_table
 from .base import SpectralMonitor
+from .hessian import HessianSpectrumMonitor, SharpnessMonitor
+from .representation import RepresentationMonitor
+from .weights import AVERAGE, WeightSpectrumMonitor
 
 __all__ = ["RULES", "SpectralEarlyStopping"]
 
@@ -26,10 +29,6 @@ ACTIONS: tuple[str, ...] = get_args(Action)
 def producer_of(key: str) -> str | None:
     """The monitor whose metric table holds ``key`` (for the error on a key nobody logs),
     or ``None``."""
-    from .hessian import HessianSpectrumMonitor, SharpnessMonitor
-    from .representation import RepresentationMonitor
-    from .weights import WeightSpectrumMonitor
-
     monitors = (
         SharpnessMonitor,
         HessianSpectrumMonitor,
@@ -167,7 +166,7 @@ class SpectralEarlyStopping(EarlyStopping):
         """
         check_number("margin", margin, minimum=0)
         return cls(
-            "spectral/hessian/eos_ratio",
+            SharpnessMonitor.metric_key("eos_ratio"),
             rule="above",
             threshold=1.0 + margin,
             patience=patience,
@@ -196,7 +195,7 @@ class SpectralEarlyStopping(EarlyStopping):
             raise TypeError(f"layer must be a layer name of a RepresentationMonitor, got {layer!r}")
         check_number("min_value", min_value, allow_none=True)
         return cls(
-            f"spectral/repr/{layer}/rankme",
+            RepresentationMonitor.metric_key("{layer}/rankme", layer=layer),
             rule="collapse",
             fraction=fraction,
             threshold=min_value,
@@ -229,10 +228,9 @@ class SpectralEarlyStopping(EarlyStopping):
         check_number("high", high)
         if layer is not None and (not isinstance(layer, str) or not layer):
             raise TypeError(f"layer must be a layer name of a WeightSpectrumMonitor, got {layer!r}")
-        from .weights import AVERAGE
-
+        row = "{layer}/alpha" if layer else f"{AVERAGE}/alpha"
         return cls(
-            f"spectral/weights/{layer or AVERAGE}/alpha",
+            WeightSpectrumMonitor.metric_key(row, layer=layer),
             rule="outside",
             band=(low, high),
             patience=patience,

@@ -357,18 +357,18 @@ class SharpnessMonitor(_HessianMonitor):
                 self.warn_unconverged("lambda_max", residual, lambda_max, operator)
             stability = self._stability(trainer, operator, lambda_max, lr)
             num_hvps = operator.num_hvps
-        prefix = self.prefix
-        self._undefined = {prefix + name for name in stability.undefined}
-        return {
-            prefix + "lambda_max": lambda_max,
-            prefix + "eos_ratio": stability.eos_ratio,
-            prefix + "preconditioned_sharpness": stability.preconditioned_sharpness,
-            prefix + "stability_threshold": stability.threshold,
-            prefix + "stability_limit": stability.limit,
-            prefix + "lambda_max_residual": residual,
-            prefix + "lambda_max_converged": float(result.all_converged and stability.converged),
-            prefix + "num_hvps": float(num_hvps),
+        self._undefined = {self.metric(row) for row in stability.undefined}
+        values = {
+            "lambda_max": lambda_max,
+            "eos_ratio": stability.eos_ratio,
+            "preconditioned_sharpness": stability.preconditioned_sharpness,
+            "stability_threshold": stability.threshold,
+            "stability_limit": stability.limit,
+            "lambda_max_residual": residual,
+            "lambda_max_converged": float(result.all_converged and stability.converged),
+            "num_hvps": float(num_hvps),
         }
+        return {self.metric(row): value for row, value in values.items()}
 
     def _stability(
         self, trainer: pl.Trainer, operator: CurvatureOperator, lambda_max: float, lr: float
@@ -477,12 +477,11 @@ class HessianSpectrumMonitor(_HessianMonitor):
     values (``spectral/hessian/top_k``) and a log-scale density figure
     (``spectral/hessian/density``).
 
-    Cost per measurement, in Hessian-vector products (each 2–3 gradients): the top-k solve
-    (8–12 per eigenvalue cold, a few fewer warm), ``trace_hvps`` for the trace (none spent on
-    finding the top subspace again) and ``density_probes · density_steps`` for the density
-    (4 × 64 on models of more than 4,096 parameters); docs/hessian-spectrum.md has the
-    measured split. Memory beyond the probe's first-order graphs: the top-k solve keeps its Krylov
-    basis (one parameter-sized vector per step, allocated by doubling, or at most
+    Cost per measurement, in Hessian-vector products: the top-k solve (fewer when
+    warm-started), ``trace_hvps`` for the trace (none spent on finding the top subspace
+    again) and ``density_probes · density_steps`` for the density; docs/hessian-spectrum.md
+    has the measured split. Memory beyond the probe's first-order graphs: the top-k solve
+    keeps its Krylov basis (one parameter-sized vector per step, allocated by doubling, or at most
     ``max_basis`` vectors: by default those that fit in 1 GiB), and the density
     keeps ``density_probes · (density_steps + 1)`` such vectors while they fit in
     :data:`~spectral_callbacks.linalg.FULL_REORTHOGONALISATION_BYTES`, else three per probe.
@@ -662,11 +661,10 @@ class HessianSpectrumMonitor(_HessianMonitor):
             if result.all_converged:
                 self._start = result.eigenvectors
             self.last_eigenvalues = result.eigenvalues
-            prefix = self.prefix
             metrics.update(self._geometry(trainer, operator, result, previous))
             for i, value in enumerate(result.eigenvalues.tolist(), start=1):
-                metrics[f"{prefix}eig_{i}"] = value
-            metrics[prefix + "eigs_converged"] = float(result.converged.double().mean())
+                metrics[self.metric("eig_{i}", i=i)] = value
+            metrics[self.metric("eigs_converged")] = float(result.converged.double().mean())
             if not result.all_converged:
                 worst = int(torch.argmax(result.residuals / result.eigenvalues.abs()))
                 self.warn_unconverged(
@@ -683,9 +681,9 @@ class HessianSpectrumMonitor(_HessianMonitor):
                     num_hvps=self.trace_hvps,
                     seed=self.solver.seed,
                 )
-                metrics[prefix + "trace"] = estimate.estimate
-                metrics[prefix + "trace_stderr"] = estimate.stderr
-                metrics[prefix + "trace_lr_ratio"] = (
+                metrics[self.metric("trace")] = estimate.estimate
+                metrics[self.metric("trace_stderr")] = estimate.stderr
+                metrics[self.metric("trace_lr_ratio")] = (
                     estimate.estimate * current_learning_rate(trainer) / 2.0
                 )
             if self.density:
@@ -695,13 +693,13 @@ class HessianSpectrumMonitor(_HessianMonitor):
                     steps=self.density_steps,
                     seed=self.solver.seed,
                 )
-                metrics[prefix + "negative_mass"] = self.last_density.negative_mass
-                metrics[prefix + "near_zero_mass"] = self.last_density.near_zero_mass
-                metrics[prefix + "lambda_min"] = self.last_density.lambda_min
-                metrics[prefix + "lambda_min_residual"] = self.last_density.lambda_min_residual
+                metrics[self.metric("negative_mass")] = self.last_density.negative_mass
+                metrics[self.metric("near_zero_mass")] = self.last_density.near_zero_mass
+                metrics[self.metric("lambda_min")] = self.last_density.lambda_min
+                metrics[self.metric("lambda_min_residual")] = self.last_density.lambda_min_residual
                 report = count_outliers(result.eigenvalues, self.last_density, operator.size)
-                metrics[prefix + "outliers"] = float(report.count)
-                metrics[prefix + "bulk_edge"] = report.bulk_edge
+                metrics[self.metric("outliers")] = float(report.count)
+                metrics[self.metric("bulk_edge")] = report.bulk_edge
             if self.layer_traces:
                 metrics.update(self._layer_trace_metrics(operator))
             if self.layer_lambda_max:
@@ -709,9 +707,9 @@ class HessianSpectrumMonitor(_HessianMonitor):
             if self.sam_radius is not None:
                 # Last: moving the parameters drops the first-order graphs the rest reused.
                 sam = sam_sharpness_of(operator, self.sam_radius)
-                metrics[prefix + "sam_sharpness"] = sam.sharpness
-                metrics[prefix + "sam_gradient_norm"] = sam.perturbed_gradient_norm
-            metrics[prefix + "spectrum_num_hvps"] = float(operator.num_hvps)
+                metrics[self.metric("sam_sharpness")] = sam.sharpness
+                metrics[self.metric("sam_gradient_norm")] = sam.perturbed_gradient_norm
+            metrics[self.metric("spectrum_num_hvps")] = float(operator.num_hvps)
         return metrics
 
     def _layer_lambda_max_metrics(
@@ -733,7 +731,7 @@ class HessianSpectrumMonitor(_HessianMonitor):
         )
         whole.num_hvps += sum(result.num_hvps for result in results.values())
         return {
-            f"{self.prefix}layer/{layer}/lambda_max": float(result.eigenvalues[0])
+            self.metric("layer/{layer}/lambda_max", layer=layer): float(result.eigenvalues[0])
             for layer, result in results.items()
         }
 
@@ -742,10 +740,13 @@ class HessianSpectrumMonitor(_HessianMonitor):
         self.last_layer_traces = {}
         traces = layer_traces(operator, self.layer_traces, seed=self.solver.seed)
         for layer, (size, estimate) in traces.items():
-            tag = f"{self.prefix}layer/{layer}/"
-            metrics[tag + "trace"] = estimate.estimate
-            metrics[tag + "trace_stderr"] = estimate.stderr
-            metrics[tag + "trace_per_param"] = estimate.estimate / size
+            values = {
+                "trace": estimate.estimate,
+                "trace_stderr": estimate.stderr,
+                "trace_per_param": estimate.estimate / size,
+            }
+            for row, value in values.items():
+                metrics[self.metric("layer/{layer}/" + row, layer=layer)] = value
             self.last_layer_traces[layer] = estimate.estimate / size
         return metrics
 
@@ -757,17 +758,18 @@ class HessianSpectrumMonitor(_HessianMonitor):
         previous: torch.Tensor | None,
     ) -> dict[str, float]:
         """Where the probe gradient points and how far the top-k space turned (no products)."""
-        prefix = self.prefix
         metrics: dict[str, float] = {}
         if self.gradient_overlap:
-            metrics[prefix + "gradient_overlap"] = subspace_fraction(
+            metrics[self.metric("gradient_overlap")] = subspace_fraction(
                 result.eigenvectors, operator.gradient()
             )
         # Logged once there are two converged measurements to compare (not at the first).
         if previous is not None and result.all_converged:
             vectors = result.eigenvectors
-            metrics[prefix + "eigenspace_overlap"] = subspace_overlap(previous, vectors)
-            metrics[prefix + "eigenspace_angle"] = float(principal_angles(previous, vectors).max())
+            metrics[self.metric("eigenspace_overlap")] = subspace_overlap(previous, vectors)
+            metrics[self.metric("eigenspace_angle")] = float(
+                principal_angles(previous, vectors).max()
+            )
         return metrics
 
     #: Every metric, its chart and the setting that turns it on (``part``).

@@ -11,7 +11,14 @@ import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-__all__ = ["MetricSpec", "chart_layout", "expand_names", "matches", "undefined_names"]
+__all__ = [
+    "MetricSpec",
+    "chart_layout",
+    "expand_names",
+    "full_name",
+    "matches",
+    "undefined_names",
+]
 
 #: What each placeholder of a templated name stands for, as a regular expression (module
 #: names hold dots, never slashes).
@@ -64,6 +71,19 @@ def expand_names(
         else:
             names.append(prefix + spec.name)
     return names
+
+
+def full_name(specs: Iterable[MetricSpec], prefix: str, row: str, **fields: object) -> str:
+    """The name of row ``row`` of the table under ``prefix``, its placeholders filled from
+    ``fields`` (``full_name(specs, p, "eig_{i}", i=2)`` is ``p + "eig_2"``).
+
+    Raises:
+        KeyError: If ``row`` is not a row of ``specs`` (a metric must have its row first).
+    """
+    rows = [spec.name for spec in specs]
+    if row not in rows:
+        raise KeyError(f"{row!r} is not a row of the metric table; rows: {rows}")
+    return prefix + row.format(**fields)
 
 
 def undefined_names(specs: Iterable[MetricSpec], prefix: str, layers: Sequence[str]) -> set[str]:

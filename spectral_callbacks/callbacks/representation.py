@@ -250,13 +250,16 @@ class RepresentationMonitor(SpectralMonitor):
             covariance = accumulator.covariance_spectrum()
             second_moment = accumulator.second_moment_spectrum()
             self.last_spectra[layer] = covariance.cpu()
-            name = f"{self.prefix}{layer}/"
-            metrics[name + "rankme"] = rankme(second_moment)
-            metrics[name + "alpha_req"] = self._alpha(layer, covariance)
-            metrics[name + "effective_rank"] = effective_rank(covariance)
-            metrics[name + "stable_rank"] = stable_rank(covariance)
-            metrics[name + "participation_ratio"] = participation_ratio(covariance)
-            metrics[name + "vne"] = von_neumann_entropy(covariance)
+            values = {
+                "rankme": rankme(second_moment),
+                "alpha_req": self._alpha(layer, covariance),
+                "effective_rank": effective_rank(covariance),
+                "stable_rank": stable_rank(covariance),
+                "participation_ratio": participation_ratio(covariance),
+                "vne": von_neumann_entropy(covariance),
+            }
+            for row, value in values.items():
+                metrics[self.metric("{layer}/" + row, layer=layer)] = value
         return metrics
 
     def _alpha(self, layer: str, covariance: torch.Tensor) -> float:
@@ -272,11 +275,6 @@ class RepresentationMonitor(SpectralMonitor):
             return math.nan
         self._last_fits[layer] = fit
         return fit.alpha
-
-    @property
-    def prefix(self) -> str:
-        """The start of every metric name: ``spectral/repr/`` (``.../{name}/`` if named)."""
-        return PREFIX + (f"{self.name}/" if self.name else "")
 
     #: One row per metric, ``{layer}`` standing for each of ``layers``.
     METRICS = (

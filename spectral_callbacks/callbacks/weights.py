@@ -265,12 +265,13 @@ class WeightSpectrumMonitor(SpectralMonitor):
         for layer, spectrum in spectra.items():
             for metric in LAYER_METRICS:
                 if metric not in off:
-                    metrics[f"{prefix}{layer}/{metric}"] = float(spectrum.metrics[metric])
+                    value = float(spectrum.metrics[metric])
+                    metrics[self.metric("{layer}/" + metric, layer=layer)] = value
             if spectrum.fit is None:
                 undefined |= metric_table.undefined_names(specs, prefix, [layer])
         for metric, value in model_averages(spectra).items():
             if metric not in off:
-                metrics[f"{prefix}{AVERAGE}/{metric}"] = value
+                metrics[self.metric(f"{AVERAGE}/{metric}")] = value
         if self.drift_rank is not None:
             metrics.update(self._drift(weights, step))
         self._undefined = undefined
@@ -280,17 +281,16 @@ class WeightSpectrumMonitor(SpectralMonitor):
         bases = {layer: singular_basis(w, self.drift_rank) for layer, w in weights.items()}
         if not self.reference_bases:
             self.reference_bases, self.reference_step = bases, step
-        prefix = self.prefix
         metrics: dict[str, float] = {}
         sums = dict.fromkeys(DRIFT_METRICS, 0.0)
         for layer, basis in bases.items():
             drift = singular_subspace_drift(basis, self.reference_bases[layer])
             for metric in DRIFT_METRICS:
                 value = getattr(drift, metric)
-                metrics[f"{prefix}{layer}/{metric}"] = value
+                metrics[self.metric("{layer}/" + metric, layer=layer)] = value
                 sums[metric] += value
         for metric, total in sums.items():
-            metrics[f"{prefix}{AVERAGE}/{metric}"] = total / len(bases)
+            metrics[self.metric(f"{AVERAGE}/{metric}")] = total / len(bases)
         return metrics
 
     def undefined_metrics(self) -> set[str]:
@@ -303,11 +303,6 @@ class WeightSpectrumMonitor(SpectralMonitor):
         )
 
     # -- names and dashboards --------------------------------------------------------------
-    @property
-    def prefix(self) -> str:
-        """The start of every metric name: ``spectral/weights/`` (``.../{name}/`` if named)."""
-        return PREFIX + (f"{self.name}/" if self.name else "")
-
     #: One row per metric: ``{layer}`` stands for each measured layer, ``all_layers`` is
     #: the mean over them; ``part`` names the setting that turns a row on.
     METRICS = (

@@ -91,16 +91,14 @@ def select_ritz(values: torch.Tensor, k: int, which: str) -> torch.Tensor:
 #: that has overtaken the previous top one(s), has almost no component in them, so a pure
 #: warm start finds it late or never: a residual-converged solve then reports the old
 #: direction's value. With the random part it enters the Krylov space as in a cold start,
-#: at a cost of a few products (``bench/results/warm-starts-2026-11-23.md``; docs, "How the
-#: numbers are computed").
+#: at a cost of a few products (docs/benchmarks.md has the measurements).
 WARM_START_MIXING = 1.0
 
 
 #: Bytes the single-vector Lanczos basis may take by default. A basis that would grow past
 #: it is bounded (thick restart, see :func:`lanczos`) to as many vectors as fit, but never
 #: fewer than :func:`minimum_default_basis`; a bound costs a few more products than an
-#: unbounded basis (``bench/results/thick-restart-2026-11-23.md``; docs, "How the numbers
-#: are computed").
+#: unbounded basis (docs/benchmarks.md).
 KRYLOV_BASIS_BYTES = 2**30
 
 
@@ -515,7 +513,7 @@ def block_lanczos(
         tol: Relative Ritz residual tolerance.
         block_size: Vectors per block ``p``; default 4 (at most ``n``). Larger blocks resolve
             higher multiplicities and batch more products per step but need more products in
-            all than single-vector Lanczos (``bench/results/block-sizes-2026-11-23.json``).
+            all than single-vector Lanczos (docs/benchmarks.md).
         max_iter: Maximum number of operator products (so about ``max_iter / p`` steps);
             default ``min(n, 2·max(100, 20k))`` rounded up to whole blocks, twice the
             single-vector default because a block needs more products.

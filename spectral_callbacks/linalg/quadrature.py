@@ -51,11 +51,9 @@ def default_density_probes(size: int, least: int = 4, most: int = 8) -> int:
     ``zᵀ P_S z / n`` (``P_S`` the projector on their eigenvectors), with variance
     ``2 (‖P_S‖_F² - Σ_i (P_S)_ii²) / n² ≤ 2 p (1 - p) / n``, divided by the number of
     probes; small models, whose products are cheap, get up to ``most``. For large models
-    the quadrature, not the probe, sets the error: each probe's 64 nodes fall differently,
-    and the outlier count and bulk edge read off one or two probes' rules scattered
-    (``bench/results/spectrum-parts-cpu-x86_64-2threads-2026-12-02.md``: on a 0.54 M CNN
-    the outlier count had a standard deviation of 4.5 with one probe, 3 with two, 0 with
-    four), hence at least ``least``.
+    the quadrature, not the probe, sets the error: each probe's nodes fall differently, and
+    the outlier count and bulk edge read off one or two probes' rules scatter between probe
+    draws (docs/benchmarks.md), hence at least ``least``.
     """
     return max(least, min(most, math.ceil(DENSITY_PROBE_COORDINATES / size)))
 
@@ -125,10 +123,8 @@ class SpectralDensity:
         Eigenvalues closer to zero than ``ZERO_TOLERANCE`` (1 %) of the spectral radius count
         as zero (:attr:`near_zero_mass`), because the quadrature cannot tell their sign: a
         Hessian's near-zero bulk of tiny positive and negative eigenvalues is represented by
-        one or two nodes whose sign is arbitrary (a tanh MLP with MSE loss: 48 % of its
-        eigenvalues negative, all within 0.6 % of λ_max of zero; nodes below zero carried
-        75 % of the mass). Against dense spectra of small models the estimate was within 0.06
-        of the exact fraction (README, "Density").
+        one or two nodes whose sign is arbitrary. docs/numerics.md compares the estimate with
+        dense spectra.
         """
         radius = self.spectral_radius
         return self.mass_below(-ZERO_TOLERANCE * radius) if math.isfinite(radius) else math.nan
@@ -149,7 +145,7 @@ class SpectralDensity:
         eigenvalue lies within :attr:`lambda_min_residual` of it (both up to rounding when
         the recurrences kept two vectors: Paige 1980). Lanczos resolves the ends of a
         spectrum first, so with the default 64 steps it is close to a separate solve for the
-        smallest eigenvalue (``bench/results/negative-mass-2026-11-23.md``). Like any Krylov
+        smallest eigenvalue (docs/benchmarks.md). Like any Krylov
         estimate it cannot reveal an eigenvalue that no probe has reached yet.
         """
         finite = self.nodes[torch.isfinite(self.nodes)]
@@ -187,10 +183,8 @@ def slq(
     ``num_probes`` vectors, with a float64 tridiagonal. With full reorthogonalisation, when
     a Krylov space becomes invariant the rule is exact and the extra nodes carry zero
     weight. Without it (two vectors kept per probe, memory ``3 · num_probes · n``), the rule
-    stays a Gauss rule of a nearby spectral measure (Greenbaum 1989); against full
-    reorthogonalisation on seven models its moments 1-4 differed by at most 4e-6 and the
-    mass fractions by at most 0.015 (once 0.034), about as much as either differs from the
-    exact fractions (README, "Density").
+    stays a Gauss rule of a nearby spectral measure (Greenbaum 1989); docs/numerics.md
+    compares the two against exact spectra.
 
     Args:
         operator: The symmetric operator.
