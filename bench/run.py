@@ -217,7 +217,7 @@ def count_host_syncs(run: Callable[[], object], device: torch.device) -> tuple[i
     sync debug mode (each warns); ``"n/a (CPU)"`` elsewhere. Returns the count and the
     result of the call.
 
-    ``tests/test_host_syncs.py`` finds them on the CPU for our eager paths; this counts them
+    ``tests/linalg/test_host_syncs.py`` finds them on the CPU for our eager paths; this counts them
     for every tool and path where they cost: on the GPU. A compiled product compiles in
     this call unless figure 1 compiled it earlier in the same command, and then its count
     includes the compiler's.

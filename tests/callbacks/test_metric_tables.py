@@ -21,7 +21,7 @@ from spectral_callbacks import (
 from spectral_callbacks.callbacks.metrics import MetricSpec, chart_layout, expand_names, matches
 from spectral_callbacks.curvature.preconditioner import RATIO_METRICS
 
-from .lightning_helpers import TanhRegressor, regression_data, trainer_kwargs
+from ..models import TanhRegressor, regression_data, trainer_kwargs
 
 
 def test_templated_rows_expand_to_every_eigenvalue_and_layer():

@@ -5,16 +5,22 @@ from __future__ import annotations
 import copy
 import math
 
-import lightning as L
+import lightning.pytorch as L
 import pytest
 import torch
-import torch.nn.functional as F
 
 from spectral_callbacks import HessianSpectrumMonitor
 from spectral_callbacks.linalg import principal_angles, subspace_fraction, subspace_overlap
 
-from .helpers import dense_hessian_rows
-from .lightning_helpers import TanhRegressor, full_batch_loader, regression_data, trainer_kwargs
+from ..models import (
+    Quadratic,
+    TanhRegressor,
+    full_batch_loader,
+    mse,
+    regression_data,
+    trainer_kwargs,
+)
+from ..oracles import dense_hessian_rows
 
 
 def test_subspace_measures_in_closed_form():
@@ -43,10 +49,6 @@ class Snapshots(L.Callback):
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         self.states.setdefault(trainer.global_step, copy.deepcopy(pl_module.state_dict()))
-
-
-def mse(model, batch):
-    return F.mse_loss(model(batch[0]), batch[1])
 
 
 def test_the_spectrum_monitor_logs_overlap_rotation_and_trace_stability():
@@ -94,7 +96,7 @@ def test_the_spectrum_monitor_logs_overlap_rotation_and_trace_stability():
 def test_functional_gradient_overlap_against_the_dense_hessian():
     from spectral_callbacks.functional import gradient_overlap
 
-    from .helpers import cross_entropy_loss, make_case
+    from ..models import cross_entropy_loss, make_case
 
     model, batches = make_case("mlp")
     dense = dense_hessian_rows(model, cross_entropy_loss, batches)
@@ -118,7 +120,7 @@ def test_functional_gradient_overlap_against_the_dense_hessian():
 def test_layer_traces_against_dense_diagonal_blocks():
     from spectral_callbacks.functional import hessian_layer_traces
 
-    from .helpers import cross_entropy_loss, make_case
+    from ..models import cross_entropy_loss, make_case
 
     model, batches = make_case("mlp")  # layers "0", "2", "4"
     dense = dense_hessian_rows(model, cross_entropy_loss, batches)
@@ -138,28 +140,15 @@ def test_layer_traces_against_dense_diagonal_blocks():
         assert abs(estimate.estimate - truth[name]) < 5 * estimate.stderr + 1e-12
 
 
-class Quadratic(torch.nn.Module):
-    """L(θ) = ½ θᵀAθ: Hessian A, gradient Aθ."""
-
-    def __init__(self, a: torch.Tensor) -> None:
-        super().__init__()
-        self.a = a
-        g = torch.Generator().manual_seed(3)
-        self.theta = torch.nn.Parameter(torch.randn(a.shape[0], generator=g, dtype=a.dtype))
-
-    def forward(self, batch):
-        return 0.5 * self.theta @ self.a @ self.theta
-
-
 def test_sam_sharpness_on_a_quadratic_is_exact():
     from spectral_callbacks.functional import sam_sharpness
 
-    from .helpers import model_state
+    from ..models import model_state
 
     g = torch.Generator().manual_seed(4)
     m = torch.randn(6, 6, generator=g, dtype=torch.float64)
     a = m @ m.T
-    model = Quadratic(a)
+    model = Quadratic(a, seed=3)
     before = model_state(model)
     rho = 0.1
     result = sam_sharpness(model, lambda mod, batch: mod(batch), torch.zeros(1), radius=rho)
@@ -194,7 +183,7 @@ def test_the_spectrum_monitor_logs_layer_traces_and_sam_sharpness(tmp_path):
         layer_lambda_max=True,
         tol=1e-10,
     )
-    logger = L.pytorch.loggers.TensorBoardLogger(tmp_path, name="run", version=0)
+    logger = L.loggers.TensorBoardLogger(tmp_path, name="run", version=0)
     trainer = L.Trainer(max_steps=2, callbacks=[monitor], **trainer_kwargs(logger=logger))
     trainer.fit(model, full_batch_loader(x, y, 2))
     values = monitor.last_metrics
@@ -229,7 +218,7 @@ def test_the_spectrum_monitor_logs_layer_traces_and_sam_sharpness(tmp_path):
 
 
 def test_training_stays_bit_identical_with_every_geometry_measure():
-    from .test_callbacks import _assert_identical_runs, _fit_and_capture
+    from ..runs import assert_identical_runs, fit_and_capture
 
     monitor = HessianSpectrumMonitor(
         every_n_steps=3,
@@ -241,7 +230,7 @@ def test_training_stays_bit_identical_with_every_geometry_measure():
         sam_radius=0.05,
         layer_lambda_max=True,
     )
-    _assert_identical_runs(_fit_and_capture([]), _fit_and_capture([monitor]))
+    assert_identical_runs(fit_and_capture([]), fit_and_capture([monitor]))
     assert math.isfinite(monitor.last_metrics["spectral/hessian/sam_sharpness"])
     assert math.isfinite(monitor.last_metrics["spectral/hessian/gradient_overlap"])
 
@@ -249,7 +238,7 @@ def test_training_stays_bit_identical_with_every_geometry_measure():
 def test_layer_lambda_max_against_dense_diagonal_blocks():
     from spectral_callbacks.functional import hessian_layer_lambda_max
 
-    from .helpers import cross_entropy_loss, make_case
+    from ..models import cross_entropy_loss, make_case
 
     model, batches = make_case("mlp")
     dense = dense_hessian_rows(model, cross_entropy_loss, batches)

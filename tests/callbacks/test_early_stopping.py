@@ -15,7 +15,7 @@ from lightning.pytorch.loggers import CSVLogger
 from spectral_callbacks import SharpnessMonitor, SpectralEarlyStopping
 from spectral_callbacks.callbacks import SpectralMonitor
 
-from .lightning_helpers import TanhRegressor, full_batch_loader, regression_data, trainer_kwargs
+from ..models import TanhRegressor, full_batch_loader, regression_data, trainer_kwargs
 
 KEY = "spectral/hessian/eos_ratio"
 

@@ -7,7 +7,7 @@ import torch
 
 from spectral_callbacks.linalg import DenseOperator, SpectralDensity, count_outliers, lanczos, slq
 
-from .test_linalg import matrix_with_spectrum
+from ..oracles import matrix_with_spectrum
 
 N = 400
 

@@ -12,61 +12,39 @@ import lightning.pytorch as L
 import pytest
 import torch
 import torch.nn.functional as F
+from lightning.pytorch import LightningModule
 from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-from tensorboard.plugins.custom_scalar import layout_pb2
+from torch import nn
 
-from spectral_callbacks import HessianSpectrumMonitor, SharpnessMonitor
+from spectral_callbacks import (
+    Batches,
+    HessianSpectrumMonitor,
+    SharpnessMonitor,
+)
 from spectral_callbacks.curvature import HessianOperator
-from spectral_callbacks.functional import hessian_density, hessian_eigenvalues, hessian_trace
+from spectral_callbacks.functional import (
+    hessian_density,
+    hessian_eigenvalues,
+    hessian_trace,
+)
 from spectral_callbacks.linalg import deflated_hutchinson
 
-from .lightning_helpers import (
+from ..models import (
+    AnyBatchRegressor,
+    ListDataset,
     NoisyClassifier,
     TanhRegressor,
     classification_loader,
     full_batch_loader,
+    mse,
+    pack_batch,
     regression_data,
     trainer_kwargs,
 )
-
-
-def mse(model, batch):
-    return F.mse_loss(model(batch[0]), batch[1])
-
-
-class Snapshots(Callback):
-    """Copies of the model's parameters after every optimizer step (and at step 0)."""
-
-    def __init__(self) -> None:
-        self.states: dict[int, dict] = {}
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        self.states.setdefault(trainer.global_step, copy.deepcopy(pl_module.state_dict()))
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        self.states[trainer.global_step] = copy.deepcopy(pl_module.state_dict())
-
-
-def read_events(log_dir) -> EventAccumulator:
-    accumulator = EventAccumulator(
-        str(log_dir), size_guidance={"scalars": 0, "histograms": 0, "images": 0, "tensors": 0}
-    )
-    accumulator.Reload()
-    return accumulator
-
-
-def custom_charts(events: EventAccumulator) -> dict[str, list[str]]:
-    """The custom-scalars dashboard last written: chart title -> tag patterns."""
-    config = events.Tensors("custom_scalars__config__")[-1]
-    layout = layout_pb2.Layout()
-    layout.ParseFromString(config.tensor_proto.string_val[0])
-    return {
-        chart.title: list(chart.multiline.tag)
-        for category in layout.category
-        for chart in category.chart
-    }
+from ..oracles import dense_hessian_func
+from ..runs import Snapshots, assert_identical_runs, custom_charts, fit_and_capture, read_events
 
 
 def test_tensorboard_events_match_the_functional_api(tmp_path):
@@ -185,31 +163,6 @@ def test_edge_of_stability_full_batch_gradient_descent():
     assert sum(hvps) / len(hvps) <= 6
 
 
-def _fit_and_capture(callbacks, loader_seed=0, **overrides):
-    L.seed_everything(0, verbose=False)
-    model = NoisyClassifier()
-    trainer = L.Trainer(max_epochs=2, callbacks=callbacks, **trainer_kwargs(**overrides))
-    trainer.fit(model, classification_loader(seed=loader_seed))
-    optimizer_state = copy.deepcopy(trainer.optimizers[0].state_dict())
-    return model, optimizer_state, torch.get_rng_state()
-
-
-def _assert_identical_runs(a, b):
-    (model_a, opt_a, rng_a), (model_b, opt_b, rng_b) = a, b
-    for (name, pa), pb in zip(
-        model_a.state_dict().items(), model_b.state_dict().values(), strict=True
-    ):
-        assert torch.equal(pa, pb), name
-    for key, state in opt_a["state"].items():
-        for field, value in state.items():
-            assert torch.equal(
-                torch.as_tensor(value), torch.as_tensor(opt_b["state"][key][field])
-            ), (key, field)
-    assert torch.equal(rng_a, rng_b)
-    modes_a = [m.training for m in model_a.modules()]
-    assert modes_a == [m.training for m in model_b.modules()]
-
-
 def monitors():
     return [
         SharpnessMonitor(every_n_steps=2),
@@ -226,9 +179,9 @@ def monitors():
     ids=["plain", "grad-accumulation", "bf16-mixed"],
 )
 def test_training_is_bit_identical_with_and_without_callbacks(overrides):
-    without = _fit_and_capture([], **overrides)
-    with_monitors = _fit_and_capture(monitors(), **overrides)
-    _assert_identical_runs(without, with_monitors)
+    without = fit_and_capture([], **overrides)
+    with_monitors = fit_and_capture(monitors(), **overrides)
+    assert_identical_runs(without, with_monitors)
 
 
 def test_measurement_runs_in_float32_under_mixed_precision():
@@ -397,10 +350,10 @@ def test_out_of_memory_in_a_measurement_logs_nan_and_training_goes_on():
         return F.cross_entropy(model(batch[0]), batch[1])
 
     monitor = SharpnessMonitor(every_n_steps=2, loss_fn=loss_fn)
-    plain = _fit_and_capture([])
+    plain = fit_and_capture([])
     with pytest.warns(RuntimeWarning, match=r"out of device memory at step 4 \(CUDA out of"):
-        monitored = _fit_and_capture([marker, monitor])
-    _assert_identical_runs(plain, monitored)
+        monitored = fit_and_capture([marker, monitor])
+    assert_identical_runs(plain, monitored)
     values = {step: v["spectral/hessian/lambda_max"] for step, v in monitor.history}
     assert math.isnan(values[4])
     assert len(values) >= 6 and all(v > 0 for step, v in values.items() if step != 4)
@@ -596,7 +549,7 @@ class DistinctQuadratic(TripleTopQuadratic):
 def test_monitors_with_a_bounded_basis_match_the_dense_values(monkeypatch):
     from spectral_callbacks.curvature import stability_preconditioner
 
-    from .helpers import BasisSpy
+    from ..models import BasisSpy
 
     spy = BasisSpy(monkeypatch)
     sharpness = SharpnessMonitor(every_n_steps=4, max_basis=3, tol=1e-10)
@@ -620,3 +573,267 @@ def test_monitors_with_a_bounded_basis_match_the_dense_values(monkeypatch):
     assert sharpness.history[-1][1]["spectral/hessian/eos_ratio"] == pytest.approx(
         float(exact), rel=1e-8
     )
+
+
+class TokenModel(LightningModule):
+    """A next-token model whose loader yields one (B, T) token tensor per batch."""
+
+    def __init__(self, vocab: int = 11, dim: int = 6) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab, dim)
+        self.head = nn.Linear(dim, vocab)
+
+    def forward(self, tokens):
+        return self.head(torch.tanh(self.embed(tokens)))
+
+    def training_step(self, batch, batch_idx):
+        logits = self(batch[:, :-1])
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1))
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def test_sharpness_monitor_on_a_token_tensor_loader_matches_the_functional_api():
+    torch.manual_seed(0)
+    tokens = torch.randint(0, 11, (24, 9))
+    loader = torch.utils.data.DataLoader(tokens, batch_size=8)
+    model = TokenModel()
+    monitor = SharpnessMonitor(every_n_steps=2, tol=1e-8, probe_batches=2)
+    trainer = L.Trainer(max_steps=2, callbacks=[monitor], **trainer_kwargs())
+    trainer.fit(model, loader)
+    assert [s for s, _ in monitor.history] == [1, 2]
+
+    def loss(m, batch):
+        logits = m(batch[:, :-1])
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1))
+
+    reference = hessian_eigenvalues(
+        model, loss, Batches([tokens[:8], tokens[8:16]]), k=1, tol=1e-10
+    )
+    assert monitor.last_metrics["spectral/hessian/lambda_max"] == pytest.approx(
+        float(reference.eigenvalues[0]), rel=1e-6
+    )
+
+
+@pytest.mark.parametrize("kind", ["tuple", "list", "dict", "namedtuple", "dataclass"])
+def test_every_batch_type_reaches_training_step_as_it_was(kind):
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(12, 3, generator=g), torch.randn(12, 1, generator=g)
+    batches = [pack_batch(kind, x[:5], y[:5]), pack_batch(kind, x[5:], y[5:])]
+    loader = torch.utils.data.DataLoader(ListDataset(batches), batch_size=None)
+    torch.manual_seed(0)
+    model = AnyBatchRegressor()
+    monitor = SharpnessMonitor(every_n_steps=1, tol=1e-8, probe_batches=2)
+    spectrum = HessianSpectrumMonitor(
+        every_n_steps=1, k=2, tol=1e-8, probe_batches=2, trace_hvps=6, density_steps=4
+    )
+    trainer = L.Trainer(max_steps=2, callbacks=[monitor, spectrum], **trainer_kwargs())
+    trainer.fit(model, loader)
+    assert [s for s, _ in monitor.history] == [1, 2]
+    plain = [(x[:5], y[:5]), (x[5:], y[5:])]
+    mse = lambda m, b: F.mse_loss(m(b[0]), b[1])  # noqa: E731
+    reference = hessian_eigenvalues(model, mse, plain, k=2, tol=1e-10).eigenvalues
+    assert monitor.last_metrics["spectral/hessian/lambda_max"] == pytest.approx(
+        float(reference[0]), rel=1e-6
+    )
+    assert spectrum.last_metrics["spectral/hessian/eig_2"] == pytest.approx(
+        float(reference[1]), rel=1e-6
+    )
+
+
+def test_the_monitors_take_reduction_sum():
+    g = torch.Generator().manual_seed(2)
+    x, y = torch.randn(12, 3, generator=g), torch.randn(12, 1, generator=g)
+    batches = [(x[:3], y[:3]), (x[3:], y[3:])]
+
+    class SumRegressor(AnyBatchRegressor):
+        def training_step(self, batch, batch_idx):
+            return F.mse_loss(self(batch[0]), batch[1], reduction="sum")
+
+    torch.manual_seed(0)
+    model = SumRegressor()
+    monitor = SharpnessMonitor(every_n_steps=1, tol=1e-9, probe_batches=2, reduction="sum")
+    loader = torch.utils.data.DataLoader(ListDataset(batches), batch_size=None)
+    trainer = L.Trainer(max_steps=2, callbacks=[monitor], **trainer_kwargs())
+    trainer.fit(model, loader)
+    summed = lambda m, b: F.mse_loss(m(b[0]), b[1], reduction="sum")  # noqa: E731
+    dense = dense_hessian_func(model, summed, batches, reduction="sum")
+    assert monitor.last_metrics["spectral/hessian/lambda_max"] == pytest.approx(
+        float(torch.linalg.eigvalsh(dense)[-1]), rel=1e-6
+    )
+    with pytest.raises(ValueError, match=r"reduction must be one of \('mean', 'sum'\)"):
+        SharpnessMonitor(reduction="none")
+
+
+def test_an_unconverged_value_is_flagged_and_warned_once():
+    g = torch.Generator().manual_seed(3)
+    x, y = torch.randn(32, 3, generator=g), torch.randn(32, 1, generator=g)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=32)
+    torch.manual_seed(0)
+    monitor = SharpnessMonitor(every_n_steps=1, tol=1e-12, max_iter=2)
+    spectrum = HessianSpectrumMonitor(
+        every_n_steps=1, k=3, tol=1e-12, max_iter=4, trace=False, density=False
+    )
+    trainer = L.Trainer(max_steps=2, callbacks=[monitor, spectrum], **trainer_kwargs())
+    with pytest.warns(RuntimeWarning, match="did not reach tol=1e-12 within max_iter=2") as record:
+        trainer.fit(AnyBatchRegressor(), loader)
+    assert monitor.last_metrics["spectral/hessian/lambda_max_converged"] == 0.0
+    assert spectrum.last_metrics["spectral/hessian/eigs_converged"] < 1.0
+    messages = [str(w.message) for w in record if "did not reach" in str(w.message)]
+    assert len(messages) == 2  # once per monitor, not once per measurement
+
+    converged = SharpnessMonitor(every_n_steps=1)
+    trainer = L.Trainer(max_steps=1, callbacks=[converged], **trainer_kwargs())
+    trainer.fit(AnyBatchRegressor(), loader)
+    assert converged.last_metrics["spectral/hessian/lambda_max_converged"] == 1.0
+
+
+def test_two_monitors_of_one_class_need_names_and_then_log_apart():
+    g = torch.Generator().manual_seed(4)
+    x, y = torch.randn(16, 3, generator=g), torch.randn(16, 1, generator=g)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=16)
+    summed = lambda m, b: F.mse_loss(m(b[0]), b[1], reduction="sum")  # noqa: E731
+    clash = [SharpnessMonitor(every_n_steps=1), SharpnessMonitor(every_n_steps=1, loss_fn=summed)]
+    trainer = L.Trainer(max_steps=1, callbacks=clash, **trainer_kwargs())
+    with pytest.raises(ValueError, match="give each a different name="):
+        trainer.fit(AnyBatchRegressor(), loader)
+
+    mean = SharpnessMonitor(every_n_steps=1, tol=1e-8)
+    total = SharpnessMonitor(every_n_steps=1, tol=1e-8, loss_fn=summed, reduction="sum", name="sum")
+    trainer = L.Trainer(max_steps=1, callbacks=[mean, total], **trainer_kwargs())
+    trainer.fit(AnyBatchRegressor(), loader)
+    assert mean.state_key != total.state_key
+    ratio = (
+        trainer.callback_metrics["spectral/hessian/sum/lambda_max"]
+        / (trainer.callback_metrics["spectral/hessian/lambda_max"])
+    )
+    assert float(ratio) == pytest.approx(16.0, rel=1e-5)  # the sum over 16 samples
+    with pytest.raises(ValueError, match="name must be None or a non-empty string"):
+        SharpnessMonitor(name="a/b")
+
+
+def test_history_is_bounded_and_figures_are_sparse(tmp_path, monkeypatch):
+    monkeypatch.setattr(SharpnessMonitor, "history_size", 3)
+    g = torch.Generator().manual_seed(8)
+    x, y = torch.randn(8, 3, generator=g), torch.randn(8, 1, generator=g)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=8)
+    sharpness = SharpnessMonitor(every_n_steps=1)
+    spectrum = HessianSpectrumMonitor(
+        every_n_steps=2, k=2, trace_hvps=4, density_probes=1, density_steps=3
+    )
+    logger = L.loggers.TensorBoardLogger(tmp_path, name="run", version=0)
+    trainer = L.Trainer(
+        max_steps=20,
+        max_epochs=-1,
+        callbacks=[sharpness, spectrum],
+        **trainer_kwargs(logger=logger),
+    )
+    trainer.fit(AnyBatchRegressor(), loader)
+    assert [s for s, _ in sharpness.history] == [18, 19, 20]
+    assert sharpness.num_measurements == 21
+
+    events = EventAccumulator(logger.log_dir, size_guidance={"images": 0, "histograms": 0})
+    events.Reload()
+    # Figures every 10 · every_n_steps = 20 steps; histograms at every measurement.
+    assert [e.step for e in events.Images("spectral/hessian/density")] == [0, 20]
+    assert len(events.Histograms("spectral/hessian/top_k")) == 11
+
+
+class HalfRegressor(LightningModule):
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(3, 16), nn.Tanh(), nn.Linear(16, 1))
+
+    def forward(self, x):
+        return self.net(x)
+
+    def training_step(self, batch, batch_idx):
+        return F.mse_loss(self(batch[0]), batch[1])
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.0)
+
+
+@pytest.mark.parametrize("precision", ["bf16-true", "16-true"])
+def test_half_precision_models_are_measured_against_the_float64_truth(precision):
+    g = torch.Generator().manual_seed(9)
+    x, y = torch.randn(32, 3, generator=g), torch.randn(32, 1, generator=g)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=32)
+    torch.manual_seed(0)
+    model = HalfRegressor()
+    sharpness = SharpnessMonitor(every_n_steps=1, probe_data=(x, y), tol=0.05)
+    spectrum = HessianSpectrumMonitor(every_n_steps=1, k=2, tol=0.05)  # defaults otherwise
+    trainer = L.Trainer(
+        max_steps=1, callbacks=[sharpness, spectrum], **trainer_kwargs(precision=precision)
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.fit(model, loader)
+    truth_model = copy.deepcopy(model).double()
+    mse = lambda m, b: F.mse_loss(m(b[0]), b[1])  # noqa: E731
+    truth = hessian_eigenvalues(truth_model, mse, (x.double(), y.double()), k=2, tol=1e-10)
+    lam = sharpness.last_metrics["spectral/hessian/lambda_max"]
+    assert lam == pytest.approx(float(truth.eigenvalues[0]), rel=2e-2)
+    assert spectrum.last_metrics["spectral/hessian/eig_2"] == pytest.approx(
+        float(truth.eigenvalues[1]), rel=5e-2
+    )
+    assert math.isfinite(spectrum.last_metrics["spectral/hessian/trace"])
+    # A tolerance below the products' rounding is never claimed.
+    half = copy.deepcopy(model)
+    dtype = next(half.parameters()).dtype
+    tight = hessian_eigenvalues(half, mse, (x.to(dtype), y.to(dtype)), k=1, tol=1e-5)
+    assert not bool(tight.converged.any())
+    assert float(tight.eigenvalues[0]) == pytest.approx(float(truth.eigenvalues[0]), rel=2e-2)
+
+
+class StatefulRecurrent(LightningModule):
+    """Keeps its hidden state between training steps, as Lightning's LSTM demo does."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.cell = nn.RNNCell(3, 5)
+        self.head = nn.Linear(5, 1)
+        self.hidden = None
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        hidden = self.cell(x, self.hidden)
+        self.hidden = hidden.detach()
+        return F.mse_loss(self.head(hidden), y)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def test_a_training_step_that_keeps_state_trains_as_without_the_monitors():
+    g = torch.Generator().manual_seed(10)
+    x, y = torch.randn(8, 3, generator=g), torch.randn(8, 1, generator=g)
+
+    def fit(callbacks):
+        loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=8)
+        torch.manual_seed(0)
+        model = StatefulRecurrent()
+        trainer = L.Trainer(max_steps=9, max_epochs=-1, callbacks=callbacks, **trainer_kwargs())
+        trainer.fit(model, loader)
+        return model
+
+    plain = fit([])
+    monitored = fit(
+        [
+            SharpnessMonitor(every_n_steps=2),
+            HessianSpectrumMonitor(every_n_steps=3, k=2, trace_hvps=4, density_steps=3),
+        ]
+    )
+    for a, b in zip(plain.parameters(), monitored.parameters(), strict=True):
+        assert torch.equal(a, b)
+    assert torch.equal(plain.hidden, monitored.hidden)
+
+
+def test_the_pytorch_lightning_namespace_logger_gets_histograms_and_the_layout(tmp_path):
+    import pytorch_lightning  # installed with lightning
+
+    from spectral_callbacks.reporting.tensorboard import tensorboard_writers
+
+    logger = pytorch_lightning.loggers.TensorBoardLogger(tmp_path, name="pl", version=0)
+    assert tensorboard_writers([logger]) == [logger.experiment]

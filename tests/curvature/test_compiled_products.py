@@ -23,31 +23,15 @@ from spectral_callbacks.curvature.products.compiled import (
 )
 from spectral_callbacks.linalg import lanczos
 
-from .helpers import cross_entropy_loss, dense_hessian_func, dense_hessian_rows, make_case
-from .lightning_helpers import TanhRegressor, regression_data
-
-
-class CountingBackend:
-    """``aot_eager`` that counts the graphs it is given to compile."""
-
-    def __init__(self) -> None:
-        self.graphs = 0
-
-    def __call__(self, graph_module, example_inputs):
-        from torch._dynamo.backends.registry import lookup_backend
-
-        self.graphs += 1
-        return lookup_backend("aot_eager")(graph_module, example_inputs)
-
-
-class ManualMSERegressor(TanhRegressor):
-    """``training_step`` writes the squared error out: ``F.mse_loss`` has no forward-over-reverse
-    derivative in torch 2.13 (its double backward writes into a ZeroTensor, pytorch#123996)."""
-
-    def training_step(self, batch, batch_idx):
-        loss = (self(batch[0]) - batch[1]).pow(2).mean()
-        self.log("train_loss", loss)
-        return loss
+from ..models import (
+    CountingBackend,
+    ManualMSERegressor,
+    cross_entropy_loss,
+    make_case,
+    mse,
+    regression_data,
+)
+from ..oracles import dense_hessian_func, dense_hessian_rows
 
 
 def _block(size: int, width: int = 3, seed: int = 1) -> torch.Tensor:
@@ -146,9 +130,6 @@ def test_compiled_path_falls_back_to_the_reused_graph_where_eager_jvp_fails():
     x, labels = batches[0]
     target = F.one_hot(labels, 3).double()
 
-    def mse(model, batch):
-        return F.mse_loss(model(batch[0]), batch[1])
-
     backend = CountingBackend()
     hessian = dense_hessian_func(model, mse, [(x, target)])
     with (
@@ -187,18 +168,18 @@ def test_sharpness_monitor_on_compiled_products():
     eager ones, so the check rejects it: one warning, eager products, the same training."""
     from spectral_callbacks import SharpnessMonitor
 
-    from .test_callbacks import _assert_identical_runs, _fit_and_capture
+    from ..runs import assert_identical_runs, fit_and_capture
 
-    plain = _fit_and_capture([])
+    plain = fit_and_capture([])
     compiled_monitor = SharpnessMonitor(every_n_steps=4, eval_mode=True, hvp="compiled")
-    compiled_run = _fit_and_capture([compiled_monitor])
-    _assert_identical_runs(plain, compiled_run)
+    compiled_run = fit_and_capture([compiled_monitor])
+    assert_identical_runs(plain, compiled_run)
     entries = compiled_entries(compiled_run[0])
     assert len(entries) == 1 and not entries[0].failed
     assert len(entries[0]._checked) == 1  # one width, one batch shape: checked once
 
     eager_monitor = SharpnessMonitor(every_n_steps=4, eval_mode=True, hvp="reuse_graph")
-    _fit_and_capture([eager_monitor])
+    fit_and_capture([eager_monitor])
     key = "spectral/hessian/lambda_max"
     compiled_values = [values[key] for _, values in compiled_monitor.history]
     eager_values = [values[key] for _, values in eager_monitor.history]
@@ -207,8 +188,8 @@ def test_sharpness_monitor_on_compiled_products():
         assert a == pytest.approx(b, rel=1e-4)
 
     with pytest.warns(RuntimeWarning, match="differ from eager"):
-        dropout_run = _fit_and_capture([SharpnessMonitor(every_n_steps=4, hvp="compiled")])
-    _assert_identical_runs(plain, dropout_run)
+        dropout_run = fit_and_capture([SharpnessMonitor(every_n_steps=4, hvp="compiled")])
+    assert_identical_runs(plain, dropout_run)
     assert [entry.failed for entry in compiled_entries(dropout_run[0])] == [True]
 
 
@@ -218,7 +199,7 @@ def test_compiled_cache_is_bounded_and_can_be_cleared():
     import gc
     import weakref
 
-    from .helpers import tanh_mlp
+    from ..models import tanh_mlp
 
     clear_compiled_products()
     batch = (torch.randn(4, 4), torch.tensor([0, 1, 2, 0]))

@@ -12,7 +12,6 @@ import sys
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from spectral_callbacks.curvature import curvature_operator
 from spectral_callbacks.functional import hessian_eigenvalues, rankme
@@ -21,7 +20,7 @@ from spectral_callbacks.representation import effective_rank, participation_rati
 from spectral_callbacks.settings import OperatorSettings
 from spectral_callbacks.weights import singular_subspace_drift, weight_spectra
 
-from .lightning_helpers import TanhRegressor
+from ..models import TanhRegressor, mse
 
 WORKER = pathlib.Path(__file__).with_name("ddp_worker.py")
 
@@ -65,10 +64,6 @@ def test_every_process_holds_the_same_numbers(ranks):
     for key in ("sharpness", "spectrum", "representation", "poisoned", "weights", "ggn"):
         assert first[key], key
         assert same(first[key], second[key]), key
-
-
-def mse(model, batch):
-    return F.mse_loss(model(batch[0]), batch[1])
 
 
 def model_at(snapshot):

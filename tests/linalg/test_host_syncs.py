@@ -22,7 +22,7 @@ from spectral_callbacks.curvature import HessianOperator
 from spectral_callbacks.linalg import DenseOperator, lanczos
 from spectral_callbacks.linalg._krylov import BlockLanczos, IndependentLanczos, ThreeTermLanczos
 
-from .helpers import BasisSpy, cross_entropy_loss, make_case
+from ..models import BasisSpy, cross_entropy_loss, make_case
 
 #: aten ops that make the host wait for a CUDA device.
 SYNCING_OPS = {

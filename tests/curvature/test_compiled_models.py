@@ -20,9 +20,16 @@ from spectral_callbacks.curvature import HessianOperator, select_parameters
 from spectral_callbacks.curvature.products import explain_second_order_failure
 from spectral_callbacks.representation import resolve_layers
 
-from .helpers import cross_entropy_loss, dense_hessian_func, make_case
-from .lightning_helpers import full_batch_loader, regression_data, trainer_kwargs
-from .test_compiled_hvp import CountingBackend, ManualMSERegressor
+from ..models import (
+    CountingBackend,
+    ManualMSERegressor,
+    cross_entropy_loss,
+    full_batch_loader,
+    make_case,
+    regression_data,
+    trainer_kwargs,
+)
+from ..oracles import dense_hessian_func
 
 
 class Holder(nn.Module):

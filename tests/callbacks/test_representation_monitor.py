@@ -3,18 +3,23 @@
 from __future__ import annotations
 
 import copy
+import math
 import re
+import warnings
 
 import lightning.pytorch as L
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from lightning.pytorch import LightningModule
 from lightning.pytorch.loggers import TensorBoardLogger
 from tensorboard.plugins.custom_scalar import layout_pb2
 from torch import nn
 
-from spectral_callbacks import RepresentationMonitor
+from spectral_callbacks import (
+    RepresentationMonitor,
+)
 from spectral_callbacks.functional import (
     alpha_req,
     effective_rank,
@@ -22,9 +27,12 @@ from spectral_callbacks.functional import (
     rankme,
     stable_rank,
 )
+from spectral_callbacks.representation import as_embedding_matrix
 
-from .lightning_helpers import trainer_kwargs
-from .test_callbacks import Snapshots, read_events
+from ..models import (
+    trainer_kwargs,
+)
+from ..runs import Snapshots, read_events
 
 
 class Encoder(L.LightningModule):
@@ -299,3 +307,195 @@ def test_small_layers_log_nan_alpha_with_one_warning():
 def test_bad_arguments_fail_at_construction(kwargs, message):
     with pytest.raises(ValueError, match=message):
         RepresentationMonitor(**kwargs)
+
+
+class ConvNet(LightningModule):
+    def __init__(self, channels: int = 16) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, channels, 3, padding=1)
+        self.head = nn.Linear(channels, 2)
+
+    def forward(self, x):
+        return self.head(self.conv(x).mean(dim=(2, 3)))
+
+    def training_step(self, batch, batch_idx):
+        return F.cross_entropy(self(batch[0]), batch[1])
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.0)
+
+
+def _features_of(model, layer, x):
+    captured = []
+    handle = dict(model.named_modules())[layer].register_forward_hook(
+        lambda m, i, o: captured.append(o.detach())
+    )
+    with torch.no_grad():
+        model.eval()
+        model(x)
+    handle.remove()
+    return captured[0]
+
+
+@pytest.mark.parametrize("pool", ["flatten", "mean"])
+def test_rankme_of_a_convolution_uses_channels_as_features(pool):
+    torch.manual_seed(0)
+    x = torch.randn(64, 3, 5, 7)
+    loader = torch.utils.data.DataLoader(
+        torch.utils.data.TensorDataset(x, torch.randint(0, 2, (64,))), batch_size=64
+    )
+    model = ConvNet()
+    monitor = RepresentationMonitor(
+        layers=["conv"], every_n_steps=1, num_samples=64, pool=pool, fit_range=(2, 10)
+    )
+    trainer = L.Trainer(max_steps=1, callbacks=[monitor], **trainer_kwargs())
+    trainer.fit(model, loader)
+    features = _features_of(model, "conv", x).double()  # (N, C, H, W)
+    rows = features.permute(0, 2, 3, 1).reshape(-1, 16)  # every position a sample of C features
+    if pool == "mean":
+        rows = features.mean(dim=(2, 3))
+    singular = torch.linalg.svdvals(rows)
+    p = singular / singular.sum() + 1e-7
+    expected = float(torch.exp(-(p * p.log()).sum()))
+    assert monitor.last_metrics["spectral/repr/conv/rankme"] == pytest.approx(expected, rel=1e-6)
+    assert monitor.last_metrics["spectral/repr/conv/rankme"] > 7.0  # not the width (7)
+
+
+def test_embedding_layouts_against_the_definition():
+    g = torch.Generator().manual_seed(5)
+    noise = torch.randn(32, 24, 4, 4, generator=g, dtype=torch.float64)  # white noise, C = 24
+    rows = as_embedding_matrix(noise, layout="channels_first")
+    assert rows.shape == (32 * 16, 24)
+    torch.testing.assert_close(rows[1], noise[0, :, 0, 1])
+    # White noise over 512 samples of 24 features: RankMe near 24, not near the width 4.
+    assert rankme(rows) > 20
+    tokens = torch.randn(4, 9, 6, generator=g, dtype=torch.float64)
+    assert torch.equal(as_embedding_matrix(tokens), tokens.reshape(36, 6))
+    conv1d = torch.randn(4, 6, 9, generator=g, dtype=torch.float64)
+    assert torch.equal(
+        as_embedding_matrix(conv1d, layout="channels_first"), conv1d.transpose(1, 2).reshape(36, 6)
+    )
+    assert torch.equal(as_embedding_matrix(tokens[:, 0]), tokens[:, 0])
+    with pytest.raises(ValueError, match="layout must be one of"):
+        as_embedding_matrix(tokens, layout="nchw")
+
+
+def test_the_layout_of_layers_is_inferred_and_an_ambiguous_one_is_warned():
+    from spectral_callbacks.representation import infer_layout
+
+    assert infer_layout(nn.Conv1d(2, 3, 1), 3) == ("channels_first", True)
+    assert infer_layout(nn.TransformerEncoderLayer(8, 2), 3) == ("channels_last", True)
+    assert infer_layout(nn.Sequential(nn.Conv2d(2, 3, 1), nn.ReLU()), 4) == ("channels_first", True)
+    assert infer_layout(nn.Linear(3, 3), 4) == ("channels_first", False)
+
+    class ChannelsLast(LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.mix = nn.Linear(5, 5)
+
+        def forward(self, x):
+            return self.mix(x)  # (N, H, W, C): features last, no convolution
+
+        def training_step(self, batch, batch_idx):
+            return self(batch[0]).pow(2).mean()
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.0)
+
+    x = torch.randn(8, 3, 3, 5)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x), batch_size=8)
+    monitor = RepresentationMonitor(
+        layers=["mix"], every_n_steps=1, num_samples=8, fit_range=(1, 3)
+    )
+    trainer = L.Trainer(max_steps=1, callbacks=[monitor], **trainer_kwargs())
+    with pytest.warns(RuntimeWarning, match="layout='channels_last'"):
+        trainer.fit(ChannelsLast(), loader)
+    told = RepresentationMonitor(
+        layers=["mix"], every_n_steps=1, num_samples=8, fit_range=(1, 3), layout="channels_last"
+    )
+    model = ChannelsLast()
+    trainer = L.Trainer(max_steps=1, callbacks=[told], **trainer_kwargs())
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*layout.*")
+        trainer.fit(model, loader)
+    expected = rankme(_features_of(model, "mix", x).double())
+    assert told.last_metrics["spectral/repr/mix/rankme"] == pytest.approx(expected, rel=1e-6)
+
+
+class Diverging(LightningModule):
+    """Its hidden layer outputs inf once the step counter passes 1."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 1))
+        self.register_buffer("steps", torch.zeros(()))
+
+    def forward(self, x):
+        hidden = self.net[1](self.net[0](x))
+        if self.steps > 1:
+            hidden = hidden * math.inf
+        return self.net[2](hidden)
+
+    def training_step(self, batch, batch_idx):
+        self.steps += 1
+        return F.mse_loss(self(batch[0]), batch[1])
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.0)
+
+
+def test_non_finite_activations_log_nan_warn_once_and_training_goes_on():
+    g = torch.Generator().manual_seed(6)
+    x, y = torch.randn(16, 4, generator=g), torch.randn(16, 1, generator=g)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=16)
+    monitor = RepresentationMonitor(
+        layers=["net.1"], every_n_steps=1, num_samples=16, fit_range=(1, 4)
+    )
+    trainer = L.Trainer(max_steps=4, callbacks=[monitor], **trainer_kwargs())
+    with pytest.warns(RuntimeWarning, match="non-finite") as record:
+        trainer.fit(Diverging(), loader)
+    assert trainer.global_step == 4
+    values = [v["spectral/repr/net.1/rankme"] for _, v in monitor.history]
+    assert math.isfinite(values[0]) and all(math.isnan(v) for v in values[-2:])
+    assert len([w for w in record if "non-finite" in str(w.message)]) == 1
+
+
+class TokenEncoder(LightningModule):
+    """A block that returns a plain (B, T, D) tensor, like transformers 5.x blocks."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.block = nn.Linear(4, 6)
+        self.head = nn.Linear(6, 1)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.block(x)).mean(dim=1))
+
+    def training_step(self, batch, batch_idx):
+        return F.mse_loss(self(batch[0]), batch[1])
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.0)
+
+
+def test_a_select_that_drops_the_batch_dimension_is_warned():
+    g = torch.Generator().manual_seed(11)
+    x, y = torch.randn(16, 5, 4, generator=g), torch.randn(16, 1, generator=g)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=16)
+    stale = RepresentationMonitor(
+        layers=["block"],
+        every_n_steps=1,
+        num_samples=16,
+        select=lambda out: out[0],
+        fit_range=(1, 4),
+    )
+    trainer = L.Trainer(max_steps=1, callbacks=[stale], **trainer_kwargs())
+    with pytest.warns(RuntimeWarning, match="first dimension is not the batch of 16 samples"):
+        trainer.fit(TokenEncoder(), loader)
+    right = RepresentationMonitor(
+        layers=["block"], every_n_steps=1, num_samples=16, fit_range=(1, 4)
+    )
+    trainer = L.Trainer(max_steps=1, callbacks=[right], **trainer_kwargs())
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*first dimension.*")
+        trainer.fit(TokenEncoder(), loader)

@@ -9,7 +9,7 @@ import math
 import re
 import warnings
 
-import lightning as L
+import lightning.pytorch as L
 import pytest
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
@@ -22,14 +22,14 @@ from spectral_callbacks.weights import (
     weight_spectra,
 )
 
-from .lightning_helpers import (
+from ..models import (
     TanhRegressor,
     cli_round_trip,
     full_batch_loader,
     regression_data,
     trainer_kwargs,
 )
-from .test_callbacks import Snapshots, custom_charts, read_events
+from ..runs import Snapshots, custom_charts, read_events
 
 LAYERS = ["net.0", "net.2", "net.4"]
 
@@ -139,7 +139,7 @@ def test_reference_state_dict_and_resume_keep_the_drift_reference(tmp_path):
         callbacks = [monitor]
         if checkpoint_dir is not None:
             callbacks.append(
-                L.pytorch.callbacks.ModelCheckpoint(dirpath=checkpoint_dir, every_n_train_steps=6)
+                L.callbacks.ModelCheckpoint(dirpath=checkpoint_dir, every_n_train_steps=6)
             )
         torch.manual_seed(0)
         trainer = L.Trainer(

@@ -18,7 +18,7 @@ from spectral_callbacks.linalg import (
     slq,
 )
 
-from .test_linalg import matrix_with_spectrum
+from ..oracles import matrix_with_spectrum
 
 
 @pytest.fixture

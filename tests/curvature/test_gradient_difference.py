@@ -16,16 +16,18 @@ from spectral_callbacks import HessianSpectrumMonitor, SharpnessMonitor
 from spectral_callbacks.curvature import HessianOperator
 from spectral_callbacks.functional import hessian_eigenvalues, hessian_trace
 
-from .helpers import (
+from ..models import (
+    NoisyClassifier,
     TinyAttention,
     assert_same_state,
+    classification_loader,
     cross_entropy_loss,
-    dense_hessian_rows,
     make_case,
     model_state,
+    trainer_kwargs,
 )
-from .lightning_helpers import NoisyClassifier, classification_loader, trainer_kwargs
-from .test_callbacks import _assert_identical_runs, _fit_and_capture
+from ..oracles import dense_hessian_rows
+from ..runs import assert_identical_runs, fit_and_capture
 
 
 def _relative_errors(model, batches, loss=cross_entropy_loss, **options):
@@ -225,7 +227,7 @@ def test_the_monitors_train_bit_identically_with_gradient_differences():
             hvp="gradient_difference",
         ),
     ]
-    _assert_identical_runs(_fit_and_capture([]), _fit_and_capture(monitors))
+    assert_identical_runs(fit_and_capture([]), fit_and_capture(monitors))
     values = monitors[0].last_metrics
     assert math.isfinite(values["spectral/hessian/lambda_max"])
 

@@ -12,32 +12,24 @@ from torch import nn
 
 from spectral_callbacks.curvature import HessianOperator, NonFiniteLossError
 from spectral_callbacks.curvature.products import explain_second_order_failure
-from spectral_callbacks.functional import hessian_density, hessian_eigenvalues, hessian_trace
+from spectral_callbacks.functional import (
+    hessian_density,
+    hessian_eigenvalues,
+    hessian_trace,
+)
 from spectral_callbacks.linalg import slq
 
-from .helpers import (
+from ..models import (
+    CASES,
     BasisSpy,
     TinyAttention,
     assert_same_state,
     cross_entropy_loss,
-    dense_hessian_func,
-    dense_hessian_rows,
     make_case,
     model_state,
     tanh_mlp,
 )
-
-CASES = ["mlp", "cnn", "attention"]
-_DENSE: dict[str, torch.Tensor] = {}
-
-
-def dense(name: str) -> torch.Tensor:
-    """The oracle Hessian of a case (cached: the row-by-row oracle is the slow part)."""
-    if name not in _DENSE:
-        model, batches = make_case(name)
-        oracle = dense_hessian_rows if name == "cnn" else dense_hessian_func
-        _DENSE[name] = oracle(model, cross_entropy_loss, batches)
-    return _DENSE[name]
+from ..oracles import dense_hessian_func, dense_hessian_rows
 
 
 def test_oracles_agree():
@@ -58,9 +50,9 @@ def test_default_attention_kernel_has_no_double_backward():
 
 @pytest.mark.parametrize("name", CASES)
 @pytest.mark.parametrize("hvp", ["reuse_graph", "forward_over_reverse"])
-def test_hessian_products_match_dense(name, hvp):
+def test_hessian_products_match_dense(name, hvp, case_hessian):
     model, batches = make_case(name)
-    hessian = dense(name)
+    hessian = case_hessian(name)
     with HessianOperator(model, cross_entropy_loss, batches, hvp=hvp) as op:
         assert op.size == hessian.shape[0]
         block = torch.randn(
@@ -85,9 +77,9 @@ def test_batches_are_weighted_by_size():
 
 @pytest.mark.parametrize("name", CASES)
 @pytest.mark.parametrize("which", ["LA", "SA", "LM"])
-def test_top_k_eigenvalues_match_eigvalsh(name, which):
+def test_top_k_eigenvalues_match_eigvalsh(name, which, case_hessian):
     model, batches = make_case(name)
-    hessian = dense(name)
+    hessian = case_hessian(name)
     exact = torch.linalg.eigvalsh(hessian)
     order = {"LA": exact.flip(0), "SA": exact, "LM": exact[exact.abs().argsort(descending=True)]}[
         which
@@ -105,19 +97,19 @@ def test_top_k_eigenvalues_match_eigvalsh(name, which):
 
 
 @pytest.mark.parametrize("method", ["lanczos", "block_lanczos"])
-def test_methods_agree_on_a_model(method):
+def test_methods_agree_on_a_model(method, case_hessian):
     model, batches = make_case("cnn")
-    exact = torch.linalg.eigvalsh(dense("cnn")).flip(0)[:3]
+    exact = torch.linalg.eigvalsh(case_hessian("cnn")).flip(0)[:3]
     result = hessian_eigenvalues(model, cross_entropy_loss, batches, k=3, tol=1e-6, method=method)
     assert result.method == method
     assert torch.allclose(result.eigenvalues, exact, rtol=1e-5)
 
 
 @pytest.mark.parametrize("name", CASES)
-def test_bounded_basis_matches_eigvalsh(monkeypatch, name):
+def test_bounded_basis_matches_eigvalsh(monkeypatch, name, case_hessian):
     spy = BasisSpy(monkeypatch)
     model, batches = make_case(name)
-    hessian = dense(name)
+    hessian = case_hessian(name)
     exact = torch.linalg.eigvalsh(hessian).flip(0)
     k, tol = 2, 1e-6
     result = hessian_eigenvalues(
@@ -139,9 +131,9 @@ def test_bounded_basis_matches_eigvalsh(monkeypatch, name):
     assert torch.all(residuals <= 10 * tol * result.eigenvalues.abs() + 1e-12)
 
 
-def test_float32_model_within_tolerance_of_float64():
+def test_float32_model_within_tolerance_of_float64(case_hessian):
     model, batches = make_case("mlp")
-    exact = torch.linalg.eigvalsh(dense("mlp"))[-1]
+    exact = torch.linalg.eigvalsh(case_hessian("mlp"))[-1]
     model32 = copy.deepcopy(model).float()
     batches32 = [(x.float(), y) for x, y in batches]
     result = hessian_eigenvalues(model32, cross_entropy_loss, batches32, k=1, tol=1e-3)
@@ -150,20 +142,20 @@ def test_float32_model_within_tolerance_of_float64():
 
 
 @pytest.mark.parametrize("name", CASES)
-def test_trace_against_exact(name):
+def test_trace_against_exact(name, case_hessian):
     model, batches = make_case(name)
-    exact = float(torch.trace(dense(name)))
+    exact = float(torch.trace(case_hessian(name)))
     estimate = hessian_trace(model, cross_entropy_loss, batches, num_hvps=30, seed=3)
     assert abs(estimate.estimate - exact) <= 4 * estimate.stderr
     full = hessian_trace(model, cross_entropy_loss, batches, num_hvps=10_000)
-    assert full.num_hvps == dense(name).shape[0] and full.stderr == 0
+    assert full.num_hvps == case_hessian(name).shape[0] and full.stderr == 0
     assert full.estimate == pytest.approx(exact, abs=1e-10)
 
 
 @pytest.mark.parametrize("name", CASES)
-def test_trace_deflated_by_a_top_k_solve_against_exact(name):
+def test_trace_deflated_by_a_top_k_solve_against_exact(name, case_hessian):
     model, batches = make_case(name)
-    hessian = dense(name)
+    hessian = case_hessian(name)
     exact = float(torch.trace(hessian))
     top = hessian_eigenvalues(
         model, cross_entropy_loss, batches, k=4, tol=1e-8, return_eigenvectors=True
@@ -183,9 +175,9 @@ def test_trace_deflated_by_a_top_k_solve_against_exact(name):
 
 
 @pytest.mark.parametrize("name", CASES)
-def test_density_moments_match_dense(name):
+def test_density_moments_match_dense(name, case_hessian):
     model, batches = make_case(name)
-    hessian = dense(name)
+    hessian = case_hessian(name)
     g = torch.Generator().manual_seed(2)
     probes = (2 * torch.randint(0, 2, (3, hessian.shape[0]), generator=g) - 1).double()
     steps = 6
@@ -247,9 +239,9 @@ def test_negative_mass_against_the_dense_spectrum_of_a_trained_tanh_mlp():
     assert abs(density.lambda_min - low) <= density.lambda_min_residual
 
 
-def test_parameter_filter_gives_the_diagonal_block():
+def test_parameter_filter_gives_the_diagonal_block(case_hessian):
     model, batches = make_case("mlp")
-    hessian = dense("mlp")
+    hessian = case_hessian("mlp")
     names = [n for n, _ in model.named_parameters()]
     sizes = [p.numel() for p in model.parameters()]
     start = sum(sizes[: names.index("2.weight")])
@@ -419,3 +411,31 @@ def test_missing_second_derivative_is_explained():
         explained
     )
     assert explain_second_order_failure(RuntimeError("something else")) is None
+
+
+def _sum_ce(model, batch):
+    x, y = batch
+    return F.cross_entropy(model(x), y, reduction="sum")
+
+
+@pytest.mark.parametrize("params", [None, ["0"]], ids=["all", "subset"])
+def test_summed_losses_over_unequal_batches_match_the_dense_hessian_of_the_sum(params):
+    model, batches = make_case("mlp")  # batches of 7, 4 and 9 samples
+    dense = dense_hessian_func(model, _sum_ce, batches, reduction="sum")
+    if params is not None:
+        first = sum(p.numel() for p in model[0].parameters())
+        dense = dense[:first, :first]
+    exact = torch.linalg.eigvalsh(dense)
+    result = hessian_eigenvalues(
+        model, _sum_ce, batches, k=3, tol=1e-10, reduction="sum", params=params
+    )
+    torch.testing.assert_close(result.eigenvalues, exact.flip(0)[:3], rtol=1e-8, atol=1e-10)
+    trace = hessian_trace(model, _sum_ce, batches, num_hvps=10_000, reduction="sum", params=params)
+    assert trace.estimate == pytest.approx(float(dense.trace()), rel=1e-10)
+    density = hessian_density(
+        model, _sum_ce, batches, num_probes=2, steps=dense.shape[0], reduction="sum", params=params
+    )
+    assert float(density.nodes.max()) == pytest.approx(float(exact[-1]), rel=1e-8)
+    # The mean-weighted reading of the same sums is a different Hessian.
+    mean_weighted = hessian_eigenvalues(model, _sum_ce, batches, k=1, tol=1e-10, params=params)
+    assert abs(float(mean_weighted.eigenvalues[0]) / float(exact[-1]) - 1) > 0.3

@@ -18,7 +18,7 @@ from spectral_callbacks.curvature import stability_preconditioner
 from spectral_callbacks.curvature.preconditioner import heavy_ball_threshold, nesterov_threshold
 from spectral_callbacks.functional import hessian_eigenvalues, optimizer_stability_ratio
 
-from .lightning_helpers import TanhRegressor, full_batch_loader, regression_data, trainer_kwargs
+from ..models import Quadratic, TanhRegressor, full_batch_loader, regression_data, trainer_kwargs
 
 
 def spectral_radius(coefficients) -> float:
@@ -56,21 +56,6 @@ def test_nesterov_threshold_is_where_the_spectral_radius_reaches_one(beta):
         return [1.0, -(1 + beta) * (1 - h), beta * (1 - h)]
 
     assert nesterov_threshold(beta) == pytest.approx(numerical_boundary(polynomial), rel=1e-6)
-
-
-class Quadratic(nn.Module):
-    """L(θ) = ½ θᵀ A θ with a fixed rotated spectrum."""
-
-    def __init__(self, eigenvalues=(10.0, 3.0, 1.0, 0.5), seed=0):
-        super().__init__()
-        g = torch.Generator().manual_seed(seed)
-        n = len(eigenvalues)
-        q = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64)).Q
-        self.register_buffer("A", (q * torch.tensor(eigenvalues, dtype=torch.float64)) @ q.T)
-        self.theta = nn.Parameter(torch.randn(n, generator=g, dtype=torch.float64))
-
-    def loss(self):
-        return 0.5 * self.theta @ self.A @ self.theta
 
 
 def quadratic_loss(model, batch):

@@ -26,9 +26,19 @@ from spectral_callbacks import (
     SpectralEarlyStopping,
     WeightSpectrumMonitor,
 )
-from spectral_callbacks.functional import hessian_eigenvalues
+from spectral_callbacks.functional import (
+    hessian_density,
+    hessian_eigenvalues,
+    hessian_trace,
+)
 
-from .lightning_helpers import TanhRegressor, regression_data, trainer_kwargs
+from ..models import (
+    AnyBatchRegressor,
+    TanhRegressor,
+    cli_round_trip,
+    regression_data,
+    trainer_kwargs,
+)
 
 ODD_VALUES = [
     None,
@@ -267,7 +277,6 @@ def test_the_functional_api_names_its_bad_arguments(arguments, message):
 
 
 def test_the_functional_trace_and_density_name_their_bad_arguments():
-    from spectral_callbacks.functional import hessian_density, hessian_trace
 
     x, y = regression_data(n=8)
     loss = lambda m, b: F.mse_loss(m(b[0]), b[1])  # noqa: E731
@@ -304,3 +313,10 @@ def test_every_constructor_argument_is_documented(callback):
     documented = set(re.findall(r"^ {4}\**(\w+)(?: \(.*?\))?:", args_section, re.M))
     parameters = list(inspect.signature(callback).parameters)
     assert [p for p in parameters if p not in documented] == []
+
+
+def test_a_lightning_cli_config_with_a_parameter_list_round_trips(tmp_path):
+    init_args = {"every_n_steps": 3, "params": ["net.0"], "reduction": "sum"}
+    monitor = cli_round_trip(AnyBatchRegressor, SharpnessMonitor, init_args, tmp_path)
+    assert monitor.operator_settings.params == ["net.0"]
+    assert monitor.operator_settings.reduction == "sum"

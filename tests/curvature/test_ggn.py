@@ -7,42 +7,11 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from spectral_callbacks.curvature import GGNOperator, NonFiniteLossError
 
-from .helpers import flat_parameters, make_case
-
-
-def dense_ggn(model, batches, loss: str) -> torch.Tensor:
-    """Σ_b (n_b/N) J_bᵀ H_out,b J_b with J from jacrev of a flat-parameter function."""
-    names = [n for n, _ in model.named_parameters()]
-    shapes = [p.shape for _, p in model.named_parameters()]
-    theta = flat_parameters(model)
-    total = sum(b[0].shape[0] for b in batches)
-
-    def outputs_of(flat, x):
-        values, offset = {}, 0
-        for name, shape in zip(names, shapes, strict=True):
-            values[name] = flat[offset : offset + shape.numel()].reshape(shape)
-            offset += shape.numel()
-        return torch.func.functional_call(model, values, (x,))
-
-    result = 0
-    for x, y in batches:
-        f = outputs_of(theta, x)
-        jacobian = torch.func.jacrev(outputs_of)(theta, x).reshape(f.numel(), -1)
-
-        def loss_of(out, y=y, shape=f.shape):
-            if loss == "cross_entropy":
-                return F.cross_entropy(out.reshape(shape), y)
-            if loss == "mse":
-                return F.mse_loss(out.reshape(shape), y)
-            return F.binary_cross_entropy_with_logits(out.reshape(shape), y)
-
-        h_out = torch.func.hessian(loss_of)(f.reshape(-1))
-        result = result + (x.shape[0] / total) * jacobian.T @ h_out @ jacobian
-    return result
+from ..models import make_case
+from ..oracles import dense_ggn
 
 
 @pytest.mark.parametrize("loss", ["cross_entropy", "mse", "bce"])
@@ -67,8 +36,7 @@ def test_functional_and_monitor_measure_the_ggn_beside_the_hessian():
     from spectral_callbacks import HessianSpectrumMonitor
     from spectral_callbacks.functional import hessian_eigenvalues, hessian_trace
 
-    from .helpers import cross_entropy_loss
-    from .lightning_helpers import NoisyClassifier, classification_loader, trainer_kwargs
+    from ..models import NoisyClassifier, classification_loader, cross_entropy_loss, trainer_kwargs
 
     model, batches = make_case("mlp")
     dense = dense_ggn(model, batches, "cross_entropy")

@@ -1,7 +1,7 @@
-"""Run by tests/test_gradient_difference.py: λ_max of a model sharded by torch's fully_shard
+"""Run by tests/curvature/test_gradient_difference.py: λ_max of a model sharded by torch's fully_shard
 (FSDP2) over two CPU processes (gloo), by gradient differences.
 
-Usage: python tests/fsdp_worker.py OUT_DIR PORT
+Usage: python tests/curvature/fsdp_worker.py OUT_DIR PORT
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2]))
 
 from spectral_callbacks.curvature import HessianOperator
 from spectral_callbacks.linalg import eigenpairs

@@ -1,6 +1,6 @@
-"""Run by tests/test_distributed.py: a 2-process CPU DDP fit that records every rank's view.
+"""Run by tests/callbacks/test_distributed.py: a 2-process CPU DDP fit that records every rank's view.
 
-Usage: python tests/ddp_worker.py OUT_DIR
+Usage: python tests/callbacks/ddp_worker.py OUT_DIR
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2]))
 
 from spectral_callbacks import (
     HessianSpectrumMonitor,
@@ -25,7 +25,7 @@ from spectral_callbacks import (
     WeightSpectrumMonitor,
 )
 from spectral_callbacks.callbacks import SpectralMonitor
-from tests.lightning_helpers import TanhRegressor, regression_data
+from tests.models import TanhRegressor, regression_data
 
 
 class RankScripted(SpectralMonitor):

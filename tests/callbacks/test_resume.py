@@ -8,10 +8,21 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
 
-from spectral_callbacks import HessianSpectrumMonitor, SharpnessMonitor, SpectralEarlyStopping
+from spectral_callbacks import (
+    HessianSpectrumMonitor,
+    SharpnessMonitor,
+    SpectralEarlyStopping,
+)
 
-from .lightning_helpers import TanhRegressor, regression_data, trainer_kwargs
-from .test_callbacks import read_events
+from ..models import (
+    AnyBatchRegressor,
+    ListDataset,
+    Pair,
+    TanhRegressor,
+    regression_data,
+    trainer_kwargs,
+)
+from ..runs import read_events
 
 
 def loader():
@@ -90,3 +101,64 @@ def test_resumed_run_matches_the_uninterrupted_run(tmp_path):
         assert [e.value for e in events_i.Scalars(tag)] == pytest.approx(
             [e.value for e in events_u.Scalars(tag)], rel=0, abs=0
         )
+
+
+def _fit_pairs(tmp_path, max_steps, monitor, ckpt_path=None, every=None):
+    g = torch.Generator().manual_seed(7)
+    x, y = torch.randn(12, 3, generator=g), torch.randn(12, 1, generator=g)
+    pairs = [Pair(x[i : i + 4], y[i : i + 4]) for i in range(0, 12, 4)]
+    loader = torch.utils.data.DataLoader(ListDataset(pairs), batch_size=None)
+
+    class Learning(AnyBatchRegressor):
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    callbacks = [monitor]
+    if every is not None:
+        callbacks.append(
+            L.callbacks.ModelCheckpoint(
+                dirpath=tmp_path, every_n_train_steps=every, save_top_k=-1
+            )
+        )
+    torch.manual_seed(0)
+    trainer = L.Trainer(
+        max_steps=max_steps,
+        max_epochs=-1,
+        callbacks=callbacks,
+        **trainer_kwargs(enable_checkpointing=every is not None),
+    )
+    trainer.fit(Learning(), loader, ckpt_path=ckpt_path)
+    return trainer
+
+
+def test_a_probe_of_named_tuples_survives_a_checkpoint_read_with_weights_only(tmp_path):
+    whole = SharpnessMonitor(every_n_steps=2, tol=1e-8, probe_batches=2)
+    _fit_pairs(tmp_path / "whole", 8, whole)
+    first = SharpnessMonitor(every_n_steps=2, tol=1e-8, probe_batches=2)
+    _fit_pairs(tmp_path / "ckpt", 3, first, every=3)  # an epoch boundary: 3 batches an epoch
+    path = tmp_path / "ckpt" / "epoch=0-step=3.ckpt"
+    checkpoint = torch.load(path)  # torch's default: weights_only=True
+    (state,) = [v for k, v in checkpoint["callbacks"].items() if "SharpnessMonitor" in k]
+    assert state["probe"] is None and len(state["probe_tensors"]) == 2
+    resumed = SharpnessMonitor(every_n_steps=2, tol=1e-8, probe_batches=2)
+    _fit_pairs(tmp_path / "resumed", 8, resumed, ckpt_path=str(path))
+    assert isinstance(resumed._probe[0], Pair)
+    assert resumed.history == whole.history
+
+
+def test_checkpoints_carry_warm_start_vectors_only_when_asked_or_small():
+    vector = torch.ones(10)
+    monitor = SharpnessMonitor()
+    monitor._start = vector
+    assert torch.equal(monitor.state_dict()["warm_start"]["start"], vector)
+    off = SharpnessMonitor(checkpoint_warm_start=False)
+    off._start = vector
+    assert "warm_start" not in off.state_dict()
+    large = HessianSpectrumMonitor(k=2)
+    large._start = torch.empty(3, 2**22)  # 48 MiB: kept
+    assert "warm_start" in large.state_dict()
+    large._start = torch.empty(3, 2**23)  # 96 MiB: over the default bound of 64 MiB
+    with pytest.warns(RuntimeWarning, match="left out of checkpoints"):
+        assert "warm_start" not in large.state_dict()
+    with pytest.raises(TypeError, match="checkpoint_warm_start must be True or False"):
+        SharpnessMonitor(checkpoint_warm_start="no")

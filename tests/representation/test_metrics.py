@@ -275,3 +275,14 @@ def test_unknown_layer_lists_close_matches():
         capture_features(_Encoder(), ["encoderr"]),
     ):
         pass
+
+
+def test_rankme_and_friends_refuse_what_they_cannot_measure():
+    with pytest.raises(ValueError, match="no positive eigenvalue"):
+        rankme(torch.zeros(8, 3))
+    with pytest.raises(ValueError, match="no positive eigenvalue"):
+        rankme(torch.zeros(0))
+    with pytest.raises(ValueError, match="complex"):
+        rankme(torch.randn(8, 3, dtype=torch.complex64))
+    with pytest.raises(FloatingPointError, match="NaN or infinite"):
+        rankme(torch.full((8, 3), math.nan))

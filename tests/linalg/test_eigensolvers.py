@@ -2,30 +2,30 @@
 
 from __future__ import annotations
 
+import copy
 import itertools
 import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import spectral_callbacks.linalg.eigsh as eigsh
+from spectral_callbacks.functional import (
+    hessian_eigenvalues,
+)
 from spectral_callbacks.linalg import DenseOperator, block_lanczos, eigenpairs, lanczos, slq
 from spectral_callbacks.linalg.eigsh import select_ritz
 
-from .helpers import BasisSpy
+from ..models import (
+    BasisSpy,
+    make_case,
+)
+from ..oracles import dense_hessian_func, matrix_with_spectrum
 
 SOLVERS = {"lanczos": lanczos, "block_lanczos": block_lanczos}
-
-
-def matrix_with_spectrum(eigenvalues: torch.Tensor, seed: int = 0) -> torch.Tensor:
-    """Q diag(λ) Qᵀ with a random orthogonal Q."""
-    g = torch.Generator().manual_seed(seed)
-    n = eigenvalues.numel()
-    q, _ = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64))
-    a = (q * eigenvalues.double()) @ q.T
-    return 0.5 * (a + a.T)
 
 
 def expected(eigenvalues: torch.Tensor, k: int, which: str) -> torch.Tensor:
@@ -449,3 +449,46 @@ def test_bad_max_basis_names_the_argument(kwargs, message):
     op = DenseOperator(matrix_with_spectrum(torch.linspace(-1, 1, 30)))
     with pytest.raises(ValueError, match=message):
         eigenpairs(op, **kwargs)
+
+
+def _ce(model, batch):
+    x, y = batch
+    return F.cross_entropy(model(x), y.long())
+
+
+@pytest.mark.parametrize("tol", [1e-8, 1e-6, 1e-4])
+def test_a_float32_solve_claims_no_residual_a_float64_product_does_not_confirm(tol):
+    model, batches = make_case("mlp")  # float64
+    dense = dense_hessian_func(model, _ce, batches)
+    single = copy.deepcopy(model).float()
+    data = [(x.float(), y) for x, y in batches]
+    result = hessian_eigenvalues(
+        single, _ce, data, k=3, tol=tol, return_eigenvectors=True, max_iter=60
+    )
+    vectors = result.eigenvectors.double()
+    vectors = vectors / vectors.norm(dim=1, keepdim=True)
+    true = (vectors @ dense - result.eigenvalues.unsqueeze(1) * vectors).norm(dim=1)
+    for flag, residual, value in zip(result.converged, true, result.eigenvalues, strict=True):
+        if flag:
+            # The float64 residual of the float32 vector, up to the vector's own rounding.
+            assert residual <= tol * abs(value) + 1e-6 * abs(value), (tol, residual, value)
+    if tol == 1e-8:
+        assert not bool(result.converged.any())  # float32 cannot resolve 1e-8
+    if tol == 1e-4:
+        assert bool(result.converged.all())
+    exact = torch.linalg.eigvalsh(dense).flip(0)[:3]
+    # Rayleigh quotients of float32 vectors never exceed λ_max by more than float32 rounding.
+    assert float(result.eigenvalues[0]) <= float(exact[0]) * (1 + 1e-6)
+
+
+def test_a_repeated_eigenvalue_is_not_skipped_when_the_krylov_space_exhausts():
+    from spectral_callbacks.linalg import DenseOperator, lanczos
+
+    torch.manual_seed(0)
+    spectrum = torch.cat([torch.zeros(4), torch.linspace(0.6, 20, 8)]).double()
+    q, _ = torch.linalg.qr(torch.randn(12, 12, dtype=torch.float64))
+    a = q @ torch.diag(spectrum) @ q.T
+    for seed in range(3):
+        result = lanczos(DenseOperator(0.5 * (a + a.T)), k=5, which="SA", tol=1e-8, seed=seed)
+        torch.testing.assert_close(result.eigenvalues, spectrum[:5], atol=1e-10, rtol=0)
+        assert bool(result.converged.all())

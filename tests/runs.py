@@ -1,0 +1,72 @@
+"""Lightning runs the callback tests share: fit and capture what must stay bit-identical,
+snapshots of the model at each step, the TensorBoard events a run wrote."""
+
+from __future__ import annotations
+
+import copy
+
+import lightning.pytorch as L
+import torch
+from lightning.pytorch.callbacks import Callback
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.plugins.custom_scalar import layout_pb2
+
+from .models import NoisyClassifier, classification_loader, trainer_kwargs
+
+
+class Snapshots(Callback):
+    """Copies of the model's parameters after every optimizer step (and at step 0)."""
+
+    def __init__(self) -> None:
+        self.states: dict[int, dict] = {}
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.states.setdefault(trainer.global_step, copy.deepcopy(pl_module.state_dict()))
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.states[trainer.global_step] = copy.deepcopy(pl_module.state_dict())
+
+
+def read_events(log_dir) -> EventAccumulator:
+    accumulator = EventAccumulator(
+        str(log_dir), size_guidance={"scalars": 0, "histograms": 0, "images": 0, "tensors": 0}
+    )
+    accumulator.Reload()
+    return accumulator
+
+
+def custom_charts(events: EventAccumulator) -> dict[str, list[str]]:
+    """The custom-scalars dashboard last written: chart title -> tag patterns."""
+    config = events.Tensors("custom_scalars__config__")[-1]
+    layout = layout_pb2.Layout()
+    layout.ParseFromString(config.tensor_proto.string_val[0])
+    return {
+        chart.title: list(chart.multiline.tag)
+        for category in layout.category
+        for chart in category.chart
+    }
+
+
+def fit_and_capture(callbacks, loader_seed=0, **overrides):
+    L.seed_everything(0, verbose=False)
+    model = NoisyClassifier()
+    trainer = L.Trainer(max_epochs=2, callbacks=callbacks, **trainer_kwargs(**overrides))
+    trainer.fit(model, classification_loader(seed=loader_seed))
+    optimizer_state = copy.deepcopy(trainer.optimizers[0].state_dict())
+    return model, optimizer_state, torch.get_rng_state()
+
+
+def assert_identical_runs(a, b):
+    (model_a, opt_a, rng_a), (model_b, opt_b, rng_b) = a, b
+    for (name, pa), pb in zip(
+        model_a.state_dict().items(), model_b.state_dict().values(), strict=True
+    ):
+        assert torch.equal(pa, pb), name
+    for key, state in opt_a["state"].items():
+        for field, value in state.items():
+            assert torch.equal(
+                torch.as_tensor(value), torch.as_tensor(opt_b["state"][key][field])
+            ), (key, field)
+    assert torch.equal(rng_a, rng_b)
+    modes_a = [m.training for m in model_a.modules()]
+    assert modes_a == [m.training for m in model_b.modules()]
