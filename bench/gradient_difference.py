@@ -18,60 +18,42 @@ Writes ``bench/results/gradient-difference-<device>-<date>.{json,md}``.
 
 from __future__ import annotations
 
-import argparse
-import datetime as dt
-import json
 import pathlib
 import statistics
 import subprocess
 import sys
-import time
 
 import torch
 
-from bench.harness import device_label
-from bench.report import RESULTS
+from bench.harness import stopwatch
+from bench.report import heading
+from bench.study import finish, study_parser
 from spectral_callbacks.curvature import HessianOperator
 from spectral_callbacks.functional import hessian_eigenvalues
-from spectral_callbacks.workloads import GPT, classification_loss, mlp, sgd_steps, tiny_cnn
+from spectral_callbacks.workloads import classification_loss, make_workload
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
-def workload(name: str, smoke: bool):
+CPU = torch.device("cpu")
+#: Workloads of the registry (spectral_callbacks.workloads) by part, full and smoke sizes.
+COST_WORKLOADS = {False: ("mlp-128", "cnn-16", "gpt-2L"), True: ("tiny", "cnn-4", "gpt-tiny")}
+CONVERGENCE_WORKLOADS = {False: ("mlp-128", "gpt-2L"), True: ("tiny", "gpt-tiny")}
+MEMORY_WORKLOAD = {False: "gpt-2L-1024", True: "gpt-tiny-32"}
+
+
+def workload(name: str):
     """(model, batch) after 10 SGD steps, in eval mode."""
-    g = torch.Generator().manual_seed(0)
-    torch.manual_seed(0)
-    if name == "mlp":
-        widths = [64, 32, 10] if smoke else [784, 128, 128, 10]
-        model = mlp(widths)
-        x = torch.randn(64 if smoke else 256, widths[0], generator=g)
-        y = torch.randint(0, 10, (x.shape[0],), generator=g)
-    elif name == "cnn":
-        model = tiny_cnn(4 if smoke else 16)
-        x = torch.randn(16 if smoke else 64, 3, 8 if smoke else 16, 8 if smoke else 16, generator=g)
-        y = torch.randint(0, 10, (x.shape[0],), generator=g)
-    elif name.startswith("gpt"):
-        context = int(name.removeprefix("gpt")) if name != "gpt" else (16 if smoke else 128)
-        vocab, dim = (64, 32) if smoke else (512, 128)
-        model = GPT(vocab=vocab, dim=dim, heads=4, layers=2, context=context)
-        tokens = torch.randint(0, vocab, (2 if smoke else 4, context + 1), generator=g)
-        x, y = tokens[:, :-1], tokens[:, 1:]
-    else:
-        raise ValueError(name)
-    batch = (x, y)
-    sgd_steps(model, batch, classification_loss, steps=10)
+    model, batch, _ = make_workload(name, CPU, steps=10)
     return model, batch
 
 
 def _seconds(fn) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
+    return stopwatch(fn, CPU)[0]
 
 
-def product_costs(name: str, repeats: int, smoke: bool) -> dict:
-    model, batch = workload(name, smoke)
+def product_costs(name: str, repeats: int) -> dict:
+    model, batch = workload(name)
     params = [p for p in model.parameters() if p.requires_grad]
     operators = {
         "reuse_graph": HessianOperator(model, classification_loss, batch, hvp="reuse_graph"),
@@ -116,19 +98,21 @@ def product_costs(name: str, repeats: int, smoke: bool) -> dict:
     }
 
 
-def convergence(name: str, smoke: bool, seeds: int = 3) -> dict:
-    model, batch = workload(name, smoke)
+def convergence(name: str, seeds: int = 3) -> dict:
+    model, batch = workload(name)
     reference = hessian_eigenvalues(model, classification_loss, batch, k=1, tol=1e-6)
     truth = float(reference.eigenvalues[0])
     rows = {}
     for path in ("reuse_graph", "gradient_difference"):
         products, seconds, errors, converged = [], [], [], []
         for seed in range(seeds):
-            start = time.perf_counter()
-            result = hessian_eigenvalues(
-                model, classification_loss, batch, k=1, tol=1e-3, seed=seed, hvp=path
+            elapsed, result = stopwatch(
+                lambda seed=seed, path=path: hessian_eigenvalues(
+                    model, classification_loss, batch, k=1, tol=1e-3, seed=seed, hvp=path
+                ),
+                CPU,
             )
-            seconds.append(time.perf_counter() - start)
+            seconds.append(elapsed)
             products.append(result.num_hvps)
             errors.append(abs(float(result.eigenvalues[0]) / truth - 1))
             converged.append(bool(result.converged.all()))
@@ -147,7 +131,7 @@ from bench import gradient_difference as study
 from spectral_callbacks.workloads import classification_loss
 from spectral_callbacks.functional import hessian_eigenvalues
 torch.set_num_threads(2)
-model, batch = study.workload({name!r}, {smoke!r})
+model, batch = study.workload({name!r})
 torch.autograd.grad(classification_loss(model, batch), list(model.parameters()))
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 result = hessian_eigenvalues(model, classification_loss, batch, k=1, tol=1e-3, hvp={hvp!r})
@@ -156,10 +140,10 @@ print((after - before) / 1024, float(result.eigenvalues[0]), result.num_hvps)
 """
 
 
-def memory(name: str, smoke: bool) -> dict:
+def memory(name: str) -> dict:
     rows = {}
     for hvp in ("gradient_difference", "reuse_graph"):
-        code = MEMORY_CHILD.format(name=name, smoke=smoke, hvp=hvp)
+        code = MEMORY_CHILD.format(name=name, hvp=hvp)
         out = subprocess.run(  # from the repository root, where bench is a package
             [sys.executable, "-c", code], check=True, capture_output=True, text=True, cwd=ROOT
         ).stdout.split()
@@ -171,10 +155,13 @@ def memory(name: str, smoke: bool) -> dict:
     return {"workload": name, "paths": rows}
 
 
-def report(result: dict) -> str:
+def markdown(rows: list[dict], meta: dict) -> str:
+    result = {part: [r for r in rows if r["part"] == part] for part in PARTS}
+    repeats = ", ".join(sorted({str(r["repeats"]) for r in result["costs"]})) or "-"
     lines = [
-        f"Device: {result['device']}, torch {result['torch']}, {result['date']}, "
-        f"median of {result['repeats']} interleaved repeats.",
+        heading("Products from gradient differences", meta),
+        "",
+        f"Median of {repeats} interleaved repeats.",
         "",
         "**1. One product** (ms; × one gradient; relative error against the exact product)",
         "",
@@ -217,32 +204,25 @@ def report(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--smoke", action="store_true")
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--out", default=str(RESULTS))
-    args = parser.parse_args(argv)
+PARTS = ("costs", "convergence", "memory")
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    args = study_parser(__doc__, repeats=5).parse_args(argv)
     smoke = args.smoke
-    device = device_label(torch.device("cpu"))
-    result = {
-        "device": device,
-        "torch": torch.__version__,
-        "date": dt.date.today().isoformat(),
-        "repeats": 2 if smoke else args.repeats,
-        "costs": [
-            product_costs(n, 2 if smoke else args.repeats, smoke) for n in ("mlp", "cnn", "gpt")
-        ],
-        "convergence": [convergence(n, smoke, 1 if smoke else 3) for n in ("mlp", "gpt")],
-        "memory": [memory("gpt32" if smoke else "gpt1024", smoke)],
-    }
-    out = pathlib.Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    stem = f"gradient-difference-{device}-{result['date']}" + ("-smoke" if smoke else "")
-    (out / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
-    (out / f"{stem}.md").write_text(report(result))
-    print(report(result))
-    return result
+    repeats = 2 if smoke else args.repeats
+    rows = [
+        {"part": "costs", "repeats": repeats, **product_costs(name, repeats)}
+        for name in COST_WORKLOADS[smoke]
+    ]
+    rows += [
+        {"part": "convergence", **convergence(name, 1 if smoke else 3)}
+        for name in CONVERGENCE_WORKLOADS[smoke]
+    ]
+    rows.append({"part": "memory", **memory(MEMORY_WORKLOAD[smoke])})
+    return finish(
+        "gradient-difference", rows, args, markdown, key=lambda r: (r["part"], r["workload"])
+    )
 
 
 if __name__ == "__main__":

@@ -13,25 +13,22 @@ or with one monitor, interleaved over the repeats. Two overheads are reported: t
 time of the run over the run without callbacks (medians), and the time spent in the
 monitor's measurements over the rest of its own run (immune to drift between runs).
 Products per measurement come from the monitors' own counts. Writes
-``bench/results/monitor-cost-<date>.md`` for A and B; runs on C1 and G1 (one workload and
-monitor per command fits in ten minutes) add to ``monitor-cost-cpu-workloads-<date>.{json,md}``.
+``bench/results/monitor-cost-<device>-<date>.{json,md}``; runs of other workloads or
+monitors on one day (one workload and monitor per command fits in ten minutes) add to it.
 """
 
 from __future__ import annotations
 
-import argparse
-import datetime as dt
-import pathlib
 import re
 import statistics
-import time
 import warnings
 
 import lightning.pytorch as L
 import torch
 
-from bench.harness import device_label
-from bench.report import RESULTS, keyed_merge, write_day_file
+from bench.harness import stopwatch
+from bench.report import document
+from bench.study import finish, study_parser
 from spectral_callbacks import (
     HessianSpectrumMonitor,
     RepresentationMonitor,
@@ -46,6 +43,8 @@ from spectral_callbacks.workloads import (
     initial_workload,
     teacher_regression,
 )
+
+CPU = torch.device("cpu")
 
 
 def monitors(steps: int) -> dict:
@@ -84,11 +83,9 @@ def timed_measurements(callback) -> list[float]:
     measure = callback.measure
 
     def timed(*args, **kwargs):
-        began = time.perf_counter()
-        try:
-            return measure(*args, **kwargs)
-        finally:
-            seconds.append(time.perf_counter() - began)
+        elapsed, result = stopwatch(lambda: measure(*args, **kwargs), CPU)
+        seconds.append(elapsed)
+        return result
 
     callback.measure = timed
     return seconds
@@ -122,11 +119,10 @@ def run(model_name: str, make_callback, steps: int) -> tuple[float, object, list
         enable_model_summary=False,
         enable_checkpointing=False,
     )
-    start = time.perf_counter()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        trainer.fit(model, loader)
-    return time.perf_counter() - start, callback, measured
+        elapsed, _ = stopwatch(lambda: trainer.fit(model, loader), CPU)
+    return elapsed, callback, measured
 
 
 def choices_for(model_name: str, steps: int) -> dict:
@@ -192,41 +188,37 @@ MODELS = {
 WORKLOAD_MODELS = ("C1", "G1", "tiny")
 
 
-def markdown(rows: list[dict], date: str, device: str) -> str:
+def markdown(rows: list[dict], meta: dict) -> str:
     models = list(dict.fromkeys(row["model"] for row in rows))
-    lines = [
-        f"# Cost of the monitors in training ({date}, {device}, torch {torch.__version__})",
-        "",
-        *(f"{name}: {MODELS[name]}." for name in models),
-        "",
-        "Each row: steps trained, and interleaved runs (median) with no callback and with the "
-        "monitor. Overhead: the run's wall time over the run without callbacks. In "
+    description = "\n".join(f"{name}: {MODELS[name]}." for name in models) + (
+        "\n\nEach row: steps trained, and interleaved runs (median) with no callback and with "
+        "the monitor. Overhead: the run's wall time over the run without callbacks. In "
         "measurements: the seconds inside the monitor's measurements over the rest of the "
-        "same run.",
-        "",
-        "| model | monitor | steps; runs | measurements | products (first; median) | run time "
-        "| overhead | in measurements |",
-        "|---|---|---|---|---|---|---|---|",
+        "same run."
+    )
+    header = ["model", "monitor", "steps; runs", "measurements", "products (first; median)"]
+    header += ["run time", "overhead", "in measurements"]
+    cells = [
+        [
+            row["model"],
+            f"`{row['monitor']}`",
+            f"{row.get('steps', 1000)}; {row.get('repeats', 3)}",
+            row["measurements"],
+            f"{row['first_products']:.0f}; {row['median_products']:.0f}",
+            f"{row['seconds']:.2f} s (vs {row['base_seconds']:.2f} s)",
+            f"{100 * row['overhead']:+.1f} %",
+            f"{100 * row['measurement_share']:.1f} %",
+        ]
+        for row in rows
     ]
-    for row in rows:
-        lines.append(
-            f"| {row['model']} | `{row['monitor']}` | {row.get('steps', 1000)}; "
-            f"{row.get('repeats', 3)} | {row['measurements']} | "
-            f"{row['first_products']:.0f}; {row['median_products']:.0f} | "
-            f"{row['seconds']:.2f} s (vs {row['base_seconds']:.2f} s) | "
-            f"{100 * row['overhead']:+.1f} % | {100 * row['measurement_share']:.1f} % |"
-        )
-    return "\n".join(lines) + "\n"
+    return document("Cost of the monitors in training", meta, description, header, cells)
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--smoke", action="store_true")
+    parser = study_parser(__doc__, repeats=3)
     parser.add_argument("--workloads", nargs="+", choices=list(MODELS), default=["A", "B"])
     parser.add_argument("--monitors", default=None, help="regular expression: only these")
     parser.add_argument("--steps", type=int, default=1000)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--out", default=str(RESULTS))
     args = parser.parse_args(argv)
     steps, repeats = (40, 1) if args.smoke else (args.steps, args.repeats)
     rows = [
@@ -234,26 +226,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
         for model_name in args.workloads
         for row in measure_model(model_name, steps, repeats, args.monitors)
     ]
-    date, device = dt.date.today().isoformat(), device_label(torch.device("cpu"))
-    if not args.smoke:
-        # The demo models (A, B) keep their own file; runs on the workloads of bench/run.py
-        # (one monitor or workload per command) add to one file of the day, row by row.
-        demo = set(args.workloads) <= {"A", "B"}
-        stem = pathlib.Path(args.out) / (
-            f"monitor-cost-{date}" if demo else f"monitor-cost-cpu-workloads-{date}"
-        )
-        if demo:
-            stem.with_suffix(".md").write_text(markdown(rows, date, device))
-        else:
-            rows = write_day_file(
-                stem,
-                {"date": date, "device": device},
-                rows,
-                keyed_merge(lambda row: (row["model"], row["monitor"])),
-                lambda rows, meta: markdown(rows, meta["date"], meta["device"]),
-            )
-    print(markdown(rows, date, device))
-    return rows
+    return finish(
+        "monitor-cost", rows, args, markdown, key=lambda row: (row["model"], row["monitor"])
+    )
 
 
 if __name__ == "__main__":

@@ -8,20 +8,17 @@ showed fewer. For each model this counts the outliers by the rule of
 :func:`spectral_callbacks.linalg.count_outliers` twice: from the exact spectrum (dense
 float64 Hessian, one node per eigenvalue) and as ``HessianSpectrumMonitor`` does, from
 top-20 Lanczos values and an SLQ density (8 probes, 64 steps). Writes
-``bench/results/outliers-<date>.md``.
+``bench/results/outliers-<device>-<date>.{json,md}``.
 """
 
 from __future__ import annotations
-
-import argparse
-import datetime as dt
-import pathlib
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bench.report import RESULTS
+from bench.report import document
+from bench.study import finish, study_parser
 from spectral_callbacks.curvature import HessianOperator
 from spectral_callbacks.linalg import (
     SpectralDensity,
@@ -81,36 +78,35 @@ def study(seed: int, steps: int, smoke: bool) -> dict:
     }
 
 
+def markdown(rows: list[dict], meta: dict) -> str:
+    header = ["seed", "SGD steps", "parameters", "train accuracy", "dense count", "SLQ count"]
+    header += ["bulk edge (dense / SLQ)", "top eigenvalues"]
+    cells = [
+        [
+            row["seed"],
+            row["steps"],
+            f"{row['parameters']:,}",
+            f"{row['accuracy']:.2f}",
+            row["dense_count"],
+            row["slq_count"],
+            f"{row['dense_edge']:.3g} / {row['slq_edge']:.3g}",
+            ", ".join(f"{v:.3g}" for v in row["top"][:8]),
+        ]
+        for row in rows
+    ]
+    description = (
+        "`python -m bench.outliers`: full-batch SGD (lr 0.1), float64; the rule of "
+        "`count_outliers` on the exact spectrum and on top-20 Lanczos + SLQ (8 × 64)."
+    )
+    title = "Outliers of MLP Hessians on a 10-class Gaussian mixture"
+    return document(title, meta, description, header, cells)
+
+
 def main(argv: list[str] | None = None) -> list[dict]:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--smoke", action="store_true")
-    parser.add_argument("--out", default=str(RESULTS))
-    args = parser.parse_args(argv)
+    args = study_parser(__doc__).parse_args(argv)
     seeds, lengths = ([0], [20]) if args.smoke else ([0, 1, 2], [100, 1000])
     rows = [study(seed, steps, args.smoke) for steps in lengths for seed in seeds]
-    lines = [
-        f"# Outliers of MLP Hessians on a 10-class Gaussian mixture ({dt.date.today()})",
-        "",
-        "`python -m bench.outliers`: full-batch SGD (lr 0.1), float64; the rule of "
-        "`count_outliers` on the exact spectrum and on top-20 Lanczos + SLQ (8 × 64).",
-        "",
-        "| seed | SGD steps | parameters | train accuracy | dense count | SLQ count | "
-        "bulk edge (dense / SLQ) | top eigenvalues |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
-    for row in rows:
-        top = ", ".join(f"{v:.3g}" for v in row["top"][:8])
-        lines.append(
-            f"| {row['seed']} | {row['steps']} | {row['parameters']:,} | {row['accuracy']:.2f} | "
-            f"{row['dense_count']} | {row['slq_count']} | {row['dense_edge']:.3g} / "
-            f"{row['slq_edge']:.3g} | {top} |"
-        )
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if not args.smoke:
-        out = pathlib.Path(args.out) / f"outliers-{dt.date.today()}.md"
-        out.write_text(text)
-    return rows
+    return finish("outliers", rows, args, markdown, key=lambda row: (row["seed"], row["steps"]))
 
 
 if __name__ == "__main__":

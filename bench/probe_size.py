@@ -18,13 +18,13 @@ one day add to that file.
 
 from __future__ import annotations
 
-import argparse
 import statistics
 
 import torch
 
-from bench.harness import gradient_ms, run_meta, stopwatch
-from bench.report import RESULTS, heading, keyed_merge, record_day
+from bench.harness import gradient_ms, stopwatch
+from bench.report import document
+from bench.study import finish, study_parser, workload_names
 from spectral_callbacks.curvature import HessianOperator
 from spectral_callbacks.linalg import eigenpairs
 from spectral_callbacks.workloads import make_workload
@@ -80,43 +80,34 @@ def probe_sizes(name: str, splits: tuple[int, ...] = (1, 2, 4)) -> dict:
 
 
 def markdown(rows: list[dict], meta: dict) -> str:
-    lines = [
-        heading("Probe size and the top eigenvalue", meta),
-        "",
+    header = ["workload", "probe (of batch)", "λ_max of the parts", "largest error"]
+    header += ["mean error", "products", "seconds", "gradient-times"]
+    cells = [
+        [
+            row["workload"],
+            f"{split['samples']} of {row['batch']}",
+            ", ".join(f"{v:.4g}" for v in split["values"]),
+            f"{split['max_abs_error']:.1e}",
+            f"{split['mean_error']:+.1e}",
+            f"{split['products']:.0f}",
+            f"{split['seconds']:.2f}",
+            f"{split['gradient_times']:.1f}",
+        ]
+        for row in rows
+        for split in row["splits"]
+    ]
+    description = (
         "λ_max (tol 1e-4) on disjoint parts of the workload's batch against the whole "
         "batch; cost of one top-1 solve at tol 1e-3 (median over the parts; gradient-times "
-        "in gradients of the whole batch).",
-        "",
-        "| workload | probe (of batch) | λ_max of the parts | largest error | mean error "
-        "| products | seconds | gradient-times |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
-    for row in rows:
-        for split in row["splits"]:
-            values = ", ".join(f"{v:.4g}" for v in split["values"])
-            lines.append(
-                f"| {row['workload']} | {split['samples']} of {row['batch']} | {values} "
-                f"| {split['max_abs_error']:.1e} | {split['mean_error']:+.1e} "
-                f"| {split['products']:.0f} | {split['seconds']:.2f} "
-                f"| {split['gradient_times']:.1f} |"
-            )
-    return "\n".join(lines) + "\n"
+        "in gradients of the whole batch)."
+    )
+    return document("Probe size and the top eigenvalue", meta, description, header, cells)
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--workloads", nargs="+", default=["C1", "G1"])
-    parser.add_argument("--smoke", action="store_true")
-    parser.add_argument("--out", default=str(RESULTS))
-    args = parser.parse_args(argv)
-    names = ["tiny"] if args.smoke else args.workloads
-    rows = [probe_sizes(name) for name in names]
-    meta = run_meta(torch.device("cpu"))
-    if not args.smoke:
-        merge = keyed_merge(lambda row: row["workload"])
-        rows = record_day("probe-size", meta, rows, args.out, merge, markdown)
-    print(markdown(rows, meta))
-    return rows
+    args = study_parser(__doc__, workloads=["C1", "G1"]).parse_args(argv)
+    rows = [probe_sizes(name) for name in workload_names(args)]
+    return finish("probe-size", rows, args, markdown, key=lambda row: row["workload"])
 
 
 if __name__ == "__main__":

@@ -64,6 +64,13 @@ def heading(title: str, meta: dict) -> str:
     return f"# {title} ({meta['date']}, {meta['device']}, torch {meta['torch']})"
 
 
+def document(
+    title: str, meta: dict, description: str, header: list[str], rows: list[list[str]]
+) -> str:
+    """A study's markdown: its heading (:func:`heading`), a description and one table."""
+    return "\n".join([heading(title, meta), "", description, "", *table(header, rows)]) + "\n"
+
+
 def is_peer_comparison(results: dict) -> bool:
     """Whether a results file was written by ``bench/run.py`` (the comparison with the peers)."""
     return {"workloads", "device", "repeats"} <= results.keys()

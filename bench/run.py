@@ -20,7 +20,6 @@ import math
 import pathlib
 import re
 import statistics
-import time
 import warnings
 from collections.abc import Callable
 
@@ -78,11 +77,8 @@ def compiled_hvp_costs(model, batch, loss_fn, device, repeats) -> dict:
         block = torch.randn(width, op.size, device=device)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            sync(device)
-            began = time.perf_counter()
-            op.matmat(block)  # eager check + compilation
-            sync(device)
-            row[f"compile_{width}_s"] = time.perf_counter() - began
+            # The eager check and the compilation.
+            row[f"compile_{width}_s"] = stopwatch(lambda b=block: op.matmat(b), device)[0]
             seconds = timed(lambda b=block: op.matmat(b), device, repeats)[0]
         failures = [
             str(w.message)[:120]
@@ -224,7 +220,7 @@ def count_host_syncs(run: Callable[[], object], device: torch.device) -> tuple[i
     """
     if device.type != "cuda":
         return "n/a (CPU)", run()
-    torch.cuda.synchronize(device)
+    sync(device)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         torch.cuda.set_sync_debug_mode("warn")
@@ -364,11 +360,11 @@ def peak_extra_memory(model, batch, loss_fn, device, max_basis=None) -> float | 
     """MiB a cold top-1 solve adds to the device's peak (``UNBOUNDED_TOP_1``: no basis bound)."""
     if device.type != "cuda":
         return "n/a (CPU)"
-    torch.cuda.synchronize(device)
+    sync(device)
     torch.cuda.reset_peak_memory_stats(device)
     before = torch.cuda.memory_allocated(device)
     hessian_eigenvalues(model, loss_fn, batch, k=1, tol=1e-3, max_basis=max_basis)
-    torch.cuda.synchronize(device)
+    sync(device)
     return (torch.cuda.max_memory_allocated(device) - before) / 2**20
 
 
@@ -411,9 +407,8 @@ def training_overhead(device, steps: int, every: int, widths: list[int], runs: i
             enable_checkpointing=False,
         )
         torch.manual_seed(0)
-        began = time.perf_counter()
-        trainer.fit(Module(), torch.utils.data.DataLoader(Repeat(), batch_size=None))
-        return time.perf_counter() - began
+        loader = torch.utils.data.DataLoader(Repeat(), batch_size=None)
+        return stopwatch(lambda: trainer.fit(Module(), loader), device)[0]
 
     run([])  # warm-up (kernels, Lightning imports)
     plain = statistics.median(run([]) for _ in range(runs))

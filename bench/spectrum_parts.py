@@ -26,13 +26,13 @@ Writes ``bench/results/spectrum-parts-<device>-<date>.{json,md}``; runs of some
 
 from __future__ import annotations
 
-import argparse
 import statistics
 
 import torch
 
-from bench.harness import gradient_ms, run_meta, stopwatch
-from bench.report import RESULTS, heading, record_day, table
+from bench.harness import gradient_ms, stopwatch
+from bench.report import document, table
+from bench.study import finish, study_parser, workload_names
 from spectral_callbacks.curvature import HessianOperator
 from spectral_callbacks.linalg import (
     SpectralDensity,
@@ -187,26 +187,30 @@ def density_steps_part(op, warm, cost, probes: int = 4) -> list[dict]:
 
 
 def markdown(rows: list[dict], meta: dict) -> str:
-    lines = [
-        heading("Parts of one HessianSpectrumMonitor measurement", meta),
-        "",
-        "Products, seconds and gradient-times (seconds over one gradient of the probe) of each "
-        "part, as the monitor runs them after 20 (cold) and 70 (warm) SGD steps.",
-        "",
-        "| workload | part | products | seconds | gradient-times |",
-        "|---|---|---|---|---|",
-    ]
+    cells = []
     for row in rows:
         entries = [("top-10, cold", row["top_k_cold"]), ("top-10, warm", row["top_k_warm"])]
         entries += list(row.get("trace", {}).items())
         if "density" in row:
             density = row["density"]
             entries.append((f"SLQ {density['probes']}×{density['steps']}", density))
-        for label, entry in entries:
-            lines.append(
-                f"| {row['workload']} | {label} | {entry['products']} | {entry['seconds']:.2f} | "
-                f"{entry['gradient_times']:.0f} |"
-            )
+        cells += [
+            [
+                row["workload"],
+                label,
+                e["products"],
+                f"{e['seconds']:.2f}",
+                f"{e['gradient_times']:.0f}",
+            ]
+            for label, e in entries
+        ]
+    description = (
+        "Products, seconds and gradient-times (seconds over one gradient of the probe) of each "
+        "part, as the monitor runs them after 20 (cold) and 70 (warm) SGD steps."
+    )
+    header = ["workload", "part", "products", "seconds", "gradient-times"]
+    title = "Parts of one HessianSpectrumMonitor measurement"
+    lines = [document(title, meta, description, header, cells).rstrip("\n")]
     traced = [row for row in rows if "trace" in row]
     if traced:
         lines += [
@@ -265,19 +269,12 @@ def merge_rows(earlier: list[dict], new: list[dict]) -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--workloads", nargs="+", default=["C1", "G1"])
+    parser = study_parser(__doc__, workloads=["C1", "G1"])
     parser.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS[:2]))
-    parser.add_argument("--smoke", action="store_true", help="the tiny workload, seconds")
-    parser.add_argument("--out", default=str(RESULTS))
     args = parser.parse_args(argv)
-    workloads = ["tiny"] if args.smoke else args.workloads
-    rows = [parts(name, tuple(args.parts)) for name in workloads]
-    meta = run_meta(torch.device("cpu"))
-    if not args.smoke:  # runs of some parts or workloads on one day add to one file
-        rows = record_day("spectrum-parts", meta, rows, args.out, merge_rows, markdown)
-    print(markdown(rows, meta))
-    return rows
+    rows = [parts(name, tuple(args.parts)) for name in workload_names(args)]
+    # Runs of some parts or workloads on one day add to one file.
+    return finish("spectrum-parts", rows, args, markdown, merge=merge_rows)
 
 
 if __name__ == "__main__":

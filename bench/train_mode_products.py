@@ -18,15 +18,15 @@ workloads on one day add to that file.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import functools
 import statistics
 
 import torch
 
-from bench.harness import gradient_ms, run_meta, stopwatch
-from bench.report import RESULTS, heading, keyed_merge, record_day, table
+from bench.harness import gradient_ms, stopwatch
+from bench.report import document
+from bench.study import finish, study_parser, workload_names
 from spectral_callbacks.curvature import HessianOperator
 from spectral_callbacks.workloads import make_workload
 
@@ -68,15 +68,6 @@ def product_costs(name: str, repeats: int) -> dict:
 
 
 def markdown(rows: list[dict], meta: dict) -> str:
-    lines = [
-        heading("One Hessian-vector product in eval and train mode", meta),
-        "",
-        "Milliseconds of one gradient and of one product by each path (median of interleaved "
-        "rounds; the graph-forming first product left out), in gradients, and the relative "
-        "error against the reused graph's product. Train mode: BatchNorm on the batch's "
-        "statistics, as the monitors measure by default.",
-        "",
-    ]
     cells = [
         [row["workload"], mode, f"{entry['gradient_ms']:.0f}"]
         + [
@@ -86,25 +77,21 @@ def markdown(rows: list[dict], meta: dict) -> str:
         for row in rows
         for mode, entry in row["modes"].items()
     ]
-    lines += table(["workload", "mode", "gradient", *PATHS], cells)
-    return "\n".join(lines) + "\n"
+    description = (
+        "Milliseconds of one gradient and of one product by each path (median of interleaved "
+        "rounds; the graph-forming first product left out), in gradients, and the relative "
+        "error against the reused graph's product. Train mode: BatchNorm on the batch's "
+        "statistics, as the monitors measure by default."
+    )
+    title = "One Hessian-vector product in eval and train mode"
+    return document(title, meta, description, ["workload", "mode", "gradient", *PATHS], cells)
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--workloads", nargs="+", default=["C1"])
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--smoke", action="store_true")
-    parser.add_argument("--out", default=str(RESULTS))
-    args = parser.parse_args(argv)
-    names, repeats = (["tiny"], 2) if args.smoke else (args.workloads, args.repeats)
-    rows = [product_costs(name, repeats) for name in names]
-    meta = run_meta(torch.device("cpu"))
-    if not args.smoke:
-        merge = keyed_merge(lambda row: row["workload"])
-        rows = record_day("train-mode-products", meta, rows, args.out, merge, markdown)
-    print(markdown(rows, meta))
-    return rows
+    args = study_parser(__doc__, workloads=["C1"], repeats=5).parse_args(argv)
+    repeats = 2 if args.smoke else args.repeats
+    rows = [product_costs(name, repeats) for name in workload_names(args)]
+    return finish("train-mode-products", rows, args, markdown, key=lambda row: row["workload"])
 
 
 if __name__ == "__main__":

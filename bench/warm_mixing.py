@@ -33,7 +33,6 @@ modes on one day add to that file.
 
 from __future__ import annotations
 
-import argparse
 import functools
 import math
 import re
@@ -41,8 +40,9 @@ import statistics
 
 import torch
 
-from bench.harness import gradient_ms, run_meta, stopwatch
-from bench.report import RESULTS, heading, keyed_merge, record_day, table
+from bench.harness import gradient_ms, stopwatch
+from bench.report import document
+from bench.study import finish, study_parser, workload_names
 from spectral_callbacks.curvature import HessianOperator
 from spectral_callbacks.linalg import WARM_START_MIXING, lanczos
 from spectral_callbacks.workloads import make_workload
@@ -165,15 +165,6 @@ def tracking(
 
 
 def markdown(rows: list[dict], meta: dict) -> str:
-    lines = [
-        heading("Warm-start mixing and tolerance in λ_max tracking", meta),
-        "",
-        "Per measurement (after the first, cold one): median products and seconds (operator "
-        "included; gradient-times in gradients of the batch) and the largest relative error "
-        "of λ_max against a cold solve (its tol in the first column), with how many "
-        "measurements missed 1e-3.",
-        "",
-    ]
     header = ["workload, mode (reference tol)", "SGD steps (every)", "strategy", "products"]
     header += ["seconds", "gradient-times", "max error", "over 1e-3", "mixing weights"]
     cells = [
@@ -192,20 +183,23 @@ def markdown(rows: list[dict], meta: dict) -> str:
         for row in rows
         for s in row["strategies"]
     ]
-    lines += table(header, cells)
-    return "\n".join(lines) + "\n"
+    description = (
+        "Per measurement (after the first, cold one): median products and seconds (operator "
+        "included; gradient-times in gradients of the batch) and the largest relative error "
+        "of λ_max against a cold solve (its tol in the first column), with how many "
+        "measurements missed 1e-3."
+    )
+    title = "Warm-start mixing and tolerance in λ_max tracking"
+    return document(title, meta, description, header, cells)
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--workloads", nargs="+", default=["C1"])
+    parser = study_parser(__doc__, workloads=["C1"])
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--every", type=int, default=10)
     parser.add_argument("--reference-tol", type=float, default=1e-5)
     parser.add_argument("--train-mode", action="store_true", help="BatchNorm on batch statistics")
     parser.add_argument("--strategies", default=None, help="regular expression: only these")
-    parser.add_argument("--smoke", action="store_true")
-    parser.add_argument("--out", default=str(RESULTS))
     args = parser.parse_args(argv)
     chosen = tuple(
         s for s in STRATEGIES if args.strategies is None or re.search(args.strategies, s[0])
@@ -214,20 +208,16 @@ def main(argv: list[str] | None = None) -> list[dict]:
         parser.error(
             f"--strategies {args.strategies!r} matches none of {[s[0] for s in STRATEGIES]}"
         )
-    names, steps, every = (
-        (["tiny"], 4, 2) if args.smoke else (args.workloads, args.steps, args.every)
-    )
+    steps, every = (4, 2) if args.smoke else (args.steps, args.every)
     rows = [
-        tracking(name, steps, every, args.reference_tol, args.train_mode, chosen) for name in names
+        tracking(name, steps, every, args.reference_tol, args.train_mode, chosen)
+        for name in workload_names(args)
     ]
-    meta = run_meta(torch.device("cpu"))
-    if not args.smoke:
-        merge = keyed_merge(
-            lambda row: (row["workload"], row["steps"], row["every"], row.get("mode", "eval"))
-        )
-        rows = record_day("warm-mixing", meta, rows, args.out, merge, markdown)
-    print(markdown(rows, meta))
-    return rows
+
+    def key(row: dict) -> tuple:
+        return (row["workload"], row["steps"], row["every"], row.get("mode", "eval"))
+
+    return finish("warm-mixing", rows, args, markdown, key=key)
 
 
 if __name__ == "__main__":

@@ -13,20 +13,19 @@ log α-norm. Writes ``weightwatcher-crosscheck-<date>.json`` and ``.md``.
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
 import logging
 import math
 import pathlib
-import platform
-import statistics
-import time
 import warnings
 
 import torch
 import torch.nn.functional as F
 
+from bench.harness import run_meta, stopwatch, timed
 from spectral_callbacks.weights import weight_spectra
+
+CPU = torch.device("cpu")
 
 COMPARED = (
     "alpha",
@@ -81,9 +80,7 @@ def weightwatcher_layers(model: torch.nn.Module) -> dict[str, dict]:
     import weightwatcher as ww
 
     watcher = ww.WeightWatcher(model=model)
-    start = time.perf_counter()
-    details = watcher.analyze(randomize=False)
-    seconds = time.perf_counter() - start
+    seconds, details = stopwatch(lambda: watcher.analyze(randomize=False), CPU)
     layers = {}
     for _, row in details.iterrows():
         layers[row["longname"]] = {
@@ -142,12 +139,7 @@ def compare(ours: dict, theirs: dict) -> list[dict]:
 
 
 def timed_spectra(model: torch.nn.Module, farms: bool, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        weight_spectra(model, farms=farms)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return timed(lambda: weight_spectra(model, farms=farms), CPU, repeats, warm_up=False)[0]
 
 
 def markdown(results: dict) -> str:
@@ -231,11 +223,8 @@ def main(argv: list[str] | None = None) -> dict:
     warnings.filterwarnings("ignore")
     torch.manual_seed(0)
     results = {
-        "device": f"cpu-{platform.machine()}",
-        "threads": torch.get_num_threads(),
-        "torch": torch.__version__,
+        **run_meta(CPU),
         "weightwatcher": ww.__version__,
-        "date": dt.date.today().isoformat(),
         "repeats": args.repeats,
         "runs": [],
         "cost": [],

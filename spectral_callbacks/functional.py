@@ -56,6 +56,7 @@ from .linalg import (
     Which,
     deflated_hutchinson,
     eigenpairs,
+    eigensolve,
     estimate_trace,
     slq,
     subspace_fraction,
@@ -68,7 +69,7 @@ from .representation import (
     stable_rank,
     von_neumann_entropy,
 )
-from .settings import OperatorSettings
+from .settings import EigenSettings, OperatorSettings
 from .weights import singular_subspace_drift, weight_spectra
 
 __all__ = [
@@ -180,16 +181,7 @@ def hessian_eigenvalues(
         >>> torch.allclose(result.eigenvalues, exact), bool(result.converged.all())
         (True, True)
     """
-    settings = OperatorSettings(
-        params=params,
-        hvp=hvp,
-        reduction=reduction,
-        seed=seed,
-        curvature=curvature,
-        ggn_loss=ggn_loss,
-        outputs_fn=outputs_fn,
-        batch_size_fn=batch_size_fn,
-    )
+    settings = OperatorSettings.from_arguments(locals())
     with curvature_operator(model, loss_fn, data, settings) as hessian:
         operator = hessian
         if isinstance(preconditioner, StabilityPreconditioner):
@@ -198,19 +190,8 @@ def hessian_eigenvalues(
             operator = ScaledOperator(hessian, preconditioner.scaled_step, shift)
         elif preconditioner is not None:
             operator = ScaledOperator(hessian, torch.as_tensor(preconditioner).reshape(-1))
-        result = eigenpairs(
-            operator,
-            k=k,
-            which=which,
-            tol=tol,
-            method=method,
-            block_size=block_size,
-            max_iter=max_iter,
-            seed=seed,
-            start=start,
-            return_eigenvectors=return_eigenvectors,
-            max_basis=max_basis,
-        )
+        solver = EigenSettings.from_arguments(locals())
+        result = eigensolve(operator, solver, start, return_eigenvectors)
         result.num_hvps = hessian.num_hvps
     return result
 
@@ -235,7 +216,7 @@ def gradient_overlap(
     ``tol``, ``seed``, ``hvp``) unless given as ``(k, n)`` rows in ``eigenvectors`` (then no
     products are spent, only the gradient).
     """
-    settings = OperatorSettings(params=params, hvp=hvp, reduction=reduction, seed=seed)
+    settings = OperatorSettings.from_arguments(locals())
     with curvature_operator(model, loss_fn, data, settings) as operator:
         if eigenvectors is None:
             result = eigenpairs(operator, k=k, tol=tol, seed=seed, return_eigenvectors=True)
@@ -260,7 +241,7 @@ def hessian_layer_traces(
     are the selected parameters grouped by the module that owns them
     (``"encoder.0.weight"`` and ``"encoder.0.bias"`` make ``"encoder.0"``).
     """
-    settings = OperatorSettings(params=params, hvp=hvp, reduction=reduction, seed=seed)
+    settings = OperatorSettings.from_arguments(locals())
     with curvature_operator(model, loss_fn, data, settings) as operator:
         traces = layer_traces(operator, num_hvps, seed=seed)
     return {module: estimate for module, (_, estimate) in traces.items()}
@@ -279,7 +260,7 @@ def hessian_layer_lambda_max(
     """The top eigenvalue of each module's diagonal Hessian block ``H_ll``, by Lanczos on the
     Hessian restricted to that module's parameters (one solve, and one first-order graph,
     per module; modules as in :func:`hessian_layer_traces`)."""
-    settings = OperatorSettings(params=params, hvp=hvp, reduction=reduction, seed=seed)
+    settings = OperatorSettings.from_arguments(locals())
     return layer_lambda_max(model, loss_fn, data, settings, tol=tol, seed=seed)
 
 
@@ -296,7 +277,7 @@ def sam_sharpness(
     ``‖∇L(θ + ρ g/‖g‖)‖`` at radius ``ρ = radius`` (Foret et al. 2021; Zhang et al. 2023);
     see :func:`spectral_callbacks.curvature.sam_sharpness_of`. ``radius`` 0.05 is SAM's
     default. The model is left exactly as found."""
-    settings = OperatorSettings(params=params, reduction=reduction, seed=seed)
+    settings = OperatorSettings.from_arguments(locals())
     with curvature_operator(model, loss_fn, data, settings) as operator:
         return sam_sharpness_of(operator, radius)
 
@@ -325,9 +306,7 @@ def optimizer_stability_ratio(
     :class:`~spectral_callbacks.SharpnessMonitor` logs as ``eos_ratio``. ``method``,
     ``block_size`` and ``max_basis`` choose the eigensolver as in :func:`hessian_eigenvalues`.
     """
-    settings = OperatorSettings(
-        params=params, hvp=hvp, reduction=reduction, seed=seed, batch_size_fn=batch_size_fn
-    )
+    settings = OperatorSettings.from_arguments(locals())
     with curvature_operator(model, loss_fn, data, settings) as operator:
         preconditioner = stability_preconditioner(optimizer, operator.params)
         return stability_ratio(
@@ -381,16 +360,7 @@ def hessian_trace(
         A :class:`~spectral_callbacks.linalg.TraceEstimate` (``estimate``, ``stderr``,
         ``num_hvps``, ``method``).
     """
-    settings = OperatorSettings(
-        params=params,
-        hvp=hvp,
-        reduction=reduction,
-        seed=seed,
-        curvature=curvature,
-        ggn_loss=ggn_loss,
-        outputs_fn=outputs_fn,
-        batch_size_fn=batch_size_fn,
-    )
+    settings = OperatorSettings.from_arguments(locals())
     with curvature_operator(model, loss_fn, data, settings) as operator:
         if deflate is None:
             return estimate_trace(operator, num_hvps=num_hvps, method=method, seed=seed)
@@ -431,16 +401,7 @@ def hessian_density(
     """
     if reorthogonalize is not None:
         check_bool("reorthogonalize", reorthogonalize)
-    settings = OperatorSettings(
-        params=params,
-        hvp=hvp,
-        reduction=reduction,
-        seed=seed,
-        curvature=curvature,
-        ggn_loss=ggn_loss,
-        outputs_fn=outputs_fn,
-        batch_size_fn=batch_size_fn,
-    )
+    settings = OperatorSettings.from_arguments(locals())
     with curvature_operator(model, loss_fn, data, settings) as operator:
         return slq(
             operator,

@@ -12,9 +12,9 @@ each setting are written down here and re-exported there.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from typing import Any, Literal, get_args
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, fields
+from typing import Any, Literal, TypeVar, get_args
 
 from ._checks import (
     check_bool,
@@ -85,8 +85,20 @@ def check_parameter_filter(params: Any) -> ParameterFilter:
     return check_name_filter("params", params, "all trainable parameters", "parameter names")
 
 
+_Settings = TypeVar("_Settings", bound="_FromArguments")
+
+
+class _FromArguments:
+    @classmethod
+    def from_arguments(cls: type[_Settings], arguments: Mapping[str, Any]) -> _Settings:
+        """The settings from the entries of ``arguments`` named like their fields (a
+        function's ``locals()``: the functional API, the operators and the monitors take the
+        settings as keywords of the same names); the other fields keep their defaults."""
+        return cls(**{f.name: arguments[f.name] for f in fields(cls) if f.name in arguments})
+
+
 @dataclass(frozen=True)
-class EigenSettings:
+class EigenSettings(_FromArguments):
     """How a top-``k`` eigensolve runs; invalid values raise at construction.
 
     Attributes:
@@ -187,7 +199,7 @@ class EigenSettings:
 
 
 @dataclass(frozen=True)
-class OperatorSettings:
+class OperatorSettings(_FromArguments):
     """How a curvature operator is built from a model and a loss; checked at construction.
 
     :func:`~spectral_callbacks.curvature.curvature_operator` builds the operator these

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from collections.abc import Callable
 from typing import Literal
 
 import lightning.pytorch as L
@@ -272,55 +273,75 @@ class MixtureClassifier(Classifier):
 
 # -- benchmark workloads ------------------------------------------------------------------------
 
-#: The workloads: a smoke one, the GPU set (W1-W3), the CPU-sized ones (C1, G1; W1 too) and
-#: the small GPT of the solver studies.
-WORKLOADS = ("tiny", "W1", "W2", "W3", "C1", "G1", "gpt-small")
-
 
 def _random_tokens(vocab: int, context: int, batch: int, generator: torch.Generator) -> tuple:
     tokens = torch.randint(0, vocab, (batch, context + 1), generator=generator)
     return tokens[:, :-1], tokens[:, 1:]
 
 
+def _classes(x: torch.Tensor, generator: torch.Generator, classes: int = 10) -> tuple:
+    return x, torch.randint(0, classes, (x.shape[0],), generator=generator)
+
+
+def _resnet18() -> nn.Module:
+    import torchvision
+
+    return torchvision.models.resnet18(num_classes=10)
+
+
+def _gpt(vocab: int, dim: int, heads: int, layers: int, context: int, batch: int):
+    """A builder of a GPT workload on random tokens."""
+
+    def build(g: torch.Generator) -> tuple:
+        model = GPT(vocab=vocab, dim=dim, heads=heads, layers=layers, context=context)
+        return model, _random_tokens(vocab, context, batch, g)
+
+    return build
+
+
+#: Every benchmark workload: name -> builder of ``(model, (x, y))`` from a seeded generator
+#: (the model is built first, after ``torch.manual_seed(0)``). "tiny" is the smoke run; W1-W3
+#: the GPU set; C1, G1 (and W1) the CPU-sized ones; the rest the solver and product studies
+#: ("-tiny" ones their smoke sizes).
+_BUILDERS: dict[str, Callable[[torch.Generator], tuple]] = {
+    "tiny": lambda g: (mlp([64, 64, 10]), _classes(torch.randn(128, 64, generator=g), g)),
+    "W1": lambda g: (
+        mlp([784, 512, 512, 10]),
+        _classes(torch.randn(512, 784, generator=g), g),
+    ),
+    "W2": lambda g: (_resnet18(), _classes(torch.randn(128, 3, 32, 32, generator=g), g)),
+    "W3": _gpt(vocab=8192, dim=384, heads=6, layers=6, context=256, batch=8),
+    "C1": lambda g: (small_cnn(), _classes(torch.randn(128, 3, 32, 32, generator=g), g)),
+    "G1": _gpt(vocab=2048, dim=256, heads=4, layers=4, context=128, batch=8),
+    "gpt-small": _gpt(vocab=512, dim=96, heads=4, layers=2, context=64, batch=8),
+    "mlp-128": lambda g: (
+        mlp([784, 128, 128, 10]),
+        _classes(torch.randn(256, 784, generator=g), g),
+    ),
+    "cnn-16": lambda g: (tiny_cnn(16), _classes(torch.randn(64, 3, 16, 16, generator=g), g)),
+    "cnn-4": lambda g: (tiny_cnn(4), _classes(torch.randn(16, 3, 8, 8, generator=g), g)),
+    "gpt-2L": _gpt(vocab=512, dim=128, heads=4, layers=2, context=128, batch=4),
+    "gpt-2L-1024": _gpt(vocab=512, dim=128, heads=4, layers=2, context=1024, batch=4),
+    "gpt-tiny": _gpt(vocab=64, dim=32, heads=4, layers=2, context=16, batch=2),
+    "gpt-tiny-32": _gpt(vocab=64, dim=32, heads=4, layers=2, context=32, batch=2),
+}
+WORKLOADS = tuple(_BUILDERS)
+
+
 def initial_workload(name: str, device: torch.device) -> tuple[nn.Module, tuple]:
     """(model, batch) of workload ``name`` at its seeded initialisation, before any step."""
+    if name not in _BUILDERS:
+        raise ValueError(f"unknown workload {name!r}; choose from {', '.join(WORKLOADS)}")
     g = torch.Generator().manual_seed(0)
     torch.manual_seed(0)  # the same initial weights for every tool and every run
-    if name == "tiny":
-        model, x = mlp([64, 64, 10]), torch.randn(128, 64, generator=g)
-        y = torch.randint(0, 10, (128,), generator=g)
-    elif name == "W1":
-        model, x = mlp([784, 512, 512, 10]), torch.randn(512, 784, generator=g)
-        y = torch.randint(0, 10, (512,), generator=g)
-    elif name == "W2":
-        import torchvision
-
-        model, x = (
-            torchvision.models.resnet18(num_classes=10),
-            torch.randn(128, 3, 32, 32, generator=g),
-        )
-        y = torch.randint(0, 10, (128,), generator=g)
-    elif name == "W3":
-        model = GPT(vocab=8192, dim=384, heads=6, layers=6, context=256)
-        x, y = _random_tokens(8192, 256, 8, g)
-    elif name == "C1":
-        model, x = small_cnn(), torch.randn(128, 3, 32, 32, generator=g)
-        y = torch.randint(0, 10, (128,), generator=g)
-    elif name == "G1":
-        model = GPT(vocab=2048, dim=256, heads=4, layers=4, context=128)
-        x, y = _random_tokens(2048, 128, 8, g)
-    elif name == "gpt-small":
-        model = GPT(vocab=512, dim=96, heads=4, layers=2, context=64)
-        x, y = _random_tokens(512, 64, 8, g)
-    else:
-        raise ValueError(f"unknown workload {name!r}; choose from {', '.join(WORKLOADS)}")
+    model, (x, y) = _BUILDERS[name](g)
     return model.to(device), (x.to(device), y.to(device))
 
 
-def make_workload(name: str, device: torch.device):
-    """(model, batch, loss_fn): the same for every tool; 20 SGD steps, then eval mode."""
+def make_workload(name: str, device: torch.device, steps: int = 20):
+    """(model, batch, loss_fn): the same for every tool; ``steps`` SGD steps, then eval mode."""
     model, batch = initial_workload(name, device)
-    sgd_steps(model, batch, classification_loss, steps=20)
+    sgd_steps(model, batch, classification_loss, steps=steps)
     return model, batch, classification_loss
 
 

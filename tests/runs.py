@@ -4,6 +4,10 @@ snapshots of the model at each step, the TensorBoard events a run wrote."""
 from __future__ import annotations
 
 import copy
+import os
+import pathlib
+import subprocess
+import sys
 
 import lightning.pytorch as L
 import torch
@@ -12,6 +16,22 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from tensorboard.plugins.custom_scalar import layout_pb2
 
 from .models import NoisyClassifier, classification_loader, trainer_kwargs
+
+
+def run_worker(script: pathlib.Path, *arguments: str, timeout: float, cwd=None) -> None:
+    """Run a multi-process worker script (DDP, FSDP) in a fresh interpreter, without the
+    distributed settings of this process's environment; fail with its stderr."""
+    launcher = ("LOCAL_RANK", "MASTER_", "WORLD_SIZE", "NODE_RANK")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(launcher)}
+    result = subprocess.run(
+        [sys.executable, str(script), *arguments],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
 
 
 class Snapshots(Callback):

@@ -8,7 +8,7 @@ the solvers of :mod:`spectral_callbacks.linalg`; they only add scheduling and lo
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import lightning.pytorch as pl
@@ -67,37 +67,29 @@ WARM_START_CHECKPOINT_BYTES = 64 * 2**20
 class _HessianMonitor(SpectralMonitor):
     """Shared set-up of the Hessian callbacks: loss, parameters, operator."""
 
-    def __init__(
-        self,
-        every_n_steps: int,
-        probe_batches: int,
-        probe_data: Any,
-        eval_mode: bool,
-        name: str | None,
-        figure_every_n_steps: int | None,
-        loss_fn: LossFn | None,
-        solver: EigenSettings,
-        operator_settings: OperatorSettings,
-        warm_start: bool,
-        checkpoint_warm_start: bool | None,
-    ) -> None:
+    def __init__(self, arguments: Mapping[str, Any]) -> None:
+        """``arguments``: the subclass constructor's arguments (its ``locals()``), of which
+        the solver and operator settings are built by name."""
         super().__init__(
-            every_n_steps,
-            probe_batches,
-            probe_data,
-            eval_mode,
-            name=name,
-            figure_every_n_steps=figure_every_n_steps,
+            arguments["every_n_steps"],
+            arguments["probe_batches"],
+            arguments["probe_data"],
+            arguments["eval_mode"],
+            name=arguments["name"],
+            figure_every_n_steps=arguments["figure_every_n_steps"],
         )
+        loss_fn, warm_start = arguments["loss_fn"], arguments["warm_start"]
+        checkpoint_warm_start = arguments["checkpoint_warm_start"]
         check_callable("loss_fn", loss_fn, "loss_fn(model, batch) -> scalar", allow_none=True)
         check_bool("warm_start", warm_start)
         if checkpoint_warm_start is not None:
             check_bool("checkpoint_warm_start", checkpoint_warm_start)
         #: The eigensolver's settings (``k``, ``tol``, ``method``, ``block_size``,
         #: ``max_iter``, ``max_basis``, ``seed``), checked when they were built.
-        self.solver = solver
-        #: The curvature operator's settings (``params``, ``hvp``, ``reduction``, ``seed``).
-        self.operator_settings = operator_settings
+        self.solver = EigenSettings.from_arguments(arguments)
+        #: The curvature operator's settings (``params``, ``hvp``, ``reduction``, ``seed``;
+        #: ``curvature``, ``ggn_loss``, ``outputs_fn`` for the spectrum).
+        self.operator_settings = OperatorSettings.from_arguments(arguments)
         self.loss_fn = loss_fn
         self.warm_start = warm_start
         self.checkpoint_warm_start = checkpoint_warm_start
@@ -319,20 +311,7 @@ class SharpnessMonitor(_HessianMonitor):
         checkpoint_warm_start: bool | None = None,
         figure_every_n_steps: int | None = None,
     ) -> None:
-        super().__init__(
-            every_n_steps,
-            probe_batches,
-            probe_data,
-            eval_mode,
-            name,
-            figure_every_n_steps,
-            loss_fn=loss_fn,
-            # Fields in order: k, which, tol, method, block_size, max_iter, max_basis, seed.
-            solver=EigenSettings(1, "LA", tol, method, block_size, max_iter, max_basis, seed),
-            operator_settings=OperatorSettings(params, hvp, reduction, seed),
-            warm_start=warm_start,
-            checkpoint_warm_start=checkpoint_warm_start,
-        )
+        super().__init__(locals())
         #: Whether ``eos_ratio`` comes from the optimizer (else ``λ_max · lr / 2``).
         self.optimizer_aware = check_bool("optimizer_aware", optimizer_aware)
         self._preconditioned_start: torch.Tensor | None = None
@@ -581,35 +560,13 @@ class HessianSpectrumMonitor(_HessianMonitor):
         outputs_fn: Callable | None = None,
         layer_lambda_max: bool = False,
     ) -> None:
-        operator_settings = OperatorSettings(
-            params,
-            hvp,
-            reduction,
-            seed,
-            curvature=curvature,
-            ggn_loss=ggn_loss,
-            outputs_fn=outputs_fn,
-        )
+        super().__init__(locals())
         if curvature == "ggn" and (sam_radius is not None or gradient_overlap):
             raise ValueError(
                 "curvature='ggn' measures G = Jᵀ H_out J alone: pass gradient_overlap=False "
                 "and no sam_radius (they are properties of the loss, measured with the "
                 "Hessian)"
             )
-        super().__init__(
-            every_n_steps,
-            probe_batches,
-            probe_data,
-            eval_mode,
-            name,
-            figure_every_n_steps,
-            loss_fn=loss_fn,
-            # Fields in order: k, which, tol, method, block_size, max_iter, max_basis, seed.
-            solver=EigenSettings(k, "LA", tol, method, block_size, max_iter, max_basis, seed),
-            operator_settings=operator_settings,
-            warm_start=warm_start,
-            checkpoint_warm_start=checkpoint_warm_start,
-        )
         check_bool("trace", trace)
         check_bool("density", density)
         check_integer("trace_hvps", trace_hvps, minimum=2)

@@ -90,14 +90,8 @@ class GGNOperator(CurvatureOperator):
         batch_size_fn: Callable[[Any], int] | None = None,
         distributed: bool = False,
     ) -> None:
-        settings = OperatorSettings(
-            params=params,
-            reduction=reduction,
-            seed=seed,
-            curvature="ggn",
-            ggn_loss=loss,
-            outputs_fn=outputs_fn,
-            batch_size_fn=batch_size_fn,
+        settings = OperatorSettings.from_arguments(
+            {**locals(), "curvature": "ggn", "ggn_loss": loss}
         )
         super().__init__(model, data, settings, distributed)
         self._check_not_sharded()

@@ -164,15 +164,7 @@ class HessianOperator(CurvatureOperator):
         reduction: Reduction = "mean",
         richardson: bool = False,
     ) -> None:
-        settings = OperatorSettings(
-            params=params,
-            hvp=hvp,
-            reduction=reduction,
-            seed=seed,
-            batch_size_fn=batch_size_fn,
-            richardson=richardson,
-            compile_backend=compile_backend,
-        )
+        settings = OperatorSettings.from_arguments(locals())
         self._build(model, loss_fn, data, settings, distributed)
 
     @classmethod

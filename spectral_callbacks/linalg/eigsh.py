@@ -254,6 +254,53 @@ def confirm_ritz_pairs(
     return values, residuals, converged, vectors[order.to(vectors.device)]
 
 
+@dataclass
+class _RitzPairs:
+    """The last check of a Krylov solve: every Ritz value of the projected matrix (ascending)
+    and its eigenvectors, the wanted ``index`` among them, their residuals and flags."""
+
+    values: torch.Tensor
+    vectors: torch.Tensor
+    index: torch.Tensor
+    residuals: torch.Tensor
+    converged: torch.Tensor
+
+    def result(
+        self,
+        operator: SymmetricOperator,
+        settings: EigenSettings,
+        basis: torch.Tensor,
+        num_hvps: int,
+        num_iterations: int,
+        return_eigenvectors: bool,
+        method: str,
+    ) -> EigenResult:
+        """The :class:`EigenResult` of the wanted pairs, formed from ``basis`` (the Krylov
+        vectors as rows) where asked or where a claimed residual below the rounding floor
+        needs fresh products to be believed (:func:`confirm_ritz_pairs`, ``k`` products)."""
+        scale = float(self.values.abs().max())
+        values, residuals, converged = self.values[self.index], self.residuals, self.converged
+        confirm = needs_confirmation(operator, values, converged, settings.tol, scale)
+        eigenvectors = None
+        if return_eigenvectors or confirm:
+            coefficients = self.vectors[:, self.index].T
+            eigenvectors = coefficients.to(dtype=operator.dtype, device=operator.device) @ basis
+        if confirm:
+            values, residuals, converged, eigenvectors = confirm_ritz_pairs(
+                operator, eigenvectors, settings.tol, settings.which, scale
+            )
+            num_hvps += settings.k
+        return EigenResult(
+            eigenvalues=values,
+            residuals=residuals,
+            converged=converged,
+            num_hvps=num_hvps,
+            num_iterations=num_iterations,
+            eigenvectors=eigenvectors if return_eigenvectors else None,
+            method=method,
+        )
+
+
 def _warm_start_rows(start: torch.Tensor, operator: SymmetricOperator) -> torch.Tensor:
     """Given warm-start vectors as ``(r, n)`` rows in the operator's dtype and device."""
     rows = start.reshape(-1, operator.size).to(dtype=operator.dtype, device=operator.device)
@@ -375,15 +422,7 @@ def lanczos(
     while the space is smaller than the operator: the recurrence goes on from a random
     direction orthogonal to it, which finds further copies of a repeated eigenvalue.
     """
-    settings = EigenSettings(
-        k=k,
-        which=which,
-        tol=tol,
-        method="lanczos",
-        max_iter=max_iter,
-        max_basis=max_basis,
-        seed=seed,
-    )
+    settings = EigenSettings.from_arguments({**locals(), "method": "lanczos"})
     settings.check_size(operator.size)
     check_number("start_mixing", start_mixing, minimum=0.0)
     return _lanczos(operator, settings, start, return_eigenvectors, check_every, start_mixing)
@@ -464,27 +503,10 @@ def _lanczos(
             else:
                 kept = select_ritz(values, k + (m - k) // 2, which)
             recurrence.thick_restart(vectors[:, kept], values[kept], last_coupling)
-    m = recurrence.steps
-    scale = float(values.abs().max())
-    values = values[index]
-    confirm = needs_confirmation(operator, values, converged, tol, scale)
-    eigenvectors = None
-    if return_eigenvectors or confirm:
-        coefficients = vectors[:, index].T.to(dtype=operator.dtype, device=operator.device)
-        eigenvectors = coefficients @ recurrence.basis[0, :m]
-    if confirm:
-        values, residuals, converged, eigenvectors = confirm_ritz_pairs(
-            operator, eigenvectors, tol, which, scale
-        )
-        products += k
-    return EigenResult(
-        eigenvalues=values,
-        residuals=residuals,
-        converged=converged,
-        num_hvps=products,
-        num_iterations=products,
-        eigenvectors=eigenvectors if return_eigenvectors else None,
-        method="lanczos",
+    ritz = _RitzPairs(values, vectors, index, residuals, converged)
+    basis = recurrence.basis[0, : recurrence.steps]
+    return ritz.result(
+        operator, settings, basis, products, products, return_eigenvectors, "lanczos"
     )
 
 
@@ -530,15 +552,7 @@ def block_lanczos(
         converged there and whose budget covers ``n`` products finishes on the dense
         matrix built from ``n`` products (small operators only).
     """
-    settings = EigenSettings(
-        k=k,
-        which=which,
-        tol=tol,
-        method="block_lanczos",
-        block_size=block_size,
-        max_iter=max_iter,
-        seed=seed,
-    )
+    settings = EigenSettings.from_arguments({**locals(), "method": "block_lanczos"})
     settings.check_size(operator.size)
     return _block_lanczos(operator, settings, start, return_eigenvectors, check_every)
 
@@ -587,28 +601,9 @@ def _block_lanczos(
         # n - m·p directions fit in no block. The budget covers n products, which give the
         # matrix itself.
         return _dense_eigenpairs(operator, k, which, tol, p, m, return_eigenvectors)
-    scale = float(values.abs().max())
-    values = values[index]
-    confirm = needs_confirmation(operator, values, converged, tol, scale)
-    num_hvps = m * p
-    eigenvectors = None
-    if return_eigenvectors or confirm:
-        coefficients = vectors[:, index].T.to(dtype=operator.dtype, device=operator.device)
-        eigenvectors = coefficients @ recurrence.basis[: m * p]
-    if confirm:
-        values, residuals, converged, eigenvectors = confirm_ritz_pairs(
-            operator, eigenvectors, tol, which, scale
-        )
-        num_hvps += k
-    return EigenResult(
-        eigenvalues=values,
-        residuals=residuals,
-        converged=converged,
-        num_hvps=num_hvps,
-        num_iterations=m,
-        eigenvectors=eigenvectors if return_eigenvectors else None,
-        method="block_lanczos",
-    )
+    ritz = _RitzPairs(values, vectors, index, residuals, converged)
+    basis = recurrence.basis[: m * p]
+    return ritz.result(operator, settings, basis, m * p, m, return_eigenvectors, "block_lanczos")
 
 
 def _dense_eigenpairs(
@@ -684,16 +679,7 @@ def eigenpairs(
     of :func:`lanczos` and :func:`block_lanczos` (``block_size`` only for the latter,
     default 4; ``max_basis`` only for the former).
     """
-    settings = EigenSettings(
-        k=k,
-        which=which,
-        tol=tol,
-        method=method,
-        block_size=block_size,
-        max_iter=max_iter,
-        max_basis=max_basis,
-        seed=seed,
-    )
+    settings = EigenSettings.from_arguments(locals())
     return eigensolve(operator, settings, start=start, return_eigenvectors=return_eigenvectors)
 
 

@@ -78,12 +78,7 @@ def scree_figure(
             label=f"α = {fit.alpha:.3f}",
         )
         axes.legend(fontsize=8)
-    axes.set_xlabel("rank")
-    axes.set_ylabel("covariance eigenvalue")
-    title = f"scree: {layer}" if layer else "scree"
-    axes.set_title(title if step is None else f"{title}, step {step}", fontsize=9)
-    figure.tight_layout()
-    return figure
+    return _labelled(figure, axes, "rank", "covariance eigenvalue", "scree", layer, step)
 
 
 def layer_trace_figure(per_parameter: dict[str, float], step: int | None = None) -> Any:
@@ -129,12 +124,7 @@ def esd_figure(
             axes.loglog(grid, tail, color="tab:red", label=f"α = {fit.alpha:.2f} (λ ≥ xmin)")
             axes.axvline(fit.xmin, color="tab:red", linewidth=0.6, linestyle=":")
         axes.legend(fontsize=8)
-    axes.set_xlabel("eigenvalue of WᵀW")
-    axes.set_ylabel("density")
-    title = f"ESD: {layer}" if layer else "ESD"
-    axes.set_title(title if step is None else f"{title}, step {step}", fontsize=9)
-    figure.tight_layout()
-    return figure
+    return _labelled(figure, axes, "eigenvalue of WᵀW", "density", "ESD", layer, step)
 
 
 def alpha_by_layer_figure(
@@ -163,5 +153,15 @@ def alpha_by_layer_figure(
     axes.set_ylabel("α")
     axes.legend(fontsize=8)
     axes.set_title("α by layer depth" + (f", step {step}" if step is not None else ""), fontsize=9)
+    figure.tight_layout()
+    return figure
+
+
+def _labelled(figure, axes, xlabel: str, ylabel: str, kind: str, layer, step):
+    """Axis labels and the title ``"{kind}: {layer}, step {step}"``; the laid-out figure."""
+    axes.set_xlabel(xlabel)
+    axes.set_ylabel(ylabel)
+    title = f"{kind}: {layer}" if layer else kind
+    axes.set_title(title if step is None else f"{title}, step {step}", fontsize=9)
     figure.tight_layout()
     return figure

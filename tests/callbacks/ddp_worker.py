@@ -1,4 +1,4 @@
-"""Run by tests/callbacks/test_distributed.py: a 2-process CPU DDP fit that records every rank's view.
+"""Run by tests/callbacks/test_distributed.py: a 2-process CPU DDP fit recording every rank's view.
 
 Usage: python tests/callbacks/ddp_worker.py OUT_DIR
 """

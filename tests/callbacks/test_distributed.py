@@ -5,10 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import math
-import os
 import pathlib
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -21,6 +18,7 @@ from spectral_callbacks.settings import OperatorSettings
 from spectral_callbacks.weights import singular_subspace_drift, weight_spectra
 
 from ..models import TanhRegressor, mse
+from ..runs import run_worker
 
 WORKER = pathlib.Path(__file__).with_name("ddp_worker.py")
 
@@ -28,20 +26,7 @@ WORKER = pathlib.Path(__file__).with_name("ddp_worker.py")
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
     out = tmp_path_factory.mktemp("ddp")
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if not k.startswith(("LOCAL_RANK", "MASTER_", "WORLD_SIZE", "NODE_RANK"))
-    }
-    result = subprocess.run(
-        [sys.executable, str(WORKER), str(out)],
-        cwd=out,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert result.returncode == 0, result.stderr[-4000:]
+    run_worker(WORKER, str(out), timeout=600, cwd=out)
     records = [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
     tensors = [torch.load(out / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
     unequal = [json.loads((out / f"unequal{r}.json").read_text()) for r in (0, 1)]

@@ -116,9 +116,7 @@ def _fit_pairs(tmp_path, max_steps, monitor, ckpt_path=None, every=None):
     callbacks = [monitor]
     if every is not None:
         callbacks.append(
-            L.callbacks.ModelCheckpoint(
-                dirpath=tmp_path, every_n_train_steps=every, save_top_k=-1
-            )
+            L.callbacks.ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=every, save_top_k=-1)
         )
     torch.manual_seed(0)
     trainer = L.Trainer(

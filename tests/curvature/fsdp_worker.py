@@ -1,5 +1,5 @@
-"""Run by tests/curvature/test_gradient_difference.py: λ_max of a model sharded by torch's fully_shard
-(FSDP2) over two CPU processes (gloo), by gradient differences.
+"""Run by tests/curvature/test_gradient_difference.py: λ_max of a model sharded by torch's
+fully_shard (FSDP2) over two CPU processes (gloo), by gradient differences.
 
 Usage: python tests/curvature/fsdp_worker.py OUT_DIR PORT
 """

@@ -27,7 +27,7 @@ from ..models import (
     trainer_kwargs,
 )
 from ..oracles import dense_hessian_rows
-from ..runs import assert_identical_runs, fit_and_capture
+from ..runs import assert_identical_runs, fit_and_capture, run_worker
 
 
 def _relative_errors(model, batches, loss=cross_entropy_loss, **options):
@@ -261,26 +261,15 @@ def test_differences_leave_other_graphs_of_the_model_valid():
 def test_a_model_sharded_by_fully_shard_matches_the_unsharded_one(tmp_path):
     """torch's FSDP2 over two CPU processes (gloo), shards of 4 and 6 samples."""
     import json
-    import os
     import socket
-    import subprocess
-    import sys
 
     from .fsdp_worker import loss_fn, model_and_data
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = str(s.getsockname()[1])
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MASTER_", "WORLD_SIZE"))}
     worker = pathlib.Path(__file__).with_name("fsdp_worker.py")
-    result = subprocess.run(
-        [sys.executable, str(worker), str(tmp_path), port],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stderr[-4000:]
+    run_worker(worker, str(tmp_path), port, timeout=300)
     records = [json.loads((tmp_path / f"fsdp{r}.json").read_text()) for r in (0, 1)]
     assert records[0] == records[1]  # every process holds the same numbers
     record = records[0]
