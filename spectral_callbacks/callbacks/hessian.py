@@ -221,30 +221,19 @@ def _qualified_name(function: Any) -> str:
 class SharpnessMonitor(_HessianMonitor):
     """Logs the sharpness λ_max (top Hessian eigenvalue) and the edge-of-stability ratio.
 
-    Metrics (``trainer.callback_metrics`` keys and logger tags):
+    λ_max is the largest eigenvalue of the loss Hessian on the probe data, by Lanczos to
+    relative residual ``tol``, warm-started from the previous measurement's eigenvector.
+    ``eos_ratio`` is 1.0 at the edge of stability of the *actual* optimizer (every optimizer
+    of the module; each parameter moves by the one that holds it):
+    ``λ_max(D̃^½ (H + W) D̃^½)`` with ``D̃`` its effective elementwise step over the stability
+    threshold of its update and ``W`` its L2 weight decay
+    (:mod:`spectral_callbacks.curvature.preconditioner` derives each). For SGD without
+    momentum and one learning rate it is exactly ``λ_max · lr / 2``. Adaptive optimizers have
+    no preconditioner before their first step: NaN then, by definition. An optimizer without
+    a derivation gets ``λ_max · lr / 2`` and one warning.
 
-    * ``spectral/hessian/lambda_max``: the largest eigenvalue of the loss Hessian on the
-      probe data, by Lanczos to relative residual ``tol``, warm-started from the previous
-      measurement's eigenvector (a few Hessian-vector products when it moved little);
-    * ``spectral/hessian/eos_ratio``: 1.0 at the edge of stability of the *actual* optimizer
-      (every optimizer of the module; each parameter moves by the one that holds it):
-      ``λ_max(D̃^½ (H + W) D̃^½)`` with ``D̃`` its effective elementwise step over the
-      stability threshold of its update and ``W`` its L2 weight decay
-      (:mod:`spectral_callbacks.curvature.preconditioner` derives each). For SGD
-      without momentum and one learning rate it is exactly ``λ_max · lr / 2``; with heavy-ball
-      momentum β it is ``λ_max · lr / (2 + 2β)``; for Adam it is the preconditioned sharpness
-      over ``(2 + 2β₁)/(1 - β₁)`` (38 at β₁ = 0.9, Cohen et al. 2022). Adaptive optimizers have
-      no preconditioner before their first step: NaN then. An optimizer without a derivation
-      (not SGD, Adam, AdamW, RMSprop, Adagrad) gets ``λ_max · lr / 2`` and one warning;
-    * ``spectral/hessian/preconditioned_sharpness``: ``λ_max(D^½ (H + W) D^½)``, and
-      ``spectral/hessian/stability_threshold``: the threshold it is compared with (NaN when
-      parameter groups differ in it);
-    * ``spectral/hessian/stability_limit``: the λ_max at which the ratio reaches 1 when the
-      step is one scalar, as for SGD (``2/lr`` without momentum); NaN for adaptive optimizers;
-    * ``spectral/hessian/lambda_max_residual``: the Ritz residual ``‖H v - λ v‖``;
-    * ``spectral/hessian/lambda_max_converged``: 1 if λ_max (and the preconditioned solve)
-      met ``tol`` within ``max_iter``, else 0 (and one warning naming the setting);
-    * ``spectral/hessian/num_hvps``: Hessian-vector products the measurement used.
+    Metrics: one row each of :attr:`METRICS` (names, charts; docs/sharpness.md lists them
+    with their meaning), under ``spectral/hessian/`` (``spectral/hessian/{name}/`` if named).
 
     Args:
         every_n_steps: Optimizer steps between measurements.
@@ -393,24 +382,60 @@ class SharpnessMonitor(_HessianMonitor):
 
     #: Every metric, its chart and whether NaN can be its value by definition.
     METRICS = (
-        MetricSpec("lambda_max", chart="λ_max against the stability limit"),
-        MetricSpec("eos_ratio", chart="edge-of-stability ratio (1 = edge)", may_be_undefined=True),
+        MetricSpec(
+            "lambda_max",
+            chart="λ_max against the stability limit",
+            doc=(
+                "top Hessian eigenvalue λ_max on the probe data (Lanczos, relative residual ≤ "
+                "`tol`)"
+            ),
+        ),
+        MetricSpec(
+            "eos_ratio",
+            chart="edge-of-stability ratio (1 = edge)",
+            may_be_undefined=True,
+            doc=(
+                "1.0 at the edge of stability of the actual optimizer: `λ_max(D̃^½ (H + W) "
+                "D̃^½)`; `λ_max · lr / 2` for plain SGD"
+            ),
+        ),
         MetricSpec(
             "preconditioned_sharpness",
             chart="preconditioned sharpness against its threshold",
             may_be_undefined=True,
+            doc=(
+                "`λ_max(D^½ (H + W) D^½)` for the optimizer's effective step `D` and L2 weight "
+                "decay `W`"
+            ),
         ),
         MetricSpec(
             "stability_threshold",
             chart="preconditioned sharpness against its threshold",
             may_be_undefined=True,
+            doc=(
+                "the constant it is compared with: 2 (SGD), `2 + 2β` (heavy ball), 38 (Adam, β₁ = "
+                "0.9), ..."
+            ),
         ),
         MetricSpec(
-            "stability_limit", chart="λ_max against the stability limit", may_be_undefined=True
+            "stability_limit",
+            chart="λ_max against the stability limit",
+            may_be_undefined=True,
+            doc=(
+                "the λ_max at which the ratio is 1 when the step is one scalar (`2/lr` for plain "
+                "SGD); NaN for adaptive optimizers"
+            ),
         ),
-        MetricSpec("lambda_max_residual"),
-        MetricSpec("lambda_max_converged"),
-        MetricSpec("num_hvps", chart="Hessian-vector products per measurement"),
+        MetricSpec("lambda_max_residual", doc="Ritz residual `‖H v − λ v‖` of the reported value"),
+        MetricSpec(
+            "lambda_max_converged",
+            doc="1 if λ_max (and the preconditioned solve) met `tol`, else 0 (with one warning)",
+        ),
+        MetricSpec(
+            "num_hvps",
+            chart="Hessian-vector products per measurement",
+            doc="Hessian-vector products the measurement used",
+        ),
     )
 
     METRIC_PREFIXES = (PREFIX,)
@@ -429,32 +454,14 @@ _OVERLAPS = "gradient in the top-k space; top-k space kept since the last measur
 class HessianSpectrumMonitor(_HessianMonitor):
     """Logs the top-``k`` Hessian eigenvalues, the trace and the eigenvalue density.
 
-    Metrics: ``spectral/hessian/eig_{i}`` for ``i = 1..k`` (``eig_1`` the largest),
-    ``spectral/hessian/eigs_converged`` (the fraction of the ``k`` that met ``tol``; below 1
-    one warning names the setting to change),
-    ``spectral/hessian/gradient_overlap`` (``‖V_kᵀ g‖² / ‖g‖²`` for the top-k eigenvectors
-    ``V_k`` and the probe gradient ``g``, Gur-Ari et al. 2018; free on the reused-graph path,
-    one gradient per probe batch on the others), ``spectral/hessian/eigenspace_overlap``
-    (``‖V_prevᵀ V_k‖_F² / k`` against the previous converged measurement: 1 when the sharp
-    directions stayed, ``k/n`` for a random turn) and ``spectral/hessian/eigenspace_angle``
-    (their largest principal angle, radians; both logged from the second converged
-    measurement on), ``spectral/hessian/trace_lr_ratio`` (``tr H · lr / 2``: Wu & Su 2023 show
-    a minimum linearly stable for SGD has ``tr H ≤ 2/lr``, so 1 is that edge),
-    ``spectral/hessian/trace`` and ``spectral/hessian/trace_stderr`` (Hutchinson on the
-    complement of the top-k Ritz vectors, plus their Ritz values:
-    :func:`~spectral_callbacks.linalg.deflated_hutchinson`),
-    ``spectral/hessian/negative_mass`` and ``spectral/hessian/near_zero_mass`` (fractions of
-    the eigenvalues, estimated by SLQ, below ``-1 %`` of the spectral radius and within
-    ``±1 %`` of it: the quadrature cannot tell the sign of smaller ones, see
-    :attr:`~spectral_callbacks.linalg.SpectralDensity.negative_mass`),
-    ``spectral/hessian/outliers`` and ``bulk_edge`` (how many of the top-k stand apart from
-    the bulk of the density, and where the bulk ends:
-    :func:`~spectral_callbacks.linalg.count_outliers`; no extra products),
-    ``spectral/hessian/lambda_min`` and ``lambda_min_residual`` (the smallest eigenvalue,
-    from the same quadrature's smallest Ritz value, and its Ritz residual: no extra products)
-    and ``spectral/hessian/spectrum_num_hvps``. TensorBoard also gets a histogram of the top-k
-    values (``spectral/hessian/top_k``) and a log-scale density figure
-    (``spectral/hessian/density``).
+    Metrics: one row each of :attr:`METRICS` (docs/hessian-spectrum.md lists them with
+    their meaning and the setting that turns each on), under ``spectral/hessian/`` (GGN:
+    ``spectral/ggn/``). The trace is Hutchinson on the complement of the top-k Ritz vectors
+    plus their Ritz values (:func:`~spectral_callbacks.linalg.deflated_hutchinson`); the
+    density's masses, outliers and ``λ_min`` come from one stochastic Lanczos quadrature
+    (:class:`~spectral_callbacks.linalg.SpectralDensity`,
+    :func:`~spectral_callbacks.linalg.count_outliers`). TensorBoard also gets a histogram of
+    the top-k values and a log-scale density figure.
 
     Cost per measurement, in Hessian-vector products: the top-k solve (fewer when
     warm-started), ``trace_hvps`` for the trace (none spent on finding the top subspace
@@ -731,37 +738,110 @@ class HessianSpectrumMonitor(_HessianMonitor):
 
     #: Every metric, its chart and the setting that turns it on (``part``).
     METRICS = (
-        MetricSpec("eig_{i}", chart="top-k eigenvalues"),
-        MetricSpec("eigs_converged"),
-        MetricSpec("gradient_overlap", chart=_OVERLAPS, part="gradient_overlap"),
-        MetricSpec("eigenspace_overlap", chart=_OVERLAPS),
-        MetricSpec("eigenspace_angle"),
-        MetricSpec("trace", chart="trace (Hutchinson deflated by the top k)", part="trace"),
-        MetricSpec("trace_stderr", part="trace"),
         MetricSpec(
-            "trace_lr_ratio", chart="trace · lr / 2 (SGD's trace stability, 1 = edge)", part="trace"
+            "eig_{i}", chart="top-k eigenvalues", doc="top-k eigenvalues, `eig_1` the largest"
         ),
-        MetricSpec("layer/{layer}/trace", part="layer_traces"),
-        MetricSpec("layer/{layer}/trace_stderr", part="layer_traces"),
+        MetricSpec("eigs_converged", doc="fraction of the k that met `tol`"),
+        MetricSpec(
+            "gradient_overlap",
+            chart=_OVERLAPS,
+            part="gradient_overlap",
+            doc=(
+                "`‖V_kᵀ g‖² / ‖g‖²`: the share of the probe gradient in the top-k eigenspace "
+                "(Gur-Ari et al. 2018)"
+            ),
+        ),
+        MetricSpec(
+            "eigenspace_overlap",
+            chart=_OVERLAPS,
+            doc=(
+                "`‖V_prevᵀ V_k‖_F² / k` against the previous converged measurement: 1 when the "
+                "sharp directions stayed, `k/n` for a random turn"
+            ),
+        ),
+        MetricSpec(
+            "eigenspace_angle",
+            doc=(
+                "the largest principal angle (radians) between the top-k spaces of the last two "
+                "converged measurements"
+            ),
+        ),
+        MetricSpec(
+            "trace",
+            chart="trace (Hutchinson deflated by the top k)",
+            part="trace",
+            doc=(
+                "trace: Hutchinson on the complement of the top-k Ritz vectors plus their Ritz "
+                "values"
+            ),
+        ),
+        MetricSpec("trace_stderr", part="trace", doc="its standard error"),
+        MetricSpec(
+            "trace_lr_ratio",
+            chart="trace · lr / 2 (SGD's trace stability, 1 = edge)",
+            part="trace",
+            doc="`tr H · lr / 2`: 1 is the edge of SGD's trace stability (Wu & Su 2023)",
+        ),
+        MetricSpec(
+            "layer/{layer}/trace",
+            part="layer_traces",
+            doc="trace of the module's diagonal Hessian block (HAWQ-V2's sensitivity)",
+        ),
+        MetricSpec("layer/{layer}/trace_stderr", part="layer_traces", doc="its standard error"),
         MetricSpec(
             "layer/{layer}/trace_per_param",
             chart="trace per parameter by layer",
             part="layer_traces",
+            doc="that trace over the module's parameter count",
         ),
         MetricSpec(
             "layer/{layer}/lambda_max",
             chart="λ_max of each layer's diagonal block",
             part="layer_lambda_max",
+            doc="top eigenvalue of the module's diagonal Hessian block",
         ),
-        MetricSpec("sam_sharpness", chart="SAM sharpness L(θ + ρ ĝ) − L(θ)", part="sam"),
-        MetricSpec("sam_gradient_norm", part="sam"),
-        MetricSpec("negative_mass", chart="spectral mass below and near zero", part="density"),
-        MetricSpec("near_zero_mass", chart="spectral mass below and near zero", part="density"),
-        MetricSpec("lambda_min", chart="smallest eigenvalue λ_min", part="density"),
-        MetricSpec("lambda_min_residual", part="density"),
-        MetricSpec("outliers", chart="outliers above the bulk (of the top k)", part="density"),
-        MetricSpec("bulk_edge", part="density"),
-        MetricSpec("spectrum_num_hvps"),
+        MetricSpec(
+            "sam_sharpness",
+            chart="SAM sharpness L(θ + ρ ĝ) − L(θ)",
+            part="sam",
+            doc="SAM's sharpness `L(θ + ρ g/‖g‖) − L(θ)` at radius `sam_radius`",
+        ),
+        MetricSpec(
+            "sam_gradient_norm", part="sam", doc="`‖∇L(θ + ρ g/‖g‖)‖` (first-order flatness)"
+        ),
+        MetricSpec(
+            "negative_mass",
+            chart="spectral mass below and near zero",
+            part="density",
+            doc="fraction of eigenvalues below −1 % of the spectral radius (SLQ)",
+        ),
+        MetricSpec(
+            "near_zero_mass",
+            chart="spectral mass below and near zero",
+            part="density",
+            doc=(
+                "fraction of eigenvalues within ±1 % of the spectral radius around zero, whose "
+                "sign SLQ cannot resolve"
+            ),
+        ),
+        MetricSpec(
+            "lambda_min",
+            chart="smallest eigenvalue λ_min",
+            part="density",
+            doc=(
+                "smallest eigenvalue (the most negative curvature) as the smallest Ritz value of "
+                "the density's quadrature; no extra products"
+            ),
+        ),
+        MetricSpec("lambda_min_residual", part="density", doc="its Ritz residual"),
+        MetricSpec(
+            "outliers",
+            chart="outliers above the bulk (of the top k)",
+            part="density",
+            doc="how many of the top-k stand apart from the bulk of the density",
+        ),
+        MetricSpec("bulk_edge", part="density", doc="where the bulk of the density ends"),
+        MetricSpec("spectrum_num_hvps", doc="Hessian-vector products of the whole measurement"),
     )
 
     METRIC_PREFIXES = (PREFIX, GGN_PREFIX)

@@ -16,6 +16,7 @@ __all__ = [
     "chart_layout",
     "expand_names",
     "full_name",
+    "markdown_table",
     "matches",
     "undefined_names",
 ]
@@ -39,12 +40,15 @@ class MetricSpec:
             ``None`` for a metric every measurement publishes.
         may_be_undefined: Whether NaN can be the metric's value by definition (an adaptive
             optimizer's ratio before its first step), not only a numerical failure.
+        doc: What the value is, in a line (the docs pages' tables of what is logged are
+            generated from it: :func:`markdown_table`).
     """
 
     name: str
     chart: str | None = None
     part: str | None = None
     may_be_undefined: bool = False
+    doc: str = ""
 
     def pattern(self, reserved: Sequence[str] = ()) -> str:
         """The name as a regular expression (placeholders matched, the rest literal);
@@ -101,6 +105,16 @@ def chart_layout(
         if spec.chart is not None:
             charts.setdefault(spec.chart, []).append(re.escape(prefix) + spec.pattern(reserved))
     return charts
+
+
+def markdown_table(specs: Iterable[MetricSpec], prefix: str, parts: dict[str, str]) -> str:
+    """The docs' table of the rows: full name, what it is, and the setting that turns it on
+    (``parts`` maps a row's ``part`` to how the argument reads, e.g. ``"trace=True"``)."""
+    lines = ["| metric | meaning | logged when |", "|---|---|---|"]
+    for spec in specs:
+        when = parts[spec.part] if spec.part else "always"
+        lines.append(f"| `{prefix}{spec.name}` | {spec.doc} | {when} |")
+    return "\n".join(lines) + "\n"
 
 
 def matches(specs: Iterable[MetricSpec], prefix: str, key: str) -> bool:

@@ -58,13 +58,10 @@ class RepresentationMonitor(SpectralMonitor):
     At every measurement the probe samples go through the model (eval mode, ``no_grad``,
     RNG forked, BatchNorm statistics frozen); forward hooks on ``layers`` stream each
     output into a float64 ``D × D`` second-moment / covariance accumulator (``N × D`` is
-    never held), and the spectra give, per layer:
-
-    ``spectral/repr/{layer}/rankme`` (raw singular values, Garrido et al. 2023),
-    ``.../alpha_req`` (decay exponent of the covariance spectrum over ranks ``fit_range``,
-    Agrawal et al. 2022), ``.../effective_rank`` (Roy & Vetterli, ``exp`` of the entropy),
-    ``.../stable_rank``, ``.../participation_ratio`` and ``.../vne`` (von Neumann entropy of
-    the trace-normalised covariance). Definitions: :mod:`spectral_callbacks.representation`.
+    never held), and the spectra give, per layer, the rows of :attr:`METRICS` under
+    ``spectral/repr/{layer}/``: RankMe, α-ReQ, effective rank, stable rank, participation
+    ratio and von Neumann entropy (docs/representations.md lists them; definitions:
+    :mod:`spectral_callbacks.representation`).
 
     TensorBoard also gets a custom-scalars chart of RankMe (and α-ReQ) per layer, a histogram
     of ``log10`` covariance eigenvalues per layer and a scree figure (eigenvalue against rank
@@ -278,12 +275,38 @@ class RepresentationMonitor(SpectralMonitor):
 
     #: One row per metric, ``{layer}`` standing for each of ``layers``.
     METRICS = (
-        MetricSpec("{layer}/rankme", chart="RankMe per layer"),
-        MetricSpec("{layer}/alpha_req", chart="α-ReQ per layer", may_be_undefined=True),
-        MetricSpec("{layer}/effective_rank", chart="effective rank per layer"),
-        MetricSpec("{layer}/stable_rank"),
-        MetricSpec("{layer}/participation_ratio"),
-        MetricSpec("{layer}/vne"),
+        MetricSpec(
+            "{layer}/rankme",
+            chart="RankMe per layer",
+            doc=(
+                "RankMe (Garrido et al. 2023): singular values σ of the **raw** embeddings, `p = "
+                "σ/Σσ + 1e-7`, `exp(−Σ p log p)`"
+            ),
+        ),
+        MetricSpec(
+            "{layer}/alpha_req",
+            chart="α-ReQ per layer",
+            may_be_undefined=True,
+            doc=(
+                "α-ReQ (Agrawal et al. 2022): centred covariance eigenvalues λ_i sorted "
+                "descending, `log λ_i = c − α log i` fitted over ranks `fit_range` by least "
+                "squares with weights `1/i`"
+            ),
+        ),
+        MetricSpec(
+            "{layer}/effective_rank",
+            chart="effective rank per layer",
+            doc=(
+                "effective rank (Roy & Vetterli): `exp(H_1(p))`, `p = λ/Σλ` of the centred "
+                "covariance"
+            ),
+        ),
+        MetricSpec("{layer}/stable_rank", doc="`Σλ / λ_max` = `exp(H_∞(p))`"),
+        MetricSpec("{layer}/participation_ratio", doc="`(Σλ)² / Σλ²` = `exp(H_2(p))`"),
+        MetricSpec(
+            "{layer}/vne",
+            doc="von Neumann entropy of the trace-normalised covariance, `H_1(p)` in nats",
+        ),
     )
 
     METRIC_PREFIXES = (PREFIX,)

@@ -48,6 +48,31 @@ _CHARTS = {
 }
 
 
+#: What each weight metric is (the docs' table is generated from the rows).
+_DOCS = {
+    "alpha": "exponent α of the ESD's tail `p(λ) ∝ λ^{−α}` for `λ ≥ xmin`; about 2 for "
+    "well-trained layers, above 6 under-trained, below 2 over-fitted",
+    "alpha_weighted": "α̂ = `α · log₁₀ λ_max`",
+    "spectral_norm": "`λ_max`, the squared largest singular value",
+    "log_spectral_norm": "`log₁₀ λ_max`",
+    "norm": "`Σλ = ‖W‖_F²`",
+    "log_norm": "`log₁₀ Σλ` (the Frobenius log norm)",
+    "log_alpha_norm": "`log₁₀ Σ λ^α`",
+    "stable_rank": "`Σλ / λ_max`",
+    "mp_softrank": "the Marchenko–Pastur bulk edge `λ₊` over `λ_max`",
+    "num_spikes": "eigenvalues above the Marchenko–Pastur bulk",
+    "num_pl_spikes": "eigenvalues in the fitted tail",
+    "xmin": "the tail's lower bound",
+    "ks_distance": "the Kolmogorov–Smirnov distance of the power-law fit",
+    "farms_alpha": "α of the ESD averaged over square submatrices (FARMS), without the bias a "
+    "matrix's aspect ratio puts on α",
+    "left_subspace_angle": "the largest principal angle (radians) between the top-`r` left "
+    "(output) singular subspaces now and at the reference",
+    "right_subspace_angle": "the same for the right (input) singular subspaces",
+    "singular_value_change": "`‖σ − σ_ref‖ / ‖σ_ref‖` of the top-`r` singular values",
+}
+
+
 def _rows(layer: str, metrics: Sequence[str], part: str | None = None) -> list[MetricSpec]:
     """Rows of ``metrics`` under ``layer`` (``"{layer}"`` or the averages); ``farms_alpha``
     is turned on by ``farms``, the other rows by ``part``."""
@@ -58,6 +83,7 @@ def _rows(layer: str, metrics: Sequence[str], part: str | None = None) -> list[M
             part="farms" if metric == "farms_alpha" else part,
             # A layer with fewer than 2 eigenvalues above the fit's floor has no tail.
             may_be_undefined=layer == "{layer}" and metric in FIT_METRICS,
+            doc=_DOCS[metric] if layer == "{layer}" else "mean over layers of " + metric,
         )
         for metric in metrics
     ]
@@ -68,25 +94,15 @@ class WeightSpectrumMonitor(SpectralMonitor):
 
     Every ``every_n_steps`` optimizer steps the ESD of each selected layer (a module with a
     weight of 2 or more dimensions) is computed on the weights' device, batched over layers
-    of one shape, and logged per layer as ``spectral/weights/{layer}/{metric}``:
+    of one shape, and logged per layer as ``spectral/weights/{layer}/{metric}`` for each
+    row of :attr:`METRICS` (docs/weights.md lists them): the power-law exponent α of the
+    ESD's tail (continuous MLE, ``xmin`` by the Kolmogorov–Smirnov distance), norms, stable
+    rank, the Marchenko–Pastur bulk and FARMS α. Conventions follow weightwatcher, so values
+    compare: :mod:`spectral_callbacks.weights`. The means over layers go to
+    ``spectral/weights/all_layers/{metric}`` (layers where a metric is NaN left out).
 
-    ``alpha`` (the power-law exponent of the ESD's tail: continuous MLE, ``xmin`` by the
-    Kolmogorov–Smirnov distance), ``alpha_weighted`` (``α · log₁₀ λ_max``),
-    ``spectral_norm`` (``λ_max``), ``log_spectral_norm``, ``norm`` (``Σλ``), ``log_norm``,
-    ``log_alpha_norm`` (``log₁₀ Σλ^α``), ``stable_rank`` (``Σλ / λ_max``), ``mp_softrank``
-    and ``num_spikes`` (the Marchenko–Pastur bulk edge over ``λ_max`` and the eigenvalues
-    above it), ``num_pl_spikes`` (eigenvalues in the fitted tail), ``xmin``,
-    ``ks_distance`` and ``farms_alpha`` (α of the ESD averaged over square submatrices,
-    free of the aspect-ratio bias). Conventions follow weightwatcher, so values compare:
-    :mod:`spectral_callbacks.weights`. The means over layers go to
-    ``spectral/weights/all_layers/{metric}`` for ``alpha``, ``alpha_weighted``,
-    ``log_spectral_norm``, ``log_norm``, ``log_alpha_norm``, ``stable_rank``,
-    ``mp_softrank`` and ``farms_alpha`` (layers where a metric is NaN left out).
-
-    With ``drift_rank`` set, each layer also logs ``left_subspace_angle`` and
-    ``right_subspace_angle`` (the largest principal angle, radians, between its top-``r``
-    singular subspaces now and at the reference) and ``singular_value_change``
-    (``‖σ − σ_ref‖ / ‖σ_ref‖``), and their means. The reference is the first measurement, or
+    With ``drift_rank`` set, each layer also logs how far its top-``r`` singular subspaces
+    turned and its singular values changed since the reference: the first measurement, or
     ``reference`` (a state dict); it is kept as its top-``r`` singular vectors and singular
     values, also in checkpoints.
 
