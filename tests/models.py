@@ -288,9 +288,9 @@ def unpack_batch(batch):
 class AnyBatchRegressor(LightningModule):
     """lr 0: the model measured at any step is the model at the end."""
 
-    def __init__(self) -> None:
+    def __init__(self, width: int = 5) -> None:
         super().__init__()
-        self.net = nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 1))
+        self.net = nn.Sequential(nn.Linear(3, width), nn.Tanh(), nn.Linear(width, 1))
 
     def forward(self, x):
         return self.net(x)

@@ -25,7 +25,7 @@ from spectral_callbacks import (
     WeightSpectrumMonitor,
 )
 from spectral_callbacks.callbacks import SpectralMonitor
-from tests.models import TanhRegressor, regression_data
+from tests.models import TanhRegressor, regression_data, trainer_kwargs
 
 
 class RankScripted(SpectralMonitor):
@@ -96,9 +96,6 @@ def main(out: pathlib.Path) -> None:
     )
     recorder = Recorder()
     trainer = L.Trainer(
-        accelerator="cpu",
-        devices=2,
-        strategy="ddp",
         max_steps=12,
         callbacks=[
             sharpness,
@@ -112,10 +109,7 @@ def main(out: pathlib.Path) -> None:
             stopper,
             recorder,
         ],
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
+        **trainer_kwargs(devices=2, strategy="ddp"),
     )
     torch.manual_seed(1)
     trainer.fit(TanhRegressor(lr=0.05).double(), loader)
@@ -161,16 +155,9 @@ def unequal(out: pathlib.Path) -> None:
         layers=["net.1"], every_n_steps=2, num_samples=20, fit_range=(2, 8)
     )
     trainer = L.Trainer(
-        accelerator="cpu",
-        devices=2,
-        strategy="ddp",
         max_steps=4,
         callbacks=[representation],
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
-        use_distributed_sampler=False,
+        **trainer_kwargs(devices=2, strategy="ddp", use_distributed_sampler=False),
     )
     torch.manual_seed(2)
     model = UnequalShards(lr=0.0).double()

@@ -740,28 +740,13 @@ def test_history_is_bounded_and_figures_are_sparse(tmp_path, monkeypatch):
     assert len(events.Histograms("spectral/hessian/top_k")) == 11
 
 
-class HalfRegressor(LightningModule):
-    def __init__(self) -> None:
-        super().__init__()
-        self.net = nn.Sequential(nn.Linear(3, 16), nn.Tanh(), nn.Linear(16, 1))
-
-    def forward(self, x):
-        return self.net(x)
-
-    def training_step(self, batch, batch_idx):
-        return F.mse_loss(self(batch[0]), batch[1])
-
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=0.0)
-
-
 @pytest.mark.parametrize("precision", ["bf16-true", "16-true"])
 def test_half_precision_models_are_measured_against_the_float64_truth(precision):
     g = torch.Generator().manual_seed(9)
     x, y = torch.randn(32, 3, generator=g), torch.randn(32, 1, generator=g)
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=32)
     torch.manual_seed(0)
-    model = HalfRegressor()
+    model = AnyBatchRegressor(width=16)
     sharpness = SharpnessMonitor(every_n_steps=1, probe_data=(x, y), tol=0.05)
     spectrum = HessianSpectrumMonitor(every_n_steps=1, k=2, tol=0.05)  # defaults otherwise
     trainer = L.Trainer(
@@ -771,7 +756,6 @@ def test_half_precision_models_are_measured_against_the_float64_truth(precision)
         warnings.simplefilter("ignore")
         trainer.fit(model, loader)
     truth_model = copy.deepcopy(model).double()
-    mse = lambda m, b: F.mse_loss(m(b[0]), b[1])  # noqa: E731
     truth = hessian_eigenvalues(truth_model, mse, (x.double(), y.double()), k=2, tol=1e-10)
     lam = sharpness.last_metrics["spectral/hessian/lambda_max"]
     assert lam == pytest.approx(float(truth.eigenvalues[0]), rel=2e-2)
