@@ -12,6 +12,7 @@ from lightning.pytorch.callbacks import EarlyStopping
 from lightning.pytorch.callbacks.early_stopping import EarlyStoppingReason
 
 from .._checks import check_bool, check_choice, check_integer, check_number
+from ..representation import COLLAPSED
 from . import metrics as metric_table
 from .base import SpectralMonitor
 from .hessian import HessianSpectrumMonitor, SharpnessMonitor
@@ -55,7 +56,9 @@ class SpectralEarlyStopping(EarlyStopping):
     * ``"above"``: stop after ``patience`` measurements in a row with ``value > threshold``;
     * ``"below"``: stop after ``patience`` measurements in a row with ``value < threshold``;
     * ``"collapse"``: stop after ``patience`` measurements in a row with
-      ``value < fraction · peak`` (the peak since ``warmup_steps``) or ``value < threshold``;
+      ``value < fraction · peak`` (the peak since ``warmup_steps``), ``value < threshold``, or
+      a value of 0 (no dimension left: the dimension measures of a dead layer,
+      :data:`~spectral_callbacks.representation.COLLAPSED`);
     * ``"outside"``: stop after ``patience`` measurements in a row with the value outside
       ``band = (low, high)``.
 
@@ -184,7 +187,8 @@ class SpectralEarlyStopping(EarlyStopping):
         **kwargs: Any,
     ) -> SpectralEarlyStopping:
         """Representation collapse: RankMe of ``layer`` below ``fraction`` of its peak (or
-        below ``min_value``) for ``patience`` measurements in a row.
+        below ``min_value``, or 0: a layer whose outputs are all zero) for ``patience``
+        measurements in a row.
 
         Garrido et al. (2023) show a collapsing RankMe precedes poor downstream performance in
         self-supervised training. Language models show a brief collapse during warmup by
@@ -338,6 +342,9 @@ class SpectralEarlyStopping(EarlyStopping):
             )
         if self.threshold is not None and value < self.threshold:
             return True, f"{self.monitor} = {value:.4g} below the floor {self.threshold:.4g}"
+        if value <= COLLAPSED:
+            # No dimension left (a dead layer): collapsed whatever the peak, also a peak of 0.
+            return True, f"{self.monitor} = {value:.4g}: no dimension left"
         if (
             self.fraction is not None
             and self.peak is not None

@@ -8,6 +8,7 @@ from .capture import (
     resolve_layers,
 )
 from .metrics import (
+    COLLAPSED,
     AlphaReqFit,
     alpha_req,
     alpha_req_fit,
@@ -27,6 +28,7 @@ from .spectra import (
 )
 
 __all__ = [
+    "COLLAPSED",
     "LAYER_LAYOUTS",
     "LAYOUTS",
     "AlphaReqFit",

@@ -9,6 +9,12 @@ others. All arithmetic is float64; eigenvalues ``≤ 0`` carry no mass.
 With ``p_i = λ_i / Σ_j λ_j`` (the covariance spectrum as a distribution) the covariance
 measures are exponentials of Rényi entropies, so on one spectrum
 ``stable_rank (exp H_∞) ≤ participation_ratio (exp H_2) ≤ effective_rank (exp H_1)``.
+
+A spectrum with no positive eigenvalue (every embedding zero, or, for the centred
+measures, every embedding equal) has no dimension at all: :func:`rankme`,
+:func:`effective_rank`, :func:`participation_ratio` and :func:`stable_rank` return
+:data:`COLLAPSED` (0), the bottom of their scale (any other spectrum gives at least 1), and
+:func:`von_neumann_entropy` returns 0. A dead layer reads as the collapse it is.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ import torch
 from .spectra import Pool, covariance_spectrum, second_moment_spectrum
 
 __all__ = [
+    "COLLAPSED",
     "AlphaReqFit",
     "alpha_req",
     "alpha_req_fit",
@@ -42,6 +49,8 @@ def _spectrum(
             "the input is complex; the spectra are defined for real embeddings or eigenvalues "
             "(pass torch.view_as_real(z).flatten(-2) or z.abs())"
         )
+    if z_or_eigs.numel() == 0:
+        raise ValueError(f"the input is empty (shape {tuple(z_or_eigs.shape)}): nothing to measure")
     if z_or_eigs.ndim == 1:
         values = z_or_eigs.detach().to(torch.float64)
         if not bool(torch.isfinite(values).all()):
@@ -55,11 +64,14 @@ def _spectrum(
     )
 
 
-def _distribution(values: torch.Tensor) -> torch.Tensor:
+#: The dimension of a spectrum with no positive eigenvalue (module docstring).
+COLLAPSED = 0.0
+
+
+def _distribution(values: torch.Tensor) -> torch.Tensor | None:
+    """``values / Σ values``, or ``None`` for a spectrum with no positive eigenvalue."""
     total = values.sum()
-    if not total > 0:
-        raise ValueError("the spectrum has no positive eigenvalue (all embeddings equal?)")
-    return values / total
+    return values / total if total > 0 else None
 
 
 def rankme(
@@ -69,7 +81,8 @@ def rankme(
 
     ``σ_k`` are the singular values of the raw (uncentred, unless ``center=True``) embedding
     matrix, obtained as ``sqrt`` of the second-moment eigenvalues (a 1-D input is taken as
-    those eigenvalues). ``ε = 1e-7`` as in the paper. Ranges over ``(0, min(N, D)]``.
+    those eigenvalues). ``ε = 1e-7`` as in the paper. Ranges over ``[1, min(N, D)]``, and is
+    :data:`COLLAPSED` (0) for embeddings that are all zero.
 
     Example:
         Three equal singular values and no others give RankMe 3 (up to ``ε``):
@@ -79,15 +92,23 @@ def rankme(
         3.0
     """
     values = _spectrum(z_or_eigs, center_by_default=False, center=center, pool=pool)
-    p = _distribution(values.sqrt()) + eps
+    p = _distribution(values.sqrt())
+    if p is None:
+        return COLLAPSED
+    p = p + eps
     return float(torch.exp(-(p * p.log()).sum()))
 
 
 def von_neumann_entropy(
     z_or_eigs: torch.Tensor, center: bool | None = None, pool: Pool = "flatten"
 ) -> float:
-    """Von Neumann entropy of the trace-normalised covariance, ``-Σ p_i log p_i`` in nats."""
+    """Von Neumann entropy of the trace-normalised covariance, ``-Σ p_i log p_i`` in nats
+    (0 for a spectrum with no positive eigenvalue)."""
     p = _distribution(_spectrum(z_or_eigs, center_by_default=True, center=center, pool=pool))
+    return 0.0 if p is None else _entropy(p)
+
+
+def _entropy(p: torch.Tensor) -> float:
     p = p[p > 0]
     return float(-(p * p.log()).sum())
 
@@ -97,9 +118,11 @@ def effective_rank(
 ) -> float:
     """Effective rank (Roy & Vetterli 2007) of the covariance: ``exp(H_1(p))``.
 
-    The exponential of :func:`von_neumann_entropy`; ranges over ``[1, rank]``.
+    The exponential of :func:`von_neumann_entropy`; ranges over ``[1, rank]``, and is
+    :data:`COLLAPSED` (0) for a spectrum with no positive eigenvalue.
     """
-    return math.exp(von_neumann_entropy(z_or_eigs, center=center, pool=pool))
+    p = _distribution(_spectrum(z_or_eigs, center_by_default=True, center=center, pool=pool))
+    return COLLAPSED if p is None else math.exp(_entropy(p))
 
 
 def participation_ratio(
@@ -108,7 +131,7 @@ def participation_ratio(
     """Participation ratio ``(Σ λ)² / Σ λ²`` = ``exp(H_2(p))`` of the covariance spectrum."""
     values = _spectrum(z_or_eigs, center_by_default=True, center=center, pool=pool)
     p = _distribution(values)
-    return float(1.0 / (p * p).sum())
+    return COLLAPSED if p is None else float(1.0 / (p * p).sum())
 
 
 def stable_rank(
@@ -117,7 +140,7 @@ def stable_rank(
     """Stable rank ``‖Z_c‖_F² / ‖Z_c‖_2² = Σ λ / λ_max`` = ``exp(H_∞(p))``."""
     values = _spectrum(z_or_eigs, center_by_default=True, center=center, pool=pool)
     p = _distribution(values)
-    return float(1.0 / p.max())
+    return COLLAPSED if p is None else float(1.0 / p.max())
 
 
 class AlphaReqFit:

@@ -177,6 +177,10 @@ class CovarianceAccumulator:
             values = torch.linalg.eigvalsh(matrix).flip(0).clamp_min(0)
         except torch.linalg.LinAlgError as error:
             raise FloatingPointError(f"eigvalsh failed: {error}") from error
+        # Below D ε tr(ZᵀZ/N) an eigenvalue is rounding (the covariance cancels the mean out
+        # of the second moment): zero, so equal embeddings have no dimension, not noise's.
+        floor = self.dim * torch.finfo(torch.float64).eps * self.second_moment().trace()
+        values[values <= floor] = 0.0
         rank_cap = self.count - 1 if centred else self.count
         if rank_cap < self.dim:
             if not self._warned:

@@ -19,6 +19,7 @@ from torch import nn
 
 from spectral_callbacks import (
     RepresentationMonitor,
+    SpectralEarlyStopping,
 )
 from spectral_callbacks.functional import (
     alpha_req,
@@ -499,3 +500,46 @@ def test_a_select_that_drops_the_batch_dimension_is_warned():
     with warnings.catch_warnings():
         warnings.filterwarnings("error", message=".*first dimension.*")
         trainer.fit(TokenEncoder(), loader)
+
+
+class _Gate(nn.Module):
+    """Passes its input, or zeros once ``closed()`` says so (a layer that dies)."""
+
+    def __init__(self, closed) -> None:
+        super().__init__()
+        self.closed = closed
+
+    def forward(self, x):
+        return x * 0.0 if self.closed() else x
+
+
+class Gated(Encoder):
+    """The encoder's output through a gate that closes at step ``close_at``."""
+
+    def __init__(self, close_at: int) -> None:
+        super().__init__()
+        self.gate = _Gate(lambda: self.trainer.global_step >= close_at)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.gate(self.encoder(x))))
+
+
+@pytest.mark.parametrize("close_at", [0, 3])
+def test_a_dead_layer_reads_as_collapse_and_trips_the_stopper(close_at):
+    """Outputs all zero from the start (a peak of 0) or from step 3 on: RankMe and the
+    effective rank read 0, α-ReQ is NaN by definition, nothing crashes and rank_collapse
+    stops the run at the first collapsed measurement."""
+    train, _, _ = loaders()
+    monitor = RepresentationMonitor(layers=["gate"], every_n_steps=1, num_samples=32)
+    stopper = SpectralEarlyStopping.rank_collapse("gate")
+    trainer = L.Trainer(max_steps=8, callbacks=[monitor, stopper], **trainer_kwargs())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # α-ReQ of the dead layer: NaN, warned once
+        trainer.fit(Gated(close_at), train)
+    assert stopper.stopped_step == close_at and trainer.global_step <= close_at + 1
+    for step, values in monitor.history:
+        dead = step >= close_at
+        assert (values["spectral/repr/gate/rankme"] == 0.0) == dead
+        assert (values["spectral/repr/gate/effective_rank"] == 0.0) == dead
+        assert math.isnan(values["spectral/repr/gate/alpha_req"]) == dead
+    assert "no dimension left" in stopper.stopped_reason

@@ -21,6 +21,7 @@ from spectral_callbacks.functional import (
     von_neumann_entropy,
 )
 from spectral_callbacks.representation import (
+    COLLAPSED,
     CovarianceAccumulator,
     alpha_req_fit,
     as_embedding_matrix,
@@ -218,10 +219,26 @@ def test_bad_inputs_name_the_problem():
         alpha_req(torch.ones(20), fit_range=(5, 5))
     with pytest.raises(ValueError, match="at least 2"):
         alpha_req(torch.ones(8, dtype=torch.float64))
-    with pytest.raises(ValueError, match="no positive eigenvalue"):
-        effective_rank(torch.zeros(5))
     with pytest.raises(ValueError, match="non-finite"):
         rankme(torch.tensor([1.0, float("nan")]))
+
+
+@pytest.mark.parametrize("dead", ["zero", "equal"])
+def test_a_collapsed_representation_has_no_dimension(dead):
+    """All-zero embeddings have no dimension in any measure; equal embeddings have one raw
+    direction (RankMe 1) and no centred one. Equal rows of awkward values leave rounding in
+    the covariance, which must read as zero, not as noise's dimension."""
+    g = torch.Generator().manual_seed(0)
+    row = torch.zeros(1, 48) if dead == "zero" else torch.randn(1, 48, generator=g) * 3 + 0.1
+    z = row.repeat(200, 1)
+    centred = (effective_rank, stable_rank, participation_ratio)
+    assert [measure(z) for measure in centred] == [COLLAPSED] * 3
+    assert von_neumann_entropy(z) == 0.0
+    expected = COLLAPSED if dead == "zero" else pytest.approx(1.0, abs=1e-3)
+    assert rankme(z) == expected
+    assert rankme(torch.zeros(5)) == COLLAPSED  # a given spectrum of zeros, too
+    with pytest.raises(ValueError, match="at least 2"):
+        alpha_req(z, fit_range=(1, 10))  # nothing to fit: the monitor logs NaN by definition
 
 
 class _Encoder(nn.Module):
@@ -278,9 +295,8 @@ def test_unknown_layer_lists_close_matches():
 
 
 def test_rankme_and_friends_refuse_what_they_cannot_measure():
-    with pytest.raises(ValueError, match="no positive eigenvalue"):
-        rankme(torch.zeros(8, 3))
-    with pytest.raises(ValueError, match="no positive eigenvalue"):
+    assert rankme(torch.zeros(8, 3)) == COLLAPSED  # measurable: no dimension
+    with pytest.raises(ValueError, match="empty"):
         rankme(torch.zeros(0))
     with pytest.raises(ValueError, match="complex"):
         rankme(torch.randn(8, 3, dtype=torch.complex64))
