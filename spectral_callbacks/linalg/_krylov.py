@@ -16,9 +16,16 @@ back to the host only when they check convergence.
 
 The first two reorthogonalise fully: classical Gram-Schmidt applied twice ("CGS2"), written
 as batched matrix products so it runs at memory bandwidth.
+
+Every recurrence runs on the operator times a power of two (:class:`ProductScale`), chosen
+from the first product so that its largest entry is about 1, and hands its coefficients back
+divided by it, in float64: norms are sums of squares, which in float32 overflow for an
+operator of scale 1e19 and underflow below 1e-19 (a loss multiplied by 1e20 or 1e-25).
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -34,6 +41,42 @@ BREAKDOWN_EPS_FACTOR = 100.0
 def breakdown_tolerance(dtype: torch.dtype) -> float:
     """Relative size under which a new Krylov direction counts as a breakdown."""
     return BREAKDOWN_EPS_FACTOR * torch.finfo(dtype).eps
+
+
+class ProductScale:
+    """The power of two ``c`` a recurrence multiplies every product by (module docstring).
+
+    Chosen on the device from the first product ``W``: ``c = 2^-round(log2 max|W|)``, kept
+    within the exponent range of the vectors' dtype (1 for a zero or non-finite product).
+    Multiplying by a power of two is exact, so the recurrence sees ``c A`` exactly; its
+    eigenvalues and residuals are divided by ``c`` on the host.
+    """
+
+    def __init__(self) -> None:
+        self.factor: torch.Tensor | None = None
+
+    def apply(self, products: torch.Tensor) -> torch.Tensor:
+        """``c · products``; the first call chooses ``c`` (no host synchronisation)."""
+        if self.factor is None:
+            info = torch.finfo(products.dtype)
+            peak = products.detach().abs().amax()
+            usable = torch.isfinite(peak) & (peak > 0)
+            exponent = torch.round(torch.log2(torch.where(usable, peak, torch.ones_like(peak))))
+            exponent = exponent.clamp(math.log2(info.tiny) + 1, math.log2(info.max) - 1)
+            self.factor = torch.exp2(-exponent)
+        return products * self.factor
+
+    def scale(self, coefficients: torch.Tensor) -> torch.Tensor:
+        """Float64 coefficients of ``A`` (on the factor's device) as those of ``c A``."""
+        if self.factor is None:
+            return coefficients
+        return coefficients * self.factor.to(coefficients.dtype)
+
+    def unscale(self, coefficients: torch.Tensor) -> torch.Tensor:
+        """Float64 coefficients of ``c A`` as those of ``A``."""
+        if self.factor is None:
+            return coefficients
+        return coefficients / self.factor.to(coefficients.dtype)
 
 
 def _grow(buffer: torch.Tensor, dim: int, needed: int, limit: int) -> torch.Tensor:
@@ -77,6 +120,7 @@ class _IndependentRecurrences:
         self.steps = 0
         # Steps ever taken; differs from ``steps`` (the basis position) after a thick restart.
         self.products = 0
+        self.product_scale = ProductScale()
 
     def _broken(self, alpha: torch.Tensor, norm: torch.Tensor) -> torch.Tensor:
         """Which processes broke down: a new direction negligible at the operator's scale."""
@@ -98,7 +142,8 @@ class _IndependentRecurrences:
         factor of the Ritz residuals. This is the only host transfer of the recurrence.
         """
         m = self.steps
-        coefficients = torch.stack([self.alpha[:, :m], self.beta[:, :m]]).cpu()
+        coefficients = torch.stack([self.alpha[:, :m], self.beta[:, :m]])
+        coefficients = self.product_scale.unscale(coefficients).cpu()
         return coefficients[0], coefficients[1]
 
 
@@ -149,7 +194,7 @@ class IndependentLanczos(_IndependentRecurrences):
         self.alpha = _grow(self.alpha, 1, j + 1, self.max_steps + 1)
         self.beta = _grow(self.beta, 1, j + 1, self.max_steps + 1)
         q = self.basis[:, j]
-        w = self.operator.matmat(q)
+        w = self.product_scale.apply(self.operator.matmat(q))
         alpha = (q * w).sum(dim=1)
         basis = self.basis[:, : j + 1]
         # Full reorthogonalisation subsumes the three-term recurrence: the projection onto
@@ -209,7 +254,8 @@ class IndependentLanczos(_IndependentRecurrences):
             columns[:kept] = combination @ columns[:m]
         basis[kept] = basis[m]
         self.arrow = coupling * ritz_vectors[m - 1]
-        self.alpha[0, :kept] = ritz_values.to(self.alpha.device)
+        # The buffers hold the coefficients of the scaled operator (ProductScale).
+        self.alpha[0, :kept] = self.product_scale.scale(ritz_values.to(self.alpha.device))
         self.beta[0, :kept] = 0.0
         self.steps = kept
 
@@ -253,7 +299,7 @@ class ThreeTermLanczos(_IndependentRecurrences):
     def step(self) -> None:
         """Advance every process by one Lanczos step (one operator product each)."""
         q = self.current
-        w = self.operator.matmat(q)
+        w = self.product_scale.apply(self.operator.matmat(q))
         alpha = (q * w).sum(dim=1)
         # Two passes against q_j and q_{j-1}: the first is the three-term recurrence itself.
         w = self._project_out_kept(self._project_out_kept(w))
@@ -319,6 +365,7 @@ class BlockLanczos:
         self.diagonal_blocks: list[torch.Tensor] = []
         self.coupling_blocks: list[torch.Tensor] = []
         self.steps = 0
+        self.product_scale = ProductScale()
 
     def _random_rows(self, like: torch.Tensor) -> torch.Tensor:
         rows = torch.randn(
@@ -368,7 +415,7 @@ class BlockLanczos:
         j = self.steps
         self.basis = _grow(self.basis, 0, (j + 2) * p, self.max_rows)
         block = self.basis[j * p : (j + 1) * p]
-        w = self.operator.matmat(block)
+        w = self.product_scale.apply(self.operator.matmat(block))
         diagonal = (block @ w.T).to(torch.float64)
         diagonal = 0.5 * (diagonal + diagonal.T)
         self.scale = torch.maximum(self.scale, diagonal.abs().max().to(self.scale.dtype))
@@ -384,7 +431,8 @@ class BlockLanczos:
     def projected_matrix(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Return ``T`` (mp × mp) and the last coupling block ``B_m`` on the host, in float64."""
         p, m = self.block_size, self.steps
-        blocks = torch.stack(self.diagonal_blocks + self.coupling_blocks).cpu()
+        blocks = torch.stack(self.diagonal_blocks + self.coupling_blocks)
+        blocks = self.product_scale.unscale(blocks).cpu()
         diagonal, coupling = blocks[:m], blocks[m:]
         projected = torch.zeros(m * p, m * p, dtype=torch.float64)
         for j in range(m):

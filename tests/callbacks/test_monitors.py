@@ -821,3 +821,43 @@ def test_the_pytorch_lightning_namespace_logger_gets_histograms_and_the_layout(t
 
     logger = pytorch_lightning.loggers.TensorBoardLogger(tmp_path, name="pl", version=0)
     assert tensorboard_writers([logger]) == [logger.experiment]
+
+
+class ScaledRegressor(TanhRegressor):
+    """A float32 tanh MLP whose loss is the mean squared error times ``scale``."""
+
+    def __init__(self, scale: float) -> None:
+        super().__init__(lr=0.0)
+        self.scale = scale
+
+    def training_step(self, batch, batch_idx):
+        return self.scale * mse(self, batch)
+
+
+@pytest.mark.parametrize("scale", [1e20, 1e-25])
+def test_extreme_loss_scales_are_measured_as_their_float64_truth(scale):
+    x, y = regression_data(n=64)
+    model = ScaledRegressor(scale)
+    sharpness = SharpnessMonitor(every_n_steps=1)
+    spectrum = HessianSpectrumMonitor(
+        every_n_steps=1, k=2, trace_hvps=2000, density_probes=2, density_steps=20
+    )
+    trainer = L.Trainer(
+        max_steps=1, callbacks=[sharpness, spectrum], **trainer_kwargs(precision="32-true")
+    )
+    trainer.fit(model, full_batch_loader(x, y, 1))
+    truth_model = copy.deepcopy(model).double()
+    batch = (x.double(), y.double())
+    truth = hessian_eigenvalues(truth_model, mse, batch, k=2, tol=1e-10)
+    exact_trace = hessian_trace(truth_model, mse, batch, num_hvps=10_000).estimate
+    values = sharpness.last_metrics
+    assert values["spectral/hessian/lambda_max"] / scale == pytest.approx(
+        float(truth.eigenvalues[0]), rel=1e-3
+    )
+    assert values["spectral/hessian/lambda_max_converged"] == 1.0
+    top = [spectrum.last_metrics[f"spectral/hessian/eig_{i}"] / scale for i in (1, 2)]
+    assert top == pytest.approx(truth.eigenvalues.tolist(), rel=1e-3)
+    # trace_hvps beyond the 1,377 parameters: the trace is exact.
+    assert spectrum.last_metrics["spectral/hessian/trace"] / scale == pytest.approx(
+        exact_trace, rel=1e-4
+    )

@@ -492,3 +492,23 @@ def test_a_repeated_eigenvalue_is_not_skipped_when_the_krylov_space_exhausts():
         result = lanczos(DenseOperator(0.5 * (a + a.T)), k=5, which="SA", tol=1e-8, seed=seed)
         torch.testing.assert_close(result.eigenvalues, spectrum[:5], atol=1e-10, rtol=0)
         assert bool(result.converged.all())
+
+
+@pytest.mark.parametrize("scale", [1e20, 1e-25])
+@pytest.mark.parametrize("solver", ["lanczos", "block_lanczos", "bounded"])
+def test_float32_operators_of_extreme_scale_give_their_eigenvalues(scale, solver):
+    """Norms are sums of squares: in float32 they overflow above about 1e19 and underflow
+    below 1e-19. The recurrences run on the operator times a power of two, so the values (and
+    the claim of convergence) are those of the operator at any scale."""
+    spectrum = SPECTRA["indefinite"]
+    op = DenseOperator((matrix_with_spectrum(spectrum, seed=1) * scale).float())
+    kwargs = {"block_lanczos": {"method": "block_lanczos", "block_size": 2}}.get(solver, {})
+    if solver == "bounded":
+        kwargs = {"max_basis": 8}
+    result = eigenpairs(op, k=3, tol=1e-4, **kwargs)
+    exact = expected(spectrum, 3, "LA")
+    assert bool(result.converged.all())
+    assert torch.allclose(result.eigenvalues / scale, exact, rtol=1e-4)
+    assert torch.allclose(result.residuals / scale, result.residuals.new_zeros(3), atol=1e-3)
+    density = slq(op, num_probes=2, steps=30, seed=0)
+    assert density.lambda_min / scale == pytest.approx(float(spectrum.min()), rel=1e-3)
