@@ -7,6 +7,7 @@ Each check raises at once, naming the argument, the value and what is allowed: a
 
 from __future__ import annotations
 
+import inspect
 import math
 import numbers
 import re
@@ -17,9 +18,11 @@ __all__ = [
     "check_bool",
     "check_callable",
     "check_choice",
+    "check_fit_range",
     "check_integer",
     "check_name_filter",
     "check_number",
+    "check_seed",
     "check_tolerance",
 ]
 
@@ -78,13 +81,29 @@ def check_number(
     return value
 
 
+#: The loosest relative tolerance a solver takes. A relative residual ``r ≤ tol·|θ|`` puts
+#: some eigenvalue within ``tol·|θ|`` of ``θ``; beyond one half that no longer fixes a value
+#: within a factor of 2 (at ``tol ≥ 1`` any vector passes).
+MAX_TOLERANCE = 0.5
+
+
 def check_tolerance(name: str, value: Any) -> float:
-    """A solver tolerance: a positive finite number."""
+    """A solver tolerance: a number in ``(0, MAX_TOLERANCE]``."""
+    allowed = f"a number > 0 and <= {MAX_TOLERANCE} (a relative residual)"
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a positive finite number, got {value!r}")
-    if not (value > 0 and math.isfinite(value)):
-        raise ValueError(f"{name} must be a positive finite number, got {value!r}")
+        raise TypeError(f"{name} must be {allowed}, got {value!r}")
+    if not (0 < value <= MAX_TOLERANCE):
+        raise ValueError(f"{name} must be {allowed}, got {value!r}")
     return float(value)
+
+
+#: Seeds are those ``torch.Generator.manual_seed`` takes: ``0 <= seed < 2**63``.
+MAX_SEED = 2**63 - 1
+
+
+def check_seed(name: str, value: Any) -> int:
+    """A random seed: an integer (a NumPy one too) in ``[0, MAX_SEED]``."""
+    return check_integer(name, value, minimum=0, maximum=MAX_SEED)
 
 
 def check_choice(name: str, value: Any, choices: Sequence[Any]) -> Any:
@@ -95,13 +114,27 @@ def check_choice(name: str, value: Any, choices: Sequence[Any]) -> Any:
 
 
 def check_callable(
-    name: str, value: Any, signature: str, allow_none: bool = False
+    name: str, value: Any, signature: str, allow_none: bool = False, arguments: int | None = None
 ) -> Callable | None:
-    """``value`` must be callable (as ``signature`` says), or ``None`` if ``allow_none``."""
+    """``value`` must be callable (as ``signature`` says), or ``None`` if ``allow_none``; with
+    ``arguments``, callable with that many positional arguments (where Python can tell)."""
     if value is None and allow_none:
         return None
     if not callable(value):
         raise TypeError(f"{name} must be callable as {signature}, got {value!r}")
+    if arguments is not None:
+        try:
+            parameters = inspect.signature(value)
+        except (TypeError, ValueError):  # a builtin or extension type: nothing to check
+            return value
+        try:
+            parameters.bind(*([None] * arguments))
+        except TypeError:
+            raise TypeError(
+                f"{name} must be callable as {signature} ({arguments} positional "
+                f"argument{'s' if arguments > 1 else ''}), got {value!r} with signature "
+                f"{parameters}"
+            ) from None
     return value
 
 
@@ -143,3 +176,15 @@ def check_name_filter(name: str, value: Any, everything: str, entries: str) -> A
         f"{name} must be None ({everything}), a regular expression, a predicate on names, or "
         f"a sequence of {entries} / module prefixes, got {value!r}"
     )
+
+
+def check_fit_range(name: str, value: Any) -> tuple[int, int]:
+    """Two 1-based ranks ``(low, high)``, ``1 <= low < high`` (NumPy integers too)."""
+    if (
+        isinstance(value, (tuple, list))
+        and len(value) == 2
+        and all(isinstance(r, numbers.Integral) and not isinstance(r, bool) for r in value)
+        and 1 <= value[0] < value[1]
+    ):
+        return int(value[0]), int(value[1])
+    raise ValueError(f"{name} must be two ranks (low, high) with 1 <= low < high, got {value!r}")

@@ -12,6 +12,7 @@ each setting are written down here and re-exported there.
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, fields
 from typing import Any, Literal, TypeVar, get_args
@@ -22,6 +23,7 @@ from ._checks import (
     check_choice,
     check_integer,
     check_name_filter,
+    check_seed,
     check_tolerance,
 )
 
@@ -88,7 +90,16 @@ def check_parameter_filter(params: Any) -> ParameterFilter:
 _Settings = TypeVar("_Settings", bound="_FromArguments")
 
 
+def _is_integer(value: Any) -> bool:
+    """An integer, Python's or NumPy's, that is not a bool."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
 class _FromArguments:
+    def _set(self, field: str, value: Any) -> None:
+        """Store a checked value (a NumPy integer as ``int``) in the frozen dataclass."""
+        object.__setattr__(self, field, value)
+
     @classmethod
     def from_arguments(cls: type[_Settings], arguments: Mapping[str, Any]) -> _Settings:
         """The settings from the entries of ``arguments`` named like their fields (a
@@ -128,12 +139,12 @@ class EigenSettings(_FromArguments):
 
     def __post_init__(self) -> None:
         check_choice("which", self.which, WHICH)
-        check_integer("k", self.k, minimum=1)
-        object.__setattr__(self, "tol", check_tolerance("tol", self.tol))
+        self._set("k", check_integer("k", self.k, minimum=1))
+        self._set("tol", check_tolerance("tol", self.tol))
         self._check_method()
-        check_integer("max_iter", self.max_iter, minimum=self.k, allow_none=True)
+        self._set("max_iter", check_integer("max_iter", self.max_iter, self.k, allow_none=True))
         self._check_max_basis()
-        check_integer("seed", self.seed, minimum=0)
+        self._set("seed", check_seed("seed", self.seed))
 
     def _check_method(self) -> None:
         method, block_size = self.method, self.block_size
@@ -141,8 +152,9 @@ class EigenSettings(_FromArguments):
             raise ValueError(f"method must be one of {EIGEN_METHODS}, got {method!r}")
         if block_size is None:
             return
-        if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
+        if not _is_integer(block_size) or block_size < 1:
             raise ValueError(f"block_size must be a positive integer or None, got {block_size!r}")
+        self._set("block_size", int(block_size))
         if method == "lanczos":
             raise ValueError(
                 f"block_size={block_size} applies to method='block_lanczos' (or 'auto'); "
@@ -154,7 +166,7 @@ class EigenSettings(_FromArguments):
         if max_basis is None:
             return
         least = self.k + 3 if self.which == "LM" else self.k + 2
-        if isinstance(max_basis, bool) or not isinstance(max_basis, int) or max_basis < least:
+        if not _is_integer(max_basis) or max_basis < least:
             extra = (
                 ("k + 3", " and, for which='LM', the other end")
                 if self.which == "LM"
@@ -165,6 +177,7 @@ class EigenSettings(_FromArguments):
                 f"wanted Ritz vectors, a new direction and the next{extra[1]}), got "
                 f"{max_basis!r}"
             )
+        self._set("max_basis", int(max_basis))
         if self.solver != "lanczos":
             raise ValueError(
                 f"max_basis={max_basis} bounds the basis of method='lanczos' (restarted "
@@ -237,14 +250,14 @@ class OperatorSettings(_FromArguments):
         check_choice("hvp", self.hvp, HVP_PATHS)
         check_choice("reduction", self.reduction, REDUCTIONS)
         check_parameter_filter(self.params)
-        check_integer("seed", self.seed, minimum=0)
+        self._set("seed", check_seed("seed", self.seed))
         check_choice("curvature", self.curvature, CURVATURES)
         if self.curvature == "ggn" and self.ggn_loss not in GGN_LOSSES:
             raise ValueError(
                 f"curvature='ggn' needs ggn_loss, one of {GGN_LOSSES}, got {self.ggn_loss!r}"
             )
-        check_callable("outputs_fn", self.outputs_fn, "outputs_fn(model, batch) -> (f, y)", True)
-        check_callable("batch_size_fn", self.batch_size_fn, "batch_size_fn(batch) -> int", True)
+        check_callable("outputs_fn", self.outputs_fn, "outputs_fn(model, batch) -> (f, y)", True, 2)
+        check_callable("batch_size_fn", self.batch_size_fn, "batch_size_fn(batch) -> int", True, 1)
         check_bool("richardson", self.richardson)
         if not (isinstance(self.compile_backend, str) or callable(self.compile_backend)):
             raise TypeError(

@@ -12,6 +12,7 @@ import contextlib
 import copy
 import inspect
 import math
+import sys
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
@@ -23,6 +24,7 @@ from torch import nn
 
 from .._checks import check_bool, check_integer
 from ..curvature.data import Batches, as_batch_list, map_tensors, move_to_device
+from ..curvature.isolation import BufferSnapshot, measurement_context
 from ..reporting.tensorboard import add_chart_layout, tensorboard_writers
 from . import metrics as metric_table
 from .metrics import MetricSpec
@@ -186,11 +188,12 @@ class SpectralMonitor(Callback):
         figure_every_n_steps: int | None = None,
     ) -> None:
         super().__init__()
-        check_integer("every_n_steps", every_n_steps, minimum=1)
-        check_integer("probe_batches", probe_batches, minimum=1)
+        every_n_steps = check_integer("every_n_steps", every_n_steps, minimum=1)
+        probe_batches = check_integer("probe_batches", probe_batches, minimum=1)
         check_bool("eval_mode", eval_mode)
-        if figure_every_n_steps is not None:
-            check_integer("figure_every_n_steps", figure_every_n_steps, minimum=1)
+        figure_every_n_steps = check_integer(
+            "figure_every_n_steps", figure_every_n_steps, minimum=1, allow_none=True
+        )
         _check_probe_data(probe_data)
         if name is not None and (
             not isinstance(name, str) or not name or "/" in name or name != name.strip()
@@ -294,7 +297,9 @@ class SpectralMonitor(Callback):
 
     @property
     def state_key(self) -> str:
-        return self._generate_state_key(**self.state_key_fields())
+        key = self._generate_state_key(**self.state_key_fields())
+        _refuse_twins_at_trainer_init(self, key)
+        return key
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
@@ -318,17 +323,40 @@ class SpectralMonitor(Callback):
             if other is self or not isinstance(other, SpectralMonitor):
                 continue
             shared = sorted(set(self.metric_names()) & set(other.metric_names()))
-            if shared or other.state_key == self.state_key:
-                what = f"metric {shared[0]!r}" if shared else f"state key {self.state_key!r}"
-                raise ValueError(
-                    f"two {type(self).__name__}s share the {what}: give each a different "
-                    f"name=... (e.g. {type(self).__name__}(..., name='sum_loss'))"
-                )
+            if shared:
+                raise TwinMonitorError(self, f"metric {shared[0]!r}")
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         for writer in tensorboard_writers(trainer.loggers):
             for category, charts in self.chart_layout().items():
                 add_chart_layout(writer, category, charts)
+        if self.probe_data is not None:
+            self._check_probe_fits(pl_module)
+
+    def probe_forward(self, module: pl.LightningModule, batch: Any) -> Any:
+        """What a measurement runs on a probe batch (the loss, the forward pass), to check
+        explicit ``probe_data`` against the model before training; nothing by default."""
+
+    def _check_probe_fits(self, module: pl.LightningModule) -> None:
+        """One isolated, gradient-free :meth:`probe_forward` of the first probe batch, so that
+        ``probe_data`` the model cannot take is refused by name before the first step."""
+        device = next(module.parameters()).device
+        batch = move_to_device(self._probe[0], device)
+        buffers = BufferSnapshot(module)
+        try:
+            with (
+                preserved_modes(module, self.eval_mode),
+                muted_lightning_logging(module),
+                measurement_context(module, 0, second_order=False),
+            ):
+                self.probe_forward(module, batch)
+        except Exception as error:
+            raise ValueError(
+                f"{type(self).__name__}: probe_data does not fit the model ({type(error).__name__}:"
+                f" {error}); pass batches as the model's training step takes them"
+            ) from error
+        finally:
+            buffers.restore()
 
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
@@ -355,7 +383,15 @@ class SpectralMonitor(Callback):
         # if any process collected something: the measurement runs collectives).
         if not self._probe_complete and reduce_scalar(trainer, len(self._probe), "sum") > 0:
             self._probe_complete = True
+            self.warn_once("probe", self.short_probe_message(trainer))
             self._maybe_measure(trainer, pl_module)
+
+    def short_probe_message(self, trainer: pl.Trainer) -> str:
+        """What a probe cut short by the end of an epoch holds (for the warning)."""
+        return (
+            f"probe_batches={self.probe_batches}, but the epoch ended after {len(self._probe)} "
+            f"batch(es): measuring on those {len(self._probe)}"
+        )
 
     def state_dict(self) -> dict[str, Any]:
         state: dict[str, Any] = {
@@ -490,6 +526,34 @@ class SpectralMonitor(Callback):
             listener = getattr(callback, "on_spectral_measurement", None)
             if listener is not None:
                 listener(trainer, step, dict(metrics))
+
+
+class TwinMonitorError(ValueError):
+    """Two monitors of one Trainer would log the same metrics or share a checkpoint state."""
+
+    def __init__(self, monitor: SpectralMonitor, what: str) -> None:
+        name = type(monitor).__name__
+        super().__init__(
+            f"two {name}s share the {what}: give each a different name=... "
+            f"(e.g. {name}(..., name='sum_loss')); metric names and checkpoint state then "
+            "keep apart"
+        )
+
+
+def _refuse_twins_at_trainer_init(monitor: SpectralMonitor, key: str) -> None:
+    """Lightning refuses two callbacks with one state key when the Trainer is built, with a
+    message about state keys; read by that check, the key raises ours, naming ``name=``."""
+    caller = sys._getframe(2)  # the reader of ``state_key``, two frames up
+    if caller.f_code.co_name != "_validate_callbacks_list":
+        return
+    callbacks = caller.f_locals.get("callbacks") or []
+    for other in callbacks:
+        if (
+            other is not monitor
+            and isinstance(other, SpectralMonitor)
+            and other._generate_state_key(**other.state_key_fields()) == key
+        ):
+            raise TwinMonitorError(monitor, f"state key {key!r}")
 
 
 def _check_probe_data(probe_data: Any) -> None:

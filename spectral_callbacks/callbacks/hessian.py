@@ -80,7 +80,7 @@ class _HessianMonitor(SpectralMonitor):
         )
         loss_fn, warm_start = arguments["loss_fn"], arguments["warm_start"]
         checkpoint_warm_start = arguments["checkpoint_warm_start"]
-        check_callable("loss_fn", loss_fn, "loss_fn(model, batch) -> scalar", allow_none=True)
+        check_callable("loss_fn", loss_fn, "loss_fn(model, batch) -> scalar", True, arguments=2)
         check_bool("warm_start", warm_start)
         if checkpoint_warm_start is not None:
             check_bool("checkpoint_warm_start", checkpoint_warm_start)
@@ -166,6 +166,9 @@ class _HessianMonitor(SpectralMonitor):
             self.operator_settings,
             distributed=trainer.world_size > 1,
         )
+
+    def probe_forward(self, module: pl.LightningModule, batch: Any) -> Any:
+        return self.probe_loss(module, batch)
 
     @property
     def probe_loss(self) -> LossFn:

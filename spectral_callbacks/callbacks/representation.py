@@ -11,8 +11,8 @@ import lightning.pytorch as pl
 import torch
 from torch import nn
 
-from .._checks import check_callable, check_choice, check_integer
-from ..curvature.data import batch_size
+from .._checks import check_callable, check_choice, check_fit_range, check_integer, check_seed
+from ..curvature.data import batch_size, map_tensors
 from ..curvature.isolation import BufferSnapshot, measurement_context
 from ..reporting.figures import scree_figure
 from ..reporting.tensorboard import add_figure, add_histogram
@@ -43,7 +43,14 @@ def default_forward(module: nn.Module, batch: Any) -> Any:
     if isinstance(batch, torch.Tensor):
         return module(batch)
     if isinstance(batch, Mapping):
-        return module(**batch)
+        try:
+            return module(**batch)
+        except TypeError as error:
+            raise TypeError(
+                f"RepresentationMonitor's default forward calls model(**batch) for a dict batch "
+                f"(keys {list(batch)}), which failed: {error}. Pass forward_fn=lambda model, "
+                "batch: model(...) with the model's own inputs"
+            ) from error
     if isinstance(batch, (list, tuple)) and batch:
         return module(batch[0])
     raise TypeError(
@@ -129,28 +136,21 @@ class RepresentationMonitor(SpectralMonitor):
             or not all(isinstance(name, str) for name in layers)
         ):
             raise ValueError(f"layers must be a non-empty sequence of module names, got {layers!r}")
-        check_integer("num_samples", num_samples, minimum=1)
+        # A covariance needs two samples; one has no spread to measure.
+        num_samples = check_integer("num_samples", num_samples, minimum=2)
         if not callable(pool):
             check_choice("pool", pool, POOLS)
         check_choice("layout", layout, LAYER_LAYOUTS)
         check_callable(
-            "forward_fn", forward_fn, "forward_fn(model, batch) -> outputs", allow_none=True
+            "forward_fn", forward_fn, "forward_fn(model, batch) -> outputs", True, arguments=2
         )
         if isinstance(select, dict):
             for layer, chooser in select.items():
-                check_callable(f"select[{layer!r}]", chooser, "select(output) -> tensor")
+                check_callable(f"select[{layer!r}]", chooser, "select(output) -> tensor", False, 1)
         else:
-            check_callable("select", select, "select(output) -> tensor", allow_none=True)
-        if not (
-            isinstance(fit_range, (tuple, list))
-            and len(fit_range) == 2
-            and all(isinstance(r, int) and not isinstance(r, bool) for r in fit_range)
-            and 1 <= fit_range[0] < fit_range[1]
-        ):
-            raise ValueError(
-                f"fit_range must be (low, high) with 1 <= low < high, got {fit_range!r}"
-            )
-        check_integer("seed", seed, minimum=0)
+            check_callable("select", select, "select(output) -> tensor", True, arguments=1)
+        fit_range = check_fit_range("fit_range", fit_range)
+        seed = check_seed("seed", seed)
         self.layers = list(layers)
         self.num_samples = num_samples
         self.select = select
@@ -189,7 +189,23 @@ class RepresentationMonitor(SpectralMonitor):
         # Samples of the union of every process's shard: the probe, the steps measured and
         # the values are those of one process on that union, whatever the world size.
         samples = sum(batch_size(b) for b in probe)
-        return reduce_scalar(trainer, samples, "sum") >= self.num_samples
+        complete = reduce_scalar(trainer, samples, "sum") >= self.num_samples
+        if complete and trainer.world_size == 1 and samples > self.num_samples:
+            # Exactly num_samples: the last batch is cut (under DDP each process keeps its
+            # whole shard, and the union holds at least num_samples).
+            last = batch_size(probe[-1])
+            keep = self.num_samples - (samples - last)
+            probe[-1] = map_tensors(
+                probe[-1], lambda t: t[:keep] if t.ndim and t.shape[0] == last else t
+            )
+        return complete
+
+    def short_probe_message(self, trainer: pl.Trainer) -> str:
+        samples = sum(batch_size(b) for b in self._probe)
+        return (
+            f"num_samples={self.num_samples}, but the probe's loader ended after {samples} "
+            f"samples: measuring on those {samples}"
+        )
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         super().on_train_start(trainer, pl_module)
@@ -210,9 +226,15 @@ class RepresentationMonitor(SpectralMonitor):
                     self._probe.append(_clone_batch(batch))
                 # Every process takes part in each count, also one whose loader ran out.
                 all_exhausted = reduce_scalar(trainer, float(batch is None), "min") > 0
-                if self.probe_is_complete(trainer, self._probe) or all_exhausted:
+                if self.probe_is_complete(trainer, self._probe):
+                    break
+                if all_exhausted:
+                    self.warn_once("probe", self.short_probe_message(trainer))
                     break
         self._probe_complete = reduce_scalar(trainer, len(self._probe), "sum") > 0
+
+    def probe_forward(self, module: pl.LightningModule, batch: Any) -> Any:
+        return self.forward_fn(module, batch)
 
     def measure(
         self, trainer: pl.Trainer, module: pl.LightningModule, probe: list[Any]

@@ -190,7 +190,7 @@ class HessianOperator(CurvatureOperator):
         settings: OperatorSettings,
         distributed: bool,
     ) -> None:
-        check_callable("loss_fn", loss_fn, "loss_fn(model, batch) -> scalar")
+        check_callable("loss_fn", loss_fn, "loss_fn(model, batch) -> scalar", arguments=2)
         super().__init__(model, data, settings, distributed)
         self.loss_fn = loss_fn
         self.hvp = settings.hvp

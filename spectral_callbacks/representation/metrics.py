@@ -24,6 +24,7 @@ import warnings
 
 import torch
 
+from .._checks import check_fit_range
 from .spectra import Pool, covariance_spectrum, second_moment_spectrum
 
 __all__ = [
@@ -170,11 +171,7 @@ def alpha_req_fit(
     pool: Pool = "flatten",
 ) -> AlphaReqFit:
     """Fit α of α-ReQ; see :func:`alpha_req`."""
-    low, high = fit_range
-    if not (isinstance(low, int) and isinstance(high, int) and 1 <= low < high):
-        raise ValueError(
-            f"fit_range must be two ranks (low, high) with 1 <= low < high, got {fit_range!r}"
-        )
+    low, high = check_fit_range("fit_range", fit_range)
     values = _spectrum(z_or_eigs, center_by_default=True, center=center, pool=pool)
     ranks = torch.arange(1, values.numel() + 1, dtype=torch.float64)
     keep = (ranks >= low) & (ranks <= high) & (values > 0)

@@ -257,8 +257,8 @@ def test_two_optimizers_each_step_their_own_parameters_in_eos_ratio():
         ({"k": True}, "k must be an integer >= 1"),
         ({"k": 0}, "k must be an integer >= 1"),
         ({"which": "largest"}, "which must be one of"),
-        ({"tol": "1e-3"}, "tol must be a positive finite number"),
-        ({"tol": math.nan}, "tol must be a positive finite number"),
+        ({"tol": "1e-3"}, "tol must be a number > 0 and <= 0.5"),
+        ({"tol": math.nan}, "tol must be a number > 0 and <= 0.5"),
         ({"max_iter": 2.5}, "max_iter must be an integer"),
         ({"seed": -1}, "seed must be an integer >= 0"),
         ({"return_eigenvectors": "yes"}, "return_eigenvectors must be True or False"),
@@ -320,3 +320,93 @@ def test_a_lightning_cli_config_with_a_parameter_list_round_trips(tmp_path):
     monitor = cli_round_trip(AnyBatchRegressor, SharpnessMonitor, init_args, tmp_path)
     assert monitor.operator_settings.params == ["net.0"]
     assert monitor.operator_settings.reduction == "sum"
+
+
+def _fit(callbacks, steps=2, model=None, loader=None):
+    x, y = regression_data(n=32)
+    trainer = L.Trainer(max_steps=steps, callbacks=callbacks, **trainer_kwargs())
+    loader = loader or torch.utils.data.DataLoader(
+        torch.utils.data.TensorDataset(x, y), batch_size=16
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.fit(model or TanhRegressor(lr=0.05), loader)
+    return trainer
+
+
+def test_numpy_integers_are_integers():
+    import numpy as np
+
+    numpy_seeded = SharpnessMonitor(every_n_steps=1, seed=np.int64(3), tol=1e-6)
+    plain = SharpnessMonitor(every_n_steps=1, seed=3, tol=1e-6, name="plain")
+    _fit([numpy_seeded, plain])
+    assert numpy_seeded.solver.seed == 3 and type(numpy_seeded.solver.seed) is int
+    assert numpy_seeded.history[-1][1]["spectral/hessian/lambda_max"] == pytest.approx(
+        plain.history[-1][1]["spectral/hessian/plain/lambda_max"], rel=1e-9
+    )
+    monitor = RepresentationMonitor(layers=["net.1"], fit_range=(np.int64(2), np.int64(10)))
+    assert monitor.fit_range == (2, 10)
+
+
+@pytest.mark.parametrize(
+    ("make", "error", "message"),
+    [
+        (lambda: SharpnessMonitor(seed=2**70), ValueError, "seed must be an integer >= 0 and <="),
+        (lambda: SharpnessMonitor(tol=5.0), ValueError, "tol must be a number > 0 and <= 0.5"),
+        (lambda: SharpnessMonitor(loss_fn=lambda m: 0.0), TypeError, "loss_fn must be callable"),
+        (
+            lambda: RepresentationMonitor(layers=["net"], forward_fn=lambda model: model),
+            TypeError,
+            "forward_fn must be callable as forward_fn",
+        ),
+        (lambda: RepresentationMonitor(layers=["net"], num_samples=1), ValueError, ">= 2"),
+    ],
+)
+def test_arguments_the_fuzz_found_are_refused_at_construction(make, error, message):
+    with pytest.raises(error, match=message):
+        make()
+
+
+def test_two_identical_monitors_are_told_to_take_names_when_the_trainer_is_built():
+    with pytest.raises(ValueError, match=r"give each a different name=\.\.\."):
+        L.Trainer(
+            callbacks=[SharpnessMonitor(every_n_steps=2), SharpnessMonitor(every_n_steps=2)],
+            **trainer_kwargs(),
+        )
+
+
+def test_probe_data_the_model_cannot_take_is_refused_before_the_first_step():
+    monitor = SharpnessMonitor(every_n_steps=1, probe_data=(torch.randn(4, 5), torch.randn(4, 1)))
+    with pytest.raises(ValueError, match=r"probe_data does not fit the model.*mat1 and mat2"):
+        _fit([monitor])
+    assert monitor.num_measurements == 0
+
+
+class DictBatchRegressor(TanhRegressor):
+    def training_step(self, batch, batch_idx):
+        return F.mse_loss(self(batch["x"]), batch["y"])
+
+
+def test_dict_batches_under_the_default_forward_point_to_forward_fn():
+    x, y = regression_data(n=32)
+    batches = [{"x": x[i : i + 16], "y": y[i : i + 16]} for i in (0, 16)]
+    loader = torch.utils.data.DataLoader(batches, batch_size=None)
+    monitor = RepresentationMonitor(layers=["net.1"], every_n_steps=1, num_samples=16)
+    with pytest.raises(TypeError, match="forward_fn=lambda model, batch"):
+        _fit([monitor], model=DictBatchRegressor(), loader=loader)
+
+
+def test_the_representation_probe_holds_exactly_num_samples():
+    monitor = RepresentationMonitor(layers=["net.1"], every_n_steps=1, num_samples=5)
+    _fit([monitor])
+    assert [batch[0].shape[0] for batch in monitor._probe] == [5]
+
+
+def test_a_probe_cut_short_by_the_epoch_is_said_once():
+    monitor = SharpnessMonitor(every_n_steps=1, probe_batches=10**6)
+    with pytest.warns(RuntimeWarning, match=r"probe_batches=1000000, but the epoch ended after 2"):
+        trainer = L.Trainer(max_epochs=1, callbacks=[monitor], **trainer_kwargs())
+        x, y = regression_data(n=32)
+        loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=16)
+        trainer.fit(TanhRegressor(lr=0.05), loader)
+    assert monitor.num_measurements == 1 and len(monitor._probe) == 2

@@ -421,7 +421,7 @@ def test_resume_from_checkpoint_continues_the_schedule(tmp_path):
     [
         (lambda: SharpnessMonitor(every_n_steps=0), "every_n_steps must be an integer >= 1"),
         (lambda: SharpnessMonitor(probe_batches=0), "probe_batches must be an integer >= 1"),
-        (lambda: SharpnessMonitor(tol=0), "tol must be a positive"),
+        (lambda: SharpnessMonitor(tol=0), "tol must be a number > 0"),
         (lambda: SharpnessMonitor(hvp="fast"), "hvp must be one of"),
         (lambda: HessianSpectrumMonitor(k=0), "k must be an integer >= 1"),
         (lambda: HessianSpectrumMonitor(method="arnoldi"), "method must be one of"),

@@ -299,7 +299,7 @@ def test_small_layers_log_nan_alpha_with_one_warning():
     ("kwargs", "message"),
     [
         ({"layers": []}, "layers must be a non-empty sequence"),
-        ({"num_samples": 0}, "num_samples must be an integer >= 1"),
+        ({"num_samples": 1}, "num_samples must be an integer >= 2"),
         ({"pool": "max"}, "pool must be one of"),
         ({"fit_range": (10, 5)}, "fit_range must be"),
         ({"every_n_steps": 0}, "every_n_steps must be an integer >= 1"),

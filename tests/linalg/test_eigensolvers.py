@@ -301,7 +301,7 @@ def test_unconverged_is_reported():
         ({"k": 0}, "k must be an integer >= 1"),
         ({"k": 31}, "larger than the operator's dimension"),
         ({"which": "XX"}, "which must be one of"),
-        ({"tol": -1.0}, "tol must be a positive"),
+        ({"tol": -1.0}, "tol must be a number > 0"),
     ],
 )
 def test_bad_arguments_name_the_argument(kwargs, message):

@@ -134,7 +134,7 @@ class ReusedGraphProducts:
         key = (op.loss_fn, tuple(op.names), op.reduction)
         if key in checked:
             return
-        generator = torch.Generator(device=op.device).manual_seed(op.seed + 7919)
+        generator = torch.Generator(device=op.device).manual_seed((op.seed + 7919) % 2**63)
         pair = torch.randn(2, op.size, generator=generator, dtype=op.dtype, device=op.device)
         products = self.matmat(pair).double()
         v, w = pair.double()
