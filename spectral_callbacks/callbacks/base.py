@@ -8,6 +8,7 @@ and optionally :meth:`SpectralMonitor.write_tensorboard` (histograms, figures) a
 
 from __future__ import annotations
 
+import ast
 import contextlib
 import copy
 import inspect
@@ -406,6 +407,44 @@ class SpectralMonitor(Callback):
             state.update(_checkpointable_probe(self._probe))
         return state
 
+    #: Settings whose change between a checkpoint and the resumed run leaves the saved state
+    #: (history, probe, warm starts) valid: it is carried over, with one warning.
+    CARRIED_SETTINGS = frozenset({"every_n_steps", "tol"})
+
+    def on_load_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        """A checkpoint whose state of this monitor was saved under other settings: Lightning
+        would drop it without a word (the state key names the settings). Say which settings
+        changed, and carry the state over where they leave it valid (``CARRIED_SETTINGS``)."""
+        states = checkpoint.get("callbacks") or {}
+        if self.state_key in states:
+            return
+        fields = self.state_key_fields()
+        for key, state in states.items():
+            saved = _state_key_fields(key, type(self).__qualname__)
+            if saved is None or saved.get("name") != fields.get("name"):
+                continue
+            changed = sorted(
+                k for k in saved.keys() | fields.keys() if saved.get(k) != fields.get(k)
+            )
+            was = ", ".join(f"{k}={saved.get(k)!r}" for k in changed)
+            now = ", ".join(f"{k}={fields.get(k)!r}" for k in changed)
+            if set(changed) <= self.CARRIED_SETTINGS:
+                self.load_state_dict(state)
+                outcome = "its history, probe and warm starts are carried over"
+            else:
+                outcome = (
+                    "its history, probe and warm starts do not fit them and are not carried "
+                    "over: the monitor measures afresh"
+                )
+            self.warn_once(
+                "resume",
+                f"the checkpoint's state of this monitor was saved with {was}; this run has "
+                f"{now}: {outcome}",
+            )
+            return
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._last_step = state_dict.get("last_step")
         self.last_metrics = dict(state_dict.get("last_metrics", {}))
@@ -526,6 +565,18 @@ class SpectralMonitor(Callback):
             listener = getattr(callback, "on_spectral_measurement", None)
             if listener is not None:
                 listener(trainer, step, dict(metrics))
+
+
+def _state_key_fields(key: Any, qualname: str) -> dict[str, Any] | None:
+    """The settings in a state key of class ``qualname`` (``Name{'field': value, ...}``, as
+    Lightning's ``_generate_state_key`` writes it), or ``None`` for another key."""
+    if not isinstance(key, str) or not key.startswith(qualname + "{"):
+        return None
+    try:
+        fields = ast.literal_eval(key[len(qualname) :])
+    except (ValueError, SyntaxError):
+        return None
+    return fields if isinstance(fields, dict) else None
 
 
 class TwinMonitorError(ValueError):

@@ -160,3 +160,38 @@ def test_checkpoints_carry_warm_start_vectors_only_when_asked_or_small():
         assert "warm_start" not in large.state_dict()
     with pytest.raises(TypeError, match="checkpoint_warm_start must be True or False"):
         SharpnessMonitor(checkpoint_warm_start="no")
+
+
+def _train_and_checkpoint(tmp_path, monitor, steps=4):
+    trainer = L.Trainer(
+        max_steps=steps,
+        max_epochs=-1,
+        callbacks=[monitor, ModelCheckpoint(dirpath=tmp_path, save_last=True)],
+        **trainer_kwargs(enable_checkpointing=True),
+    )
+    torch.manual_seed(1)
+    trainer.fit(TanhRegressor(lr=0.1), loader())
+    return str(tmp_path / "last.ckpt")
+
+
+@pytest.mark.parametrize(
+    ("changed", "carried"),
+    [({"every_n_steps": 3}, True), ({"tol": 1e-4}, True), ({"params": "net.0"}, False)],
+)
+def test_a_changed_setting_on_resume_is_said_once_and_the_state_carried_where_valid(
+    tmp_path, changed, carried
+):
+    first = SharpnessMonitor(every_n_steps=2)
+    path = _train_and_checkpoint(tmp_path, first)
+    resumed = SharpnessMonitor(**{"every_n_steps": 2, **changed})
+    trainer = L.Trainer(max_steps=6, max_epochs=-1, callbacks=[resumed], **trainer_kwargs())
+    with pytest.warns(RuntimeWarning, match="saved with") as record:
+        torch.manual_seed(1)
+        trainer.fit(TanhRegressor(lr=0.1), loader(), ckpt_path=path)
+    (warning,) = [w for w in record if "saved with" in str(w.message)]
+    (setting,) = changed
+    assert setting in str(warning.message)
+    carried_steps = [step for step, _ in first.history]
+    resumed_steps = [step for step, _ in resumed.history]
+    assert (resumed_steps[: len(carried_steps)] == carried_steps) == carried
+    assert (resumed._start is not None and resumed_steps[0] == 0) == carried
