@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import warnings
 
 import pytest
 import torch
@@ -439,3 +440,16 @@ def test_summed_losses_over_unequal_batches_match_the_dense_hessian_of_the_sum(p
     # The mean-weighted reading of the same sums is a different Hessian.
     mean_weighted = hessian_eigenvalues(model, _sum_ce, batches, k=1, tol=1e-10, params=params)
     assert abs(float(mean_weighted.eigenvalues[0]) / float(exact[-1]) - 1) > 0.3
+
+
+@pytest.mark.parametrize("hvp", ["auto", "gradient_difference"])
+def test_a_loss_linear_in_the_parameters_has_a_zero_hessian_and_no_warning(hvp):
+    """λ = 0 is right: no 'custom autograd.Function' hint for the gradients without a graph,
+    no 'not smooth' hint from a step calibrated on zero curvature."""
+    torch.manual_seed(0)
+    model = nn.Linear(4, 2)
+    x = torch.randn(16, 4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        result = hessian_eigenvalues(model, lambda m, b: m(b).mean(), x, k=2, hvp=hvp)
+    assert result.eigenvalues.tolist() == [0.0, 0.0] and bool(result.converged.all())

@@ -133,6 +133,13 @@ class GradientDifferenceProducts:
         gap = float((stacked[0] - stacked[1]).norm()) / norm
         gradient = float(stacked[2].norm())
         curvature = float(stacked[1].norm()) / norm
+        if curvature <= 10.0 * eps * gradient / step:
+            # No curvature along this direction that the differences can resolve (a loss
+            # linear in the parameters): nothing to calibrate against, so the step and the
+            # stated error stay a priori.
+            self.step = step * (eps ** (0.2 - 1.0 / 3.0) if self.richardson else 1.0)
+            self.stated_error = self.relative_error
+            return local
         c = gap / (0.75 * step**2)
         best = (eps * gradient / (2.0 * c)) ** (1.0 / 3.0) if c > 0 else step
         central = min(step, max(step / 1000.0, best))

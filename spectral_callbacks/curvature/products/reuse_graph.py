@@ -8,12 +8,14 @@ where that is cheaper per vector (docs/benchmarks.md).
 
 from __future__ import annotations
 
+import math
 import weakref
 from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
+from ..first_order import weighted_gradient
 from ..isolation import measurement_context
 from .errors import NoSecondDerivative, raise_second_order
 
@@ -25,6 +27,10 @@ __all__ = ["ReusedGraphProducts"]
 #: model -> the (loss function, parameter names, reduction) whose double-backward products
 #: passed :meth:`ReusedGraphProducts.check_symmetry`.
 _SYMMETRY_CHECKED: weakref.WeakKeyDictionary[nn.Module, set] = weakref.WeakKeyDictionary()
+
+#: model -> {(loss function, parameter names, reduction): whether the gradients that carry
+#: no graph are constant} (:meth:`ReusedGraphProducts._gradients_are_constant`).
+_CONSTANT_CHECKED: weakref.WeakKeyDictionary[nn.Module, dict] = weakref.WeakKeyDictionary()
 
 #: One graph per batch: (batch weight, [(parameter index, its gradient with a graph)]).
 Graphs = list[tuple[float, list[tuple[int, torch.Tensor]]]]
@@ -61,24 +67,49 @@ class ReusedGraphProducts:
             # there but carries no graph is constant only if the loss is linear in that
             # parameter; far more often an op's backward is not differentiable (a custom
             # autograd.Function), which would read as a zero Hessian block.
-            constant = [
-                op.names[i] for i, g in enumerate(grads) if g is not None and not g.requires_grad
-            ]
-            if constant:
+            constant = [i for i, g in enumerate(grads) if g is not None and not g.requires_grad]
+            if constant and not self._gradients_are_constant(constant):
+                names = [op.names[i] for i in constant[:3]]
                 raise NoSecondDerivative(
                     RuntimeError(
-                        f"the gradient of {constant[:3]} carries no graph (a custom "
-                        "autograd.Function whose backward is not differentiable?), so double "
-                        "backward would read its Hessian block as 0: use "
-                        "hvp='gradient_difference'"
+                        f"the gradient of {names} carries no graph but changes with the "
+                        "parameters (a custom autograd.Function whose backward is not "
+                        "differentiable?), so double backward would read its Hessian block "
+                        "as 0: use hvp='gradient_difference'"
                     ),
                     None,
                 )
-            graphs.append((weight, [(i, g) for i, g in enumerate(grads) if g is not None]))
+            # A gradient without a graph that is constant: its Hessian rows are zero.
+            kept = [(i, g) for i, g in enumerate(grads) if g is not None and g.requires_grad]
+            graphs.append((weight, kept))
         op.raise_if_non_finite(losses)
         op.checked_finite = True
         self.graphs = graphs
         return graphs
+
+    def _gradients_are_constant(self, indices: list[int]) -> bool:
+        """Whether the gradients of parameters ``indices``, which carry no graph, are constant
+        (the loss is linear in them) rather than cut off from their second derivative: their
+        gradient at ``θ`` and at ``θ + h u`` (``u`` a random unit direction, ``h`` a thousandth
+        of ``1 + ‖θ‖``) agree to rounding. Two gradients, once per model, loss and selection."""
+        op = self.operator
+        key = (op.loss_fn, tuple(op.names), op.reduction)
+        known = _CONSTANT_CHECKED.setdefault(op.model, {})
+        if key not in known:
+            generator = torch.Generator(device=op.device).manual_seed((op.seed + 104729) % 2**63)
+            direction = torch.randn(op.size, generator=generator, dtype=op.dtype, device=op.device)
+            norm = math.sqrt(sum(float(p.detach().double().pow(2).sum()) for p in op.params))
+            step = 1e-3 * (1.0 + norm) / float(direction.norm())
+            here = weighted_gradient(op)
+            with op.moved(step * direction):
+                there = weighted_gradient(op)
+            eps = torch.finfo(op.product_dtype).eps
+            known[key] = all(
+                float((there[i] - here[i]).double().norm())
+                <= 1e3 * eps * float(here[i].double().norm() + there[i].double().norm())
+                for i in indices
+            )
+        return known[key]
 
     def matmat(self, block: torch.Tensor) -> torch.Tensor:
         op = self.operator
