@@ -23,7 +23,12 @@ enters the gradient). Thresholds (Jury's criterion for ``z² + a₁ z + a₀``: 
   ``h < (2 + 2β)/(1 + 2β)`` (``|a₀| < 1`` allows more).
 * **Adam / AdamW**: ``m ← β₁ m + (1-β₁) g`` is heavy ball with ``τ = β₁``, so
   ``h < (2 + 2β₁)/(1 - β₁)`` (38 at ``β₁ = 0.9``; Cohen et al. 2022), with
-  ``D = η / ((1 - β₁^{t+1}) (√v̂ + ε))``, ``v̂ = v / (1 - β₂^{t+1})`` for the next step ``t+1``.
+  ``D = η / ((1 - β₁^{t+1}) (√v̂ + ε))``, ``v̂ = v / (1 - β₂^{t+1})`` after ``t`` steps: the
+  bias corrections of the *next* update, the one the ratio predicts. That update divides by
+  ``1 - β₂^{t+1}`` (PyTorch counts the step before it corrects), and the frozen ``v`` stands
+  in for the ``v`` it will hold; ``1 - β₂^t`` would describe the update already taken and,
+  early in training, moves the ratio by tens of percent (by √2, 41 %, from β₂'s correction
+  alone at ``t = 1``, β₂ = 0.999).
 * **RMSprop**: ``D = η / (√v + ε)`` (``√(v - ḡ²)`` when centred); no momentum: ``h < 2``;
   momentum ``μ`` (no dampening): ``h < 2 + 2μ``.
 * **Adagrad**: ``D = η_t / (√Σg² + ε)`` with ``η_t = η / (1 + t·lr_decay)``; ``h < 2``.

@@ -238,3 +238,29 @@ def test_unsupported_optimizer_logs_the_plain_ratio_with_one_warning():
         assert values["spectral/hessian/eos_ratio"] == pytest.approx(
             values["spectral/hessian/lambda_max"] * 0.01 / 2
         )
+
+
+@pytest.mark.parametrize("amsgrad", [False, True])
+def test_adam_uses_the_bias_corrections_of_the_next_update(amsgrad):
+    """After t steps: D = lr / ((1 - β₁^{t+1}) (√(v / (1 - β₂^{t+1})) + ε)), the step the ratio
+    predicts, not the one taken (1 - β₂^t), which differs by √2 at t = 1 (docs/sharpness.md)."""
+    torch.manual_seed(0)
+    model = nn.Linear(3, 2)
+    beta1, beta2, eps, lr = 0.9, 0.999, 1e-8, 0.01
+    optimizer = torch.optim.Adam(
+        model.parameters(), lr=lr, betas=(beta1, beta2), eps=eps, amsgrad=amsgrad
+    )
+    x = torch.randn(8, 3)
+    for _ in range(1):  # t = 1
+        optimizer.zero_grad()
+        model(x).pow(2).mean().backward()
+        optimizer.step()
+    params = list(model.parameters())
+    preconditioner = stability_preconditioner(optimizer, params)
+    key = "max_exp_avg_sq" if amsgrad else "exp_avg_sq"
+    v = torch.cat([optimizer.state[p][key].reshape(-1) for p in params])
+    t = 1
+    expected = lr / ((1 - beta1 ** (t + 1)) * ((v / (1 - beta2 ** (t + 1))).sqrt() + eps))
+    assert torch.allclose(preconditioner.step, expected, rtol=1e-6)
+    taken = lr / ((1 - beta1 ** (t + 1)) * ((v / (1 - beta2**t)).sqrt() + eps))
+    assert float((preconditioner.step / taken).mean()) == pytest.approx(2**0.5, rel=1e-3)
