@@ -90,3 +90,12 @@ def assert_identical_runs(a, b):
     assert torch.equal(rng_a, rng_b)
     modes_a = [m.training for m in model_a.modules()]
     assert modes_a == [m.training for m in model_b.modules()]
+
+
+def spectral_history(monitor) -> list[tuple[int, dict[str, float]]]:
+    """A monitor's history without its timing row (the share of wall time spent measuring,
+    which no two runs share): the values two runs of one model must agree on."""
+    return [
+        (step, {k: v for k, v in values.items() if not k.endswith("overhead")})
+        for step, values in monitor.history
+    ]

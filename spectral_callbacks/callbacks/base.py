@@ -14,7 +14,9 @@ import copy
 import inspect
 import math
 import sys
+import time
 import warnings
+import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -23,12 +25,13 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from torch import nn
 
-from .._checks import check_bool, check_integer
+from .._checks import check_bool, check_integer, check_number
 from ..curvature.data import Batches, as_batch_list, map_tensors, move_to_device
 from ..curvature.isolation import BufferSnapshot, measurement_context
 from ..reporting.tensorboard import add_chart_layout, tensorboard_writers
 from . import metrics as metric_table
 from .metrics import MetricSpec
+from .schedule import DEFAULT_MAX_OVERHEAD, BudgetSchedule, FixedSchedule
 
 __all__ = ["SpectralMonitor", "training_step_loss"]
 
@@ -136,13 +139,18 @@ def preserved_modes(module: nn.Module, eval_mode: bool) -> Iterator[None]:
 
 
 class SpectralMonitor(Callback):
-    """Base of the spectral callbacks: measures every ``every_n_steps`` optimizer steps.
+    """Base of the spectral callbacks: measures within an overhead budget, or every
+    ``every_n_steps`` optimizer steps.
 
     Schedule: by ``trainer.global_step`` (optimizer steps, so gradient accumulation is
     handled). The first measurement runs as soon as the probe data is complete, which is
-    before the first optimizer step (step 0) with the default ``probe_batches=1``; later
-    ones after each optimizer step that makes ``global_step`` a multiple of ``every_n_steps``.
-    No measurement during the sanity check; under ``fast_dev_run`` the one at step 0.
+    before the first optimizer step (step 0) with the default ``probe_batches=1``. Later ones
+    with ``every_n_steps=n``: after each optimizer step that makes ``global_step`` a multiple
+    of ``n``. Without it (the default): as often as ``max_overhead`` of the training time
+    pays for, dense early and sparser later (:mod:`~spectral_callbacks.callbacks.schedule`).
+    No measurement during the sanity check; under ``fast_dev_run`` the one at step 0. Every
+    measurement also logs the share of training time the monitor has spent so far (its
+    ``*_overhead`` row).
 
     Probe data: the first ``probe_batches`` training batches, copied once (detached clones
     on the module's device) and reused by every measurement, so successive values are
@@ -156,7 +164,8 @@ class SpectralMonitor(Callback):
     constructor only: make a new monitor to change one.
 
     Args:
-        every_n_steps: Optimizer steps between measurements (>= 1).
+        every_n_steps: Optimizer steps between measurements (>= 1), or ``None`` (default in
+            every monitor) for the overhead budget ``max_overhead``.
         probe_batches: Training batches to copy as probe data (>= 1).
         probe_data: Explicit probe data instead.
         eval_mode: Measure with the module in eval mode (modes are restored after); default
@@ -166,8 +175,11 @@ class SpectralMonitor(Callback):
             that would log the same metric names or share a state key are refused at setup.
         figure_every_n_steps: Optimizer steps between TensorBoard figures (images, tens of
             KB each): at the first measurement, then at the first measurement at least this
-            many steps after the last figure. Default ``10 · every_n_steps``; scalars and
-            histograms are written at every measurement.
+            many steps after the last figure. Default ``10 · every_n_steps``, and with the
+            budget every tenth measurement; scalars and histograms are written at every
+            measurement.
+        max_overhead: With ``every_n_steps=None``, the most the monitor's measurements may
+            take of the training time (``0 < max_overhead < 1``; default 0.05, 5 %).
     """
 
     #: Whether checkpoints carry the probe data (so a resumed run measures the same data).
@@ -178,18 +190,26 @@ class SpectralMonitor(Callback):
     #: per metric, and the prefixes its names can start with.
     METRICS: tuple[MetricSpec, ...] = ()
     METRIC_PREFIXES: tuple[str, ...] = ()
+    #: The row of :attr:`METRICS` that holds the share of training time spent measuring.
+    OVERHEAD_ROW: str | None = None
+    #: The clock measurements and training are timed by (tests replace it).
+    clock: Callable[[], float] = staticmethod(time.perf_counter)
 
     def __init__(
         self,
-        every_n_steps: int,
+        every_n_steps: int | None,
         probe_batches: int = 1,
         probe_data: Any = None,
         eval_mode: bool = False,
         name: str | None = None,
         figure_every_n_steps: int | None = None,
+        max_overhead: float = DEFAULT_MAX_OVERHEAD,
     ) -> None:
         super().__init__()
-        every_n_steps = check_integer("every_n_steps", every_n_steps, minimum=1)
+        every_n_steps = check_integer("every_n_steps", every_n_steps, minimum=1, allow_none=True)
+        max_overhead = check_number(
+            "max_overhead", max_overhead, minimum=0.0, maximum=1.0, inclusive=False
+        )
         probe_batches = check_integer("probe_batches", probe_batches, minimum=1)
         check_bool("eval_mode", eval_mode)
         figure_every_n_steps = check_integer(
@@ -206,10 +226,21 @@ class SpectralMonitor(Callback):
         #: The instance's name (metric names and state key), or ``None``.
         self.name = name
         self.every_n_steps = every_n_steps
+        self.max_overhead = max_overhead
+        self._schedule = (
+            BudgetSchedule(max_overhead) if every_n_steps is None else FixedSchedule(every_n_steps)
+        )
+        self._spent = 0.0  # seconds in this monitor's measurements, this run and before
+        self._trained_before = 0.0  # seconds trained before this session (from a checkpoint)
+        self._session_start: float | None = None
+        self._session_start_step = 0
+        self._trainer: pl.Trainer | None = None
         self.probe_batches = probe_batches
         self.probe_data = probe_data
         self.eval_mode = eval_mode
-        self.figure_every_n_steps = figure_every_n_steps or 10 * every_n_steps
+        self.figure_every_n_steps = figure_every_n_steps or (
+            None if every_n_steps is None else 10 * every_n_steps
+        )
         self._last_figure_step: int | None = None
         #: Whether the measurement being published writes figures (see figure_every_n_steps).
         self.figures_due = False
@@ -288,6 +319,7 @@ class SpectralMonitor(Callback):
         """Settings that tell two instances of one callback class apart in a checkpoint."""
         fields = {
             "every_n_steps": self.every_n_steps,
+            **({"max_overhead": self.max_overhead} if self.every_n_steps is None else {}),
             "probe_batches": self.probe_batches,
             "explicit_probe": self.probe_data is not None,
             "eval_mode": self.eval_mode,
@@ -328,6 +360,10 @@ class SpectralMonitor(Callback):
                 raise TwinMonitorError(self, f"metric {shared[0]!r}")
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._trainer = trainer
+        self._session_start = self.clock()
+        self._session_start_step = trainer.global_step
+        _MEASURING.setdefault(trainer, 0.0)
         for writer in tensorboard_writers(trainer.loggers):
             for category, charts in self.chart_layout().items():
                 add_chart_layout(writer, category, charts)
@@ -401,6 +437,9 @@ class SpectralMonitor(Callback):
             "history": [(step, dict(values)) for step, values in self.history],
             "num_measurements": self.num_measurements,
             "last_figure_step": self._last_figure_step,
+            "schedule": self._schedule.state_dict(),
+            "spent": self._spent,
+            "trained": self._trained_locally(),
             "probe": None,
         }
         if self._probe_complete and self.checkpoint_probe:
@@ -409,7 +448,7 @@ class SpectralMonitor(Callback):
 
     #: Settings whose change between a checkpoint and the resumed run leaves the saved state
     #: (history, probe, warm starts) valid: it is carried over, with one warning.
-    CARRIED_SETTINGS = frozenset({"every_n_steps", "tol"})
+    CARRIED_SETTINGS = frozenset({"every_n_steps", "max_overhead", "tol"})
 
     def on_load_checkpoint(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
@@ -451,6 +490,9 @@ class SpectralMonitor(Callback):
         self.history = [(step, dict(values)) for step, values in state_dict.get("history", [])]
         self.num_measurements = state_dict.get("num_measurements", len(self.history))
         self._last_figure_step = state_dict.get("last_figure_step")
+        self._schedule.load_state_dict(state_dict.get("schedule", {}))
+        self._spent = float(state_dict.get("spent", 0.0))
+        self._trained_before = float(state_dict.get("trained", 0.0))
         if self.probe_data is not None:
             return
         probe = state_dict.get("probe")
@@ -482,7 +524,28 @@ class SpectralMonitor(Callback):
             return True
         if trainer.fast_dev_run:
             return False  # a smoke run: one measurement proves the wiring
-        return step != self._last_step and step % self.every_n_steps == 0
+        return self._schedule.due(step, self._last_step, lambda: self._trained(trainer))
+
+    def _trained_locally(self) -> float:
+        """Seconds this process has trained: since the session began, less every monitor's
+        measurements, plus what the checkpoint says was trained before."""
+        if self._session_start is None or self._trainer is None:
+            return self._trained_before
+        if self._trainer.global_step == self._session_start_step:
+            return self._trained_before  # no training step yet in this session
+        elapsed = self.clock() - self._session_start - _MEASURING.get(self._trainer, 0.0)
+        return self._trained_before + max(elapsed, 0.0)
+
+    def _trained(self, trainer: pl.Trainer) -> float:
+        """:meth:`_trained_locally`, the same on every process (their maximum)."""
+        return reduce_scalar(trainer, self._trained_locally(), "max")
+
+    @property
+    def overhead(self) -> float:
+        """The share of the training time this monitor has spent measuring (NaN before any
+        training was timed)."""
+        trained = self._trained_locally()
+        return self._spent / trained if trained > 0 else math.nan
 
     def _maybe_measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.sanity_checking or not self._probe_complete:
@@ -491,6 +554,7 @@ class SpectralMonitor(Callback):
         if not self._due(trainer, step):
             return
         self._last_step = step
+        began = self.clock()
         device = next(pl_module.parameters()).device
         # Batches: a probe of one tensor batch, [x], must not read as the batch [x, y].
         probe = Batches(move_to_device(b, device) for b in self._probe)
@@ -521,7 +585,23 @@ class SpectralMonitor(Callback):
         undefined = self.undefined_metrics()
         if any(not math.isfinite(v) for k, v in metrics.items() if k not in undefined):
             self.warn_once("non-finite", f"non-finite spectral value at step {step}; logging it")
+        self._record_cost(trainer, step, self.clock() - began, metrics)
         self._publish(trainer, metrics, step)
+
+    def _record_cost(
+        self, trainer: pl.Trainer, step: int, seconds: float, metrics: dict[str, float]
+    ) -> None:
+        """Account a measurement's seconds, let the schedule place the next one, and add the
+        share spent so far to ``metrics`` (the same numbers on every process)."""
+        if self._trainer is not None:
+            _MEASURING[self._trainer] = _MEASURING.get(self._trainer, 0.0) + seconds
+        cost = reduce_scalar(trainer, seconds, "max")
+        trained = self._trained(trainer)
+        self._spent += cost
+        self._schedule.record(step, cost, trained)
+        if self.OVERHEAD_ROW is not None:
+            share = self._spent / trained if trained > 0 else math.nan
+            metrics[self.metric(self.OVERHEAD_ROW)] = share
 
     def undefined_metrics(self) -> set[str]:
         """Metrics of the last measurement that are NaN by definition, not by a numerical
@@ -553,7 +633,12 @@ class SpectralMonitor(Callback):
         for logger in trainer.loggers:
             logger.log_metrics(dict(metrics), step=step)
         last_figure = self._last_figure_step
-        self.figures_due = last_figure is None or step - last_figure >= self.figure_every_n_steps
+        if self.figure_every_n_steps is None:  # the budget: every tenth measurement
+            self.figures_due = (self.num_measurements - 1) % FIGURE_EVERY_N_MEASUREMENTS == 0
+        else:
+            self.figures_due = (
+                last_figure is None or step - last_figure >= self.figure_every_n_steps
+            )
         if self.figures_due:
             self._last_figure_step = step
         if trainer.is_global_zero:
@@ -577,6 +662,14 @@ def _state_key_fields(key: Any, qualname: str) -> dict[str, Any] | None:
     except (ValueError, SyntaxError):
         return None
     return fields if isinstance(fields, dict) else None
+
+
+#: With the budget schedule, figures go with every this-many-th measurement (the first too).
+FIGURE_EVERY_N_MEASUREMENTS = 10
+
+#: Trainer -> seconds every monitor has spent measuring in this session: none of it counts
+#: as training time for any monitor's budget.
+_MEASURING: weakref.WeakKeyDictionary[pl.Trainer, float] = weakref.WeakKeyDictionary()
 
 
 class TwinMonitorError(ValueError):

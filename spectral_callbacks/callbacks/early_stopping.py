@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import math
 import warnings
 from typing import Any, Literal, get_args
@@ -253,7 +254,21 @@ class SpectralEarlyStopping(EarlyStopping):
         if any(cb.produces(self.monitor) for cb in producers):
             return
         producer = producer_of(self.monitor)
-        hint = f"add {producer} to the Trainer's callbacks" if producer else "check the metric name"
+        present = [cb for cb in producers if type(cb).__name__ == producer]
+        if present:
+            # The monitor is there but logs other names: another layer or another name=.
+            logged = sorted({name for cb in present for name in cb.metric_names()})
+            close = difflib.get_close_matches(self.monitor, logged, n=3, cutoff=0.5)
+            hint = (
+                f"the Trainer's {producer} logs other names (watching another layer, or "
+                f"given another name=?): close matches {close}"
+                if close
+                else f"the Trainer's {producer} logs other names, e.g. {logged[:3]}"
+            )
+        elif producer:
+            hint = f"add {producer} to the Trainer's callbacks"
+        else:
+            hint = "check the metric name"
         message = (
             f"SpectralEarlyStopping monitors {self.monitor!r}, which none of the Trainer's "
             f"callbacks logs; {hint}"

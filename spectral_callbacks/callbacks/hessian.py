@@ -52,6 +52,7 @@ from ..settings import EigenSettings, OperatorSettings
 from . import metrics as metric_table
 from .base import LossFn, SpectralMonitor, current_learning_rate, training_step_loss
 from .metrics import MetricSpec
+from .schedule import DEFAULT_MAX_OVERHEAD
 
 __all__ = ["HessianSpectrumMonitor", "SharpnessMonitor"]
 
@@ -77,6 +78,7 @@ class _HessianMonitor(SpectralMonitor):
             arguments["eval_mode"],
             name=arguments["name"],
             figure_every_n_steps=arguments["figure_every_n_steps"],
+            max_overhead=arguments["max_overhead"],
         )
         loss_fn, warm_start = arguments["loss_fn"], arguments["warm_start"]
         checkpoint_warm_start = arguments["checkpoint_warm_start"]
@@ -239,7 +241,9 @@ class SharpnessMonitor(_HessianMonitor):
     with their meaning), under ``spectral/hessian/`` (``spectral/hessian/{name}/`` if named).
 
     Args:
-        every_n_steps: Optimizer steps between measurements.
+        every_n_steps: Optimizer steps between measurements, or ``None`` (default): measure as
+            often as ``max_overhead`` of the training time pays for
+            (:mod:`~spectral_callbacks.callbacks.schedule`).
         probe_batches: Number of first training batches copied as probe data.
         loss_fn: ``loss_fn(model, batch) -> scalar``; default the module's own
             ``training_step`` (its ``self.log`` calls muted during the probe).
@@ -279,11 +283,13 @@ class SharpnessMonitor(_HessianMonitor):
             float32, ``n`` the number of selected parameters). Default ``None``: while they
             take at most :data:`WARM_START_CHECKPOINT_BYTES` (64 MiB); ``False`` never.
         figure_every_n_steps: see :class:`~spectral_callbacks.callbacks.base.SpectralMonitor`.
+        max_overhead: With ``every_n_steps=None``, the most the measurements may take of the
+            training time (default 0.05: 5 %); (docs: "What it costs").
     """
 
     def __init__(
         self,
-        every_n_steps: int = 100,
+        every_n_steps: int | None = None,
         probe_batches: int = 1,
         loss_fn: LossFn | None = None,
         tol: float = 1e-3,
@@ -302,6 +308,7 @@ class SharpnessMonitor(_HessianMonitor):
         name: str | None = None,
         checkpoint_warm_start: bool | None = None,
         figure_every_n_steps: int | None = None,
+        max_overhead: float = DEFAULT_MAX_OVERHEAD,
     ) -> None:
         super().__init__(locals())
         #: Whether ``eos_ratio`` comes from the optimizer (else ``λ_max · lr / 2``).
@@ -435,6 +442,13 @@ class SharpnessMonitor(_HessianMonitor):
             doc="1 if λ_max (and the preconditioned solve) met `tol`, else 0 (with one warning)",
         ),
         MetricSpec(
+            "sharpness_overhead",
+            chart="share of training time in measurements",
+            may_be_undefined=True,
+            doc="seconds this monitor has spent measuring over seconds trained, so far "
+            "(NaN before any training step was timed)",
+        ),
+        MetricSpec(
             "num_hvps",
             chart="Hessian-vector products per measurement",
             doc="Hessian-vector products the measurement used",
@@ -442,6 +456,7 @@ class SharpnessMonitor(_HessianMonitor):
     )
 
     METRIC_PREFIXES = (PREFIX,)
+    OVERHEAD_ROW = "sharpness_overhead"
 
     def metric_names(self) -> list[str]:
         return metric_table.expand_names(self.METRICS, self.prefix)
@@ -476,7 +491,9 @@ class HessianSpectrumMonitor(_HessianMonitor):
     :data:`~spectral_callbacks.linalg.FULL_REORTHOGONALISATION_BYTES`, else three per probe.
 
     Args:
-        every_n_steps: Optimizer steps between measurements.
+        every_n_steps: Optimizer steps between measurements, or ``None`` (default): measure as
+            often as ``max_overhead`` of the training time pays for
+            (:mod:`~spectral_callbacks.callbacks.schedule`).
         k: Number of top eigenvalues (at most the number of parameters, checked at setup).
         trace: Whether to estimate the trace.
         density: Whether to estimate the density (stochastic Lanczos quadrature).
@@ -534,11 +551,13 @@ class HessianSpectrumMonitor(_HessianMonitor):
         sam_radius: SAM's radius ``ρ``: logs ``spectral/hessian/sam_sharpness``
             (``L(θ + ρ g/‖g‖) − L(θ)``) and ``sam_gradient_norm`` (``‖∇L(θ + ρ g/‖g‖)‖``),
             at three forward and two backward passes; ``None`` (default) off.
+        max_overhead: With ``every_n_steps=None``, the most the measurements may take of the
+            training time (default 0.05: 5 %); (docs: "What it costs").
     """
 
     def __init__(
         self,
-        every_n_steps: int = 500,
+        every_n_steps: int | None = None,
         k: int = 10,
         trace: bool = True,
         density: bool = True,
@@ -569,6 +588,7 @@ class HessianSpectrumMonitor(_HessianMonitor):
         ggn_loss: GgnLoss | None = None,
         outputs_fn: Callable | None = None,
         layer_lambda_max: bool = False,
+        max_overhead: float = DEFAULT_MAX_OVERHEAD,
     ) -> None:
         super().__init__(locals())
         if curvature == "ggn" and (sam_radius is not None or gradient_overlap):
@@ -845,9 +865,17 @@ class HessianSpectrumMonitor(_HessianMonitor):
         ),
         MetricSpec("bulk_edge", part="density", doc="where the bulk of the density ends"),
         MetricSpec("spectrum_num_hvps", doc="Hessian-vector products of the whole measurement"),
+        MetricSpec(
+            "spectrum_overhead",
+            chart="share of training time in measurements",
+            may_be_undefined=True,
+            doc="seconds this monitor has spent measuring over seconds trained, so far "
+            "(NaN before any training step was timed)",
+        ),
     )
 
     METRIC_PREFIXES = (PREFIX, GGN_PREFIX)
+    OVERHEAD_ROW = "spectrum_overhead"
 
     def metric_specs(self) -> list[MetricSpec]:
         """The rows of :attr:`METRICS` this monitor's settings turn on."""

@@ -91,8 +91,10 @@ def full_name(specs: Iterable[MetricSpec], prefix: str, row: str, **fields: obje
 
 
 def undefined_names(specs: Iterable[MetricSpec], prefix: str, layers: Sequence[str]) -> set[str]:
-    """The names of ``layers`` that are NaN by definition: the ``may_be_undefined`` rows."""
-    return set(expand_names([s for s in specs if s.may_be_undefined], prefix, layers=layers))
+    """The names of ``layers`` that are NaN by definition: the per-layer ``may_be_undefined``
+    rows."""
+    rows = [s for s in specs if s.may_be_undefined and "{layer}" in s.name]
+    return set(expand_names(rows, prefix, layers=layers))
 
 
 def chart_layout(

@@ -31,6 +31,7 @@ from ..representation.spectra import POOLS
 from . import metrics as metric_table
 from .base import SpectralMonitor, _clone_batch, reduce_scalar
 from .metrics import MetricSpec
+from .schedule import DEFAULT_MAX_OVERHEAD
 
 __all__ = ["RepresentationMonitor", "default_forward"]
 
@@ -79,7 +80,9 @@ class RepresentationMonitor(SpectralMonitor):
 
     Args:
         layers: Names of submodules (as in ``model.named_modules()``).
-        every_n_steps: Optimizer steps between measurements.
+        every_n_steps: Optimizer steps between measurements, or ``None`` (default): measure as
+            often as ``max_overhead`` of the training time pays for
+            (:mod:`~spectral_callbacks.callbacks.schedule`).
         num_samples: Probe samples (batch items; token models give ``B·T`` rows).
         select: Picks the embedding tensor from a tuple/dict layer output: one callable, or a
             dict layer name -> callable.
@@ -99,6 +102,8 @@ class RepresentationMonitor(SpectralMonitor):
             ``spectral/repr/{name}/{layer}/...``.
         figure_every_n_steps: Optimizer steps between scree figures (default
             ``10 · every_n_steps``); histograms are written at every measurement.
+        max_overhead: With ``every_n_steps=None``, the most the measurements may take of the
+            training time (default 0.05: 5 %); (docs: "What it costs").
     """
 
     # Representation probes can be thousands of samples: re-collect on resume instead.
@@ -107,7 +112,7 @@ class RepresentationMonitor(SpectralMonitor):
     def __init__(
         self,
         layers: Sequence[str] = ("encoder",),
-        every_n_steps: int = 500,
+        every_n_steps: int | None = None,
         num_samples: int = 4096,
         select: Callable[[Any], torch.Tensor] | dict[str, Callable] | None = None,
         pool: str | Callable[[torch.Tensor], torch.Tensor] = "flatten",
@@ -119,6 +124,7 @@ class RepresentationMonitor(SpectralMonitor):
         layout: LayerLayout = "auto",
         name: str | None = None,
         figure_every_n_steps: int | None = None,
+        max_overhead: float = DEFAULT_MAX_OVERHEAD,
     ) -> None:
         super().__init__(
             every_n_steps,
@@ -127,6 +133,7 @@ class RepresentationMonitor(SpectralMonitor):
             eval_mode=eval_mode,
             name=name,
             figure_every_n_steps=figure_every_n_steps,
+            max_overhead=max_overhead,
         )
         if isinstance(layers, str):
             layers = (layers,)
@@ -329,9 +336,17 @@ class RepresentationMonitor(SpectralMonitor):
             "{layer}/vne",
             doc="von Neumann entropy of the trace-normalised covariance, `H_1(p)` in nats",
         ),
+        MetricSpec(
+            "overhead",
+            chart="share of training time in measurements",
+            may_be_undefined=True,
+            doc="seconds this monitor has spent measuring over seconds trained, so far "
+            "(NaN before any training step was timed)",
+        ),
     )
 
     METRIC_PREFIXES = (PREFIX,)
+    OVERHEAD_ROW = "overhead"
 
     def metric_names(self) -> list[str]:
         return metric_table.expand_names(self.METRICS, self.prefix, layers=self.layers)

@@ -29,6 +29,7 @@ from ..weights import (
 from . import metrics as metric_table
 from .base import SpectralMonitor
 from .metrics import MetricSpec
+from .schedule import DEFAULT_MAX_OVERHEAD
 
 __all__ = ["AVERAGE", "WeightSpectrumMonitor"]
 
@@ -121,7 +122,9 @@ class WeightSpectrumMonitor(SpectralMonitor):
     same values. Weights sharded by FSDP are refused at setup.
 
     Args:
-        every_n_steps: Optimizer steps between measurements.
+        every_n_steps: Optimizer steps between measurements, or ``None`` (default): measure as
+            often as ``max_overhead`` of the training time pays for
+            (:mod:`~spectral_callbacks.callbacks.schedule`).
         layers: Which layers: ``None`` (every module with a weight of 2 or more dimensions:
             linear, convolution, embedding, Hugging Face ``Conv1D``), a regular expression
             searched in module names, a predicate on the module name, or a sequence of
@@ -137,13 +140,15 @@ class WeightSpectrumMonitor(SpectralMonitor):
         figure_every_n_steps: Optimizer steps between figures (default
             ``10 · every_n_steps``); scalars and the histogram are written at every
             measurement.
+        max_overhead: With ``every_n_steps=None``, the most the measurements may take of the
+            training time (default 0.05: 5 %); (docs: "What it costs").
     """
 
     checkpoint_probe = False
 
     def __init__(
         self,
-        every_n_steps: int = 500,
+        every_n_steps: int | None = None,
         layers: LayerFilter = None,
         farms: bool = True,
         aspect_ratio: float = 1.0,
@@ -152,8 +157,14 @@ class WeightSpectrumMonitor(SpectralMonitor):
         figure_layers: Sequence[str] | None = None,
         name: str | None = None,
         figure_every_n_steps: int | None = None,
+        max_overhead: float = DEFAULT_MAX_OVERHEAD,
     ) -> None:
-        super().__init__(every_n_steps, name=name, figure_every_n_steps=figure_every_n_steps)
+        super().__init__(
+            every_n_steps,
+            name=name,
+            figure_every_n_steps=figure_every_n_steps,
+            max_overhead=max_overhead,
+        )
         check_layer_filter(layers)
         check_bool("farms", farms)
         check_number("aspect_ratio", aspect_ratio, minimum=1.0)
@@ -326,9 +337,17 @@ class WeightSpectrumMonitor(SpectralMonitor):
         *_rows(AVERAGE, AVERAGED_METRICS),
         *_rows("{layer}", DRIFT_METRICS, part="drift"),
         *_rows(AVERAGE, DRIFT_METRICS, part="drift"),
+        MetricSpec(
+            "overhead",
+            chart="share of training time in measurements",
+            may_be_undefined=True,
+            doc="seconds this monitor has spent measuring over seconds trained, so far "
+            "(NaN before any training step was timed)",
+        ),
     )
 
     METRIC_PREFIXES = (PREFIX,)
+    OVERHEAD_ROW = "overhead"
 
     def metric_specs(self) -> list[MetricSpec]:
         """The rows of :attr:`METRICS` this monitor's settings turn on."""

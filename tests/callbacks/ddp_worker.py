@@ -25,6 +25,7 @@ from spectral_callbacks import (
     WeightSpectrumMonitor,
 )
 from spectral_callbacks.callbacks import SpectralMonitor
+from tests.callbacks.test_schedule import FakeClock
 from tests.models import TanhRegressor, regression_data, trainer_kwargs
 
 
@@ -90,7 +91,22 @@ def main(out: pathlib.Path) -> None:
         ggn_loss="mse",
         gradient_overlap=False,
     )
+    # A budget with a clock per process: process 1's is slower; decisions follow the slower.
+    budget = WeightSpectrumMonitor(max_overhead=0.5, name="budget")
+    clock = FakeClock([budget], step_seconds=(1.0, 1.5), measurement_seconds=(0.5, 1.0))
     scripted = RankScripted()
+    # One clock for every monitor, as in a real run (the others' measurements take none of it).
+    for monitor in (
+        sharpness,
+        spectrum,
+        representation,
+        poisoned,
+        differences,
+        weights,
+        ggn,
+        scripted,
+    ):
+        monitor.clock = budget.clock
     stopper = SpectralEarlyStopping(
         "spectral/test/rank_signal", rule="above", threshold=0.5, patience=1
     )
@@ -98,6 +114,8 @@ def main(out: pathlib.Path) -> None:
     trainer = L.Trainer(
         max_steps=12,
         callbacks=[
+            clock,
+            budget,
             sharpness,
             spectrum,
             representation,
@@ -125,6 +143,7 @@ def main(out: pathlib.Path) -> None:
         "differences": differences.history,
         "weights": weights.history,
         "ggn": ggn.history,
+        "budget": budget.history,
     }
     (out / f"rank{rank}.json").write_text(json.dumps(record))
     torch.save(

@@ -10,6 +10,7 @@ import pathlib
 import pytest
 import torch
 
+from spectral_callbacks.callbacks.schedule import BudgetSchedule
 from spectral_callbacks.curvature import curvature_operator
 from spectral_callbacks.functional import hessian_eigenvalues, rankme
 from spectral_callbacks.linalg import deflated_hutchinson
@@ -46,7 +47,7 @@ def same(a, b) -> bool:
 
 def test_every_process_holds_the_same_numbers(ranks):
     (first, second), _, _ = ranks
-    for key in ("sharpness", "spectrum", "representation", "poisoned", "weights", "ggn"):
+    for key in ("sharpness", "spectrum", "representation", "poisoned", "weights", "ggn", "budget"):
         assert first[key], key
         assert same(first[key], second[key]), key
 
@@ -194,3 +195,19 @@ def test_unequal_shards_decide_the_probe_together_and_match_one_process(ranks):
     with torch.no_grad():
         features = model.net[:2](inputs)
     assert zero[-1][1]["spectral/repr/net.1/rankme"] == pytest.approx(rankme(features), rel=1e-6)
+
+
+def test_a_budget_decides_alike_on_every_process_by_the_slowest_clock(ranks):
+    """Process 1's clock runs 1.5 s per step and 1 s per measurement, process 0's 1 s and
+    0.5 s: both follow the schedule of the slower, as one process with its clock would."""
+    (record, _), _, _ = ranks
+    steps = [step for step, _ in record["budget"]]
+    schedule, expected, last = BudgetSchedule(max_overhead=0.5), [], None
+    for step in range(record["global_step"] + 1):
+        if schedule.due(step, last, lambda step=step: 1.5 * step):
+            schedule.record(step, 1.0, 1.5 * step)
+            expected.append(step)
+            last = step
+    assert len(steps) >= 3 and steps == expected[: len(steps)]
+    shares = [values["spectral/weights/budget/overhead"] for _, values in record["budget"]]
+    assert shares[1:] == pytest.approx([1.0 * k / (1.5 * s) for k, s in enumerate(steps[1:], 2)])

@@ -1,0 +1,145 @@
+"""The overhead budget: a monitor without every_n_steps measures as often as its share of the
+training time pays for, the same on every process and across a resume."""
+
+from __future__ import annotations
+
+import itertools
+import math
+import warnings
+
+import lightning.pytorch as L
+import pytest
+import torch
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+
+from spectral_callbacks import SharpnessMonitor, WeightSpectrumMonitor
+from spectral_callbacks.callbacks.schedule import GROWTH, BudgetSchedule
+
+from ..models import TanhRegressor, full_batch_loader, regression_data, trainer_kwargs
+from ..runs import assert_identical_runs, fit_and_capture
+
+
+def test_the_budget_places_each_measurement_where_training_has_paid_for_it():
+    """One second per step, measurements of 3 s at a 5 % share: every measurement after the
+    first keeps seconds spent within 5 % of seconds trained, and comes at the first step
+    that allows it (or the geometric floor)."""
+    schedule = BudgetSchedule(max_overhead=0.05)
+    steps, spent = [], 0.0
+    last = None
+    for step in range(5000):
+        if schedule.due(step, last, lambda step=step: float(step)):
+            spent += 3.0
+            schedule.record(step, 3.0, float(step))
+            steps.append(step)
+            last = step
+    assert steps[0] == 0 and len(steps) > 5
+    for earlier, step in itertools.pairwise(steps):
+        k = steps.index(step) + 1  # measurements so far, this one included
+        assert 3.0 * k / step <= 0.05 + 1e-12  # paid for
+        floor = earlier + max(1, math.ceil(GROWTH * earlier))
+        # One step sooner would have overspent, unless the geometric floor held it back.
+        assert step == floor or 3.0 * k / (step - 1) > 0.05
+
+
+def test_cheap_measurements_are_dense_early_and_geometric_later():
+    schedule = BudgetSchedule(max_overhead=0.05)
+    steps, last = [], None
+    for step in range(2000):
+        if schedule.due(step, last, lambda step=step: float(step)):
+            schedule.record(step, 1e-6, float(step))
+            steps.append(step)
+            last = step
+    assert steps[:11] == list(range(11))  # every step while 10 % of the step is below 1
+    gaps = [b - a for a, b in itertools.pairwise(steps)]
+    assert all(gap == max(1, math.ceil(GROWTH * a)) for a, gap in zip(steps, gaps, strict=False))
+    assert 50 < len(steps) < 80  # about 24 per decade
+
+
+class FakeClock(Callback):
+    """A clock that advances ``step_seconds`` per training step and ``measurement_seconds``
+    per measurement of the monitors it is given (each a number, or a pair: process 0's and
+    the others'); stateful, so a resumed run continues it."""
+
+    def __init__(self, monitors, step_seconds=1.0, measurement_seconds=2.0) -> None:
+        self.now = 0.0
+        self.seconds = {"step": step_seconds, "measurement": measurement_seconds}
+        for monitor in monitors:
+            measure = monitor.measure
+
+            def timed(trainer, *args, measure=measure, **kwargs):
+                self.now += self._seconds("measurement", trainer)
+                return measure(trainer, *args, **kwargs)
+
+            monitor.measure = timed
+            monitor.clock = lambda: self.now
+
+    def _seconds(self, kind, trainer):
+        value = self.seconds[kind]
+        return value if not isinstance(value, tuple) else value[min(trainer.global_rank, 1)]
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.now += self._seconds("step", trainer)
+
+    def state_dict(self):
+        return {"now": self.now}
+
+    def load_state_dict(self, state):
+        self.now = state["now"]
+
+
+def _fit(callbacks, steps, ckpt_path=None, checkpoint_dir=None):
+    x, y = regression_data(n=32)
+    extra = []
+    if checkpoint_dir is not None:
+        extra = [ModelCheckpoint(dirpath=checkpoint_dir, every_n_train_steps=25, save_top_k=-1)]
+    trainer = L.Trainer(
+        max_steps=steps,
+        callbacks=callbacks + extra,
+        **trainer_kwargs(enable_checkpointing=checkpoint_dir is not None),
+    )
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.fit(TanhRegressor(lr=0.05), full_batch_loader(x, y, steps), ckpt_path=ckpt_path)
+    return trainer
+
+
+def test_a_monitor_without_a_schedule_keeps_to_its_share_and_logs_it():
+    monitor = SharpnessMonitor(max_overhead=0.1)
+    clock = FakeClock([monitor], step_seconds=1.0, measurement_seconds=2.0)
+    _fit([clock, monitor], steps=300)  # the clock first: its step is counted when measuring
+    steps = [step for step, _ in monitor.history]
+    shares = [values["spectral/hessian/sharpness_overhead"] for _, values in monitor.history]
+    assert steps[0] == 0 and math.isnan(shares[0])  # nothing trained yet
+    assert len(steps) >= 5
+    assert all(share <= 0.1 + 1e-9 for share in shares[1:])
+    # Each share is what the clock says: 2 s per measurement over the steps trained.
+    for k, (step, share) in enumerate(zip(steps[1:], shares[1:], strict=True), start=2):
+        assert share == pytest.approx(2.0 * k / step)
+    assert monitor.overhead == pytest.approx(2.0 * len(steps) / 300)
+
+
+def test_a_resumed_run_continues_the_schedule_of_the_uninterrupted_run(tmp_path):
+    whole_monitor = SharpnessMonitor(max_overhead=0.1)
+    _fit([FakeClock([whole_monitor]), whole_monitor], steps=120)
+    first = SharpnessMonitor(max_overhead=0.1)
+    _fit([FakeClock([first]), first], steps=50, checkpoint_dir=tmp_path)
+    resumed = SharpnessMonitor(max_overhead=0.1)
+    path = str(tmp_path / "epoch=0-step=50.ckpt")
+    _fit([FakeClock([resumed]), resumed], steps=120, ckpt_path=path)
+    whole = [step for step, _ in whole_monitor.history]
+    assert [step for step, _ in resumed.history] == whole
+    assert [step for step, _ in first.history] == [s for s in whole if s <= 50]
+    assert resumed.history[-1][1] == pytest.approx(whole_monitor.history[-1][1], nan_ok=True)
+
+
+def test_training_is_bit_identical_with_budgeted_monitors():
+    plain = fit_and_capture([])
+    budgeted = fit_and_capture([SharpnessMonitor(), WeightSpectrumMonitor()])
+    assert_identical_runs(plain, budgeted)
+
+
+def test_max_overhead_is_a_share_below_one():
+    for bad in (0.0, 1.0, -0.1, math.nan):
+        with pytest.raises(ValueError, match="max_overhead must be"):
+            SharpnessMonitor(max_overhead=bad)
