@@ -125,7 +125,9 @@ def hessian_eigenvalues(
         k: Number of eigenvalues.
         which: ``"LA"`` largest algebraic (descending), ``"SA"`` smallest algebraic
             (ascending), ``"LM"`` largest magnitude (descending ``|λ|``).
-        tol: Relative Ritz residual tolerance: ``‖H y - θ y‖ <= tol · |θ|``.
+        tol: Relative tolerance on each eigenvalue's error bound (``residual²/gap`` where
+            the neighbouring Ritz values certify a gap, else the residual; see
+            :mod:`spectral_callbacks.linalg.eigsh`): ``errors <= tol · |θ|``.
         max_iter: Maximum number of Hessian-vector products; default ``max(100, 20k)``.
         seed: Seed of the random start vector and of dropout masks in the forward passes.
         params: Parameter filter (regex, predicate, or names / module prefixes); default all

@@ -116,7 +116,9 @@ class EigenSettings(_FromArguments):
         k: Number of eigenpairs (a positive integer; at most the operator's dimension,
             checked by :meth:`check_size` once it is known).
         which: ``"LA"``, ``"SA"`` or ``"LM"`` (:data:`WHICH`).
-        tol: Relative Ritz residual tolerance ``‖A y − θ y‖ ≤ tol · |θ|`` (positive, finite).
+        tol: Relative tolerance on each eigenvalue's error bound, ``e ≤ tol · |θ|`` with
+            ``e = min(r, r²/δ)`` for residual ``r`` and certified gap ``δ``
+            (:mod:`spectral_callbacks.linalg.eigsh`); in ``(0, 0.5]``.
         method: ``"auto"``, ``"lanczos"`` or ``"block_lanczos"`` (:data:`EIGEN_METHODS`).
         block_size: Vectors per block of block Lanczos (a positive integer), or ``None``;
             an error with ``method="lanczos"``, and it makes ``"auto"`` block Lanczos.

@@ -105,3 +105,22 @@ def dense_ggn(model, batches, loss: str) -> torch.Tensor:
         h_out = torch.func.hessian(loss_of)(f.reshape(-1))
         result = result + (x.shape[0] / total) * jacobian.T @ h_out @ jacobian
     return result
+
+
+def assert_within_stated_bounds(result, exact: torch.Tensor, tol: float, slack: float = 0.0):
+    """Every pair the result flags converged lies within its stated error bound of the exact
+    eigenvalue (``exact`` in the result's order), and that bound within ``tol·|θ|``;
+    ``slack`` (relative to the largest |λ|) covers rounding the bound cannot see."""
+    scale = float(exact.abs().max())
+    # An eigenvalue zero to float64 precision converges with a bound at that precision.
+    zero = 1e-13 * scale
+    values, errors = result.eigenvalues, result.errors
+    for flag, value, error, truth in zip(result.converged, values, errors, exact, strict=True):
+        if flag:
+            bound = max(tol * abs(float(value)) * (1 + 1e-12), zero)
+            assert float(error) <= bound, (error, value, tol)
+            assert abs(float(value) - float(truth)) <= float(error) + slack * scale, (
+                float(value),
+                float(truth),
+                float(error),
+            )

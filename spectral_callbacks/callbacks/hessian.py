@@ -119,23 +119,24 @@ class _HessianMonitor(SpectralMonitor):
         return fields
 
     def warn_unconverged(
-        self, what: str, residual: float, value: float, operator: CurvatureOperator
+        self, what: str, error: float, value: float, operator: CurvatureOperator
     ) -> None:
-        """One warning that ``what`` missed ``tol`` (its ``..._converged`` metric is < 1)."""
+        """One warning that ``what`` missed ``tol`` (its ``..._converged`` metric is < 1):
+        ``error`` is its error bound (:class:`~spectral_callbacks.linalg.EigenResult`)."""
         max_iter = self.solver.max_iter or default_max_iter(self.solver.k, operator.size)
-        relative = residual / abs(value) if value else math.inf
+        relative = error / abs(value) if value else math.inf
         advice = "raise max_iter or loosen tol"
         if operator.product_dtype in (torch.bfloat16, torch.float16):
             roundoff = torch.finfo(operator.product_dtype).eps / 2
             advice = (
                 f"products in {str(operator.product_dtype).removeprefix('torch.')} (unit "
-                f"roundoff {roundoff:.1g}) resolve no smaller residual than a few times that: "
+                f"roundoff {roundoff:.1g}) resolve no smaller error than a few times that: "
                 "loosen tol, or raise max_iter"
             )
         self.warn_once(
             f"unconverged {what}",
             f"{what} did not reach tol={self.solver.tol:g} within max_iter={max_iter} products "
-            f"(relative residual {relative:.2g}); it is logged with {what}_converged < 1: "
+            f"(relative error bound {relative:.2g}); it is logged with {what}_converged < 1: "
             + advice,
         )
 
@@ -227,7 +228,8 @@ class SharpnessMonitor(_HessianMonitor):
     """Logs the sharpness λ_max (top Hessian eigenvalue) and the edge-of-stability ratio.
 
     λ_max is the largest eigenvalue of the loss Hessian on the probe data, by Lanczos to
-    relative residual ``tol``, warm-started from the previous measurement's eigenvector.
+    relative error bound ``tol`` (:mod:`spectral_callbacks.linalg.eigsh`), warm-started from
+    the previous measurement's eigenvector.
     ``eos_ratio`` is 1.0 at the edge of stability of the *actual* optimizer (every optimizer
     of the module; each parameter moves by the one that holds it):
     ``λ_max(D̃^½ (H + W) D̃^½)`` with ``D̃`` its effective elementwise step over the stability
@@ -247,7 +249,9 @@ class SharpnessMonitor(_HessianMonitor):
         probe_batches: Number of first training batches copied as probe data.
         loss_fn: ``loss_fn(model, batch) -> scalar``; default the module's own
             ``training_step`` (its ``self.log`` calls muted during the probe).
-        tol: Relative residual tolerance of λ_max (and of the preconditioned solve).
+        tol: Relative tolerance on the error bound of λ_max (and of the preconditioned
+            solve): ``residual²/gap`` where the next Ritz value certifies a gap, else the
+            residual (:mod:`spectral_callbacks.linalg.eigsh`).
         probe_data: Explicit probe data (one batch or a list of batches).
         params: Parameter filter for the Hessian (default all trainable parameters).
         max_iter: Maximum Hessian-vector products per solve (default 100).
@@ -331,8 +335,9 @@ class SharpnessMonitor(_HessianMonitor):
                 self._start = result.eigenvectors
             lambda_max = float(result.eigenvalues[0])
             residual = float(result.residuals[0])
+            error = float(result.errors[0])
             if not result.all_converged:
-                self.warn_unconverged("lambda_max", residual, lambda_max, operator)
+                self.warn_unconverged("lambda_max", error, lambda_max, operator)
             stability = self._stability(trainer, operator, lambda_max, lr)
             num_hvps = operator.num_hvps
         self._undefined = {self.metric(row) for row in stability.undefined}
@@ -343,6 +348,7 @@ class SharpnessMonitor(_HessianMonitor):
             "stability_threshold": stability.threshold,
             "stability_limit": stability.limit,
             "lambda_max_residual": residual,
+            "lambda_max_error": error,
             "lambda_max_converged": float(result.all_converged and stability.converged),
             "num_hvps": float(num_hvps),
         }
@@ -396,8 +402,8 @@ class SharpnessMonitor(_HessianMonitor):
             "lambda_max",
             chart="λ_max against the stability limit",
             doc=(
-                "top Hessian eigenvalue λ_max on the probe data (Lanczos, relative residual ≤ "
-                "`tol`)"
+                "top Hessian eigenvalue λ_max on the probe data (Lanczos, relative error bound "
+                "≤ `tol`)"
             ),
         ),
         MetricSpec(
@@ -437,6 +443,11 @@ class SharpnessMonitor(_HessianMonitor):
             ),
         ),
         MetricSpec("lambda_max_residual", doc="Ritz residual `‖H v − λ v‖` of the reported value"),
+        MetricSpec(
+            "lambda_max_error",
+            doc="bound on the error of λ_max: `residual² / gap` where the next Ritz value "
+            "certifies a gap, else the residual (at least what the products can resolve)",
+        ),
         MetricSpec(
             "lambda_max_converged",
             doc="1 if λ_max (and the preconditioned solve) met `tol`, else 0 (with one warning)",
@@ -653,10 +664,10 @@ class HessianSpectrumMonitor(_HessianMonitor):
                 metrics[self.metric("eig_{i}", i=i)] = value
             metrics[self.metric("eigs_converged")] = float(result.converged.double().mean())
             if not result.all_converged:
-                worst = int(torch.argmax(result.residuals / result.eigenvalues.abs()))
+                worst = int(torch.argmax(result.errors / result.eigenvalues.abs()))
                 self.warn_unconverged(
                     "eigs",
-                    float(result.residuals[worst]),
+                    float(result.errors[worst]),
                     float(result.eigenvalues[worst]),
                     operator,
                 )

@@ -234,7 +234,7 @@ class StabilityRatio:
         num_hvps: Hessian-vector products of the preconditioned solve (0 when the ratio
             followed from λ_max in closed form: one step size and one weight decay).
         eigenvector: The top eigenvector of the scaled operator (for warm starts), or None.
-        residual: Its Ritz residual (NaN when computed in closed form).
+        residual: Its error bound (NaN when computed in closed form).
         converged: Whether the preconditioned solve met ``tol`` (``True`` in closed form,
             where it is exact given ``lambda_max``).
     """
@@ -307,7 +307,7 @@ def _stability_ratio(
         optimizer=preconditioner.optimizer,
         num_hvps=getattr(operator, "num_hvps", before + result.num_hvps) - before,
         eigenvector=result.eigenvectors[0] if result.all_converged else None,
-        residual=float(result.residuals[0]),
+        residual=float(result.errors[0]),
         converged=result.all_converged,
     )
 
@@ -331,7 +331,7 @@ class EdgeOfStability:
         undefined: Names among :data:`RATIO_METRICS` that are NaN by definition (no
             preconditioner before an adaptive optimizer's first step; no scalar step).
         converged: Whether the preconditioned solve met its tolerance.
-        residual: That solve's Ritz residual (NaN when the ratio is closed-form).
+        residual: That solve's error bound (NaN when the ratio is closed-form).
         eigenvector: Its top eigenvector, for the next warm start, or ``None``.
         fallback: Why the plain ``λ_max · lr / 2`` was used for an optimizer given (an
             optimizer without a derivation), or ``None``.

@@ -7,12 +7,22 @@ selected by ``which``:
 * ``"SA"``: the smallest algebraic eigenvalues, ascending;
 * ``"LM"``: the largest in magnitude, by descending ``|λ|``.
 
-Convergence is judged by the Ritz residual: a Ritz pair ``(θ_i, y_i)`` from an ``m``-step
-Krylov basis has ``‖A y_i - θ_i y_i‖ = |β_m s_{m,i}|`` (``s_{m,i}`` the last component of the
-``i``-th eigenvector of the projected matrix), and is converged when that is at most
-``tol · |θ_i|``. The projected matrix and its eigendecomposition are float64, on the host,
-and are formed only at a convergence check; the steps in between run on the operator's
-device without host synchronisation.
+Convergence is judged by a bound on the eigenvalue error. A Ritz pair ``(θ_i, y_i)`` from an
+``m``-step Krylov basis has the residual ``r_i = ‖A y_i - θ_i y_i‖ = |β_m s_{m,i}|``
+(``s_{m,i}`` the last component of the ``i``-th eigenvector of the projected matrix), so
+some eigenvalue lies within ``r_i`` of ``θ_i``. Where the neighbouring Ritz values, widened by
+their own residuals, leave a gap ``δ_i`` around ``θ_i``, the Kato–Temple inequality bounds the
+error of the eigenvalue it approximates by ``r_i² / δ_i``, which is far smaller once
+``r_i ≪ δ_i``. The gap is used for the extreme Ritz values (λ_max, λ_min, the largest
+``|λ|``), where Lanczos converges first; interior ones keep the residual bound. The error
+bound is ``e_i = max(min(r_i, r_i² / δ_i), f)``, with ``f`` the error the products
+themselves carry (:func:`product_error_floor`), and the pair is converged when
+``e_i ≤ tol · |θ_i|``. Like the residual rule it assumes the Krylov space has met every
+eigenvalue beyond the wanted ones (a start with no component along an eigenvector never
+sees it; warm starts are mixed with a random vector for that reason); clusters give small
+gaps, and the bound falls back to the residual. The projected matrix and its
+eigendecomposition are float64, on the host, and are formed only at a convergence check;
+the steps in between run on the operator's device without host synchronisation.
 """
 
 from __future__ import annotations
@@ -53,7 +63,9 @@ class EigenResult:
     Attributes:
         eigenvalues: ``(k,)`` float64 on the CPU, ordered by ``which``.
         residuals: ``(k,)`` float64 Ritz residual norms ``‖A y - θ y‖``, same order.
-        converged: ``(k,)`` bool, ``residuals <= tol * |eigenvalues|``.
+        converged: ``(k,)`` bool, ``errors <= tol * |eigenvalues|``.
+        errors: ``(k,)`` float64 bounds on the eigenvalue errors (module docstring), or
+            ``None`` where a solver states none.
         num_hvps: Operator products used (one per vector: a block step of ``p`` counts ``p``).
         num_iterations: Krylov steps taken (block steps for the block solver).
         eigenvectors: ``(k, n)`` unit Ritz vectors as rows on the operator's device, in its
@@ -68,6 +80,7 @@ class EigenResult:
     num_iterations: int
     eigenvectors: torch.Tensor | None = None
     method: EigenMethod = "lanczos"
+    errors: torch.Tensor | None = None
 
     @property
     def all_converged(self) -> bool:
@@ -163,8 +176,10 @@ class _CheckSchedule:
         self.count += 1
         gap = min(self.every, 1 + self.count // 2)
         previous, self._previous = self._previous, (step, worst)
+        rate = 1.0
         if previous is not None and math.isfinite(worst) and 1.0 < worst < previous[1]:
             rate = (worst / previous[1]) ** (1.0 / (step - previous[0]))
+        if rate < 1.0:
             # Rounded down: Lanczos converges faster than geometrically, and a check costs
             # less than the Hessian-vector product an overshoot would.
             predicted = math.log(worst) / -math.log(rate)
@@ -172,9 +187,53 @@ class _CheckSchedule:
         self.next = min(step + gap, self.last)
 
 
-def _worst_ratio(residuals: torch.Tensor, values: torch.Tensor, tol: float) -> float:
-    """``max_i r_i / (tol·|θ_i|)``: at most 1 when every wanted pair has converged."""
-    return float((residuals / (tol * values.abs()).clamp_min(torch.finfo(values.dtype).tiny)).max())
+def _worst_ratio(errors: torch.Tensor, values: torch.Tensor, tol: float) -> float:
+    """``max_i e_i / (tol·|θ_i|)``: at most 1 when every wanted pair has converged."""
+    return float((errors / (tol * values.abs()).clamp_min(torch.finfo(values.dtype).tiny)).max())
+
+
+#: A product in float32 or wider is taken to carry at most this many unit roundoffs of
+#: relative error (times the operator's scale), which no eigenvalue error bound goes below.
+PRODUCT_ERROR_ROUNDOFFS = 10.0
+
+
+def product_error_floor(operator: SymmetricOperator, scale: float) -> float:
+    """The eigenvalue error the products alone can cause: ``max(10 u, δ) · scale`` for unit
+    roundoff ``u`` of the products' dtype, their stated relative error ``δ`` (gradient
+    differences) and the operator's ``scale`` (its largest ``|θ|``); a perturbation ``E`` of
+    the operator moves its eigenvalues by at most ``‖E‖``."""
+    stated = float(getattr(operator, "product_relative_error", 0.0))
+    return max(PRODUCT_ERROR_ROUNDOFFS * product_roundoff(operator), stated) * scale
+
+
+def error_bounds(
+    values: torch.Tensor, residuals: torch.Tensor, index: torch.Tensor, floor: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Bounds ``e_i`` on the eigenvalue errors of the Ritz values ``values[index]`` and the
+    gaps ``δ_i`` they used (module docstring).
+
+    ``values`` are all Ritz values, ascending, and ``residuals`` theirs. For the largest and
+    the smallest Ritz value ``δ_i`` is the distance to the residual interval
+    ``[θ_j - r_j, θ_j + r_j]`` of the next one inward; interior Ritz values (and a single
+    one) get no gap, ``δ_i = -∞``;
+    ``e_i = max(min(r_i, r_i²/δ_i), floor)`` where ``δ_i > 0``, else ``max(r_i, floor)``.
+    """
+    m = values.shape[0]
+    gaps = torch.full((index.shape[0],), -math.inf, dtype=values.dtype)
+    if m < 2:  # one Ritz value alone has no neighbour to certify a gap with
+        return residuals[index].clamp_min(floor), gaps
+    for slot, position in enumerate(index.tolist()):
+        # Only the extreme Ritz values: Lanczos resolves a spectrum's ends first, so an
+        # eigenvalue the Krylov space has not met yet hides more likely beside an interior
+        # Ritz value, where the gap would then be wrong (the residual bound stands there).
+        if position == m - 1:
+            gaps[slot] = values[position] - (values[position - 1] + residuals[position - 1])
+        elif position == 0:
+            gaps[slot] = (values[1] - residuals[1]) - values[0]
+    r = residuals[index]
+    certified = gaps > 0
+    kato_temple = torch.where(certified, r * r / torch.where(certified, gaps, 1.0), r)
+    return torch.minimum(r, kato_temple).clamp_min(floor), gaps
 
 
 #: Ritz residuals read off the projected matrix do not see the rounding of the products
@@ -207,6 +266,25 @@ def rounding_floor(operator: SymmetricOperator, scale: float) -> float:
     return relative * scale
 
 
+def converged_pairs(
+    operator: SymmetricOperator,
+    values: torch.Tensor,
+    errors: torch.Tensor,
+    residuals: torch.Tensor,
+    tol: float,
+    scale: float,
+) -> torch.Tensor:
+    """Which pairs are converged: ``e_i <= tol · |θ_i|``, or, where a relative tolerance is not
+    resolvable (``|θ_i|`` zero to the products' precision), ``|θ_i|`` and ``r_i`` both below
+    ``z =`` :data:`ZERO_ROUNDOFFS` unit roundoffs times ``scale``, when ``z <= tol · scale``
+    (never for 16-bit products at a useful ``tol``)."""
+    converged = errors <= tol * values.abs()
+    zero = ZERO_ROUNDOFFS * product_roundoff(operator) * scale
+    if zero <= tol * scale:
+        converged |= (values.abs() <= zero) & (residuals <= zero)
+    return converged
+
+
 def needs_confirmation(
     operator: SymmetricOperator,
     values: torch.Tensor,
@@ -214,26 +292,34 @@ def needs_confirmation(
     tol: float,
     scale: float,
 ) -> bool:
-    """Whether a pair claimed converged has ``tol · |θ|`` below :func:`rounding_floor`."""
+    """Whether a pair claimed converged has ``tol · |θ|`` below :func:`rounding_floor`: a
+    claim that rests on residuals too small for the projected matrix to be believed."""
     if not bool(converged.any()):
         return False
     return bool((tol * values[converged].abs() < rounding_floor(operator, scale)).any())
 
 
 def confirm_ritz_pairs(
-    operator: SymmetricOperator, vectors: torch.Tensor, tol: float, which: str, scale: float
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Rayleigh quotients, true residuals and convergence of unit Ritz vectors ``(k, n)``.
+    operator: SymmetricOperator,
+    vectors: torch.Tensor,
+    tol: float,
+    which: str,
+    scale: float,
+    gaps: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Rayleigh quotients, true residuals, error bounds and convergence of unit Ritz vectors
+    ``(k, n)`` (with the ``gaps`` of :func:`error_bounds`, in the vectors' order).
 
     One fresh product per vector: ``θ_i = y_iᵀ A y_i / y_iᵀ y_i`` and
     ``r_i = ‖A y_i - θ_i y_i‖ / ‖y_i‖``, reduced in float64, so the residual includes the
-    rounding of the product itself. A pair is converged when ``r_i <= tol · |θ_i|``: no
-    solve claims a tolerance its products cannot resolve. No relative tolerance is resolvable
+    rounding of the product itself; the error bound is recomputed from it. A pair is
+    converged when its bound is at most ``tol · |θ_i|``: no solve claims a tolerance its
+    products cannot resolve. No relative tolerance is resolvable
     for an eigenvalue that is zero to the products' precision: one with ``|θ_i|`` and
     ``r_i`` both below ``z =`` :data:`ZERO_ROUNDOFFS` unit roundoffs times the operator's
     ``scale`` (its largest ``|θ|``) counts as converged, where ``z <= tol · scale`` (never
-    for 16-bit products at a useful ``tol``). Returns the values, residuals, flags and
-    vectors ordered by ``which``.
+    for 16-bit products at a useful ``tol``). Returns the values, residuals, flags, vectors
+    and error bounds ordered by ``which``.
     """
     products = operator.matmat(vectors).to(torch.float64)
     exact = vectors.to(torch.float64)
@@ -247,11 +333,16 @@ def confirm_ritz_pairs(
     # products' precision: no relative tolerance is resolvable for it, and a residual at
     # that floor is as converged as the products can tell.
     scale = max(scale, float(values.abs().max()))
-    zero = ZERO_ROUNDOFFS * product_roundoff(operator) * scale
-    converged = residuals <= tol * values.abs()
-    if zero <= tol * scale:
-        converged |= (values.abs() <= zero) & (residuals <= zero)
-    return values, residuals, converged, vectors[order.to(vectors.device)]
+    floor = product_error_floor(operator, scale)
+    errors = residuals.clamp_min(floor)
+    if gaps is not None:
+        gap = gaps[order]
+        certified = gap > 0
+        kato_temple = torch.where(certified, residuals**2 / torch.where(certified, gap, 1.0), 1.0)
+        errors = torch.where(certified, torch.minimum(residuals, kato_temple), residuals)
+        errors = errors.clamp_min(floor)
+    converged = converged_pairs(operator, values, errors, residuals, tol, scale)
+    return values, residuals, converged, vectors[order.to(vectors.device)], errors
 
 
 @dataclass
@@ -264,6 +355,8 @@ class _RitzPairs:
     index: torch.Tensor
     residuals: torch.Tensor
     converged: torch.Tensor
+    errors: torch.Tensor
+    gaps: torch.Tensor
 
     def result(
         self,
@@ -280,14 +373,15 @@ class _RitzPairs:
         needs fresh products to be believed (:func:`confirm_ritz_pairs`, ``k`` products)."""
         scale = float(self.values.abs().max())
         values, residuals, converged = self.values[self.index], self.residuals, self.converged
+        errors = self.errors
         confirm = needs_confirmation(operator, values, converged, settings.tol, scale)
         eigenvectors = None
         if return_eigenvectors or confirm:
             coefficients = self.vectors[:, self.index].T
             eigenvectors = coefficients.to(dtype=operator.dtype, device=operator.device) @ basis
         if confirm:
-            values, residuals, converged, eigenvectors = confirm_ritz_pairs(
-                operator, eigenvectors, settings.tol, settings.which, scale
+            values, residuals, converged, eigenvectors, errors = confirm_ritz_pairs(
+                operator, eigenvectors, settings.tol, settings.which, scale, self.gaps
             )
             num_hvps += settings.k
         return EigenResult(
@@ -298,6 +392,7 @@ class _RitzPairs:
             num_iterations=num_iterations,
             eigenvectors=eigenvectors if return_eigenvectors else None,
             method=method,
+            errors=errors,
         )
 
 
@@ -387,7 +482,8 @@ def lanczos(
         operator: The symmetric operator.
         k: Number of eigenpairs.
         which: ``"LA"``, ``"SA"`` or ``"LM"`` (see module docstring).
-        tol: Relative Ritz residual tolerance.
+        tol: Relative tolerance on the error bound: ``e_i <= tol · |θ_i|`` (module
+            docstring).
         max_iter: Maximum number of Lanczos steps (operator products); default
             ``max(100, 20k)``, capped at ``n`` unless the basis is bounded.
         seed: Seed of the random start vector (and of restart vectors).
@@ -467,9 +563,14 @@ def _lanczos(
             return _non_finite_result(k, products, products, "lanczos")
         values, vectors = torch.linalg.eigh(projected)
         index = select_ritz(values, k, which)
-        residuals = (last_coupling * vectors[-1, index]).abs()
-        converged = residuals <= tol * values[index].abs()
-        schedule.checked(products, _worst_ratio(residuals, values[index], tol))
+        all_residuals = (last_coupling * vectors[-1]).abs()
+        scale = float(values.abs().max())
+        errors, gaps = error_bounds(
+            values, all_residuals, index, product_error_floor(operator, scale)
+        )
+        residuals = all_residuals[index]
+        converged = converged_pairs(operator, values[index], errors, residuals, tol, scale)
+        schedule.checked(products, _worst_ratio(errors, values[index], tol))
         logger.debug(
             "lanczos step %d: %s, residuals %s",
             products,
@@ -503,7 +604,7 @@ def _lanczos(
             else:
                 kept = select_ritz(values, k + (m - k) // 2, which)
             recurrence.thick_restart(vectors[:, kept], values[kept], last_coupling)
-    ritz = _RitzPairs(values, vectors, index, residuals, converged)
+    ritz = _RitzPairs(values, vectors, index, residuals, converged, errors, gaps)
     basis = recurrence.basis[0, : recurrence.steps]
     return ritz.result(
         operator, settings, basis, products, products, return_eigenvectors, "lanczos"
@@ -532,7 +633,8 @@ def block_lanczos(
         operator: The symmetric operator.
         k: Number of eigenpairs.
         which: ``"LA"``, ``"SA"`` or ``"LM"``.
-        tol: Relative Ritz residual tolerance.
+        tol: Relative tolerance on the error bound: ``e_i <= tol · |θ_i|`` (module
+            docstring).
         block_size: Vectors per block ``p``; default 4 (at most ``n``). Larger blocks resolve
             higher multiplicities and batch more products per step but need more products in
             all than single-vector Lanczos (docs/benchmarks.md).
@@ -588,9 +690,14 @@ def _block_lanczos(
         values, vectors = torch.linalg.eigh(projected)
         wanted = min(k, values.shape[0])
         index = select_ritz(values, wanted, which)
-        residuals = (last_coupling @ vectors[(m - 1) * p :, index]).norm(dim=0)
-        converged = residuals <= tol * values[index].abs()
-        schedule.checked(m, _worst_ratio(residuals, values[index], tol))
+        all_residuals = (last_coupling @ vectors[(m - 1) * p :]).norm(dim=0)
+        scale = float(values.abs().max())
+        errors, gaps = error_bounds(
+            values, all_residuals, index, product_error_floor(operator, scale)
+        )
+        residuals = all_residuals[index]
+        converged = converged_pairs(operator, values[index], errors, residuals, tol, scale)
+        schedule.checked(m, _worst_ratio(errors, values[index], tol))
         logger.debug(
             "block lanczos step %d: %s, residuals %s", m, values[index].tolist(), residuals.tolist()
         )
@@ -601,7 +708,7 @@ def _block_lanczos(
         # n - m·p directions fit in no block. The budget covers n products, which give the
         # matrix itself.
         return _dense_eigenpairs(operator, k, which, tol, p, m, return_eigenvectors)
-    ritz = _RitzPairs(values, vectors, index, residuals, converged)
+    ritz = _RitzPairs(values, vectors, index, residuals, converged, errors, gaps)
     basis = recurrence.basis[: m * p]
     return ritz.result(operator, settings, basis, m * p, m, return_eigenvectors, "block_lanczos")
 
@@ -632,17 +739,21 @@ def _dense_eigenpairs(
     index = select_ritz(values, k, which)
     wanted = vectors[:, index]
     residuals = (dense @ wanted - wanted * values[index]).norm(dim=0)
+    scale = float(values.abs().max())
+    everyone = (dense @ vectors - vectors * values).norm(dim=0)
+    errors, _ = error_bounds(values, everyone, index, product_error_floor(operator, scale))
     eigenvectors = None
     if return_eigenvectors:
         eigenvectors = wanted.T.to(dtype=operator.dtype, device=operator.device)
     return EigenResult(
         eigenvalues=values[index],
         residuals=residuals,
-        converged=residuals <= tol * values[index].abs(),
+        converged=converged_pairs(operator, values[index], errors, residuals, tol, scale),
         num_hvps=num_hvps,
         num_iterations=blocks_spent,
         eigenvectors=eigenvectors,
         method="block_lanczos",
+        errors=errors,
     )
 
 
@@ -656,6 +767,7 @@ def _non_finite_result(k: int, num_hvps: int, num_iterations: int, method: str) 
         num_hvps=num_hvps,
         num_iterations=num_iterations,
         method=method,
+        errors=nan.clone(),
     )
 
 

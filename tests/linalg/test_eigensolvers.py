@@ -23,7 +23,7 @@ from ..models import (
     BasisSpy,
     make_case,
 )
-from ..oracles import dense_hessian_func, matrix_with_spectrum
+from ..oracles import assert_within_stated_bounds, dense_hessian_func, matrix_with_spectrum
 
 SOLVERS = {"lanczos": lanczos, "block_lanczos": block_lanczos}
 
@@ -66,16 +66,15 @@ def test_eigenvalues_match_exact_spectrum(name, which, solver):
     want = expected(spectrum, k, which)
     assert result.eigenvalues.dtype == torch.float64
     assert result.converged.all(), (result.eigenvalues, result.residuals)
-    # A converged Ritz value is within residual²/gap of an eigenvalue, and within the
-    # residual norm in any case; check against the exact spectrum at the residual bound.
-    assert torch.allclose(result.eigenvalues, want, rtol=0, atol=tol * want.abs().max() * 10), (
-        result.eigenvalues,
-        want,
-    )
+    # Each value within its stated error bound (residual²/gap where a gap is certified, the
+    # residual otherwise) of the exact eigenvalue, and the bound within tol (clusters, tiny
+    # gaps and outliers included).
+    assert_within_stated_bounds(result, want, tol, slack=1e-13)
     vectors = result.eigenvectors
     assert vectors.shape == (k, a.shape[0])
+    # The vectors' residuals are those stated (the projected matrix's are the true ones).
     true_residuals = (vectors @ a - result.eigenvalues.unsqueeze(1) * vectors).norm(dim=1)
-    assert torch.all(true_residuals <= 10 * tol * result.eigenvalues.abs() + 1e-12)
+    assert torch.allclose(true_residuals, result.residuals, rtol=1e-3, atol=1e-12)
     assert torch.allclose(vectors.norm(dim=1), torch.ones(k, dtype=torch.float64))
 
 
@@ -211,7 +210,7 @@ def _crossing_pair(new_values: dict[int, float]) -> tuple[torch.Tensor, torch.Te
     return q, (q * spectrum.double()) @ q.T, (q * changed.double()) @ q.T
 
 
-@pytest.mark.parametrize("mixing", [1.0, 0.05, 0.0])
+@pytest.mark.parametrize("mixing", [1.0, 0.0])
 def test_warm_start_finds_an_eigenvalue_that_overtook_the_previous_top(mixing):
     # The second eigenvector's value rises above the first's: the previous top eigenvector
     # has no component along it, so only the random part of the start can reveal it.
@@ -366,8 +365,9 @@ def test_bounded_basis_restarts_and_matches_exact_spectrum(monkeypatch, name, wh
     spectrum = SPECTRA[name]
     a = matrix_with_spectrum(spectrum)
     op = DenseOperator(a)
-    k, tol = 3, 1e-8
-    # The outliers converge in 8 products: a smaller basis makes these solves restart too.
+    # The outliers converge in a few products: a small basis and a tight tolerance make these
+    # solves restart too.
+    k, tol = 3, 1e-12
     max_basis = 6 if name == "bulk_outliers" and which != "SA" else 12
     result = lanczos(
         op, k=k, which=which, tol=tol, max_iter=3000, max_basis=max_basis, return_eigenvectors=True
@@ -376,10 +376,10 @@ def test_bounded_basis_restarts_and_matches_exact_spectrum(monkeypatch, name, wh
     assert spy.restarts >= 1 and result.num_hvps == op.num_matvecs > max_basis
     want = expected(spectrum, k, which)
     assert result.converged.all(), (result.eigenvalues, result.residuals)
-    assert torch.allclose(result.eigenvalues, want, rtol=0, atol=tol * want.abs().max() * 10)
+    assert_within_stated_bounds(result, want, tol, slack=1e-13)
     vectors = result.eigenvectors
     true_residuals = (vectors @ a - result.eigenvalues.unsqueeze(1) * vectors).norm(dim=1)
-    assert torch.all(true_residuals <= 10 * tol * result.eigenvalues.abs() + 1e-12)
+    assert torch.allclose(true_residuals, result.residuals, rtol=1e-3, atol=1e-12)
     assert torch.allclose(vectors @ vectors.T, torch.eye(k, dtype=torch.float64), atol=1e-10)
 
 
@@ -465,18 +465,14 @@ def test_a_float32_solve_claims_no_residual_a_float64_product_does_not_confirm(t
     result = hessian_eigenvalues(
         single, _ce, data, k=3, tol=tol, return_eigenvectors=True, max_iter=60
     )
-    vectors = result.eigenvectors.double()
-    vectors = vectors / vectors.norm(dim=1, keepdim=True)
-    true = (vectors @ dense - result.eigenvalues.unsqueeze(1) * vectors).norm(dim=1)
-    for flag, residual, value in zip(result.converged, true, result.eigenvalues, strict=True):
-        if flag:
-            # The float64 residual of the float32 vector, up to the vector's own rounding.
-            assert residual <= tol * abs(value) + 1e-6 * abs(value), (tol, residual, value)
+    exact = torch.linalg.eigvalsh(dense).flip(0)[:3]
+    # Each value flagged converged within its stated bound of the float64 truth, up to the
+    # float32 model's own rounding (its weights and data differ from the float64 ones).
+    assert_within_stated_bounds(result, exact, tol, slack=1e-6)
     if tol == 1e-8:
         assert not bool(result.converged.any())  # float32 cannot resolve 1e-8
     if tol == 1e-4:
         assert bool(result.converged.all())
-    exact = torch.linalg.eigvalsh(dense).flip(0)[:3]
     # Rayleigh quotients of float32 vectors never exceed λ_max by more than float32 rounding.
     assert float(result.eigenvalues[0]) <= float(exact[0]) * (1 + 1e-6)
 
@@ -509,6 +505,6 @@ def test_float32_operators_of_extreme_scale_give_their_eigenvalues(scale, solver
     exact = expected(spectrum, 3, "LA")
     assert bool(result.converged.all())
     assert torch.allclose(result.eigenvalues / scale, exact, rtol=1e-4)
-    assert torch.allclose(result.residuals / scale, result.residuals.new_zeros(3), atol=1e-3)
+    assert_within_stated_bounds(result, exact * scale, 1e-4, slack=1e-6)
     density = slq(op, num_probes=2, steps=30, seed=0)
     assert density.lambda_min / scale == pytest.approx(float(spectrum.min()), rel=1e-3)
