@@ -27,12 +27,13 @@ import lightning.pytorch as L
 import torch
 
 from bench.harness import stopwatch
-from bench.report import document
+from bench.report import document, table
 from bench.study import finish, study_parser
 from spectral_callbacks import (
     HessianSpectrumMonitor,
     RepresentationMonitor,
     SharpnessMonitor,
+    WeightSpectrumMonitor,
 )
 from spectral_callbacks.workloads import (
     Classifier,
@@ -91,13 +92,19 @@ def timed_measurements(callback) -> list[float]:
     return seconds
 
 
-def run(model_name: str, make_callback, steps: int) -> tuple[float, object, list[float]]:
-    callback = make_callback()
-    measured = [] if callback is None else timed_measurements(callback)
+def run(model_name: str, make_callback, steps: int) -> tuple[float, list, list[float]]:
+    """Train ``model_name`` for ``steps`` with the callbacks ``make_callback()`` returns (one,
+    a list, or ``None``): (wall seconds, the callbacks, seconds of each measurement)."""
+    made = make_callback()
+    callbacks = [] if made is None else made if isinstance(made, list) else [made]
+    for callback in callbacks:
+        callback._bench_seconds = timed_measurements(callback)
     torch.manual_seed(0)
     if model_name in WORKLOAD_MODELS:
-        network, batch = initial_workload(model_name, torch.device("cpu"))
-        model = Classifier(network, lr=0.05)  # SGD on the workload's one batch
+        network, batch = initial_workload(WORKLOAD_MODELS[model_name], torch.device("cpu"))
+        # SGD on the workload's one batch; AdamW for the AdamW workload.
+        optimizer, lr = ("adamw", 1e-3) if model_name == "adamw" else ("sgd", 0.05)
+        model = Classifier(network, lr=lr, optimizer=optimizer)
         loader = torch.utils.data.DataLoader(FullBatch(*batch, steps), batch_size=None)
     elif model_name == "A":
         x, y = teacher_regression()
@@ -112,7 +119,7 @@ def run(model_name: str, make_callback, steps: int) -> tuple[float, object, list
     trainer = L.Trainer(
         max_steps=steps,
         max_epochs=-1,
-        callbacks=[] if callback is None else [callback],
+        callbacks=callbacks,
         accelerator="cpu",
         logger=False,
         enable_progress_bar=False,
@@ -122,10 +129,13 @@ def run(model_name: str, make_callback, steps: int) -> tuple[float, object, list
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         elapsed, _ = stopwatch(lambda: trainer.fit(model, loader), CPU)
-    return elapsed, callback, measured
+    measured = [s for callback in callbacks for s in callback._bench_seconds]
+    return elapsed, callbacks, measured
 
 
-def choices_for(model_name: str, steps: int) -> dict:
+def choices_for(model_name: str, steps: int, budget: bool = False) -> dict:
+    if budget:
+        return budget_monitors(model_name)
     if model_name in WORKLOAD_MODELS:
         return default_monitors()
     choices = monitors(steps)
@@ -136,8 +146,10 @@ def choices_for(model_name: str, steps: int) -> dict:
     return choices
 
 
-def measure_model(model_name: str, steps: int, repeats: int, pattern: str | None) -> list[dict]:
-    choices = choices_for(model_name, steps)
+def measure_model(
+    model_name: str, steps: int, repeats: int, pattern: str | None, budget: bool = False
+) -> list[dict]:
+    choices = choices_for(model_name, steps, budget)
     if pattern is not None:
         choices = {k: v for k, v in choices.items() if k == "none" or re.search(pattern, k)}
     run(model_name, lambda: None, min(steps, 20))  # warm-up: imports, kernels, allocator
@@ -155,7 +167,8 @@ def measure_model(model_name: str, steps: int, repeats: int, pattern: str | None
     for name in choices:
         if name == "none":
             continue
-        history = last[name].history
+        callbacks = last[name]
+        history = callbacks[0].history
         products = [
             v.get("spectral/hessian/num_hvps", v.get("spectral/hessian/spectrum_num_hvps"))
             for _, v in history
@@ -172,20 +185,70 @@ def measure_model(model_name: str, steps: int, repeats: int, pattern: str | None
                 "measurement_share": statistics.median(inside[name]),
                 "seconds": statistics.median(times[name]),
                 "base_seconds": base,
+                "monitors": [_monitor_summary(callback) for callback in callbacks],
             }
         )
     return rows
 
 
+def _monitor_summary(callback) -> dict:
+    """What one monitor of a run did: its measurements, when, at what cost, and the share of
+    training time it reports having spent."""
+    steps = [step for step, _ in callback.history]
+    seconds = callback._bench_seconds
+    return {
+        "monitor": type(callback).__name__,
+        "measurements": len(steps),
+        "steps": steps,
+        "first_step": steps[0] if steps else None,
+        "first_seconds": seconds[0] if seconds else None,
+        "median_seconds": statistics.median(seconds) if seconds else None,
+        "reported_share": callback.overhead,
+    }
+
+
 MODELS = {
+    "adamw": "bench/run.py's MLP 784-128-128-10 (118,282 parameters; AdamW, lr 1e-3, on one "
+    "batch of 256)",
     "A": "the demo's tanh MLP (1,377 parameters), full-batch GD",
     "B": "the demo's mixture classifier (29,642 parameters; Adam, batches of 128)",
     "C1": "bench/run.py's BatchNorm CNN (539,178 parameters; SGD on one batch of 128)",
     "G1": "bench/run.py's small GPT (4,242,944 parameters; SGD on one batch of 8 × 128)",
     "tiny": "bench/run.py's smoke MLP (SGD on one batch of 128)",
 }
-#: Models that are workloads of ``bench/run.py`` (the others are the demo's).
-WORKLOAD_MODELS = ("C1", "G1", "tiny")
+#: Models that are workloads of ``spectral_callbacks.workloads`` (the others are the demo's):
+#: name here -> name there.
+WORKLOAD_MODELS = {"C1": "C1", "G1": "G1", "tiny": "tiny", "adamw": "mlp-128"}
+#: A layer for RepresentationMonitor in each workload (inside Classifier's ``model``).
+REPRESENTATION_LAYERS = {
+    "C1": "model.16",  # the pooled 256 features before the head
+    "G1": "model.blocks.1",
+    "tiny": "model.1",
+    "adamw": "model.3",
+}
+#: Samples in a workload's one batch (the representation probe: the batch itself).
+BATCH_SAMPLES = {"C1": 128, "G1": 8, "tiny": 128, "adamw": 256}
+
+
+def budget_monitors(model_name: str) -> dict:
+    """The monitors at their defaults (the overhead budget, 5 % each): SharpnessMonitor
+    alone, and all four together (the representation probe is the workload's one batch)."""
+    layer = REPRESENTATION_LAYERS[model_name]
+    samples = BATCH_SAMPLES[model_name]
+
+    def four():
+        return [
+            SharpnessMonitor(),
+            HessianSpectrumMonitor(),
+            RepresentationMonitor(layers=[layer], num_samples=samples),
+            WeightSpectrumMonitor(),
+        ]
+
+    return {"none": lambda: None, "SharpnessMonitor()": SharpnessMonitor, "all four": four}
+
+
+DETAIL_HEADER = ["model", "run", "steps", "monitor", "measurements", "first at step"]
+DETAIL_HEADER += ["first s", "median s", "reported share"]
 
 
 def markdown(rows: list[dict], meta: dict) -> str:
@@ -211,7 +274,32 @@ def markdown(rows: list[dict], meta: dict) -> str:
         ]
         for row in rows
     ]
-    return document("Cost of the monitors in training", meta, description, header, cells)
+    text = document("Cost of the monitors in training", meta, description, header, cells)
+    detail = [
+        [
+            row["model"],
+            f"`{row['monitor']}`",
+            row["steps"],
+            entry["monitor"],
+            entry["measurements"],
+            entry["first_step"],
+            f"{entry['first_seconds']:.2f}" if entry["first_seconds"] is not None else "",
+            f"{entry['median_seconds']:.2f}" if entry["median_seconds"] is not None else "",
+            f"{100 * entry['reported_share']:.1f} %",
+        ]
+        for row in rows
+        for entry in row.get("monitors", [])
+    ]
+    if not detail:
+        return text
+    lines = [
+        "",
+        "Each monitor of the runs with the budget: its measurements, the step and seconds of "
+        "the first, the median seconds of one, and the share of training time it reports.",
+        "",
+        *table(DETAIL_HEADER, detail),
+    ]
+    return text + "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -219,16 +307,23 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--workloads", nargs="+", choices=list(MODELS), default=["A", "B"])
     parser.add_argument("--monitors", default=None, help="regular expression: only these")
     parser.add_argument("--steps", type=int, default=1000)
+    parser.add_argument(
+        "--budget",
+        action="store_true",
+        help="the monitors at their defaults (the overhead budget): Sharpness alone, all four",
+    )
     args = parser.parse_args(argv)
     steps, repeats = (40, 1) if args.smoke else (args.steps, args.repeats)
     rows = [
-        {**row, "steps": steps, "repeats": repeats}
+        {**row, "steps": steps, "repeats": repeats, "budget": args.budget}
         for model_name in args.workloads
-        for row in measure_model(model_name, steps, repeats, args.monitors)
+        for row in measure_model(model_name, steps, repeats, args.monitors, args.budget)
     ]
-    return finish(
-        "monitor-cost", rows, args, markdown, key=lambda row: (row["model"], row["monitor"])
-    )
+
+    def key(row: dict) -> tuple:
+        return (row["model"], row["monitor"], row["steps"], row.get("budget", False))
+
+    return finish("monitor-cost", rows, args, markdown, key=key)
 
 
 if __name__ == "__main__":

@@ -69,7 +69,7 @@ from .representation import (
     stable_rank,
     von_neumann_entropy,
 )
-from .settings import EigenSettings, OperatorSettings
+from .settings import Criterion, EigenSettings, OperatorSettings
 from .weights import singular_subspace_drift, weight_spectra
 
 __all__ = [
@@ -115,6 +115,7 @@ def hessian_eigenvalues(
     curvature: Curvature = "hessian",
     ggn_loss: GgnLoss | None = None,
     outputs_fn: Callable | None = None,
+    criterion: Criterion = "error",
 ) -> EigenResult:
     """Top-``k`` eigenpairs of the loss Hessian, by Lanczos with full reorthogonalisation.
 
@@ -163,6 +164,8 @@ def hessian_eigenvalues(
             (at least ``k + 2``; it restarts when they are used up). Default: all of them
             while they fit in 1 GiB, else as many as fit but at least ``max(16, 2k + 12)``
             (see :func:`~spectral_callbacks.linalg.lanczos`).
+        criterion: What ``tol`` bounds: ``"error"`` (default) each eigenvalue's error bound,
+            ``"residual"`` the Ritz residual (:mod:`spectral_callbacks.linalg.eigsh`).
 
     Returns:
         An :class:`~spectral_callbacks.linalg.EigenResult`: ``eigenvalues`` (float64, CPU),

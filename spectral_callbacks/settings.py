@@ -28,12 +28,14 @@ from ._checks import (
 )
 
 __all__ = [
+    "CRITERIA",
     "CURVATURES",
     "EIGEN_METHODS",
     "GGN_LOSSES",
     "HVP_PATHS",
     "REDUCTIONS",
     "WHICH",
+    "Criterion",
     "Curvature",
     "EigenMethod",
     "EigenSettings",
@@ -45,6 +47,11 @@ __all__ = [
     "Which",
     "check_parameter_filter",
 ]
+
+#: What ``tol`` bounds: the eigenvalue error (``residual²/gap`` where a gap is certified,
+#: else the residual) or the Ritz residual alone (the stricter rule of earlier versions).
+Criterion = Literal["error", "residual"]
+CRITERIA: tuple[str, ...] = get_args(Criterion)
 
 #: Which end of the spectrum: largest algebraic, smallest algebraic, largest magnitude.
 Which = Literal["LA", "SA", "LM"]
@@ -128,6 +135,9 @@ class EigenSettings(_FromArguments):
             ``k + 2``, ``k + 3`` for ``"LM"``), or ``None`` for the default bound; an error
             with block Lanczos, which keeps its whole basis.
         seed: Seed of the random start vectors (a non-negative integer).
+        criterion: ``"error"`` (default): ``tol`` bounds each eigenvalue's error bound;
+            ``"residual"``: ``tol`` bounds the Ritz residual, which over-states the error of
+            a well-separated eigenvalue by orders of magnitude and so costs more products.
     """
 
     k: int = 1
@@ -138,9 +148,11 @@ class EigenSettings(_FromArguments):
     max_iter: int | None = None
     max_basis: int | None = None
     seed: int = 0
+    criterion: Criterion = "error"
 
     def __post_init__(self) -> None:
         check_choice("which", self.which, WHICH)
+        check_choice("criterion", self.criterion, CRITERIA)
         self._set("k", check_integer("k", self.k, minimum=1))
         self._set("tol", check_tolerance("tol", self.tol))
         self._check_method()

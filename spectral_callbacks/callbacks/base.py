@@ -233,6 +233,7 @@ class SpectralMonitor(Callback):
         self._spent = 0.0  # seconds in this monitor's measurements, this run and before
         self._trained_before = 0.0  # seconds trained before this session (from a checkpoint)
         self._session_start: float | None = None
+        self._session_end: float | None = None
         self._session_start_step = 0
         self._trainer: pl.Trainer | None = None
         self.probe_batches = probe_batches
@@ -361,7 +362,7 @@ class SpectralMonitor(Callback):
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._trainer = trainer
-        self._session_start = self.clock()
+        self._session_start, self._session_end = self.clock(), None
         self._session_start_step = trainer.global_step
         _MEASURING.setdefault(trainer, 0.0)
         for writer in tensorboard_writers(trainer.loggers):
@@ -414,6 +415,9 @@ class SpectralMonitor(Callback):
         batch_idx: int,
     ) -> None:
         self._maybe_measure(trainer, pl_module)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._session_end = self.clock()  # the share spent stays that of the run
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # An epoch shorter than the probe: measure on what was collected (on every process,
@@ -533,7 +537,8 @@ class SpectralMonitor(Callback):
             return self._trained_before
         if self._trainer.global_step == self._session_start_step:
             return self._trained_before  # no training step yet in this session
-        elapsed = self.clock() - self._session_start - _MEASURING.get(self._trainer, 0.0)
+        now = self.clock() if self._session_end is None else self._session_end
+        elapsed = now - self._session_start - _MEASURING.get(self._trainer, 0.0)
         return self._trained_before + max(elapsed, 0.0)
 
     def _trained(self, trainer: pl.Trainer) -> float:

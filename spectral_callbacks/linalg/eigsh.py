@@ -34,7 +34,7 @@ from dataclasses import dataclass
 import torch
 
 from .._checks import check_bool, check_number
-from ..settings import EIGEN_METHODS, WHICH, EigenMethod, EigenSettings, Which
+from ..settings import EIGEN_METHODS, WHICH, Criterion, EigenMethod, EigenSettings, Which
 from ._krylov import BlockLanczos, IndependentLanczos
 from ._precision import full_precision
 from .operators import SymmetricOperator
@@ -207,7 +207,11 @@ def product_error_floor(operator: SymmetricOperator, scale: float) -> float:
 
 
 def error_bounds(
-    values: torch.Tensor, residuals: torch.Tensor, index: torch.Tensor, floor: float
+    values: torch.Tensor,
+    residuals: torch.Tensor,
+    index: torch.Tensor,
+    floor: float,
+    criterion: str = "error",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Bounds ``e_i`` on the eigenvalue errors of the Ritz values ``values[index]`` and the
     gaps ``δ_i`` they used (module docstring).
@@ -215,12 +219,12 @@ def error_bounds(
     ``values`` are all Ritz values, ascending, and ``residuals`` theirs. For the largest and
     the smallest Ritz value ``δ_i`` is the distance to the residual interval
     ``[θ_j - r_j, θ_j + r_j]`` of the next one inward; interior Ritz values (and a single
-    one) get no gap, ``δ_i = -∞``;
+    one) get no gap, ``δ_i = -∞``, and so does every value with ``criterion="residual"``;
     ``e_i = max(min(r_i, r_i²/δ_i), floor)`` where ``δ_i > 0``, else ``max(r_i, floor)``.
     """
     m = values.shape[0]
     gaps = torch.full((index.shape[0],), -math.inf, dtype=values.dtype)
-    if m < 2:  # one Ritz value alone has no neighbour to certify a gap with
+    if m < 2 or criterion == "residual":  # a single Ritz value has no neighbour for a gap
         return residuals[index].clamp_min(floor), gaps
     for slot, position in enumerate(index.tolist()):
         # Only the extreme Ritz values: Lanczos resolves a spectrum's ends first, so an
@@ -460,6 +464,7 @@ def lanczos(
     return_eigenvectors: bool = False,
     max_basis: int | None = None,
     start_mixing: float = WARM_START_MIXING,
+    criterion: Criterion = "error",
 ) -> EigenResult:
     """Top-``k`` eigenpairs by single-vector Lanczos with full reorthogonalisation.
 
@@ -504,6 +509,8 @@ def lanczos(
         start_mixing: Weight ``w ≥ 0`` of the random unit vector added to the unit warm
             start (default :data:`WARM_START_MIXING`); ``0`` is a pure warm start, which
             cannot find a direction the start lacks. Unused without ``start``.
+        criterion: What ``tol`` bounds: ``"error"`` (default) each eigenvalue's error
+            bound, ``"residual"`` the Ritz residual (module docstring).
 
     Returns:
         An :class:`EigenResult`. If the operator produced a non-finite value the eigenvalues
@@ -565,9 +572,8 @@ def _lanczos(
         index = select_ritz(values, k, which)
         all_residuals = (last_coupling * vectors[-1]).abs()
         scale = float(values.abs().max())
-        errors, gaps = error_bounds(
-            values, all_residuals, index, product_error_floor(operator, scale)
-        )
+        floor = product_error_floor(operator, scale)
+        errors, gaps = error_bounds(values, all_residuals, index, floor, settings.criterion)
         residuals = all_residuals[index]
         converged = converged_pairs(operator, values[index], errors, residuals, tol, scale)
         schedule.checked(products, _worst_ratio(errors, values[index], tol))
@@ -622,6 +628,7 @@ def block_lanczos(
     start: torch.Tensor | None = None,
     check_every: int = 2,
     return_eigenvectors: bool = False,
+    criterion: Criterion = "error",
 ) -> EigenResult:
     """Top-``k`` eigenpairs by block Lanczos with full reorthogonalisation.
 
@@ -647,6 +654,7 @@ def block_lanczos(
             (:data:`WARM_START_MIXING`); rows beyond ``r`` are random.
         check_every: Largest gap, in block steps, between convergence checks.
         return_eigenvectors: Whether to form the Ritz vectors.
+        criterion: As for :func:`lanczos`.
 
     Returns:
         An :class:`EigenResult` with ``method="block_lanczos"``. When ``p`` does not divide
@@ -692,9 +700,8 @@ def _block_lanczos(
         index = select_ritz(values, wanted, which)
         all_residuals = (last_coupling @ vectors[(m - 1) * p :]).norm(dim=0)
         scale = float(values.abs().max())
-        errors, gaps = error_bounds(
-            values, all_residuals, index, product_error_floor(operator, scale)
-        )
+        floor = product_error_floor(operator, scale)
+        errors, gaps = error_bounds(values, all_residuals, index, floor, settings.criterion)
         residuals = all_residuals[index]
         converged = converged_pairs(operator, values[index], errors, residuals, tol, scale)
         schedule.checked(m, _worst_ratio(errors, values[index], tol))
@@ -783,6 +790,7 @@ def eigenpairs(
     start: torch.Tensor | None = None,
     return_eigenvectors: bool = False,
     max_basis: int | None = None,
+    criterion: Criterion = "error",
 ) -> EigenResult:
     """Top-``k`` eigenpairs by the solver ``method`` names: the one entry point above linalg.
 

@@ -189,7 +189,7 @@ def test_the_warm_mixing_study_tracks_every_strategy_against_a_reference():
     strategies = {s["strategy"]: s for s in row["strategies"]}
     assert len(strategies) == len(warm_mixing.STRATEGIES)
     assert len(row["references"]) == row["steps"] // row["every"] + 1
-    for label, _, rule in warm_mixing.STRATEGIES:
+    for label, _, rule, _ in warm_mixing.STRATEGIES:
         measured = strategies[label]
         assert measured["measurements"] == len(row["references"]) - 1
         assert measured["median_products"] >= 1 and measured["max_error"] < 1e-2
@@ -202,10 +202,10 @@ def test_the_warm_mixing_study_tracks_every_strategy_against_a_reference():
 
 
 def test_the_warm_mixing_study_runs_some_strategies_in_train_mode():
-    (row,) = warm_mixing.main(["--smoke", "--train-mode", "--strategies", "tol 1e-2"])
+    (row,) = warm_mixing.main(["--smoke", "--train-mode", "--strategies", "≤ 1e-2"])
     assert row["mode"] == "train"
     assert [s["strategy"] for s in row["strategies"]] == [
-        label for label, tol, _ in warm_mixing.STRATEGIES if tol == 1e-2
+        label for label, tol, *_ in warm_mixing.STRATEGIES if tol == 1e-2
     ]
     with pytest.raises(SystemExit):
         warm_mixing.main(["--smoke", "--strategies", "no such strategy"])
