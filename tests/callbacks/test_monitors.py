@@ -167,9 +167,11 @@ def test_edge_of_stability_full_batch_gradient_descent():
     assert max(ratios[s] for s in range(0, 401, 25)) > 0.97  # progressive sharpening reaches it
     assert all(0.75 < r < 1.25 for r in late), late  # and hovers there
     assert sum(late) / len(late) == pytest.approx(1.0, abs=0.08)
-    # Warm starts keep tracking cheap.
-    hvps = [values["spectral/hessian/num_hvps"] for _, values in monitor.history[1:]]
-    assert sum(hvps) / len(hvps) <= 6
+    # Warm starts keep tracking cheap: fewer products than the cold first measurement,
+    # a handful each (certifying the error bound needs the neighbour resolved too).
+    cold, *warm = [values["spectral/hessian/num_hvps"] for _, values in monitor.history]
+    assert sum(warm) / len(warm) < cold
+    assert max(warm) <= 7
 
 
 def monitors():
