@@ -14,6 +14,7 @@ PEER_TABLES = "<!-- peer-comparison-tables -->"
 SIGNATURES = "<!-- callback-signatures -->"
 CALLBACKS = (
     "SharpnessMonitor",
+    "BatchSharpnessMonitor",
     "HessianSpectrumMonitor",
     "RepresentationMonitor",
     "WeightSpectrumMonitor",

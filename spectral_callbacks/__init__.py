@@ -17,6 +17,7 @@ __version__ = "0.2.0"
 
 # name -> submodule that defines it
 _EXPORTS = {
+    "BatchSharpnessMonitor": ".callbacks",
     "Batches": ".curvature",
     "HessianSpectrumMonitor": ".callbacks",
     "RepresentationMonitor": ".callbacks",
@@ -26,6 +27,7 @@ _EXPORTS = {
 }
 
 __all__ = [
+    "BatchSharpnessMonitor",
     "Batches",
     "HessianSpectrumMonitor",
     "RepresentationMonitor",
@@ -37,6 +39,7 @@ __all__ = [
 
 if TYPE_CHECKING:  # for type checkers and IDEs; at run time __getattr__ imports lazily
     from .callbacks import (
+        BatchSharpnessMonitor,
         HessianSpectrumMonitor,
         RepresentationMonitor,
         SharpnessMonitor,

@@ -29,6 +29,7 @@ from torch import nn
 
 from ._checks import check_bool
 from .curvature import (
+    BatchSharpness,
     Curvature,
     GgnLoss,
     HvpPath,
@@ -38,6 +39,7 @@ from .curvature import (
     SamSharpness,
     StabilityPreconditioner,
     StabilityRatio,
+    batch_sharpness_of,
     curvature_operator,
     layer_lambda_max,
     layer_traces,
@@ -75,6 +77,7 @@ from .weights import singular_subspace_drift, weight_spectra
 __all__ = [
     "EIGEN_METHODS",
     "alpha_req",
+    "batch_sharpness",
     "effective_rank",
     "gradient_overlap",
     "hessian_density",
@@ -199,6 +202,38 @@ def hessian_eigenvalues(
         result = eigensolve(operator, solver, start, return_eigenvectors)
         result.num_hvps = hessian.num_hvps
     return result
+
+
+def batch_sharpness(
+    model: nn.Module,
+    loss_fn: LossFunction,
+    data: Any,
+    params: ParameterFilter = None,
+    hvp: HvpPath = "auto",
+    batch_size_fn: Callable[[Any], int] | None = None,
+    reduction: Reduction = "mean",
+    seed: int = 0,
+) -> BatchSharpness:
+    """``q(B) = g_Bᵀ H_B g_B / ‖g_B‖²`` of a batch ``data``: the curvature of its loss along
+    its own gradient (Andreyev & Beneventano 2024; see
+    :mod:`spectral_callbacks.curvature.batch`), with one Hessian-vector product. Its mean
+    over batches is what :class:`~spectral_callbacks.BatchSharpnessMonitor` logs.
+
+    Example:
+        A least-squares loss has ``H_B = 2 X_Bᵀ X_B / b`` and ``g_B = 2 X_Bᵀ r / b``:
+
+        >>> import torch, torch.nn.functional as F
+        >>> x, y = torch.randn(16, 4, dtype=torch.float64), torch.randn(16, 1, dtype=torch.float64)
+        >>> model = torch.nn.Linear(4, 1, bias=False).double()
+        >>> mse = lambda m, batch: F.mse_loss(m(batch[0]), batch[1])
+        >>> g = 2 * x.T @ (model(x) - y).detach() / 16
+        >>> exact = float(g.T @ (2 * x.T @ x / 16) @ g / (g.T @ g))
+        >>> round(batch_sharpness(model, mse, (x, y)).value / exact, 12)
+        1.0
+    """
+    settings = OperatorSettings.from_arguments(locals())
+    with curvature_operator(model, loss_fn, data, settings) as operator:
+        return batch_sharpness_of(operator)
 
 
 def gradient_overlap(

@@ -31,8 +31,11 @@ ACTIONS: tuple[str, ...] = get_args(Action)
 def producer_of(key: str) -> str | None:
     """The monitor whose metric table holds ``key`` (for the error on a key nobody logs),
     or ``None``."""
+    from .batch import BatchSharpnessMonitor  # it imports this module's siblings
+
     monitors = (
         SharpnessMonitor,
+        BatchSharpnessMonitor,
         HessianSpectrumMonitor,
         RepresentationMonitor,
         WeightSpectrumMonitor,

@@ -1,5 +1,6 @@
 """Curvature operators: a model, a loss and data turned into a matrix-free symmetric operator."""
 
+from .batch import BatchSharpness, batch_sharpness_of
 from .data import (
     REDUCTIONS,
     Batches,
@@ -41,6 +42,7 @@ __all__ = [
     "HVP_PATHS",
     "REDUCTIONS",
     "SUPPORTED_OPTIMIZERS",
+    "BatchSharpness",
     "Batches",
     "Curvature",
     "CurvatureOperator",
@@ -58,6 +60,7 @@ __all__ = [
     "StabilityRatio",
     "UnsupportedOptimizerError",
     "as_batch_list",
+    "batch_sharpness_of",
     "batch_size",
     "clear_compiled_products",
     "curvature_operator",

@@ -256,10 +256,14 @@ class HessianOperator(CurvatureOperator):
                 total += weight * self.batch_loss(batch).detach().double()
         return float(self.reduce_products(total))
 
-    def gradient(self) -> torch.Tensor:
+    def gradient(self, for_products: bool = False) -> torch.Tensor:
         """The gradient of the dataset loss, ``Σ_b w_b ∇L_b``, flat like the products (summed
-        over processes when distributed). Free on the reused-graph path, whose first-order
-        graphs hold it; one gradient per batch otherwise."""
+        over processes when distributed). Free on the reused-graph path once a product has
+        built its first-order graphs; one gradient per batch otherwise. ``for_products``:
+        products follow, so on the reused-graph path build those graphs now and read the
+        gradient off them."""
+        if for_products and self.path_for(1) == "reuse_graph":
+            self._reused.first_order_graphs()
         flat = self._reused.gradient()
         if flat is None:
             flat = torch.cat([g.reshape(-1) for g in weighted_gradient(self)])

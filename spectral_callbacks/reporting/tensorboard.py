@@ -38,7 +38,8 @@ def add_chart_layout(writer: Any, category: str, charts: dict[str, list[str]]) -
     """Add multiline charts (title -> tags or tag regexes, anchored here) under ``category``.
 
     The merged layout of everything added to this writer so far is written again, so charts
-    from several callbacks share one dashboard.
+    from several callbacks share one dashboard; two callbacks' charts of one title in one
+    category draw the tags of both.
     """
     layout = _LAYOUTS.setdefault(writer, {})
     section = layout.setdefault(category, {})
@@ -46,9 +47,10 @@ def add_chart_layout(writer: Any, category: str, charts: dict[str, list[str]]) -
     for title, tags in charts.items():
         # TensorBoard treats each entry as a regex searched in tag names: anchor it, or
         # "lambda_max" would also chart "lambda_max_residual".
-        entry = ["Multiline", [f"^{tag}$" for tag in tags]]
-        if section.get(title) != entry:
-            section[title] = entry
+        known = section.get(title, ["Multiline", []])[1]
+        merged = known + [anchored for tag in tags if (anchored := f"^{tag}$") not in known]
+        if merged != known or title not in section:
+            section[title] = ["Multiline", merged]
             changed = True
     if changed:
         writer.add_custom_scalars(layout)

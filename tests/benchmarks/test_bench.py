@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from bench import (
+    batch_sharpness,
     gradient_difference,
     monitor_cost,
     outliers,
@@ -117,6 +118,15 @@ def test_the_gradient_difference_study_runs_on_tiny_workloads(tmp_path, capsys):
         memory["reuse_graph"]["lambda_max"], rel=1e-2
     )
     assert capsys.readouterr().out.count("**") == 6  # the three parts' titles
+    assert not list(tmp_path.iterdir())  # a smoke run records nothing
+
+
+def test_the_batch_sharpness_study_measures_both_curves(tmp_path):
+    (row,) = batch_sharpness.main(["--smoke", "--out", str(tmp_path)])
+    assert row["batch_size"] == 8 and [s for s, _ in row["batch_history"]] == [0, 10, 20, 30]
+    assert [s for s, _ in row["lambda_max_history"]] == [0, 10, 20, 30, 40]
+    assert all(v > 0 for _, v in row["batch_history"] + row["lambda_max_history"])
+    assert 0 < row["batch_monitor_overhead"] < 1
     assert not list(tmp_path.iterdir())  # a smoke run records nothing
 
 

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2]))
 
 from spectral_callbacks import (
+    BatchSharpnessMonitor,
     HessianSpectrumMonitor,
     RepresentationMonitor,
     SharpnessMonitor,
@@ -54,8 +55,10 @@ def nan_on_rank_one(model, batch):
 class Recorder(L.Callback):
     def __init__(self) -> None:
         self.snapshots = {}
+        self.batches = {}
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.batches[trainer.global_step] = copy.deepcopy(batch)
         self.snapshots.setdefault(trainer.global_step, copy.deepcopy(pl_module.state_dict()))
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
@@ -95,6 +98,7 @@ def main(out: pathlib.Path) -> None:
     budget = WeightSpectrumMonitor(max_overhead=0.5, name="budget")
     clock = FakeClock([budget], step_seconds=(1.0, 1.5), measurement_seconds=(0.5, 1.0))
     scripted = RankScripted()
+    batch_sharpness = BatchSharpnessMonitor(every_n_steps=3, window=2)
     # One clock for every monitor, as in a real run (the others' measurements take none of it).
     for monitor in (
         sharpness,
@@ -105,6 +109,7 @@ def main(out: pathlib.Path) -> None:
         weights,
         ggn,
         scripted,
+        batch_sharpness,
     ):
         monitor.clock = budget.clock
     stopper = SpectralEarlyStopping(
@@ -124,6 +129,7 @@ def main(out: pathlib.Path) -> None:
             weights,
             ggn,
             scripted,
+            batch_sharpness,
             stopper,
             recorder,
         ],
@@ -144,6 +150,7 @@ def main(out: pathlib.Path) -> None:
         "weights": weights.history,
         "ggn": ggn.history,
         "budget": budget.history,
+        "batch_sharpness": batch_sharpness.history,
     }
     (out / f"rank{rank}.json").write_text(json.dumps(record))
     torch.save(
@@ -151,6 +158,7 @@ def main(out: pathlib.Path) -> None:
             "hessian_probe": sharpness._probe,
             "representation_probe": representation._probe,
             "snapshots": recorder.snapshots,
+            "batches": recorder.batches,
         },
         out / f"rank{rank}.pt",
     )

@@ -12,7 +12,7 @@ import torch
 
 from spectral_callbacks.callbacks.schedule import BudgetSchedule
 from spectral_callbacks.curvature import curvature_operator
-from spectral_callbacks.functional import hessian_eigenvalues, rankme
+from spectral_callbacks.functional import batch_sharpness, hessian_eigenvalues, rankme
 from spectral_callbacks.linalg import deflated_hutchinson
 from spectral_callbacks.representation import effective_rank, participation_ratio
 from spectral_callbacks.settings import OperatorSettings
@@ -47,7 +47,8 @@ def same(a, b) -> bool:
 
 def test_every_process_holds_the_same_numbers(ranks):
     (first, second), _, _ = ranks
-    for key in ("sharpness", "spectrum", "representation", "poisoned", "weights", "ggn", "budget"):
+    keys = ("sharpness", "spectrum", "representation", "poisoned", "weights", "ggn", "budget")
+    for key in (*keys, "batch_sharpness"):
         assert first[key], key
         assert same(first[key], second[key]), key
 
@@ -90,6 +91,23 @@ def test_hessian_values_equal_one_process_on_the_union_of_shards(ranks):
                 op, reference.eigenvectors, reference.eigenvalues, num_hvps=30, seed=0
             )
         assert values["spectral/hessian/trace"] == pytest.approx(trace.estimate, rel=1e-6)
+
+
+def test_batch_sharpness_is_that_of_the_global_batch(ranks):
+    """q(B) of each measured step is that of the union of the processes' batches of the step
+    (the all-reduced gradient and product), at the parameters before the step's update."""
+    (record, _), (zero, one), _ = ranks
+    assert [step for step, _ in record["batch_sharpness"]] == [0, 3]  # the stopper ends at 6
+    samples = []
+    for step, values in record["batch_sharpness"]:
+        assert not torch.equal(zero["batches"][step][0], one["batches"][step][0])
+        union = [zero["batches"][step], one["batches"][step]]
+        reference = batch_sharpness(model_at(zero["snapshots"][step]), mse, union)
+        samples.append(reference.value)
+        key = "spectral/hessian/batch_sharpness"
+        assert values[key + "_sample"] == pytest.approx(reference.value, rel=1e-10)
+        window = samples[-2:]
+        assert values[key] == pytest.approx(sum(window) / len(window), rel=1e-10)
 
 
 def test_ggn_values_equal_one_process_on_the_union_of_shards(ranks):
