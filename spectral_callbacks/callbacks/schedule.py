@@ -11,7 +11,10 @@ After a measurement at step ``s`` that took ``c`` seconds, with ``S`` seconds sp
 measuring and ``T`` seconds trained so far (this monitor's and every other monitor's
 measurements left out of ``T``) at ``τ = T / s`` seconds per step, the next measurement of
 about the same cost fits the budget once ``(S + c) / max_overhead`` seconds have been
-trained, that is ``⌈((S + c) / max_overhead − T) / τ⌉`` steps later. It is never sooner
+trained, that is ``⌈((S + c) / max_overhead − T) / τ⌉`` steps later; when that step comes
+and the training time has not paid for it after all (the pace changed: the first steps of a
+run are often slower or faster than the rest), the measurement is placed again at the pace
+seen since. It is never sooner
 than ``⌈growth · s⌉`` steps later either, so measurements are dense early, where training
 changes fastest, and grow sparser geometrically (``growth = 0.1``: about 24 per decade of
 steps) however cheap they are. The first measurement comes as soon as the probe is complete
@@ -37,6 +40,8 @@ __all__ = ["DEFAULT_MAX_OVERHEAD", "GROWTH", "BudgetSchedule", "FixedSchedule"]
 DEFAULT_MAX_OVERHEAD = 0.05
 #: Measurements are at least this fraction of the current step apart (geometric spacing).
 GROWTH = 0.1
+#: Seconds still owed, relative to those trained, that count as paid (float rounding).
+PAID_TOLERANCE = 1e-9
 
 
 @dataclass
@@ -90,7 +95,16 @@ class BudgetSchedule:
             return True
         if self.decide_at is not None and step >= self.decide_at:
             self._place(step, trained())
-        return self.next_step is not None and step != last_step and step >= self.next_step
+        if self.next_step is None or step == last_step or step < self.next_step:
+            return False
+        # The step was placed at the pace known then (early steps are slower or faster than
+        # later ones): measure only if the training time has paid for it by now, else place
+        # it again at the pace seen since.
+        now_trained = trained()
+        if self._owed(now_trained) > PAID_TOLERANCE * now_trained:
+            self._place(step, now_trained)
+            return step >= self.next_step
+        return True
 
     def record(self, step: int, cost: float, trained: float) -> None:
         """A measurement at ``step`` took ``cost`` seconds, with ``trained`` seconds of
@@ -110,13 +124,17 @@ class BudgetSchedule:
         if seconds_per_step <= 0:  # still no training timed: decide a step later
             self.next_step, self.decide_at = None, now + 1
             return
-        owed = (self.spent + self.last_cost) / self.max_overhead - trained
+        owed = self._owed(trained)
         paid_at = now
         if owed > 0 and seconds_per_step > 0:
             paid_at = now + math.ceil(owed / seconds_per_step)
         last = self.last_step or 0
         self.next_step = max(last + max(1, math.ceil(self.growth * last)), paid_at)
         self.decide_at = None
+
+    def _owed(self, trained: float) -> float:
+        """Seconds of training still to come before the next measurement fits the budget."""
+        return (self.spent + self.last_cost) / self.max_overhead - trained
 
     def state_dict(self) -> dict[str, Any]:
         return {

@@ -41,6 +41,28 @@ def test_the_budget_places_each_measurement_where_training_has_paid_for_it():
         assert step == floor or 3.0 * k / (step - 1) > 0.05
 
 
+def test_a_pace_that_changes_after_the_first_step_does_not_overspend():
+    """The first step takes 10 s (warm-up), the rest 0.01 s: placed at the first step's pace,
+    the second measurement would come far too early; it waits until training has paid."""
+    schedule = BudgetSchedule(max_overhead=0.05)
+
+    def trained(step: int) -> float:
+        return 0.0 if step == 0 else 10.0 + 0.01 * (step - 1)
+
+    steps, spent, last = [], 0.0, None
+    for step in range(20000):
+        if schedule.due(step, last, lambda step=step: trained(step)):
+            spent += 1.0
+            schedule.record(step, 1.0, trained(step))
+            steps.append(step)
+            last = step
+            if step > 0:
+                assert spent <= 0.05 * trained(step) + 1e-9, (step, spent)
+    # 1 s each at 5 %: 20 s of training per measurement; 10 s come with the first step.
+    assert steps[:3] == [0, 3001, 5001]
+    assert len(steps) == int(trained(19999) // 20)  # k measurements need 20·k s
+
+
 def test_cheap_measurements_are_dense_early_and_geometric_later():
     schedule = BudgetSchedule(max_overhead=0.05)
     steps, last = [], None
