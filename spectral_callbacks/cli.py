@@ -20,13 +20,20 @@ def main(argv: list[str] | None = None) -> int:
         help="train two small models on generated data and log their spectra to TensorBoard",
     )
     demo.add_argument("--out", default="runs/demo", help="log directory (default: runs/demo)")
-    demo.add_argument("--fast", action="store_true", help="a seconds-long smoke run")
-    demo.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+    demo.add_argument("--fast", action="store_true", help="a smoke run of a few seconds")
+    bars = demo.add_mutually_exclusive_group()
+    bars.add_argument(
+        "--progress",
+        action="store_true",
+        help="show progress bars (default: only when the output is a terminal)",
+    )
+    bars.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     args = parser.parse_args(argv)
     if args.command == "demo":
         from .demo import run_demo
 
-        run_demo(args.out, fast=args.fast, progress=not args.no_progress)
+        progress = args.progress or (not args.no_progress and sys.stdout.isatty())
+        run_demo(args.out, fast=args.fast, progress=progress)
     return 0
 
 

@@ -9,13 +9,16 @@
    turn of each layer's top singular subspace.
 
 The models and data are those of :mod:`spectral_callbacks.workloads`. Writes TensorBoard
-logs under ``out``, a summary figure ``out/summary.png``, and prints what
-it measured and the ``tensorboard`` command to run.
+logs under ``out/{run}/version_N``, a summary figure ``out/summary_version_N.png`` (``N``
+numbers the demo's runs into one ``out``), and prints what it measured and the
+``tensorboard`` command to run.
 """
 
 from __future__ import annotations
 
 import pathlib
+import shutil
+import sys
 import time
 from dataclasses import dataclass
 
@@ -150,13 +153,32 @@ def run_demo(
         "layers": layers,
         "weights": weights.history,
         "weight_layers": weights.layer_names,
-        "figure": str(out / "summary.png"),
+        "figure": str(out / f"summary_version_{version}.png"),
         "logdir": str(out),
         "version": version,
     }
-    save_summary_figure(summary, out / "summary.png")
+    save_summary_figure(summary, pathlib.Path(summary["figure"]))
     print(format_summary(summary))
     return summary
+
+
+#: What the representation layers of the demo's classifier (``MixtureClassifier``) are.
+LAYER_NAMES = {
+    "encoder.1": "1st hidden layer (ReLU, 128)",
+    "encoder.3": "2nd hidden layer (ReLU, 128)",
+    "encoder": "encoder output (64)",
+}
+
+
+def tensorboard_command() -> str:
+    """``tensorboard`` where it is on the PATH, else the one beside this Python (a virtual
+    environment that is not activated), else ``python -m tensorboard.main``."""
+    if shutil.which("tensorboard"):
+        return "tensorboard"
+    beside = pathlib.Path(sys.executable).parent / "tensorboard"
+    if beside.exists():
+        return str(beside)
+    return f"{sys.executable} -m tensorboard.main"
 
 
 def save_summary_figure(summary: dict, path: pathlib.Path) -> None:
@@ -167,24 +189,31 @@ def save_summary_figure(summary: dict, path: pathlib.Path) -> None:
     figure = Figure(figsize=(10, 3.8), dpi=100)
     left, right = figure.subplots(1, 2)
     steps = [s for s, _ in summary["sharpness"]]
-    left.plot(steps, [v for _, v in summary["sharpness"]], label="λ_max (top Hessian eigenvalue)")
+    left.plot(steps, [v for _, v in summary["sharpness"]], label="λ_max, top Hessian eigenvalue")
     left.axhline(
         2 / summary["lr"], color="tab:red", linestyle="--", label=f"2/lr = {2 / summary['lr']:.2f}"
     )
-    left.set_xlabel("step (full-batch gradient descent)")
-    left.set_ylabel("sharpness")
-    left.set_title("edge of stability", fontsize=10)
+    left.set_xlabel("step")
+    left.set_ylabel("λ_max")
+    left.set_title(
+        f"1. tanh MLP, full-batch gradient descent (lr {summary['lr']:g}):\n"
+        "λ_max rises to the edge of stability 2/lr",
+        fontsize=10,
+    )
     left.legend(fontsize=8)
     for layer in summary["layers"]:
         history = summary["representations"]
         right.plot(
             [s for s, _ in history],
             [v[f"spectral/repr/{layer}/rankme"] for _, v in history],
-            label=layer,
+            label=f"{layer}: {LAYER_NAMES.get(layer, layer)}",
         )
-    right.set_xlabel("step (Adam, mini-batches)")
-    right.set_ylabel("RankMe")
-    right.set_title("representation rank per layer", fontsize=10)
+    right.set_xlabel("step")
+    right.set_ylabel("RankMe (effective dimension)")
+    right.set_title(
+        "2. MLP classifier, Adam on mini-batches:\nrank of each encoder layer's outputs",
+        fontsize=10,
+    )
     right.legend(fontsize=8)
     figure.tight_layout()
     FigureCanvasAgg(figure).print_png(str(path))  # Agg canvas: the user's backend is untouched
@@ -244,6 +273,9 @@ def format_summary(summary: dict) -> str:
             cells.append(f"{first[key]:6.2f} → {last[key]:6.2f}")
         lines.append(f"   {layer:<10}  " + "  ".join(f"{c:>15}" for c in cells))
     lines.append(f"   (steps {first_step} → {last_step})")
+    lines += [
+        f"   {layer}: {LAYER_NAMES[layer]}" for layer in summary["layers"] if layer in LAYER_NAMES
+    ]
     history = summary["weights"]
     (first_step, first), (last_step, last) = history[0], history[-1]
     lines += ["", f"   weight spectra (steps {first_step} → {last_step})", ""]
@@ -261,7 +293,7 @@ def format_summary(summary: dict) -> str:
         f"logs of this run: {summary['logdir']}/{{{','.join(RUNS)}}}/version_{summary['version']}",
         f"took {summary['seconds']:.0f} s. Open the dashboard with:",
         "",
-        f"   tensorboard --logdir {summary['logdir']}",
+        f"   {tensorboard_command()} --logdir {summary['logdir']}",
         "",
     ]
     return "\n".join(lines)

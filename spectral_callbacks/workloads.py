@@ -61,16 +61,21 @@ __all__ = [
 # -- data -------------------------------------------------------------------------------------
 
 
-class FullBatch(torch.utils.data.IterableDataset):
-    """One epoch yielding the same full batch ``steps`` times (full-batch gradient descent
-    without Lightning's per-epoch overhead); load it with ``batch_size=None``."""
+class FullBatch(torch.utils.data.Dataset):
+    """One epoch of ``steps`` items, each the same full batch ``(x, y)`` (full-batch gradient
+    descent without Lightning's per-epoch overhead); load it with ``batch_size=None``.
+
+    A map-style dataset: it has a length (progress bars know the epoch's end) without the
+    warning Lightning gives an ``IterableDataset`` that defines ``__len__``.
+    """
 
     def __init__(self, x: torch.Tensor, y: torch.Tensor, steps: int) -> None:
         self.x, self.y, self.steps = x, y, steps
 
-    def __iter__(self):
-        for _ in range(self.steps):
-            yield self.x, self.y
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if not 0 <= index < self.steps:
+            raise IndexError(f"index {index} outside the epoch of {self.steps} steps")
+        return self.x, self.y
 
     def __len__(self) -> int:
         return self.steps

@@ -8,6 +8,7 @@ import pathlib
 import re
 import subprocess
 import sys
+import warnings
 
 from spectral_callbacks.cli import main as cli_main
 
@@ -16,11 +17,20 @@ EXAMPLES = pathlib.Path(__file__).resolve().parents[1] / "examples"
 
 def test_demo_writes_logs_figure_and_summary(tmp_path, capsys):
     out = tmp_path / "demo"
-    assert cli_main(["demo", "--out", str(out), "--fast", "--no-progress"]) == 0
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert cli_main(["demo", "--out", str(out), "--fast", "--no-progress"]) == 0
     printed = capsys.readouterr().out
+    # Lightning says nothing about the demo's own data (FullBatch is map-style).
+    assert not [w for w in caught if "__len__" in str(w.message)]
     assert "1. Edge of stability" in printed and "2. Representations" in printed
     assert f"tensorboard --logdir {out}" in printed
-    assert (out / "summary.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (out / "summary_version_0.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "it/s]" not in printed  # no progress bar into a non-terminal output
+    # A second run keeps the first one's figure and logs.
+    assert cli_main(["demo", "--out", str(out), "--fast"]) == 0
+    assert (out / "summary_version_0.png").exists() and (out / "summary_version_1.png").exists()
+    assert "it/s]" not in capsys.readouterr().out
     for run in ("edge_of_stability", "representations"):
         assert list((out / run / "version_0").glob("events.out.tfevents.*")), run
     assert "version_0" in printed
@@ -38,6 +48,18 @@ def test_each_demo_run_logs_to_a_version_of_its_own(tmp_path):
     assert next_version(tmp_path) == 1
     (tmp_path / "edge_of_stability" / "version_1").mkdir(parents=True)
     assert next_version(tmp_path) == 2
+
+
+def test_the_printed_tensorboard_command_runs_without_an_activated_environment(monkeypatch):
+    from spectral_callbacks import demo
+
+    monkeypatch.setattr(demo.shutil, "which", lambda name: None)
+    command = demo.tensorboard_command()
+    assert command.split()[0] != "tensorboard"
+    result = subprocess.run(
+        [*command.split(), "--version_tb"], capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
 
 
 def test_module_entry_point_shows_help():

@@ -1,7 +1,7 @@
 """What every spectral callback shares: schedule, probe data, isolation, publishing, state.
 
 A subclass implements :meth:`SpectralMonitor.measure` (return the scalars of one measurement)
-and optionally :meth:`SpectralMonitor.write_tensorboard` (histograms, figures) and
+and optionally :meth:`SpectralMonitor.write_media` (histograms, figures, to every logger) and
 :meth:`SpectralMonitor.chart_layout` (custom-scalars charts). Everything else here decides
 *when* a measurement runs, *on what data*, and *where the numbers go*.
 """
@@ -28,6 +28,7 @@ from torch import nn
 from .._checks import check_bool, check_integer, check_number
 from ..curvature.data import Batches, as_batch_list, map_tensors, move_to_device
 from ..curvature.isolation import BufferSnapshot, measurement_context
+from ..reporting.media import Media, media_sinks
 from ..reporting.tensorboard import add_chart_layout, tensorboard_writers
 from . import metrics as metric_table
 from .metrics import MetricSpec
@@ -173,11 +174,11 @@ class SpectralMonitor(Callback):
         name: Tells two instances of one class apart (two losses, two tolerances): it goes
             into every metric name and the checkpoint state key. Two monitors of one Trainer
             that would log the same metric names or share a state key are refused at setup.
-        figure_every_n_steps: Optimizer steps between TensorBoard figures (images, tens of
-            KB each): at the first measurement, then at the first measurement at least this
-            many steps after the last figure. Default ``10 · every_n_steps``, and with the
-            budget every tenth measurement; scalars and histograms are written at every
-            measurement.
+        figure_every_n_steps: Optimizer steps between figures (images, tens of KB each,
+            to every logger that takes them): at the first measurement, then at the first
+            measurement at least this many steps after the last figure. Default
+            ``10 · every_n_steps``, and with the budget every tenth measurement; scalars and
+            histograms are written at every measurement.
         max_overhead: With ``every_n_steps=None``, the most the monitor's measurements may
             take of the training time (``0 < max_overhead < 1``; default 0.05, 5 %).
     """
@@ -297,8 +298,9 @@ class SpectralMonitor(Callback):
         """The metrics to log (as NaN) when a measurement hits a non-finite loss."""
         return dict.fromkeys(self.metric_names(), math.nan)
 
-    def write_tensorboard(self, writer: Any, step: int) -> None:
-        """Write histograms / figures of the last measurement (TensorBoard only)."""
+    def write_media(self, media: Media, step: int) -> None:
+        """Write the histograms and figures of the last measurement to ``media`` (every
+        logger's sink: :mod:`spectral_callbacks.reporting.media`)."""
 
     def chart_layout(self) -> dict[str, dict[str, list[str]]]:
         """Custom-scalars charts: category -> {chart title: [tags or regexes]}."""
@@ -647,8 +649,16 @@ class SpectralMonitor(Callback):
         if self.figures_due:
             self._last_figure_step = step
         if trainer.is_global_zero:
-            for writer in tensorboard_writers(trainer.loggers):
-                self.write_tensorboard(writer, step)
+            sinks, scalars_only = media_sinks(trainer.loggers)
+            for logger in scalars_only:
+                self.warn_once(
+                    f"media:{type(logger).__name__}",
+                    f"{type(logger).__name__} has no log_dir: it receives the scalars only, "
+                    "not the histograms and figures (TensorBoard, W&B, MLflow and loggers "
+                    "with a log_dir, such as CSVLogger, receive them)",
+                )
+            if sinks:
+                self.write_media(Media(sinks), step)
         # Listeners (SpectralEarlyStopping) act on the step of the measurement, whatever
         # their place in the callback list.
         for callback in trainer.callbacks:

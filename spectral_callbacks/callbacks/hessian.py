@@ -47,7 +47,7 @@ from ..linalg import (
     subspace_overlap,
 )
 from ..reporting.figures import density_figure, layer_trace_figure
-from ..reporting.tensorboard import add_figure, add_histogram
+from ..reporting.media import Media
 from ..settings import EigenSettings, OperatorSettings
 from . import metrics as metric_table
 from .base import LossFn, SpectralMonitor, current_learning_rate, training_step_loss
@@ -286,9 +286,10 @@ class SharpnessMonitor(_HessianMonitor):
             vector for λ_max and one for the preconditioned solve (``4 n`` bytes each in
             float32, ``n`` the number of selected parameters). Default ``None``: while they
             take at most :data:`WARM_START_CHECKPOINT_BYTES` (64 MiB); ``False`` never.
-        figure_every_n_steps: see :class:`~spectral_callbacks.callbacks.base.SpectralMonitor`.
+        figure_every_n_steps: Unused (SharpnessMonitor draws no figures); for the family's
+            signature.
         max_overhead: With ``every_n_steps=None``, the most the measurements may take of the
-            training time (default 0.05: 5 %); (docs: "What it costs").
+            training time (default 0.05: 5 %; see "What it costs" on the monitor's page).
     """
 
     def __init__(
@@ -539,8 +540,8 @@ class HessianSpectrumMonitor(_HessianMonitor):
         name: As for :class:`SharpnessMonitor`.
         checkpoint_warm_start: as for :class:`SharpnessMonitor`; here the ``k`` top
             eigenvectors (``k · n`` entries in the solve's dtype).
-        figure_every_n_steps: Optimizer steps between density figures (default
-            ``10 · every_n_steps``).
+        figure_every_n_steps: Optimizer steps between density and layer-trace figures
+            (default ``10 · every_n_steps``; with the budget, every tenth measurement).
         gradient_overlap: Whether to log ``gradient_overlap`` (it needs the probe gradient).
         layer_traces: Hutchinson probes for the trace of each module's diagonal block
             ``H_ll`` (HAWQ-V2's per-layer sensitivity), logged as
@@ -563,7 +564,7 @@ class HessianSpectrumMonitor(_HessianMonitor):
             (``L(θ + ρ g/‖g‖) − L(θ)``) and ``sam_gradient_norm`` (``‖∇L(θ + ρ g/‖g‖)‖``),
             at three forward and two backward passes; ``None`` (default) off.
         max_overhead: With ``every_n_steps=None``, the most the measurements may take of the
-            training time (default 0.05: 5 %); (docs: "What it costs").
+            training time (default 0.05: 5 %; see "What it costs" on the monitor's page).
     """
 
     def __init__(
@@ -910,17 +911,16 @@ class HessianSpectrumMonitor(_HessianMonitor):
         self.last_density = None
         return super().nan_metrics(trainer)
 
-    def write_tensorboard(self, writer: Any, step: int) -> None:
+    def write_media(self, media: Media, step: int) -> None:
         if self.last_eigenvalues is not None:
-            add_histogram(writer, self.prefix + "top_k", self.last_eigenvalues, step)
+            media.histogram(self.prefix + "top_k", self.last_eigenvalues, step)
         finite = all(math.isfinite(v) for v in self.last_layer_traces.values())
         if self.figures_due and self.last_layer_traces and finite:
             figure = layer_trace_figure(self.last_layer_traces, step)
-            add_figure(writer, self.prefix + "layer_traces", figure, step)
+            media.figure(self.prefix + "layer_traces", figure, step)
         density = self.last_density
         if self.figures_due and density is not None and bool(torch.isfinite(density.nodes).all()):
-            add_figure(
-                writer,
+            media.figure(
                 self.prefix + "density",
                 density_figure(density, self.last_eigenvalues, step),
                 step,

@@ -15,7 +15,7 @@ from .._checks import check_callable, check_choice, check_fit_range, check_integ
 from ..curvature.data import batch_size, map_tensors
 from ..curvature.isolation import BufferSnapshot, measurement_context
 from ..reporting.figures import scree_figure
-from ..reporting.tensorboard import add_figure, add_histogram
+from ..reporting.media import Media
 from ..representation import (
     alpha_req_fit,
     capture_features,
@@ -103,7 +103,7 @@ class RepresentationMonitor(SpectralMonitor):
         figure_every_n_steps: Optimizer steps between scree figures (default
             ``10 · every_n_steps``); histograms are written at every measurement.
         max_overhead: With ``every_n_steps=None``, the most the measurements may take of the
-            training time (default 0.05: 5 %); (docs: "What it costs").
+            training time (default 0.05: 5 %; see "What it costs" on the monitor's page).
     """
 
     # Representation probes can be thousands of samples: re-collect on resume instead.
@@ -358,14 +358,14 @@ class RepresentationMonitor(SpectralMonitor):
         self.last_spectra = {}
         return super().nan_metrics(trainer)
 
-    def write_tensorboard(self, writer: Any, step: int) -> None:
+    def write_media(self, media: Media, step: int) -> None:
         for layer, spectrum in self.last_spectra.items():
             positive = spectrum[spectrum > 0]
             tag = f"{self.prefix}{layer}/"
-            add_histogram(writer, tag + "log10_eigenvalues", positive.log10(), step)
+            media.histogram(tag + "log10_eigenvalues", positive.log10(), step)
             if self.figures_due and positive.numel() > 1:
                 figure = scree_figure(spectrum, self._last_fits.get(layer), layer, step)
-                add_figure(writer, tag + "scree", figure, step)
+                media.figure(tag + "scree", figure, step)
 
     def chart_layout(self) -> dict[str, dict[str, list[str]]]:
         suffix = f" ({self.name})" if self.name else ""

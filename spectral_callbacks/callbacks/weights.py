@@ -10,7 +10,7 @@ import torch
 
 from .._checks import check_bool, check_integer, check_number
 from ..reporting.figures import alpha_by_layer_figure, esd_figure
-from ..reporting.tensorboard import add_figure, add_histogram
+from ..reporting.media import Media
 from ..weights import (
     AVERAGED_METRICS,
     DRIFT_METRICS,
@@ -141,7 +141,7 @@ class WeightSpectrumMonitor(SpectralMonitor):
             ``10 · every_n_steps``); scalars and the histogram are written at every
             measurement.
         max_overhead: With ``every_n_steps=None``, the most the measurements may take of the
-            training time (default 0.05: 5 %); (docs: "What it costs").
+            training time (default 0.05: 5 %; see "What it costs" on the monitor's page).
     """
 
     checkpoint_probe = False
@@ -361,12 +361,12 @@ class WeightSpectrumMonitor(SpectralMonitor):
         self.last_spectra = {}
         return super().nan_metrics(trainer)
 
-    def write_tensorboard(self, writer: Any, step: int) -> None:
+    def write_media(self, media: Media, step: int) -> None:
         spectra = self.last_spectra
         if not spectra:
             return
         alphas = {layer: s.metrics["alpha"] for layer, s in spectra.items()}
-        add_histogram(writer, self.prefix + "alpha", torch.tensor(list(alphas.values())), step)
+        media.histogram(self.prefix + "alpha", torch.tensor(list(alphas.values())), step)
         if not self.figures_due:
             return
         shown = self.figure_layers or list(
@@ -375,14 +375,14 @@ class WeightSpectrumMonitor(SpectralMonitor):
         for layer in shown:
             spectrum = spectra[layer]
             figure = esd_figure(spectrum.eigenvalues, spectrum.fit, layer, step)
-            add_figure(writer, f"{self.prefix}{layer}/esd", figure, step)
+            media.figure(f"{self.prefix}{layer}/esd", figure, step)
         farms = (
             {layer: s.metrics["farms_alpha"] for layer, s in spectra.items()}
             if self.farms
             else None
         )
-        add_figure(
-            writer, self.prefix + "alpha_by_layer", alpha_by_layer_figure(alphas, farms, step), step
+        media.figure(
+            self.prefix + "alpha_by_layer", alpha_by_layer_figure(alphas, farms, step), step
         )
 
     def chart_layout(self) -> dict[str, dict[str, list[str]]]:

@@ -1,4 +1,4 @@
-"""TensorBoard helpers: a shared custom-scalars layout, histograms and figures.
+"""TensorBoard helpers: a shared custom-scalars layout and figures as images.
 
 Several callbacks may write to one ``SummaryWriter``; TensorBoard shows only the last
 custom-scalars layout written, so the layout is kept per writer and rewritten whole whenever
@@ -13,9 +13,8 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-import torch
 
-__all__ = ["add_chart_layout", "add_figure", "add_histogram", "tensorboard_writers"]
+__all__ = ["add_chart_layout", "add_figure", "figure_to_array", "tensorboard_writers"]
 
 # writer -> {category: {chart title: ["Multiline" | "Margin", [tags or regexes]]}}
 _LAYOUTS: weakref.WeakKeyDictionary[Any, dict[str, dict[str, list]]] = weakref.WeakKeyDictionary()
@@ -54,14 +53,6 @@ def add_chart_layout(writer: Any, category: str, charts: dict[str, list[str]]) -
             changed = True
     if changed:
         writer.add_custom_scalars(layout)
-
-
-def add_histogram(writer: Any, tag: str, values: torch.Tensor, step: int) -> None:
-    """A histogram of finite values (skipped when there are none)."""
-    values = values.detach().double().cpu()
-    values = values[torch.isfinite(values)]
-    if values.numel() > 0:
-        writer.add_histogram(tag, values.numpy(), step)
 
 
 def figure_to_array(figure: Any) -> np.ndarray:

@@ -12,7 +12,7 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 
-from spectral_callbacks import SharpnessMonitor, SpectralEarlyStopping
+from spectral_callbacks import RepresentationMonitor, SharpnessMonitor, SpectralEarlyStopping
 from spectral_callbacks.callbacks import SpectralMonitor
 
 from ..models import TanhRegressor, full_batch_loader, regression_data, trainer_kwargs
@@ -133,6 +133,21 @@ def test_missing_key_names_the_callback_that_produces_it():
     trainer = L.Trainer(max_steps=1, callbacks=[lenient], **trainer_kwargs())
     with pytest.warns(RuntimeWarning, match="RepresentationMonitor"):
         trainer.fit(TanhRegressor(), full_batch_loader(x, y, 2))
+
+
+def test_a_monitor_of_another_layer_is_named_not_asked_for():
+    """rank_collapse("net.3") beside a RepresentationMonitor of "net.1": the message says the
+    monitor is there and watches other layers, and names the close match."""
+    stopper = SpectralEarlyStopping.rank_collapse("net.3")
+    monitor = RepresentationMonitor(layers=["net.1"], every_n_steps=1, num_samples=8)
+    trainer = L.Trainer(max_steps=1, callbacks=[monitor, stopper], **trainer_kwargs())
+    x, y = regression_data(n=8)
+    with pytest.raises(ValueError) as raised:
+        trainer.fit(TanhRegressor(), full_batch_loader(x, y, 2))
+    message = str(raised.value)
+    assert "add RepresentationMonitor" not in message
+    assert "the Trainer's RepresentationMonitor logs other names" in message
+    assert "spectral/repr/net.1/rankme" in message
 
 
 @pytest.mark.parametrize(
