@@ -560,12 +560,21 @@ class SpectralMonitor(Callback):
         step = trainer.global_step
         if not self._due(trainer, step):
             return
-        self._last_step = step
-        began = self.clock()
         device = next(pl_module.parameters()).device
         # Batches: a probe of one tensor batch, [x], must not read as the batch [x, y].
         probe = Batches(move_to_device(b, device) for b in self._probe)
         self._probe = probe
+        self.measure_and_publish(trainer, pl_module, probe, step)
+
+    def measure_and_publish(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, probe: Batches, step: int
+    ) -> None:
+        """One measurement on ``probe`` at ``step``, isolated from training (modes, logging),
+        its failures logged as NaN with one warning, its seconds accounted, its metrics
+        published."""
+        self._last_step = step
+        began = self.clock()
+        device = next(pl_module.parameters()).device
         out_of_memory = None
         with preserved_modes(pl_module, self.eval_mode), muted_lightning_logging(pl_module):
             try:

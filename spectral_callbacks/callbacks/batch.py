@@ -32,8 +32,6 @@ from .base import (
     LossFn,
     SpectralMonitor,
     _clone_batch,
-    muted_lightning_logging,
-    preserved_modes,
     training_step_loss,
 )
 from .hessian import SharpnessMonitor
@@ -83,7 +81,6 @@ class BatchSharpnessMonitor(SpectralMonitor):
         seed: Seed of dropout masks during the measurement's forward passes.
         eval_mode: Measure in eval mode (default: the mode training uses).
         name: Tells two monitors of this class apart (``spectral/hessian/{name}/...``).
-        figure_every_n_steps: Unused (no figures); for the family's signature.
         max_overhead: With ``every_n_steps=None``, the most the measurements may take of the
             training time (default 0.05).
     """
@@ -102,16 +99,9 @@ class BatchSharpnessMonitor(SpectralMonitor):
         seed: int = 0,
         eval_mode: bool = False,
         name: str | None = None,
-        figure_every_n_steps: int | None = None,
         max_overhead: float = DEFAULT_MAX_OVERHEAD,
     ) -> None:
-        super().__init__(
-            every_n_steps,
-            eval_mode=eval_mode,
-            name=name,
-            figure_every_n_steps=figure_every_n_steps,
-            max_overhead=max_overhead,
-        )
+        super().__init__(every_n_steps, eval_mode=eval_mode, name=name, max_overhead=max_overhead)
         self.window = check_integer("window", window, minimum=1)
         self.loss_fn = check_callable(
             "loss_fn", loss_fn, "loss_fn(model, batch) -> scalar", True, arguments=2
@@ -143,14 +133,7 @@ class BatchSharpnessMonitor(SpectralMonitor):
         if self._due(trainer, trainer.global_step):
             self._step_batches.append(_clone_batch(batch))
 
-    def on_train_batch_end(
-        self,
-        trainer: pl.Trainer,
-        pl_module: pl.LightningModule,
-        outputs: Any,
-        batch: Any,
-        batch_idx: int,
-    ) -> None:
+    def _maybe_measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Measurements happen before the optimizer's update (:meth:`on_before_optimizer_step`)."""
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -164,16 +147,7 @@ class BatchSharpnessMonitor(SpectralMonitor):
             return  # not due, or measured for an earlier optimizer of this step
         batches, self._step_batches = self._step_batches, []
         self._measured_step = step
-        self._last_step = step
-        began = self.clock()
-        with preserved_modes(pl_module, self.eval_mode), muted_lightning_logging(pl_module):
-            try:
-                metrics = self.measure(trainer, pl_module, Batches(batches))
-            except FloatingPointError as error:
-                metrics = self.nan_metrics(trainer)
-                self.warn_once("non-finite", f"non-finite value at step {step} ({error})")
-        self._record_cost(trainer, step, self.clock() - began, metrics)
-        self._publish(trainer, metrics, step)
+        self.measure_and_publish(trainer, pl_module, Batches(batches), step)
 
     # -- the measurement ----------------------------------------------------------------------
     def measure(
@@ -252,13 +226,7 @@ class BatchSharpnessMonitor(SpectralMonitor):
             "threshold of the update (2 for SGD, `2 + 2β` with momentum β), `w` the L2 "
             "weight decay; NaN (undefined) for optimizers with an elementwise step (Adam)",
         ),
-        MetricSpec(
-            "batch_sharpness_overhead",
-            chart="share of training time in measurements",
-            may_be_undefined=True,
-            doc="seconds this monitor has spent measuring over seconds trained, so far "
-            "(NaN before any training step was timed)",
-        ),
+        metric_table.overhead_row("batch_sharpness_overhead"),
     )
     METRIC_PREFIXES = (PREFIX,)
     OVERHEAD_ROW = "batch_sharpness_overhead"

@@ -453,13 +453,7 @@ class SharpnessMonitor(_HessianMonitor):
             "lambda_max_converged",
             doc="1 if λ_max (and the preconditioned solve) met `tol`, else 0 (with one warning)",
         ),
-        MetricSpec(
-            "sharpness_overhead",
-            chart="share of training time in measurements",
-            may_be_undefined=True,
-            doc="seconds this monitor has spent measuring over seconds trained, so far "
-            "(NaN before any training step was timed)",
-        ),
+        metric_table.overhead_row("sharpness_overhead"),
         MetricSpec(
             "num_hvps",
             chart="Hessian-vector products per measurement",
@@ -877,13 +871,7 @@ class HessianSpectrumMonitor(_HessianMonitor):
         ),
         MetricSpec("bulk_edge", part="density", doc="where the bulk of the density ends"),
         MetricSpec("spectrum_num_hvps", doc="Hessian-vector products of the whole measurement"),
-        MetricSpec(
-            "spectrum_overhead",
-            chart="share of training time in measurements",
-            may_be_undefined=True,
-            doc="seconds this monitor has spent measuring over seconds trained, so far "
-            "(NaN before any training step was timed)",
-        ),
+        metric_table.overhead_row("spectrum_overhead"),
     )
 
     METRIC_PREFIXES = (PREFIX, GGN_PREFIX)

@@ -61,6 +61,18 @@ class MetricSpec:
         return pattern
 
 
+def overhead_row(name: str) -> MetricSpec:
+    """The row of a monitor's share of training time spent measuring (the overhead budget's
+    figure, :mod:`~spectral_callbacks.callbacks.schedule`), named ``name``."""
+    return MetricSpec(
+        name,
+        chart="share of training time in measurements",
+        may_be_undefined=True,
+        doc="seconds this monitor has spent measuring over seconds trained, so far "
+        "(NaN before any training step was timed)",
+    )
+
+
 def expand_names(
     specs: Iterable[MetricSpec], prefix: str, k: int = 0, layers: Sequence[str] = ()
 ) -> list[str]:

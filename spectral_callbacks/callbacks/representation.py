@@ -336,13 +336,7 @@ class RepresentationMonitor(SpectralMonitor):
             "{layer}/vne",
             doc="von Neumann entropy of the trace-normalised covariance, `H_1(p)` in nats",
         ),
-        MetricSpec(
-            "overhead",
-            chart="share of training time in measurements",
-            may_be_undefined=True,
-            doc="seconds this monitor has spent measuring over seconds trained, so far "
-            "(NaN before any training step was timed)",
-        ),
+        metric_table.overhead_row("overhead"),
     )
 
     METRIC_PREFIXES = (PREFIX,)

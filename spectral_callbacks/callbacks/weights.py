@@ -337,13 +337,7 @@ class WeightSpectrumMonitor(SpectralMonitor):
         *_rows(AVERAGE, AVERAGED_METRICS),
         *_rows("{layer}", DRIFT_METRICS, part="drift"),
         *_rows(AVERAGE, DRIFT_METRICS, part="drift"),
-        MetricSpec(
-            "overhead",
-            chart="share of training time in measurements",
-            may_be_undefined=True,
-            doc="seconds this monitor has spent measuring over seconds trained, so far "
-            "(NaN before any training step was timed)",
-        ),
+        metric_table.overhead_row("overhead"),
     )
 
     METRIC_PREFIXES = (PREFIX,)

@@ -99,8 +99,7 @@ def main(out: pathlib.Path) -> None:
     clock = FakeClock([budget], step_seconds=(1.0, 1.5), measurement_seconds=(0.5, 1.0))
     scripted = RankScripted()
     batch_sharpness = BatchSharpnessMonitor(every_n_steps=3, window=2)
-    # One clock for every monitor, as in a real run (the others' measurements take none of it).
-    for monitor in (
+    others = [
         sharpness,
         spectrum,
         representation,
@@ -110,7 +109,9 @@ def main(out: pathlib.Path) -> None:
         ggn,
         scripted,
         batch_sharpness,
-    ):
+    ]
+    # One clock for every monitor, as in a real run (the others' measurements take none of it).
+    for monitor in others:
         monitor.clock = budget.clock
     stopper = SpectralEarlyStopping(
         "spectral/test/rank_signal", rule="above", threshold=0.5, patience=1
@@ -118,21 +119,7 @@ def main(out: pathlib.Path) -> None:
     recorder = Recorder()
     trainer = L.Trainer(
         max_steps=12,
-        callbacks=[
-            clock,
-            budget,
-            sharpness,
-            spectrum,
-            representation,
-            poisoned,
-            differences,
-            weights,
-            ggn,
-            scripted,
-            batch_sharpness,
-            stopper,
-            recorder,
-        ],
+        callbacks=[clock, budget, *others, stopper, recorder],
         **trainer_kwargs(devices=2, strategy="ddp"),
     )
     torch.manual_seed(1)

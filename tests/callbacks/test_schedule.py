@@ -19,19 +19,24 @@ from ..models import TanhRegressor, full_batch_loader, regression_data, trainer_
 from ..runs import assert_identical_runs, fit_and_capture
 
 
+def simulate(steps: int, cost: float, trained, max_overhead: float = 0.05) -> list[int]:
+    """The steps a :class:`BudgetSchedule` measures at over ``steps`` steps, each measurement
+    taking ``cost`` seconds, ``trained(step)`` the seconds trained before ``step``."""
+    schedule = BudgetSchedule(max_overhead=max_overhead)
+    measured: list[int] = []
+    for step in range(steps):
+        last = measured[-1] if measured else None
+        if schedule.due(step, last, lambda step=step: trained(step)):
+            schedule.record(step, cost, trained(step))
+            measured.append(step)
+    return measured
+
+
 def test_the_budget_places_each_measurement_where_training_has_paid_for_it():
     """One second per step, measurements of 3 s at a 5 % share: every measurement after the
     first keeps seconds spent within 5 % of seconds trained, and comes at the first step
     that allows it (or the geometric floor)."""
-    schedule = BudgetSchedule(max_overhead=0.05)
-    steps, spent = [], 0.0
-    last = None
-    for step in range(5000):
-        if schedule.due(step, last, lambda step=step: float(step)):
-            spent += 3.0
-            schedule.record(step, 3.0, float(step))
-            steps.append(step)
-            last = step
+    steps = simulate(5000, 3.0, float)
     assert steps[0] == 0 and len(steps) > 5
     for earlier, step in itertools.pairwise(steps):
         k = steps.index(step) + 1  # measurements so far, this one included
@@ -44,33 +49,20 @@ def test_the_budget_places_each_measurement_where_training_has_paid_for_it():
 def test_a_pace_that_changes_after_the_first_step_does_not_overspend():
     """The first step takes 10 s (warm-up), the rest 0.01 s: placed at the first step's pace,
     the second measurement would come far too early; it waits until training has paid."""
-    schedule = BudgetSchedule(max_overhead=0.05)
 
     def trained(step: int) -> float:
         return 0.0 if step == 0 else 10.0 + 0.01 * (step - 1)
 
-    steps, spent, last = [], 0.0, None
-    for step in range(20000):
-        if schedule.due(step, last, lambda step=step: trained(step)):
-            spent += 1.0
-            schedule.record(step, 1.0, trained(step))
-            steps.append(step)
-            last = step
-            if step > 0:
-                assert spent <= 0.05 * trained(step) + 1e-9, (step, spent)
+    steps = simulate(20000, 1.0, trained)
+    for k, step in enumerate(steps[1:], start=2):
+        assert k * 1.0 <= 0.05 * trained(step) + 1e-9, (step, k)
     # 1 s each at 5 %: 20 s of training per measurement; 10 s come with the first step.
     assert steps[:3] == [0, 3001, 5001]
     assert len(steps) == int(trained(19999) // 20)  # k measurements need 20·k s
 
 
 def test_cheap_measurements_are_dense_early_and_geometric_later():
-    schedule = BudgetSchedule(max_overhead=0.05)
-    steps, last = [], None
-    for step in range(2000):
-        if schedule.due(step, last, lambda step=step: float(step)):
-            schedule.record(step, 1e-6, float(step))
-            steps.append(step)
-            last = step
+    steps = simulate(2000, 1e-6, float)
     assert steps[:11] == list(range(11))  # every step while 10 % of the step is below 1
     gaps = [b - a for a, b in itertools.pairwise(steps)]
     assert all(gap == max(1, math.ceil(GROWTH * a)) for a, gap in zip(steps, gaps, strict=False))
