@@ -18,7 +18,11 @@ monitor runs them (the same functions on one ``HessianOperator``), each timed an
   spread over disjoint groups of 1, 2 and 4 of those probes (the error of
   ``density_probes`` = 1, 2, 4);
 - with ``--parts density_steps``: SLQ with 4 probes at 16, 32, 64 and 128 steps (the same
-  probes), the density's scalars at each (C1 about 7 minutes).
+  probes), the density's scalars at each (C1 about 7 minutes);
+- with ``--parts shared_probes``: the trace (33) and density (4 × 64) on separate probes,
+  undeflated (the monitor until 2026-12-06), against ``deflated_spectrum`` (one set of
+  probes, the density deflated by the top-10 Ritz pairs: the monitor since), alternately
+  twice, with ``λ_min`` from a solve (C1 about 13 minutes).
 
 Writes ``bench/results/spectrum-parts-<device>-<date>.{json,md}``; runs of some
 ``--parts`` or workloads on one day add to that file.
@@ -38,6 +42,7 @@ from spectral_callbacks.linalg import (
     SpectralDensity,
     count_outliers,
     deflated_hutchinson,
+    deflated_spectrum,
     eigenpairs,
     hutchpp,
     slq,
@@ -71,8 +76,11 @@ def probe_subset(density: SpectralDensity, probes) -> SpectralDensity:
 
 
 #: Parts of a measurement besides the top-k solve (``--parts`` picks; the default is the
-#: first two): ``density_steps`` is SLQ's scalars at several numbers of steps.
-PARTS = ("trace", "density", "density_steps")
+#: first two): ``density_steps`` is SLQ's scalars at several numbers of steps;
+#: ``shared_probes`` the trace and density on separate probes, undeflated (the monitor until
+#: 2026-12-06), against ``deflated_spectrum`` (shared probes, deflated density: the monitor
+#: since).
+PARTS = ("trace", "density", "density_steps", "shared_probes")
 #: Steps per probe of ``density_steps``; the longest is the reference.
 DENSITY_STEPS = (16, 32, 64, 128)
 
@@ -121,6 +129,8 @@ def parts(
             row["density"] = density_part(op, warm, probes, steps, cost)
         if "density_steps" in which:
             row["density_steps"] = density_steps_part(op, warm, cost)
+        if "shared_probes" in which:
+            row["shared_probes"] = shared_probes_part(op, warm, cost)
         assert op.num_hvps - before >= warm.num_hvps  # every part went through this operator
     row["top_k_eigenvalues"] = warm.eigenvalues.tolist()
     return row
@@ -184,6 +194,39 @@ def density_steps_part(op, warm, cost, probes: int = 4) -> list[dict]:
         entry["scalars"] = density_scalars(density, warm.eigenvalues, op.size)
         entries.append(entry)
     return entries
+
+
+def shared_probes_part(op, warm, cost, probes: int = 4, steps: int = 64, repeats: int = 2) -> dict:
+    """The trace (33 probes) and density (``probes × steps``) on separate probes with an
+    undeflated density, against :func:`deflated_spectrum` (shared, deflated probes),
+    interleaved ``repeats`` times; ``λ_min`` against a solve for the smallest eigenvalue."""
+
+    def separate():
+        trace = deflated_hutchinson(op, warm.eigenvectors, warm.eigenvalues, 33)
+        return trace, slq(op, num_probes=probes, steps=steps), 33 + probes * steps
+
+    def shared():
+        both = deflated_spectrum(
+            op, warm.eigenvectors, warm.eigenvalues, 33, probes, steps, residuals=warm.residuals
+        )
+        return both.trace, both.density, both.num_hvps
+
+    runs: dict[str, dict] = {"separate": {"seconds": []}, "shared": {"seconds": []}}
+    for _ in range(repeats):
+        for label, run in (("separate", separate), ("shared", shared)):
+            before = op.num_hvps
+            seconds, (trace, density, products) = stopwatch(run, op.device)
+            assert op.num_hvps - before == products
+            entry = runs[label]
+            entry["seconds"].append(seconds)
+            entry["products"] = products
+            entry["trace"], entry["trace_stderr"] = trace.estimate, trace.stderr
+            entry["scalars"] = density_scalars(density, warm.eigenvalues, op.size)
+    for entry in runs.values():
+        seconds = statistics.median(entry.pop("seconds"))
+        entry.update(cost(seconds, entry["products"]))
+    smallest = eigenpairs(op, k=1, which="SA", tol=1e-6, max_iter=400)
+    return {"probes": probes, "steps": steps, "lambda_min": float(smallest.eigenvalues[0]), **runs}
 
 
 def markdown(rows: list[dict], meta: dict) -> str:
@@ -257,6 +300,29 @@ def markdown(rows: list[dict], meta: dict) -> str:
             for entry in row["density_steps"]
         ]
         lines += table(["workload", "steps", "products", "gradient-times", *keys], cells)
+    shared = [row for row in rows if "shared_probes" in row]
+    if shared:
+        keys = list(shared[0]["shared_probes"]["shared"]["scalars"])
+        lines += [
+            "",
+            "The trace (33 probes, deflated by the warm top-10) and the density (4 × 64) on "
+            "separate probes with an undeflated density (the monitor until 2026-12-06), against "
+            "one set of shared probes with the density deflated (the monitor since) "
+            "(`deflated_spectrum`), run alternately twice (median seconds); the last column "
+            "is λ_min from a solve for the smallest eigenvalue (tol 1e-6):",
+            "",
+        ]
+        cells = [
+            [row["workload"], label, e["products"], f"{e['gradient_times']:.0f}"]
+            + [f"{e['trace']:.5g} ± {e['trace_stderr']:.2g}"]
+            + [f"{e['scalars'][key]:.5g}" for key in keys]
+            + [f"{row['shared_probes']['lambda_min']:.5g}"]
+            for row in shared
+            for label, e in row["shared_probes"].items()
+            if isinstance(e, dict)
+        ]
+        header = ["workload", "probes", "products", "gradient-times", "trace", *keys, "λ_min"]
+        lines += table(header, cells)
     return "\n".join(lines) + "\n"
 
 

@@ -57,6 +57,7 @@ from .linalg import (
     TraceMethod,
     Which,
     deflated_hutchinson,
+    deflated_slq,
     eigenpairs,
     eigensolve,
     estimate_trace,
@@ -404,14 +405,18 @@ def hessian_trace(
     with curvature_operator(model, loss_fn, data, settings) as operator:
         if deflate is None:
             return estimate_trace(operator, num_hvps=num_hvps, method=method, seed=seed)
-        if deflate.eigenvectors is None:
-            raise ValueError(
-                "deflate needs the Ritz vectors: pass the result of "
-                "hessian_eigenvalues(..., return_eigenvectors=True)"
-            )
         return deflated_hutchinson(
-            operator, deflate.eigenvectors, deflate.eigenvalues, num_hvps=num_hvps, seed=seed
+            operator, _ritz_vectors(deflate), deflate.eigenvalues, num_hvps=num_hvps, seed=seed
         )
+
+
+def _ritz_vectors(deflate: EigenResult) -> torch.Tensor:
+    if deflate.eigenvectors is None:
+        raise ValueError(
+            "deflate needs the Ritz vectors: pass the result of "
+            "hessian_eigenvalues(..., return_eigenvectors=True)"
+        )
+    return deflate.eigenvectors
 
 
 def hessian_density(
@@ -429,6 +434,7 @@ def hessian_density(
     curvature: Curvature = "hessian",
     ggn_loss: GgnLoss | None = None,
     outputs_fn: Callable | None = None,
+    deflate: EigenResult | None = None,
 ) -> SpectralDensity:
     """Eigenvalue density of the loss Hessian by stochastic Lanczos quadrature.
 
@@ -438,11 +444,28 @@ def hessian_density(
     ``evaluate(grid, sigma)``, ``negative_mass`` and ``lambda_min``, and
     :func:`~spectral_callbacks.linalg.slq` for ``reorthogonalize`` (default: full
     reorthogonalisation while the Krylov bases fit in 1 GiB, else two vectors per probe).
+
+    With ``deflate``, the result of :func:`hessian_eigenvalues` with
+    ``return_eigenvectors=True`` on the same model, loss and data, the density is that of
+    :class:`~spectral_callbacks.HessianSpectrumMonitor`: the Ritz values as nodes of weight
+    ``1/n`` and the quadrature of the probes projected on their orthogonal complement
+    (:func:`~spectral_callbacks.linalg.deflated_slq`).
     """
     if reorthogonalize is not None:
         check_bool("reorthogonalize", reorthogonalize)
     settings = OperatorSettings.from_arguments(locals())
     with curvature_operator(model, loss_fn, data, settings) as operator:
+        if deflate is not None:
+            return deflated_slq(
+                operator,
+                _ritz_vectors(deflate),
+                deflate.eigenvalues,
+                num_probes=num_probes,
+                steps=steps,
+                seed=seed,
+                residuals=deflate.residuals,
+                reorthogonalize=reorthogonalize,
+            )
         return slq(
             operator,
             num_probes=num_probes,

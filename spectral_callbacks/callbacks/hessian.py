@@ -34,15 +34,15 @@ from ..curvature import (
     select_parameters,
 )
 from ..linalg import (
+    DeflatedSpectrum,
     EigenMethod,
     SpectralDensity,
     count_outliers,
     default_density_probes,
     default_max_iter,
-    deflated_hutchinson,
+    deflated_spectrum,
     eigensolve,
     principal_angles,
-    slq,
     subspace_fraction,
     subspace_overlap,
 )
@@ -480,21 +480,26 @@ class HessianSpectrumMonitor(_HessianMonitor):
 
     Metrics: one row each of :attr:`METRICS` (docs/hessian-spectrum.md lists them with
     their meaning and the setting that turns each on), under ``spectral/hessian/`` (GGN:
-    ``spectral/ggn/``). The trace is Hutchinson on the complement of the top-k Ritz vectors
-    plus their Ritz values (:func:`~spectral_callbacks.linalg.deflated_hutchinson`); the
-    density's masses, outliers and ``λ_min`` come from one stochastic Lanczos quadrature
+    ``spectral/ggn/``). The trace and the density are both taken on the complement of the
+    top-k Ritz vectors, from one set of Rademacher probes
+    (:func:`~spectral_callbacks.linalg.deflated_spectrum`): the trace is the Ritz values'
+    sum plus Hutchinson on the complement; the density holds the Ritz values as nodes of
+    weight ``1/n`` and the stochastic Lanczos quadrature of the complement, whose masses,
+    ``λ_min`` and bulk give the outlier count
     (:class:`~spectral_callbacks.linalg.SpectralDensity`,
     :func:`~spectral_callbacks.linalg.count_outliers`). TensorBoard also gets a histogram of
     the top-k values and a log-scale density figure.
 
     Cost per measurement, in Hessian-vector products: the top-k solve (fewer when
-    warm-started), ``trace_hvps`` for the trace (none spent on finding the top subspace
-    again) and ``density_probes · density_steps`` for the density; docs/hessian-spectrum.md
-    has the measured split. Memory beyond the probe's first-order graphs: the top-k solve
-    keeps its Krylov basis (one parameter-sized vector per step, allocated by doubling, or at most
-    ``max_basis`` vectors: by default those that fit in 1 GiB), and the density
-    keeps ``density_probes · (density_steps + 1)`` such vectors while they fit in
-    :data:`~spectral_callbacks.linalg.FULL_REORTHOGONALISATION_BYTES`, else three per probe.
+    warm-started), ``density_probes · density_steps`` for the density and
+    ``trace_hvps - density_probes`` more for the trace (the density's recurrences start
+    from the first trace probes, and their first steps are those probes' products);
+    docs/hessian-spectrum.md has the measured split. Memory beyond the probe's first-order
+    graphs: the top-k solve keeps its Krylov basis (one parameter-sized vector per step,
+    allocated by doubling, or at most ``max_basis`` vectors: by default those that fit in
+    1 GiB), and the density keeps ``density_probes · (density_steps + 1)`` such vectors
+    while they fit in :data:`~spectral_callbacks.linalg.FULL_REORTHOGONALISATION_BYTES`,
+    else three per probe, beside the ``trace_hvps`` probes.
 
     Args:
         every_n_steps: Optimizer steps between measurements, or ``None`` (default): measure as
@@ -519,11 +524,11 @@ class HessianSpectrumMonitor(_HessianMonitor):
         max_basis: Most parameter-sized Krylov vectors the top-k Lanczos solve holds at
             once (at least ``k + 2``), as for :class:`SharpnessMonitor`; the default bound
             for large models is at least ``max(16, 2k + 12)``.
-        trace_hvps: Hessian-vector products for the trace: Rademacher probes of Hutchinson's
-            estimator on the complement of the top-k Ritz vectors
-            (:func:`~spectral_callbacks.linalg.deflated_hutchinson`); its standard error
-            falls as ``1/sqrt(trace_hvps)``; at least the parameter count gives the exact
-            trace.
+        trace_hvps: Rademacher probes of Hutchinson's estimator for the trace on the
+            complement of the top-k Ritz vectors
+            (:func:`~spectral_callbacks.linalg.deflated_hutchinson`), the first
+            ``density_probes`` shared with the density; its standard error falls as
+            ``1/sqrt(trace_hvps)``; at least the parameter count gives the exact trace.
         density_probes: Probes for the density; ``None`` (default) takes
             :func:`~spectral_callbacks.linalg.default_density_probes` of the parameter count
             (``⌈16384 / n⌉`` from 4 to 8: fewer probes scatter the outlier count and bulk
@@ -666,26 +671,32 @@ class HessianSpectrumMonitor(_HessianMonitor):
                     float(result.eigenvalues[worst]),
                     operator,
                 )
-            if self.trace:
-                estimate = deflated_hutchinson(
+            parts = DeflatedSpectrum(trace=None, density=None, num_hvps=0)
+            if self.trace or self.density:
+                # One set of probes: the density's recurrences start from the first trace
+                # probes and give their quadratic forms (linalg.deflation).
+                parts = deflated_spectrum(
                     operator,
                     result.eigenvectors,
                     result.eigenvalues,
-                    num_hvps=self.trace_hvps,
+                    trace_hvps=self.trace_hvps if self.trace else None,
+                    density_probes=(
+                        self.density_probes or default_density_probes(operator.size)
+                        if self.density
+                        else None
+                    ),
+                    density_steps=self.density_steps,
                     seed=self.solver.seed,
+                    residuals=result.residuals,
                 )
-                metrics[self.metric("trace")] = estimate.estimate
-                metrics[self.metric("trace_stderr")] = estimate.stderr
+            if parts.trace is not None:
+                metrics[self.metric("trace")] = parts.trace.estimate
+                metrics[self.metric("trace_stderr")] = parts.trace.stderr
                 metrics[self.metric("trace_lr_ratio")] = (
-                    estimate.estimate * current_learning_rate(trainer) / 2.0
+                    parts.trace.estimate * current_learning_rate(trainer) / 2.0
                 )
-            if self.density:
-                self.last_density = slq(
-                    operator,
-                    num_probes=self.density_probes or default_density_probes(operator.size),
-                    steps=self.density_steps,
-                    seed=self.solver.seed,
-                )
+            if parts.density is not None:
+                self.last_density = parts.density
                 metrics[self.metric("negative_mass")] = self.last_density.negative_mass
                 metrics[self.metric("near_zero_mass")] = self.last_density.near_zero_mass
                 metrics[self.metric("lambda_min")] = self.last_density.lambda_min
@@ -842,7 +853,7 @@ class HessianSpectrumMonitor(_HessianMonitor):
             "negative_mass",
             chart="spectral mass below and near zero",
             part="density",
-            doc="fraction of eigenvalues below −1 % of the spectral radius (SLQ)",
+            doc="fraction of eigenvalues below −1 % of the spectral radius (SLQ, top k deflated)",
         ),
         MetricSpec(
             "near_zero_mass",

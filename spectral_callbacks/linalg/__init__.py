@@ -4,6 +4,7 @@ Nothing here knows about models or Lightning: every routine sees a matrix only t
 :meth:`SymmetricOperator.matmat` on blocks of row vectors.
 """
 
+from .deflation import ComplementOperator, DeflatedSpectrum, deflated_slq, deflated_spectrum
 from .eigsh import (
     EIGEN_METHODS,
     KRYLOV_BASIS_BYTES,
@@ -48,6 +49,8 @@ __all__ = [
     "WARM_START_MIXING",
     "WHICH",
     "ZERO_TOLERANCE",
+    "ComplementOperator",
+    "DeflatedSpectrum",
     "DenseOperator",
     "EigenMethod",
     "EigenResult",
@@ -64,6 +67,8 @@ __all__ = [
     "default_density_probes",
     "default_max_iter",
     "deflated_hutchinson",
+    "deflated_slq",
+    "deflated_spectrum",
     "eigenpairs",
     "eigensolve",
     "estimate_trace",

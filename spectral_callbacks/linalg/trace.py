@@ -206,6 +206,26 @@ def deflated_hutchinson(
     _validate(num_hvps, 2, block_size)
     if num_hvps >= operator.size:
         return exact_trace(operator, block_size)
+    basis, values, extra = deflation_basis(operator, eigenvectors, eigenvalues, block_size)
+    generator = torch.Generator(device=operator.device).manual_seed(seed)
+    probes = project_out(_rademacher(num_hvps, operator, generator), basis, block_size)
+    forms = _quadratic_forms(operator, probes, block_size)
+    return deflated_estimate(values, forms, num_hvps=num_hvps + extra)
+
+
+def deflation_basis(
+    operator: SymmetricOperator,
+    eigenvectors: torch.Tensor,
+    eigenvalues: torch.Tensor,
+    block_size: int = 16,
+) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Orthonormal rows spanning ``eigenvectors`` and the Rayleigh quotients on them.
+
+    Returns ``(basis, values, products)``: the ``(k, n)`` QR basis of the rows, float64
+    quotients (the given ``eigenvalues`` while the rows are within
+    :data:`DEFLATION_GRAM_TOLERANCE` of orthonormal, else ``basis_iᵀ A basis_i`` computed),
+    and the products that took (0 or ``k``). See :func:`deflated_hutchinson`.
+    """
     rows = eigenvectors.reshape(-1, operator.size).to(operator.device, operator.dtype)
     values = torch.as_tensor(eigenvalues, dtype=torch.float64).reshape(-1).cpu()
     if values.numel() != rows.shape[0]:
@@ -216,19 +236,26 @@ def deflated_hutchinson(
     identity = torch.eye(rows.shape[0], dtype=torch.float64, device=gram.device)
     far = not float((gram - identity).abs().max()) <= DEFLATION_GRAM_TOLERANCE
     basis = torch.linalg.qr(rows.T).Q.T
-    extra = 0
-    if far:
-        values = _quadratic_forms(operator, basis, block_size).cpu()
-        extra = basis.shape[0]
-    generator = torch.Generator(device=operator.device).manual_seed(seed)
-    probes = _rademacher(num_hvps, operator, generator)
-    for chunk in probes.split(block_size):  # in place, block by block
+    if not far:
+        return basis, values, 0
+    return basis, _quadratic_forms(operator, basis, block_size).cpu(), basis.shape[0]
+
+
+def project_out(rows: torch.Tensor, basis: torch.Tensor, block_size: int = 16) -> torch.Tensor:
+    """``rows (I - basisᵀ basis)`` for orthonormal ``basis`` rows, in place, block by block."""
+    for chunk in rows.split(block_size):
         chunk -= (chunk @ basis.T) @ basis
-    rest, stderr = _mean_and_stderr(_quadratic_forms(operator, probes, block_size))
+    return rows
+
+
+def deflated_estimate(values: torch.Tensor, forms: torch.Tensor, num_hvps: int) -> TraceEstimate:
+    """``Σ values`` plus the mean of the complement's quadratic forms, as a
+    :class:`TraceEstimate` that used ``num_hvps`` products."""
+    rest, stderr = _mean_and_stderr(forms)
     return TraceEstimate(
         estimate=float(values.sum()) + rest,
         stderr=stderr,
-        num_hvps=num_hvps + extra,
+        num_hvps=num_hvps,
         method="deflated hutchinson",
     )
 

@@ -11,6 +11,7 @@ import torch
 
 from bench import (
     batch_sharpness,
+    density_accuracy,
     gradient_difference,
     monitor_cost,
     outliers,
@@ -175,6 +176,32 @@ def test_the_density_steps_part_runs_the_same_probes_at_each_length():
     minima = [e["scalars"]["lambda_min"] for e in entries]
     pairs = itertools.pairwise(minima)
     assert all(later <= earlier + 1e-6 * abs(earlier) for earlier, later in pairs)
+
+
+def test_the_shared_probes_part_saves_the_density_probes_of_the_trace():
+    (row,) = spectrum_parts.main(["--smoke", "--parts", "shared_probes"])
+    shared, separate = row["shared_probes"]["shared"], row["shared_probes"]["separate"]
+    assert separate["products"] == 33 + 4 * 64
+    assert shared["products"] == separate["products"] - 4
+    # The same deflated Hutchinson estimator on different probes: within four errors.
+    difference = abs(shared["trace"] - separate["trace"])
+    assert difference <= 4 * math.hypot(shared["trace_stderr"], separate["trace_stderr"])
+    # λ_min is a Ritz value of each: never below the solved one (up to its tolerance).
+    lowest = row["shared_probes"]["lambda_min"]
+    for entry in (shared, separate):
+        assert entry["scalars"]["lambda_min"] >= lowest - 1e-3 * abs(lowest)
+
+
+def test_the_density_accuracy_study_measures_every_setting_against_the_dense_spectrum():
+    (row,) = density_accuracy.main(["--smoke"])
+    assert set(row["errors"]) == {name for name, *_ in density_accuracy.SETTINGS}
+    assert 0 <= row["truth"]["negative_mass"] <= 1 and row["truth"]["lambda_min"] < 0
+    for name, _, probes, steps in density_accuracy.SETTINGS:
+        entry = row["errors"][name]
+        assert entry["products"] == probes * min(steps, row["parameters"])
+        assert all(entry[key] >= 0 for key in density_accuracy.SCALARS)
+    # Run to near the dimension, the quadrature resolves λ_min to its tolerance.
+    assert row["errors"]["slq 4×64"]["lambda_min"] <= 1e-3
 
 
 def test_the_probe_size_study_splits_the_batch_and_measures_each_part():

@@ -177,6 +177,28 @@ def test_trace_deflated_by_a_top_k_solve_against_exact(name, case_hessian):
 
 
 @pytest.mark.parametrize("name", CASES)
+def test_density_deflated_by_a_top_k_solve_against_exact(name, case_hessian):
+    model, batches = make_case(name)
+    spectrum = torch.linalg.eigvalsh(case_hessian(name))
+    n = spectrum.numel()
+    top = hessian_eigenvalues(
+        model, cross_entropy_loss, batches, k=4, tol=1e-8, return_eigenvectors=True
+    )
+    density = hessian_density(
+        model, cross_entropy_loss, batches, num_probes=3, steps=n, seed=1, deflate=top
+    )
+    # The top four are exact nodes of weight 1/n; run to the end, each probe's rule of the
+    # complement reaches the smallest eigenvalue.
+    assert torch.allclose(density.nodes[:, -4:], spectrum[-4:].flip(0).expand(3, -1), atol=1e-7)
+    assert torch.allclose(density.weights.sum(dim=1), torch.ones(3, dtype=torch.float64))
+    assert density.lambda_min == pytest.approx(float(spectrum[0]), abs=1e-7)
+    with pytest.raises(ValueError, match="return_eigenvectors=True"):
+        hessian_density(
+            model, cross_entropy_loss, batches, deflate=dataclasses.replace(top, eigenvectors=None)
+        )
+
+
+@pytest.mark.parametrize("name", CASES)
 def test_density_moments_match_dense(name, case_hessian):
     model, batches = make_case(name)
     hessian = case_hessian(name)
