@@ -12,7 +12,7 @@ setting is then run with ``seeds`` probe seeds on the same top-10 Ritz pairs (``
 at the monitor's ``tol=1e-3``), and the table gives the mean absolute error over seeds
 (``lambda_min`` and ``bulk_edge`` relative to the spectral radius) with the density's
 products. Settings: ``slq P×m`` (:func:`~spectral_callbacks.linalg.slq`, the monitor at
-``m = 64``) and ``deflated P×m`` (:func:`~spectral_callbacks.linalg.deflated_slq`).
+``m = 64``) and ``deflated P×m`` (:func:`~spectral_callbacks.linalg.deflated_spectrum`).
 Writes ``bench/results/density-accuracy-<device>-<date>.{json,md}``.
 """
 
@@ -29,7 +29,7 @@ from bench.report import document
 from bench.spectrum_parts import density_scalars
 from bench.study import finish, study_parser
 from spectral_callbacks.curvature import HessianOperator
-from spectral_callbacks.linalg import SpectralDensity, deflated_slq, eigenpairs, slq
+from spectral_callbacks.linalg import SpectralDensity, deflated_spectrum, eigenpairs, slq
 from spectral_callbacks.workloads import (
     TanhRegressor,
     gaussian_mixture,
@@ -47,6 +47,14 @@ SETTINGS = (
     ("deflated 2×64", True, 2, 64),
 )
 SCALARS = ("negative_mass", "near_zero_mass", "lambda_min", "outliers", "bulk_edge")
+TITLE = "Density scalars against dense spectra"
+DESCRIPTION = (
+    "`python -m bench.density_accuracy`: the exact scalar (row `exact`; the outliers and "
+    "bulk edge by `count_outliers` on the exact spectrum) and, for each setting, the mean "
+    "absolute error over 8 probe seeds (`lambda_min` and `bulk_edge` relative to the "
+    "spectral radius), with the density's products; the top-10 from `eigenpairs` at "
+    "`tol=1e-3`, shared by all settings."
+)
 
 
 def cross_entropy(model, batch):
@@ -115,9 +123,9 @@ def study(label: str, build, seeds: int) -> dict:
             found = []
             for seed in range(seeds):
                 if deflated:
-                    density = deflated_slq(
-                        operator, top.eigenvectors, top.eigenvalues, probes, steps, seed=seed
-                    )
+                    density = deflated_spectrum(
+                        operator, top.eigenvectors, top.eigenvalues, None, probes, steps, seed
+                    ).density
                 else:
                     density = slq(operator, num_probes=probes, steps=steps, seed=seed)
                 found.append(density_scalars(density, top.eigenvalues, n))
@@ -145,15 +153,7 @@ def markdown(rows: list[dict], meta: dict) -> str:
         )
         for name, entry in row["errors"].items():
             cells.append(["", name, entry["products"], *(f"{entry[k]:.2g}" for k in SCALARS)])
-    description = (
-        "`python -m bench.density_accuracy`: the exact scalar (row `exact`; the outliers and "
-        "bulk edge by `count_outliers` on the exact spectrum) and, for each setting, the mean "
-        "absolute error over 8 probe seeds (`lambda_min` and `bulk_edge` relative to the "
-        "spectral radius), with the density's products; the top-10 from `eigenpairs` at "
-        "`tol=1e-3`, shared by all settings."
-    )
-    title = "Density scalars against dense spectra"
-    return document(title, meta, description, header, cells)
+    return document(TITLE, meta, DESCRIPTION, header, cells)
 
 
 def main(argv: list[str] | None = None) -> list[dict]:

@@ -57,7 +57,7 @@ from .linalg import (
     TraceMethod,
     Which,
     deflated_hutchinson,
-    deflated_slq,
+    deflated_spectrum,
     eigenpairs,
     eigensolve,
     estimate_trace,
@@ -449,23 +449,24 @@ def hessian_density(
     ``return_eigenvectors=True`` on the same model, loss and data, the density is that of
     :class:`~spectral_callbacks.HessianSpectrumMonitor`: the Ritz values as nodes of weight
     ``1/n`` and the quadrature of the probes projected on their orthogonal complement
-    (:func:`~spectral_callbacks.linalg.deflated_slq`).
+    (:func:`~spectral_callbacks.linalg.deflated_spectrum`).
     """
     if reorthogonalize is not None:
         check_bool("reorthogonalize", reorthogonalize)
     settings = OperatorSettings.from_arguments(locals())
     with curvature_operator(model, loss_fn, data, settings) as operator:
         if deflate is not None:
-            return deflated_slq(
+            return deflated_spectrum(
                 operator,
                 _ritz_vectors(deflate),
                 deflate.eigenvalues,
-                num_probes=num_probes,
-                steps=steps,
+                trace_hvps=None,
+                density_probes=num_probes,
+                density_steps=steps,
                 seed=seed,
                 residuals=deflate.residuals,
                 reorthogonalize=reorthogonalize,
-            )
+            ).density
         return slq(
             operator,
             num_probes=num_probes,

@@ -4,7 +4,7 @@ Nothing here knows about models or Lightning: every routine sees a matrix only t
 :meth:`SymmetricOperator.matmat` on blocks of row vectors.
 """
 
-from .deflation import ComplementOperator, DeflatedSpectrum, deflated_slq, deflated_spectrum
+from .deflation import ComplementOperator, DeflatedSpectrum, deflated_spectrum
 from .eigsh import (
     EIGEN_METHODS,
     KRYLOV_BASIS_BYTES,
@@ -19,7 +19,7 @@ from .eigsh import (
     eigensolve,
     lanczos,
 )
-from .operators import DenseOperator, ScaledOperator, SymmetricOperator
+from .operators import DenseOperator, DerivedOperator, ScaledOperator, SymmetricOperator
 from .outliers import OutlierReport, count_outliers
 from .quadrature import (
     DENSITY_PROBE_COORDINATES,
@@ -52,6 +52,7 @@ __all__ = [
     "ComplementOperator",
     "DeflatedSpectrum",
     "DenseOperator",
+    "DerivedOperator",
     "EigenMethod",
     "EigenResult",
     "OutlierReport",
@@ -67,7 +68,6 @@ __all__ = [
     "default_density_probes",
     "default_max_iter",
     "deflated_hutchinson",
-    "deflated_slq",
     "deflated_spectrum",
     "eigenpairs",
     "eigensolve",

@@ -27,7 +27,7 @@ import torch
 
 from .._checks import check_integer
 from ._precision import full_precision
-from .operators import SymmetricOperator
+from .operators import DerivedOperator, SymmetricOperator
 from .quadrature import SpectralDensity, slq
 from .trace import (
     TraceEstimate,
@@ -39,10 +39,10 @@ from .trace import (
     project_out,
 )
 
-__all__ = ["ComplementOperator", "DeflatedSpectrum", "deflated_slq", "deflated_spectrum"]
+__all__ = ["ComplementOperator", "DeflatedSpectrum", "deflated_spectrum"]
 
 
-class ComplementOperator:
+class ComplementOperator(DerivedOperator):
     """``P A P`` with ``P = I - QᵀQ`` for orthonormal rows ``Q``: ``A`` on the complement.
 
     Both projections are applied, so the products stay in the complement whatever rounding
@@ -50,13 +50,8 @@ class ComplementOperator:
     """
 
     def __init__(self, operator: SymmetricOperator, basis: torch.Tensor) -> None:
-        self.operator = operator
+        super().__init__(operator)
         self.basis = basis
-        self.size = operator.size
-        self.dtype = operator.dtype
-        self.device = operator.device
-        self.product_dtype = getattr(operator, "product_dtype", operator.dtype)
-        self.product_relative_error = getattr(operator, "product_relative_error", 0.0)
 
     def matmat(self, block: torch.Tensor) -> torch.Tensor:
         """Return ``block P A P`` for a ``(b, n)`` block."""
@@ -123,46 +118,6 @@ def _complement_density(
 
 
 @full_precision
-def deflated_slq(
-    operator: SymmetricOperator,
-    eigenvectors: torch.Tensor,
-    eigenvalues: torch.Tensor,
-    num_probes: int = 4,
-    steps: int = 32,
-    seed: int = 0,
-    residuals: torch.Tensor | None = None,
-    reorthogonalize: bool | None = None,
-) -> SpectralDensity:
-    """Stochastic Lanczos quadrature on the complement of known eigenpairs (module docstring).
-
-    Each probe's rule holds the ``k`` Ritz values with weight ``1/n`` each and the Gauss
-    rule of ``P A P`` from the projected Rademacher probe ``P z`` with weights summing to
-    ``(n - k)/n``: ``num_probes · steps`` products.
-
-    Args:
-        operator: The symmetric operator ``A``.
-        eigenvectors: ``(k, n)`` rows, Ritz vectors of a solve (orthonormalised here).
-        eigenvalues: Their ``k`` Ritz values (recomputed, at ``k`` products, when the rows
-            are far from orthonormal, as in :func:`~.trace.deflated_hutchinson`).
-        num_probes: Rademacher probes.
-        steps: Lanczos steps per probe (capped at ``n - k``).
-        seed: Seed of the probes.
-        residuals: Optional ``k`` Ritz residual norms, kept as the Ritz nodes' residuals.
-        reorthogonalize: As for :func:`~.quadrature.slq`.
-    """
-    check_integer("num_probes", num_probes, minimum=1)
-    check_integer("steps", steps, minimum=1)
-    basis, values, extra = deflation_basis(operator, eigenvectors, eigenvalues)
-    generator = torch.Generator(device=operator.device).manual_seed(seed)
-    probes = project_out(_rademacher(num_probes, operator, generator), basis)
-    density, _ = _complement_density(
-        operator, basis, values, probes, steps, reorthogonalize, residuals
-    )
-    density.num_hvps += extra
-    return density
-
-
-@full_precision
 def deflated_spectrum(
     operator: SymmetricOperator,
     eigenvectors: torch.Tensor,
@@ -179,7 +134,7 @@ def deflated_spectrum(
 
     The trace is :func:`~.trace.deflated_hutchinson` with ``trace_hvps`` probes, the same
     probes for the same ``seed``: the first ``density_probes`` of them start the density's
-    recurrences (:func:`deflated_slq`), whose first steps give their quadratic forms, so the
+    recurrences, whose first steps give their quadratic forms, so the
     trace costs ``max(0, trace_hvps - density_probes)`` products beyond the density's
     ``density_probes · density_steps``. The trace's ``num_hvps`` counts its probes as
     :func:`~.trace.deflated_hutchinson` would, shared ones included; the result's
@@ -201,22 +156,23 @@ def deflated_spectrum(
     check_integer("trace_hvps", trace_hvps, minimum=2, allow_none=True)
     check_integer("density_probes", density_probes, minimum=1, allow_none=True)
     check_integer("density_steps", density_steps, minimum=1)
-    exact = trace_hvps is not None and trace_hvps >= operator.size
-    if exact:
+    if trace_hvps is not None and trace_hvps >= operator.size:
         trace = exact_trace(operator, block_size)
-        if density_probes is None:
-            return DeflatedSpectrum(trace, None, trace.num_hvps)
-        density = deflated_slq(
-            operator,
-            eigenvectors,
-            eigenvalues,
-            density_probes,
-            density_steps,
-            seed,
-            residuals,
-            reorthogonalize,
-        )
-        return DeflatedSpectrum(trace, density, trace.num_hvps + density.num_hvps)
+        rest = DeflatedSpectrum(None, None, 0)
+        if density_probes is not None:
+            rest = deflated_spectrum(
+                operator,
+                eigenvectors,
+                eigenvalues,
+                None,
+                density_probes,
+                density_steps,
+                seed,
+                residuals,
+                reorthogonalize,
+                block_size,
+            )
+        return DeflatedSpectrum(trace, rest.density, trace.num_hvps + rest.num_hvps)
     basis, values, extra = deflation_basis(operator, eigenvectors, eigenvalues, block_size)
     generator = torch.Generator(device=operator.device).manual_seed(seed)
     shared = max(trace_hvps or 0, density_probes or 0)

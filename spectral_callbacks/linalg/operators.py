@@ -12,7 +12,7 @@ from typing import Protocol, runtime_checkable
 
 import torch
 
-__all__ = ["DenseOperator", "ScaledOperator", "SymmetricOperator"]
+__all__ = ["DenseOperator", "DerivedOperator", "ScaledOperator", "SymmetricOperator"]
 
 
 @runtime_checkable
@@ -75,7 +75,21 @@ class DenseOperator:
         return self.matmat(vector.unsqueeze(0)).squeeze(0)
 
 
-class ScaledOperator:
+class DerivedOperator:
+    """Base of an operator built on another: the same ``size``, ``dtype`` and ``device``, and
+    the inner operator's ``product_dtype`` and ``product_relative_error``, which is what the
+    solvers' convergence test reads of the products' accuracy."""
+
+    def __init__(self, operator: SymmetricOperator) -> None:
+        self.operator = operator
+        self.size = operator.size
+        self.dtype = operator.dtype
+        self.device = operator.device
+        self.product_dtype = getattr(operator, "product_dtype", operator.dtype)
+        self.product_relative_error = getattr(operator, "product_relative_error", 0.0)
+
+
+class ScaledOperator(DerivedOperator):
     """The symmetric product ``D^½ (A + diag(w)) D^½`` of an operator with a diagonal ``D ≥ 0``.
 
     ``D^½ A D^½`` has the eigenvalues of ``D A`` (a similarity transform of it), which is the
@@ -99,17 +113,11 @@ class ScaledOperator:
             raise ValueError("diagonal must be finite and non-negative")
         if shift is not None and shift.shape != (operator.size,):
             raise ValueError(f"shift must have shape ({operator.size},), got {tuple(shift.shape)}")
-        self.operator = operator
+        super().__init__(operator)
         self.sqrt_diagonal = diagonal.to(dtype=operator.dtype, device=operator.device).sqrt()
         self.shift = (
             None if shift is None else shift.to(dtype=operator.dtype, device=operator.device)
         )
-        self.size = operator.size
-        self.dtype = operator.dtype
-        self.device = operator.device
-        # What the solvers read of the products' accuracy is that of the inner operator's.
-        self.product_dtype = getattr(operator, "product_dtype", operator.dtype)
-        self.product_relative_error = getattr(operator, "product_relative_error", 0.0)
 
     def matmat(self, block: torch.Tensor) -> torch.Tensor:
         """Return ``block D^½ (A + diag(w)) D^½`` for a ``(b, n)`` block."""

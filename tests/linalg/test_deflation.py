@@ -11,7 +11,6 @@ from spectral_callbacks.linalg import (
     SpectralDensity,
     count_outliers,
     deflated_hutchinson,
-    deflated_slq,
     deflated_spectrum,
     eigenpairs,
     slq,
@@ -34,6 +33,13 @@ def exact_density(spectrum: torch.Tensor) -> SpectralDensity:
     """The spectral measure itself, as a one-probe rule with weight 1/n per eigenvalue."""
     n = spectrum.numel()
     return SpectralDensity(spectrum.reshape(1, -1), torch.full((1, n), 1.0 / n), 0)
+
+
+def density_of(operator, top, probes: int, steps: int, seed: int) -> SpectralDensity:
+    """The deflated density alone (no trace)."""
+    return deflated_spectrum(
+        operator, top.eigenvectors, top.eigenvalues, None, probes, steps, seed
+    ).density
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +75,7 @@ def test_trace_with_more_density_probes_than_trace_probes(solved):
 def test_density_holds_the_ritz_values_and_the_complement(solved):
     operator, spectrum, top = solved
     n, k = operator.size, 10
-    density = deflated_slq(operator, top.eigenvectors, top.eigenvalues, 3, 40, seed=1)
+    density = density_of(operator, top, 3, 40, 1)
     assert density.num_hvps == 3 * 40
     assert torch.allclose(density.weights.sum(dim=1), torch.ones(3, dtype=torch.float64))
     # Every eigenvalue of the top 10 is a node of each probe's rule, with weight 1/n.
@@ -89,7 +95,7 @@ def test_first_moment_is_the_trace_over_n_on_average():
     matrix, spectrum = outliers_over_a_bulk(n=200)
     operator = DenseOperator(matrix)
     top = eigenpairs(operator, k=8, tol=1e-10, return_eigenvectors=True)
-    density = deflated_slq(operator, top.eigenvectors, top.eigenvalues, 200, 12, seed=0)
+    density = density_of(operator, top, 200, 12, 0)
     assert float(density.moment(1).mean()) * 200 == pytest.approx(float(spectrum.sum()), rel=2e-2)
 
 
@@ -100,7 +106,7 @@ def test_lambda_min_converges_faster_and_the_outliers_are_exact(solved, seed):
     # weight 1/n instead of scattered probe weights.
     operator, spectrum, top = solved
     n = operator.size
-    deflated = deflated_slq(operator, top.eigenvectors, top.eigenvalues, 4, 24, seed=seed)
+    deflated = density_of(operator, top, 4, 24, seed)
     full = slq(operator, num_probes=4, steps=24, seed=seed)
     lowest = float(spectrum[0])
     assert 0 <= deflated.lambda_min - lowest <= full.lambda_min - lowest
@@ -112,7 +118,7 @@ def test_lambda_min_converges_faster_and_the_outliers_are_exact(solved, seed):
 
 def test_negative_and_near_zero_mass_against_the_exact_fractions(solved):
     operator, spectrum, top = solved
-    density = deflated_slq(operator, top.eigenvectors, top.eigenvalues, 8, 40, seed=0)
+    density = density_of(operator, top, 8, 40, 0)
     radius = float(spectrum.abs().max())
     negative = float((spectrum < -ZERO_TOLERANCE * radius).double().mean())
     near_zero = float((spectrum.abs() <= ZERO_TOLERANCE * radius).double().mean())
@@ -156,4 +162,4 @@ def test_bad_arguments_name_themselves(solved):
     with pytest.raises(ValueError, match="trace_hvps"):
         deflated_spectrum(operator, top.eigenvectors, top.eigenvalues, trace_hvps=1)
     with pytest.raises(ValueError, match="eigenvalues has 2 entries"):
-        deflated_slq(operator, top.eigenvectors, top.eigenvalues[:2])
+        deflated_spectrum(operator, top.eigenvectors, top.eigenvalues[:2])
