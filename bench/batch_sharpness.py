@@ -27,10 +27,9 @@ import pathlib
 import statistics
 import warnings
 
-import lightning.pytorch as L
 import torch
 
-from bench.harness import stopwatch
+from bench.harness import bare_trainer, stopwatch
 from bench.report import document
 from bench.study import finish, study_parser
 from spectral_callbacks import BatchSharpnessMonitor, SharpnessMonitor
@@ -57,16 +56,7 @@ def train(batch_size: int, args) -> dict:
     full_monitor = SharpnessMonitor(every_n_steps=args.full_every, probe_data=(x, y), tol=1e-4)
     torch.manual_seed(1)
     model = TanhRegressor(lr=args.lr, d=args.d, width=args.width)
-    trainer = L.Trainer(
-        max_steps=args.steps,
-        callbacks=[batch_monitor, full_monitor],
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        accelerator="cpu",
-        devices=1,
-    )
+    trainer = bare_trainer(torch.device("cpu"), [batch_monitor, full_monitor], max_steps=args.steps)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         seconds, _ = stopwatch(lambda: trainer.fit(model, loader), torch.device("cpu"))

@@ -9,6 +9,7 @@ import statistics
 import time
 from collections.abc import Callable
 
+import lightning.pytorch as L
 import torch
 
 
@@ -27,6 +28,21 @@ def run_meta(device: torch.device) -> dict:
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
     }
+
+
+def bare_trainer(device: torch.device, callbacks: list, **kwargs) -> L.Trainer:
+    """A Trainer on one ``device`` that writes nothing (no logger, checkpoints, progress bar
+    or model summary), so that a timed ``fit`` is training and callbacks alone."""
+    return L.Trainer(
+        accelerator=device.type,
+        devices=1,
+        callbacks=callbacks,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        **kwargs,
+    )
 
 
 def sync(device: torch.device) -> None:

@@ -23,10 +23,9 @@ import re
 import statistics
 import warnings
 
-import lightning.pytorch as L
 import torch
 
-from bench.harness import stopwatch
+from bench.harness import bare_trainer, stopwatch
 from bench.report import document, table
 from bench.study import finish, study_parser
 from spectral_callbacks import (
@@ -116,16 +115,7 @@ def run(model_name: str, make_callback, steps: int) -> tuple[float, list, list[f
         loader = torch.utils.data.DataLoader(
             torch.utils.data.TensorDataset(x, y), batch_size=128, shuffle=True
         )
-    trainer = L.Trainer(
-        max_steps=steps,
-        max_epochs=-1,
-        callbacks=callbacks,
-        accelerator="cpu",
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
-    )
+    trainer = bare_trainer(CPU, callbacks, max_steps=steps, max_epochs=-1)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         elapsed, _ = stopwatch(lambda: trainer.fit(model, loader), CPU)

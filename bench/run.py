@@ -27,7 +27,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bench.harness import device_label, gradient_ms, max_relative_error, stopwatch, sync, timed
+from bench.harness import (
+    bare_trainer,
+    device_label,
+    gradient_ms,
+    max_relative_error,
+    stopwatch,
+    sync,
+    timed,
+)
 from bench.report import RESULTS, markdown
 from spectral_callbacks.curvature import HessianOperator
 from spectral_callbacks.functional import hessian_eigenvalues, rankme
@@ -396,16 +404,7 @@ def training_overhead(device, steps: int, every: int, widths: list[int], runs: i
                 yield x, y
 
     def run(callbacks) -> float:
-        trainer = L.Trainer(
-            accelerator=device.type,
-            devices=1,
-            max_epochs=1,
-            callbacks=callbacks,
-            logger=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-            enable_checkpointing=False,
-        )
+        trainer = bare_trainer(device, callbacks, max_epochs=1)
         torch.manual_seed(0)
         loader = torch.utils.data.DataLoader(Repeat(), batch_size=None)
         return stopwatch(lambda: trainer.fit(Module(), loader), device)[0]

@@ -17,14 +17,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2]))
 
-from spectral_callbacks import (
-    BatchSharpnessMonitor,
-    HessianSpectrumMonitor,
-    RepresentationMonitor,
-    SharpnessMonitor,
-    SpectralEarlyStopping,
-    WeightSpectrumMonitor,
-)
+import spectral_callbacks as sc
 from spectral_callbacks.callbacks import SpectralMonitor
 from tests.callbacks.test_schedule import FakeClock
 from tests.models import TanhRegressor, regression_data, trainer_kwargs
@@ -71,20 +64,20 @@ def main(out: pathlib.Path) -> None:
     loader = torch.utils.data.DataLoader(
         torch.utils.data.TensorDataset(x, y), batch_size=8, shuffle=False
     )
-    sharpness = SharpnessMonitor(every_n_steps=2, tol=1e-10)
+    sharpness = sc.SharpnessMonitor(every_n_steps=2, tol=1e-10)
     # A basis of 8 vectors: the top-3 solves restart (thick restart) on every process alike.
-    spectrum = HessianSpectrumMonitor(
+    spectrum = sc.HessianSpectrumMonitor(
         every_n_steps=4, k=3, tol=1e-10, trace_hvps=30, density=False, max_basis=8
     )
-    representation = RepresentationMonitor(
+    representation = sc.RepresentationMonitor(
         layers=["net.1"], every_n_steps=4, num_samples=24, fit_range=(2, 8)
     )
-    poisoned = SharpnessMonitor(every_n_steps=3, loss_fn=nan_on_rank_one, name="poisoned")
-    differences = SharpnessMonitor(
+    poisoned = sc.SharpnessMonitor(every_n_steps=3, loss_fn=nan_on_rank_one, name="poisoned")
+    differences = sc.SharpnessMonitor(
         every_n_steps=4, tol=1e-8, hvp="gradient_difference", name="differences"
     )
-    weights = WeightSpectrumMonitor(every_n_steps=4, drift_rank=3)
-    ggn = HessianSpectrumMonitor(
+    weights = sc.WeightSpectrumMonitor(every_n_steps=4, drift_rank=3)
+    ggn = sc.HessianSpectrumMonitor(
         every_n_steps=4,
         k=2,
         tol=1e-10,
@@ -95,10 +88,10 @@ def main(out: pathlib.Path) -> None:
         gradient_overlap=False,
     )
     # A budget with a clock per process: process 1's is slower; decisions follow the slower.
-    budget = WeightSpectrumMonitor(max_overhead=0.5, name="budget")
+    budget = sc.WeightSpectrumMonitor(max_overhead=0.5, name="budget")
     clock = FakeClock([budget], step_seconds=(1.0, 1.5), measurement_seconds=(0.5, 1.0))
     scripted = RankScripted()
-    batch_sharpness = BatchSharpnessMonitor(every_n_steps=3, window=2)
+    batch_sharpness = sc.BatchSharpnessMonitor(every_n_steps=3, window=2)
     others = [
         sharpness,
         spectrum,
@@ -113,7 +106,7 @@ def main(out: pathlib.Path) -> None:
     # One clock for every monitor, as in a real run (the others' measurements take none of it).
     for monitor in others:
         monitor.clock = budget.clock
-    stopper = SpectralEarlyStopping(
+    stopper = sc.SpectralEarlyStopping(
         "spectral/test/rank_signal", rule="above", threshold=0.5, patience=1
     )
     recorder = Recorder()
@@ -165,7 +158,7 @@ class UnequalShards(TanhRegressor):
 
 def unequal(out: pathlib.Path) -> None:
     """Unequal per-process batches: the probe is complete when the union holds 20 samples."""
-    representation = RepresentationMonitor(
+    representation = sc.RepresentationMonitor(
         layers=["net.1"], every_n_steps=2, num_samples=20, fit_range=(2, 8)
     )
     trainer = L.Trainer(
