@@ -231,7 +231,7 @@ class SpectralMonitor(Callback):
         self._schedule = (
             BudgetSchedule(max_overhead) if every_n_steps is None else FixedSchedule(every_n_steps)
         )
-        self._spent = 0.0  # seconds in this monitor's measurements, this run and before
+        self._spent = 0.0  # seconds measuring and publishing, this run and before
         self._trained_before = 0.0  # seconds trained before this session (from a checkpoint)
         self._session_start: float | None = None
         self._session_end: float | None = None
@@ -333,7 +333,11 @@ class SpectralMonitor(Callback):
 
     @property
     def state_key(self) -> str:
-        key = self._generate_state_key(**self.state_key_fields())
+        # Lightning reads the key at every hook of every step (profiler labels): built once,
+        # from settings that are fixed at construction.
+        key = self.__dict__.get("_state_key")
+        if key is None:
+            key = self.__dict__["_state_key"] = self._generate_state_key(**self.state_key_fields())
         _refuse_twins_at_trainer_init(self, key)
         return key
 
@@ -570,8 +574,9 @@ class SpectralMonitor(Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, probe: Batches, step: int
     ) -> None:
         """One measurement on ``probe`` at ``step``, isolated from training (modes, logging),
-        its failures logged as NaN with one warning, its seconds accounted, its metrics
-        published."""
+        its failures logged as NaN with one warning, its metrics published, and the seconds
+        of both accounted (the share logged with a measurement counts the publishing, such
+        as figures, of the earlier ones)."""
         self._last_step = step
         began = self.clock()
         device = next(pl_module.parameters()).device
@@ -602,7 +607,9 @@ class SpectralMonitor(Callback):
         if any(not math.isfinite(v) for k, v in metrics.items() if k not in undefined):
             self.warn_once("non-finite", f"non-finite spectral value at step {step}; logging it")
         self._record_cost(trainer, step, self.clock() - began, metrics)
+        began = self.clock()
         self._publish(trainer, metrics, step)
+        self._record_publishing(trainer, self.clock() - began)
 
     def _record_cost(
         self, trainer: pl.Trainer, step: int, seconds: float, metrics: dict[str, float]
@@ -618,6 +625,16 @@ class SpectralMonitor(Callback):
         if self.OVERHEAD_ROW is not None:
             share = self._spent / trained if trained > 0 else math.nan
             metrics[self.metric(self.OVERHEAD_ROW)] = share
+
+    def _record_publishing(self, trainer: pl.Trainer, seconds: float) -> None:
+        """Account the seconds of publishing a measurement (loggers, figures): they count in
+        the budget as measuring does, from the next decision on (the same on every process,
+        though only the first one draws figures)."""
+        if self._trainer is not None:
+            _MEASURING[self._trainer] = _MEASURING.get(self._trainer, 0.0) + seconds
+        cost = reduce_scalar(trainer, seconds, "max")
+        self._spent += cost
+        self._schedule.add(cost)
 
     def undefined_metrics(self) -> set[str]:
         """Metrics of the last measurement that are NaN by definition, not by a numerical

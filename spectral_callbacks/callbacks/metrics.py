@@ -68,8 +68,8 @@ def overhead_row(name: str) -> MetricSpec:
         name,
         chart="share of training time in measurements",
         may_be_undefined=True,
-        doc="seconds this monitor has spent measuring over seconds trained, so far "
-        "(NaN before any training step was timed)",
+        doc="seconds this monitor has spent measuring (and logging what it measured) over "
+        "seconds trained, so far (NaN before any training step was timed)",
     )
 
 

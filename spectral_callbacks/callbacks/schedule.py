@@ -2,8 +2,9 @@
 
 A monitor constructed with ``every_n_steps=n`` measures at the first step its probe is
 complete and then at every multiple of ``n`` (:class:`FixedSchedule`). Without it, it keeps
-to an overhead budget (:class:`BudgetSchedule`): the seconds it spends measuring stay at most
-``max_overhead`` times the seconds the run spends training. Both know nothing of Lightning:
+to an overhead budget (:class:`BudgetSchedule`): the seconds it spends measuring (and
+publishing what it measured: loggers, figures) stay at most ``max_overhead`` times the
+seconds the run spends training. Both know nothing of Lightning:
 the monitor feeds them steps and seconds.
 
 The budget places each next measurement where the training time will have paid for it.
@@ -56,6 +57,9 @@ class FixedSchedule:
         return step != last_step and step % self.every_n_steps == 0
 
     def record(self, step: int, cost: float, trained: float) -> None:
+        """Nothing to decide: the schedule is fixed."""
+
+    def add(self, cost: float) -> None:
         """Nothing to decide: the schedule is fixed."""
 
     def state_dict(self) -> dict[str, Any]:
@@ -117,6 +121,13 @@ class BudgetSchedule:
             self.decide_at = step + 1
         else:
             self._place(step, trained)
+
+    def add(self, cost: float) -> None:
+        """``cost`` more seconds spent after the last measurement was recorded (publishing
+        it): spent, and expected of the next measurement too; the check when the placed
+        step comes counts them."""
+        self.spent += cost
+        self.last_cost += cost
 
     def _place(self, now: int, trained: float) -> None:
         """The next measurement, decided at step ``now`` with ``trained`` seconds trained."""

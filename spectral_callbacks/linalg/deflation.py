@@ -11,12 +11,14 @@ cross terms ``P A Q`` are the Ritz residuals (zero for exact eigenvectors). So
   ``A`` (Weyl).
 
 Stochastic Lanczos quadrature on the complement (probes ``P z``, products with ``P A P``)
-then meets a spectrum without its outliers: its Gauss nodes spread over the bulk's range
-instead of ``[λ_min, λ_max]``, so fewer steps resolve the bulk and its low end (Lin, Saad &
-Yang 2016 discuss such spectrum-sweeping deflation). And the first step of each probe's
-recurrence computes ``(P z)ᵀ A (P z) = ‖P z‖² α_1``, one sample of the deflated Hutchinson
-estimator: :func:`deflated_spectrum` draws the trace's probes and runs the density on the
-first of them, so those samples cost nothing more.
+then meets a spectrum without its outliers: they enter as exact nodes instead of through
+each probe's random weight on them, and the low end of the spectrum converges sooner (an
+extreme Ritz value converges at a rate set by its gap over the range of the rest). The
+quadrature's resolution inside the bulk stays what the number of steps gives, as without
+deflation. And the first step of each probe's recurrence computes
+``(P z)ᵀ A (P z) = ‖P z‖² α_1``, one sample of the deflated Hutchinson estimator:
+:func:`deflated_spectrum` draws the trace's probes and runs the density on the first of
+them, so those samples cost nothing more.
 """
 
 from __future__ import annotations
@@ -124,7 +126,7 @@ def deflated_spectrum(
     eigenvalues: torch.Tensor,
     trace_hvps: int | None = 33,
     density_probes: int | None = 4,
-    density_steps: int = 32,
+    density_steps: int = 64,
     seed: int = 0,
     residuals: torch.Tensor | None = None,
     reorthogonalize: bool | None = None,

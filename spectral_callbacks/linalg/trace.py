@@ -160,9 +160,7 @@ def hutchpp(
     basis = torch.linalg.qr(sketch.T).Q.T
     del sketch
     top_part = float(_quadratic_forms(operator, basis, block_size).sum())
-    probes = _rademacher(num_probes, operator, generator)
-    for chunk in probes.split(block_size):  # in place, block by block: no s × n temporaries
-        chunk -= (chunk @ basis.T) @ basis
+    probes = project_out(_rademacher(num_probes, operator, generator), basis, block_size)
     forms = _quadratic_forms(operator, probes, block_size)
     rest, stderr = _mean_and_stderr(forms)
     return TraceEstimate(
@@ -242,7 +240,8 @@ def deflation_basis(
 
 
 def project_out(rows: torch.Tensor, basis: torch.Tensor, block_size: int = 16) -> torch.Tensor:
-    """``rows (I - basisᵀ basis)`` for orthonormal ``basis`` rows, in place, block by block."""
+    """``rows (I - basisᵀ basis)`` for orthonormal ``basis`` rows, in place, block by block
+    (no temporaries of the rows' whole size)."""
     for chunk in rows.split(block_size):
         chunk -= (chunk @ basis.T) @ basis
     return rows

@@ -133,6 +133,30 @@ def test_a_monitor_without_a_schedule_keeps_to_its_share_and_logs_it():
     assert monitor.overhead == pytest.approx(2.0 * len(steps) / 300)
 
 
+def test_the_seconds_of_publishing_count_in_the_budget():
+    # Figures and loggers can take longer than a cheap measurement: 1 s to measure and 2 s
+    # to publish, at a 10 % share, must space the measurements by 30 s of training, not 10.
+    monitor = SharpnessMonitor(max_overhead=0.1)
+    clock = FakeClock([monitor], step_seconds=1.0, measurement_seconds=1.0)
+    publish = monitor._publish
+
+    def slow_publish(*args, **kwargs):
+        clock.now += 2.0
+        return publish(*args, **kwargs)
+
+    monitor._publish = slow_publish
+    _fit([clock, monitor], steps=300)
+    steps = [step for step, _ in monitor.history]
+    assert len(steps) >= 5
+    assert monitor.overhead == pytest.approx(3.0 * len(steps) / 300)
+    assert monitor.overhead <= 0.1 + 1e-9
+    # The share logged with measurement k counts its own measuring and the publishing of
+    # the k - 1 before it.
+    for k, (step, values) in enumerate(monitor.history[1:], start=2):
+        share = values["spectral/hessian/sharpness_overhead"]
+        assert share == pytest.approx((3.0 * k - 2.0) / step)
+
+
 def test_a_resumed_run_continues_the_schedule_of_the_uninterrupted_run(tmp_path):
     whole_monitor = SharpnessMonitor(max_overhead=0.1)
     _fit([FakeClock([whole_monitor]), whole_monitor], steps=120)
