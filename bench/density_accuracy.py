@@ -114,7 +114,7 @@ def study(label: str, build, seeds: int) -> dict:
     with HessianOperator(model, loss_fn, batch) as operator:
         n = operator.size
         spectrum = torch.linalg.eigvalsh(dense_hessian(operator))
-        exact = SpectralDensity(spectrum.reshape(1, -1), torch.full((1, n), 1.0 / n), 0)
+        exact = SpectralDensity.of_spectrum(spectrum)
         truth = density_scalars(exact, spectrum.flip(0)[:10], n)
         radius = float(spectrum.abs().max())
         top = eigenpairs(operator, k=10, tol=1e-3, return_eigenvectors=True)

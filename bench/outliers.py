@@ -58,10 +58,7 @@ def study(seed: int, steps: int, smoke: bool) -> dict:
         dense = dense_hessian(operator)
         spectrum = torch.linalg.eigvalsh(dense).flip(0)
         n = operator.size
-        exact_density = SpectralDensity(
-            nodes=spectrum.unsqueeze(0), weights=torch.full((1, n), 1.0 / n), num_hvps=0
-        )
-        exact = count_outliers(spectrum[:20], exact_density, n)
+        exact = count_outliers(spectrum[:20], SpectralDensity.of_spectrum(spectrum), n)
         top = lanczos(operator, k=20, tol=1e-6, seed=seed).eigenvalues
         density = slq(operator, num_probes=8, steps=64, seed=seed)
         estimated = count_outliers(top, density, n)

@@ -80,6 +80,13 @@ class SpectralDensity:
     residuals: torch.Tensor | None = None
     reorthogonalized: bool = True
 
+    @classmethod
+    def of_spectrum(cls, eigenvalues: torch.Tensor) -> SpectralDensity:
+        """The exact spectral measure ``(1/n) Σ_j δ(λ - λ_j)`` of known eigenvalues, as one
+        rule with a node of weight ``1/n`` per eigenvalue (the reference SLQ estimates)."""
+        nodes = torch.as_tensor(eigenvalues, dtype=torch.float64).reshape(1, -1)
+        return cls(nodes, torch.full_like(nodes, 1.0 / nodes.shape[1]), num_hvps=0)
+
     def evaluate(self, grid: torch.Tensor, sigma: float) -> torch.Tensor:
         """Gaussian-smoothed density on ``grid``, averaged over probes.
 

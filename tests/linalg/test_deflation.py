@@ -29,12 +29,6 @@ def outliers_over_a_bulk(n: int = 300, seed: int = 3) -> tuple[torch.Tensor, tor
     return matrix_with_spectrum(spectrum, seed=seed + 1), torch.sort(spectrum).values
 
 
-def exact_density(spectrum: torch.Tensor) -> SpectralDensity:
-    """The spectral measure itself, as a one-probe rule with weight 1/n per eigenvalue."""
-    n = spectrum.numel()
-    return SpectralDensity(spectrum.reshape(1, -1), torch.full((1, n), 1.0 / n), 0)
-
-
 def density_of(operator, top, probes: int, steps: int, seed: int) -> SpectralDensity:
     """The deflated density alone (no trace)."""
     return deflated_spectrum(
@@ -110,7 +104,7 @@ def test_lambda_min_converges_faster_and_the_outliers_are_exact(solved, seed):
     full = slq(operator, num_probes=4, steps=24, seed=seed)
     lowest = float(spectrum[0])
     assert 0 <= deflated.lambda_min - lowest <= full.lambda_min - lowest
-    truth = count_outliers(top.eigenvalues, exact_density(spectrum), n)
+    truth = count_outliers(top.eigenvalues, SpectralDensity.of_spectrum(spectrum), n)
     report = count_outliers(top.eigenvalues, deflated, n)
     assert report.count == truth.count == 8
     assert report.bulk_edge == pytest.approx(truth.bulk_edge, abs=0.1)

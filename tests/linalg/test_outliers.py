@@ -42,9 +42,9 @@ def test_a_dense_spectrum_reads_like_its_density():
     """The rule on the exact spectrum (one node per eigenvalue, weight 1/n): the reference
     the benchmark compares SLQ's count with."""
     spectrum = torch.cat([marchenko_pastur_bulk(N - 2, 0), torch.tensor([5.0, 7.0]).double()])
-    exact = SpectralDensity(
-        nodes=spectrum.unsqueeze(0), weights=torch.full((1, N), 1.0 / N), num_hvps=0
-    )
+    exact = SpectralDensity.of_spectrum(spectrum)
+    assert float(exact.moment(1)) == pytest.approx(float(spectrum.mean()), rel=1e-12)
+    assert exact.lambda_min == float(spectrum.min()) and exact.support[1] == 7.0
     report = count_outliers(spectrum.sort(descending=True).values[:12], exact, N)
     assert report.count == 2
     with pytest.raises(ValueError, match="min_count must be"):
