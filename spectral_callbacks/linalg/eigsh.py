@@ -379,6 +379,32 @@ class _RitzPairs:
     errors: torch.Tensor
     gaps: torch.Tensor
 
+    @classmethod
+    def check(
+        cls,
+        operator: SymmetricOperator,
+        settings: EigenSettings,
+        values: torch.Tensor,
+        vectors: torch.Tensor,
+        index: torch.Tensor,
+        all_residuals: torch.Tensor,
+    ) -> _RitzPairs:
+        """The convergence check of the wanted pairs ``index`` of a projected matrix's
+        eigenpairs ``(values, vectors)``, whose Ritz residuals are ``all_residuals``: their
+        error bounds (:func:`error_bounds`, above the products' :func:`product_error_floor`)
+        and which of them meet ``settings.tol`` (:func:`converged_pairs`)."""
+        scale = float(values.abs().max())
+        floor = product_error_floor(operator, scale)
+        errors, gaps = error_bounds(values, all_residuals, index, floor, settings.criterion)
+        residuals = all_residuals[index]
+        converged = converged_pairs(operator, values[index], errors, residuals, settings.tol, scale)
+        return cls(values, vectors, index, residuals, converged, errors, gaps)
+
+    @property
+    def all_converged(self) -> bool:
+        """Whether every wanted pair meets the tolerance."""
+        return bool(self.converged.all())
+
     def result(
         self,
         operator: SymmetricOperator,
@@ -587,18 +613,15 @@ def _lanczos(
             return _non_finite_result(k, products, products, "lanczos")
         values, vectors = torch.linalg.eigh(projected)
         index = select_ritz(values, k, which)
-        all_residuals = (last_coupling * vectors[-1]).abs()
-        scale = float(values.abs().max())
-        floor = product_error_floor(operator, scale)
-        errors, gaps = error_bounds(values, all_residuals, index, floor, settings.criterion)
-        residuals = all_residuals[index]
-        converged = converged_pairs(operator, values[index], errors, residuals, tol, scale)
-        schedule.checked(products, _worst_ratio(errors, values[index], tol))
+        ritz = _RitzPairs.check(
+            operator, settings, values, vectors, index, (last_coupling * vectors[-1]).abs()
+        )
+        schedule.checked(products, _worst_ratio(ritz.errors, values[index], tol))
         logger.debug(
             "lanczos step %d: %s, residuals %s",
             products,
             values[index].tolist(),
-            residuals.tolist(),
+            ritz.residuals.tolist(),
         )
         # A zero coupling is a breakdown at this very step: the basis spans an invariant
         # space, so every residual is 0, yet eigenvalues outside it (another copy of a
@@ -613,7 +636,7 @@ def _lanczos(
                 torch.allclose(wanted, invariant_values, rtol=tol, atol=0.0)
             )
             invariant_values = wanted
-        if (bool(converged.all()) and settled) or products >= max_steps:
+        if (ritz.all_converged and settled) or products >= max_steps:
             break
         if full:
             m = recurrence.steps
@@ -627,7 +650,6 @@ def _lanczos(
             else:
                 kept = select_ritz(values, k + (m - k) // 2, which)
             recurrence.thick_restart(vectors[:, kept], values[kept], last_coupling)
-    ritz = _RitzPairs(values, vectors, index, residuals, converged, errors, gaps)
     basis = recurrence.basis[0, : recurrence.steps]
     return ritz.result(
         operator, settings, basis, products, products, return_eigenvectors, "lanczos"
@@ -716,23 +738,21 @@ def _block_lanczos(
         wanted = min(k, values.shape[0])
         index = select_ritz(values, wanted, which)
         all_residuals = (last_coupling @ vectors[(m - 1) * p :]).norm(dim=0)
-        scale = float(values.abs().max())
-        floor = product_error_floor(operator, scale)
-        errors, gaps = error_bounds(values, all_residuals, index, floor, settings.criterion)
-        residuals = all_residuals[index]
-        converged = converged_pairs(operator, values[index], errors, residuals, tol, scale)
-        schedule.checked(m, _worst_ratio(errors, values[index], tol))
+        ritz = _RitzPairs.check(operator, settings, values, vectors, index, all_residuals)
+        schedule.checked(m, _worst_ratio(ritz.errors, values[index], tol))
         logger.debug(
-            "block lanczos step %d: %s, residuals %s", m, values[index].tolist(), residuals.tolist()
+            "block lanczos step %d: %s, residuals %s",
+            m,
+            values[index].tolist(),
+            ritz.residuals.tolist(),
         )
-        if (wanted == k and bool(converged.all())) or m >= max_blocks:
+        if (wanted == k and ritz.all_converged) or m >= max_blocks:
             break
-    if not (wanted == k and bool(converged.all())) and m * p < n <= budget:
+    if not (wanted == k and ritz.all_converged) and m * p < n <= budget:
         # Whole blocks stop short of the dimension when p does not divide n, and the last
         # n - m·p directions fit in no block. The budget covers n products, which give the
         # matrix itself.
         return _dense_eigenpairs(operator, k, which, tol, p, m, return_eigenvectors)
-    ritz = _RitzPairs(values, vectors, index, residuals, converged, errors, gaps)
     basis = recurrence.basis[: m * p]
     return ritz.result(operator, settings, basis, m * p, m, return_eigenvectors, "block_lanczos")
 
