@@ -98,7 +98,7 @@ def _complement_density(
     if k >= n:  # nothing left: the Ritz pairs are the whole spectrum
         forms = torch.zeros(probes.shape[0], dtype=torch.float64)
         return SpectralDensity(ritz_nodes, ritz_weights, 0, ritz_residuals), forms
-    squared_norms = (probes.double() ** 2).sum(dim=1).cpu()
+    squared_norms = (probes * probes).sum(dim=1, dtype=torch.float64).cpu()  # no float64 copy
     rest = slq(
         ComplementOperator(operator, basis),
         steps=min(steps, n - k),
