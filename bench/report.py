@@ -232,29 +232,29 @@ def markdown(results: dict) -> str:
     lines += table(
         ["workload", "HVP path", "measurements", "median s", "gradient-times", "HVPs"], rows
     )
-    o = results.get("training_overhead")
-    if o is not None:
-        lines += [
-            "",
-            f"**4. Training overhead** of `SharpnessMonitor(every_n_steps={o['every_n_steps']})`, "
-            f"{o['model']}, {o['steps']} SGD steps: {o['plain_s']:.2f} s → "
-            f"{o['monitored_s']:.2f} s ({100 * o['overhead']:+.1f} %).",
-        ]
     memory = ", ".join(
         f"{n}: {_mib(e.get('peak_extra_memory_mib', 'not run'))} "
         f"(unbounded basis: {_mib(e.get('peak_extra_memory_unbounded_mib', 'not run'))})"
         for n, e in workloads.items()
     )
-    lines += ["", f"**5. Peak extra device memory of a cold top-1 measurement**: {memory}"]
-    r = results.get("representation")
-    if r is not None:
-        lines += [
-            "",
+    o, r = results.get("training_overhead"), results.get("representation")
+    paragraphs = [
+        o
+        and (
+            f"**4. Training overhead** of `SharpnessMonitor(every_n_steps={o['every_n_steps']})`, "
+            f"{o['model']}, {o['steps']} SGD steps: {o['plain_s']:.2f} s → "
+            f"{o['monitored_s']:.2f} s ({100 * o['overhead']:+.1f} %)."
+        ),
+        f"**5. Peak extra device memory of a cold top-1 measurement**: {memory}",
+        r
+        and (
             f"**6. RankMe of {r['shape'][0]} × {r['shape'][1]} embeddings**: streaming float64 "
             f"covariance {r['ours_seconds']:.3f} s, `torch.linalg.svdvals` (float64) "
             f"{r['svdvals_seconds']:.3f} s; RankMe {r['rankme_ours']:.4f} vs "
-            f"{r['rankme_svdvals']:.4f} (relative difference {r['relative_difference']:.1e}).",
-        ]
+            f"{r['rankme_svdvals']:.4f} (relative difference {r['relative_difference']:.1e})."
+        ),
+    ]
+    lines += [line for text in paragraphs if text for line in ("", text)]
     return "\n".join(lines) + "\n"
 
 

@@ -476,7 +476,8 @@ def run(
     tools of figures 2a and 2b (see :func:`time_to_accuracy`)."""
     results: dict = {"workloads": {}}
     for name in workloads:
-        model, batch, loss_fn = make_workload(name, device)
+        workload = make_workload(name, device)
+        model, batch, loss_fn = workload
         params = sum(p.numel() for p in model.parameters())
         print(f"[{name}] {params:,} parameters", flush=True)
         entry: dict = {"parameters": params}
@@ -491,16 +492,7 @@ def run(
             if figure in figures:
                 print(f"[{name}] {figure}", flush=True)
                 entry[figure] = time_to_accuracy(
-                    model,
-                    batch,
-                    loss_fn,
-                    device,
-                    repeats,
-                    reference,
-                    k=k,
-                    tol=tol,
-                    compiled=compiled,
-                    tools=tools,
+                    *workload, device, repeats, reference, k, tol, compiled, tools=tools
                 )
                 save(results)
         if "warm" in figures:

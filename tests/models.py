@@ -70,6 +70,20 @@ def tanh_mlp(widths=(4, 6, 5, 3)) -> nn.Module:
     return mlp(widths)
 
 
+def noisy_mlp(
+    inputs: int, hidden: int, outputs: int, dropout: float, activation=nn.Tanh
+) -> nn.Sequential:
+    """Linear, BatchNorm, activation, Dropout, Linear: randomness and running statistics in
+    train mode, everything a measurement must leave untouched."""
+    return nn.Sequential(
+        nn.Linear(inputs, hidden),
+        nn.BatchNorm1d(hidden),
+        activation(),
+        nn.Dropout(dropout),
+        nn.Linear(hidden, outputs),
+    )
+
+
 def bn_cnn() -> nn.Module:
     return nn.Sequential(
         nn.Conv2d(2, 3, 3, padding=1),
@@ -186,9 +200,7 @@ class NoisyClassifier(LightningModule):
 
     def __init__(self) -> None:
         super().__init__()
-        self.net = nn.Sequential(
-            nn.Linear(6, 16), nn.BatchNorm1d(16), nn.Tanh(), nn.Dropout(0.2), nn.Linear(16, 3)
-        )
+        self.net = noisy_mlp(6, 16, 3, dropout=0.2)
 
     def forward(self, x):
         return self.net(x)

@@ -196,6 +196,14 @@ class SpectralMonitor(Callback):
     #: The clock measurements and training are timed by (tests replace it).
     clock: Callable[[], float] = staticmethod(time.perf_counter)
 
+    @classmethod
+    def _base_arguments(cls, arguments: Mapping[str, Any]) -> dict[str, Any]:
+        """The arguments of :class:`SpectralMonitor`'s constructor among ``arguments`` (a
+        subclass constructor's ``locals()``); those a subclass does not take keep their
+        defaults here."""
+        names = tuple(inspect.signature(SpectralMonitor.__init__).parameters)[1:]
+        return {name: arguments[name] for name in names if name in arguments}
+
     def __init__(
         self,
         every_n_steps: int | None,

@@ -101,7 +101,7 @@ class BatchSharpnessMonitor(SpectralMonitor):
         name: str | None = None,
         max_overhead: float = DEFAULT_MAX_OVERHEAD,
     ) -> None:
-        super().__init__(every_n_steps, eval_mode=eval_mode, name=name, max_overhead=max_overhead)
+        super().__init__(**self._base_arguments(locals()))
         self.window = check_integer("window", window, minimum=1)
         self.loss_fn = check_callable(
             "loss_fn", loss_fn, "loss_fn(model, batch) -> scalar", True, arguments=2

@@ -71,15 +71,7 @@ class _HessianMonitor(SpectralMonitor):
     def __init__(self, arguments: Mapping[str, Any]) -> None:
         """``arguments``: the subclass constructor's arguments (its ``locals()``), of which
         the solver and operator settings are built by name."""
-        super().__init__(
-            arguments["every_n_steps"],
-            arguments["probe_batches"],
-            arguments["probe_data"],
-            arguments["eval_mode"],
-            name=arguments["name"],
-            figure_every_n_steps=arguments["figure_every_n_steps"],
-            max_overhead=arguments["max_overhead"],
-        )
+        super().__init__(**self._base_arguments(arguments))
         loss_fn, warm_start = arguments["loss_fn"], arguments["warm_start"]
         checkpoint_warm_start = arguments["checkpoint_warm_start"]
         check_callable("loss_fn", loss_fn, "loss_fn(model, batch) -> scalar", True, arguments=2)

@@ -126,15 +126,7 @@ class RepresentationMonitor(SpectralMonitor):
         figure_every_n_steps: int | None = None,
         max_overhead: float = DEFAULT_MAX_OVERHEAD,
     ) -> None:
-        super().__init__(
-            every_n_steps,
-            probe_batches=1,
-            probe_data=probe_data,
-            eval_mode=eval_mode,
-            name=name,
-            figure_every_n_steps=figure_every_n_steps,
-            max_overhead=max_overhead,
-        )
+        super().__init__(**self._base_arguments(locals()))  # one probe batch: the base's default
         if isinstance(layers, str):
             layers = (layers,)
         if (

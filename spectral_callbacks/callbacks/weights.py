@@ -159,12 +159,7 @@ class WeightSpectrumMonitor(SpectralMonitor):
         figure_every_n_steps: int | None = None,
         max_overhead: float = DEFAULT_MAX_OVERHEAD,
     ) -> None:
-        super().__init__(
-            every_n_steps,
-            name=name,
-            figure_every_n_steps=figure_every_n_steps,
-            max_overhead=max_overhead,
-        )
+        super().__init__(**self._base_arguments(locals()))
         check_layer_filter(layers)
         check_bool("farms", farms)
         check_number("aspect_ratio", aspect_ratio, minimum=1.0)

@@ -94,16 +94,21 @@ def _grow(buffer: torch.Tensor, dim: int, needed: int, limit: int) -> torch.Tens
 
 class _IndependentRecurrences:
     """What :class:`IndependentLanczos` and :class:`ThreeTermLanczos` share: ``b`` processes,
-    float64 coefficients, the breakdown test and the restart candidates."""
+    float64 coefficients, the breakdown test and the restart candidates. The coefficient
+    buffers hold ``capacity`` steps at first (default ``max_steps``); a subclass sets up its
+    basis in :meth:`_begin`."""
 
     def __init__(
         self,
         operator: SymmetricOperator,
         start: torch.Tensor,
-        capacity: int,
+        max_steps: int,
         generator: torch.Generator,
+        capacity: int | None = None,
     ) -> None:
+        capacity = max_steps if capacity is None else capacity
         self.operator = operator
+        self.max_steps = max_steps
         self.width = start.shape[0]
         self.alpha = torch.zeros(self.width, capacity, dtype=torch.float64, device=start.device)
         self.beta = torch.zeros(self.width, capacity, dtype=torch.float64, device=start.device)
@@ -121,6 +126,11 @@ class _IndependentRecurrences:
         # Steps ever taken; differs from ``steps`` (the basis position) after a thick restart.
         self.products = 0
         self.product_scale = ProductScale()
+        self._begin(start / start.norm(dim=1, keepdim=True), capacity)
+
+    def _begin(self, start: torch.Tensor, capacity: int) -> None:
+        """Set up the basis storage from the normalised ``(b, n)`` start vectors."""
+        raise NotImplementedError
 
     def _broken(self, alpha: torch.Tensor, norm: torch.Tensor) -> torch.Tensor:
         """Which processes broke down: a new direction negligible at the operator's scale."""
@@ -177,12 +187,13 @@ class IndependentLanczos(_IndependentRecurrences):
         preallocate: bool = False,
     ) -> None:
         capacity = max_steps + 1 if preallocate else min(max_steps + 1, 32)
-        super().__init__(operator, start, capacity, generator)
-        self.max_steps = max_steps
+        super().__init__(operator, start, max_steps, generator, capacity)
+
+    def _begin(self, start: torch.Tensor, capacity: int) -> None:
         # Layout (b, step, n): each process's basis is a contiguous (steps, n) matrix, so
         # the projections below are plain batched matrix products without copies.
         self.basis = start.new_zeros(self.width, capacity, start.shape[1])
-        self.basis[:, 0] = start / start.norm(dim=1, keepdim=True)
+        self.basis[:, 0] = start
         # After a thick restart: the couplings ``β_m s_{m,i}`` of the kept Ritz vectors
         # (basis rows ``0..l-1``) to basis row ``l``, on the host in float64.
         self.arrow = torch.zeros(0, dtype=torch.float64)
@@ -280,16 +291,9 @@ class ThreeTermLanczos(_IndependentRecurrences):
         generator: Random generator for the restart vectors, on the operator's device.
     """
 
-    def __init__(
-        self,
-        operator: SymmetricOperator,
-        start: torch.Tensor,
-        max_steps: int,
-        generator: torch.Generator,
-    ) -> None:
-        super().__init__(operator, start, max_steps, generator)
-        self.current = start / start.norm(dim=1, keepdim=True)
-        self.previous = torch.zeros_like(self.current)
+    def _begin(self, start: torch.Tensor, capacity: int) -> None:
+        self.current = start
+        self.previous = torch.zeros_like(start)
 
     def _project_out_kept(self, w: torch.Tensor) -> torch.Tensor:
         for vector in (self.current, self.previous):

@@ -30,9 +30,7 @@ from spectral_callbacks.functional import (
 )
 from spectral_callbacks.representation import as_embedding_matrix
 
-from ..models import (
-    trainer_kwargs,
-)
+from ..models import noisy_mlp, trainer_kwargs
 from ..runs import Snapshots, read_events
 
 
@@ -41,9 +39,7 @@ class Encoder(L.LightningModule):
 
     def __init__(self) -> None:
         super().__init__()
-        self.encoder = nn.Sequential(
-            nn.Linear(8, 24), nn.BatchNorm1d(24), nn.ReLU(), nn.Dropout(0.1), nn.Linear(24, 16)
-        )
+        self.encoder = noisy_mlp(8, 24, 16, dropout=0.1, activation=nn.ReLU)
         self.head = nn.Linear(16, 3)
 
     def forward(self, x):

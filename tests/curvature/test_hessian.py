@@ -28,6 +28,7 @@ from ..models import (
     cross_entropy_loss,
     make_case,
     model_state,
+    noisy_mlp,
     tanh_mlp,
 )
 from ..oracles import assert_within_stated_bounds, dense_hessian_func, dense_hessian_rows
@@ -284,9 +285,7 @@ class _NoisyModel(nn.Module):
 
     def __init__(self) -> None:
         super().__init__()
-        self.body = nn.Sequential(
-            nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Tanh(), nn.Dropout(0.3), nn.Linear(8, 3)
-        )
+        self.body = noisy_mlp(4, 8, 3, dropout=0.3)
         self.frozen = nn.Linear(3, 3)
         self.frozen.requires_grad_(False)
 

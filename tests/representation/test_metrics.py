@@ -12,21 +12,19 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from spectral_callbacks.functional import (
+from spectral_callbacks.representation import (
+    COLLAPSED,
+    CovarianceAccumulator,
     alpha_req,
+    alpha_req_fit,
+    as_embedding_matrix,
+    capture_features,
+    covariance_spectrum,
     effective_rank,
     participation_ratio,
     rankme,
     stable_rank,
     von_neumann_entropy,
-)
-from spectral_callbacks.representation import (
-    COLLAPSED,
-    CovarianceAccumulator,
-    alpha_req_fit,
-    as_embedding_matrix,
-    capture_features,
-    covariance_spectrum,
 )
 
 
