@@ -159,11 +159,7 @@ def measure_model(
             continue
         callbacks = last[name]
         history = callbacks[0].history
-        products = [
-            v.get("spectral/hessian/num_hvps", v.get("spectral/hessian/spectrum_num_hvps"))
-            for _, v in history
-        ]
-        products = [p for p in products if p is not None]
+        products = _products(callbacks[0])
         rows.append(
             {
                 "model": model_name,
@@ -181,11 +177,22 @@ def measure_model(
     return rows
 
 
+def _products(callback) -> list[float]:
+    """Hessian-vector products of each of a monitor's measurements (none for the monitors
+    that make no products)."""
+    counts = [
+        v.get("spectral/hessian/num_hvps", v.get("spectral/hessian/spectrum_num_hvps"))
+        for _, v in callback.history
+    ]
+    return [count for count in counts if count is not None]
+
+
 def _monitor_summary(callback) -> dict:
     """What one monitor of a run did: its measurements, when, at what cost, and the share of
     training time it reports having spent."""
     steps = [step for step, _ in callback.history]
     seconds = callback._bench_seconds
+    products = _products(callback)
     return {
         "monitor": type(callback).__name__,
         "measurements": len(steps),
@@ -193,6 +200,8 @@ def _monitor_summary(callback) -> dict:
         "first_step": steps[0] if steps else None,
         "first_seconds": seconds[0] if seconds else None,
         "median_seconds": statistics.median(seconds) if seconds else None,
+        "first_products": products[0] if products else None,
+        "median_products": statistics.median(products) if products else None,
         "reported_share": callback.overhead,
     }
 
@@ -238,7 +247,15 @@ def budget_monitors(model_name: str) -> dict:
 
 
 DETAIL_HEADER = ["model", "run", "steps", "monitor", "measurements", "first at step"]
-DETAIL_HEADER += ["first s", "median s", "reported share"]
+DETAIL_HEADER += ["first s", "median s", "products (first; median)", "reported share"]
+
+
+def _counts_cells(row: dict) -> list:
+    """Measurements and products of a run with one monitor; those of each monitor of a run
+    with several are in the second table."""
+    if len(row.get("monitors", [])) > 1:
+        return ["each below", "each below"]
+    return [row["measurements"], f"{row['first_products']:.0f}; {row['median_products']:.0f}"]
 
 
 def markdown(rows: list[dict], meta: dict) -> str:
@@ -256,8 +273,7 @@ def markdown(rows: list[dict], meta: dict) -> str:
             row["model"],
             f"`{row['monitor']}`",
             f"{row.get('steps', 1000)}; {row.get('repeats', 3)}",
-            row["measurements"],
-            f"{row['first_products']:.0f}; {row['median_products']:.0f}",
+            *_counts_cells(row),
             f"{row['seconds']:.2f} s (vs {row['base_seconds']:.2f} s)",
             f"{100 * row['overhead']:+.1f} %",
             f"{100 * row['measurement_share']:.1f} %",
@@ -275,6 +291,11 @@ def markdown(rows: list[dict], meta: dict) -> str:
             entry["first_step"],
             f"{entry['first_seconds']:.2f}" if entry["first_seconds"] is not None else "",
             f"{entry['median_seconds']:.2f}" if entry["median_seconds"] is not None else "",
+            (
+                f"{entry['first_products']:.0f}; {entry['median_products']:.0f}"
+                if entry.get("first_products") is not None
+                else ""
+            ),
             f"{100 * entry['reported_share']:.1f} %",
         ]
         for row in rows
@@ -285,7 +306,8 @@ def markdown(rows: list[dict], meta: dict) -> str:
     lines = [
         "",
         "Each monitor of the runs with the budget: its measurements, the step and seconds of "
-        "the first, the median seconds of one, and the share of training time it reports.",
+        "the first, the median seconds of one, its products (first; median; empty where not "
+        "recorded) and the share of training time it reports.",
         "",
         *table(DETAIL_HEADER, detail),
     ]
