@@ -94,9 +94,9 @@ def _grow(buffer: torch.Tensor, dim: int, needed: int, limit: int) -> torch.Tens
 
 class _IndependentRecurrences:
     """What :class:`IndependentLanczos` and :class:`ThreeTermLanczos` share: ``b`` processes,
-    float64 coefficients, the breakdown test and the restart candidates. The coefficient
-    buffers hold ``capacity`` steps at first (default ``max_steps``); a subclass sets up its
-    basis in :meth:`_begin`."""
+    float64 coefficients, the breakdown test and the restart candidates. A subclass says how
+    many steps its buffers hold at first (:meth:`_capacity`) and sets up its basis
+    (:meth:`_begin`)."""
 
     def __init__(
         self,
@@ -104,9 +104,9 @@ class _IndependentRecurrences:
         start: torch.Tensor,
         max_steps: int,
         generator: torch.Generator,
-        capacity: int | None = None,
+        preallocate: bool = False,
     ) -> None:
-        capacity = max_steps if capacity is None else capacity
+        capacity = self._capacity(max_steps, preallocate)
         self.operator = operator
         self.max_steps = max_steps
         self.width = start.shape[0]
@@ -127,6 +127,10 @@ class _IndependentRecurrences:
         self.products = 0
         self.product_scale = ProductScale()
         self._begin(start / start.norm(dim=1, keepdim=True), capacity)
+
+    def _capacity(self, max_steps: int, preallocate: bool) -> int:
+        """Steps the coefficient buffers hold at first."""
+        return max_steps
 
     def _begin(self, start: torch.Tensor, capacity: int) -> None:
         """Set up the basis storage from the normalised ``(b, n)`` start vectors."""
@@ -178,16 +182,8 @@ class IndependentLanczos(_IndependentRecurrences):
             steps: growing by doubling holds the old and the new buffer at the same time).
     """
 
-    def __init__(
-        self,
-        operator: SymmetricOperator,
-        start: torch.Tensor,
-        max_steps: int,
-        generator: torch.Generator,
-        preallocate: bool = False,
-    ) -> None:
-        capacity = max_steps + 1 if preallocate else min(max_steps + 1, 32)
-        super().__init__(operator, start, max_steps, generator, capacity)
+    def _capacity(self, max_steps: int, preallocate: bool) -> int:
+        return max_steps + 1 if preallocate else min(max_steps + 1, 32)
 
     def _begin(self, start: torch.Tensor, capacity: int) -> None:
         # Layout (b, step, n): each process's basis is a contiguous (steps, n) matrix, so
@@ -289,6 +285,8 @@ class ThreeTermLanczos(_IndependentRecurrences):
         start: ``(b, n)`` start vectors (normalised here).
         max_steps: Number of steps the coefficient buffers hold.
         generator: Random generator for the restart vectors, on the operator's device.
+        preallocate: No effect: the coefficient buffers always hold ``max_steps`` steps and
+            there is no basis to grow.
     """
 
     def _begin(self, start: torch.Tensor, capacity: int) -> None:
