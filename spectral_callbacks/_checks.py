@@ -43,15 +43,7 @@ def check_integer(
 ) -> int | None:
     """``value`` must be an integer (not a bool) in ``[minimum, maximum]``, or ``None`` if
     ``allow_none``."""
-    if value is None and allow_none:
-        return None
-    bounds = _bounds_text(minimum, maximum, inclusive=True)
-    allowed = f"an integer{bounds}" + (" or None" if allow_none else "")
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be {allowed}, got {value!r}")
-    if (minimum is not None and value < minimum) or (maximum is not None and value > maximum):
-        raise ValueError(f"{name} must be {allowed}, got {value!r}")
-    return int(value)
+    return _check_in_range(name, value, "an integer", int, minimum, maximum, True, allow_none)
 
 
 def check_number(
@@ -64,14 +56,30 @@ def check_number(
 ) -> float | None:
     """``value`` must be a finite real number (not a bool or a string) in the given range,
     bounds included unless ``inclusive=False``, or ``None`` if ``allow_none``."""
+    return _check_in_range(
+        name, value, "a finite number", float, minimum, maximum, inclusive, allow_none
+    )
+
+
+def _check_in_range(
+    name: str,
+    value: Any,
+    noun: str,
+    kind: type[int] | type[float],
+    minimum: float | None,
+    maximum: float | None,
+    inclusive: bool,
+    allow_none: bool,
+) -> Any:
+    """The one range check behind :func:`check_integer` (``kind=int``) and
+    :func:`check_number` (``kind=float``, which also refuses NaN and infinities): ``value``
+    of ``kind`` (never a bool), converted to it, within the bounds."""
     if value is None and allow_none:
         return None
-    bounds = _bounds_text(minimum, maximum, inclusive)
-    allowed = f"a finite number{bounds}" + (" or None" if allow_none else "")
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be {allowed}, got {value!r}")
-    value = float(value)
-    outside = not math.isfinite(value)
+    allowed = noun + _bounds_text(minimum, maximum, inclusive) + (" or None" if allow_none else "")
+    _check_kind(name, value, numbers.Integral if kind is int else numbers.Real, allowed)
+    value = kind(value)
+    outside = kind is float and not math.isfinite(value)
     if minimum is not None:
         outside |= value < minimum if inclusive else value <= minimum
     if maximum is not None:
@@ -79,6 +87,13 @@ def check_number(
     if outside:
         raise ValueError(f"{name} must be {allowed}, got {value!r}")
     return value
+
+
+def _check_kind(name: str, value: Any, kind: type, allowed: str) -> None:
+    """A ``TypeError`` unless ``value`` is an instance of the numbers ABC ``kind``; a bool,
+    though an ``Integral`` to Python, is never taken for a number."""
+    if isinstance(value, bool) or not isinstance(value, kind):
+        raise TypeError(f"{name} must be {allowed}, got {value!r}")
 
 
 #: The loosest relative tolerance a solver takes. A relative residual ``r ≤ tol·|θ|`` puts
@@ -90,8 +105,7 @@ MAX_TOLERANCE = 0.5
 def check_tolerance(name: str, value: Any) -> float:
     """A solver tolerance: a number in ``(0, MAX_TOLERANCE]``."""
     allowed = f"a number > 0 and <= {MAX_TOLERANCE} (a relative residual)"
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be {allowed}, got {value!r}")
+    _check_kind(name, value, numbers.Real, allowed)
     if not (0 < value <= MAX_TOLERANCE):
         raise ValueError(f"{name} must be {allowed}, got {value!r}")
     return float(value)

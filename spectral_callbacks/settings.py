@@ -161,14 +161,11 @@ class EigenSettings(_FromArguments):
         self._set("seed", check_seed("seed", self.seed))
 
     def _check_method(self) -> None:
-        method, block_size = self.method, self.block_size
-        if isinstance(method, bool) or method not in EIGEN_METHODS:
-            raise ValueError(f"method must be one of {EIGEN_METHODS}, got {method!r}")
+        method = check_choice("method", self.method, EIGEN_METHODS)
+        block_size = check_integer("block_size", self.block_size, minimum=1, allow_none=True)
         if block_size is None:
             return
-        if not _is_integer(block_size) or block_size < 1:
-            raise ValueError(f"block_size must be a positive integer or None, got {block_size!r}")
-        self._set("block_size", int(block_size))
+        self._set("block_size", block_size)
         if method == "lanczos":
             raise ValueError(
                 f"block_size={block_size} applies to method='block_lanczos' (or 'auto'); "

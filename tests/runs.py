@@ -15,6 +15,8 @@ from lightning.pytorch.callbacks import Callback
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.custom_scalar import layout_pb2
 
+from spectral_callbacks import HessianSpectrumMonitor
+
 from .models import NoisyClassifier, classification_loader, trainer_kwargs
 
 
@@ -65,6 +67,14 @@ def custom_charts(events: EventAccumulator) -> dict[str, list[str]]:
         for category in layout.category
         for chart in category.chart
     }
+
+
+def small_spectrum_monitor(**overrides) -> HessianSpectrumMonitor:
+    """A ``HessianSpectrumMonitor`` cheap enough to run every few steps of a test run: every
+    3 steps the top 2, a trace from 6 products and a density of 2 probes × 4 steps, unless
+    ``overrides`` say otherwise."""
+    settings = dict(every_n_steps=3, k=2, trace_hvps=6, density_probes=2, density_steps=4)
+    return HessianSpectrumMonitor(**(settings | overrides))
 
 
 def fit_and_capture(callbacks, loader_seed=0, **overrides):

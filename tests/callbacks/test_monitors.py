@@ -50,6 +50,7 @@ from ..runs import (
     custom_charts,
     fit_and_capture,
     read_events,
+    small_spectrum_monitor,
     spectral_history,
 )
 
@@ -179,9 +180,7 @@ def test_edge_of_stability_full_batch_gradient_descent():
 def monitors():
     return [
         SharpnessMonitor(every_n_steps=2),
-        HessianSpectrumMonitor(
-            every_n_steps=3, k=2, trace_hvps=6, density_probes=2, density_steps=4
-        ),
+        small_spectrum_monitor(),
         SharpnessMonitor(every_n_steps=5, eval_mode=True, params="^net\\.4\\.", name="head"),
     ]
 
@@ -439,7 +438,7 @@ def test_resume_from_checkpoint_continues_the_schedule(tmp_path):
         (lambda: HessianSpectrumMonitor(k=0), "k must be an integer >= 1"),
         (lambda: HessianSpectrumMonitor(method="arnoldi"), "method must be one of"),
         (lambda: SharpnessMonitor(method="power"), "method must be one of"),
-        (lambda: SharpnessMonitor(block_size=0), "block_size must be a positive integer"),
+        (lambda: SharpnessMonitor(block_size=0), "block_size must be an integer >= 1 or None"),
         (
             lambda: HessianSpectrumMonitor(method="lanczos", block_size=4),
             "block_size=4 applies to method='block_lanczos'",

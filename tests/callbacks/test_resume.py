@@ -22,7 +22,7 @@ from ..models import (
     regression_data,
     trainer_kwargs,
 )
-from ..runs import read_events, spectral_history
+from ..runs import read_events, small_spectrum_monitor, spectral_history
 
 
 def loader():
@@ -35,9 +35,7 @@ def loader():
 def callbacks(threshold):
     return [
         SharpnessMonitor(every_n_steps=5),
-        HessianSpectrumMonitor(
-            every_n_steps=10, k=2, trace_hvps=9, density_probes=2, density_steps=4
-        ),
+        small_spectrum_monitor(every_n_steps=10, trace_hvps=9),
         SpectralEarlyStopping(
             "spectral/hessian/lambda_max", rule="above", threshold=threshold, patience=2
         ),

@@ -218,18 +218,9 @@ def test_the_spectrum_monitor_logs_layer_traces_and_sam_sharpness(tmp_path):
 
 
 def test_training_stays_bit_identical_with_every_geometry_measure():
-    from ..runs import assert_identical_runs, fit_and_capture
+    from ..runs import assert_identical_runs, fit_and_capture, small_spectrum_monitor
 
-    monitor = HessianSpectrumMonitor(
-        every_n_steps=3,
-        k=2,
-        trace_hvps=6,
-        density_probes=2,
-        density_steps=4,
-        layer_traces=4,
-        sam_radius=0.05,
-        layer_lambda_max=True,
-    )
+    monitor = small_spectrum_monitor(layer_traces=4, sam_radius=0.05, layer_lambda_max=True)
     assert_identical_runs(fit_and_capture([]), fit_and_capture([monitor]))
     assert math.isfinite(monitor.last_metrics["spectral/hessian/sam_sharpness"])
     assert math.isfinite(monitor.last_metrics["spectral/hessian/gradient_overlap"])

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from spectral_callbacks import HessianSpectrumMonitor, SharpnessMonitor
+from spectral_callbacks import SharpnessMonitor
 from spectral_callbacks.curvature import HessianOperator
 from spectral_callbacks.functional import hessian_eigenvalues, hessian_trace
 
@@ -27,7 +27,7 @@ from ..models import (
     trainer_kwargs,
 )
 from ..oracles import dense_hessian_rows
-from ..runs import assert_identical_runs, fit_and_capture, run_worker
+from ..runs import assert_identical_runs, fit_and_capture, run_worker, small_spectrum_monitor
 
 
 def _relative_errors(model, batches, loss=cross_entropy_loss, **options):
@@ -218,14 +218,7 @@ def test_float32_residuals_are_not_claimed_below_the_differences_error():
 def test_the_monitors_train_bit_identically_with_gradient_differences():
     monitors = [
         SharpnessMonitor(every_n_steps=2, hvp="gradient_difference"),
-        HessianSpectrumMonitor(
-            every_n_steps=3,
-            k=2,
-            trace_hvps=6,
-            density_probes=2,
-            density_steps=4,
-            hvp="gradient_difference",
-        ),
+        small_spectrum_monitor(hvp="gradient_difference"),
     ]
     assert_identical_runs(fit_and_capture([]), fit_and_capture(monitors))
     values = monitors[0].last_metrics
