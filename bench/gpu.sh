@@ -30,9 +30,9 @@ EOF
 status=0
 if [ -n "${OUT:-}" ]; then
   # Start from the day's results that travelled here, then write straight into $OUT.
-  cp bench/results/NVIDIA-*-"$(date -I)".json "$OUT"/ 2> /dev/null || true
+  cp bench/results/peers-NVIDIA-*-"$(date -I)".json "$OUT"/ 2> /dev/null || true
   python3 -m bench.run --device cuda --out "$OUT" "$@" || status=$?
-  cp "$OUT"/NVIDIA-* bench/results/ 2> /dev/null || true
+  cp "$OUT"/peers-NVIDIA-* bench/results/ 2> /dev/null || true
 else
   python3 -m bench.run --device cuda "$@" || status=$?
 fi

@@ -18,7 +18,7 @@ RESULTS = pathlib.Path(__file__).resolve().parent / "results"
 
 
 def keyed_merge(key: Callable[[dict], object]) -> Callable[[list[dict], list[dict]], list[dict]]:
-    """A merge for :func:`write_day_file`: new rows replace earlier rows of the same key."""
+    """A merge of rows for :func:`record_day`: new rows replace earlier rows of the same key."""
 
     def merge(earlier: list[dict], new: list[dict]) -> list[dict]:
         kept = {key(row): row for row in earlier}
@@ -28,22 +28,29 @@ def keyed_merge(key: Callable[[dict], object]) -> Callable[[list[dict], list[dic
     return merge
 
 
+def day_stem(study: str, meta: dict, out: str | pathlib.Path, suffix: str = "") -> pathlib.Path:
+    """``out/{study}-{device}-{date}{suffix}``: the day file of a study on a device, without
+    its ``.json`` / ``.md`` extension."""
+    device = meta["device"].replace(" ", "-")
+    return pathlib.Path(out) / f"{study}-{device}-{meta['date']}{suffix}"
+
+
 def write_day_file(
     stem: pathlib.Path,
-    meta: dict,
-    rows: list[dict],
-    merge: Callable[[list[dict], list[dict]], list[dict]],
-    markdown: Callable[[list[dict], dict], str],
-) -> list[dict]:
-    """Write ``rows`` (with ``meta``) to ``stem.json`` and their table to ``stem.md``,
-    merged into the rows already there: a day's runs of other workloads, monitors or parts
-    add to one file. Returns the rows written."""
+    results: dict,
+    merge: Callable[[dict, dict], dict],
+    markdown: Callable[[dict], str],
+) -> dict:
+    """Write ``results`` to ``stem.json`` and their markdown to ``stem.md``, merged
+    (``merge(earlier, results)``) into the results already there: a day's runs of other
+    workloads, figures or settings add to one file. Returns what was written."""
     path = stem.with_suffix(".json")
+    path.parent.mkdir(parents=True, exist_ok=True)
     if path.exists():
-        rows = merge(json.loads(path.read_text())["rows"], rows)
-    path.write_text(json.dumps({**meta, "rows": rows}, indent=2) + "\n")
-    stem.with_suffix(".md").write_text(markdown(rows, meta))
-    return rows
+        results = merge(json.loads(path.read_text()), results)
+    path.write_text(json.dumps(results, indent=2, default=str) + "\n")
+    stem.with_suffix(".md").write_text(markdown(results))
+    return results
 
 
 def record_day(
@@ -54,9 +61,15 @@ def record_day(
     merge: Callable[[list[dict], list[dict]], list[dict]],
     markdown: Callable[[list[dict], dict], str],
 ) -> list[dict]:
-    """:func:`write_day_file` to ``out/{study}-{device}-{date}.{json,md}``."""
-    stem = pathlib.Path(out) / f"{study}-{meta['device']}-{meta['date']}"
-    return write_day_file(stem, meta, rows, merge, markdown)
+    """:func:`write_day_file` of a study whose results are rows: ``{**meta, "rows": rows}``,
+    the earlier rows and the new ones merged by ``merge``. Returns the rows written."""
+    written = write_day_file(
+        day_stem(study, meta, out),
+        {**meta, "rows": rows},
+        lambda earlier, new: {**new, "rows": merge(earlier["rows"], new["rows"])},
+        lambda results: markdown(results["rows"], meta),
+    )
+    return written["rows"]
 
 
 def heading(title: str, meta: dict) -> str:

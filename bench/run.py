@@ -3,21 +3,18 @@
     python -m bench.run --device cuda                    # W1 W2 W3, all peers that import
     python -m bench.run --device cpu --smoke             # the tiny workload, seconds
 
-Writes ``bench/results/<device>-<date>.json`` and ``.md`` (a table per figure) and prints the
-markdown. Peers (PyHessian, hessian-eigenthings, curvlinops) are imported if installed in
-this environment (on the GPU machine they travel as wheels); a missing one is recorded as
-such, never vendored. Timings synchronise the device, warm up once, and take the median
-of ``--repeats`` runs.
+Writes ``bench/results/peers-<device>-<date>.json`` and ``.md`` (a table per figure; runs
+before 2026-12-06 are ``<device>-<date>``) and prints the markdown. Peers (PyHessian,
+hessian-eigenthings, curvlinops) are imported if installed in this environment (on the GPU
+machine they travel as wheels); a missing one is recorded as such, never vendored. Timings
+synchronise the device, warm up once, and take the median of ``--repeats`` runs.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
-import datetime as dt
-import json
 import math
-import pathlib
 import re
 import statistics
 import warnings
@@ -29,20 +26,21 @@ from torch import nn
 
 from bench.harness import (
     bare_trainer,
-    device_label,
     gradient_ms,
     max_relative_error,
+    run_meta,
     stopwatch,
     sync,
     timed,
 )
-from bench.report import RESULTS, markdown
+from bench.report import day_stem, markdown, write_day_file
+from bench.study import study_parser, workload_names
 from spectral_callbacks.curvature import HessianOperator
 from spectral_callbacks.functional import hessian_eigenvalues, rankme
 from spectral_callbacks.linalg import lanczos
 from spectral_callbacks.linalg.eigsh import default_max_iter
 from spectral_callbacks.representation import CovarianceAccumulator
-from spectral_callbacks.workloads import WORKLOADS, classification_loss, make_workload, mlp
+from spectral_callbacks.workloads import classification_loss, make_workload, mlp
 
 # -- figure 1: HVP paths ------------------------------------------------------------------------
 
@@ -561,11 +559,12 @@ def merge_results(earlier: dict, new: dict) -> dict:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--workloads", nargs="+", choices=WORKLOADS, default=None)
-    parser.add_argument(
-        "--smoke", action="store_true", help="the tiny workload only, seconds on a CPU"
+    parser = study_parser(
+        __doc__,
+        workloads=["W1", "W2", "W3"],
+        repeats=3,
+        smoke="the tiny workload only, seconds on a CPU; writes a -smoke day file",
+        device=True,
     )
     parser.add_argument(
         "--compiled",
@@ -594,36 +593,19 @@ def main(argv: list[str] | None = None) -> dict:
         help="regular expressions: only the matching tools of figures 2a and 2b (default "
         "all); their rows replace those of an earlier run of the day",
     )
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--out", default=str(RESULTS))
     args = parser.parse_args(argv)
     device = torch.device(args.device)
-    workloads = args.workloads or (["tiny"] if args.smoke else ["W1", "W2", "W3"])
-    name = device_label(device)
     compiled = device.type == "cuda" if args.compiled is None else args.compiled
-    meta = {
-        "compiled": compiled,
-        "device": name,
-        "torch": torch.__version__,
-        "date": dt.date.today().isoformat(),
-        "repeats": args.repeats,
-        "smoke": args.smoke,
-    }
-    out = pathlib.Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    stem = f"{name.replace(' ', '-')}-{meta['date']}" + ("-smoke" if args.smoke else "")
-    path = out / f"{stem}.json"
-    earlier = json.loads(path.read_text()) if path.exists() else {}
+    meta = {**run_meta(device), "compiled": compiled, "repeats": args.repeats}
+    meta["smoke"] = args.smoke
+    stem = day_stem("peers", meta, args.out, "-smoke" if args.smoke else "")
 
     def save(results: dict) -> dict:
-        merged = merge_results(earlier, {**results, **meta})
-        path.write_text(json.dumps(merged, indent=2, default=str) + "\n")
-        (out / f"{stem}.md").write_text(markdown(merged))
-        return merged
+        return write_day_file(stem, {**results, **meta}, merge_results, markdown)
 
     results = run(
         device,
-        workloads,
+        workload_names(args),
         args.repeats,
         args.smoke,
         compiled,

@@ -11,7 +11,10 @@ its ``main`` is then::
 
 ``--smoke`` runs the tiny workload in seconds (the test suite runs every study so) and writes
 nothing; otherwise rows go to ``bench/results/{study}-{device}-{date}.{json,md}``, where a
-later run of the same day replaces the rows of its keys and keeps the others.
+later run of the same day replaces the rows of its keys and keeps the others. The two
+studies whose results are one document rather than rows (``bench.run``'s figures,
+``bench.weightwatcher_crosscheck``) take the same arguments and metadata and write their
+day file through :func:`bench.report.write_day_file` with a merge of their own.
 """
 
 from __future__ import annotations
@@ -35,14 +38,19 @@ def study_parser(
     workloads: Sequence[str] | None = None,
     repeats: int | None = None,
     smoke_workloads: Sequence[str] = ("tiny",),
+    smoke: str | None = "the smallest workloads, seconds; writes nothing",
+    device: bool = False,
 ) -> argparse.ArgumentParser:
-    """The arguments every study takes: ``--smoke``, ``--out``; ``--workloads`` (from the
-    registry of :mod:`spectral_callbacks.workloads`) and ``--repeats`` where given a default."""
+    """The arguments every study takes: ``--out``; ``--smoke`` (described by ``smoke``, left
+    out where ``None``); ``--workloads`` (from the registry of
+    :mod:`spectral_callbacks.workloads`) and ``--repeats`` where given a default; with
+    ``device``, ``--device`` (CUDA where there is one, else the CPU)."""
     parser = argparse.ArgumentParser(description=(doc or "").splitlines()[0])
-    parser.add_argument(
-        "--smoke", action="store_true", help="the smallest workloads, seconds; writes nothing"
-    )
+    if smoke is not None:
+        parser.add_argument("--smoke", action="store_true", help=smoke)
     parser.add_argument("--out", default=str(RESULTS), help="folder of the result files")
+    if device:
+        parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     if workloads is not None:
         parser.add_argument("--workloads", nargs="+", choices=WORKLOADS, default=list(workloads))
     if repeats is not None:

@@ -7,22 +7,22 @@ Face), randomly initialised and after some training, and the cost of one measure
 Both tools see the same weights. Per layer: the largest relative difference of the sorted
 eigenvalues (over eigenvalues ≥ 1e-6 λ_max; the smaller ones are SVD round-off for both
 tools), and the differences of α, xmin, α̂, log norm, log spectral norm, stable rank and
-log α-norm. Writes ``weightwatcher-crosscheck-<date>.json`` and ``.md``.
+log α-norm. Writes ``weightwatcher-crosscheck-<device>-<date>.json`` and ``.md`` (the run of
+2026-12-02: ``weightwatcher-crosscheck-<date>``).
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import logging
 import math
-import pathlib
 import warnings
 
 import torch
 import torch.nn.functional as F
 
 from bench.harness import run_meta, stopwatch, timed
+from bench.report import day_stem, write_day_file
+from bench.study import study_parser
 from spectral_callbacks.weights import weight_spectra
 
 CPU = torch.device("cpu")
@@ -47,6 +47,10 @@ def gpt2() -> torch.nn.Module:
     from transformers import GPT2Config, GPT2LMHeadModel
 
     return GPT2LMHeadModel(GPT2Config())
+
+
+#: The models compared, by their ``--models`` name.
+MODELS = {"resnet18": resnet18, "gpt2": gpt2}
 
 
 def train(name: str, model: torch.nn.Module, steps: int) -> None:
@@ -210,12 +214,19 @@ def markdown(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def merge_by_model(earlier: dict, new: dict) -> dict:
+    """A later run of the day replaces the rows of its models and keeps the others'."""
+    models = {row["model"] for row in new["cost"]}
+    merged = dict(new)
+    for part in ("runs", "cost"):
+        merged[part] = [row for row in earlier[part] if row["model"] not in models] + new[part]
+    return merged
+
+
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = study_parser(__doc__, repeats=3, smoke=None)  # weightwatcher has no tiny model
     parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--models", nargs="+", default=["resnet18", "gpt2"])
-    parser.add_argument("--out", default="bench/results")
+    parser.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS))
     args = parser.parse_args(argv)
     import weightwatcher as ww
 
@@ -230,7 +241,7 @@ def main(argv: list[str] | None = None) -> dict:
         "cost": [],
     }
     for name in args.models:
-        model = {"resnet18": resnet18, "gpt2": gpt2}[name]()
+        model = MODELS[name]()
         for state in ("initialised", f"after {args.steps} steps"):
             if state != "initialised":
                 train(name, model, args.steps)
@@ -254,11 +265,8 @@ def main(argv: list[str] | None = None) -> dict:
                 "weightwatcher_s": theirs["seconds"],
             }
         )
-    out = pathlib.Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    stem = f"weightwatcher-crosscheck-{results['date']}"
-    (out / f"{stem}.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
-    (out / f"{stem}.md").write_text(markdown(results))
+    stem = day_stem("weightwatcher-crosscheck", results, args.out)
+    write_day_file(stem, results, merge_by_model, markdown)
     print(markdown(results))
     return results
 

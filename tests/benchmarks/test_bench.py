@@ -20,6 +20,7 @@ from bench import (
     spectrum_parts,
     train_mode_products,
     warm_mixing,
+    weightwatcher_crosscheck,
 )
 from bench import run as bench_run
 from spectral_callbacks import workloads
@@ -277,6 +278,36 @@ def test_recorded_tables_are_rendered_from_the_recorded_json():
     assert runs[0][1]["device"].startswith("cpu")
     for path, results in runs:
         assert path.with_suffix(".md").read_text() == report.markdown(results), path.name
+
+
+def test_the_recorded_weightwatcher_crosscheck_renders_from_its_json():
+    """The cross-check runs in a venv of its own (weightwatcher, timm, transformers); its
+    recorded table is what its ``markdown`` makes of the JSON beside it."""
+    (path,) = report.RESULTS.glob("weightwatcher-crosscheck-*.json")
+    results = json.loads(path.read_text())
+    assert path.with_suffix(".md").read_text() == weightwatcher_crosscheck.markdown(results)
+
+
+def test_a_crosscheck_of_one_model_keeps_the_days_rows_of_the_other(tmp_path):
+    def results(models, seconds):
+        return {
+            **report_meta(),
+            "runs": [{"model": m, "state": "initialised", "layers": []} for m in models],
+            "cost": [{"model": m, "weightwatcher_s": seconds} for m in models],
+        }
+
+    stem = tmp_path / "weightwatcher-crosscheck-day"
+    merge = weightwatcher_crosscheck.merge_by_model
+    report.write_day_file(stem, results(["resnet18", "gpt2"], 1.0), merge, json.dumps)
+    written = report.write_day_file(stem, results(["gpt2"], 2.0), merge, json.dumps)
+    assert json.loads(stem.with_suffix(".json").read_text()) == written
+    seconds = {row["model"]: row["weightwatcher_s"] for row in written["cost"]}
+    assert seconds == {"resnet18": 1.0, "gpt2": 2.0}
+    assert sorted(row["model"] for row in written["runs"]) == ["gpt2", "resnet18"]
+
+
+def report_meta() -> dict:
+    return {"date": "2026-12-06", "device": "cpu-test", "torch": torch.__version__}
 
 
 def test_cpu_workloads_have_the_advertised_sizes():
