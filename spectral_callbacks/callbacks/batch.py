@@ -34,13 +34,11 @@ from .base import (
     _clone_batch,
     training_step_loss,
 )
-from .hessian import SharpnessMonitor
+from .hessian import PREFIX, SharpnessMonitor
 from .metrics import MetricSpec
 from .schedule import DEFAULT_MAX_OVERHEAD
 
 __all__ = ["BatchSharpnessMonitor"]
-
-PREFIX = "spectral/hessian/"
 
 
 class BatchSharpnessMonitor(SpectralMonitor):

@@ -27,6 +27,9 @@ RULES: tuple[str, ...] = get_args(Rule)
 Action = Literal["stop", "warn"]
 ACTIONS: tuple[str, ...] = get_args(Action)
 
+#: Logged as 1 at the step a rule trips (``action="stop"`` or ``"warn"``).
+TRIGGERED_METRIC = "spectral/early_stopping/triggered"
+
 
 def producer_of(key: str) -> str | None:
     """The monitor whose metric table holds ``key`` (for the error on a key nobody logs),
@@ -312,7 +315,7 @@ class SpectralEarlyStopping(EarlyStopping):
         if self.stopped_reason is None:
             self.stopped_reason, self.stopped_step, self.stopped_value = reason, step, value
         for logger in trainer.loggers:
-            logger.log_metrics({"spectral/early_stopping/triggered": 1.0}, step=step)
+            logger.log_metrics({TRIGGERED_METRIC: 1.0}, step=step)
         if self.action == "stop":
             trainer.should_stop = True
             self.stopped_epoch = trainer.current_epoch
