@@ -644,7 +644,6 @@ def test_every_batch_type_reaches_training_step_as_it_was(kind):
     trainer.fit(model, loader)
     assert [s for s, _ in monitor.history] == [1, 2]
     plain = [(x[:5], y[:5]), (x[5:], y[5:])]
-    mse = lambda m, b: F.mse_loss(m(b[0]), b[1])  # noqa: E731
     reference = hessian_eigenvalues(model, mse, plain, k=2, tol=1e-10).eigenvalues
     assert monitor.last_metrics["spectral/hessian/lambda_max"] == pytest.approx(
         float(reference[0]), rel=1e-6

@@ -28,6 +28,7 @@ from ..models import (
     cross_entropy_loss,
     make_case,
     model_state,
+    mse,
     noisy_mlp,
     tanh_mlp,
 )
@@ -242,9 +243,6 @@ def test_negative_mass_against_the_dense_spectrum_of_a_trained_tanh_mlp():
         ((model(x) - y) ** 2).mean().backward()
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-
-    def mse(m, batch):
-        return ((m(batch[0]) - batch[1]) ** 2).mean()
 
     eigenvalues = torch.linalg.eigvalsh(dense_hessian_func(model, mse, [(x, y)]))
     density = hessian_density(model, mse, (x, y), num_probes=8, steps=48)
