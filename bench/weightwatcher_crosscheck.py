@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from bench.harness import run_meta, stopwatch, timed
-from bench.report import day_stem, write_day_file
+from bench.report import day_stem, table, write_day_file
 from bench.study import study_parser
 from spectral_callbacks.weights import weight_spectra
 
@@ -151,11 +151,11 @@ def markdown(results: dict) -> str:
         f"Device: {results['device']}, {results['threads']} threads, torch {results['torch']}, "
         f"weightwatcher {results['weightwatcher']}, {results['date']}.",
         "",
-        "| model | state | layers | same xmin, ≥ 20 eigenvalues | max eig. rel. diff "
-        "| max α rel. diff (those) "
-        "| max α̂ | max log norm | max log spectral norm | max stable rank | max log α-norm |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
+    header = ["model", "state", "layers", "same xmin, ≥ 20 eigenvalues", "max eig. rel. diff"]
+    header += ["max α rel. diff (those)", "max α̂", "max log norm", "max log spectral norm"]
+    header += ["max stable rank", "max log α-norm"]
+    cells = []
     for run in results["runs"]:
         rows = [r for r in run["layers"] if "eig_rel_diff" in r]
         same = [r for r in rows if r["comparable"]]
@@ -164,13 +164,22 @@ def markdown(results: dict) -> str:
             values = [r[f"{metric}_rel_diff"] for r in subset]
             return f"{max(values):.1e}" if values else "n/a"
 
-        lines.append(
-            f"| {run['model']} | {run['state']} | {len(rows)} | {len(same)} | "
-            f"{max(r['eig_rel_diff'] for r in rows):.1e} | {worst('alpha', same)} | "
-            f"{worst('alpha_weighted', same)} | {worst('log_norm', rows)} | "
-            f"{worst('log_spectral_norm', rows)} | {worst('stable_rank', rows)} | "
-            f"{worst('log_alpha_norm', same)} |"
+        cells.append(
+            [
+                run["model"],
+                run["state"],
+                len(rows),
+                len(same),
+                f"{max(r['eig_rel_diff'] for r in rows):.1e}",
+                worst("alpha", same),
+                worst("alpha_weighted", same),
+                worst("log_norm", rows),
+                worst("log_spectral_norm", rows),
+                worst("stable_rank", rows),
+                worst("log_alpha_norm", same),
+            ]
         )
+    lines += table(header, cells)
     lines += [
         "",
         "Layers left out of the α columns: weightwatcher fits fewer than 20 eigenvalues with "
@@ -203,14 +212,20 @@ def markdown(results: dict) -> str:
         "**Cost of one measurement** (median of "
         f"{results['repeats']}; weightwatcher `analyze(randomize=False)` timed once):",
         "",
-        "| model | layers | ours, all metrics | ours, without FARMS | weightwatcher |",
-        "|---|---|---|---|---|",
     ]
-    for cost in results["cost"]:
-        lines.append(
-            f"| {cost['model']} | {cost['layers']} | {cost['ours_s']:.2f} s | "
-            f"{cost['ours_no_farms_s']:.2f} s | {cost['weightwatcher_s']:.2f} s |"
-        )
+    lines += table(
+        ["model", "layers", "ours, all metrics", "ours, without FARMS", "weightwatcher"],
+        [
+            [
+                cost["model"],
+                cost["layers"],
+                f"{cost['ours_s']:.2f} s",
+                f"{cost['ours_no_farms_s']:.2f} s",
+                f"{cost['weightwatcher_s']:.2f} s",
+            ]
+            for cost in results["cost"]
+        ],
+    )
     return "\n".join(lines) + "\n"
 
 
