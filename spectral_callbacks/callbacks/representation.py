@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import math
 import warnings
 from collections.abc import Callable, Mapping, Sequence
@@ -12,7 +13,7 @@ import torch
 from torch import nn
 
 from .._checks import check_callable, check_choice, check_fit_range, check_integer, check_seed
-from ..curvature.data import batch_size, map_tensors
+from ..curvature.data import batch_size, map_tensors, move_to_device
 from ..curvature.isolation import BufferSnapshot, measurement_context
 from ..reporting.figures import scree_figure
 from ..reporting.media import Media
@@ -27,9 +28,15 @@ from ..representation import (
     von_neumann_entropy,
 )
 from ..representation.capture import LAYER_LAYOUTS, LayerLayout
-from ..representation.spectra import POOLS
+from ..representation.spectra import POOLS, CovarianceAccumulator
 from . import metrics as metric_table
-from .base import SpectralMonitor, _clone_batch, reduce_scalar
+from .base import (
+    SpectralMonitor,
+    _clone_batch,
+    muted_lightning_logging,
+    preserved_modes,
+    reduce_scalar,
+)
 from .metrics import MetricSpec
 from .schedule import DEFAULT_MAX_OVERHEAD
 
@@ -44,20 +51,32 @@ def default_forward(module: nn.Module, batch: Any) -> Any:
     if isinstance(batch, torch.Tensor):
         return module(batch)
     if isinstance(batch, Mapping):
-        try:
-            return module(**batch)
-        except TypeError as error:
-            raise TypeError(
-                f"RepresentationMonitor's default forward calls model(**batch) for a dict batch "
-                f"(keys {list(batch)}), which failed: {error}. Pass forward_fn=lambda model, "
-                "batch: model(...) with the model's own inputs"
-            ) from error
+        _check_keywords(module, batch)
+        return module(**batch)  # errors inside the forward are the model's: left as they are
     if isinstance(batch, (list, tuple)) and batch:
         return module(batch[0])
     raise TypeError(
         f"cannot find the inputs in a batch of type {type(batch).__name__}; pass "
         "forward_fn=lambda model, batch: model(...) to RepresentationMonitor"
     )
+
+
+def _check_keywords(module: nn.Module, batch: Mapping) -> None:
+    """A ``TypeError`` pointing to ``forward_fn`` when ``module.forward`` does not take the
+    dict batch's keys as keyword arguments (where Python can read its signature)."""
+    try:
+        signature = inspect.signature(module.forward)
+    except (TypeError, ValueError):  # a builtin or extension forward: nothing to check
+        return
+    try:
+        signature.bind(**batch)
+    except TypeError as error:
+        raise TypeError(
+            f"RepresentationMonitor's default forward calls model(**batch) for a dict batch "
+            f"(keys {list(batch)}), which {type(module).__name__}.forward does not take: "
+            f"{error}. Pass forward_fn=lambda model, batch: model(...) with the model's own "
+            "inputs"
+        ) from None
 
 
 class RepresentationMonitor(SpectralMonitor):
@@ -235,9 +254,25 @@ class RepresentationMonitor(SpectralMonitor):
     def probe_forward(self, module: pl.LightningModule, batch: Any) -> Any:
         return self.forward_fn(module, batch)
 
-    def measure(
-        self, trainer: pl.Trainer, module: pl.LightningModule, probe: list[Any]
-    ) -> dict[str, float]:
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        collecting_first = not self._probe and not self._probe_complete
+        super().on_train_batch_start(trainer, pl_module, batch, batch_idx)
+        if collecting_first and self._probe and not self._probe_complete:
+            # The probe's first training batch, in a probe that takes more batches: run it
+            # through forward_fn and the hooks now, so that a forward_fn, layer output or
+            # select= that does not fit raises before the first step, not at the first
+            # measurement (which would come after the steps that complete the probe).
+            device = next(pl_module.parameters()).device
+            with preserved_modes(pl_module, self.eval_mode), muted_lightning_logging(pl_module):
+                self._capture(pl_module, [move_to_device(self._probe[0], device)])
+
+    def _capture(
+        self, module: pl.LightningModule, batches: list[Any]
+    ) -> dict[str, CovarianceAccumulator]:
+        """Each layer's accumulated outputs over ``batches``: ``forward_fn`` under the layer
+        hooks, isolated from training (random state, buffers) and without gradients."""
         buffers = BufferSnapshot(module)
         running: list[int | None] = [None]  # samples of the batch being run, for the hooks
         try:
@@ -253,11 +288,17 @@ class RepresentationMonitor(SpectralMonitor):
                     batch_size=lambda: running[0],
                 ) as accumulators,
             ):
-                for batch in probe:
+                for batch in batches:
                     running[0] = batch_size(batch)
                     self.forward_fn(module, batch)
         finally:
             buffers.restore()
+        return accumulators
+
+    def measure(
+        self, trainer: pl.Trainer, module: pl.LightningModule, probe: list[Any]
+    ) -> dict[str, float]:
+        accumulators = self._capture(module, probe)
         metrics: dict[str, float] = {}
         self._undefined = set()
         for layer, accumulator in accumulators.items():

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import difflib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, Literal, get_args
 
 import torch
@@ -67,13 +67,49 @@ def resolve_layers(model: nn.Module, layers: Sequence[str]) -> dict[str, nn.Modu
 
 def _as_tensor(name: str, output: Any, select: Select | None) -> torch.Tensor:
     if select is not None:
-        output = select(output)
+        selected = select(output)
+        if not isinstance(selected, torch.Tensor):
+            raise TypeError(
+                f"select= returned {_describe(selected)} for layer {name!r}, not a tensor; the "
+                f"layer returned {_describe(output)}"
+            )
+        return selected
     if not isinstance(output, torch.Tensor):
         raise TypeError(
-            f"layer {name!r} returned {type(output).__name__}, not a tensor; pass "
-            "select=lambda output: ... to pick the embedding tensor"
+            f"layer {name!r} returned {_describe(output)}, not a tensor; pass "
+            f"select=lambda output: {_suggested_pick(output)} to pick the embedding tensor"
         )
     return output
+
+
+def _describe(output: Any) -> str:
+    """A layer's output as the error shows it: a tuple or dict with its parts' shapes."""
+
+    def part(value: Any) -> str:
+        if isinstance(value, torch.Tensor):
+            return f"Tensor{list(value.shape)}"
+        return type(value).__name__
+
+    kind = type(output).__name__
+    if isinstance(output, Mapping):
+        return f"{kind} {{" + ", ".join(f"{k!r}: {part(v)}" for k, v in output.items()) + "}"
+    if isinstance(output, (tuple, list)):
+        return f"{kind} (" + ", ".join(part(v) for v in output) + ")"
+    return kind
+
+
+def _suggested_pick(output: Any) -> str:
+    """The expression that picks the first tensor of a tuple or dict output (``...`` if none):
+    Hugging Face blocks put the hidden states first."""
+    if isinstance(output, Mapping):
+        for key, value in output.items():
+            if isinstance(value, torch.Tensor):
+                return f"output[{key!r}]"
+    elif isinstance(output, (tuple, list)):
+        for index, value in enumerate(output):
+            if isinstance(value, torch.Tensor):
+                return f"output[{index}]"
+    return "..."
 
 
 @contextlib.contextmanager

@@ -396,6 +396,36 @@ def test_dict_batches_under_the_default_forward_point_to_forward_fn():
         _fit([monitor], model=DictBatchRegressor(), loader=loader)
 
 
+class KeywordRegressor(DictBatchRegressor):
+    """Takes a dict batch's keys as keywords, and returns a pair from ``net.1``."""
+
+    def __init__(self):
+        super().__init__()
+        self.net[1] = PairTanh()
+
+    def forward(self, x, y=None):
+        hidden, _ = self.net[1](self.net[0](x))
+        return self.net[2:](hidden)
+
+    def training_step(self, batch, batch_idx):
+        return F.mse_loss(self(**batch), batch["y"])
+
+
+class PairTanh(torch.nn.Tanh):
+    def forward(self, x):
+        return super().forward(x), x
+
+
+def test_an_error_inside_the_forward_of_a_dict_batch_is_not_blamed_on_forward():
+    x, y = regression_data(n=32)
+    batches = [{"x": x[i : i + 16], "y": y[i : i + 16]} for i in (0, 16)]
+    loader = torch.utils.data.DataLoader(batches, batch_size=None)
+    monitor = RepresentationMonitor(layers=["net.1"], every_n_steps=1, num_samples=16)
+    with pytest.raises(TypeError, match=r"layer 'net.1' returned tuple") as caught:
+        _fit([monitor], model=KeywordRegressor(), loader=loader)
+    assert "forward_fn" not in str(caught.value)
+
+
 def test_the_representation_probe_holds_exactly_num_samples():
     monitor = RepresentationMonitor(layers=["net.1"], every_n_steps=1, num_samples=5)
     _fit([monitor])

@@ -160,28 +160,26 @@ def test_without_validation_the_probe_is_the_first_training_batches():
     assert [step for step, _ in monitor.history] == [1]
 
 
-def _fit(callbacks, eval_mode_check=False):
+def _fit(callbacks, validation=True):
     train, val, _ = loaders()
     L.seed_everything(0, verbose=False)
     model = WithValidation()
     trainer = L.Trainer(max_epochs=2, callbacks=callbacks, **trainer_kwargs())
-    trainer.fit(model, train, val)
+    trainer.fit(model, train, val if validation else None)
     return model, copy.deepcopy(trainer.optimizers[0].state_dict()), torch.get_rng_state()
 
 
+@pytest.mark.parametrize("validation", [True, False], ids=["validation probe", "training probe"])
 @pytest.mark.parametrize("eval_mode", [True, False])
-def test_training_is_bit_identical_with_and_without_the_monitor(eval_mode):
-    plain = _fit([])
-    monitored = _fit(
-        [
-            RepresentationMonitor(
-                layers=["encoder", "encoder.1"],
-                every_n_steps=3,
-                num_samples=64,
-                eval_mode=eval_mode,
-            )
-        ]
+def test_training_is_bit_identical_with_and_without_the_monitor(eval_mode, validation):
+    # The training probe takes two batches: its first is also run once at step 0 (the check
+    # that the layers' outputs fit), which must leave training untouched too.
+    plain = _fit([], validation)
+    monitor = RepresentationMonitor(
+        layers=["encoder", "encoder.1"], every_n_steps=3, num_samples=64, eval_mode=eval_mode
     )
+    monitored = _fit([monitor], validation)
+    assert monitor.history and monitor.history[0][0] == (0 if validation else 1)
     for (name, a), b in zip(
         plain[0].state_dict().items(), monitored[0].state_dict().values(), strict=True
     ):
@@ -278,6 +276,30 @@ def test_tuple_outputs_need_select():
     )
     with pytest.raises(TypeError, match=r"layer 'pair' returned tuple.*select="):
         trainer.fit(PairModel(), train)
+
+
+def test_a_layer_output_that_does_not_fit_raises_before_the_first_step():
+    """The training probe here needs every batch of the epoch: without the check of its first
+    batch the error would come at the end of the epoch, after its training steps."""
+
+    class Pair(nn.Module):
+        def forward(self, x):
+            return x, x.mean()
+
+    class PairModel(Encoder):
+        def __init__(self):
+            super().__init__()
+            self.pair = Pair()
+
+        def forward(self, x):
+            return self.head(self.pair(self.encoder(x))[0])
+
+    train, _, _ = loaders()
+    monitor = RepresentationMonitor(layers=["pair"], num_samples=10_000)
+    trainer = L.Trainer(max_steps=3, callbacks=[monitor], **trainer_kwargs())
+    with pytest.raises(TypeError, match=r"layer 'pair' returned tuple \(Tensor\[32, 16\]"):
+        trainer.fit(PairModel(), train)
+    assert trainer.global_step == 0
 
 
 def test_small_layers_log_nan_alpha_with_one_warning():

@@ -274,12 +274,38 @@ def test_hooks_capture_exactly_what_a_direct_forward_returns():
 
 def test_tuple_output_without_select_is_a_clear_error_and_hooks_go_away():
     model = _Encoder().double()
-    with (
-        pytest.raises(TypeError, match=r"layer 'pair' returned tuple.*select="),
-        capture_features(model, ["pair"]),
-    ):
+    expected = (
+        r"layer 'pair' returned tuple \(Tensor\[3, 9\], Tensor\[\]\), not a tensor; pass "
+        r"select=lambda output: output\[0\]"
+    )
+    with pytest.raises(TypeError, match=expected), capture_features(model, ["pair"]):
         model(torch.randn(3, 6, dtype=torch.float64))
     assert all(not m._forward_hooks for m in model.modules())
+
+
+def test_a_select_that_returns_no_tensor_is_named_with_what_the_layer_returned():
+    model = _Encoder()
+    expected = r"select= returned tuple \(Tensor\[3, 9\]\) for layer 'pair', not a tensor; "
+    expected += r"the layer returned tuple \(Tensor\[3, 9\], Tensor\[\]\)"
+    with (
+        pytest.raises(TypeError, match=expected),
+        capture_features(model, ["pair"], select=lambda out: out[:1]),
+    ):
+        model(torch.randn(3, 6))
+
+
+def test_a_dict_output_error_names_its_keys_and_the_first_tensors_key():
+    class Named(nn.Module):
+        def forward(self, x):
+            return {"count": 3, "hidden": x, "pooled": x.mean(1)}
+
+    model = nn.Sequential(nn.Linear(6, 4), Named())
+    expected = (
+        r"layer '1' returned dict \{'count': int, 'hidden': Tensor\[2, 4\], "
+        r"'pooled': Tensor\[2\]\}, not a tensor; pass select=lambda output: output\['hidden'\]"
+    )
+    with pytest.raises(TypeError, match=expected), capture_features(model, ["1"]):
+        model(torch.randn(2, 6))
 
 
 def test_unknown_layer_lists_close_matches():
