@@ -245,19 +245,23 @@ def test_a_module_without_forward_needs_forward_fn_and_fails_before_training():
         assert 1.0 < values["spectral/repr/model.encoder/rankme"] <= 16.0
 
 
+class Pair(nn.Module):
+    def forward(self, x):
+        return x, x.mean()
+
+
+class PairModel(Encoder):
+    """The encoder with a layer, ``pair``, that returns a tuple."""
+
+    def __init__(self):
+        super().__init__()
+        self.pair = Pair()
+
+    def forward(self, x):
+        return self.head(self.pair(self.encoder(x))[0])
+
+
 def test_tuple_outputs_need_select():
-    class Pair(nn.Module):
-        def forward(self, x):
-            return x, x.mean()
-
-    class PairModel(Encoder):
-        def __init__(self):
-            super().__init__()
-            self.pair = Pair()
-
-        def forward(self, x):
-            return self.head(self.pair(self.encoder(x))[0])
-
     train, _, _ = loaders()
     selected = RepresentationMonitor(
         layers=["pair"],
@@ -281,19 +285,6 @@ def test_tuple_outputs_need_select():
 def test_a_layer_output_that_does_not_fit_raises_before_the_first_step():
     """The training probe here needs every batch of the epoch: without the check of its first
     batch the error would come at the end of the epoch, after its training steps."""
-
-    class Pair(nn.Module):
-        def forward(self, x):
-            return x, x.mean()
-
-    class PairModel(Encoder):
-        def __init__(self):
-            super().__init__()
-            self.pair = Pair()
-
-        def forward(self, x):
-            return self.head(self.pair(self.encoder(x))[0])
-
     train, _, _ = loaders()
     monitor = RepresentationMonitor(layers=["pair"], num_samples=10_000)
     trainer = L.Trainer(max_steps=3, callbacks=[monitor], **trainer_kwargs())
