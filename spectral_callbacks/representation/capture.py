@@ -99,16 +99,18 @@ def _describe(output: Any) -> str:
 
 
 def _suggested_pick(output: Any) -> str:
-    """The expression that picks the first tensor of a tuple or dict output (``...`` if none):
-    Hugging Face blocks put the hidden states first."""
+    """The expression that picks the first tensor of at least two dimensions (rows of
+    features, not a scalar such as a loss) of a tuple or dict output, ``...`` if none:
+    Hugging Face blocks put the hidden states first, model outputs the loss before them."""
     if isinstance(output, Mapping):
-        for key, value in output.items():
-            if isinstance(value, torch.Tensor):
-                return f"output[{key!r}]"
+        parts = [(repr(key), value) for key, value in output.items()]
     elif isinstance(output, (tuple, list)):
-        for index, value in enumerate(output):
-            if isinstance(value, torch.Tensor):
-                return f"output[{index}]"
+        parts = [(str(index), value) for index, value in enumerate(output)]
+    else:
+        parts = []
+    for index, value in parts:
+        if isinstance(value, torch.Tensor) and value.ndim >= 2:
+            return f"output[{index}]"
     return "..."
 
 

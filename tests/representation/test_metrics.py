@@ -294,14 +294,14 @@ def test_a_select_that_returns_no_tensor_is_named_with_what_the_layer_returned()
         model(torch.randn(3, 6))
 
 
-def test_a_dict_output_error_names_its_keys_and_the_first_tensors_key():
+def test_a_dict_output_error_names_its_keys_and_picks_the_first_matrix():
     class Named(nn.Module):
         def forward(self, x):
-            return {"count": 3, "hidden": x, "pooled": x.mean(1)}
+            return {"count": 3, "loss": x.sum(), "hidden": x, "pooled": x.mean(1)}
 
     model = nn.Sequential(nn.Linear(6, 4), Named())
     expected = (
-        r"layer '1' returned dict \{'count': int, 'hidden': Tensor\[2, 4\], "
+        r"layer '1' returned dict \{'count': int, 'loss': Tensor\[\], 'hidden': Tensor\[2, 4\], "
         r"'pooled': Tensor\[2\]\}, not a tensor; pass select=lambda output: output\['hidden'\]"
     )
     with pytest.raises(TypeError, match=expected), capture_features(model, ["1"]):
