@@ -263,7 +263,10 @@ class HessianOperator(CurvatureOperator):
         products follow, so on the reused-graph path build those graphs now and read the
         gradient off them."""
         if for_products and self.path_for(1) == "reuse_graph":
-            self._reused.first_order_graphs()
+            try:
+                self._reused.first_order_graphs()
+            except NoSecondDerivative as error:
+                self._switch_or_raise(error)
         flat = self._reused.gradient()
         if flat is None:
             flat = torch.cat([g.reshape(-1) for g in weighted_gradient(self)])
@@ -301,23 +304,27 @@ class HessianOperator(CurvatureOperator):
                 self._reused.check_symmetry()
             return self._products_by_path(block)
         except NoSecondDerivative as error:
-            if self.hvp != "auto":
-                raise error.explained from error.original
-            # The loss has no double backward for a reason other than attention (which
-            # runs on the math kernel): products from gradients alone still work.
-            self._switch_to_differences()
-            told = _SWITCH_WARNED.setdefault(self.model, set())
-            if (self.loss_fn, tuple(self.names)) not in told:  # once, not every measurement
-                told.add((self.loss_fn, tuple(self.names)))
-                warnings.warn(
-                    f"{error.explained}\nhvp='auto' switches to hvp='gradient_difference' "
-                    "(products from two gradients each, relative error about "
-                    f"{self.product_relative_error:.0e}); pass hvp='gradient_difference' to "
-                    "say so",
-                    RuntimeWarning,
-                    stacklevel=3,
-                )
+            self._switch_or_raise(error)
             return self._differences.matmat(block)
+
+    def _switch_or_raise(self, error: NoSecondDerivative) -> None:
+        """The loss has no double backward for a reason other than attention (which runs on
+        the math kernel): under ``hvp="auto"`` switch to products from gradients alone (and
+        say so once per model, loss and selection); under any other path raise why."""
+        if self.hvp != "auto":
+            raise error.explained from error.original
+        self._switch_to_differences()
+        told = _SWITCH_WARNED.setdefault(self.model, set())
+        if (self.loss_fn, tuple(self.names)) not in told:  # once, not every measurement
+            told.add((self.loss_fn, tuple(self.names)))
+            warnings.warn(
+                f"{error.explained}\nhvp='auto' switches to hvp='gradient_difference' "
+                "(products from two gradients each, relative error about "
+                f"{self.product_relative_error:.0e}); pass hvp='gradient_difference' to "
+                "say so",
+                RuntimeWarning,
+                stacklevel=4,
+            )
 
     def _products_by_path(self, block: torch.Tensor) -> torch.Tensor:
         path = self.path_for(block.shape[0])

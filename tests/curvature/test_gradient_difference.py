@@ -14,7 +14,7 @@ from torch.utils.checkpoint import checkpoint
 
 from spectral_callbacks import SharpnessMonitor
 from spectral_callbacks.curvature import HessianOperator
-from spectral_callbacks.functional import hessian_eigenvalues, hessian_trace
+from spectral_callbacks.functional import batch_sharpness, hessian_eigenvalues, hessian_trace
 
 from ..models import (
     NoisyClassifier,
@@ -137,6 +137,40 @@ def test_a_custom_function_without_double_backward_is_measured_under_auto():
     assert bool(result.converged.all())
 
 
+class FarFromOrigin(nn.Module):
+    """A log-cosh regression whose parameters include a far-off vector (‖θ‖ = 1e4) that the
+    loss hardly sees: the a-priori step ``ε^{1/3} (1 + ‖θ‖)`` is far too long for the
+    regression's curvature."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(6, 1, bias=False)
+        self.offset = nn.Parameter(torch.full((100,), 1e3))
+
+    def forward(self, x):
+        return self.linear(x) + 1e-6 * self.offset.sum()
+
+
+@pytest.mark.parametrize("richardson", [False, True], ids=["central", "richardson"])
+def test_the_first_product_is_as_accurate_as_the_stated_error(richardson):
+    torch.manual_seed(0)
+    model = FarFromOrigin().double()
+    x = torch.randn(32, 6, dtype=torch.float64)
+
+    def loss(m, batch):
+        return torch.log(torch.cosh(4 * m(batch))).mean()
+
+    dense = dense_hessian_rows(model, loss, [x])
+    u = torch.randn(dense.shape[0], dtype=torch.float64)
+    u /= u.norm()
+    exact = dense @ u
+    with HessianOperator(model, loss, x, hvp="gradient_difference", richardson=richardson) as op:
+        first, later = op.matmat(torch.stack([u, u]))  # the first vector calibrates the step
+        stated = op.product_relative_error
+    for product in (first, later):
+        assert float((product - exact).norm() / exact.norm()) <= 10 * stated
+
+
 class CheckpointedNet(nn.Module):
     def __init__(self, reentrant: bool) -> None:
         super().__init__()
@@ -170,6 +204,30 @@ def test_activation_checkpointing(reentrant):
     torch.testing.assert_close(result.eigenvalues, truth[:3], rtol=1e-6, atol=0)
     assert model.embed.weight.grad is grad and bool((grad == 1).all())
     assert model.head.weight.grad is None
+
+
+def test_reentrant_checkpointing_is_explained_and_measured_by_differences_under_auto():
+    torch.manual_seed(0)
+    model = CheckpointedNet(reentrant=True).double()
+    plain = CheckpointedNet(False).double()
+    plain.load_state_dict(model.state_dict())
+    g = torch.Generator().manual_seed(2)
+    batch = (torch.randn(8, 4, generator=g, dtype=torch.float64), torch.randint(0, 3, (8,)))
+    dense = dense_hessian_rows(plain, cross_entropy_loss, [batch])
+    with pytest.raises(
+        RuntimeError, match=r"runs through torch.utils.checkpoint with use_reentrant"
+    ):
+        hessian_eigenvalues(model, cross_entropy_loss, batch, k=1, hvp="reuse_graph")
+    with pytest.warns(RuntimeWarning, match="switches to hvp='gradient_difference'"):
+        sharpness = batch_sharpness(model, cross_entropy_loss, batch)  # its gradient first
+    gradient = torch.cat(
+        [
+            p.reshape(-1)
+            for p in torch.autograd.grad(cross_entropy_loss(plain, batch), plain.parameters())
+        ]
+    )
+    exact = float(gradient @ dense @ gradient / (gradient @ gradient))
+    assert sharpness.value == pytest.approx(exact, rel=1e-6)
 
 
 @pytest.mark.parametrize("case", ["mlp", "cnn"])

@@ -35,6 +35,14 @@ def explain_second_order_failure(error: RuntimeError) -> RuntimeError | None:
             "@once_differentiable, so it has no double backward: use "
             f"hvp='gradient_difference' (products from gradients alone). (original error: {text})"
         )
+    if "use_reentrant=True" in text and "checkpoint" in text:
+        return RuntimeError(
+            "the loss runs through torch.utils.checkpoint with use_reentrant=True, whose "
+            "backward cannot be differentiated again: checkpoint with use_reentrant=False "
+            "(Hugging Face: gradient_checkpointing_kwargs={'use_reentrant': False}, the default "
+            "of transformers 5), or use hvp='gradient_difference' (products from gradients "
+            f"alone). (original error: {text})"
+        )
     if "does not currently support double backward" in text:
         return RuntimeError(
             "the loss runs through a torch.compile'd module or function, and compiled graphs "

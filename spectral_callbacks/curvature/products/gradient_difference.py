@@ -84,17 +84,21 @@ class GradientDifferenceProducts:
                 ]
                 if self.step is None:
                     rows.append(self.calibrate(saved, pieces, norm).to(op.dtype))
-                elif self.richardson:
-                    coarse, _ = self._difference(saved, pieces, self.step / norm)
-                    fine, _ = self._difference(saved, pieces, self.step / (2 * norm))
-                    rows.append((4.0 * fine - coarse) / 3.0)
                 else:
-                    rows.append(self._difference(saved, pieces, self.step / norm)[0])
+                    rows.append(self._product(saved, pieces, norm))
         finally:
             with torch.no_grad():
                 for param, value in zip(op.params, saved, strict=True):
                     param.data.copy_(value)  # bit for bit, whatever the differences did
         return torch.stack(rows)
+
+    def _product(self, saved: list[torch.Tensor], pieces: list[torch.Tensor], norm: float):
+        """The product of the vector ``pieces`` (of norm ``norm``) at the chosen step."""
+        if self.richardson:
+            coarse, _ = self._difference(saved, pieces, self.step / norm)
+            fine, _ = self._difference(saved, pieces, self.step / (2 * norm))
+            return (4.0 * fine - coarse) / 3.0
+        return self._difference(saved, pieces, self.step / norm)[0]
 
     def _difference(self, saved: list[torch.Tensor], pieces: list[torch.Tensor], h: float):
         """``(g(θ + h v) − g(θ − h v)) / 2h`` for one vector ``v`` given as ``pieces``, and the
@@ -112,7 +116,7 @@ class GradientDifferenceProducts:
         return (plus - minus) / (2.0 * h), 0.5 * (plus + minus)
 
     def calibrate(self, saved: list[torch.Tensor], pieces: list[torch.Tensor], norm: float):
-        """Choose the step from the first vector; return its product (Richardson).
+        """Choose the step from the first vector; return its product.
 
         With the default step ``s₀ = ε^{1/3} (1 + ‖θ‖)`` (a length in parameter space) the
         central differences ``D(s₀)`` and ``D(s₀/2)`` of the unit direction give the
@@ -122,6 +126,12 @@ class GradientDifferenceProducts:
         ReLU network's kinks, shows as a large ``c`` and a smaller step). The relative error
         of later products is then stated as ``(c s*² + ε G / s*) / ‖H u‖``. The quantities are
         all-reduced first, so every process chooses the same step.
+
+        The first vector's product is the Richardson value ``(4 D(s₀/2) − D(s₀)) / 3`` where
+        ``s₀`` was kept, and is taken afresh at the chosen step where a smaller one was
+        chosen: a step shrunk for truncation means ``s₀`` is beyond where the differences
+        follow ``h²``, and the Richardson value keeps the higher-order terms (a transformer
+        along its own gradient), which no stated error covers.
         """
         op = self.operator
         eps = torch.finfo(op.product_dtype).eps
@@ -166,6 +176,8 @@ class GradientDifferenceProducts:
                 RuntimeWarning,
                 stacklevel=5,
             )
+        if central < step:
+            return self._product(saved, pieces, norm)
         return local
 
     def _parameter_norm(self) -> float:
