@@ -49,6 +49,7 @@ import torch
 from torch import nn
 
 from .._checks import check_callable
+from ..linalg._precision import autocast_disabled
 from ..settings import HVP_PATHS, HvpPath, OperatorSettings, ParameterFilter, Reduction
 from .data import select_parameters
 from .first_order import weighted_gradient
@@ -271,6 +272,26 @@ class HessianOperator(CurvatureOperator):
         if flat is None:
             flat = torch.cat([g.reshape(-1) for g in weighted_gradient(self)])
         return self.reduce_products(flat)
+
+    @property
+    def errors_vary_by_direction(self) -> bool:
+        """Whether a product's error depends on its vector beyond what
+        :attr:`product_relative_error` states: on the gradient-difference path, whose step
+        was calibrated along one vector only. The eigensolvers then bound each returned
+        pair with :meth:`product_error_along`."""
+        return self._differences is not None and self._differences.step is not None
+
+    def product_error_along(self, vectors: torch.Tensor) -> torch.Tensor:
+        """The relative error of a gradient-difference product along each row of
+        ``vectors`` (float64), measured there
+        (:meth:`GradientDifferenceProducts.error_along`; counted in :attr:`num_hvps` as two
+        products per row)."""
+        if not self.errors_vary_by_direction:
+            raise RuntimeError("product_error_along is measured on the gradient-difference path")
+        self.num_hvps += 2 * vectors.shape[0]
+        rows = vectors.to(dtype=self.dtype, device=self.device)
+        with autocast_disabled(self.device):
+            return self._differences.error_along(rows)
 
     def release(self) -> None:
         """Free the cached first-order graphs (rebuilt at the next product)."""

@@ -431,6 +431,18 @@ class _RitzPairs:
                 operator, eigenvectors, settings.tol, settings.which, scale, self.gaps
             )
             num_hvps += settings.k
+        if getattr(operator, "errors_vary_by_direction", False):
+            # Products whose error depends on the direction (gradient differences): the
+            # bound of each pair is at least the error of a product along its own vector.
+            if eigenvectors is None:
+                coefficients = self.vectors[:, self.index].T
+                eigenvectors = coefficients.to(dtype=operator.dtype, device=operator.device) @ basis
+            relative = operator.product_error_along(eigenvectors)
+            errors = torch.maximum(errors, relative.to(errors.dtype) * values.abs())
+            converged = converged & converged_pairs(
+                operator, values, errors, residuals, settings.tol, scale
+            )
+            num_hvps += 2 * int(relative.numel())  # as the operator counts them
         return EigenResult(
             eigenvalues=values,
             residuals=residuals,

@@ -27,7 +27,9 @@ class SymmetricOperator(Protocol):
     Optionally, for operators whose products are less exact than ``dtype`` suggests (read
     by the solvers' convergence test): ``product_dtype``, the dtype the products are
     computed in, and ``product_relative_error``, the relative error of one product beyond
-    its rounding (a finite difference's truncation, say).
+    its rounding (a finite difference's truncation, say). Where that error depends on the
+    vector, ``errors_vary_by_direction`` is true and ``product_error_along(vectors)`` gives
+    it per row: the solvers then bound each returned pair by it.
     """
 
     size: int

@@ -15,6 +15,7 @@ from torch.utils.checkpoint import checkpoint
 from spectral_callbacks import SharpnessMonitor
 from spectral_callbacks.curvature import HessianOperator
 from spectral_callbacks.functional import batch_sharpness, hessian_eigenvalues, hessian_trace
+from spectral_callbacks.linalg import lanczos
 
 from ..models import (
     NoisyClassifier,
@@ -169,6 +170,35 @@ def test_the_first_product_is_as_accurate_as_the_stated_error(richardson):
         stated = op.product_relative_error
     for product in (first, later):
         assert float((product - exact).norm() / exact.norm()) <= 10 * stated
+
+
+class Skewed(nn.Module):
+    """``½‖w‖² + a cosh(b u)``: the top eigenvector is ``u``, along which the loss is far from
+    quadratic, while a random vector (the step's calibration) sees mostly the quadratic ``w``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.full((400,), 5.0))
+        self.u = nn.Parameter(torch.zeros(1))
+
+
+def skewed_loss(model, batch, a=0.01, b=60.0):
+    return 0.5 * (model.w**2).sum() + a * torch.cosh(b * model.u).sum()
+
+
+@pytest.mark.parametrize("richardson", [False, True], ids=["central", "richardson"])
+def test_error_bounds_hold_along_directions_the_calibration_did_not_see(richardson):
+    model = Skewed().double()
+    lambda_max = 0.01 * 60.0**2  # a b² cosh(0)
+    batch = torch.zeros(1)
+    with HessianOperator(
+        model, skewed_loss, batch, hvp="gradient_difference", richardson=richardson
+    ) as operator:
+        result = lanczos(operator, k=1, tol=1e-9)
+    error = abs(float(result.eigenvalues[0]) - lambda_max)
+    assert error > 0  # the truncation is visible ...
+    assert error <= float(result.errors[0])  # ... and within the stated bound
+    assert not bool(result.converged[0])  # which is above tol · λ
 
 
 class CheckpointedNet(nn.Module):
