@@ -422,8 +422,11 @@ class _RitzPairs:
         values, residuals, converged = self.values[self.index], self.residuals, self.converged
         errors = self.errors
         confirm = needs_confirmation(operator, values, converged, settings.tol, scale)
+        # Products whose error depends on the direction (gradient differences): the bound
+        # of each pair is at least the error of a product along its own vector.
+        along = bool(getattr(operator, "errors_vary_by_direction", False))
         eigenvectors = None
-        if return_eigenvectors or confirm:
+        if return_eigenvectors or confirm or along:
             coefficients = self.vectors[:, self.index].T
             eigenvectors = coefficients.to(dtype=operator.dtype, device=operator.device) @ basis
         if confirm:
@@ -431,12 +434,7 @@ class _RitzPairs:
                 operator, eigenvectors, settings.tol, settings.which, scale, self.gaps
             )
             num_hvps += settings.k
-        if getattr(operator, "errors_vary_by_direction", False):
-            # Products whose error depends on the direction (gradient differences): the
-            # bound of each pair is at least the error of a product along its own vector.
-            if eigenvectors is None:
-                coefficients = self.vectors[:, self.index].T
-                eigenvectors = coefficients.to(dtype=operator.dtype, device=operator.device) @ basis
+        if along:
             relative = operator.product_error_along(eigenvectors)
             errors = torch.maximum(errors, relative.to(errors.dtype) * values.abs())
             converged = converged & converged_pairs(

@@ -82,6 +82,16 @@ def _as_tensor(name: str, output: Any, select: Select | None) -> torch.Tensor:
     return output
 
 
+def _parts(output: Any) -> list[tuple[str, Any]]:
+    """The parts of a tuple or dict output with the index that picks each (``"0"``,
+    ``"'logits'"``); none for anything else."""
+    if isinstance(output, Mapping):
+        return [(repr(key), value) for key, value in output.items()]
+    if isinstance(output, (tuple, list)):
+        return [(str(index), value) for index, value in enumerate(output)]
+    return []
+
+
 def _describe(output: Any) -> str:
     """A layer's output as the error shows it: a tuple or dict with its parts' shapes."""
 
@@ -92,9 +102,9 @@ def _describe(output: Any) -> str:
 
     kind = type(output).__name__
     if isinstance(output, Mapping):
-        return f"{kind} {{" + ", ".join(f"{k!r}: {part(v)}" for k, v in output.items()) + "}"
+        return f"{kind} {{" + ", ".join(f"{i}: {part(v)}" for i, v in _parts(output)) + "}"
     if isinstance(output, (tuple, list)):
-        return f"{kind} (" + ", ".join(part(v) for v in output) + ")"
+        return f"{kind} (" + ", ".join(part(v) for _, v in _parts(output)) + ")"
     return kind
 
 
@@ -102,13 +112,7 @@ def _suggested_pick(output: Any) -> str:
     """The expression that picks the first tensor of at least two dimensions (rows of
     features, not a scalar such as a loss) of a tuple or dict output, ``...`` if none:
     Hugging Face blocks put the hidden states first, model outputs the loss before them."""
-    if isinstance(output, Mapping):
-        parts = [(repr(key), value) for key, value in output.items()]
-    elif isinstance(output, (tuple, list)):
-        parts = [(str(index), value) for index, value in enumerate(output)]
-    else:
-        parts = []
-    for index, value in parts:
+    for index, value in _parts(output):
         if isinstance(value, torch.Tensor) and value.ndim >= 2:
             return f"output[{index}]"
     return "..."

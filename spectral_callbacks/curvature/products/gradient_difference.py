@@ -31,8 +31,10 @@ its parameter and the gradients come from FSDP's own ``backward()``.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
+from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 import torch
@@ -70,27 +72,38 @@ class GradientDifferenceProducts:
         op.check_finite_losses(math_attention=False)
         if self._theta_norm is None:
             self._theta_norm = self._parameter_norm()
-        saved = [p.detach().clone() for p in op.params]
         rows = []
-        try:
+        with self._moved_parameters() as saved:
             for row in block:
                 norm = float(row.double().norm())
                 if norm == 0.0:
                     rows.append(torch.zeros_like(row))
-                    continue
-                pieces = [
-                    piece.reshape(shape)
-                    for piece, shape in zip(row.split(op.numels), op.shapes, strict=True)
-                ]
-                if self.step is None:
-                    rows.append(self.calibrate(saved, pieces, norm).to(op.dtype))
+                elif self.step is None:
+                    rows.append(self.calibrate(saved, self._pieces(row), norm).to(op.dtype))
                 else:
-                    rows.append(self._product(saved, pieces, norm))
+                    rows.append(self._product(saved, self._pieces(row), norm))
+        return torch.stack(rows)
+
+    @contextlib.contextmanager
+    def _moved_parameters(self) -> Iterator[list[torch.Tensor]]:
+        """A saved copy of the parameters, which the differences move in place, copied back
+        afterwards bit for bit, whatever the differences did."""
+        params = self.operator.params
+        saved = [p.detach().clone() for p in params]
+        try:
+            yield saved
         finally:
             with torch.no_grad():
-                for param, value in zip(op.params, saved, strict=True):
-                    param.data.copy_(value)  # bit for bit, whatever the differences did
-        return torch.stack(rows)
+                for param, value in zip(params, saved, strict=True):
+                    param.data.copy_(value)
+
+    def _pieces(self, row: torch.Tensor) -> list[torch.Tensor]:
+        """A flat vector as one tensor per parameter."""
+        op = self.operator
+        return [
+            piece.reshape(shape)
+            for piece, shape in zip(row.split(op.numels), op.shapes, strict=True)
+        ]
 
     def error_along(self, vectors: torch.Tensor) -> torch.Tensor:
         """The relative error of the product of each row of ``vectors`` at the chosen step,
@@ -104,34 +117,25 @@ class GradientDifferenceProducts:
         ``(16/15) ‖R(h) − R(h/2)‖``. Relative to the product's norm. Costs two differences
         per row (three with Richardson), each two gradients.
         """
-        op = self.operator
-        saved = [p.detach().clone() for p in op.params]
         steps = (1.0, 0.5, 0.25) if self.richardson else (1.0, 0.5)
         estimates = []
-        try:
+        with self._moved_parameters() as saved:
             for row in vectors:
                 norm = float(row.double().norm())
                 if norm == 0.0:
                     estimates.append(0.0)
                     continue
-                pieces = [
-                    piece.reshape(shape)
-                    for piece, shape in zip(row.split(op.numels), op.shapes, strict=True)
-                ]
+                pieces = self._pieces(row)
                 differences = torch.stack(
                     [self._difference(saved, pieces, self.step * s / norm)[0] for s in steps]
                 )
-                d = op.reduce_products(differences.double())
+                d = self.operator.reduce_products(differences.double())
                 if self.richardson:
                     coarse, fine, factor = (4 * d[1] - d[0]) / 3, (4 * d[2] - d[1]) / 3, 16 / 15
                 else:
                     coarse, fine, factor = d[0], d[1], 4 / 3
                 size = float(coarse.norm())
                 estimates.append(factor * float((coarse - fine).norm()) / size if size else 0.0)
-        finally:
-            with torch.no_grad():
-                for param, value in zip(op.params, saved, strict=True):
-                    param.data.copy_(value)
         return torch.tensor(estimates, dtype=torch.float64)
 
     def _product(self, saved: list[torch.Tensor], pieces: list[torch.Tensor], norm: float):
