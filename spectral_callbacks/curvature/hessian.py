@@ -278,20 +278,20 @@ class HessianOperator(CurvatureOperator):
         """Whether a product's error depends on its vector beyond what
         :attr:`product_relative_error` states: on the gradient-difference path, whose step
         was calibrated along one vector only. The eigensolvers then bound each returned
-        pair with :meth:`product_error_along`."""
+        pair with :meth:`product_errors_along`."""
         return self._differences is not None and self._differences.step is not None
 
-    def product_error_along(self, vectors: torch.Tensor) -> torch.Tensor:
-        """The relative error of a gradient-difference product along each row of
-        ``vectors`` (float64), measured there
-        (:meth:`GradientDifferenceProducts.error_along`; counted in :attr:`num_hvps` as two
+    def product_errors_along(self, vectors: torch.Tensor) -> torch.Tensor:
+        """The estimated error of a gradient-difference product of each row of ``vectors``,
+        measured along that row, as a ``(b, n)`` block in :attr:`dtype`
+        (:meth:`GradientDifferenceProducts.errors_along`; counted in :attr:`num_hvps` as two
         products per row)."""
         if not self.errors_vary_by_direction:
-            raise RuntimeError("product_error_along is measured on the gradient-difference path")
+            raise RuntimeError("product_errors_along is measured on the gradient-difference path")
         self.num_hvps += 2 * vectors.shape[0]
         rows = vectors.to(dtype=self.dtype, device=self.device)
         with autocast_disabled(self.device):
-            return self._differences.error_along(rows)
+            return self._differences.errors_along(rows)
 
     def release(self) -> None:
         """Free the cached first-order graphs (rebuilt at the next product)."""

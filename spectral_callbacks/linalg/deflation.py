@@ -55,11 +55,15 @@ class ComplementOperator(DerivedOperator):
         super().__init__(operator)
         self.basis = basis
 
+    congruent = True
+
+    def congruence(self, block: torch.Tensor) -> torch.Tensor:
+        """Return ``block P`` for a ``(b, n)`` block."""
+        return block - (block @ self.basis.T) @ self.basis
+
     def matmat(self, block: torch.Tensor) -> torch.Tensor:
         """Return ``block P A P`` for a ``(b, n)`` block."""
-        projected = block - (block @ self.basis.T) @ self.basis
-        product = self.operator.matmat(projected)
-        return product - (product @ self.basis.T) @ self.basis
+        return self.congruence(self.operator.matmat(self.congruence(block)))
 
 
 @dataclass

@@ -435,12 +435,16 @@ class _RitzPairs:
             )
             num_hvps += settings.k
         if along:
-            relative = operator.product_error_along(eigenvectors)
-            errors = torch.maximum(errors, relative.to(errors.dtype) * values.abs())
+            # |vᵀ δ(v)| / ‖v‖² ≤ ‖δ(v)‖ / ‖v‖ for the product error δ(v) along v.
+            deltas = operator.product_errors_along(eigenvectors)
+            along_errors = deltas.double().norm(dim=1) / eigenvectors.double().norm(dim=1)
+            errors = torch.maximum(
+                errors, along_errors.to(device=errors.device, dtype=errors.dtype)
+            )
             converged = converged & converged_pairs(
                 operator, values, errors, residuals, settings.tol, scale
             )
-            num_hvps += 2 * int(relative.numel())  # as the operator counts them
+            num_hvps += 2 * eigenvectors.shape[0]  # as the operator counts them
         return EigenResult(
             eigenvalues=values,
             residuals=residuals,

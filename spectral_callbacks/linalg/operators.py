@@ -28,8 +28,9 @@ class SymmetricOperator(Protocol):
     by the solvers' convergence test): ``product_dtype``, the dtype the products are
     computed in, and ``product_relative_error``, the relative error of one product beyond
     its rounding (a finite difference's truncation, say). Where that error depends on the
-    vector, ``errors_vary_by_direction`` is true and ``product_error_along(vectors)`` gives
-    it per row: the solvers then bound each returned pair by it.
+    vector, ``errors_vary_by_direction`` is true and ``product_errors_along(vectors)`` gives
+    an estimate of each row's product error (a ``(b, n)`` block): the solvers then bound
+    each returned pair ``(λ, v)`` by ``‖δ(v)‖ / ‖v‖ ≥ |vᵀ δ(v)| / ‖v‖²``.
     """
 
     size: int
@@ -79,16 +80,51 @@ class DenseOperator:
 
 class DerivedOperator:
     """Base of an operator built on another: the same ``size``, ``dtype`` and ``device``, and
-    the inner operator's ``product_dtype`` and ``product_relative_error``, which is what the
-    solvers' convergence test reads of the products' accuracy."""
+    what the solvers' convergence test reads of the products' accuracy, read from the inner
+    operator when asked (its stated error is measured at its first product):
+    ``product_dtype`` and ``product_relative_error``.
+
+    A subclass of the form ``M A M`` (plus terms computed exactly) for a symmetric ``M``
+    sets ``congruent = True`` and defines :meth:`congruence` (``block ↦ block M``); the
+    inner operator's per-direction product errors then carry through it
+    (``δ(v) = M δ_A(M v)``), so ``errors_vary_by_direction`` and ``product_errors_along``
+    hold for it too.
+    """
+
+    #: Whether this operator is ``M A M`` (plus exact terms) for :meth:`congruence`'s ``M``.
+    congruent: bool = False
 
     def __init__(self, operator: SymmetricOperator) -> None:
         self.operator = operator
         self.size = operator.size
         self.dtype = operator.dtype
         self.device = operator.device
-        self.product_dtype = getattr(operator, "product_dtype", operator.dtype)
-        self.product_relative_error = getattr(operator, "product_relative_error", 0.0)
+
+    @property
+    def product_dtype(self) -> torch.dtype:
+        """The dtype the inner operator computes its products in."""
+        return getattr(self.operator, "product_dtype", self.operator.dtype)
+
+    @property
+    def product_relative_error(self) -> float:
+        """The inner operator's stated relative error of a product, as it stands now."""
+        return float(getattr(self.operator, "product_relative_error", 0.0))
+
+    @property
+    def errors_vary_by_direction(self) -> bool:
+        """Whether the inner operator's product errors depend on the vector and carry through
+        this operator (``congruent``)."""
+        return self.congruent and bool(getattr(self.operator, "errors_vary_by_direction", False))
+
+    def congruence(self, block: torch.Tensor) -> torch.Tensor:
+        """Return ``block M`` for a ``(b, n)`` block, where this operator is ``M A M``."""
+        raise NotImplementedError(f"{type(self).__name__} is not of the form M A M")
+
+    def product_errors_along(self, vectors: torch.Tensor) -> torch.Tensor:
+        """The estimated product error of each row ``v``, ``M δ_A(M v)``, from the inner
+        operator's (``(b, n)``; only where ``errors_vary_by_direction``)."""
+        inner = self.operator.product_errors_along(self.congruence(vectors))
+        return self.congruence(inner.to(dtype=self.dtype, device=self.device))
 
 
 class ScaledOperator(DerivedOperator):
@@ -121,10 +157,16 @@ class ScaledOperator(DerivedOperator):
             None if shift is None else shift.to(dtype=operator.dtype, device=operator.device)
         )
 
+    congruent = True
+
+    def congruence(self, block: torch.Tensor) -> torch.Tensor:
+        """Return ``block D^½`` for a ``(b, n)`` block."""
+        return block * self.sqrt_diagonal
+
     def matmat(self, block: torch.Tensor) -> torch.Tensor:
         """Return ``block D^½ (A + diag(w)) D^½`` for a ``(b, n)`` block."""
-        scaled = block * self.sqrt_diagonal
+        scaled = self.congruence(block)
         product = self.operator.matmat(scaled)
         if self.shift is not None:
             product = product + scaled * self.shift
-        return product * self.sqrt_diagonal
+        return self.congruence(product)

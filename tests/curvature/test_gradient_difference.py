@@ -15,7 +15,7 @@ from torch.utils.checkpoint import checkpoint
 from spectral_callbacks import SharpnessMonitor
 from spectral_callbacks.curvature import HessianOperator
 from spectral_callbacks.functional import batch_sharpness, hessian_eigenvalues, hessian_trace
-from spectral_callbacks.linalg import lanczos
+from spectral_callbacks.linalg import ScaledOperator, lanczos
 
 from ..models import (
     NoisyClassifier,
@@ -199,6 +199,28 @@ def test_error_bounds_hold_along_directions_the_calibration_did_not_see(richards
     assert error > 0  # the truncation is visible ...
     assert error <= float(result.errors[0])  # ... and within the stated bound
     assert not bool(result.converged[0])  # which is above tol · λ
+
+
+@pytest.mark.parametrize("richardson", [False, True], ids=["central", "richardson"])
+def test_preconditioned_solves_carry_the_per_direction_bound(richardson):
+    """``D^½ H D^½`` over differences (the optimizer-aware ratio's operator): the bound of
+    each pair is the inner operator's error along ``D^½ v``, and the stated error the one
+    the inner operator measured, not the a-priori one it had when the scaled operator was
+    built."""
+    model = Skewed().double()
+    diagonal = torch.ones(401, dtype=torch.float64)
+    diagonal[-1] = 2.0  # u: H_uu = a b² = 36, so the top of D^½ H D^½ is 72
+    with HessianOperator(
+        model, skewed_loss, torch.zeros(1), hvp="gradient_difference", richardson=richardson
+    ) as operator:
+        scaled = ScaledOperator(operator, diagonal)
+        a_priori = scaled.product_relative_error
+        result = lanczos(scaled, k=1, tol=1e-9)
+        assert scaled.product_relative_error == operator.product_relative_error != a_priori
+    error = abs(float(result.eigenvalues[0]) - 72.0)
+    assert error > 0
+    assert error <= float(result.errors[0])
+    assert not bool(result.converged[0])
 
 
 class CheckpointedNet(nn.Module):

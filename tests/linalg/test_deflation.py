@@ -8,6 +8,7 @@ import torch
 from spectral_callbacks.linalg import (
     ZERO_TOLERANCE,
     DenseOperator,
+    ScaledOperator,
     SpectralDensity,
     count_outliers,
     deflated_hutchinson,
@@ -15,6 +16,7 @@ from spectral_callbacks.linalg import (
     eigenpairs,
     slq,
 )
+from spectral_callbacks.linalg.deflation import ComplementOperator
 
 from ..oracles import matrix_with_spectrum
 
@@ -157,3 +159,34 @@ def test_bad_arguments_name_themselves(solved):
         deflated_spectrum(operator, top.eigenvectors, top.eigenvalues, trace_hvps=1)
     with pytest.raises(ValueError, match="eigenvalues has 2 entries"):
         deflated_spectrum(operator, top.eigenvectors, top.eigenvalues[:2])
+
+
+class DirectionalErrors(DenseOperator):
+    """A dense operator whose products carry an error ``δ(v) = E v`` that it knows."""
+
+    errors_vary_by_direction = True
+
+    def __init__(self, matrix: torch.Tensor, error: torch.Tensor) -> None:
+        super().__init__(matrix)
+        self.error = error
+
+    def product_errors_along(self, vectors: torch.Tensor) -> torch.Tensor:
+        return vectors @ self.error
+
+
+def test_product_errors_carry_through_a_projection_and_a_scaling():
+    """``P A P`` and ``D^½ A D^½`` report ``M δ(M v)``, the error of their own products."""
+    g = torch.Generator().manual_seed(0)
+    matrix, error = (torch.randn(6, 6, generator=g, dtype=torch.float64) for _ in range(2))
+    inner = DirectionalErrors(matrix + matrix.T, error)
+    basis = torch.linalg.qr(torch.randn(6, 2, generator=g, dtype=torch.float64)).Q.T
+    projection = torch.eye(6, dtype=torch.float64) - basis.T @ basis
+    diagonal = torch.rand(6, generator=g, dtype=torch.float64)
+    vectors = torch.randn(3, 6, generator=g, dtype=torch.float64)
+    for derived, m in (
+        (ComplementOperator(inner, basis), projection),
+        (ScaledOperator(inner, diagonal), torch.diag(diagonal.sqrt())),
+    ):
+        assert derived.errors_vary_by_direction
+        torch.testing.assert_close(derived.product_errors_along(vectors), vectors @ m @ error @ m)
+    assert not ComplementOperator(DenseOperator(matrix + matrix.T), basis).errors_vary_by_direction

@@ -105,17 +105,17 @@ class GradientDifferenceProducts:
             for piece, shape in zip(row.split(op.numels), op.shapes, strict=True)
         ]
 
-    def error_along(self, vectors: torch.Tensor) -> torch.Tensor:
-        """The relative error of the product of each row of ``vectors`` at the chosen step,
-        measured along that row (float64, one per row).
+    def errors_along(self, vectors: torch.Tensor) -> torch.Tensor:
+        """The estimated error of the product of each row of ``vectors`` at the chosen step,
+        measured along that row: a ``(b, n)`` block in ``vectors``' dtype.
 
         The step was calibrated along one vector; along another, the loss's higher
         derivatives can be far larger (a transformer's top eigenvectors), and so the
         truncation. Central differences at ``h`` and ``h/2`` have truncations ``c h²`` and
-        ``c h²/4``, so ``(4/3) ‖D(h) − D(h/2)‖`` estimates the error of ``D(h)``; with
+        ``c h²/4``, so ``(4/3) (D(h) − D(h/2))`` estimates the error of ``D(h)``; with
         Richardson, ``R(s) = (4 D(s/2) − D(s)) / 3`` at ``s = h`` and ``h/2`` and
-        ``(16/15) ‖R(h) − R(h/2)‖``. Relative to the product's norm. Costs two differences
-        per row (three with Richardson), each two gradients.
+        ``(16/15) (R(h) − R(h/2))``. Formed in float64. Costs two differences per row (three
+        with Richardson), each two gradients.
         """
         steps = (1.0, 0.5, 0.25) if self.richardson else (1.0, 0.5)
         estimates = []
@@ -123,7 +123,7 @@ class GradientDifferenceProducts:
             for row in vectors:
                 norm = float(row.double().norm())
                 if norm == 0.0:
-                    estimates.append(0.0)
+                    estimates.append(torch.zeros_like(row))
                     continue
                 pieces = self._pieces(row)
                 differences = torch.stack(
@@ -134,9 +134,8 @@ class GradientDifferenceProducts:
                     coarse, fine, factor = (4 * d[1] - d[0]) / 3, (4 * d[2] - d[1]) / 3, 16 / 15
                 else:
                     coarse, fine, factor = d[0], d[1], 4 / 3
-                size = float(coarse.norm())
-                estimates.append(factor * float((coarse - fine).norm()) / size if size else 0.0)
-        return torch.tensor(estimates, dtype=torch.float64)
+                estimates.append((factor * (coarse - fine)).to(row.dtype))
+        return torch.stack(estimates)
 
     def _product(self, saved: list[torch.Tensor], pieces: list[torch.Tensor], norm: float):
         """The product of the vector ``pieces`` (of norm ``norm``) at the chosen step."""
