@@ -189,7 +189,12 @@ def markdown(rows: list[dict], meta: dict) -> str:
                 f"{values['median_seconds']:.3f} | {values['max_relative_error']:.1e} | "
                 f"{values['all_converged']} |"
             )
-    lines += ["", "**3. Peak memory of one λ_max measurement** (resident set, fresh process)", ""]
+    lines += [
+        "",
+        "**3. Peak memory of one λ_max measurement** "
+        "(resident-set peak above that of one gradient, fresh process)",
+        "",
+    ]
     for row in result["memory"]:
         paths = row["paths"]
         lines.append(
