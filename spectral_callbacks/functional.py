@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ._checks import check_bool
+from ._checks import check_bool, check_choice
 from .curvature import (
     BatchSharpness,
     Curvature,
@@ -64,6 +64,7 @@ from .linalg import (
     slq,
     subspace_fraction,
 )
+from .linalg.trace import METHODS as TRACE_METHODS
 from .representation import (
     alpha_req,
     effective_rank,
@@ -401,6 +402,7 @@ def hessian_trace(
         A :class:`~spectral_callbacks.linalg.TraceEstimate` (``estimate``, ``stderr``,
         ``num_hvps``, ``method``).
     """
+    check_choice("method", method, TRACE_METHODS)  # before the operator, and with deflate
     settings = OperatorSettings.from_arguments(locals())
     with curvature_operator(model, loss_fn, data, settings) as operator:
         if deflate is None:

@@ -14,7 +14,7 @@ from typing import Literal, get_args
 
 import torch
 
-from .._checks import check_integer
+from .._checks import check_choice, check_integer
 from ._precision import full_precision
 from .operators import SymmetricOperator
 
@@ -267,11 +267,8 @@ def estimate_trace(
     block_size: int = 16,
 ) -> TraceEstimate:
     """Estimate ``tr(A)`` with ``method`` in ``("hutch++", "hutchinson")``."""
-    if method == "hutch++":
-        return hutchpp(operator, num_hvps, seed, block_size)
-    if method == "hutchinson":
-        return hutchinson(operator, num_hvps, seed, block_size)
-    raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    estimator = hutchpp if check_choice("method", method, METHODS) == "hutch++" else hutchinson
+    return estimator(operator, num_hvps, seed, block_size)
 
 
 def _validate(num_hvps: int, minimum: int, block_size: int) -> None:

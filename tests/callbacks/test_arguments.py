@@ -284,6 +284,9 @@ def test_the_functional_trace_and_density_name_their_bad_arguments():
         hessian_trace(TanhRegressor(), loss, (x, y), num_hvps=True)
     with pytest.raises(ValueError, match="method must be one of"):
         hessian_trace(TanhRegressor(), loss, (x, y), method="exact")
+    top = hessian_eigenvalues(TanhRegressor(), loss, (x, y), k=2, return_eigenvectors=True)
+    with pytest.raises(ValueError, match="method must be one of"):  # unused, still checked
+        hessian_trace(TanhRegressor(), loss, (x, y), method="exact", deflate=top)
     with pytest.raises(TypeError, match="steps must be an integer"):
         hessian_density(TanhRegressor(), loss, (x, y), steps=4.0)
     with pytest.raises(TypeError, match="reorthogonalize must be True or False"):

@@ -34,7 +34,7 @@ from __future__ import annotations
 import contextlib
 import math
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
 import torch
@@ -72,16 +72,23 @@ class GradientDifferenceProducts:
         op.check_finite_losses(math_attention=False)
         if self._theta_norm is None:
             self._theta_norm = self._parameter_norm()
+        # The first non-zero row calibrates the step; the rows after it use the chosen step.
+        return self._row_by_row(
+            block, lambda *row: self.calibrate(*row) if self.step is None else self._product(*row)
+        )
+
+    def _row_by_row(self, block: torch.Tensor, compute: Callable) -> torch.Tensor:
+        """``compute(saved, pieces, norm)`` of each non-zero row of ``block`` (zeros for a zero
+        row), stacked in ``block``'s dtype, with the parameters moved and restored around
+        them."""
         rows = []
         with self._moved_parameters() as saved:
             for row in block:
                 norm = float(row.double().norm())
                 if norm == 0.0:
                     rows.append(torch.zeros_like(row))
-                elif self.step is None:
-                    rows.append(self.calibrate(saved, self._pieces(row), norm).to(op.dtype))
                 else:
-                    rows.append(self._product(saved, self._pieces(row), norm))
+                    rows.append(compute(saved, self._pieces(row), norm).to(row.dtype))
         return torch.stack(rows)
 
     @contextlib.contextmanager
@@ -118,24 +125,19 @@ class GradientDifferenceProducts:
         with Richardson), each two gradients.
         """
         steps = (1.0, 0.5, 0.25) if self.richardson else (1.0, 0.5)
-        estimates = []
-        with self._moved_parameters() as saved:
-            for row in vectors:
-                norm = float(row.double().norm())
-                if norm == 0.0:
-                    estimates.append(torch.zeros_like(row))
-                    continue
-                pieces = self._pieces(row)
-                differences = torch.stack(
-                    [self._difference(saved, pieces, self.step * s / norm)[0] for s in steps]
-                )
-                d = self.operator.reduce_products(differences.double())
-                if self.richardson:
-                    coarse, fine, factor = (4 * d[1] - d[0]) / 3, (4 * d[2] - d[1]) / 3, 16 / 15
-                else:
-                    coarse, fine, factor = d[0], d[1], 4 / 3
-                estimates.append((factor * (coarse - fine)).to(row.dtype))
-        return torch.stack(estimates)
+
+        def error(saved: list[torch.Tensor], pieces: list[torch.Tensor], norm: float):
+            differences = torch.stack(
+                [self._difference(saved, pieces, self.step * s / norm)[0] for s in steps]
+            )
+            d = self.operator.reduce_products(differences.double())
+            if self.richardson:
+                coarse, fine, factor = (4 * d[1] - d[0]) / 3, (4 * d[2] - d[1]) / 3, 16 / 15
+            else:
+                coarse, fine, factor = d[0], d[1], 4 / 3
+            return factor * (coarse - fine)
+
+        return self._row_by_row(vectors, error)
 
     def _product(self, saved: list[torch.Tensor], pieces: list[torch.Tensor], norm: float):
         """The product of the vector ``pieces`` (of norm ``norm``) at the chosen step."""
