@@ -293,6 +293,18 @@ class HessianOperator(CurvatureOperator):
         with autocast_disabled(self.device):
             return self._differences.errors_along(rows)
 
+    def adapt_products(self) -> bool:
+        """Re-choose the gradient-difference step for the directions that
+        :meth:`product_errors_along` last measured, where their truncation makes their
+        eigenvalues' bounds far worse than a shorter step would
+        (:meth:`GradientDifferenceProducts.adapt_step`).
+
+        Returns:
+            Whether the products changed (the step shortened): the eigensolvers then solve
+            once more from the vectors found. False on the exact paths.
+        """
+        return self._differences is not None and self._differences.adapt_step()
+
     def release(self) -> None:
         """Free the cached first-order graphs (rebuilt at the next product)."""
         self._reused.release()

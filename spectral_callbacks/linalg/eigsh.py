@@ -31,9 +31,11 @@ the steps in between run on the operator's device without host synchronisation.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -581,6 +583,10 @@ def lanczos(
     breakdown (an invariant Krylov space, every residual exactly 0) never ends the solve
     while the space is smaller than the operator: the recurrence goes on from a random
     direction orthogonal to it, which finds further copies of a repeated eigenvalue.
+    Products whose error depends on the direction (gradient differences) bound each pair by
+    the error measured along its vector; where a pair misses ``tol`` by that and the
+    operator re-tunes its products (``adapt_products``), the solve runs once more from its
+    Ritz vectors, within ``max_iter`` (:class:`~spectral_callbacks.linalg.SymmetricOperator`).
     """
     settings = EigenSettings.from_arguments({**locals(), "method": "lanczos"})
     settings.check_size(operator.size)
@@ -588,6 +594,46 @@ def lanczos(
     return _lanczos(operator, settings, start, return_eigenvectors, check_every, start_mixing)
 
 
+def _again_where_products_adapt(solve: Callable[..., EigenResult]) -> Callable[..., EigenResult]:
+    """Decorator: a solve run once more, warm-started from its Ritz vectors, where pairs
+    missed the tolerance and the operator re-tuned its products to the errors measured
+    along them (``adapt_products()`` true: gradient differences shorten a step that was
+    calibrated along another direction). Both runs' products and steps are counted, within
+    ``max_iter``. Only operators with inexact products (``product_relative_error > 0``)
+    that can adapt are asked, and only they form the Ritz vectors for it."""
+
+    @functools.wraps(solve)
+    def run(operator, settings, start, return_eigenvectors, *args):
+        adaptive = hasattr(operator, "adapt_products") and (
+            float(getattr(operator, "product_relative_error", 0.0)) > 0
+        )
+        first = solve(operator, settings, start, return_eigenvectors or adaptive, *args)
+        budget = None if settings.max_iter is None else settings.max_iter - first.num_hvps
+        if (
+            adaptive
+            and first.eigenvectors is not None
+            and not first.all_converged
+            and (budget is None or budget >= settings.k)
+            and operator.adapt_products()
+        ):
+            again = solve(
+                operator,
+                replace(settings, max_iter=budget),
+                first.eigenvectors,
+                return_eigenvectors,
+                *args,
+            )
+            again.num_hvps += first.num_hvps
+            again.num_iterations += first.num_iterations
+            return again
+        if not return_eigenvectors:
+            first.eigenvectors = None
+        return first
+
+    return run
+
+
+@_again_where_products_adapt
 @full_precision
 def _lanczos(
     operator: SymmetricOperator,
@@ -720,6 +766,7 @@ def block_lanczos(
     return _block_lanczos(operator, settings, start, return_eigenvectors, check_every)
 
 
+@_again_where_products_adapt
 @full_precision
 def _block_lanczos(
     operator: SymmetricOperator,

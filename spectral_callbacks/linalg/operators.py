@@ -30,7 +30,9 @@ class SymmetricOperator(Protocol):
     its rounding (a finite difference's truncation, say). Where that error depends on the
     vector, ``errors_vary_by_direction`` is true and ``product_errors_along(vectors)`` gives
     an estimate of each row's product error (a ``(b, n)`` block): the solvers then bound
-    each returned pair ``(λ, v)`` by ``‖δ(v)‖ / ‖v‖ ≥ |vᵀ δ(v)| / ‖v‖²``.
+    each returned pair ``(λ, v)`` by ``‖δ(v)‖ / ‖v‖ ≥ |vᵀ δ(v)| / ‖v‖²``. And where
+    ``adapt_products()`` re-tunes the products to the errors measured there (returning
+    True), a solve whose pairs missed the tolerance runs once more from its vectors.
     """
 
     size: int
@@ -125,6 +127,12 @@ class DerivedOperator:
         operator's (``(b, n)``; only where ``errors_vary_by_direction``)."""
         inner = self.operator.product_errors_along(self.congruence(vectors))
         return self.congruence(inner.to(dtype=self.dtype, device=self.device))
+
+    def adapt_products(self) -> bool:
+        """The inner operator's ``adapt_products`` where errors carry through
+        (``congruent``); else False."""
+        adapt = getattr(self.operator, "adapt_products", None)
+        return self.congruent and adapt is not None and bool(adapt())
 
 
 class ScaledOperator(DerivedOperator):

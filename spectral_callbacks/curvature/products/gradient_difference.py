@@ -16,7 +16,11 @@ order ``ε^{2/3}``. ``richardson=True`` combines the steps ``h`` and ``h/2``,
 ``(4 D(h/2) − D(h)) / 3``, which cancels the ``h²`` term (error of order ``ε^{4/5}`` at a step
 grown to ``ε^{1/5}``), at four gradients per product. The operator states the error it
 measured (``product_relative_error``) and the eigensolvers confirm residuals near it with
-fresh products, so no solve claims a tolerance the differences cannot resolve. A loss that is
+fresh products, so no solve claims a tolerance the differences cannot resolve. Along the
+vectors a solve returns, the truncation can be far larger than along the calibration's
+vector: the solvers bound each pair by the error measured there (:meth:`errors_along`) and,
+where that misses the tolerance, the step is chosen again for those directions
+(:meth:`adapt_step`) and the solve runs once more. A loss that is
 not smooth at the step's scale (the kinks of ReLU-like activations) makes differences
 unreliable, whatever the step: the measured error then exceeds 1e-2 (and ten times
 ``ε^{2/3}``) and the operator warns.
@@ -56,7 +60,15 @@ class GradientDifferenceProducts:
         self.richardson = richardson
         self.step: float | None = None  # once chosen by calibrate()
         self.stated_error: float | None = None
+        #: What :meth:`errors_along` last measured at the current step, per row ``v``: the
+        #: error ``‖δ(v)‖ / ‖v‖`` and the curvature ``‖D(v)‖ / ‖v‖`` (``None`` before, and
+        #: after a new step).
+        self.measured_along: list[tuple[float, float]] | None = None
         self._theta_norm: float | None = None
+        # The calibration's error model (set where it resolved curvature): the rounding
+        # ``ε G`` (times 1/s), the truncation coefficient ``c`` along the calibration
+        # vector (times s²) and that vector's curvature ``‖H u‖``, the relative errors' scale.
+        self._model: tuple[float, float, float] | None = None
 
     @property
     def relative_error(self) -> float:
@@ -135,9 +147,67 @@ class GradientDifferenceProducts:
                 coarse, fine, factor = (4 * d[1] - d[0]) / 3, (4 * d[2] - d[1]) / 3, 16 / 15
             else:
                 coarse, fine, factor = d[0], d[1], 4 / 3
+            measured.append(
+                (factor * float((coarse - fine).norm()) / norm, float(coarse.norm()) / norm)
+            )
             return factor * (coarse - fine)
 
-        return self._row_by_row(vectors, error)
+        measured: list[tuple[float, float]] = []
+        errors = self._row_by_row(vectors, error)
+        self.measured_along = measured or None
+        return errors
+
+    def adapt_step(self) -> bool:
+        """Re-choose the step for the directions :meth:`errors_along` measured, where their
+        truncation makes the bound of their eigenvalues far worse than it need be.
+
+        An eigenvalue ``θ_v`` along a measured direction ``v`` gets the relative bound
+        ``max(δ_s · θ_max, e_v(s)) / θ_v``: the stated error ``δ_s`` times the largest
+        curvature (the eigensolvers' product-error floor), or the error along ``v``. Both
+        follow the calibration's error model: ``δ_s = (c s² + ε G / s) / κ`` (``c`` and
+        ``κ`` along the calibration vector, ``ε G`` the rounding) and
+        ``e_v(s) = c_v s² + ε G / s``, with ``c_v = (e_v(h) − ε G / h) / h²`` from the error
+        measured at the current step ``h``; with Richardson ``c s⁴`` and ``2 ε G / s``. The
+        new step minimises the worst bound over the measured directions on ``[h/1000, h]``
+        and is taken where it at least halves it.
+
+        Returns:
+            Whether the step changed. Not without a measurement, nor where the calibration
+            resolved no curvature (a loss linear along its vector).
+        """
+        if self.measured_along is None or self._model is None:
+            return False
+        rounding, coefficient, scale = self._model
+        order, noise = (4, 2.0 * rounding) if self.richardson else (2, rounding)
+        largest = max(curvature for _, curvature in self.measured_along)
+        eps = torch.finfo(self.operator.product_dtype).eps
+        least = eps**0.8 if self.richardson else 0.0
+
+        def stated(step: float) -> float:
+            truncation = 0.0 if self.richardson else coefficient * step**2
+            return max((truncation + noise / step) / scale, least)
+
+        # Each direction's truncation coefficient: its measured error less the rounding.
+        directions = [
+            (max(error - noise / self.step, 0.0) / self.step**order, curvature)
+            for error, curvature in self.measured_along
+        ]
+        tiny = torch.finfo(torch.float64).tiny
+
+        def worst(step: float) -> float:
+            floor = stated(step) * largest
+            return max(
+                max(floor, c_v * step**order + noise / step) / max(curvature, tiny)
+                for c_v, curvature in directions
+            )
+
+        steps = [self.step * 10.0 ** (-3.0 * i / 120) for i in range(121)]
+        best = min(steps, key=worst)
+        if worst(best) > 0.5 * worst(self.step):
+            return False
+        self.step, self.measured_along = best, None
+        self.stated_error = stated(best)
+        return True
 
     def _product(self, saved: list[torch.Tensor], pieces: list[torch.Tensor], norm: float):
         """The product of the vector ``pieces`` (of norm ``norm``) at the chosen step."""
@@ -204,6 +274,7 @@ class GradientDifferenceProducts:
         # This first product is the Richardson value of D(s₀) and D(s₀/2): its rounding is
         # about (5/3) ε G / (s₀/2).
         first = (10.0 / 3.0) * eps * gradient / step / scale
+        self._model = (eps * gradient, c, scale)
         if self.richardson:
             # The h² term cancels; the a-priori optimal step grows to ε^{1/5}, scaled like
             # the central one, and what is left is mostly rounding, ~(5/3) ε G / s.
