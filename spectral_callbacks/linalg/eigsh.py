@@ -595,26 +595,28 @@ def lanczos(
 
 
 def _again_where_products_adapt(solve: Callable[..., EigenResult]) -> Callable[..., EigenResult]:
-    """Decorator: a solve run once more, warm-started from its Ritz vectors, where pairs
-    missed the tolerance and the operator re-tuned its products to the errors measured
-    along them (``adapt_products()`` true: gradient differences shorten a step that was
-    calibrated along another direction). Both runs' products and steps are counted, within
-    ``max_iter``. Only operators with inexact products (``product_relative_error > 0``)
-    that can adapt are asked, and only they form the Ritz vectors for it."""
+    """Decorator: a solve run once more where pairs missed the tolerance and the operator
+    re-tuned its products to the errors measured along their vectors (``adapt_products()``
+    true: gradient differences shorten a step that was calibrated along another direction).
+
+    The second run starts from the first one's Ritz vectors, which operators with inexact
+    products (``product_relative_error > 0``) that can adapt form for it; from a random
+    start where the products turned inexact during the solve (``hvp="auto"`` switching to
+    gradient differences) and they were not asked for. Both runs' products and steps are
+    counted, within ``max_iter``."""
 
     @functools.wraps(solve)
     def run(operator, settings, start, return_eigenvectors, *args):
-        adaptive = hasattr(operator, "adapt_products") and (
-            float(getattr(operator, "product_relative_error", 0.0)) > 0
-        )
-        first = solve(operator, settings, start, return_eigenvectors or adaptive, *args)
+        adapt = getattr(operator, "adapt_products", None)
+        inexact = adapt is not None and float(getattr(operator, "product_relative_error", 0.0)) > 0
+        first = solve(operator, settings, start, return_eigenvectors or inexact, *args)
         budget = None if settings.max_iter is None else settings.max_iter - first.num_hvps
         if (
-            adaptive
-            and first.eigenvectors is not None
+            adapt is not None
             and not first.all_converged
+            and bool(torch.isfinite(first.eigenvalues).all())
             and (budget is None or budget >= settings.k)
-            and operator.adapt_products()
+            and adapt()
         ):
             again = solve(
                 operator,

@@ -233,6 +233,38 @@ def test_solves_re_choose_the_step_for_the_directions_they_find(richardson, prec
     assert result.num_iterations > fixed.num_iterations
 
 
+class FirstOrderCosh(torch.autograd.Function):
+    """``cosh`` without a double backward: ``hvp="auto"`` switches to differences."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return torch.cosh(x)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        return grad * torch.sinh(x)
+
+
+def test_a_solve_that_switched_to_differences_re_chooses_the_step_from_a_cold_start():
+    """Under ``hvp="auto"`` the products turn inexact only at the first one, so no Ritz
+    vectors were formed for a second run (``return_eigenvectors=False``): it starts cold
+    at the re-chosen step, and is as accurate as the warm one."""
+
+    def loss(model, batch, a=0.01, b=60.0):
+        return 0.5 * (model.w**2).sum() + a * FirstOrderCosh.apply(b * model.u).sum()
+
+    fixed_error, _ = _skewed_top(richardson=False, preconditioned=False, adapt=False)
+    with pytest.warns(RuntimeWarning, match="carries no graph"):
+        result = hessian_eigenvalues(Skewed().double(), loss, torch.zeros(1), k=1, tol=1e-9)
+    error = abs(float(result.eigenvalues[0]) - 36.0)
+    assert result.eigenvectors is None
+    assert error <= float(result.errors[0])
+    assert 20 * error < fixed_error
+
+
 class CheckpointedNet(nn.Module):
     def __init__(self, reentrant: bool) -> None:
         super().__init__()
