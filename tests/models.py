@@ -347,3 +347,23 @@ class ManualMSERegressor(TanhRegressor):
         loss = (self(batch[0]) - batch[1]).pow(2).mean()
         self.log("train_loss", loss)
         return loss
+
+
+class Skewed(nn.Module):
+    """``½‖w‖² + a cosh(b u)`` (its forward, whatever the batch): the top eigenvector is
+    ``u``, along which the loss is far from quadratic, while a random vector (the step's
+    calibration) sees mostly the quadratic ``w``. ``H = diag(1, …, 1, a b²)`` at ``u = 0``."""
+
+    def __init__(self, a: float = 0.01, b: float = 60.0) -> None:
+        super().__init__()
+        self.a, self.b = a, b
+        self.w = nn.Parameter(torch.full((400,), 5.0))
+        self.u = nn.Parameter(torch.zeros(1))
+
+    def forward(self, batch: torch.Tensor) -> torch.Tensor:
+        return 0.5 * (self.w**2).sum() + self.a * torch.cosh(self.b * self.u).sum()
+
+
+def skewed_loss(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
+    """The loss is the model's output (through its forward, so that FSDP gathers ``w``)."""
+    return model(batch)

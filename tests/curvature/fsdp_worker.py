@@ -21,6 +21,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2]))
 
 from spectral_callbacks.curvature import HessianOperator
 from spectral_callbacks.linalg import eigenpairs
+from tests.models import Skewed, skewed_loss
 
 
 def model_and_data():
@@ -65,6 +66,20 @@ def run(rank: int, out: str, port: str) -> None:
         ),
         "grads_kept": all(p.grad is g for p, g in zip(params, grads, strict=True)),
         "sharded": all(p.to_local().shape != p.shape for p in params),
+    }
+    # A loss whose top direction the step's calibration does not see: the solve runs again
+    # at a step chosen for it, the same decision on both processes.
+    skewed = Skewed().double()
+    fully_shard(skewed, mesh=init_device_mesh("cpu", (2,)))
+    with HessianOperator(
+        skewed, skewed_loss, x[part], hvp="gradient_difference", distributed=True
+    ) as operator:
+        top = eigenpairs(operator, k=1, tol=1e-7)
+    record["skewed"] = {
+        "eigenvalue": float(top.eigenvalues[0]),
+        "error_bound": float(top.errors[0]),
+        "num_hvps": top.num_hvps,
+        "num_iterations": top.num_iterations,
     }
     pathlib.Path(out, f"fsdp{rank}.json").write_text(json.dumps(record))
     # Both processes past every collective before gloo's threads are torn down (without

@@ -19,12 +19,14 @@ from spectral_callbacks.linalg import ScaledOperator, lanczos
 
 from ..models import (
     NoisyClassifier,
+    Skewed,
     TinyAttention,
     assert_same_state,
     classification_loader,
     cross_entropy_loss,
     make_case,
     model_state,
+    skewed_loss,
     trainer_kwargs,
 )
 from ..oracles import dense_hessian_rows
@@ -172,20 +174,6 @@ def test_the_first_product_is_as_accurate_as_the_stated_error(richardson):
         assert float((product - exact).norm() / exact.norm()) <= 10 * stated
 
 
-class Skewed(nn.Module):
-    """``½‖w‖² + a cosh(b u)``: the top eigenvector is ``u``, along which the loss is far from
-    quadratic, while a random vector (the step's calibration) sees mostly the quadratic ``w``."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.w = nn.Parameter(torch.full((400,), 5.0))
-        self.u = nn.Parameter(torch.zeros(1))
-
-
-def skewed_loss(model, batch, a=0.01, b=60.0):
-    return 0.5 * (model.w**2).sum() + a * torch.cosh(b * model.u).sum()
-
-
 def _skewed_top(richardson: bool, preconditioned: bool, adapt: bool):
     """λ_max of ``Skewed``'s Hessian (36), or of ``D^½ H D^½`` with ``D_uu = 2`` (72), over
     gradient differences, by an operator built before any product: the actual error and
@@ -253,8 +241,8 @@ def test_a_solve_that_switched_to_differences_re_chooses_the_step_from_a_cold_st
     vectors were formed for a second run (``return_eigenvectors=False``): it starts cold
     at the re-chosen step, and is as accurate as the warm one."""
 
-    def loss(model, batch, a=0.01, b=60.0):
-        return 0.5 * (model.w**2).sum() + a * FirstOrderCosh.apply(b * model.u).sum()
+    def loss(model, batch):
+        return 0.5 * (model.w**2).sum() + model.a * FirstOrderCosh.apply(model.b * model.u).sum()
 
     fixed_error, _ = _skewed_top(richardson=False, preconditioned=False, adapt=False)
     with pytest.warns(RuntimeWarning, match="carries no graph"):
@@ -423,6 +411,12 @@ def test_a_model_sharded_by_fully_shard_matches_the_unsharded_one(tmp_path):
     truth = hessian_eigenvalues(model, loss_fn, (x, y), k=2, tol=1e-10)
     assert record["eigenvalues"] == pytest.approx(truth.eigenvalues.tolist(), rel=1e-6)
     assert all(record["converged"])
+    # Sharded, the second solve at a step chosen along u, as in one process.
+    skewed = record["skewed"]
+    fixed_error, fixed = _skewed_top(richardson=False, preconditioned=False, adapt=False)
+    error = abs(skewed["eigenvalue"] - 36.0)
+    assert error <= skewed["error_bound"] and 20 * error < fixed_error
+    assert skewed["num_iterations"] > fixed.num_iterations
 
 
 def test_sharded_parameters_refuse_the_double_backward_paths():
