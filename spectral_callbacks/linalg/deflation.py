@@ -51,11 +51,11 @@ class ComplementOperator(DerivedOperator):
     or inexact eigenvectors put into ``A``'s output; ``Q``'s own span maps to zero.
     """
 
+    congruent = True
+
     def __init__(self, operator: SymmetricOperator, basis: torch.Tensor) -> None:
         super().__init__(operator)
         self.basis = basis
-
-    congruent = True
 
     def congruence(self, block: torch.Tensor) -> torch.Tensor:
         """Return ``block P`` for a ``(b, n)`` block."""

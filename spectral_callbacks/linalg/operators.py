@@ -148,6 +148,8 @@ class ScaledOperator(DerivedOperator):
         shift: Optional diagonal ``w`` added to ``A`` (length ``n``).
     """
 
+    congruent = True
+
     def __init__(
         self, operator: SymmetricOperator, diagonal: torch.Tensor, shift: torch.Tensor | None = None
     ) -> None:
@@ -164,8 +166,6 @@ class ScaledOperator(DerivedOperator):
         self.shift = (
             None if shift is None else shift.to(dtype=operator.dtype, device=operator.device)
         )
-
-    congruent = True
 
     def congruence(self, block: torch.Tensor) -> torch.Tensor:
         """Return ``block D^½`` for a ``(b, n)`` block."""

@@ -134,7 +134,8 @@ class GradientDifferenceProducts:
         ``c h²/4``, so ``(4/3) (D(h) − D(h/2))`` estimates the error of ``D(h)``; with
         Richardson, ``R(s) = (4 D(s/2) − D(s)) / 3`` at ``s = h`` and ``h/2`` and
         ``(16/15) (R(h) − R(h/2))``. Formed in float64. Costs two differences per row (three
-        with Richardson), each two gradients.
+        with Richardson), each two gradients. Each row's error and curvature are kept in
+        :attr:`measured_along` for :meth:`adapt_step`.
         """
         steps = (1.0, 0.5, 0.25) if self.richardson else (1.0, 0.5)
 
