@@ -29,7 +29,8 @@ class SymmetricOperator(Protocol):
     computed in, and ``product_relative_error``, the relative error of one product beyond
     its rounding (a finite difference's truncation, say). Where that error depends on the
     vector, ``errors_vary_by_direction`` is true and ``product_errors_along(vectors)`` gives
-    an estimate of each row's product error (a ``(b, n)`` block): the solvers then bound
+    an estimate of each row's product error (a ``(b, n)`` block, counted as two products
+    per row by the operator and the solvers alike): the solvers then bound
     each returned pair ``(λ, v)`` by ``‖δ(v)‖ / ‖v‖ ≥ |vᵀ δ(v)| / ‖v‖²``. And where
     ``adapt_products()`` re-tunes the products to the errors measured there (returning
     True), a solve whose pairs missed the tolerance runs once more from its vectors.

@@ -178,16 +178,9 @@ class GradientDifferenceProducts:
         """
         if self.measured_along is None or self._model is None:
             return False
-        rounding, coefficient, scale = self._model
+        rounding, _, _ = self._model
         order, noise = (4, 2.0 * rounding) if self.richardson else (2, rounding)
         largest = max(curvature for _, curvature in self.measured_along)
-        eps = torch.finfo(self.operator.product_dtype).eps
-        least = eps**0.8 if self.richardson else 0.0
-
-        def stated(step: float) -> float:
-            truncation = 0.0 if self.richardson else coefficient * step**2
-            return max((truncation + noise / step) / scale, least)
-
         # Each direction's truncation coefficient: its measured error less the rounding.
         directions = [
             (max(error - noise / self.step, 0.0) / self.step**order, curvature)
@@ -196,7 +189,7 @@ class GradientDifferenceProducts:
         tiny = torch.finfo(torch.float64).tiny
 
         def worst(step: float) -> float:
-            floor = stated(step) * largest
+            floor = self._stated_at(step) * largest
             return max(
                 max(floor, c_v * step**order + noise / step) / max(curvature, tiny)
                 for c_v, curvature in directions
@@ -207,8 +200,19 @@ class GradientDifferenceProducts:
         if worst(best) > 0.5 * worst(self.step):
             return False
         self.step, self.measured_along = best, None
-        self.stated_error = stated(best)
+        self.stated_error = self._stated_at(best)
         return True
+
+    def _stated_at(self, step: float) -> float:
+        """The relative error of a product at ``step`` under the calibration's error model:
+        ``(c s² + ε G / s) / κ``; with Richardson (the ``s²`` term cancelled) what is left
+        is mostly rounding, ``~(5/3) ε G / s``, stated as ``2 ε G / s / κ``, and at least
+        ``ε^{4/5}``."""
+        rounding, coefficient, scale = self._model
+        if self.richardson:
+            eps = torch.finfo(self.operator.product_dtype).eps
+            return max(2.0 * rounding / step / scale, eps**0.8)
+        return (coefficient * step**2 + rounding / step) / scale
 
     def _product(self, saved: list[torch.Tensor], pieces: list[torch.Tensor], norm: float):
         """The product of the vector ``pieces`` (of norm ``norm``) at the chosen step."""
@@ -276,16 +280,10 @@ class GradientDifferenceProducts:
         # about (5/3) ε G / (s₀/2).
         first = (10.0 / 3.0) * eps * gradient / step / scale
         self._model = (eps * gradient, c, scale)
-        if self.richardson:
-            # The h² term cancels; the a-priori optimal step grows to ε^{1/5}, scaled like
-            # the central one, and what is left is mostly rounding, ~(5/3) ε G / s.
-            self.step = central * eps ** (0.2 - 1.0 / 3.0)
-            stated = 2.0 * eps * gradient / self.step / scale
-            self.stated_error = max(stated, eps**0.8, first)
-        else:
-            self.step = central
-            rounding = eps * gradient / central
-            self.stated_error = max((c * central**2 + rounding) / scale, first)
+        # With Richardson the h² term cancels; the a-priori optimal step grows to ε^{1/5},
+        # scaled like the central one.
+        self.step = central * eps ** (0.2 - 1.0 / 3.0) if self.richardson else central
+        self.stated_error = max(self._stated_at(self.step), first)
         if self.stated_error > max(1e-2, 10.0 * eps ** (2.0 / 3.0)):
             warnings.warn(
                 f"gradient differences of this loss carry an estimated relative error of "
