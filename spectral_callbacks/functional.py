@@ -54,7 +54,6 @@ from .linalg import (
     ScaledOperator,
     SpectralDensity,
     TraceEstimate,
-    TraceMethod,
     Which,
     deflated_hutchinson,
     deflated_spectrum,
@@ -64,7 +63,6 @@ from .linalg import (
     slq,
     subspace_fraction,
 )
-from .linalg.trace import METHODS as TRACE_METHODS
 from .representation import (
     alpha_req,
     effective_rank,
@@ -73,7 +71,7 @@ from .representation import (
     stable_rank,
     von_neumann_entropy,
 )
-from .settings import Criterion, EigenSettings, OperatorSettings
+from .settings import TRACE_METHODS, Criterion, EigenSettings, OperatorSettings, TraceMethod
 from .weights import singular_subspace_drift, weight_spectra
 
 __all__ = [
@@ -362,6 +360,24 @@ def optimizer_stability_ratio(
         )
 
 
+def _deflation_pairs(deflate: Any) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The Ritz pairs ``(vectors, values)`` of a ``deflate`` argument, checked before any
+    product is spent: ``None``, or an :class:`EigenResult` that holds its eigenvectors."""
+    if deflate is None:
+        return None
+    if not isinstance(deflate, EigenResult):
+        raise TypeError(
+            f"deflate must be None or the EigenResult of hessian_eigenvalues(..., "
+            f"return_eigenvectors=True), got {type(deflate).__name__}"
+        )
+    if deflate.eigenvectors is None:
+        raise ValueError(
+            "deflate needs the Ritz vectors: pass the result of "
+            "hessian_eigenvalues(..., return_eigenvectors=True)"
+        )
+    return deflate.eigenvectors, deflate.eigenvalues
+
+
 def hessian_trace(
     model: nn.Module,
     loss_fn: LossFunction,
@@ -403,22 +419,12 @@ def hessian_trace(
         ``num_hvps``, ``method``).
     """
     check_choice("method", method, TRACE_METHODS)  # before the operator, and with deflate
+    pairs = _deflation_pairs(deflate)
     settings = OperatorSettings.from_arguments(locals())
     with curvature_operator(model, loss_fn, data, settings) as operator:
-        if deflate is None:
+        if pairs is None:
             return estimate_trace(operator, num_hvps=num_hvps, method=method, seed=seed)
-        return deflated_hutchinson(
-            operator, _ritz_vectors(deflate), deflate.eigenvalues, num_hvps=num_hvps, seed=seed
-        )
-
-
-def _ritz_vectors(deflate: EigenResult) -> torch.Tensor:
-    if deflate.eigenvectors is None:
-        raise ValueError(
-            "deflate needs the Ritz vectors: pass the result of "
-            "hessian_eigenvalues(..., return_eigenvectors=True)"
-        )
-    return deflate.eigenvectors
+        return deflated_hutchinson(operator, *pairs, num_hvps=num_hvps, seed=seed)
 
 
 def hessian_density(
@@ -455,13 +461,13 @@ def hessian_density(
     """
     if reorthogonalize is not None:
         check_bool("reorthogonalize", reorthogonalize)
+    pairs = _deflation_pairs(deflate)
     settings = OperatorSettings.from_arguments(locals())
     with curvature_operator(model, loss_fn, data, settings) as operator:
-        if deflate is not None:
+        if pairs is not None:
             return deflated_spectrum(
                 operator,
-                _ritz_vectors(deflate),
-                deflate.eigenvalues,
+                *pairs,
                 trace_hvps=None,
                 density_probes=num_probes,
                 density_steps=steps,

@@ -34,6 +34,7 @@ __all__ = [
     "GGN_LOSSES",
     "HVP_PATHS",
     "REDUCTIONS",
+    "TRACE_METHODS",
     "WHICH",
     "Criterion",
     "Curvature",
@@ -44,6 +45,7 @@ __all__ = [
     "OperatorSettings",
     "ParameterFilter",
     "Reduction",
+    "TraceMethod",
     "Which",
     "check_parameter_filter",
 ]
@@ -61,6 +63,11 @@ WHICH: tuple[str, ...] = get_args(Which)
 #: argument above it): ``"auto"`` is single-vector Lanczos unless a ``block_size`` is given.
 EigenMethod = Literal["auto", "lanczos", "block_lanczos"]
 EIGEN_METHODS: tuple[str, ...] = get_args(EigenMethod)
+
+#: Estimators of :func:`~spectral_callbacks.linalg.estimate_trace` (and of every ``method=``
+#: argument of a trace).
+TraceMethod = Literal["hutch++", "hutchinson"]
+TRACE_METHODS: tuple[str, ...] = get_args(TraceMethod)
 
 #: How a Hessian-vector product is computed (see
 #: :class:`~spectral_callbacks.curvature.HessianOperator`).

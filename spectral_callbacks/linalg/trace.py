@@ -10,17 +10,18 @@ from __future__ import annotations
 import itertools
 import math
 from dataclasses import dataclass
-from typing import Literal, get_args
 
 import torch
 
 from .._checks import check_choice, check_integer
+from ..settings import TRACE_METHODS, TraceMethod
 from ._precision import full_precision
 from .operators import SymmetricOperator
 
 __all__ = [
     "METHODS",
     "TraceEstimate",
+    "TraceMethod",
     "block_traces",
     "deflated_hutchinson",
     "estimate_trace",
@@ -29,9 +30,8 @@ __all__ = [
     "hutchpp",
 ]
 
-#: Estimators of :func:`estimate_trace`.
-TraceMethod = Literal["hutch++", "hutchinson"]
-METHODS: tuple[str, ...] = get_args(TraceMethod)
+#: Estimators of :func:`estimate_trace` (:data:`~spectral_callbacks.settings.TRACE_METHODS`).
+METHODS = TRACE_METHODS
 
 #: Largest ``|VVᵀ - I|`` entry up to which :func:`deflated_hutchinson` trusts given Ritz
 #: values as the trace on the span of its rows (the error is about this squared, relative).

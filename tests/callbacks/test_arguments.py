@@ -287,6 +287,8 @@ def test_the_functional_trace_and_density_name_their_bad_arguments():
     top = hessian_eigenvalues(TanhRegressor(), loss, (x, y), k=2, return_eigenvectors=True)
     with pytest.raises(ValueError, match="method must be one of"):  # unused, still checked
         hessian_trace(TanhRegressor(), loss, (x, y), method="exact", deflate=top)
+    with pytest.raises(TypeError, match=r"deflate must be None or the EigenResult.*got Tensor"):
+        hessian_density(TanhRegressor(), loss, (x, y), deflate=top.eigenvectors)
     with pytest.raises(TypeError, match="steps must be an integer"):
         hessian_density(TanhRegressor(), loss, (x, y), steps=4.0)
     with pytest.raises(TypeError, match="reorthogonalize must be True or False"):
