@@ -645,9 +645,9 @@ class SpectralMonitor(Callback):
         self._schedule.add(cost)
 
     def undefined_metrics(self) -> set[str]:
-        """Metrics of the last measurement that are NaN by definition, not by a numerical
-        failure (no warning for those), e.g. an adaptive optimizer's ratio before its first
-        step."""
+        """Metrics of the last measurement that are not finite by definition, not by a
+        numerical failure (no warning for those), e.g. an adaptive optimizer's ratio before
+        its first step (NaN) or an error bound the products cannot give (infinite)."""
         return set()
 
     def out_of_memory_advice(self) -> str:

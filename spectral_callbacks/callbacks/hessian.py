@@ -118,7 +118,13 @@ class _HessianMonitor(SpectralMonitor):
         max_iter = self.solver.max_iter or default_max_iter(self.solver.k, operator.size)
         relative = error / abs(value) if value else math.inf
         advice = "raise max_iter or loosen tol"
-        if operator.product_dtype in (torch.bfloat16, torch.float16):
+        if math.isinf(error) and getattr(operator, "errors_vary_by_direction", False):
+            advice = (
+                "gradient differences at this precision cannot resolve the curvature along "
+                "its eigenvector (no step is both short enough for the loss and long enough "
+                "for the rounding): measure with an exact product path or float32 parameters"
+            )
+        elif operator.product_dtype in (torch.bfloat16, torch.float16):
             roundoff = torch.finfo(operator.product_dtype).eps / 2
             advice = (
                 f"products in {str(operator.product_dtype).removeprefix('torch.')} (unit "
@@ -333,7 +339,8 @@ class SharpnessMonitor(_HessianMonitor):
                 self.warn_unconverged("lambda_max", error, lambda_max, operator)
             stability = self._stability(trainer, operator, lambda_max, lr)
             num_hvps = operator.num_hvps
-        self._undefined = {self.metric(row) for row in stability.undefined}
+        unbounded = ["lambda_max_error"] if math.isinf(error) else []  # its stated meaning
+        self._undefined = {self.metric(row) for row in [*stability.undefined, *unbounded]}
         values = {
             "lambda_max": lambda_max,
             "eos_ratio": stability.eos_ratio,
@@ -439,7 +446,9 @@ class SharpnessMonitor(_HessianMonitor):
         MetricSpec(
             "lambda_max_error",
             doc="bound on the error of λ_max: `residual² / gap` where the next Ritz value "
-            "certifies a gap, else the residual (at least what the products can resolve)",
+            "certifies a gap, else the residual (at least what the products can resolve; "
+            "infinite where gradient differences cannot resolve the curvature along its "
+            "eigenvector)",
         ),
         MetricSpec(
             "lambda_max_converged",

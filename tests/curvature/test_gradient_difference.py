@@ -19,6 +19,7 @@ from spectral_callbacks.linalg import ScaledOperator, lanczos
 
 from ..models import (
     NoisyClassifier,
+    Saturating,
     Skewed,
     TinyAttention,
     assert_same_state,
@@ -219,6 +220,49 @@ def test_solves_re_choose_the_step_for_the_directions_they_find(richardson, prec
     assert 20 * error < fixed_error
     assert result.num_hvps > fixed.num_hvps
     assert result.num_iterations > fixed.num_iterations
+
+
+def test_a_direction_far_outside_the_step_s_h2_regime_is_called_unresolved():
+    """bfloat16 differences along ``u`` (``Saturating``): the value falls far short of
+    ``a b² = 9`` and a two-step estimate of the error falls short of that (3.3 for an
+    error of 4.0 before this rule); the error is stated as infinite instead, in the
+    operator's rows and the solver's bound, while a direction the differences resolve
+    (a ``w`` coordinate, the loss quadratic there) keeps a finite error."""
+    model, data = Saturating(), torch.zeros(1)
+    result = hessian_eigenvalues(model, skewed_loss, data, k=1, tol=1e-2, hvp="gradient_difference")
+    assert abs(float(result.eigenvalues[0]) - 9.0) > 1.0  # far off ...
+    assert math.isinf(float(result.errors[0]))  # ... and not bounded
+    assert not bool(result.converged[0])
+    u, w = torch.zeros(2, 401)
+    u[-1], w[0] = 1.0, 1.0
+    with HessianOperator(model, skewed_loss, data, hvp="gradient_difference") as operator:
+        operator.matmat(w[None])  # the calibration
+        errors = operator.product_errors_along(torch.stack([u, w]))
+    assert torch.isinf(errors[0]).all()
+    assert torch.isfinite(errors[1]).all() and float(errors[1].norm()) < 0.25
+
+
+class SaturatingModule(L.LightningModule):
+    """``Saturating`` trained where it stands (``lr = 0``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = Saturating()
+
+    def training_step(self, batch, batch_idx):
+        return self.net(batch)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.0)
+
+
+def test_the_monitor_logs_an_unresolved_value_as_unbounded_and_says_why():
+    monitor = SharpnessMonitor(every_n_steps=1, tol=1e-2, hvp="gradient_difference")
+    trainer = L.Trainer(max_steps=1, callbacks=[monitor], **trainer_kwargs())
+    with pytest.warns(RuntimeWarning, match="cannot resolve the curvature along its eigenvector"):
+        trainer.fit(SaturatingModule(), [torch.zeros(1)])
+    assert monitor.last_metrics["spectral/hessian/lambda_max_error"] == math.inf
+    assert monitor.last_metrics["spectral/hessian/lambda_max_converged"] == 0.0
 
 
 class FirstOrderCosh(torch.autograd.Function):

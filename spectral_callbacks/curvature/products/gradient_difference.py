@@ -20,10 +20,11 @@ fresh products, so no solve claims a tolerance the differences cannot resolve. A
 vectors a solve returns, the truncation can be far larger than along the calibration's
 vector: the solvers bound each pair by the error measured there (:meth:`errors_along`) and,
 where that misses the tolerance, the step is chosen again for those directions
-(:meth:`adapt_step`) and the solve runs once more. A loss that is
-not smooth at the step's scale (the kinks of ReLU-like activations) makes differences
-unreliable, whatever the step: the measured error then exceeds 1e-2 (and ten times
-``ε^{2/3}``) and the operator warns.
+(:meth:`adapt_step`) and the solve runs once more; a direction whose truncation is a
+large share of its curvature (:data:`UNRESOLVED_TRUNCATION`) gets no bound at all. A loss
+that is not smooth at the step's scale (the kinks of ReLU-like activations) makes
+differences unreliable, whatever the step: the measured error then exceeds 1e-2 (and ten
+times ``ε^{2/3}``) and the operator warns.
 
 Both gradients of a pair run under the same seeded RNG (equal dropout masks) with BatchNorm
 statistics frozen; the parameters are moved in place (so activation checkpointing sees the
@@ -49,7 +50,13 @@ from ..sharding import like, local_tensor
 if TYPE_CHECKING:
     from ..hessian import HessianOperator
 
-__all__ = ["GradientDifferenceProducts"]
+__all__ = ["UNRESOLVED_TRUNCATION", "GradientDifferenceProducts"]
+
+#: Largest truncation error, as a share of the curvature along a vector, that
+#: :meth:`GradientDifferenceProducts.errors_along` estimates from two steps. Beyond it the
+#: step is far outside the ``h²`` regime, where higher-order terms make the estimate
+#: unreliable (too small, too), and the direction is called unresolved: an infinite error.
+UNRESOLVED_TRUNCATION = 0.25
 
 
 class GradientDifferenceProducts:
@@ -136,6 +143,12 @@ class GradientDifferenceProducts:
         ``(16/15) (R(h) − R(h/2))``. Formed in float64. Costs two differences per row (three
         with Richardson), each two gradients. Each row's error and curvature are kept in
         :attr:`measured_along` for :meth:`adapt_step`.
+
+        The estimate assumes the step is in the ``h²`` regime. A row whose truncation (the
+        estimate less the rounding) exceeds :data:`UNRESOLVED_TRUNCATION` of its curvature
+        ``‖D(h)‖/‖v‖`` is far outside it, where the higher-order terms can make the estimate
+        too small (a 16-bit model's step, ``ε^{1/3}`` of the parameters' scale): its error
+        row is infinite, so no pair along it is bounded or converged.
         """
         steps = (1.0, 0.5, 0.25) if self.richardson else (1.0, 0.5)
 
@@ -148,15 +161,28 @@ class GradientDifferenceProducts:
                 coarse, fine, factor = (4 * d[1] - d[0]) / 3, (4 * d[2] - d[1]) / 3, 16 / 15
             else:
                 coarse, fine, factor = d[0], d[1], 4 / 3
-            measured.append(
-                (factor * float((coarse - fine).norm()) / norm, float(coarse.norm()) / norm)
+            estimate, curvature = (
+                factor * float((coarse - fine).norm()) / norm,
+                float(coarse.norm()) / norm,
             )
+            measured.append((estimate, curvature))
+            if self._truncation(estimate) > UNRESOLVED_TRUNCATION * curvature:
+                return torch.full_like(coarse, math.inf)
             return factor * (coarse - fine)
 
         measured: list[tuple[float, float]] = []
         errors = self._row_by_row(vectors, error)
         self.measured_along = measured or None
         return errors
+
+    def _truncation(self, error: float) -> float:
+        """The truncation part of an error measured along a vector at the current step: the
+        error less the rounding of the calibration's model (``ε G / h``, ``2 ε G / h`` with
+        Richardson; none where the calibration resolved no curvature)."""
+        if self._model is None:
+            return error
+        rounding = self._model[0] * (2.0 if self.richardson else 1.0)
+        return max(error - rounding / self.step, 0.0)
 
     def adapt_step(self) -> bool:
         """Re-choose the step for the directions :meth:`errors_along` measured, where their
@@ -181,9 +207,8 @@ class GradientDifferenceProducts:
         rounding, _, _ = self._model
         order, noise = (4, 2.0 * rounding) if self.richardson else (2, rounding)
         largest = max(curvature for _, curvature in self.measured_along)
-        # Each direction's truncation coefficient: its measured error less the rounding.
         directions = [
-            (max(error - noise / self.step, 0.0) / self.step**order, curvature)
+            (self._truncation(error) / self.step**order, curvature)
             for error, curvature in self.measured_along
         ]
         tiny = torch.finfo(torch.float64).tiny
