@@ -440,6 +440,8 @@ class _RitzPairs:
             # |vᵀ δ(v)| / ‖v‖² ≤ ‖δ(v)‖ / ‖v‖ for the product error δ(v) along v.
             deltas = operator.product_errors_along(eigenvectors)
             along_errors = deltas.double().norm(dim=1) / eigenvectors.double().norm(dim=1)
+            # An unresolved direction's infinite row turns NaN through a projection.
+            along_errors = along_errors.nan_to_num(nan=math.inf, posinf=math.inf)
             errors = torch.maximum(
                 errors, along_errors.to(device=errors.device, dtype=errors.dtype)
             )

@@ -30,8 +30,9 @@ class SymmetricOperator(Protocol):
     its rounding (a finite difference's truncation, say). Where that error depends on the
     vector, ``errors_vary_by_direction`` is true and ``product_errors_along(vectors)`` gives
     an estimate of each row's product error (a ``(b, n)`` block, counted as two products
-    per row by the operator and the solvers alike): the solvers then bound
-    each returned pair ``(λ, v)`` by ``‖δ(v)‖ / ‖v‖ ≥ |vᵀ δ(v)| / ‖v‖²``. And where
+    per row by the operator and the solvers alike; an infinite row for a direction the
+    products cannot resolve): the solvers then bound each returned pair ``(λ, v)`` by
+    ``‖δ(v)‖ / ‖v‖ ≥ |vᵀ δ(v)| / ‖v‖²`` (infinite where that is not finite). And where
     ``adapt_products()`` re-tunes the products to the errors measured there (returning
     True), a solve whose pairs missed the tolerance runs once more from its vectors.
     """

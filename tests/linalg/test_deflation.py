@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -14,6 +16,7 @@ from spectral_callbacks.linalg import (
     deflated_hutchinson,
     deflated_spectrum,
     eigenpairs,
+    lanczos,
     slq,
 )
 from spectral_callbacks.linalg.deflation import ComplementOperator
@@ -190,3 +193,25 @@ def test_product_errors_carry_through_a_projection_and_a_scaling():
         assert derived.errors_vary_by_direction
         torch.testing.assert_close(derived.product_errors_along(vectors), vectors @ m @ error @ m)
     assert not ComplementOperator(DenseOperator(matrix + matrix.T), basis).errors_vary_by_direction
+
+
+class UnresolvedErrors(DirectionalErrors):
+    """Products whose error no direction resolves: every row infinite."""
+
+    def product_errors_along(self, vectors: torch.Tensor) -> torch.Tensor:
+        return torch.full_like(vectors, math.inf)
+
+
+def test_an_unresolved_direction_stays_unbounded_through_a_projection():
+    """An infinite error row turns NaN through ``P`` (``inf - inf``); the solver's bound is
+    still infinite, not NaN, and the pair is not converged."""
+    g = torch.Generator().manual_seed(1)
+    matrix = torch.randn(6, 6, generator=g, dtype=torch.float64)
+    inner = UnresolvedErrors(matrix + matrix.T, torch.zeros(6, 6, dtype=torch.float64))
+    basis = torch.linalg.qr(torch.randn(6, 2, generator=g, dtype=torch.float64)).Q.T
+    complement = ComplementOperator(inner, basis)
+    vector = torch.randn(1, 6, generator=g, dtype=torch.float64)
+    assert torch.isnan(complement.product_errors_along(vector)).any()
+    result = lanczos(complement, k=1, tol=1e-8)
+    assert math.isinf(float(result.errors[0]))
+    assert not bool(result.converged[0])
