@@ -366,17 +366,24 @@ class Skewed(nn.Module):
 
 
 class Saturating(nn.Module):
-    """``½‖w‖² + a log cosh(b u)`` in bfloat16: ``H = diag(1, …, 1, a b²)`` at ``u = 0``, but
-    along ``u`` the gradient ``a b tanh(b u)`` saturates, so a difference whose step is long
-    for ``1/b`` falls short of the curvature, and so does a two-step estimate of its error
-    (the higher-order terms alternate in sign). bfloat16's step, ``ε^{1/3}`` of the
-    parameters' scale, is that long."""
+    """``½‖w‖² + a log cosh(b u)``: ``H = diag(1, …, 1, a b²)`` at ``u = 0``, but along ``u``
+    the gradient ``a b tanh(b u)`` saturates, so a difference whose step is long for ``1/b``
+    falls short of the curvature, and so does a two-step estimate of its error (the
+    higher-order terms alternate in sign). By default in bfloat16, whose step, ``ε^{1/3}``
+    of the parameters' scale, is that long; ``w`` holds ``size`` entries of ``w0``."""
 
-    def __init__(self, a: float = 0.01, b: float = 30.0) -> None:
+    def __init__(
+        self,
+        a: float = 0.01,
+        b: float = 30.0,
+        size: int = 400,
+        w0: float = 0.05,
+        dtype: torch.dtype = torch.bfloat16,
+    ) -> None:
         super().__init__()
         self.a, self.b = a, b
-        self.w = nn.Parameter(torch.full((400,), 0.05, dtype=torch.bfloat16))
-        self.u = nn.Parameter(torch.zeros(1, dtype=torch.bfloat16))
+        self.w = nn.Parameter(torch.full((size,), w0, dtype=dtype))
+        self.u = nn.Parameter(torch.zeros(1, dtype=dtype))
 
     def forward(self, batch: torch.Tensor) -> torch.Tensor:
         x = self.b * self.u

@@ -242,6 +242,46 @@ def test_a_direction_far_outside_the_step_s_h2_regime_is_called_unresolved():
     assert torch.isfinite(errors[1]).all() and float(errors[1].norm()) < 0.25
 
 
+@pytest.mark.parametrize("adapt", [False, True], ids=["as-calibrated", "second-solve"])
+def test_bounds_cover_the_error_near_the_edge_of_the_h2_regime(adapt):
+    """float32, ``a b² = 100`` along ``u``, 40,000 coordinates of ``w`` (the calibration
+    barely sees ``u``): at the calibrated step (``b h ≈ 0.8``) the two-step estimate is 6 %
+    below the error (16.3 for 17.3), after the second solve (``b h ≈ 0.03``) its rounding
+    puts it 1.5 % below (0.0343 for 0.0348). The bound carries both margins."""
+    model = Saturating(a=0.01, b=100.0, size=40_000, w0=0.005, dtype=torch.float32)
+    with HessianOperator(model, skewed_loss, torch.zeros(1), hvp="gradient_difference") as op:
+        if not adapt:
+            op.adapt_products = lambda: False
+        result = lanczos(op, k=1, tol=1e-3)
+    error = abs(float(result.eigenvalues[0]) - 100.0)
+    assert error > (1e-4 if adapt else 10.0)  # the truncation is visible ...
+    assert error <= float(result.errors[0]) <= 2 * error  # ... covered, and not by much
+
+
+class HalfSquare(nn.Module):
+    """``½‖θ‖²`` at ``θ = 0``: every difference is exact, ``(h v − (−h v)) / 2h = v``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.theta = nn.Parameter(torch.zeros(8, dtype=torch.float64))
+
+    def forward(self, batch: torch.Tensor) -> torch.Tensor:
+        return 0.5 * (self.theta**2).sum()
+
+
+def test_exact_differences_have_zero_error_along_any_vector():
+    """No truncation and no gradient to round: the error rows are zeros (not ``0/0``), and
+    the eigenvalue 1 is converged with a bound at the float64 floor."""
+    with HessianOperator(
+        HalfSquare(), skewed_loss, torch.zeros(1), hvp="gradient_difference"
+    ) as operator:
+        result = lanczos(operator, k=1, tol=1e-6)
+        errors = operator.product_errors_along(torch.eye(8, dtype=torch.float64)[:2])
+    assert torch.equal(errors, torch.zeros_like(errors))
+    assert float(result.eigenvalues[0]) == 1.0 and bool(result.converged[0])
+    assert float(result.errors[0]) < 1e-12
+
+
 class SaturatingModule(L.LightningModule):
     """``Saturating`` trained where it stands (``lr = 0``)."""
 

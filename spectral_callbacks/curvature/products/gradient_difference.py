@@ -144,13 +144,19 @@ class GradientDifferenceProducts:
         with Richardson), each two gradients. Each row's error and curvature are kept in
         :attr:`measured_along` for :meth:`adapt_step`.
 
-        The estimate assumes the step is in the ``h²`` regime. A row whose truncation (the
-        estimate less the rounding) exceeds :data:`UNRESOLVED_TRUNCATION` of its curvature
-        ``‖D(h)‖/‖v‖`` is far outside it, where the higher-order terms can make the estimate
-        too small (a 16-bit model's step, ``ε^{1/3}`` of the parameters' scale): its error
-        row is infinite, so no pair along it is bounded or converged.
+        The estimate ``e`` assumes the step is in the ``h²`` regime and carries rounding of
+        its own, so the row returned is the estimate scaled to the norm
+        ``e (1 + 2 e/κ) + r``: ``κ = ‖D(h)‖/‖v‖`` the curvature, ``2 e/κ`` a margin for the
+        next term of the expansion (which a two-step estimate misses by about ``e/κ``
+        where the terms alternate in sign, as along a saturating ``tanh``), and ``r`` the
+        rounding slack (:meth:`_rounding_slack`). A row whose truncation (the estimate
+        less the rounding) exceeds :data:`UNRESOLVED_TRUNCATION` of ``κ`` is far outside
+        the regime, where no such margin holds (a 16-bit model's step, ``ε^{1/3}`` of the
+        parameters' scale): its error row is infinite, so no pair along it is bounded or
+        converged.
         """
         steps = (1.0, 0.5, 0.25) if self.richardson else (1.0, 0.5)
+        tiny = torch.finfo(torch.float64).tiny
 
         def error(saved: list[torch.Tensor], pieces: list[torch.Tensor], norm: float):
             differences = torch.stack(
@@ -168,12 +174,27 @@ class GradientDifferenceProducts:
             measured.append((estimate, curvature))
             if self._truncation(estimate) > UNRESOLVED_TRUNCATION * curvature:
                 return torch.full_like(coarse, math.inf)
-            return factor * (coarse - fine)
+            bound = (
+                estimate * (1.0 + 2.0 * estimate / max(curvature, tiny)) + self._rounding_slack()
+            )
+            if estimate == 0.0:  # no direction to scale: the bound along the vector itself
+                return bound * torch.cat([p.reshape(-1) for p in pieces]).double()
+            return (bound / estimate) * factor * (coarse - fine)
 
         measured: list[tuple[float, float]] = []
         errors = self._row_by_row(vectors, error)
         self.measured_along = measured or None
         return errors
+
+    def _rounding_slack(self) -> float:
+        """How far rounding can move the two-step estimate from the error it estimates, at
+        the current step: with ``ρ / s`` the rounding of a difference at step ``s`` (``ρ =
+        ε G`` of the calibration's model), the estimate's own rounding and that of ``D(h)``
+        add up to at most ``3 ρ / h`` (central: ``R(h)/3 + (4/3) R(h/2)``) or ``7 ρ / h``
+        (Richardson: ``R(h)/15 + (16/15) R(h/2)`` of its ``3 ρ/h`` and ``6 ρ/h``)."""
+        if self._model is None:
+            return 0.0
+        return (7.0 if self.richardson else 3.0) * self._model[0] / self.step
 
     def _truncation(self, error: float) -> float:
         """The truncation part of an error measured along a vector at the current step: the
