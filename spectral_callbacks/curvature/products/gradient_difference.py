@@ -54,8 +54,8 @@ __all__ = ["UNRESOLVED_TRUNCATION", "GradientDifferenceProducts"]
 
 #: Largest truncation error, as a share of the curvature along a vector, that
 #: :meth:`GradientDifferenceProducts.errors_along` estimates from two steps. Beyond it the
-#: step is far outside the ``h²`` regime, where higher-order terms make the estimate
-#: unreliable (too small, too), and the direction is called unresolved: an infinite error.
+#: step is far outside the ``h²`` regime, where the higher-order terms can make the
+#: estimate far too small, and the direction is called unresolved: an infinite error.
 UNRESOLVED_TRUNCATION = 0.25
 
 
@@ -146,14 +146,14 @@ class GradientDifferenceProducts:
 
         The estimate ``e`` assumes the step is in the ``h²`` regime and carries rounding of
         its own, so the row returned is the estimate scaled to the norm
-        ``e (1 + 2 e/κ) + r``: ``κ = ‖D(h)‖/‖v‖`` the curvature, ``2 e/κ`` a margin for the
-        next term of the expansion (which a two-step estimate misses by about ``e/κ``
-        where the terms alternate in sign, as along a saturating ``tanh``), and ``r`` the
-        rounding slack (:meth:`_rounding_slack`). A row whose truncation (the estimate
-        less the rounding) exceeds :data:`UNRESOLVED_TRUNCATION` of ``κ`` is far outside
-        the regime, where no such margin holds (a 16-bit model's step, ``ε^{1/3}`` of the
-        parameters' scale): its error row is infinite, so no pair along it is bounded or
-        converged.
+        ``e + 2 t²/κ + r``: ``t`` the truncation part of ``e`` (:meth:`_truncation`),
+        ``κ = ‖D(h)‖/‖v‖`` the curvature, ``2 t²/κ`` a margin for the next term of the
+        expansion (which a two-step estimate misses by about ``t²/κ`` where the terms
+        alternate in sign, as along a saturating ``tanh``), and ``r`` the rounding slack
+        (:meth:`_rounding_slack`). A row whose truncation exceeds
+        :data:`UNRESOLVED_TRUNCATION` of ``κ`` is far outside the regime, where no such
+        margin holds (a 16-bit model's step, ``ε^{1/3}`` of the parameters' scale): its
+        error row is infinite, so no pair along it is bounded or converged.
         """
         steps = (1.0, 0.5, 0.25) if self.richardson else (1.0, 0.5)
         tiny = torch.finfo(torch.float64).tiny
@@ -172,11 +172,11 @@ class GradientDifferenceProducts:
                 float(coarse.norm()) / norm,
             )
             measured.append((estimate, curvature))
-            if self._truncation(estimate) > UNRESOLVED_TRUNCATION * curvature:
+            truncation = self._truncation(estimate)
+            if truncation > UNRESOLVED_TRUNCATION * curvature:
                 return torch.full_like(coarse, math.inf)
-            bound = (
-                estimate * (1.0 + 2.0 * estimate / max(curvature, tiny)) + self._rounding_slack()
-            )
+            next_term = 2.0 * truncation**2 / max(curvature, tiny)
+            bound = estimate + next_term + self._rounding_slack()
             if estimate == 0.0:  # no direction to scale: the bound along the vector itself
                 return bound * torch.cat([p.reshape(-1) for p in pieces]).double()
             return (bound / estimate) * factor * (coarse - fine)
