@@ -302,10 +302,30 @@ def converged_pairs(
     ``z =`` :data:`ZERO_ROUNDOFFS` unit roundoffs times ``scale``, when ``z <= tol · scale``
     (never for 16-bit products at a useful ``tol``)."""
     converged = errors <= tol * values.abs()
-    zero = ZERO_ROUNDOFFS * product_roundoff(operator) * scale
-    if zero <= tol * scale:
+    zero = _zero_level(operator, tol, scale)
+    if zero is not None:
         converged |= (values.abs() <= zero) & (residuals <= zero)
     return converged
+
+
+def _zero_level(operator: SymmetricOperator, tol: float, scale: float) -> float | None:
+    """``z`` of :func:`converged_pairs`, or ``None`` where it exceeds ``tol · scale``."""
+    zero = ZERO_ROUNDOFFS * product_roundoff(operator) * scale
+    return zero if zero <= tol * scale else None
+
+
+def unresolvable_pairs(
+    operator: SymmetricOperator, values: torch.Tensor, tol: float, scale: float
+) -> torch.Tensor:
+    """Which pairs no number of products can converge: ``tol · |θ_i|`` below the products'
+    floor (:func:`product_error_floor`, which every bound is at least) and ``θ_i`` not a
+    zero that :func:`converged_pairs` may still accept (16-bit products, a ``tol`` below
+    the products' error, gradient differences whose error along a vector exceeds it)."""
+    unreachable = tol * values.abs() < product_error_floor(operator, scale)
+    zero = _zero_level(operator, tol, scale)
+    if zero is not None:
+        unreachable &= values.abs() > zero
+    return unreachable
 
 
 def needs_confirmation(
@@ -380,6 +400,8 @@ class _RitzPairs:
     converged: torch.Tensor
     errors: torch.Tensor
     gaps: torch.Tensor
+    floor: float = 0.0
+    unresolvable: torch.Tensor | None = None
 
     @classmethod
     def check(
@@ -400,12 +422,28 @@ class _RitzPairs:
         errors, gaps = error_bounds(values, all_residuals, index, floor, settings.criterion)
         residuals = all_residuals[index]
         converged = converged_pairs(operator, values[index], errors, residuals, settings.tol, scale)
-        return cls(values, vectors, index, residuals, converged, errors, gaps)
+        unresolvable = unresolvable_pairs(operator, values[index], settings.tol, scale)
+        return cls(values, vectors, index, residuals, converged, errors, gaps, floor, unresolvable)
 
     @property
     def all_converged(self) -> bool:
         """Whether every wanted pair meets the tolerance."""
         return bool(self.converged.all())
+
+    def stalled_since(self, previous: _RitzPairs | None) -> bool:
+        """Whether more products can neither converge nor tighten any unconverged pair: each
+        one is :func:`unresolvable_pairs`, its bound is the products' floor (its residual
+        bound below it) and its value moved less than the floor since the ``previous``
+        check."""
+        if previous is None or self.all_converged:
+            return False
+        open_pairs = ~self.converged
+        if not bool(self.unresolvable[open_pairs].all()):
+            return False
+        at_floor = bool((self.errors[open_pairs] <= self.floor).all())
+        wanted, before = self.values[self.index], previous.values[previous.index]
+        moved = (wanted - before).abs()[open_pairs] if before.shape == wanted.shape else None
+        return at_floor and moved is not None and bool((moved <= self.floor).all())
 
     def result(
         self,
@@ -666,6 +704,7 @@ def _lanczos(
     )
     schedule = _CheckSchedule(first=k, every=check_every, last=max_steps)
     invariant_values: torch.Tensor | None = None
+    ritz: _RitzPairs | None = None
     while True:
         recurrence.step()
         products = recurrence.products
@@ -677,6 +716,7 @@ def _lanczos(
             return _non_finite_result(k, products, products, "lanczos")
         values, vectors = torch.linalg.eigh(projected)
         index = select_ritz(values, k, which)
+        previous = ritz
         ritz = _RitzPairs.check(
             operator, settings, values, vectors, index, (last_coupling * vectors[-1]).abs()
         )
@@ -700,7 +740,9 @@ def _lanczos(
                 torch.allclose(wanted, invariant_values, rtol=tol, atol=0.0)
             )
             invariant_values = wanted
-        if (ritz.all_converged and settled) or products >= max_steps:
+        if ((ritz.all_converged or ritz.stalled_since(previous)) and settled) or (
+            products >= max_steps
+        ):
             break
         if full:
             m = recurrence.steps
@@ -791,6 +833,7 @@ def _block_lanczos(
         operator, _start_block(start, p, operator, generator), max_blocks, generator
     )
     schedule = _CheckSchedule(first=math.ceil(k / p), every=check_every, last=max_blocks)
+    ritz: _RitzPairs | None = None
     while True:
         recurrence.step()
         m = recurrence.steps
@@ -803,6 +846,7 @@ def _block_lanczos(
         wanted = min(k, values.shape[0])
         index = select_ritz(values, wanted, which)
         all_residuals = (last_coupling @ vectors[(m - 1) * p :]).norm(dim=0)
+        previous = ritz
         ritz = _RitzPairs.check(operator, settings, values, vectors, index, all_residuals)
         schedule.checked(m, _worst_ratio(ritz.errors, values[index], tol))
         logger.debug(
@@ -811,9 +855,10 @@ def _block_lanczos(
             values[index].tolist(),
             ritz.residuals.tolist(),
         )
-        if (wanted == k and ritz.all_converged) or m >= max_blocks:
+        stalled = wanted == k and ritz.stalled_since(previous)
+        if (wanted == k and ritz.all_converged) or stalled or m >= max_blocks:
             break
-    if not (wanted == k and ritz.all_converged) and m * p < n <= budget:
+    if not (wanted == k and ritz.all_converged) and not stalled and m * p < n <= budget:
         # Whole blocks stop short of the dimension when p does not divide n, and the last
         # n - m·p directions fit in no block. The budget covers n products, which give the
         # matrix itself.

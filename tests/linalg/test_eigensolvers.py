@@ -508,3 +508,34 @@ def test_float32_operators_of_extreme_scale_give_their_eigenvalues(scale, solver
     assert_within_stated_bounds(result, exact * scale, 1e-4, slack=1e-6)
     density = slq(op, num_probes=2, steps=30, seed=0)
     assert density.lambda_min / scale == pytest.approx(float(spectrum.min()), rel=1e-3)
+
+
+class InexactDense(DenseOperator):
+    """``A + E`` for a fixed symmetric ``E`` of norm ``δ ‖A‖``, stating ``δ`` as its products'
+    relative error: every eigenvalue of the products is within ``δ ‖A‖`` of ``A``'s."""
+
+    def __init__(self, matrix: torch.Tensor, relative_error: float, seed: int = 0) -> None:
+        g = torch.Generator().manual_seed(seed)
+        noise = torch.randn(matrix.shape, generator=g, dtype=matrix.dtype)
+        noise = noise + noise.T
+        scale = float(torch.linalg.matrix_norm(matrix, ord=2))
+        noise *= relative_error * scale / float(torch.linalg.matrix_norm(noise, ord=2))
+        super().__init__(matrix + noise)
+        self.product_relative_error = relative_error
+
+
+@pytest.mark.parametrize("solver", list(SOLVERS))
+@pytest.mark.parametrize("k", [1, 3])
+def test_a_tolerance_below_the_products_error_stops_once_nothing_improves(solver, k):
+    """``tol`` 1e-8 against products good to 1e-3: no pair can converge. The solve stops
+    once every bound is the products' floor and no value moves by more, far before the
+    product budget (100 before this rule), each value within its bound of the exact one."""
+    spectrum = torch.cat([torch.tensor([10.0, 9.0, 8.0]), torch.linspace(0.0, 5.0, 297)])
+    exact = spectrum.double()[:k]
+    operator = InexactDense(matrix_with_spectrum(spectrum.double(), seed=2), 1e-3)
+    result = SOLVERS[solver](operator, k=k, tol=1e-8, seed=1)
+    assert not bool(result.converged.any())
+    assert result.num_hvps < 60
+    floor = 1e-3 * 10.0
+    assert bool((result.errors >= floor * (1 - 1e-9)).all())
+    assert bool(((result.eigenvalues - exact).abs() <= result.errors).all())
