@@ -46,6 +46,7 @@ from ..linalg import (
     subspace_fraction,
     subspace_overlap,
 )
+from ..linalg.eigsh import product_error_floor
 from ..reporting.figures import density_figure, layer_trace_figure
 from ..reporting.media import Media
 from ..settings import EigenSettings, OperatorSettings
@@ -116,26 +117,38 @@ class _HessianMonitor(SpectralMonitor):
         """One warning that ``what`` missed ``tol`` (its ``..._converged`` metric is < 1):
         ``error`` is its error bound (:class:`~spectral_callbacks.linalg.EigenResult`)."""
         max_iter = self.solver.max_iter or default_max_iter(self.solver.k, operator.size)
+        tol = self.solver.tol
         relative = error / abs(value) if value else math.inf
-        advice = "raise max_iter or loosen tol"
+        # The relative error the products alone carry: no tol below it can be met.
+        floor = product_error_floor(operator, 1.0)
+        dtype = str(operator.product_dtype).removeprefix("torch.")
         if math.isinf(error) and getattr(operator, "errors_vary_by_direction", False):
-            advice = (
-                "gradient differences at this precision cannot resolve the curvature along "
-                "its eigenvector (no step is both short enough for the loss and long enough "
-                "for the rounding): measure with an exact product path or float32 parameters"
+            reason = (
+                f"{what} cannot be bounded: gradient differences at this precision cannot "
+                "resolve the curvature along its eigenvector (no step is both short enough "
+                "for the loss and long enough for the rounding)"
             )
-        elif operator.product_dtype in (torch.bfloat16, torch.float16):
-            roundoff = torch.finfo(operator.product_dtype).eps / 2
-            advice = (
-                f"products in {str(operator.product_dtype).removeprefix('torch.')} (unit "
-                f"roundoff {roundoff:.1g}) resolve no smaller error than a few times that: "
-                "loosen tol, or raise max_iter"
+            advice = "measure with an exact product path or float32 parameters"
+        elif tol < floor and relative <= 2.0 * floor:  # held by the products, not the budget
+            source = (
+                "gradient-difference products"
+                if getattr(operator, "errors_vary_by_direction", False)
+                else f"products in {dtype}"
             )
+            reason = (
+                f"{what} cannot reach tol={tol:g}: {source} carry a relative error of about "
+                f"{floor:.2g}"
+            )
+            advice = f"loosen tol to at least {floor:.2g}"
+        else:
+            reason = f"{what} did not reach tol={tol:g} within max_iter={max_iter} products"
+            advice = "raise max_iter or loosen tol"
+            if tol < floor:
+                advice += f" (to at least {floor:.2g}, the products' own error)"
         self.warn_once(
             f"unconverged {what}",
-            f"{what} did not reach tol={self.solver.tol:g} within max_iter={max_iter} products "
-            f"(relative error bound {relative:.2g}); it is logged with {what}_converged < 1: "
-            + advice,
+            f"{reason} (relative error bound {relative:.2g}); it is logged with "
+            f"{what}_converged < 1: {advice}",
         )
 
     def out_of_memory_advice(self) -> str:

@@ -787,6 +787,26 @@ def test_half_precision_models_are_measured_against_the_float64_truth(precision)
     assert tight.num_hvps < 50
 
 
+@pytest.mark.parametrize(("precision", "floor"), [("bf16-true", "0.039"), ("16-true", "0.0049")])
+def test_a_tolerance_below_half_precision_products_is_named_with_the_one_they_allow(
+    precision, floor
+):
+    """The warning names the products' own error (ten unit roundoffs) as the tolerance to
+    ask for, not a larger ``max_iter``: the solve stopped at that floor."""
+    g = torch.Generator().manual_seed(9)
+    x, y = torch.randn(32, 3, generator=g), torch.randn(32, 1, generator=g)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=32)
+    torch.manual_seed(0)
+    sharpness = SharpnessMonitor(every_n_steps=1, tol=1e-3)
+    trainer = L.Trainer(max_steps=1, callbacks=[sharpness], **trainer_kwargs(precision=precision))
+    with pytest.warns(RuntimeWarning, match=f"loosen tol to at least {floor}") as record:
+        trainer.fit(AnyBatchRegressor(width=16), loader)
+    message = next(str(w.message) for w in record if "tol=0.001" in str(w.message))
+    assert "lambda_max cannot reach tol=0.001: products in" in message
+    assert "max_iter" not in message
+    assert sharpness.last_metrics["spectral/hessian/lambda_max_converged"] == 0.0
+
+
 class StatefulRecurrent(LightningModule):
     """Keeps its hidden state between training steps, as Lightning's LSTM demo does."""
 
