@@ -13,6 +13,7 @@ from bench import (
     batch_sharpness,
     density_accuracy,
     gradient_difference,
+    half_precision,
     monitor_cost,
     outliers,
     probe_size,
@@ -129,6 +130,17 @@ def test_the_batch_sharpness_study_measures_both_curves(tmp_path):
     assert [s for s, _ in row["lambda_max_history"]] == [0, 10, 20, 30, 40]
     assert all(v > 0 for _, v in row["batch_history"] + row["lambda_max_history"])
     assert 0 < row["batch_monitor_overhead"] < 1
+    assert not list(tmp_path.iterdir())  # a smoke run records nothing
+
+
+def test_the_half_precision_study_solves_under_both_rules(tmp_path):
+    (row,) = half_precision.main(["--smoke", "--out", str(tmp_path)])
+    solves = {(s["path"], s["rule"]): s for s in row["solves"]}
+    assert set(solves) == set(itertools.product(half_precision.PATHS, half_precision.RULES))
+    for path in half_precision.PATHS:
+        stopped, budget = solves[path, "stop at floor"], solves[path, "budget"]
+        assert stopped["products"] < budget["products"]  # the rule is what differs
+        assert not stopped["converged"] and stopped["relative_bound"] >= 0.039
     assert not list(tmp_path.iterdir())  # a smoke run records nothing
 
 
