@@ -391,7 +391,8 @@ def confirm_ritz_pairs(
 @dataclass
 class _RitzPairs:
     """The last check of a Krylov solve: every Ritz value of the projected matrix (ascending)
-    and its eigenvectors, the wanted ``index`` among them, their residuals and flags."""
+    and its eigenvectors, the wanted ``index`` among them, their residuals, bounds and flags,
+    and the products' error ``floor`` under every bound."""
 
     values: torch.Tensor
     vectors: torch.Tensor
@@ -400,8 +401,8 @@ class _RitzPairs:
     converged: torch.Tensor
     errors: torch.Tensor
     gaps: torch.Tensor
-    floor: float = 0.0
-    unresolvable: torch.Tensor | None = None
+    floor: float
+    unresolvable: torch.Tensor
 
     @classmethod
     def check(
