@@ -24,7 +24,11 @@ themselves carry (:func:`product_error_floor`), and the pair is converged when
 ``e_i ≤ tol · |θ_i|``. Like the residual rule it assumes the Krylov space has met every
 eigenvalue beyond the wanted ones (a start with no component along an eigenvector never
 sees it; warm starts are mixed with a random vector for that reason); clusters give small
-gaps, and the bound falls back to the residual. The projected matrix and its
+gaps, and the bound falls back to the residual. A pair whose ``tol · |θ_i|`` is below ``f``
+can never converge (:func:`unresolvable_pairs`): once every unconverged pair is such a pair,
+at ``e_i = f``, with a value that moved by at most ``f`` since the previous check, the solve
+stops (:meth:`_RitzPairs.stalled_since`) rather than spend its budget on a bound that cannot
+fall. The projected matrix and its
 eigendecomposition are float64, on the host, and are formed only at a convergence check;
 the steps in between run on the operator's device without host synchronisation.
 """
