@@ -632,6 +632,9 @@ def lanczos(
     the error measured along its vector; where a pair misses ``tol`` by that and the
     operator re-tunes its products (``adapt_products``), the solve runs once more from its
     Ritz vectors, within ``max_iter`` (:class:`~spectral_callbacks.linalg.SymmetricOperator`).
+    A solve whose unconverged pairs ask for less than the products' own error stops before
+    ``max_iter`` once their bounds sit at that error and their values hold still (module
+    docstring).
     """
     settings = EigenSettings.from_arguments({**locals(), "method": "lanczos"})
     settings.check_size(operator.size)
