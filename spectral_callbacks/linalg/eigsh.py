@@ -813,7 +813,8 @@ def block_lanczos(
         An :class:`EigenResult` with ``method="block_lanczos"``. When ``p`` does not divide
         ``n``, whole blocks span at most ``n - (n mod p)`` dimensions; a solve that has not
         converged there and whose budget covers ``n`` products finishes on the dense
-        matrix built from ``n`` products (small operators only).
+        matrix built from ``n`` products (small operators only). It stops early as
+        :func:`lanczos` does where the products' own error exceeds ``tol``.
     """
     settings = EigenSettings.from_arguments({**locals(), "method": "block_lanczos"})
     settings.check_size(operator.size)
