@@ -121,8 +121,8 @@ class _HessianMonitor(SpectralMonitor):
         relative = error / abs(value) if value else math.inf
         # The relative error the products alone carry: no tol below it can be met.
         floor = product_error_floor(operator, 1.0)
-        dtype = str(operator.product_dtype).removeprefix("torch.")
-        if math.isinf(error) and getattr(operator, "errors_vary_by_direction", False):
+        differences = bool(getattr(operator, "errors_vary_by_direction", False))
+        if math.isinf(error) and differences:
             reason = (
                 f"{what} cannot be bounded: gradient differences at this precision cannot "
                 "resolve the curvature along its eigenvector (no step is both short enough "
@@ -130,11 +130,8 @@ class _HessianMonitor(SpectralMonitor):
             )
             advice = "measure with an exact product path or float32 parameters"
         elif tol < floor and relative <= 2.0 * floor:  # held by the products, not the budget
-            source = (
-                "gradient-difference products"
-                if getattr(operator, "errors_vary_by_direction", False)
-                else f"products in {dtype}"
-            )
+            dtype = str(operator.product_dtype).removeprefix("torch.")
+            source = "gradient-difference products" if differences else f"products in {dtype}"
             reason = (
                 f"{what} cannot reach tol={tol:g}: {source} carry a relative error of about "
                 f"{floor:.2g}"

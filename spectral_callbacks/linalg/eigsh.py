@@ -442,13 +442,15 @@ class _RitzPairs:
         check."""
         if previous is None or self.all_converged:
             return False
-        open_pairs = ~self.converged
-        if not bool(self.unresolvable[open_pairs].all()):
-            return False
-        at_floor = bool((self.errors[open_pairs] <= self.floor).all())
         wanted, before = self.values[self.index], previous.values[previous.index]
-        moved = (wanted - before).abs()[open_pairs] if before.shape == wanted.shape else None
-        return at_floor and moved is not None and bool((moved <= self.floor).all())
+        if before.shape != wanted.shape:  # block Lanczos before it holds k values
+            return False
+        open_pairs = ~self.converged
+        return bool(
+            self.unresolvable[open_pairs].all()
+            and (self.errors[open_pairs] <= self.floor).all()
+            and ((wanted - before).abs()[open_pairs] <= self.floor).all()
+        )
 
     def result(
         self,

@@ -58,6 +58,8 @@ __all__ = ["UNRESOLVED_TRUNCATION", "GradientDifferenceProducts"]
 #: estimate far too small, and the direction is called unresolved: an infinite error.
 UNRESOLVED_TRUNCATION = 0.25
 
+_TINY = torch.finfo(torch.float64).tiny
+
 
 class GradientDifferenceProducts:
     """Central differences of ``operator``'s dataset gradient (module docstring)."""
@@ -156,7 +158,6 @@ class GradientDifferenceProducts:
         error row is infinite, so no pair along it is bounded or converged.
         """
         steps = (1.0, 0.5, 0.25) if self.richardson else (1.0, 0.5)
-        tiny = torch.finfo(torch.float64).tiny
 
         def error(saved: list[torch.Tensor], pieces: list[torch.Tensor], norm: float):
             differences = torch.stack(
@@ -175,7 +176,7 @@ class GradientDifferenceProducts:
             truncation = self._truncation(estimate)
             if truncation > UNRESOLVED_TRUNCATION * curvature:
                 return torch.full_like(coarse, math.inf)
-            next_term = 2.0 * truncation**2 / max(curvature, tiny)
+            next_term = 2.0 * truncation**2 / max(curvature, _TINY)
             bound = estimate + next_term + self._rounding_slack()
             if estimate == 0.0:  # no direction to scale: the bound along the vector itself
                 return bound * torch.cat([p.reshape(-1) for p in pieces]).double()
@@ -202,8 +203,12 @@ class GradientDifferenceProducts:
         Richardson; none where the calibration resolved no curvature)."""
         if self._model is None:
             return error
-        rounding = self._model[0] * (2.0 if self.richardson else 1.0)
-        return max(error - rounding / self.step, 0.0)
+        return max(error - self._rounding(self.step), 0.0)
+
+    def _rounding(self, step: float) -> float:
+        """The rounding of a product at ``step`` under the calibration's model: ``ε G / s``
+        for a central difference, ``2 ε G / s`` for Richardson's (``~(5/3) ε G / s``)."""
+        return (2.0 if self.richardson else 1.0) * self._model[0] / step
 
     def adapt_step(self) -> bool:
         """Re-choose the step for the directions :meth:`errors_along` measured, where their
@@ -225,19 +230,17 @@ class GradientDifferenceProducts:
         """
         if self.measured_along is None or self._model is None:
             return False
-        rounding, _, _ = self._model
-        order, noise = (4, 2.0 * rounding) if self.richardson else (2, rounding)
+        order = 4 if self.richardson else 2
         largest = max(curvature for _, curvature in self.measured_along)
         directions = [
             (self._truncation(error) / self.step**order, curvature)
             for error, curvature in self.measured_along
         ]
-        tiny = torch.finfo(torch.float64).tiny
 
         def worst(step: float) -> float:
             floor = self._stated_at(step) * largest
             return max(
-                max(floor, c_v * step**order + noise / step) / max(curvature, tiny)
+                max(floor, c_v * step**order + self._rounding(step)) / max(curvature, _TINY)
                 for c_v, curvature in directions
             )
 
@@ -254,11 +257,11 @@ class GradientDifferenceProducts:
         ``(c s² + ε G / s) / κ``; with Richardson (the ``s²`` term cancelled) what is left
         is mostly rounding, ``~(5/3) ε G / s``, stated as ``2 ε G / s / κ``, and at least
         ``ε^{4/5}``."""
-        rounding, coefficient, scale = self._model
+        _, coefficient, scale = self._model
         if self.richardson:
             eps = torch.finfo(self.operator.product_dtype).eps
-            return max(2.0 * rounding / step / scale, eps**0.8)
-        return (coefficient * step**2 + rounding / step) / scale
+            return max(self._rounding(step) / scale, eps**0.8)
+        return (coefficient * step**2 + self._rounding(step)) / scale
 
     def _product(self, saved: list[torch.Tensor], pieces: list[torch.Tensor], norm: float):
         """The product of the vector ``pieces`` (of norm ``norm``) at the chosen step."""
@@ -321,7 +324,7 @@ class GradientDifferenceProducts:
         c = gap / (0.75 * step**2)
         best = (eps * gradient / (2.0 * c)) ** (1.0 / 3.0) if c > 0 else step
         central = min(step, max(step / 1000.0, best))
-        scale = max(curvature, torch.finfo(torch.float64).tiny)
+        scale = max(curvature, _TINY)
         # This first product is the Richardson value of D(s₀) and D(s₀/2): its rounding is
         # about (5/3) ε G / (s₀/2).
         first = (10.0 / 3.0) * eps * gradient / step / scale
