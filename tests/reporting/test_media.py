@@ -103,33 +103,26 @@ def test_wandb_offline_run_holds_the_figures_and_histograms(tmp_path, monkeypatc
         assert sum(entry["values"]) == 3
 
 
-def _wandb_history(run_dir: pathlib.Path) -> list[dict]:
+def _wandb_history(run_dir: pathlib.Path, timeout: float = 60.0) -> list[dict]:
     """The history rows of an offline W&B run, read from its ``.wandb`` transaction log: a
     LevelDB-style log (a 7-byte header ``:W&B``, then 32 KiB blocks of records, each with a
-    7-byte header: CRC, length, type full/first/middle/last) of protobuf ``Record``s."""
-    import struct
+    7-byte header: CRC, length, type full/first/middle/last) of protobuf ``Record``s.
 
-    from wandb.proto import wandb_internal_pb2
+    W&B's writer can still be appending after ``wandb.finish()`` returns (a read then found
+    14 of 22 history rows, about one run in 25), so the log is read until it holds the run's
+    ``exit`` record, which follows every history row."""
+    import time
 
     (path,) = run_dir.glob("*.wandb")
-    data = path.read_bytes()
-    assert data[:4] == b":W&B"
-    block, header = 32768, 7
-    position, pending, payloads = header, b"", []
-    while position + header <= len(data):
-        if block - position % block < header:  # the rest of a block is padding
-            position += block - position % block
-            continue
-        _, length, kind = struct.unpack("<IHB", data[position : position + header])
-        chunk = data[position + header : position + header + length]
-        position += header + length
-        pending = chunk if kind in (1, 2) else pending + chunk
-        if kind in (1, 4):  # full, last
-            payloads.append(pending)
+    deadline = time.monotonic() + timeout
+    while True:
+        records = _wandb_records(path.read_bytes())
+        if any(record.WhichOneof("record_type") == "exit" for record in records):
+            break
+        assert time.monotonic() < deadline, f"no exit record in {path} after {timeout} s"
+        time.sleep(0.1)
     rows = []
-    for payload in payloads:
-        record = wandb_internal_pb2.Record()
-        record.ParseFromString(payload)
+    for record in records:
         if record.WhichOneof("record_type") != "history":
             continue
         row: dict = {}
@@ -141,6 +134,35 @@ def _wandb_history(run_dir: pathlib.Path) -> list[dict]:
             node[leaf] = json.loads(item.value_json)
         rows.append(row)
     return rows
+
+
+def _wandb_records(data: bytes) -> list:
+    """The protobuf ``Record``s of a ``.wandb`` log's bytes (:func:`_wandb_history`)."""
+    import struct
+
+    from wandb.proto import wandb_internal_pb2
+
+    assert data[:4] == b":W&B"
+    block, header = 32768, 7
+    position, pending, payloads = header, b"", []
+    while position + header <= len(data):
+        if block - position % block < header:  # the rest of a block is padding
+            position += block - position % block
+            continue
+        _, length, kind = struct.unpack("<IHB", data[position : position + header])
+        if position + header + length > len(data):  # a record still being written
+            break
+        chunk = data[position + header : position + header + length]
+        position += header + length
+        pending = chunk if kind in (1, 2) else pending + chunk
+        if kind in (1, 4):  # full, last
+            payloads.append(pending)
+    records = []
+    for payload in payloads:
+        record = wandb_internal_pb2.Record()
+        record.ParseFromString(payload)
+        records.append(record)
+    return records
 
 
 def test_mlflow_file_store_holds_the_figures_and_histograms(tmp_path, monkeypatch):
