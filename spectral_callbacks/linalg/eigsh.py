@@ -28,7 +28,8 @@ gaps, and the bound falls back to the residual. A pair whose ``tol · |θ_i|`` i
 can never converge (:func:`unresolvable_pairs`): once every unconverged pair is such a pair,
 at ``e_i = f``, with a value that moved by at most ``f`` since the previous check, the solve
 stops (:meth:`_RitzPairs.stalled_since`) rather than spend its budget on a bound that cannot
-fall. The projected matrix and its
+fall. For ``"LM"`` a wanted pair also waits for the end of the spectrum it does not hold,
+which may still outrank it (:func:`outranked_pairs`). The projected matrix and its
 eigendecomposition are float64, on the host, and are formed only at a convergence check;
 the steps in between run on the operator's device without host synchronisation.
 """
@@ -318,6 +319,36 @@ def _zero_level(operator: SymmetricOperator, tol: float, scale: float) -> float 
     return zero if zero <= tol * scale else None
 
 
+def outranked_pairs(
+    operator: SymmetricOperator,
+    settings: EigenSettings,
+    values: torch.Tensor,
+    all_residuals: torch.Tensor,
+    index: torch.Tensor,
+    floor: float,
+) -> torch.Tensor:
+    """For ``which="LM"``: which wanted pairs ``index`` of the Ritz values ``values``
+    (ascending, with residuals ``all_residuals``) an unconverged end of the spectrum may
+    still outrank.
+
+    Either end of a spectrum may hold the largest ``|λ|``, and Lanczos resolves both ends
+    first. While the end Ritz value ``θ_j`` that is not wanted has not converged itself
+    (:func:`converged_pairs`), the eigenvalue it approaches lies within its error bound
+    ``e_j`` (:func:`error_bounds`, at least ``floor``) and may be the larger in magnitude:
+    a wanted ``θ_i`` with ``|θ_i| < |θ_j| + e_j`` is not yet known to be among the largest.
+    """
+    scale = float(values.abs().max())
+    outranked = torch.zeros(index.shape[0], dtype=torch.bool)
+    for end in sorted({0, values.shape[0] - 1} - set(index.tolist())):
+        position = torch.tensor([end])
+        error, _ = error_bounds(values, all_residuals, position, floor, settings.criterion)
+        value, residual = values[position], all_residuals[position]
+        if bool(converged_pairs(operator, value, error, residual, settings.tol, scale)):
+            continue
+        outranked |= values[index].abs() < value.abs() + error
+    return outranked
+
+
 def unresolvable_pairs(
     operator: SymmetricOperator, values: torch.Tensor, tol: float, scale: float
 ) -> torch.Tensor:
@@ -427,6 +458,8 @@ class _RitzPairs:
         errors, gaps = error_bounds(values, all_residuals, index, floor, settings.criterion)
         residuals = all_residuals[index]
         converged = converged_pairs(operator, values[index], errors, residuals, settings.tol, scale)
+        if settings.which == "LM":
+            converged &= ~outranked_pairs(operator, settings, values, all_residuals, index, floor)
         unresolvable = unresolvable_pairs(operator, values[index], settings.tol, scale)
         return cls(values, vectors, index, residuals, converged, errors, gaps, floor, unresolvable)
 
