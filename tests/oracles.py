@@ -1,5 +1,6 @@
 """Independent float64 references: dense Hessians and Gauss–Newton matrices from
-``torch.func`` or row-by-row double backward, matrices of a given spectrum."""
+``torch.func`` or row-by-row double backward, matrices of a given spectrum, and a dense
+operator whose products carry a known error."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ import copy
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from spectral_callbacks.linalg import DenseOperator
 
 
 def matrix_with_spectrum(eigenvalues: torch.Tensor, seed: int = 0) -> torch.Tensor:
@@ -124,3 +127,17 @@ def assert_within_stated_bounds(result, exact: torch.Tensor, tol: float, slack: 
                 float(truth),
                 float(error),
             )
+
+
+class InexactDense(DenseOperator):
+    """``A + E`` for a fixed symmetric ``E`` of norm ``δ ‖A‖``, stating ``δ`` as its products'
+    relative error: every eigenvalue of the products is within ``δ ‖A‖`` of ``A``'s."""
+
+    def __init__(self, matrix: torch.Tensor, relative_error: float, seed: int = 0) -> None:
+        g = torch.Generator().manual_seed(seed)
+        noise = torch.randn(matrix.shape, generator=g, dtype=matrix.dtype)
+        noise = noise + noise.T
+        scale = float(torch.linalg.matrix_norm(matrix, ord=2))
+        noise *= relative_error * scale / float(torch.linalg.matrix_norm(noise, ord=2))
+        super().__init__(matrix + noise)
+        self.product_relative_error = relative_error

@@ -884,7 +884,15 @@ class HessianSpectrumMonitor(_HessianMonitor):
                 "the density's quadrature; no extra products"
             ),
         ),
-        MetricSpec("lambda_min_residual", part="density", doc="its Ritz residual"),
+        MetricSpec(
+            "lambda_min_residual",
+            part="density",
+            doc=(
+                "its Ritz residual, at least the error the products carry (10 unit roundoffs "
+                "of their dtype, or the stated error of gradient differences, times the "
+                "spectral radius)"
+            ),
+        ),
         MetricSpec(
             "outliers",
             chart="outliers above the bulk (of the top k)",

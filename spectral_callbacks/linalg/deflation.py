@@ -30,7 +30,7 @@ import torch
 from .._checks import check_integer
 from ._precision import full_precision
 from .operators import DerivedOperator, SymmetricOperator
-from .quadrature import SpectralDensity, slq
+from .quadrature import SpectralDensity, floor_at_product_error, slq
 from .trace import (
     TraceEstimate,
     _quadratic_forms,
@@ -113,11 +113,16 @@ def _complement_density(
     forms = squared_norms * rest.moment(1)
     if not bool(torch.isfinite(rest.nodes).all()):
         return rest, forms
+    nodes = torch.cat([rest.nodes, ritz_nodes], dim=1)
+    # The complement's products carry the whole operator's rounding, not its own radius's.
+    residuals = floor_at_product_error(
+        operator, nodes, torch.cat([rest.residuals, ritz_residuals], 1)
+    )
     density = SpectralDensity(
-        nodes=torch.cat([rest.nodes, ritz_nodes], dim=1),
+        nodes=nodes,
         weights=torch.cat([rest.weights * ((n - k) / n), ritz_weights], dim=1),
         num_hvps=rest.num_hvps,
-        residuals=torch.cat([rest.residuals, ritz_residuals], dim=1),
+        residuals=residuals,
         reorthogonalized=rest.reorthogonalized,
     )
     return density, forms

@@ -17,6 +17,7 @@ import torch
 from .._checks import check_integer
 from ._krylov import IndependentLanczos, ThreeTermLanczos, tridiagonal_matrix
 from ._precision import full_precision
+from .eigsh import product_error_floor
 from .operators import SymmetricOperator
 
 __all__ = [
@@ -67,7 +68,8 @@ class SpectralDensity:
         weights: ``(num_probes, m)`` float64 quadrature weights; each row sums to 1.
         num_hvps: Operator products used (``num_probes · m``).
         residuals: ``(num_probes, m)`` float64 Ritz residual norms ``‖A y - θ y‖ =
-            |β_m u_{m,i}|`` of the nodes (unit Ritz vectors ``y``), or ``None``.
+            |β_m u_{m,i}|`` of the nodes (unit Ritz vectors ``y``), at least the error the
+            products themselves carry (:func:`floor_at_product_error`), or ``None``.
         reorthogonalized: Whether the recurrences were fully reorthogonalised (else they
             kept two vectors each, and residuals hold up to rounding, Paige 1980).
 
@@ -149,8 +151,9 @@ class SpectralDensity:
         """The smallest node over all probes: an estimate of the smallest eigenvalue.
 
         Every node is a Ritz value, so ``λ_min ≤ lambda_min`` (Cauchy interlacing), and some
-        eigenvalue lies within :attr:`lambda_min_residual` of it (both up to rounding when
-        the recurrences kept two vectors: Paige 1980). Lanczos resolves the ends of a
+        eigenvalue lies within :attr:`lambda_min_residual` of it (both up to the products'
+        error, which the residual is at least, and up to rounding when the recurrences kept
+        two vectors: Paige 1980). Lanczos resolves the ends of a
         spectrum first, so with the default 64 steps it is close to a separate solve for the
         smallest eigenvalue (docs/benchmarks.md). Like any Krylov
         estimate it cannot reveal an eigenvalue that no probe has reached yet.
@@ -160,7 +163,8 @@ class SpectralDensity:
 
     @property
     def lambda_min_residual(self) -> float:
-        """Ritz residual norm of :attr:`lambda_min` (NaN without residuals)."""
+        """Ritz residual norm of :attr:`lambda_min`, at least the products' error (NaN
+        without residuals)."""
         if self.residuals is None or not bool(torch.isfinite(self.nodes).any()):
             return math.nan
         index = torch.where(torch.isfinite(self.nodes), self.nodes, math.inf).argmin()
@@ -232,5 +236,17 @@ def slq(
     values, vectors = torch.linalg.eigh(tridiagonal_matrix(alpha, beta))
     weights = vectors[:, 0, :] ** 2
     # beta[:, m-1] couples the basis to the next direction: A Q = Q T + β_m q_{m+1} e_mᵀ.
-    residuals = (beta[:, -1:] * vectors[:, -1, :]).abs()
+    residuals = floor_at_product_error(operator, values, (beta[:, -1:] * vectors[:, -1, :]).abs())
     return SpectralDensity(values, weights, num_hvps, residuals, bool(reorthogonalize))
+
+
+def floor_at_product_error(
+    operator: SymmetricOperator, nodes: torch.Tensor, residuals: torch.Tensor
+) -> torch.Tensor:
+    """Ritz ``residuals`` no smaller than the error of ``operator``'s products,
+    :func:`~spectral_callbacks.linalg.eigsh.product_error_floor` at the largest ``|θ|`` of
+    ``nodes``: a converged node's ``|β_m u_{m,i}|`` falls to the rounding of the float64
+    recurrence (often 0), far below what float32 or 16-bit products resolve."""
+    finite = nodes[torch.isfinite(nodes)]
+    scale = float(finite.abs().max()) if finite.numel() else 0.0
+    return residuals.clamp_min(product_error_floor(operator, scale))

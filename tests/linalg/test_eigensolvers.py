@@ -23,7 +23,12 @@ from ..models import (
     BasisSpy,
     make_case,
 )
-from ..oracles import assert_within_stated_bounds, dense_hessian_func, matrix_with_spectrum
+from ..oracles import (
+    InexactDense,
+    assert_within_stated_bounds,
+    dense_hessian_func,
+    matrix_with_spectrum,
+)
 
 SOLVERS = {"lanczos": lanczos, "block_lanczos": block_lanczos}
 
@@ -529,20 +534,6 @@ def test_float32_operators_of_extreme_scale_give_their_eigenvalues(scale, solver
     assert_within_stated_bounds(result, exact * scale, 1e-4, slack=1e-6)
     density = slq(op, num_probes=2, steps=30, seed=0)
     assert density.lambda_min / scale == pytest.approx(float(spectrum.min()), rel=1e-3)
-
-
-class InexactDense(DenseOperator):
-    """``A + E`` for a fixed symmetric ``E`` of norm ``δ ‖A‖``, stating ``δ`` as its products'
-    relative error: every eigenvalue of the products is within ``δ ‖A‖`` of ``A``'s."""
-
-    def __init__(self, matrix: torch.Tensor, relative_error: float, seed: int = 0) -> None:
-        g = torch.Generator().manual_seed(seed)
-        noise = torch.randn(matrix.shape, generator=g, dtype=matrix.dtype)
-        noise = noise + noise.T
-        scale = float(torch.linalg.matrix_norm(matrix, ord=2))
-        noise *= relative_error * scale / float(torch.linalg.matrix_norm(noise, ord=2))
-        super().__init__(matrix + noise)
-        self.product_relative_error = relative_error
 
 
 @pytest.mark.parametrize("solver", list(SOLVERS))

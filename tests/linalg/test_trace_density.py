@@ -18,7 +18,7 @@ from spectral_callbacks.linalg import (
     slq,
 )
 
-from ..oracles import matrix_with_spectrum
+from ..oracles import InexactDense, matrix_with_spectrum
 
 
 @pytest.fixture
@@ -203,6 +203,24 @@ def test_lambda_min_is_the_smallest_ritz_value_with_its_residual(hessian_like):
     converged = slq(DenseOperator(hessian_like), num_probes=4, steps=64, seed=0)
     assert converged.lambda_min == pytest.approx(-2.0, abs=1e-8)  # the outlier below the bulk
     assert converged.lambda_min_residual < 1e-6
+
+
+@pytest.mark.parametrize("inexact", ["float32", "stated 1e-3"])
+def test_lambda_min_residual_is_at_least_what_the_products_resolve(hessian_like, inexact):
+    """A converged node's Ritz residual falls to the rounding of the float64 recurrence (0
+    here), far below what inexact products resolve: the residual stated for λ_min is at
+    least the products' error floor (10 unit roundoffs of float32, or the stated relative
+    error, times the spectral radius) and covers the actual error against the float64
+    spectrum."""
+    spectrum = torch.linalg.eigvalsh(hessian_like)
+    if inexact == "float32":
+        operator, relative = DenseOperator(hessian_like.float()), 10 * 2.0**-24
+    else:
+        operator, relative = InexactDense(hessian_like, 1e-3, seed=3), 1e-3
+    density = slq(operator, num_probes=4, steps=64, seed=0)
+    assert density.lambda_min_residual >= relative * density.spectral_radius
+    assert abs(density.lambda_min - float(spectrum[0])) <= density.lambda_min_residual
+    assert abs(density.lambda_min - float(spectrum[0])) > 1e-12  # the products moved it
 
 
 def test_two_vector_slq_keeps_the_moments_and_agrees_with_full_reorthogonalisation(
