@@ -4,6 +4,7 @@ snapshots of the model at each step, the TensorBoard events a run wrote."""
 from __future__ import annotations
 
 import copy
+import math
 import os
 import pathlib
 import subprocess
@@ -109,3 +110,14 @@ def spectral_history(monitor) -> list[tuple[int, dict[str, float]]]:
         (step, {k: v for k, v in values.items() if not k.endswith("overhead")})
         for step, values in monitor.history
     ]
+
+
+def assert_same_history(a, b) -> None:
+    """Two monitors measured the same steps with the same values (NaN where both are)."""
+    history_a, history_b = spectral_history(a), spectral_history(b)
+    assert [step for step, _ in history_a] == [step for step, _ in history_b]
+    for (step, values_a), (_, values_b) in zip(history_a, history_b, strict=True):
+        assert values_a.keys() == values_b.keys(), step
+        for name, value in values_a.items():
+            other = values_b[name]
+            assert value == other or (math.isnan(value) and math.isnan(other)), (step, name)

@@ -244,7 +244,7 @@ class SpectralMonitor(Callback):
         self._session_start: float | None = None
         self._session_end: float | None = None
         self._session_start_step = 0
-        self._trainer: pl.Trainer | None = None
+        self._trainer: pl.Trainer | None = None  # of the last fit (from its setup)
         self.probe_batches = probe_batches
         self.probe_data = probe_data
         self.eval_mode = eval_mode
@@ -352,6 +352,7 @@ class SpectralMonitor(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
+        self.begin_fit(trainer)
         self._refuse_twins(trainer)
         self.validate_setup(trainer, pl_module)
         if self.probe_data is not None and not self._probe_complete:
@@ -364,6 +365,16 @@ class SpectralMonitor(Callback):
             convert = trainer.precision_plugin.convert_input
             self._probe = [_clone_batch(convert(b)) for b in batches]
             self._probe_complete = True
+
+    def begin_fit(self, trainer: pl.Trainer) -> None:
+        """A fit under another Trainer than the last one starts a new run: its steps count
+        from 0 again, so the last run's schedule, history, probe and warm starts would be
+        misplaced in it (under the overhead budget it would not measure at all). The monitor
+        takes a fresh monitor's state; a checkpoint given to ``fit`` is loaded after
+        ``setup`` and restores its own."""
+        if self._trainer is not None and self._trainer is not trainer:
+            self.load_state_dict({})
+        self._trainer = trainer
 
     def _refuse_twins(self, trainer: pl.Trainer) -> None:
         """Two monitors that would overwrite each other's metrics or checkpoint state."""
@@ -503,6 +514,8 @@ class SpectralMonitor(Callback):
             return
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """The run state ``state_dict`` holds; what it lacks is a fresh monitor's (so ``{}``
+        starts a new run)."""
         self._last_step = state_dict.get("last_step")
         self.last_metrics = dict(state_dict.get("last_metrics", {}))
         self.history = [(step, dict(values)) for step, values in state_dict.get("history", [])]
@@ -513,6 +526,7 @@ class SpectralMonitor(Callback):
         self._trained_before = float(state_dict.get("trained", 0.0))
         if self.probe_data is not None:
             return
+        self._probe, self._probe_complete, self._pending_probe_tensors = [], False, None
         probe = state_dict.get("probe")
         if probe is not None:
             self._probe = list(probe)

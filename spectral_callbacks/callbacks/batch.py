@@ -197,6 +197,7 @@ class BatchSharpnessMonitor(SpectralMonitor):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
         self._recent = deque(state_dict.get("recent", []), maxlen=self.window)
+        self._step_batches, self._measured_step = [], None
 
     def state_key_fields(self) -> dict[str, Any]:
         fields = {**super().state_key_fields(), "window": self.window}

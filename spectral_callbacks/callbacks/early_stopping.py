@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import difflib
 import math
 import warnings
@@ -161,6 +162,8 @@ class SpectralEarlyStopping(EarlyStopping):
         self.stopped_step: int | None = None
         self.stopped_value: float | None = None
         self.events: list[tuple[int, float, str]] = []
+        self._fresh_state = copy.deepcopy(self.state_dict())
+        self._fit_trainer: pl.Trainer | None = None
 
     # -- presets ---------------------------------------------------------------------------
     @classmethod
@@ -254,6 +257,17 @@ class SpectralEarlyStopping(EarlyStopping):
     @property
     def state_key(self) -> str:
         return self._generate_state_key(monitor=self.monitor, rule=self.rule, mode=self.mode)
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        if stage != "fit":
+            return
+        # As the monitors do: another Trainer starts a new run (its steps count from 0
+        # again), with no violations, peak or stop of the last one; a checkpoint given to
+        # fit() is loaded after setup.
+        if self._fit_trainer is not None and self._fit_trainer is not trainer:
+            self.load_state_dict(copy.deepcopy(self._fresh_state))
+        self._fit_trainer = trainer
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         producers = [cb for cb in trainer.callbacks if isinstance(cb, SpectralMonitor)]

@@ -216,8 +216,9 @@ class _HessianMonitor(SpectralMonitor):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
-        for name, vector in (state_dict.get("warm_start") or {}).items():
-            setattr(self, f"_{name}", vector)
+        saved = state_dict.get("warm_start") or {}
+        for name in self.warm_start_state():
+            setattr(self, f"_{name}", saved.get(name))
 
     def start_vectors(self, operator: CurvatureOperator) -> torch.Tensor | None:
         if not self.warm_start or self._start is None or self._start.shape[-1] != operator.size:

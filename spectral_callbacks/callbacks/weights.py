@@ -203,6 +203,7 @@ class WeightSpectrumMonitor(SpectralMonitor):
     # -- setup -----------------------------------------------------------------------------
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage == "fit":
+            self.begin_fit(trainer)  # before the explicit reference's bases are taken
             self._resolve_layers(pl_module)
         super().setup(trainer, pl_module, stage)
 
@@ -394,8 +395,6 @@ class WeightSpectrumMonitor(SpectralMonitor):
         super().load_state_dict(state_dict)
         self.reference_step = state_dict.get("reference_step")
         saved = state_dict.get("reference_bases") or {}
-        if saved:
-            self.reference_bases = {
-                layer: SingularBasis(b["left"], b["right"], b["values"])
-                for layer, b in saved.items()
-            }
+        self.reference_bases = {
+            layer: SingularBasis(b["left"], b["right"], b["values"]) for layer, b in saved.items()
+        }

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import lightning.pytorch as L
 import pytest
 import torch
@@ -9,9 +11,12 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from spectral_callbacks import (
+    BatchSharpnessMonitor,
     HessianSpectrumMonitor,
+    RepresentationMonitor,
     SharpnessMonitor,
     SpectralEarlyStopping,
+    WeightSpectrumMonitor,
 )
 
 from ..models import (
@@ -22,14 +27,14 @@ from ..models import (
     regression_data,
     trainer_kwargs,
 )
-from ..runs import read_events, small_spectrum_monitor, spectral_history
+from ..runs import assert_same_history, read_events, small_spectrum_monitor, spectral_history
 
 
-def loader():
-    torch.manual_seed(0)
+def loader(seed=0, batch_size=64):
+    torch.manual_seed(seed)
     x, y = regression_data(n=64)
     # One full batch per epoch: full-batch GD, and every step is an epoch boundary.
-    return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=64)
+    return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=batch_size)
 
 
 def callbacks(threshold):
@@ -193,3 +198,54 @@ def test_a_changed_setting_on_resume_is_said_once_and_the_state_carried_where_va
     resumed_steps = [step for step, _ in resumed.history]
     assert (resumed_steps[: len(carried_steps)] == carried_steps) == carried
     assert (resumed._start is not None and resumed_steps[0] == 0) == carried
+
+
+def test_monitors_handed_to_a_new_trainer_start_a_new_run(tmp_path):
+    """Callbacks given to a second Trainer (a notebook that runs fit again) measure as fresh
+    ones would: the new Trainer counts its steps from 0, so the first run's schedule,
+    history, probe and warm starts were misplaced in it (under the overhead budget it
+    measured nothing at all, and the probe was the first run's data). A checkpoint given to
+    a new Trainer still restores the monitors' state."""
+
+    def callbacks():
+        return [
+            SharpnessMonitor(every_n_steps=2),
+            SharpnessMonitor(name="budget"),
+            small_spectrum_monitor(every_n_steps=3, trace_hvps=9),
+            RepresentationMonitor(layers=["net.1"], every_n_steps=2, num_samples=32),
+            WeightSpectrumMonitor(every_n_steps=2, drift_rank=2),
+            BatchSharpnessMonitor(every_n_steps=2),
+            BatchSharpnessMonitor(name="budget"),
+            SpectralEarlyStopping(
+                "spectral/hessian/lambda_max", rule="above", threshold=0.0, patience=3
+            ),
+        ]
+
+    def fit(monitors, model, seed, **kwargs):
+        trainer = L.Trainer(max_steps=7, max_epochs=-1, callbacks=monitors, **trainer_kwargs())
+        torch.manual_seed(1)
+        trainer.fit(model, loader(seed, batch_size=16), **kwargs)
+        return trainer
+
+    reused, model = callbacks(), TanhRegressor(lr=0.1)
+    first = fit(reused, model, seed=0)
+    first.save_checkpoint(tmp_path / "first.ckpt")
+    after_first = [spectral_history(m) for m in reused[:-1]]
+    stopped_first = reused[-1].stopped_step
+    assert stopped_first == 4  # the third measurement of λ_max > 0
+
+    fresh, same_model = callbacks(), copy.deepcopy(model)
+    fit(reused, model, seed=1)
+    fit(fresh, same_model, seed=1)
+    for used, new in zip(reused[:-1], fresh[:-1], strict=True):
+        if new.every_n_steps is None:  # later steps of the budget depend on the clock
+            assert spectral_history(used)[0] == spectral_history(new)[0]  # step 0, run 2's
+            steps = [step for step, _ in used.history]
+            assert steps == sorted(set(steps))
+        else:
+            assert_same_history(used, new)
+    assert reused[-1].stopped_step == fresh[-1].stopped_step == stopped_first
+
+    resumed = reused[0]
+    fit(reused, TanhRegressor(lr=0.1), seed=0, ckpt_path=str(tmp_path / "first.ckpt"))
+    assert spectral_history(resumed)[: len(after_first[0])] == after_first[0]
