@@ -9,6 +9,7 @@ the default ``inductor`` backend end to end.
 from __future__ import annotations
 
 import shutil
+import warnings
 
 import pytest
 import torch
@@ -118,6 +119,30 @@ def test_failed_compilation_warns_once_and_falls_back():
     ) as op:  # the failure is remembered: no second attempt, no second warning
         assert torch.allclose(op.matmat(block), block @ hessian, atol=1e-10)
     assert len(calls) == 1
+
+
+def test_a_product_that_compiles_no_graph_warns_and_runs_eagerly():
+    """A graph break that dynamo cannot split inside the torch.func transforms (here a loss
+    under ``torch.compiler.disable``; in torch 2.9 a ``training_step`` loss) makes the whole
+    product run eagerly with no graph compiled: the choice of ``compiled`` is then said to
+    have no effect, once, and the products stay exact."""
+    model, batches = make_case("mlp")
+    hessian = dense_hessian_func(model, cross_entropy_loss, batches)
+    disabled = torch.compiler.disable(lambda m, batch: cross_entropy_loss(m, batch))
+    backend = CountingBackend()
+    with (
+        pytest.warns(RuntimeWarning, match="it compiled no graph"),
+        HessianOperator(model, disabled, batches, hvp="compiled", compile_backend=backend) as op,
+    ):
+        block = _block(op.size)
+        assert torch.allclose(op.matmat(block), block @ hessian, atol=1e-10)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # remembered: no second warning
+        with HessianOperator(
+            model, disabled, batches, hvp="compiled", compile_backend=backend
+        ) as op:
+            assert torch.allclose(op.matmat(block), block @ hessian, atol=1e-10)
+    assert backend.graphs == 0
 
 
 def test_compiled_path_falls_back_to_the_reused_graph_where_eager_jvp_fails():

@@ -121,10 +121,20 @@ class CompiledProduct:
             tangents[0].shape[0],
             self.backend,
         )
+        graphs_before = _graphs_compiled()
         try:
             with compiled_code_allowed():
                 products = self.compiled(primals, tangents, batch)
             problem = _disagreement(products, expected)
+            if (
+                problem is None
+                and graphs_before is not None
+                and _graphs_compiled() == graphs_before
+            ):
+                problem = (
+                    "it compiled no graph: a graph break inside the product (in the loss or "
+                    "the model) made torch.compile run it eagerly"
+                )
         except Exception as error:  # any compiler failure means: run eagerly
             problem = f"{type(error).__name__}: {str(error)[:200]}"
         if problem is not None:
@@ -137,6 +147,19 @@ class CompiledProduct:
             )
         self._checked.add(signature)
         return expected
+
+
+def _graphs_compiled() -> int | None:
+    """Graphs dynamo has compiled in this process (``None`` where torch does not count
+    them). None more after a compiled call means that dynamo ran the whole product eagerly:
+    a graph break it cannot split inside the torch.func transforms, such as a loss under
+    ``torch.compiler.disable``, or a training step whose ``functional_call`` context
+    breaks the graph (torch 2.9)."""
+    try:
+        from torch._dynamo.utils import counters
+    except ImportError:  # pragma: no cover - a torch without dynamo's counters
+        return None
+    return int(counters["stats"]["unique_graphs"])
 
 
 def _shape_signature(tangents: tuple, batch: Any) -> tuple:
