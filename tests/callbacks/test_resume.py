@@ -10,12 +10,10 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
 
-from spectral_callbacks import (
+from spectral_callbacks import HessianSpectrumMonitor, SharpnessMonitor, SpectralEarlyStopping
+from spectral_callbacks.callbacks import (
     BatchSharpnessMonitor,
-    HessianSpectrumMonitor,
     RepresentationMonitor,
-    SharpnessMonitor,
-    SpectralEarlyStopping,
     WeightSpectrumMonitor,
 )
 
