@@ -370,10 +370,11 @@ class SpectralMonitor(Callback):
         """A fit under another Trainer than the last one starts a new run: its steps count
         from 0 again, so the last run's schedule, history, probe and warm starts would be
         misplaced in it (under the overhead budget it would not measure at all). The monitor
-        takes a fresh monitor's state; a checkpoint given to ``fit`` is loaded after
-        ``setup`` and restores its own."""
+        takes a fresh monitor's state, and warns afresh; a checkpoint given to ``fit`` is
+        loaded after ``setup`` and restores its own."""
         if self._trainer is not None and self._trainer is not trainer:
             self.load_state_dict({})
+            self._warned = set()
         self._trainer = trainer
 
     def _refuse_twins(self, trainer: pl.Trainer) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import warnings
 
 import lightning.pytorch as L
 import pytest
@@ -202,12 +203,12 @@ def test_monitors_handed_to_a_new_trainer_start_a_new_run(tmp_path):
     """Callbacks given to a second Trainer (a notebook that runs fit again) measure as fresh
     ones would: the new Trainer counts its steps from 0, so the first run's schedule,
     history, probe and warm starts were misplaced in it (under the overhead budget it
-    measured nothing at all, and the probe was the first run's data). A checkpoint given to
-    a new Trainer still restores the monitors' state."""
+    measured nothing at all, and the probe was the first run's data); its warnings are said
+    again. A checkpoint given to a new Trainer still restores the monitors' state."""
 
     def callbacks():
         return [
-            SharpnessMonitor(every_n_steps=2),
+            SharpnessMonitor(every_n_steps=2, max_iter=3),  # unconverged: warns each run
             SharpnessMonitor(name="budget"),
             small_spectrum_monitor(every_n_steps=3, trace_hvps=9),
             RepresentationMonitor(layers=["net.1"], every_n_steps=2, num_samples=32),
@@ -225,15 +226,24 @@ def test_monitors_handed_to_a_new_trainer_start_a_new_run(tmp_path):
         trainer.fit(model, loader(seed, batch_size=16), **kwargs)
         return trainer
 
+    def unconverged(caught):
+        return [w for w in caught if "lambda_max did not reach tol" in str(w.message)]
+
     reused, model = callbacks(), TanhRegressor(lr=0.1)
-    first = fit(reused, model, seed=0)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        first = fit(reused, model, seed=0)
+    assert len(unconverged(caught)) == 1
     first.save_checkpoint(tmp_path / "first.ckpt")
     after_first = [spectral_history(m) for m in reused[:-1]]
     stopped_first = reused[-1].stopped_step
     assert stopped_first == 4  # the third measurement of λ_max > 0
 
     fresh, same_model = callbacks(), copy.deepcopy(model)
-    fit(reused, model, seed=1)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fit(reused, model, seed=1)
+    assert len(unconverged(caught)) == 1  # a new run warns afresh
     fit(fresh, same_model, seed=1)
     for used, new in zip(reused[:-1], fresh[:-1], strict=True):
         if new.every_n_steps is None:  # later steps of the budget depend on the clock
