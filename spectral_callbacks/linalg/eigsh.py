@@ -384,9 +384,11 @@ def confirm_ritz_pairs(
     which: str,
     scale: float,
     gaps: torch.Tensor | None = None,
+    outranked: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Rayleigh quotients, true residuals, error bounds and convergence of unit Ritz vectors
-    ``(k, n)`` (with the ``gaps`` of :func:`error_bounds`, in the vectors' order).
+    ``(k, n)`` (with the ``gaps`` of :func:`error_bounds` and the :func:`outranked_pairs`,
+    which stay unconverged, in the vectors' order).
 
     One fresh product per vector: ``θ_i = y_iᵀ A y_i / y_iᵀ y_i`` and
     ``r_i = ‖A y_i - θ_i y_i‖ / ‖y_i‖``, reduced in float64, so the residual includes the
@@ -420,6 +422,8 @@ def confirm_ritz_pairs(
         errors = torch.where(certified, torch.minimum(residuals, kato_temple), residuals)
         errors = errors.clamp_min(floor)
     converged = converged_pairs(operator, values, errors, residuals, tol, scale)
+    if outranked is not None:
+        converged &= ~outranked[order]
     return values, residuals, converged, vectors[order.to(vectors.device)], errors
 
 
@@ -438,6 +442,7 @@ class _RitzPairs:
     gaps: torch.Tensor
     floor: float
     unresolvable: torch.Tensor
+    outranked: torch.Tensor
 
     @classmethod
     def check(
@@ -458,10 +463,22 @@ class _RitzPairs:
         errors, gaps = error_bounds(values, all_residuals, index, floor, settings.criterion)
         residuals = all_residuals[index]
         converged = converged_pairs(operator, values[index], errors, residuals, settings.tol, scale)
+        outranked = torch.zeros_like(converged)
         if settings.which == "LM":
-            converged &= ~outranked_pairs(operator, settings, values, all_residuals, index, floor)
+            outranked = outranked_pairs(operator, settings, values, all_residuals, index, floor)
         unresolvable = unresolvable_pairs(operator, values[index], settings.tol, scale)
-        return cls(values, vectors, index, residuals, converged, errors, gaps, floor, unresolvable)
+        return cls(
+            values,
+            vectors,
+            index,
+            residuals,
+            converged & ~outranked,
+            errors,
+            gaps,
+            floor,
+            unresolvable,
+            outranked,
+        )
 
     @property
     def all_converged(self) -> bool:
@@ -511,7 +528,13 @@ class _RitzPairs:
             eigenvectors = coefficients.to(dtype=operator.dtype, device=operator.device) @ basis
         if confirm:
             values, residuals, converged, eigenvectors, errors = confirm_ritz_pairs(
-                operator, eigenvectors, settings.tol, settings.which, scale, self.gaps
+                operator,
+                eigenvectors,
+                settings.tol,
+                settings.which,
+                scale,
+                self.gaps,
+                self.outranked,
             )
             num_hvps += settings.k
         if along:

@@ -17,7 +17,7 @@ from spectral_callbacks.functional import (
     hessian_eigenvalues,
 )
 from spectral_callbacks.linalg import DenseOperator, block_lanczos, eigenpairs, lanczos, slq
-from spectral_callbacks.linalg.eigsh import select_ritz
+from spectral_callbacks.linalg.eigsh import confirm_ritz_pairs, select_ritz
 
 from ..models import (
     BasisSpy,
@@ -442,6 +442,22 @@ def test_largest_magnitude_waits_for_the_end_it_has_not_resolved(solver):
             assert result.all_converged, (seed, tol)
             error = abs(float(result.eigenvalues[0]) + 10.2)
             assert error <= float(result.errors[0]), (seed, tol, result.eigenvalues)
+
+
+def test_confirmation_keeps_an_outranked_pair_unconverged():
+    """Fresh products re-judge claimed pairs whose residuals lie below the rounding floor;
+    an ``LM`` pair that the unresolved other end may still outrank stays unconverged there,
+    whatever its own residual (the pairs come back ordered by ``|θ|``, the flag with them)."""
+    spectrum = torch.tensor([-10.2, -9.0, 0.5, 10.0], dtype=torch.float64)
+    a = matrix_with_spectrum(spectrum, seed=4)
+    eigenvectors = torch.linalg.eigh(a).eigenvectors.T  # rows, ascending eigenvalues
+    rows = eigenvectors[[3, 0]]  # +10 first, -10.2 second: |θ| reorders them
+    operator, outranked = DenseOperator(a), torch.tensor([True, False])
+    plain = confirm_ritz_pairs(operator, rows, 1e-12, "LM", 10.2)
+    kept = confirm_ritz_pairs(operator, rows, 1e-12, "LM", 10.2, outranked=outranked)
+    assert plain[0].tolist() == pytest.approx([-10.2, 10.0], rel=1e-12)
+    assert plain[2].tolist() == [True, True]
+    assert kept[2].tolist() == [True, False]  # +10, now second, stays open
 
 
 def test_default_bound_applies_when_the_basis_would_exceed_its_bytes(monkeypatch):
