@@ -387,7 +387,6 @@ class SpectralMonitor(Callback):
                 raise TwinMonitorError(self, f"metric {shared[0]!r}")
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._trainer = trainer
         self._session_start, self._session_end = self.clock(), None
         self._session_start_step = trainer.global_step
         _MEASURING.setdefault(trainer, 0.0)

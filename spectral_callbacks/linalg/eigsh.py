@@ -326,10 +326,11 @@ def outranked_pairs(
     all_residuals: torch.Tensor,
     index: torch.Tensor,
     floor: float,
+    scale: float,
 ) -> torch.Tensor:
     """For ``which="LM"``: which wanted pairs ``index`` of the Ritz values ``values``
-    (ascending, with residuals ``all_residuals``) an unconverged end of the spectrum may
-    still outrank.
+    (ascending, with residuals ``all_residuals``; largest ``|θ|`` ``scale``) an unconverged
+    end of the spectrum may still outrank.
 
     Either end of a spectrum may hold the largest ``|λ|``, and Lanczos resolves both ends
     first. While the end Ritz value ``θ_j`` that is not wanted has not converged itself
@@ -337,7 +338,6 @@ def outranked_pairs(
     ``e_j`` (:func:`error_bounds`, at least ``floor``) and may be the larger in magnitude:
     a wanted ``θ_i`` with ``|θ_i| < |θ_j| + e_j`` is not yet known to be among the largest.
     """
-    scale = float(values.abs().max())
     outranked = torch.zeros(index.shape[0], dtype=torch.bool)
     for end in sorted({0, values.shape[0] - 1} - set(index.tolist())):
         position = torch.tensor([end])
@@ -465,7 +465,9 @@ class _RitzPairs:
         converged = converged_pairs(operator, values[index], errors, residuals, settings.tol, scale)
         outranked = torch.zeros_like(converged)
         if settings.which == "LM":
-            outranked = outranked_pairs(operator, settings, values, all_residuals, index, floor)
+            outranked = outranked_pairs(
+                operator, settings, values, all_residuals, index, floor, scale
+            )
         unresolvable = unresolvable_pairs(operator, values[index], settings.tol, scale)
         return cls(
             values,
