@@ -20,6 +20,7 @@ listings sort in time order.
 
 from __future__ import annotations
 
+import importlib
 import pathlib
 import re
 import sys
@@ -121,13 +122,11 @@ def _step_file(tag: str, step: int, suffix: str) -> str:
     return f"{safe}/step_{step:07d}.{suffix}"
 
 
-def _classes(name: str) -> tuple[type, ...]:
-    """Logger class ``name`` from ``lightning.pytorch.loggers`` and, if imported already, from
-    ``pytorch_lightning.loggers``."""
-    import lightning.pytorch.loggers as loggers
-
-    found = [getattr(loggers, name)]
-    legacy = sys.modules.get("pytorch_lightning.loggers")
+def _classes(name: str, module: str = "loggers") -> tuple[type, ...]:
+    """Logger class ``name`` from ``lightning.pytorch.{module}`` and, if imported already,
+    from ``pytorch_lightning.{module}``."""
+    found = [getattr(importlib.import_module(f"lightning.pytorch.{module}"), name)]
+    legacy = sys.modules.get(f"pytorch_lightning.{module}")
     if legacy is not None and hasattr(legacy, name):
         found.append(getattr(legacy, name))
     return tuple(found)
@@ -135,14 +134,16 @@ def _classes(name: str) -> tuple[type, ...]:
 
 def media_sinks(loggers: Sequence[Any]) -> tuple[list[MediaSink], list[Any]]:
     """A sink for each logger in ``loggers`` that can take histograms and figures, and the
-    loggers that cannot (scalars only)."""
+    loggers that cannot (scalars only). Lightning's ``DummyLogger`` (what ``fast_dev_run``
+    puts in place of the user's loggers) drops everything by design: it is neither."""
     sinks: list[MediaSink] = [TensorBoardSink(w) for w in tensorboard_writers(loggers)]
     skipped = []
     tensorboard, wandb, mlflow = (
         _classes(n) for n in ("TensorBoardLogger", "WandbLogger", "MLFlowLogger")
     )
+    dropping_everything = _classes("DummyLogger", "loggers.logger")
     for logger in loggers:
-        if isinstance(logger, tensorboard):
+        if isinstance(logger, tensorboard + dropping_everything):
             continue
         if isinstance(logger, wandb):
             sinks.append(WandbSink(logger))

@@ -282,9 +282,15 @@ def test_fast_dev_run_measures_once():
     trainer = L.Trainer(
         fast_dev_run=True, callbacks=[monitor, spectrum], **trainer_kwargs(logger=None)
     )
-    trainer.fit(NoisyClassifier(), classification_loader())
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.fit(NoisyClassifier(), classification_loader())
     assert [step for step, _ in monitor.history] == [0]
     assert [step for step, _ in spectrum.history] == [0]
+    # fast_dev_run's DummyLogger drops everything by design: no warning that it takes
+    # scalars only.
+    assert type(trainer.logger).__name__ == "DummyLogger"
+    assert not [w for w in caught if "log_dir" in str(w.message)]
 
 
 def test_sanity_check_is_skipped():
