@@ -112,10 +112,11 @@ class _HessianMonitor(SpectralMonitor):
         return fields
 
     def warn_unconverged(
-        self, what: str, error: float, value: float, operator: CurvatureOperator
+        self, what: str, error: float, value: float, operator: CurvatureOperator, flag: str
     ) -> None:
-        """One warning that ``what`` missed ``tol`` (its ``..._converged`` metric is < 1):
-        ``error`` is its error bound (:class:`~spectral_callbacks.linalg.EigenResult`)."""
+        """One warning that ``what`` missed ``tol``, so that its metric ``flag``
+        (``..._converged``) is < 1: ``error`` is its error bound
+        (:class:`~spectral_callbacks.linalg.EigenResult`)."""
         max_iter = self.solver.max_iter or default_max_iter(self.solver.k, operator.size)
         tol = self.solver.tol
         relative = error / abs(value) if value else math.inf
@@ -145,7 +146,7 @@ class _HessianMonitor(SpectralMonitor):
         self.warn_once(
             f"unconverged {what}",
             f"{reason} (relative error bound {relative:.2g}); it is logged with "
-            f"{what}_converged < 1: {advice}",
+            f"{flag} < 1: {advice}",
         )
 
     def out_of_memory_advice(self) -> str:
@@ -347,7 +348,9 @@ class SharpnessMonitor(_HessianMonitor):
             residual = float(result.residuals[0])
             error = float(result.errors[0])
             if not result.all_converged:
-                self.warn_unconverged("lambda_max", error, lambda_max, operator)
+                self.warn_unconverged(
+                    "lambda_max", error, lambda_max, operator, "lambda_max_converged"
+                )
             stability = self._stability(trainer, operator, lambda_max, lr)
             num_hvps = operator.num_hvps
         unbounded = ["lambda_max_error"] if math.isinf(error) else []  # its stated meaning
@@ -383,7 +386,13 @@ class SharpnessMonitor(_HessianMonitor):
         if stability.eigenvector is not None:
             self._preconditioned_start = stability.eigenvector
         if not stability.converged:
-            self.warn_unconverged("eos_ratio", stability.residual, stability.eos_ratio, operator)
+            self.warn_unconverged(  # the preconditioned solve's flag is λ_max's too
+                "eos_ratio",
+                stability.residual,
+                stability.eos_ratio,
+                operator,
+                "lambda_max_converged",
+            )
         return stability
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -432,7 +441,8 @@ class SharpnessMonitor(_HessianMonitor):
             may_be_undefined=True,
             doc=(
                 "`λ_max(D^½ (H + W) D^½)` for the optimizer's effective step `D` and L2 weight "
-                "decay `W`"
+                "decay `W`; NaN where parameters differ in the threshold (an SGD part and an "
+                "Adam part)"
             ),
         ),
         MetricSpec(
@@ -441,7 +451,7 @@ class SharpnessMonitor(_HessianMonitor):
             may_be_undefined=True,
             doc=(
                 "the constant it is compared with: 2 (SGD), `2 + 2β` (heavy ball), 38 (Adam, β₁ = "
-                "0.9), ..."
+                "0.9), ...; NaN where parameters differ in it"
             ),
         ),
         MetricSpec(
@@ -449,8 +459,9 @@ class SharpnessMonitor(_HessianMonitor):
             chart="λ_max against the stability limit",
             may_be_undefined=True,
             doc=(
-                "the λ_max at which the ratio is 1 when the step is one scalar (`2/lr` for plain "
-                "SGD); NaN for adaptive optimizers"
+                "the λ_max at which the ratio is 1 when the step, the weight decay and the "
+                "threshold are each one scalar (`2/lr` for plain SGD); NaN otherwise (adaptive "
+                "optimizers, parameter groups that differ in any of them)"
             ),
         ),
         MetricSpec("lambda_max_residual", doc="Ritz residual `‖H v − λ v‖` of the reported value"),
@@ -682,6 +693,7 @@ class HessianSpectrumMonitor(_HessianMonitor):
                     float(result.errors[worst]),
                     float(result.eigenvalues[worst]),
                     operator,
+                    "eigs_converged",
                 )
             parts = DeflatedSpectrum(trace=None, density=None, num_hvps=0)
             if self.trace or self.density:

@@ -326,10 +326,12 @@ class EdgeOfStability:
         preconditioned_sharpness: ``λ_max(D^½ (H + W) D^½)`` (``λ_max · lr`` plain).
         threshold: The stability threshold ``c`` it is compared with (2 plain; NaN when
             parameter groups differ in it).
-        limit: The ``λ_max`` at which the ratio reaches 1 when the step is one scalar
-            (``c / step − w``; ``2 / lr`` plain); NaN for adaptive optimizers.
+        limit: The ``λ_max`` at which the ratio reaches 1 when the step, the weight decay
+            and the threshold are each one scalar (``c / step − w``; ``2 / lr`` plain); NaN
+            otherwise (adaptive optimizers, parameter groups that differ in any of them).
         undefined: Names among :data:`RATIO_METRICS` that are NaN by definition (no
-            preconditioner before an adaptive optimizer's first step; no scalar step).
+            preconditioner before an adaptive optimizer's first step; no scalar step or
+            decay; no threshold shared by every parameter).
         converged: Whether the preconditioned solve met its tolerance.
         residual: That solve's error bound (NaN when the ratio is closed-form).
         eigenvector: Its top eigenvector, for the next warm start, or ``None``.
@@ -381,10 +383,18 @@ def edge_of_stability(
     if start is not None and start.shape[-1] != operator.size:
         start = None
     ratio = _stability_ratio(operator, preconditioner, settings, lambda_max, start)
+    threshold, decay = ratio.threshold, preconditioner.weight_decay
     step = preconditioner.uniform_step
-    limit, undefined = math.nan, ("stability_limit",)  # no single step size (adaptive)
-    if step > 0:
-        limit, undefined = ratio.threshold / step - float(preconditioner.weight_decay[0]), ()
+    undefined: tuple[str, ...] = ()
+    if math.isnan(threshold):  # parameters differ in it (optimizers or groups)
+        undefined += ("preconditioned_sharpness", "stability_threshold")
+    # One λ_max reaches the edge only when every entry shares the step, the decay and the
+    # threshold (not for adaptive optimizers, or groups that differ in any of them).
+    limit = math.nan
+    if step > 0 and float(decay.min()) == float(decay.max()) and math.isfinite(threshold):
+        limit = threshold / step - float(decay[0])
+    else:
+        undefined += ("stability_limit",)
     return EdgeOfStability(
         ratio.eos_ratio,
         ratio.preconditioned_sharpness,

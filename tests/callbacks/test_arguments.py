@@ -8,6 +8,7 @@ callback with which a short training run finishes.
 
 from __future__ import annotations
 
+import copy
 import inspect
 import math
 import warnings
@@ -39,6 +40,7 @@ from ..models import (
     regression_data,
     trainer_kwargs,
 )
+from ..oracles import dense_hessian_func
 
 ODD_VALUES = [
     None,
@@ -249,6 +251,66 @@ def test_two_optimizers_each_step_their_own_parameters_in_eos_ratio():
     assert monitor.last_metrics["spectral/hessian/eos_ratio"] == pytest.approx(
         float(expected.eigenvalues[0]), rel=1e-6
     )
+
+
+@pytest.mark.parametrize("differs_in", ["threshold", "weight_decay"])
+def test_parameter_groups_that_differ_leave_shared_values_nan_without_a_nan_warning(differs_in):
+    """Parameter groups with momentum on one part only (threshold 2 against 2 + 2β) have no
+    shared threshold; weight decay on the weights only has no single λ_max limit. The ratio
+    is still λ_max(D̃^½ (H + W) D̃^½), against a dense float64 Hessian."""
+    lr, beta, decay = 0.1, 0.5, 0.3
+
+    class Grouped(TanhRegressor):
+        def configure_optimizers(self):
+            first, rest = list(self.net[0].parameters()), list(self.net[2:].parameters())
+            if differs_in == "threshold":
+                groups = [{"params": first}, {"params": rest, "momentum": beta}]
+            else:
+                weights = [p for p in first + rest if p.ndim == 2]
+                biases = [p for p in first + rest if p.ndim == 1]
+                groups = [{"params": weights, "weight_decay": decay}, {"params": biases}]
+            return torch.optim.SGD(groups, lr=lr)
+
+    x, y = regression_data(n=16, d=4)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=16)
+    loss = lambda m, b: F.mse_loss(m(b[0]), b[1])  # noqa: E731
+    model = Grouped(d=4, width=6)
+    monitor = SharpnessMonitor(every_n_steps=1, tol=1e-8)
+    trainer = L.Trainer(max_steps=1, callbacks=[monitor], **trainer_kwargs())
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.fit(model, loader)
+    # NaN by definition warns nothing; tol is below float32's rounding, and both solves say
+    # so naming the flag they set.
+    ours = [str(w.message) for w in caught if "SharpnessMonitor" in str(w.message)]
+    assert {message.split(" ")[1] for message in ours} == {"lambda_max", "eos_ratio"}
+    assert all("cannot reach tol=1e-08" in m and "lambda_max_converged < 1" in m for m in ours)
+
+    exact = copy.deepcopy(model).double()
+    hessian = dense_hessian_func(exact, loss, [(x.double(), y.double())])
+    first = {id(p) for p in exact.net[0].parameters()}
+
+    def per_entry(value_of) -> torch.Tensor:
+        return torch.cat(
+            [torch.full((p.numel(),), value_of(p), dtype=torch.float64) for p in exact.parameters()]
+        )
+
+    momentum_on = lambda p: differs_in == "threshold" and id(p) not in first  # noqa: E731
+    scale = per_entry(lambda p: lr / (2 + 2 * beta if momentum_on(p) else 2))
+    shift = per_entry(lambda p: decay if differs_in == "weight_decay" and p.ndim == 2 else 0.0)
+    root = scale.sqrt()
+    ratio = torch.linalg.eigvalsh(root[:, None] * (hessian + torch.diag(shift)) * root)[-1]
+    values = monitor.last_metrics
+    assert values["spectral/hessian/eos_ratio"] == pytest.approx(float(ratio), rel=1e-5)
+    assert math.isnan(values["spectral/hessian/stability_limit"])
+    if differs_in == "threshold":
+        assert math.isnan(values["spectral/hessian/stability_threshold"])
+        assert math.isnan(values["spectral/hessian/preconditioned_sharpness"])
+    else:
+        assert values["spectral/hessian/stability_threshold"] == 2.0
+        assert values["spectral/hessian/preconditioned_sharpness"] == pytest.approx(
+            2 * float(ratio), rel=1e-5
+        )
 
 
 @pytest.mark.parametrize(
