@@ -138,19 +138,37 @@ def capture_features(
     ``"auto"`` had to guess, and, when ``batch_size()`` tells the number of samples of the
     batch being run, of each selected output whose first dimension is not that number (a
     ``select`` that picks a sample instead of the batch: Hugging Face blocks that return a
-    plain tensor in transformers 5.x, where ``output[0]`` is the first sequence).
+    plain tensor in transformers 5.x, where ``output[0]`` is the first sequence), and of each
+    layer that runs more than once in one forward of ``model`` (a shared block applied
+    repeatedly: the outputs of every call are pooled into its accumulator).
     """
     if layout not in LAYER_LAYOUTS:
         raise ValueError(f"layout must be one of {LAYER_LAYOUTS}, got {layout!r}")
     modules = resolve_layers(model, layers)
     accumulators = {name: CovarianceAccumulator() for name in modules}
     handles = []
+    # Calls of each layer since ``model``'s forward began (None until it has begun once:
+    # without it, as when a forward function runs submodules alone, nothing is counted).
+    calls: dict[str, int] | None = None
+
+    def forward_begins(module: nn.Module, inputs: Any) -> None:
+        nonlocal calls
+        calls = dict.fromkeys(modules, 0)
 
     def hook_for(name: str):
         chooser = select.get(name) if isinstance(select, dict) else select
 
         def hook(module: nn.Module, inputs: Any, output: Any) -> None:
             features = _as_tensor(name, output, chooser)
+            if calls is not None:
+                calls[name] += 1
+                if calls[name] == 2 and on_ambiguous is not None:
+                    on_ambiguous(
+                        f"layer {name!r} runs more than once in one forward (a module "
+                        "applied repeatedly, such as a shared block): the outputs of every "
+                        "call are pooled into its covariance; to watch one application, "
+                        "name a module that runs once"
+                    )
             expected = batch_size() if batch_size is not None else None
             mismatch = expected is not None and features.ndim > 1 and features.shape[0] != expected
             if mismatch and on_ambiguous is not None:
@@ -176,6 +194,7 @@ def capture_features(
         return hook
 
     try:
+        handles.append(model.register_forward_pre_hook(forward_begins))
         for name, module in modules.items():
             handles.append(module.register_forward_hook(hook_for(name)))
         yield accumulators

@@ -511,6 +511,51 @@ def test_a_select_that_drops_the_batch_dimension_is_warned():
         trainer.fit(TokenEncoder(), loader)
 
 
+class SharedBlock(L.LightningModule):
+    """One block applied twice (its weights shared), after an input layer applied once;
+    trained with a zero learning rate, so every measurement sees the initial weights."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp = nn.Linear(8, 12)
+        self.block = nn.Sequential(nn.Linear(12, 12), nn.Tanh())
+        self.head = nn.Linear(12, 3)
+
+    def forward(self, x):
+        return self.head(self.block(self.block(self.inp(x))))
+
+    def training_step(self, batch, batch_idx):
+        return F.cross_entropy(self(batch[0]), batch[1])
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.0)
+
+
+def test_a_layer_that_runs_twice_per_forward_pools_both_calls_and_is_warned():
+    train, _, x = loaders()
+    train = torch.utils.data.DataLoader(train.dataset, batch_size=32)
+    monitor = RepresentationMonitor(
+        layers=["block", "inp"], every_n_steps=1, num_samples=32, fit_range=(2, 10)
+    )
+    model = SharedBlock()
+    trainer = L.Trainer(max_steps=1, callbacks=[monitor], **trainer_kwargs())
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.fit(model, train)
+    repeated = [str(w.message) for w in caught if "more than once" in str(w.message)]
+    assert len(repeated) == 1 and "layer 'block'" in repeated[0]
+    with torch.no_grad():
+        once = model.inp(x[:32])
+        first = model.block(once)
+        pooled = torch.cat([first, model.block(first)]).double()
+    logged = monitor.last_metrics
+    assert logged["spectral/repr/block/rankme"] == pytest.approx(rankme(pooled), rel=1e-7)
+    assert logged["spectral/repr/block/effective_rank"] == pytest.approx(
+        effective_rank(pooled), rel=1e-7
+    )
+    assert logged["spectral/repr/inp/rankme"] == pytest.approx(rankme(once.double()), rel=1e-7)
+
+
 class _Gate(nn.Module):
     """Passes its input, or zeros once ``closed()`` says so (a layer that dies)."""
 
