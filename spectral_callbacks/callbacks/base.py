@@ -353,8 +353,9 @@ class SpectralMonitor(Callback):
         if stage != "fit":
             return
         self.begin_fit(trainer)
+        self._refuse_lazy_parameters(pl_module)
+        self.validate_setup(trainer, pl_module)  # may resolve what metric_names depend on
         self._refuse_twins(trainer)
-        self.validate_setup(trainer, pl_module)
         if self.probe_data is not None and not self._probe_complete:
             try:
                 batches = as_batch_list(self.probe_data)
@@ -385,6 +386,19 @@ class SpectralMonitor(Callback):
             shared = sorted(set(self.metric_names()) & set(other.metric_names()))
             if shared:
                 raise TwinMonitorError(self, f"metric {shared[0]!r}")
+
+    def _refuse_lazy_parameters(self, module: nn.Module) -> None:
+        """Parameters of lazy modules (``nn.LazyLinear``) take their shapes at the first
+        forward. The first measurement comes before the first training step, and would
+        initialise them itself, from the monitor's random state instead of the run's."""
+        lazy = [n for n, p in module.named_parameters() if nn.parameter.is_lazy(p)]
+        if lazy:
+            names = ", ".join(lazy[:3]) + (f" and {len(lazy) - 3} more" if len(lazy) > 3 else "")
+            raise ValueError(
+                f"{type(self).__name__}: parameters {names} are not initialised yet (lazy "
+                "modules take their shapes at the first forward); run the model once on an "
+                "example batch before fit, e.g. model(next(iter(loader))[0])"
+            )
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._session_start, self._session_end = self.clock(), None

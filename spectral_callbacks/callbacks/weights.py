@@ -201,11 +201,10 @@ class WeightSpectrumMonitor(SpectralMonitor):
         self._probe_complete = True
 
     # -- setup -----------------------------------------------------------------------------
-    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if stage == "fit":
-            self.begin_fit(trainer)  # before the explicit reference's bases are taken
-            self._resolve_layers(pl_module)
-        super().setup(trainer, pl_module, stage)
+    def validate_setup(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
+        # After begin_fit (a new Trainer clears the last run's reference bases, so that an
+        # explicit reference's are taken afresh) and after the check for lazy parameters.
+        self._resolve_layers(module)
 
     def _resolve_layers(self, module: pl.LightningModule) -> None:
         weights = weight_layers(module, self.layers)

@@ -21,6 +21,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from spectral_callbacks import (
+    BatchSharpnessMonitor,
     HessianSpectrumMonitor,
     RepresentationMonitor,
     SharpnessMonitor,
@@ -200,6 +201,48 @@ def test_bad_arguments_are_refused_by_name_or_the_callback_trains(call):
 def test_cases_the_audit_found(make, message):
     with pytest.raises((ValueError, TypeError), match=message):
         make()
+
+
+class LazyRegressor(L.LightningModule):
+    """``nn.LazyLinear`` layers: parameters without a shape until the first forward."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.encoder = torch.nn.Sequential(torch.nn.LazyLinear(6), torch.nn.Tanh())
+        self.head = torch.nn.LazyLinear(1)
+
+    def forward(self, x):
+        return self.head(self.encoder(x))
+
+    def training_step(self, batch, batch_idx):
+        return F.mse_loss(self(batch[0]), batch[1])
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: SharpnessMonitor(every_n_steps=1),
+        lambda: HessianSpectrumMonitor(every_n_steps=1, k=2, density=False),
+        lambda: RepresentationMonitor(layers=["encoder"], every_n_steps=1, num_samples=8),
+        lambda: WeightSpectrumMonitor(every_n_steps=1),
+        lambda: BatchSharpnessMonitor(every_n_steps=1),
+    ],
+)
+def test_lazy_parameters_are_refused_at_setup_and_measured_once_initialised(make):
+    x, y = regression_data(n=8, d=4)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=8)
+    trainer = L.Trainer(max_steps=1, callbacks=[make()], **trainer_kwargs())
+    with pytest.raises(ValueError, match=r"encoder\.0\.weight, .* not initialised yet"):
+        trainer.fit(LazyRegressor(), loader)
+    model = LazyRegressor()
+    model(x)  # the forward that gives the lazy layers their shapes
+    monitor = make()
+    trainer = L.Trainer(max_steps=1, callbacks=[monitor], **trainer_kwargs())
+    trainer.fit(model, loader)
+    assert monitor.history and monitor.history[0][0] == 0
 
 
 def test_an_optimizer_without_the_measured_parameters_is_an_error():
