@@ -113,8 +113,10 @@ def as_batch_list(data: Any) -> list[Any]:
     Hessian-vector product sees the same data.
 
     Raises:
-        ValueError: If ``data`` holds no batch (``[]``, an empty loader).
+        ValueError: If ``data`` holds no batch (``[]``, an empty loader, ``None``).
     """
+    if data is None:  # a forgotten loader, not a batch of the user's own type
+        raise ValueError("data holds no batch, got None: pass a batch or an iterable of batches")
     if isinstance(data, (Batches, torch.utils.data.DataLoader)):
         batches = list(data)
     elif isinstance(data, (list, tuple)) and not _is_namedtuple(data):

@@ -20,3 +20,5 @@ def test_a_plain_tensor_batch_is_one_batch_and_batches_says_it_is_several():
     assert len(as_batch_list(Batches([tokens, tokens]))) == 2
     with pytest.raises(ValueError, match="holds no batch"):
         as_batch_list([])
+    with pytest.raises(ValueError, match="got None: pass a batch or an iterable of batches"):
+        as_batch_list(None)
