@@ -126,9 +126,11 @@ class WeightSpectrumMonitor(SpectralMonitor):
             often as ``max_overhead`` of the training time pays for
             (:mod:`~spectral_callbacks.callbacks.schedule`).
         layers: Which layers: ``None`` (every module with a weight of 2 or more dimensions:
-            linear, convolution, embedding, Hugging Face ``Conv1D``), a regular expression
-            searched in module names, a predicate on the module name, or a sequence of
-            module names or prefixes.
+            linear, convolution, embedding, Hugging Face ``Conv1D``; as in weightwatcher,
+            matrices under other names, such as ``nn.MultiheadAttention``'s packed
+            ``in_proj_weight`` or ``nn.LSTM``'s ``weight_ih_l0``, are left out), a regular
+            expression searched in module names, a predicate on the module name, or a
+            sequence of module names or prefixes.
         farms: Whether to compute and log ``farms_alpha`` (per layer and averaged).
         aspect_ratio: The FARMS windows' aspect ratio (``≥ 1``; 1: square).
         drift_rank: Singular vectors per subspace for the drift metrics, or ``None`` (no

@@ -99,8 +99,15 @@ def weight_layers(model: nn.Module, layers: LayerFilter = None) -> dict[str, tor
         seen.add(id(weight))
         found[uncompiled_name(name)] = weight
     if not found:
+        others = [n for n, p in model.named_parameters() if p.ndim >= 2]
+        hint = ""
+        if others:
+            # Recurrent layers' weight_ih_l0 and attention's packed in_proj_weight: left
+            # out, as weightwatcher leaves them out.
+            listed = ", ".join(others[:3]) + (", ..." if len(others) > 3 else "")
+            hint = f" (its matrices {listed} are not a module's .weight: not measured)"
         raise ValueError(
-            f"{type(model).__name__} has no layer with a weight of 2 or more dimensions"
+            f"{type(model).__name__} has no layer with a weight of 2 or more dimensions{hint}"
         )
     names = list(found)
     if layers is None:

@@ -323,3 +323,18 @@ def test_matches_weightwatcher():
         for metric in ("alpha", "alpha_weighted", "log_alpha_norm"):
             assert row[f"{metric}_rel_diff"] < 1e-9, (row["layer"], metric)
     assert rows[-1]["small_sample"]  # 12 eigenvalues: weightwatcher's small-sample estimator
+
+
+def test_the_layers_measured_are_those_weightwatcher_reads():
+    """Attention's packed ``in_proj_weight`` and recurrent ``weight_ih_l0`` are not a
+    module's ``.weight``: weightwatcher leaves them out, so do we, and where nothing else is
+    left the error names them."""
+    model = nn.TransformerEncoderLayer(16, 2, 32, batch_first=True)
+    theirs = load_crosscheck().weightwatcher_layers(model)["layers"]
+    assert (
+        list(weight_layers(model)) == list(theirs) == ["self_attn.out_proj", "linear1", "linear2"]
+    )
+    with pytest.raises(
+        ValueError, match=r"its matrices 0\.weight_ih_l0, 0\.weight_hh_l0 are not a module's"
+    ):
+        weight_layers(nn.Sequential(nn.LSTM(3, 4)))
