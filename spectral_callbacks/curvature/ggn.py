@@ -8,16 +8,17 @@ known in closed form for:
 
 ``"cross_entropy"``
     ``F.cross_entropy(f, y)`` on logits ``(N, C)`` (``(B, T, C)`` is flattened to rows):
-    ``H_out = diag(p) − p pᵀ`` per row, ``p = softmax(f)``;
+    ``H_out = diag(p) − p pᵀ`` per row, ``p = softmax(f)``; rows whose class-index target is
+    torch's ``ignore_index`` ``-100`` (padding) have none and do not count in the mean;
 ``"mse"``
     ``F.mse_loss(f, y)``: ``H_out = 2 I``;
 ``"bce"``
     ``F.binary_cross_entropy_with_logits(f, y)``: ``H_out = diag(p (1 − p))``, ``p = σ(f)``.
 
 With ``reduction="mean"`` each batch's ``H_out`` is divided by its number of loss terms
-(rows for cross-entropy, elements for MSE and BCE, as torch's losses average) and batches
-are weighted by size, as for :class:`~spectral_callbacks.curvature.HessianOperator`; with
-``"sum"`` neither. A product ``G v`` is ``Jᵀ (H_out (J v))``: ``J v`` by the double-vjp
+(rows not ignored for cross-entropy, elements for MSE and BCE, as torch's losses average)
+and batches are weighted by size, as for :class:`~spectral_callbacks.curvature.HessianOperator`;
+with ``"sum"`` neither. A product ``G v`` is ``Jᵀ (H_out (J v))``: ``J v`` by the double-vjp
 trick (the gradient of ``uᵀ f`` with respect to ``θ`` is linear in ``u``, so differentiating
 it with respect to ``u`` gives ``J v``), ``Jᵀ w`` by one backward pass through the kept
 graph of ``f``; no second derivative of the model is needed. What it shares with the
@@ -121,13 +122,21 @@ class GGNOperator(CurvatureOperator):
         """Free the kept graphs of the outputs (rebuilt at the next product)."""
         self._graphs = None
 
-    def _output_curvature(self, outputs: torch.Tensor):
+    def _output_curvature(self, outputs: torch.Tensor, targets: Any):
         """``w ↦ H_out w`` for this batch's (flattened) outputs, reduction included."""
         f = outputs.detach()
         if self.loss == "cross_entropy":
             rows = f.reshape(-1, f.shape[-1])
             p = torch.softmax(rows, dim=1)
-            scale = 1.0 / rows.shape[0] if self.reduction == "mean" else 1.0
+            kept = _rows_not_ignored(targets, rows)
+            scale: torch.Tensor | float = 1.0
+            if kept is not None:
+                p = p * kept[:, None]  # H_out of an ignored row is 0
+                if self.reduction == "mean":
+                    count = kept.sum(dtype=torch.promote_types(rows.dtype, torch.float32))
+                    scale = 1.0 / count.clamp(min=1.0)  # a tensor: no host sync
+            elif self.reduction == "mean":
+                scale = 1.0 / rows.shape[0]
 
             def apply(w: torch.Tensor) -> torch.Tensor:
                 w = w.reshape(rows.shape)
@@ -145,12 +154,13 @@ class GGNOperator(CurvatureOperator):
             graphs = []
             for batch in self.batches:
                 with measurement_context(self.model, self.seed):
-                    outputs, _ = self.outputs_fn(self.model, batch)  # H_out needs no targets
+                    outputs, targets = self.outputs_fn(self.model, batch)
                     dummy = torch.zeros_like(outputs, requires_grad=True)
                     transposed = torch.autograd.grad(
                         outputs, self.params, dummy, create_graph=True, allow_unused=True
                     )
-                graphs.append((outputs, dummy, transposed, self._output_curvature(outputs)))
+                curvature = self._output_curvature(outputs, targets)
+                graphs.append((outputs, dummy, transposed, curvature))
             self.raise_if_non_finite([g[0].detach() for g in graphs], what="an output")
             self._graphs = graphs
         return self._graphs
@@ -176,3 +186,18 @@ class GGNOperator(CurvatureOperator):
                 total += weight * self.flatten(list(back), 1)
             rows.append(total)
         return torch.cat(rows)
+
+
+#: torch's default ``ignore_index`` of ``F.cross_entropy``: targets that add no loss term.
+IGNORE_INDEX = -100
+
+
+def _rows_not_ignored(targets: Any, rows: torch.Tensor) -> torch.Tensor | None:
+    """A 0/1 mask (in the rows' dtype) of the ``rows`` whose class-index target is not
+    :data:`IGNORE_INDEX`, or ``None`` where every row counts: targets that are probabilities
+    (``H_out`` does not depend on them) or not one per row."""
+    if not isinstance(targets, torch.Tensor) or targets.is_floating_point():
+        return None
+    if targets.numel() != rows.shape[0]:
+        return None
+    return (targets.reshape(-1) != IGNORE_INDEX).to(device=rows.device, dtype=rows.dtype)

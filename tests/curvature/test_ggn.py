@@ -30,6 +30,22 @@ def test_ggn_products_match_the_dense_gauss_newton_matrix(loss):
     assert torch.linalg.eigvalsh(dense).min() > -1e-12  # PSD, as G must be
 
 
+def test_cross_entropy_rows_with_the_ignore_index_add_no_curvature():
+    """Targets -100 (torch's ignore_index: padding) add no loss term, and the mean is over
+    the rows that remain, as in F.cross_entropy; a batch of ignored rows only adds none."""
+    model, batches = make_case("mlp")
+    padded = [(x, y.clone()) for x, y in batches]
+    padded[0][1][:3] = -100
+    padded[2][1][1::2] = -100
+    padded[1][1][:] = -100
+    dense = dense_ggn(model, [padded[0], padded[2]], "cross_entropy")
+    sizes = [x.shape[0] for x, _ in batches]  # batches weighted by size, as always
+    dense *= (sizes[0] + sizes[2]) / sum(sizes)
+    with GGNOperator(model, "cross_entropy", padded) as ggn:
+        block = torch.randn(3, ggn.size, generator=torch.Generator().manual_seed(7)).double()
+        torch.testing.assert_close(ggn.matmat(block), block @ dense, rtol=1e-10, atol=1e-12)
+
+
 def test_functional_and_monitor_measure_the_ggn_beside_the_hessian():
     import lightning as L
 
