@@ -141,6 +141,43 @@ def test_a_custom_function_without_double_backward_is_measured_under_auto():
     assert bool(result.converged.all())
 
 
+class WeightNormByHand(nn.Module):
+    """``weight_norm(nn.Linear(4, 6))``, tanh, ``nn.Linear(6, 3)`` with ``w = g v / ‖v‖``
+    (row norms) in plain ops and the parameters in the same order: the truth for torch's
+    parametrization, whose fused kernel's double backward drops terms."""
+
+    def __init__(self, source: nn.Sequential) -> None:
+        super().__init__()
+        weight = source[0].parametrizations.weight
+        self.bias = nn.Parameter(source[0].bias.detach().clone())
+        self.g = nn.Parameter(weight.original0.detach().clone())
+        self.v = nn.Parameter(weight.original1.detach().clone())
+        self.second = copy.deepcopy(source[2])
+
+    def forward(self, x):
+        w = self.g * self.v / self.v.norm(dim=1, keepdim=True)
+        return self.second(torch.tanh(nn.functional.linear(x, w, self.bias)))
+
+
+def test_torch_weight_norm_loses_second_order_terms_and_auto_measures_it():
+    """torch's ``weight_norm`` (wav2vec2's positional convolution, vocoders) has a double
+    backward that is silently wrong (the Hessian it gives is asymmetric) and no forward-mode
+    AD; ``auto`` finds it and measures by gradient differences."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.utils.parametrizations.weight_norm(nn.Linear(4, 6)), nn.Tanh(), nn.Linear(6, 3)
+    ).double()
+    g = torch.Generator().manual_seed(2)
+    batches = [(torch.randn(9, 4, generator=g, dtype=torch.float64), torch.randint(0, 3, (9,)))]
+    truth = _truth(WeightNormByHand(model), batches)
+    with pytest.raises(RuntimeError, match=r"asymmetric Hessian"):
+        hessian_eigenvalues(model, cross_entropy_loss, batches, k=1, hvp="reuse_graph")
+    with pytest.warns(RuntimeWarning, match="switches to hvp='gradient_difference'"):
+        result = hessian_eigenvalues(model, cross_entropy_loss, batches, k=3, tol=1e-6)
+    torch.testing.assert_close(result.eigenvalues, truth[:3], rtol=1e-6, atol=0)
+    assert bool(result.converged.all())
+
+
 class FarFromOrigin(nn.Module):
     """A log-cosh regression whose parameters include a far-off vector (‖θ‖ = 1e4) that the
     loss hardly sees: the a-priori step ``ε^{1/3} (1 + ‖θ‖)`` is far too long for the

@@ -180,8 +180,9 @@ class ReusedGraphProducts:
                 RuntimeError(
                     f"double backward of this loss gives an asymmetric Hessian (relative "
                     f"asymmetry {asymmetry:.2g}): an op's backward is not differentiable (a "
-                    "custom autograd.Function, e.g. one marked @once_differentiable), so its "
-                    "second-order terms are missing: use hvp='gradient_difference'"
+                    "custom autograd.Function, e.g. one marked @once_differentiable, or torch's "
+                    "weight_norm), so its second-order terms are missing: use "
+                    "hvp='gradient_difference'"
                 ),
                 None,
             )
