@@ -5,7 +5,9 @@ from __future__ import annotations
 import collections
 import dataclasses
 import math
+import random
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from lightning.pytorch import LightningModule
@@ -214,6 +216,20 @@ class NoisyClassifier(LightningModule):
 
     def configure_optimizers(self):
         return torch.optim.Adam(self.parameters(), lr=1e-2)
+
+
+def host_random_masks(x: torch.Tensor) -> torch.Tensor:
+    """``x`` with features masked from NumPy's global RNG and scaled from Python's
+    ``random``, as Hugging Face's wav2vec2 draws its SpecAugment masks."""
+    keep = torch.as_tensor(np.random.rand(x.shape[-1]) > 0.3, dtype=x.dtype, device=x.device)
+    return x * keep * random.uniform(0.5, 1.5)
+
+
+class HostRandomClassifier(NoisyClassifier):
+    """:class:`NoisyClassifier` whose training forward also draws from NumPy and ``random``."""
+
+    def forward(self, x):
+        return self.net(host_random_masks(x) if self.training else x)
 
 
 def classification_loader(n: int = 96, batch_size: int = 16, seed: int = 0, shuffle: bool = True):

@@ -7,10 +7,12 @@ import copy
 import math
 import os
 import pathlib
+import random
 import subprocess
 import sys
 
 import lightning.pytorch as L
+import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -78,17 +80,21 @@ def small_spectrum_monitor(**overrides) -> HessianSpectrumMonitor:
     return HessianSpectrumMonitor(**(settings | overrides))
 
 
-def fit_and_capture(callbacks, loader_seed=0, **overrides):
-    L.seed_everything(0, verbose=False)
-    model = NoisyClassifier()
+def fit_and_capture(callbacks, loader_seed=0, model_class=NoisyClassifier, **overrides):
+    L.seed_everything(0, verbose=False)  # torch, NumPy and random
+    model = model_class()
     trainer = L.Trainer(max_epochs=2, callbacks=callbacks, **trainer_kwargs(**overrides))
     trainer.fit(model, classification_loader(seed=loader_seed))
     optimizer_state = copy.deepcopy(trainer.optimizers[0].state_dict())
-    return model, optimizer_state, torch.get_rng_state()
+    _, numpy_keys, numpy_position, *_ = np.random.get_state()
+    streams = (torch.get_rng_state(), torch.as_tensor(numpy_keys), numpy_position)
+    return model, optimizer_state, (*streams, random.getstate())
 
 
 def assert_identical_runs(a, b):
-    (model_a, opt_a, rng_a), (model_b, opt_b, rng_b) = a, b
+    """Parameters, buffers, optimizer state, modes and the random streams (torch's, NumPy's
+    and Python's) are the same after both runs."""
+    (model_a, opt_a, (*rng_a, python_a)), (model_b, opt_b, (*rng_b, python_b)) = a, b
     for (name, pa), pb in zip(
         model_a.state_dict().items(), model_b.state_dict().values(), strict=True
     ):
@@ -98,7 +104,9 @@ def assert_identical_runs(a, b):
             assert torch.equal(
                 torch.as_tensor(value), torch.as_tensor(opt_b["state"][key][field])
             ), (key, field)
-    assert torch.equal(rng_a, rng_b)
+    for stream_a, stream_b in zip(rng_a, rng_b, strict=True):
+        assert torch.equal(torch.as_tensor(stream_a), torch.as_tensor(stream_b))
+    assert python_a == python_b
     modes_a = [m.training for m in model_a.modules()]
     assert modes_a == [m.training for m in model_b.modules()]
 

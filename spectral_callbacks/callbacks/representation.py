@@ -14,7 +14,7 @@ from torch import nn
 
 from .._checks import check_callable, check_choice, check_fit_range, check_integer, check_seed
 from ..curvature.data import batch_size, map_tensors, move_to_device
-from ..curvature.isolation import BufferSnapshot, measurement_context
+from ..curvature.isolation import BufferSnapshot, measurement_context, preserved_random_streams
 from ..reporting.figures import scree_figure
 from ..reporting.media import Media
 from ..representation import (
@@ -234,9 +234,9 @@ class RepresentationMonitor(SpectralMonitor):
             loaders = loaders[0] if loaders else None
         if loaders is None:
             return
-        # Creating a DataLoader iterator draws its base seed from the global RNG: fork it so
-        # the training run's random stream is untouched.
-        with torch.random.fork_rng(devices=[]):
+        # Creating a DataLoader iterator draws its base seed from the global RNG (and a
+        # dataset may augment with NumPy's): the training run's streams stay untouched.
+        with preserved_random_streams():
             batches = iter(loaders)
             while True:
                 batch = next(batches, None)

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from .isolation import measurement_context
+from .isolation import RandomStates, measurement_context, model_devices
 from .sharding import reshard
 
 if TYPE_CHECKING:
@@ -34,7 +34,7 @@ def first_order_gradient(
     process only: under DDP a backward would fire its gradient hooks). The caller runs both
     forward passes under the same seeded RNG.
     """
-    rng = torch.random.get_rng_state()
+    streams = RandomStates([d for d in model_devices(model) if d.type == "cuda"])
     try:
         return list(torch.autograd.grad(loss_of(), params, allow_unused=True))
     except RuntimeError as error:
@@ -47,7 +47,7 @@ def first_order_gradient(
                 "only by backward(), which under DDP would run its all-reduce hooks: use "
                 "torch.utils.checkpoint(..., use_reentrant=False)"
             ) from error
-    torch.random.set_rng_state(rng)  # the same dropout masks as the first attempt
+    streams.restore()  # the same dropout masks as the first attempt
     saved = [(p, p.grad) for p in model.parameters()]
     try:
         for param, _ in saved:

@@ -1,26 +1,31 @@
 """Running a model's forward pass for a measurement without disturbing the training run.
 
 A measurement must leave the model exactly as found: parameters, buffers, ``.grad``,
-``requires_grad`` flags, train/eval modes and every RNG stream. Parameters and ``.grad`` are
-safe by construction (only ``torch.autograd.grad`` / ``torch.func`` are used, never
-``.backward()``); this module handles the rest.
+``requires_grad`` flags, train/eval modes and every RNG stream (torch's, NumPy's global one
+and Python's ``random``). Parameters and ``.grad`` are safe by construction (only
+``torch.autograd.grad`` / ``torch.func`` are used, never ``.backward()``); this module
+handles the rest.
 """
 
 from __future__ import annotations
 
 import contextlib
+import random
 from collections.abc import Iterator
 
+import numpy as np
 import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 __all__ = [
     "BufferSnapshot",
+    "RandomStates",
     "compiled_code_allowed",
     "compiled_code_runs_eagerly",
     "measurement_context",
     "model_devices",
+    "preserved_random_streams",
 ]
 
 
@@ -49,19 +54,56 @@ def _frozen_batchnorm_statistics(model: nn.Module) -> Iterator[None]:
             module.track_running_stats = True
 
 
+class RandomStates:
+    """The random streams a forward pass may draw from: torch's CPU generator and those of
+    the ``cuda`` devices, NumPy's global RNG and Python's ``random``, taken now and put back
+    by :meth:`restore` (so a pass run again draws the same masks, or a run's streams stay
+    where they were)."""
+
+    def __init__(self, cuda: list[torch.device] | None = None) -> None:
+        self.cuda = list(cuda or [])
+        self.torch = torch.random.get_rng_state()
+        self.devices = [torch.cuda.get_rng_state(d) for d in self.cuda]
+        self.numpy = np.random.get_state()
+        self.python = random.getstate()
+
+    def restore(self) -> None:
+        torch.random.set_rng_state(self.torch)
+        for device, state in zip(self.cuda, self.devices, strict=True):
+            torch.cuda.set_rng_state(state, device)
+        np.random.set_state(self.numpy)
+        random.setstate(self.python)
+
+
+@contextlib.contextmanager
+def preserved_random_streams(cuda: list[torch.device] | None = None) -> Iterator[None]:
+    """Whatever is drawn inside, the streams of :class:`RandomStates` are as before on exit."""
+    states = RandomStates(cuda)
+    try:
+        yield
+    finally:
+        states.restore()
+
+
 @contextlib.contextmanager
 def _isolated_rng(devices: list[torch.device], seed: int) -> Iterator[None]:
-    """Fork the CPU and CUDA RNGs and seed them with ``seed`` (restored on exit).
+    """Preserve the random streams (:func:`preserved_random_streams`) and seed them all with
+    ``seed`` (NumPy's with ``seed mod 2³²``).
 
-    Seeding makes every forward pass of one measurement draw the same dropout masks, so the
-    loss is one fixed function and its Hessian a fixed matrix.
+    Seeding makes every forward pass of one measurement draw the same dropout masks (and the
+    same masks of models that draw from NumPy or ``random``, such as Hugging Face's
+    wav2vec2 SpecAugment), so the loss is one fixed function and its Hessian a fixed matrix;
+    the training run's streams stay where they were. Generators a model holds itself
+    (``np.random.default_rng()``) are beyond reach.
     """
     cuda = [d for d in devices if d.type == "cuda"]
-    with torch.random.fork_rng(devices=cuda):
+    with preserved_random_streams(cuda):
         torch.default_generator.manual_seed(seed)
         for device in cuda:
             with torch.cuda.device(device):
                 torch.cuda.manual_seed(seed)
+        np.random.seed(seed % 2**32)
+        random.seed(seed)
         yield
 
 

@@ -33,6 +33,7 @@ from spectral_callbacks.linalg import deflated_hutchinson
 
 from ..models import (
     AnyBatchRegressor,
+    HostRandomClassifier,
     ListDataset,
     NoisyClassifier,
     TanhRegressor,
@@ -187,8 +188,13 @@ def monitors():
 
 @pytest.mark.parametrize(
     "overrides",
-    [{}, {"accumulate_grad_batches": 2}, {"precision": "bf16-mixed"}],
-    ids=["plain", "grad-accumulation", "bf16-mixed"],
+    [
+        {},
+        {"accumulate_grad_batches": 2},
+        {"precision": "bf16-mixed"},
+        {"model_class": HostRandomClassifier},
+    ],
+    ids=["plain", "grad-accumulation", "bf16-mixed", "numpy-and-random-masks"],
 )
 def test_training_is_bit_identical_with_and_without_callbacks(overrides):
     without = fit_and_capture([], **overrides)

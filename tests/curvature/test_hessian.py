@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import random
 import warnings
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -26,6 +28,7 @@ from ..models import (
     TinyAttention,
     assert_same_state,
     cross_entropy_loss,
+    host_random_masks,
     make_case,
     model_state,
     mse,
@@ -323,6 +326,43 @@ def test_dropout_masks_are_fixed_within_a_measurement():
         h_vmap = b.matmat(eye)
     assert torch.allclose(h_reuse, h_reuse.T, atol=1e-12)
     assert torch.allclose(h_reuse, h_vmap, atol=1e-12)
+
+
+class HostRandomMLP(nn.Module):
+    """A tanh MLP whose training forward masks its input from NumPy and Python's random."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 2))
+
+    def forward(self, x):
+        return self.net(host_random_masks(x) if self.training else x)
+
+
+@pytest.mark.parametrize("hvp", ["reuse_graph", "forward_over_reverse", "gradient_difference"])
+def test_numpy_and_python_random_draws_are_fixed_within_a_measurement(hvp):
+    """Masks a model draws from NumPy's global RNG or ``random`` (wav2vec2's SpecAugment)
+    are those of the measurement's seed in every forward pass, so the Hessian is that of one
+    fixed mask; the caller's NumPy and Python streams are left where they were."""
+    torch.manual_seed(0)
+    model = HostRandomMLP().double().train()
+    batch = (torch.randn(10, 4, dtype=torch.float64), torch.randint(0, 2, (10,)))
+
+    def seeded_loss(module, b):
+        np.random.seed(4)
+        random.seed(4)
+        return cross_entropy_loss(module, b)
+
+    dense = dense_hessian_rows(model, seeded_loss, [batch])
+    np.random.seed(11)
+    random.seed(11)
+    numpy_before, python_before = np.random.get_state()[1].copy(), random.getstate()
+    with HessianOperator(model, cross_entropy_loss, batch, hvp=hvp, seed=4) as operator:
+        measured = operator.matmat(torch.eye(operator.size, dtype=torch.float64))
+    assert np.array_equal(np.random.get_state()[1], numpy_before)
+    assert random.getstate() == python_before
+    tolerance = 1e-6 if hvp == "gradient_difference" else 1e-12
+    torch.testing.assert_close(measured, dense, rtol=0, atol=tolerance * float(dense.abs().max()))
 
 
 def test_warm_start_after_a_training_step_needs_fewer_hvps():
