@@ -94,7 +94,7 @@ def _isolated_rng(devices: list[torch.device], seed: int) -> Iterator[None]:
     same masks of models that draw from NumPy or ``random``, such as Hugging Face's
     wav2vec2 SpecAugment), so the loss is one fixed function and its Hessian a fixed matrix;
     the training run's streams stay where they were. Generators a model holds itself
-    (``np.random.default_rng()``) are beyond reach.
+    (``np.random.default_rng()``, a ``torch.Generator`` of its own) are beyond reach.
     """
     cuda = [d for d in devices if d.type == "cuda"]
     with preserved_random_streams(cuda):
