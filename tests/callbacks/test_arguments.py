@@ -20,8 +20,8 @@ import torch.nn.functional as F
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import spectral_callbacks
 from spectral_callbacks import (
-    BatchSharpnessMonitor,
     HessianSpectrumMonitor,
     RepresentationMonitor,
     SharpnessMonitor,
@@ -222,16 +222,19 @@ class LazyRegressor(L.LightningModule):
 
 
 @pytest.mark.parametrize(
-    "make",
+    ("monitor", "settings"),
     [
-        lambda: SharpnessMonitor(every_n_steps=1),
-        lambda: HessianSpectrumMonitor(every_n_steps=1, k=2, density=False),
-        lambda: RepresentationMonitor(layers=["encoder"], every_n_steps=1, num_samples=8),
-        lambda: WeightSpectrumMonitor(every_n_steps=1),
-        lambda: BatchSharpnessMonitor(every_n_steps=1),
+        ("SharpnessMonitor", {}),
+        ("HessianSpectrumMonitor", {"k": 2, "density": False}),
+        ("RepresentationMonitor", {"layers": ["encoder"], "num_samples": 8}),
+        ("WeightSpectrumMonitor", {}),
+        ("BatchSharpnessMonitor", {}),
     ],
 )
-def test_lazy_parameters_are_refused_at_setup_and_measured_once_initialised(make):
+def test_lazy_parameters_are_refused_at_setup_and_measured_once_initialised(monitor, settings):
+    def make():
+        return getattr(spectral_callbacks, monitor)(every_n_steps=1, **settings)
+
     x, y = regression_data(n=8, d=4)
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=8)
     trainer = L.Trainer(max_steps=1, callbacks=[make()], **trainer_kwargs())
@@ -239,10 +242,10 @@ def test_lazy_parameters_are_refused_at_setup_and_measured_once_initialised(make
         trainer.fit(LazyRegressor(), loader)
     model = LazyRegressor()
     model(x)  # the forward that gives the lazy layers their shapes
-    monitor = make()
-    trainer = L.Trainer(max_steps=1, callbacks=[monitor], **trainer_kwargs())
+    measured = make()
+    trainer = L.Trainer(max_steps=1, callbacks=[measured], **trainer_kwargs())
     trainer.fit(model, loader)
-    assert monitor.history and monitor.history[0][0] == 0
+    assert measured.history and measured.history[0][0] == 0
 
 
 def test_an_optimizer_without_the_measured_parameters_is_an_error():

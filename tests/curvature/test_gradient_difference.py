@@ -123,24 +123,6 @@ def _truth(model, batches, loss=cross_entropy_loss):
     return torch.linalg.eigvalsh(dense_hessian_rows(model, loss, batches)).flip(0)
 
 
-def test_a_custom_function_without_double_backward_is_measured_under_auto():
-    torch.manual_seed(0)
-    model = CustomOpNet().double()
-    reference = ReferenceNet().double()
-    reference.load_state_dict(model.state_dict())
-    g = torch.Generator().manual_seed(1)
-    batches = [(torch.randn(9, 4, generator=g, dtype=torch.float64), torch.randint(0, 3, (9,)))]
-    truth = _truth(reference, batches)
-    # torch 2.13 raises nothing here: double backward silently drops the op's second-order
-    # terms, which the symmetry probe of the first product finds.
-    with pytest.raises(RuntimeError, match=r"asymmetric Hessian.*gradient_difference"):
-        hessian_eigenvalues(model, cross_entropy_loss, batches, k=1, hvp="reuse_graph")
-    with pytest.warns(RuntimeWarning, match="switches to hvp='gradient_difference'"):
-        result = hessian_eigenvalues(model, cross_entropy_loss, batches, k=3, tol=1e-6)
-    torch.testing.assert_close(result.eigenvalues, truth[:3], rtol=1e-6, atol=0)
-    assert bool(result.converged.all())
-
-
 class WeightNormByHand(nn.Module):
     """``weight_norm(nn.Linear(4, 6))``, tanh, ``nn.Linear(6, 3)`` with ``w = g v / ‖v‖``
     (row norms) in plain ops and the parameters in the same order: the truth for torch's
@@ -159,18 +141,35 @@ class WeightNormByHand(nn.Module):
         return self.second(torch.tanh(nn.functional.linear(x, w, self.bias)))
 
 
-def test_torch_weight_norm_loses_second_order_terms_and_auto_measures_it():
-    """torch's ``weight_norm`` (wav2vec2's positional convolution, vocoders) has a double
-    backward that is silently wrong (the Hessian it gives is asymmetric) and no forward-mode
-    AD; ``auto`` finds it and measures by gradient differences."""
-    torch.manual_seed(0)
+def custom_function_and_truth() -> tuple[nn.Module, nn.Module]:
+    model, reference = CustomOpNet().double(), ReferenceNet().double()
+    reference.load_state_dict(model.state_dict())
+    return model, reference
+
+
+def torch_weight_norm_and_truth() -> tuple[nn.Module, nn.Module]:
     model = nn.Sequential(
         nn.utils.parametrizations.weight_norm(nn.Linear(4, 6)), nn.Tanh(), nn.Linear(6, 3)
     ).double()
-    g = torch.Generator().manual_seed(2)
+    return model, WeightNormByHand(model)
+
+
+@pytest.mark.parametrize(
+    ("case", "data_seed"),
+    [(custom_function_and_truth, 1), (torch_weight_norm_and_truth, 2)],
+    ids=["once_differentiable", "torch_weight_norm"],
+)
+def test_a_double_backward_that_drops_terms_is_found_and_measured_under_auto(case, data_seed):
+    """torch 2.13 raises nothing for these: double backward silently drops second-order
+    terms (of a ``@once_differentiable`` function; of torch's own ``weight_norm``, used by
+    wav2vec2's positional convolution and vocoders), which the symmetry probe of the first
+    product finds; ``auto`` then measures by gradient differences, to the float64 truth."""
+    torch.manual_seed(0)
+    model, reference = case()
+    g = torch.Generator().manual_seed(data_seed)
     batches = [(torch.randn(9, 4, generator=g, dtype=torch.float64), torch.randint(0, 3, (9,)))]
-    truth = _truth(WeightNormByHand(model), batches)
-    with pytest.raises(RuntimeError, match=r"asymmetric Hessian"):
+    truth = _truth(reference, batches)
+    with pytest.raises(RuntimeError, match=r"asymmetric Hessian.*gradient_difference"):
         hessian_eigenvalues(model, cross_entropy_loss, batches, k=1, hvp="reuse_graph")
     with pytest.warns(RuntimeWarning, match="switches to hvp='gradient_difference'"):
         result = hessian_eigenvalues(model, cross_entropy_loss, batches, k=3, tol=1e-6)
