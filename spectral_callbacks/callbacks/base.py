@@ -27,7 +27,12 @@ from torch import nn
 
 from .._checks import check_bool, check_integer, check_number
 from ..curvature.data import Batches, as_batch_list, map_tensors, move_to_device
-from ..curvature.isolation import BufferSnapshot, measurement_context
+from ..curvature.isolation import (
+    BufferSnapshot,
+    measurement_context,
+    model_devices,
+    preserved_random_streams,
+)
 from ..reporting.media import Media, media_sinks
 from ..reporting.tensorboard import add_chart_layout, tensorboard_writers
 from . import metrics as metric_table
@@ -617,7 +622,12 @@ class SpectralMonitor(Callback):
         began = self.clock()
         device = next(pl_module.parameters()).device
         out_of_memory = None
-        with preserved_modes(pl_module, self.eval_mode), muted_lightning_logging(pl_module):
+        cuda = [d for d in model_devices(pl_module) if d.type == "cuda"]
+        with (
+            preserved_modes(pl_module, self.eval_mode),
+            muted_lightning_logging(pl_module),
+            preserved_random_streams(cuda),  # put back once, however many passes it seeds
+        ):
             try:
                 metrics = self.measure(trainer, pl_module, probe)
             except FloatingPointError as error:

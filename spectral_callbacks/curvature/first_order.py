@@ -6,6 +6,7 @@ and the products from gradient differences take them from here.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from collections.abc import Callable
 from typing import TYPE_CHECKING
@@ -13,7 +14,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from .isolation import RandomStates, measurement_context, model_devices
+from .isolation import measurement_context
 from .sharding import reshard
 
 if TYPE_CHECKING:
@@ -23,20 +24,24 @@ __all__ = ["first_order_gradient", "weighted_gradient"]
 
 
 def first_order_gradient(
-    loss_of: Callable[[], torch.Tensor], params: list[nn.Parameter], model: nn.Module
+    loss_of: Callable[[], torch.Tensor],
+    params: list[nn.Parameter],
+    model: nn.Module,
+    context: Callable[[], contextlib.AbstractContextManager],
 ) -> list:
-    """``∇ loss_of()`` w.r.t. ``params`` (``None`` for unused ones), never into ``.grad``.
+    """``∇ loss_of()`` w.r.t. ``params`` (``None`` for unused ones), never into ``.grad``,
+    computed inside a fresh ``context()`` (a seeded :func:`measurement_context`).
 
     Reentrant activation checkpointing (``use_reentrant=True``) refuses
     ``torch.autograd.grad`` (and frees the graph doing so); there the loss is computed
-    again and the gradient comes from ``loss.backward()``, with the ``.grad`` of every
-    parameter of ``model`` saved first and put back after, object for object (in one
-    process only: under DDP a backward would fire its gradient hooks). The caller runs both
-    forward passes under the same seeded RNG.
+    again, in another fresh ``context()`` (so with the same dropout masks), and the gradient
+    comes from ``loss.backward()``, with the ``.grad`` of every parameter of ``model`` saved
+    first and put back after, object for object (in one process only: under DDP a backward
+    would fire its gradient hooks).
     """
-    streams = RandomStates([d for d in model_devices(model) if d.type == "cuda"])
     try:
-        return list(torch.autograd.grad(loss_of(), params, allow_unused=True))
+        with context():
+            return list(torch.autograd.grad(loss_of(), params, allow_unused=True))
     except RuntimeError as error:
         if "incompatible with .grad()" not in str(error):
             raise
@@ -47,12 +52,12 @@ def first_order_gradient(
                 "only by backward(), which under DDP would run its all-reduce hooks: use "
                 "torch.utils.checkpoint(..., use_reentrant=False)"
             ) from error
-    streams.restore()  # the same dropout masks as the first attempt
     saved = [(p, p.grad) for p in model.parameters()]
     try:
         for param, _ in saved:
             param.grad = None
-        loss_of().backward()
+        with context():
+            loss_of().backward()
         return [p.grad for p in params]
     finally:
         for param, grad in saved:
@@ -68,10 +73,12 @@ def weighted_gradient(operator: HessianOperator) -> list[torch.Tensor]:
         return _sharded_weighted_gradient(op)
     total = [torch.zeros(p.shape, dtype=op.dtype, device=op.device) for p in op.params]
     for batch, weight in zip(op.batches, op.batch_weights, strict=True):
-        with measurement_context(op.model, op.seed, math_attention=False):
-            grads = first_order_gradient(
-                functools.partial(op.batch_loss, batch), op.params, op.model
-            )
+        grads = first_order_gradient(
+            functools.partial(op.batch_loss, batch),
+            op.params,
+            op.model,
+            functools.partial(measurement_context, op.model, op.seed, math_attention=False),
+        )
         for accumulator, grad in zip(total, grads, strict=True):
             if grad is not None:
                 accumulator.add_(grad.to(op.dtype), alpha=weight)

@@ -35,7 +35,7 @@ from torch import nn
 from ..linalg._precision import autocast_disabled
 from ..settings import OperatorSettings
 from .data import as_batch_list, batch_size, move_to_device, select_parameters
-from .isolation import BufferSnapshot
+from .isolation import BufferSnapshot, model_devices, preserved_random_streams
 from .sharding import local_tensor, reshard
 
 __all__ = ["CurvatureOperator", "NonFiniteLossError", "process_group_size"]
@@ -120,10 +120,19 @@ class CurvatureOperator:
 
     # -- lifecycle -----------------------------------------------------------------------------
     def __enter__(self) -> CurvatureOperator:
+        # One scope for the random streams: the products' forward passes seed them, and
+        # they are put back once, on exit.
+        self._random_scope = preserved_random_streams(
+            [d for d in model_devices(self.model) if d.type == "cuda"]
+        )
+        self._random_scope.__enter__()
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.close()
+        try:
+            self.close()
+        finally:
+            self._random_scope.__exit__(None, None, None)
 
     def close(self) -> None:
         """Free what the products keep (graphs) and restore every buffer of the model."""

@@ -361,6 +361,14 @@ def test_numpy_and_python_random_draws_are_fixed_within_a_measurement(hvp):
         measured = operator.matmat(torch.eye(operator.size, dtype=torch.float64))
     assert np.array_equal(np.random.get_state()[1], numpy_before)
     assert random.getstate() == python_before
+    # Outside a `with` block every forward pass saves and restores the streams itself.
+    unscoped = HessianOperator(model, cross_entropy_loss, batch, hvp=hvp, seed=4)
+    try:
+        torch.testing.assert_close(unscoped.matmat(torch.eye(unscoped.size).double()), measured)
+    finally:
+        unscoped.close()
+    assert np.array_equal(np.random.get_state()[1], numpy_before)
+    assert random.getstate() == python_before
     tolerance = 1e-6 if hvp == "gradient_difference" else 1e-12
     torch.testing.assert_close(measured, dense, rtol=0, atol=tolerance * float(dense.abs().max()))
 
