@@ -200,11 +200,12 @@ class CurvatureOperator:
         ]
 
     def flatten(self, pieces: list[torch.Tensor | None], width: int) -> torch.Tensor:
-        """A ``(width, n)`` block in :attr:`dtype` from parameter-shaped pieces (``None``: 0)."""
+        """A ``(width, n)`` block in :attr:`dtype` from parameter-shaped pieces (``None``: 0;
+        sparse ones, the gradients of ``nn.Embedding(sparse=True)``, made dense)."""
         flat = [
             torch.zeros(width, numel, dtype=self.dtype, device=self.device)
             if piece is None
-            else piece.reshape(width, numel).to(self.dtype)
+            else dense(piece).reshape(width, numel).to(self.dtype)
             for piece, numel in zip(pieces, self.numels, strict=True)
         ]
         return torch.cat(flat, dim=1)
@@ -242,3 +243,9 @@ class CurvatureOperator:
             f"{type(self).__name__}(size={self.size}, parameters={len(self.params)}, "
             f"batches={len(self.batches)}, device={self.device})"
         )
+
+
+def dense(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` with the strided layout (a sparse gradient of ``nn.Embedding(sparse=True)``
+    made dense; others as they are)."""
+    return tensor.to_dense() if tensor.layout != torch.strided else tensor

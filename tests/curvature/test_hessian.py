@@ -16,6 +16,7 @@ from torch import nn
 from spectral_callbacks.curvature import HessianOperator, NonFiniteLossError
 from spectral_callbacks.curvature.products import explain_second_order_failure
 from spectral_callbacks.functional import (
+    gradient_overlap,
     hessian_density,
     hessian_eigenvalues,
     hessian_trace,
@@ -371,6 +372,36 @@ def test_numpy_and_python_random_draws_are_fixed_within_a_measurement(hvp):
     assert random.getstate() == python_before
     tolerance = 1e-6 if hvp == "gradient_difference" else 1e-12
     torch.testing.assert_close(measured, dense, rtol=0, atol=tolerance * float(dense.abs().max()))
+
+
+class EmbeddingRegressor(nn.Module):
+    def __init__(self, sparse: bool) -> None:
+        super().__init__()
+        self.embedding = nn.Embedding(10, 4, sparse=sparse)
+        self.head = nn.Linear(4, 1)
+
+    def forward(self, indices):
+        return self.head(torch.tanh(self.embedding(indices))).squeeze(-1)
+
+
+def test_sparse_embedding_gradients_are_measured_like_dense_ones():
+    """``nn.Embedding(sparse=True)`` has sparse gradients (and sparse second derivatives):
+    every measure equals that of the same model with a dense embedding."""
+    torch.manual_seed(0)
+    dense_model = EmbeddingRegressor(sparse=False).double()
+    sparse_model = EmbeddingRegressor(sparse=True).double()
+    sparse_model.load_state_dict(dense_model.state_dict())
+    g = torch.Generator().manual_seed(3)
+    batch = (torch.randint(0, 10, (32,), generator=g), torch.randn(32, generator=g).double())
+    truth = torch.linalg.eigvalsh(dense_hessian_rows(dense_model, mse, [batch]))
+    result = hessian_eigenvalues(sparse_model, mse, batch, k=3, tol=1e-10)
+    torch.testing.assert_close(result.eigenvalues, truth.flip(0)[:3], rtol=1e-10, atol=1e-12)
+    trace = hessian_trace(sparse_model, mse, batch, num_hvps=200)
+    assert trace.estimate == pytest.approx(float(truth.sum()), rel=1e-10)
+    overlaps = [
+        gradient_overlap(m, mse, batch, k=2, tol=1e-10) for m in (dense_model, sparse_model)
+    ]
+    assert overlaps[1] == pytest.approx(overlaps[0], rel=1e-8)
 
 
 def test_warm_start_after_a_training_step_needs_fewer_hvps():

@@ -17,6 +17,7 @@ from torch import nn
 
 from ..first_order import weighted_gradient
 from ..isolation import measurement_context
+from ..operator import dense
 from .errors import NoSecondDerivative, raise_second_order
 
 if TYPE_CHECKING:
@@ -151,7 +152,7 @@ class ReusedGraphProducts:
         pieces = list(flat.split(op.numels))
         for weight, outputs in self.graphs:
             for i, g in outputs:
-                pieces[i].add_(g.detach().reshape(-1).to(op.dtype), alpha=weight)
+                pieces[i].add_(dense(g.detach()).reshape(-1).to(op.dtype), alpha=weight)
         return flat
 
     def check_symmetry(self) -> None:
