@@ -209,13 +209,23 @@ class HessianOperator(CurvatureOperator):
                     "parameters sharded by fully_shard (FSDP2) need distributed=True: the "
                     "operator is then the Hessian of every process's batches together"
                 )
+        scripted = _scripted_submodules(model)
+        if scripted and self.hvp in ("forward_over_reverse", "compiled"):
+            raise ValueError(
+                f"hvp={self.hvp!r} cannot differentiate through TorchScript modules "
+                f"({', '.join(scripted[:3])}: torch.jit.script): torch.func.functional_call "
+                "cannot hand them the parameters it differentiates, so their Hessian terms "
+                "would be missing; use hvp='reuse_graph' or 'auto'"
+            )
         self.checked_finite = False
         self._reused = ReusedGraphProducts(self)
         self._vmapped: dict[bool, ForwardOverReverseProducts] = {}
         self._differences: GradientDifferenceProducts | None = None
         if self.hvp == "gradient_difference" or self.sharded:
             self._switch_to_differences()
-        self._vmap_failed = False
+        # "auto" keeps TorchScript modules off the forward-over-reverse path (it would read
+        # their Hessian terms as 0, silently).
+        self._vmap_failed = bool(scripted)
 
     def _switch_to_differences(self) -> None:
         self._reused.release()
@@ -395,6 +405,12 @@ class HessianOperator(CurvatureOperator):
             f"HessianOperator(size={self.size}, parameters={len(self.params)}, "
             f"batches={len(self.batches)}, hvp={self.hvp!r}, device={self.device})"
         )
+
+
+def _scripted_submodules(model: nn.Module) -> list[str]:
+    """Names of the ``torch.jit.script`` modules in ``model`` ("" for the model itself)."""
+    scripted = torch.jit.RecursiveScriptModule
+    return [name or "the model" for name, m in model.named_modules() if isinstance(m, scripted)]
 
 
 def flat_size(model: nn.Module, params: ParameterFilter = None) -> int:

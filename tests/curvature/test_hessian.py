@@ -404,6 +404,40 @@ def test_sparse_embedding_gradients_are_measured_like_dense_ones():
     assert overlaps[1] == pytest.approx(overlaps[0], rel=1e-8)
 
 
+class Holder(nn.Module):
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x):
+        return self.inner(x)
+
+
+def test_torchscript_submodules_keep_off_the_forward_over_reverse_path():
+    """``torch.func.functional_call`` cannot hand a ``torch.jit.script`` module the
+    parameters it differentiates: forward-over-reverse products would miss its terms (here
+    they read the Hessian as 0, converged, for a true λ_max of 0.90). Asked for, that path is
+    refused; ``auto`` never takes it."""
+    torch.manual_seed(0)
+    plain = tanh_mlp((4, 6, 2)).double()
+    model = Holder(torch.jit.script(copy.deepcopy(plain)))
+    g = torch.Generator().manual_seed(5)
+    batch = (torch.randn(16, 4, generator=g, dtype=torch.float64), torch.randint(0, 2, (16,)))
+    truth = torch.linalg.eigvalsh(dense_hessian_rows(plain, cross_entropy_loss, [batch]))
+    for hvp in ("auto", "reuse_graph", "gradient_difference"):
+        result = hessian_eigenvalues(model, cross_entropy_loss, batch, k=3, tol=1e-9, hvp=hvp)
+        torch.testing.assert_close(result.eigenvalues, truth.flip(0)[:3], rtol=1e-7, atol=0)
+    for hvp in ("forward_over_reverse", "compiled"):
+        with pytest.raises(ValueError, match=r"TorchScript modules \(inner, inner\.0"):
+            HessianOperator(model, cross_entropy_loss, batch, hvp=hvp)
+    with HessianOperator(model, cross_entropy_loss, batch) as operator:
+        operator.device = torch.device("cuda")  # where auto takes vmapped blocks: not here
+        assert operator.path_for(8) == "reuse_graph"
+    with HessianOperator(plain, cross_entropy_loss, batch) as operator:
+        operator.device = torch.device("cuda")
+        assert operator.path_for(8) == "forward_over_reverse"
+
+
 def test_warm_start_after_a_training_step_needs_fewer_hvps():
     model, batches = make_case("mlp")
     first = hessian_eigenvalues(
