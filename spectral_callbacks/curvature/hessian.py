@@ -377,7 +377,11 @@ class HessianOperator(CurvatureOperator):
             compiled = path == "compiled"
             try:
                 if compiled not in self._vmapped:
-                    self._vmapped[compiled] = ForwardOverReverseProducts(self, compiled)
+                    vmapped = ForwardOverReverseProducts(self, compiled)
+                    products = vmapped.matmat(block)
+                    self._check_against_double_backward(vmapped, block[:1], products[:1])
+                    self._vmapped[compiled] = vmapped
+                    return products
                 return self._vmapped[compiled].matmat(block)
             except RuntimeError as error:
                 explained = explain_second_order_failure(error)
@@ -399,6 +403,21 @@ class HessianOperator(CurvatureOperator):
                     stacklevel=2,
                 )
         return self._reused.matmat(block)
+
+    def _check_against_double_backward(
+        self, vmapped: ForwardOverReverseProducts, vector: torch.Tensor, product: torch.Tensor
+    ) -> None:
+        """``vmapped``'s first ``product`` against the reused graph's product of its
+        ``vector`` (once per model, loss, selection and path; not counted), where double
+        backward works: else there is nothing to compare with and the vmapped path stands
+        alone."""
+        try:
+            self._reused.check_symmetry()
+            vmapped.check_agreement(vector, product, self._reused.matmat)
+        except NoSecondDerivative:
+            pass
+        finally:
+            self._reused.release()  # the vmapped path keeps no graph; neither does the check
 
     def __repr__(self) -> str:
         return (

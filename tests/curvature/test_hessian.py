@@ -438,6 +438,34 @@ def test_torchscript_submodules_keep_off_the_forward_over_reverse_path():
         assert operator.path_for(8) == "forward_over_reverse"
 
 
+class ListHeld(nn.Module):
+    """Its head's weight also kept in a plain list, and read from there in ``forward``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.first = nn.Linear(4, 6)
+        self.head = nn.Linear(6, 2)
+        self.held = [self.head.weight]
+
+    def forward(self, x):
+        return F.linear(torch.tanh(self.first(x)), self.held[0], self.head.bias)
+
+
+def test_forward_over_reverse_products_are_checked_against_double_backward():
+    """``functional_call`` replaces the registered ``head.weight``, not the list's reference
+    to it, so forward-over-reverse reads that block as 0: its first product is compared with
+    double backward's, and the path is refused; double backward is exact."""
+    torch.manual_seed(0)
+    model = ListHeld().double()
+    g = torch.Generator().manual_seed(6)
+    batch = (torch.randn(16, 4, generator=g, dtype=torch.float64), torch.randint(0, 2, (16,)))
+    truth = torch.linalg.eigvalsh(dense_hessian_rows(model, cross_entropy_loss, [batch]))
+    result = hessian_eigenvalues(model, cross_entropy_loss, batch, k=2, tol=1e-9)
+    torch.testing.assert_close(result.eigenvalues, truth.flip(0)[:2], rtol=1e-7, atol=0)
+    with pytest.raises(RuntimeError, match=r"differ from double backward's by .* plain list"):
+        hessian_eigenvalues(model, cross_entropy_loss, batch, k=2, hvp="forward_over_reverse")
+
+
 def test_warm_start_after_a_training_step_needs_fewer_hvps():
     model, batches = make_case("mlp")
     first = hessian_eigenvalues(

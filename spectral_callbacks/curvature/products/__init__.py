@@ -6,12 +6,13 @@ fallbacks between paths are the operator's."""
 
 from .compiled import COMPILED_CACHE_SIZE, clear_compiled_products
 from .errors import NoSecondDerivative, explain_second_order_failure
-from .forward_over_reverse import ForwardOverReverseProducts
+from .forward_over_reverse import DisagreeingProducts, ForwardOverReverseProducts
 from .gradient_difference import GradientDifferenceProducts
 from .reuse_graph import ReusedGraphProducts
 
 __all__ = [
     "COMPILED_CACHE_SIZE",
+    "DisagreeingProducts",
     "ForwardOverReverseProducts",
     "GradientDifferenceProducts",
     "NoSecondDerivative",

@@ -7,6 +7,7 @@ runs the same function under ``torch.compile`` (:mod:`.compiled`).
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -20,7 +21,7 @@ from .compiled import compiled_block_product
 if TYPE_CHECKING:
     from ..hessian import HessianOperator, LossFunction
 
-__all__ = ["ForwardOverReverseProducts", "block_product"]
+__all__ = ["DisagreeingProducts", "ForwardOverReverseProducts", "block_product"]
 
 
 class _LossOfModel(nn.Module):
@@ -64,11 +65,22 @@ def block_product(model: nn.Module, loss_fn: LossFunction, names: list[str]) -> 
     return product
 
 
+#: Per model: the (loss, selection, reduction, compiled) whose products were checked
+#: against double backward (:meth:`ForwardOverReverseProducts.check_agreement`).
+_AGREEMENT_CHECKED: weakref.WeakKeyDictionary[nn.Module, set] = weakref.WeakKeyDictionary()
+
+
+class DisagreeingProducts(RuntimeError):
+    """Forward-over-reverse products differ from double backward's: the model computes
+    with parameters ``functional_call`` cannot replace."""
+
+
 class ForwardOverReverseProducts:
     """Vmapped forward-over-reverse products of ``operator``'s batches, eager or compiled."""
 
     def __init__(self, operator: HessianOperator, compiled: bool) -> None:
         self.operator = operator
+        self.compiled = compiled
         eager = block_product(operator.model, operator.loss_fn, operator.names)
         self.product = (
             compiled_block_product(
@@ -89,3 +101,39 @@ class ForwardOverReverseProducts:
                 products = self.product(primals, tangents, batch)
             total += weight * op.flatten(list(products), block.shape[0])
         return total
+
+    def check_agreement(
+        self,
+        vector: torch.Tensor,
+        product: torch.Tensor,
+        reference: Callable[[torch.Tensor], torch.Tensor],
+    ) -> None:
+        """Once per model, loss, selection and path: this path's ``product`` of ``vector``
+        (a ``(1, n)`` row it has computed) against ``reference(vector)``, double backward's.
+        ``functional_call`` replaces registered parameters only; a model that computes with
+        others (a ``torch.jit.script`` module, a parameter kept in a plain list) would have
+        those terms read as 0, silently.
+
+        Raises:
+            DisagreeingProducts: If the two differ beyond rounding (the same decision on
+                every process).
+        """
+        op = self.operator
+        checked = _AGREEMENT_CHECKED.setdefault(op.model, set())
+        key = (op.loss_fn, tuple(op.names), op.reduction, self.compiled)
+        if key in checked:
+            return
+        mine, theirs = product.detach().double(), reference(vector).detach().double()
+        scale = torch.maximum(mine.norm(), theirs.norm()).clamp_min(torch.finfo(torch.float64).tiny)
+        difference = ((mine - theirs).norm() / scale).reshape(1)
+        difference = float(op.all_reduce(difference, op="max")[0])
+        roundoff = torch.finfo(op.product_dtype).eps / 2
+        if difference > min(0.1, max(1e4 * roundoff, 1e-10)):
+            raise DisagreeingProducts(
+                f"forward-over-reverse products differ from double backward's by "
+                f"{difference:.2g} (relative): the model computes with parameters that "
+                "torch.func.functional_call cannot replace (a parameter kept outside the "
+                "module's registered ones, such as in a plain list), so their terms read as "
+                "0; use hvp='reuse_graph' (or 'auto')"
+            )
+        checked.add(key)
