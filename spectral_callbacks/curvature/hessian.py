@@ -427,7 +427,7 @@ class HessianOperator(CurvatureOperator):
 
 
 def _scripted_submodules(model: nn.Module) -> list[str]:
-    """Names of the ``torch.jit.script`` modules in ``model`` ("" for the model itself)."""
+    """Names of the ``torch.jit.script`` modules in ``model`` ("the model" for itself)."""
     scripted = torch.jit.RecursiveScriptModule
     return [name or "the model" for name, m in model.named_modules() if isinstance(m, scripted)]
 
