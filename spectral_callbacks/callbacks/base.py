@@ -83,12 +83,21 @@ def preserved_attributes(module: nn.Module) -> Iterator[None]:
             current.update(attributes)
 
 
+class SkippedBatchError(ValueError):
+    """``training_step`` returned ``None`` on a batch it measured: Lightning's way to skip
+    a batch, so there is no loss to differentiate."""
+
+
 def training_step_loss(module: nn.Module, batch: Any) -> torch.Tensor:
     """The loss a LightningModule's own ``training_step`` returns on ``batch``.
 
     ``training_step`` may return the loss tensor or a dict with a ``"loss"`` entry. The
     callbacks call this with the module's ``self.log`` muted (:func:`muted_lightning_logging`);
     attributes the step assigns are put back afterwards (:func:`preserved_attributes`).
+
+    Raises:
+        SkippedBatchError: If it returns ``None`` (it skips the batch).
+        ValueError: If it returns anything else that is not a loss.
     """
     with preserved_attributes(module):
         output = (
@@ -103,6 +112,11 @@ def training_step_loss(module: nn.Module, batch: Any) -> torch.Tensor:
                 "pass loss_fn=... to the callback"
             )
         output = output["loss"]
+    if output is None:
+        raise SkippedBatchError(
+            "training_step returned None (it skips this batch), so there is no loss to "
+            "measure; pass loss_fn=lambda model, batch: ... to measure such batches"
+        )
     if not isinstance(output, torch.Tensor):
         raise ValueError(
             f"training_step returned {type(output).__name__}, not a loss tensor; pass "
@@ -622,6 +636,7 @@ class SpectralMonitor(Callback):
         began = self.clock()
         device = next(pl_module.parameters()).device
         out_of_memory = None
+        failed = True  # a failure below warns for itself, not again as a non-finite value
         cuda = [d for d in model_devices(pl_module) if d.type == "cuda"]
         with (
             preserved_modes(pl_module, self.eval_mode),
@@ -630,6 +645,7 @@ class SpectralMonitor(Callback):
         ):
             try:
                 metrics = self.measure(trainer, pl_module, probe)
+                failed = False
             except FloatingPointError as error:
                 metrics = self.nan_metrics(trainer)
                 self.warn_once(
@@ -640,6 +656,11 @@ class SpectralMonitor(Callback):
                     raise  # the other processes wait in this measurement's all-reduces
                 metrics = self.nan_metrics(trainer)
                 out_of_memory = str(error).splitlines()[0] if str(error) else "no message"
+            except SkippedBatchError as error:
+                if trainer.world_size > 1:
+                    raise  # as above: the other processes may have a loss and wait
+                metrics = self.nan_metrics(trainer)
+                self.warn_once("skipped", f"{error}; at step {step} NaN is logged")
         if out_of_memory is not None:
             # Outside the except block, so the failed measurement's tensors are freed first.
             if device.type == "cuda":
@@ -650,7 +671,8 @@ class SpectralMonitor(Callback):
                 + self.out_of_memory_advice(),
             )
         undefined = self.undefined_metrics()
-        if any(not math.isfinite(v) for k, v in metrics.items() if k not in undefined):
+        finite = all(math.isfinite(v) for k, v in metrics.items() if k not in undefined)
+        if not failed and not finite:
             self.warn_once("non-finite", f"non-finite spectral value at step {step}; logging it")
         self._record_cost(trainer, step, self.clock() - began, metrics)
         began = self.clock()

@@ -14,10 +14,17 @@ import torch.nn.functional as F
 from lightning.pytorch import LightningModule
 from torch import nn
 
-from spectral_callbacks import BatchSharpnessMonitor, SpectralEarlyStopping
+from spectral_callbacks import BatchSharpnessMonitor, SharpnessMonitor, SpectralEarlyStopping
 from spectral_callbacks.functional import batch_sharpness
 
-from ..models import TanhRegressor, mse, regression_data, trainer_kwargs
+from ..models import (
+    NoisyClassifier,
+    TanhRegressor,
+    classification_loader,
+    mse,
+    regression_data,
+    trainer_kwargs,
+)
 from ..oracles import dense_hessian_func
 from ..runs import Snapshots, assert_identical_runs, fit_and_capture
 
@@ -187,3 +194,31 @@ def test_bad_arguments_are_refused_by_name():
         BatchSharpnessMonitor(window=0)
     with pytest.raises(TypeError, match="loss_fn must be callable"):
         BatchSharpnessMonitor(loss_fn=lambda model: model)
+
+
+class SkipsShortBatches(NoisyClassifier):
+    """Skips (returns None for) a batch of fewer than 16 samples, as Lightning allows."""
+
+    def training_step(self, batch, batch_idx):
+        if batch[0].shape[0] < 16:
+            return None
+        return super().training_step(batch, batch_idx)
+
+
+def test_a_batch_the_training_step_skips_logs_nan_and_training_goes_on():
+    """Each epoch ends with a batch of 4 that the module skips: batch sharpness, measured on
+    each step's own batch, has no loss there and logs NaN with one warning; the other steps
+    and the fixed-probe monitor are measured as usual."""
+    batch_monitor = BatchSharpnessMonitor(every_n_steps=1)
+    sharpness = SharpnessMonitor(every_n_steps=3)
+    L.seed_everything(0, verbose=False)
+    trainer = L.Trainer(max_epochs=2, callbacks=[batch_monitor, sharpness], **trainer_kwargs())
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.fit(SkipsShortBatches(), classification_loader(n=100, batch_size=16))
+    ours = [str(w.message) for w in caught if "Monitor" in str(w.message)]
+    assert len(ours) == 1 and "returned None (it skips this batch)" in ours[0], ours
+    values = {s: v["spectral/hessian/batch_sharpness_sample"] for s, v in batch_monitor.history}
+    assert sorted(values) == list(range(14))
+    assert [s for s, v in values.items() if math.isnan(v)] == [6, 13]
+    assert all(v["spectral/hessian/lambda_max"] > 0 for _, v in sharpness.history)
