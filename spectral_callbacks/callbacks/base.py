@@ -33,6 +33,7 @@ from ..curvature.isolation import (
     model_devices,
     preserved_random_streams,
 )
+from ..linalg._precision import ieee_float32
 from ..reporting.media import Media, media_sinks
 from ..reporting.tensorboard import add_chart_layout, tensorboard_writers
 from . import metrics as metric_table
@@ -642,6 +643,7 @@ class SpectralMonitor(Callback):
             preserved_modes(pl_module, self.eval_mode),
             muted_lightning_logging(pl_module),
             preserved_random_streams(cuda),  # put back once, however many passes it seeds
+            ieee_float32(),  # as the random streams: set once for the whole measurement
         ):
             try:
                 metrics = self.measure(trainer, pl_module, probe)

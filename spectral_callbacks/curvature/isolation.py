@@ -18,6 +18,8 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from ..linalg._precision import ieee_float32
+
 __all__ = [
     "BufferSnapshot",
     "RandomStates",
@@ -156,8 +158,9 @@ def measurement_context(
       scaled-dot-product attention kernel (flash, memory-efficient and cuDNN kernels have
       no double backward and no forward-mode AD); ``second_order=False``
       (representations): ``no_grad``;
-    * inference mode and autocast off (measured in the parameters' own precision, even
-      inside a mixed-precision training step);
+    * inference mode and autocast off, float32 in IEEE single precision (measured in the
+      parameters' own precision, even inside a mixed-precision training step or under
+      TF32 / bfloat16 float32 settings: :func:`~spectral_callbacks.linalg._precision.ieee_float32`);
     * BatchNorm running statistics frozen; RNG streams forked and seeded;
     * compiled modules run eagerly (:func:`compiled_code_runs_eagerly`).
     """
@@ -166,6 +169,7 @@ def measurement_context(
     devices = model_devices(model)
     with contextlib.ExitStack() as stack:
         stack.enter_context(torch.inference_mode(False))
+        stack.enter_context(ieee_float32())
         stack.enter_context(torch.enable_grad() if second_order else torch.no_grad())
         for device_type in {d.type for d in devices}:
             if device_type in ("cpu", "cuda"):

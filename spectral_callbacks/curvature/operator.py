@@ -32,7 +32,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..linalg._precision import autocast_disabled
+from ..linalg._precision import autocast_disabled, ieee_float32
 from ..settings import OperatorSettings
 from .data import as_batch_list, batch_size, move_to_device, select_parameters
 from .isolation import BufferSnapshot, model_devices, preserved_random_streams
@@ -120,19 +120,17 @@ class CurvatureOperator:
 
     # -- lifecycle -----------------------------------------------------------------------------
     def __enter__(self) -> CurvatureOperator:
-        # One scope for the random streams: the products' forward passes seed them, and
-        # they are put back once, on exit.
-        self._random_scope = preserved_random_streams(
-            [d for d in model_devices(self.model) if d.type == "cuda"]
-        )
-        self._random_scope.__enter__()
+        # One scope for the random streams (the products' forward passes seed them) and one
+        # for float32 precision, each put back once, on exit.
+        self._scopes = contextlib.ExitStack()
+        cuda = [d for d in model_devices(self.model) if d.type == "cuda"]
+        self._scopes.enter_context(preserved_random_streams(cuda))
+        self._scopes.enter_context(ieee_float32())
         return self
 
     def __exit__(self, *exc: object) -> None:
-        try:
+        with self._scopes:
             self.close()
-        finally:
-            self._random_scope.__exit__(None, None, None)
 
     def close(self) -> None:
         """Free what the products keep (graphs) and restore every buffer of the model."""

@@ -500,6 +500,42 @@ def test_measurement_inside_autocast_is_done_in_full_precision():
     assert float(inside.eigenvalues[0]) == pytest.approx(float(plain.eigenvalues[0]), rel=1e-6)
 
 
+@pytest.fixture
+def reduced_float32_precision():
+    """float32 matrix products at bfloat16 precision on the CPU (oneDNN), as
+    ``torch.set_float32_matmul_precision("medium")`` sets them; put back after the test."""
+    torch.set_float32_matmul_precision("medium")
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision("highest")
+
+
+def test_measurement_under_reduced_float32_precision_is_done_in_ieee_float32(
+    reduced_float32_precision,
+):
+    """Under "medium" a 64-wide float32 product is off by about 3e-3 (bfloat16); the
+    measurement runs in IEEE float32 and agrees with float64 to float32's accuracy, and
+    the user's setting is as it was."""
+    torch.manual_seed(0)
+    model = tanh_mlp((64, 64, 4))
+    batch = (torch.randn(64, 64), torch.randint(0, 4, (64,)))
+    exact = hessian_eigenvalues(
+        copy.deepcopy(model).double(),
+        cross_entropy_loss,
+        (batch[0].double(), batch[1]),
+        k=2,
+        tol=1e-10,
+    ).eigenvalues
+    x, w = batch[0], model[0].weight.detach()
+    reduced = float(((x @ w.T).double() - x.double() @ w.double().T).abs().max())
+    assert reduced > 1e-4 * float((x.double() @ w.double().T).abs().max())  # bf16 products
+    result = hessian_eigenvalues(model, cross_entropy_loss, batch, k=2, tol=1e-5)
+    assert bool(result.converged.all())
+    torch.testing.assert_close(result.eigenvalues, exact, rtol=1e-6, atol=0)
+    assert torch.get_float32_matmul_precision() == "medium"
+
+
 def test_float32_attention_model_runs_under_default_kernels():
     torch.manual_seed(0)
     model = TinyAttention()
