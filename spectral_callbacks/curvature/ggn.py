@@ -28,7 +28,7 @@ reduce, lifecycle) is :class:`~spectral_callbacks.curvature.operator.CurvatureOp
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -57,8 +57,28 @@ __all__ = [
 
 
 def default_outputs(model: nn.Module, batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(model(x), y)`` for a batch ``(x, y)``."""
-    return model(batch[0]), batch[1]
+    """``(model(x), y)`` for a batch ``(x, y, ...)``.
+
+    Raises:
+        TypeError: For another kind of batch (a dict of a Hugging Face model), or a model
+            whose output is not a tensor: ``outputs_fn`` says what the outputs are then.
+    """
+    if not isinstance(batch, (tuple, list)) or len(batch) < 2:
+        kind = type(batch).__name__
+        if isinstance(batch, Mapping):
+            kind = f"a dict with keys {sorted(batch)}"
+        raise TypeError(
+            f"the Gauss-Newton operator's default outputs are (model(x), y) of a batch (x, y), "
+            f"and this batch is {kind}: pass outputs_fn=lambda model, batch: (logits, targets)"
+        )
+    outputs = model(batch[0])
+    if not isinstance(outputs, torch.Tensor):
+        raise TypeError(
+            f"model(x) returned {type(outputs).__name__}, not the outputs tensor the "
+            "Gauss-Newton operator differentiates: pass outputs_fn=lambda model, batch: "
+            "(logits, targets)"
+        )
+    return outputs, batch[1]
 
 
 class GGNOperator(CurvatureOperator):

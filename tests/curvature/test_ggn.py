@@ -129,6 +129,38 @@ def test_an_empty_batch_is_refused_by_name():
         GGNOperator(model, "cross_entropy", [batches[1], (x[:0], y[:0])])
 
 
+class DictOutputs(torch.nn.Module):
+    def __init__(self, inner: torch.nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x):
+        return {"logits": self.inner(x)}
+
+
+def test_batches_and_outputs_the_default_cannot_read_ask_for_outputs_fn():
+    """The default outputs are ``(model(x), y)``: a dict batch (a Hugging Face model's) or
+    an output that is not a tensor is refused with what to pass, not a KeyError."""
+    model, batches = make_case("mlp")
+    x, y = batches[0]
+    ones = torch.ones(1, sum(p.numel() for p in model.parameters()), dtype=torch.float64)
+    for data, net, said in [
+        ({"input": x, "labels": y}, model, r"a dict with keys \['input', 'labels'\]"),
+        ((x, y), DictOutputs(model), r"model\(x\) returned dict"),
+    ]:
+        with (
+            GGNOperator(net, "cross_entropy", data) as ggn,
+            pytest.raises(TypeError, match=said + r".*outputs_fn=lambda model, batch"),
+        ):
+            ggn.matmat(ones)
+    outputs_fn = lambda m, b: (m(b["input"]), b["labels"])  # noqa: E731
+    with (
+        GGNOperator(model, "cross_entropy", {"input": x, "labels": y}, outputs_fn) as ggn,
+        GGNOperator(model, "cross_entropy", (x, y)) as plain,
+    ):
+        torch.testing.assert_close(ggn.matmat(ones), plain.matmat(ones))
+
+
 def test_a_non_finite_output_raises_on_the_first_product():
     model, batches = make_case("mlp")
     x, y = batches[0]
