@@ -14,10 +14,11 @@ F = TypeVar("F", bound=Callable)
 
 
 def _float32_backends() -> list:
-    """The backends whose float32 arithmetic has a precision setting (torch ≥ 2.9)."""
+    """The backends whose float32 arithmetic has its own precision setting (torch ≥ 2.9;
+    none before, where the legacy flags say it)."""
     cuda, cudnn, mkldnn = torch.backends.cuda, torch.backends.cudnn, torch.backends.mkldnn
     leaves = [cuda.matmul, cudnn.conv, cudnn.rnn, mkldnn.matmul, mkldnn.conv, mkldnn.rnn]
-    return leaves if all(hasattr(leaf, "fp32_precision") for leaf in leaves) else []
+    return [leaf for leaf in leaves if hasattr(leaf, "fp32_precision")]
 
 
 #: Open :func:`ieee_float32` scopes (the inner ones change nothing).
