@@ -16,9 +16,23 @@ F = TypeVar("F", bound=Callable)
 def _float32_backends() -> list:
     """The backends whose float32 arithmetic has its own precision setting (torch ≥ 2.9;
     none before, where the legacy flags say it)."""
-    cuda, cudnn, mkldnn = torch.backends.cuda, torch.backends.cudnn, torch.backends.mkldnn
-    leaves = [cuda.matmul, cudnn.conv, cudnn.rnn, mkldnn.matmul, mkldnn.conv, mkldnn.rnn]
-    return [leaf for leaf in leaves if hasattr(leaf, "fp32_precision")]
+    found = []
+    for backend, operation in _FLOAT32_LEAVES:
+        leaf = getattr(getattr(torch.backends, backend, None), operation, None)
+        if leaf is not None and hasattr(leaf, "fp32_precision"):
+            found.append(leaf)
+    return found
+
+
+#: ``torch.backends.{backend}.{operation}`` with a float32 precision setting in torch ≥ 2.9.
+_FLOAT32_LEAVES = [
+    ("cuda", "matmul"),
+    ("cudnn", "conv"),
+    ("cudnn", "rnn"),
+    ("mkldnn", "matmul"),
+    ("mkldnn", "conv"),
+    ("mkldnn", "rnn"),
+]
 
 
 #: Open :func:`ieee_float32` scopes (the inner ones change nothing).
@@ -66,8 +80,9 @@ def _ieee_settings() -> Iterator[None]:
         cuda_matmul.allow_tf32 = cudnn.allow_tf32 = False
         yield
     finally:
-        torch.set_float32_matmul_precision(saved_legacy[0])
+        # The precision last: setting allow_tf32 sets it too ("high" for True).
         cuda_matmul.allow_tf32, cudnn.allow_tf32 = saved_legacy[1:]
+        torch.set_float32_matmul_precision(saved_legacy[0])
 
 
 @contextlib.contextmanager
