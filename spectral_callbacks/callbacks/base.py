@@ -672,13 +672,14 @@ class SpectralMonitor(Callback):
                 f"out of device memory at step {step} ({out_of_memory}); logging NaN. "
                 + self.out_of_memory_advice(),
             )
-        undefined = self.undefined_metrics()
+        # What a failed measurement leaves is a failure, whatever the last one left undefined.
+        undefined = set() if failed else self.undefined_metrics()
         finite = all(math.isfinite(v) for k, v in metrics.items() if k not in undefined)
         if not failed and not finite:
             self.warn_once("non-finite", f"non-finite spectral value at step {step}; logging it")
         self._record_cost(trainer, step, self.clock() - began, metrics)
         began = self.clock()
-        self._publish(trainer, metrics, step)
+        self._publish(trainer, metrics, step, frozenset(undefined))
         self._record_publishing(trainer, self.clock() - began)
 
     def _record_cost(
@@ -726,7 +727,16 @@ class SpectralMonitor(Callback):
                 stacklevel=3,
             )
 
-    def _publish(self, trainer: pl.Trainer, metrics: dict[str, float], step: int) -> None:
+    def _publish(
+        self,
+        trainer: pl.Trainer,
+        metrics: dict[str, float],
+        step: int,
+        undefined: frozenset[str] = frozenset(),
+    ) -> None:
+        """Record, log and hand ``metrics`` to the listeners, with the names among them that
+        are not finite by definition (``undefined``), which a stopping rule must not read as
+        a diverged run."""
         self.last_metrics = dict(metrics)
         self.history.append((step, dict(metrics)))
         del self.history[: -self.history_size]
@@ -760,7 +770,7 @@ class SpectralMonitor(Callback):
         for callback in trainer.callbacks:
             listener = getattr(callback, "on_spectral_measurement", None)
             if listener is not None:
-                listener(trainer, step, dict(metrics))
+                listener(trainer, step, dict(metrics), undefined=undefined)
 
 
 def _state_key_fields(key: Any, qualname: str) -> dict[str, Any] | None:

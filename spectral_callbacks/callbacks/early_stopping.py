@@ -158,6 +158,8 @@ class SpectralEarlyStopping(EarlyStopping):
         self.violations = 0
         self.peak: float | None = None
         self.last_checked_step: int | None = None
+        #: Measurements in a row whose value was undefined (for the one warning).
+        self._undefined_in_a_row = 0
         self.stopped_reason: str | None = None
         self.stopped_step: int | None = None
         self.stopped_value: float | None = None
@@ -267,6 +269,7 @@ class SpectralEarlyStopping(EarlyStopping):
         # fit() is loaded after setup.
         if self._fit_trainer is not None and self._fit_trainer is not trainer:
             self.load_state_dict(copy.deepcopy(self._fresh_state))
+            self._undefined_in_a_row = 0
         self._fit_trainer = trainer
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -305,15 +308,33 @@ class SpectralEarlyStopping(EarlyStopping):
         return
 
     def on_spectral_measurement(
-        self, trainer: pl.Trainer, step: int, metrics: dict[str, float]
+        self,
+        trainer: pl.Trainer,
+        step: int,
+        metrics: dict[str, float],
+        undefined: frozenset[str] = frozenset(),
     ) -> None:
-        """Called by a spectral monitor right after it publishes a measurement."""
+        """Called by a spectral monitor right after it publishes a measurement; ``undefined``
+        names the metrics that are NaN by definition there (an adaptive optimizer's ratio
+        before its first step), which are not checked: NaN is not a diverged run there."""
         if self.monitor not in metrics or trainer.fast_dev_run or step == self.last_checked_step:
             return
         self.last_checked_step = step
         value = float(metrics[self.monitor])
         if step < self.warmup_steps:
             return
+        if self.monitor in undefined and not math.isfinite(value):
+            self._undefined_in_a_row += 1
+            if self._undefined_in_a_row == 2 and trainer.is_global_zero:
+                warnings.warn(
+                    f"SpectralEarlyStopping: {self.monitor} is undefined (NaN by definition, "
+                    f"e.g. for this run's optimizer) at step {step} and the measurement "
+                    "before; the rule is not checked while it is (warned once)",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+            return
+        self._undefined_in_a_row = 0
         should_stop, reason = self._evaluate(value)
         should_stop = trainer.strategy.reduce_boolean_decision(should_stop, all=False)
         if reason and self.verbose:

@@ -23,24 +23,30 @@ KEY = "spectral/hessian/eos_ratio"
 class ScriptedMonitor(SpectralMonitor):
     """Publishes a scripted value of one metric at every step, through the real path."""
 
-    def __init__(self, series: list[float], key: str = KEY) -> None:
+    def __init__(self, series: list[float], key: str = KEY, undefined=()) -> None:
         super().__init__(every_n_steps=1)
         self.series = series
         self.key = key
+        self.undefined_steps = set(undefined)  # steps whose value is NaN by definition
+        self._step = 0
 
     def metric_names(self) -> list[str]:
         return [self.key]
 
     def measure(self, trainer, module, probe):
+        self._step = trainer.global_step
         return {self.key: self.series[trainer.global_step]}
 
+    def undefined_metrics(self) -> set[str]:
+        return {self.key} if self._step in self.undefined_steps else set()
 
-def run(series, stopper, steps=None, key=KEY, **overrides):
+
+def run(series, stopper, steps=None, key=KEY, undefined=(), **overrides):
     x, y = regression_data(n=16)
     steps = steps or len(series) - 1
     trainer = L.Trainer(
         max_epochs=1,
-        callbacks=[ScriptedMonitor(series, key), stopper],
+        callbacks=[ScriptedMonitor(series, key, undefined), stopper],
         **trainer_kwargs(**overrides),
     )
     trainer.fit(TanhRegressor(), full_batch_loader(x, y, steps))
@@ -121,6 +127,44 @@ def test_non_finite_values_stop_when_check_finite():
     stopper = SpectralEarlyStopping(KEY, rule="above", threshold=1.1, patience=5)
     run([0.5, math.nan, 0.5, 0.5], stopper)
     assert stopper.stopped_step == 1 and "not finite" in stopper.stopped_reason
+
+
+@pytest.mark.parametrize("rule", ["above", "improvement"])
+def test_values_undefined_by_definition_are_not_checked(rule):
+    """NaN by definition (an adaptive optimizer's ratio before its first step) is not a
+    diverged run: not checked, not counted; the same NaN from a failure still stops."""
+    settings = {"threshold": 1.1} if rule == "above" else {"mode": "max"}
+    stopper = SpectralEarlyStopping(KEY, rule=rule, patience=2, **settings)
+    series = [math.nan, 0.5, 2.0, 2.0, 2.0] if rule == "above" else [math.nan, 3.0, 2.0, 1.0]
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*undefined")  # one undefined value: none
+        trainer = run(series, stopper, undefined={0})
+    assert stopper.stopped_step == 3 and trainer.global_step == 3
+    failed = SpectralEarlyStopping(KEY, rule=rule, patience=2, **settings)
+    run(series, failed)
+    assert failed.stopped_step == 0 and "not finite" in failed.stopped_reason
+
+
+def test_a_value_that_stays_undefined_is_warned_once_and_never_stops():
+    stopper = SpectralEarlyStopping(KEY, rule="above", threshold=1.1, patience=1)
+    with pytest.warns(RuntimeWarning, match=r"eos_ratio is undefined .* not checked") as caught:
+        trainer = run([math.nan] * 5, stopper, undefined=range(5))
+    assert len([w for w in caught if "undefined" in str(w.message)]) == 1
+    assert stopper.stopped_reason is None and trainer.global_step == 4
+
+
+def test_adam_does_not_stop_the_sharpness_rule_before_its_first_step():
+    """Before Adam's first step its ratio is NaN by definition; the preset must not read it
+    as a diverged run (it stopped every Adam run at step 0)."""
+    from ..models import NoisyClassifier, classification_loader
+
+    stopper = SpectralEarlyStopping.sharpness()
+    monitor = SharpnessMonitor(every_n_steps=2)
+    L.seed_everything(0, verbose=False)
+    trainer = L.Trainer(max_steps=6, callbacks=[monitor, stopper], **trainer_kwargs())
+    trainer.fit(NoisyClassifier(), classification_loader())
+    assert math.isnan(dict(monitor.history)[0][KEY])
+    assert trainer.global_step == 6 and stopper.stopped_reason is None
 
 
 def test_missing_key_names_the_callback_that_produces_it():
