@@ -323,6 +323,8 @@ class SpectralEarlyStopping(EarlyStopping):
         value = float(metrics[self.monitor])
         if step < self.warmup_steps:
             return
+        # Undefined or not, the same on every process (the values are reduced), so no
+        # process skips the decision's collective below while another waits in it.
         if self.monitor in undefined and not math.isfinite(value):
             self._undefined_in_a_row += 1
             if self._undefined_in_a_row == 2 and trainer.is_global_zero:
