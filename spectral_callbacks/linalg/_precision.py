@@ -13,17 +13,6 @@ import torch
 F = TypeVar("F", bound=Callable)
 
 
-def _float32_backends() -> list:
-    """The backends whose float32 arithmetic has its own precision setting (torch ≥ 2.9;
-    none before, where the legacy flags say it)."""
-    found = []
-    for backend, operation in _FLOAT32_LEAVES:
-        leaf = getattr(getattr(torch.backends, backend, None), operation, None)
-        if leaf is not None and hasattr(leaf, "fp32_precision"):
-            found.append(leaf)
-    return found
-
-
 #: ``torch.backends.{backend}.{operation}`` with a float32 precision setting in torch ≥ 2.9.
 _FLOAT32_LEAVES = [
     ("cuda", "matmul"),
@@ -33,6 +22,17 @@ _FLOAT32_LEAVES = [
     ("mkldnn", "conv"),
     ("mkldnn", "rnn"),
 ]
+
+
+def _float32_backends() -> list:
+    """The backends whose float32 arithmetic has its own precision setting (torch ≥ 2.9;
+    none before, where the legacy flags say it)."""
+    found = []
+    for backend, operation in _FLOAT32_LEAVES:
+        leaf = getattr(getattr(torch.backends, backend, None), operation, None)
+        if leaf is not None and hasattr(leaf, "fp32_precision"):
+            found.append(leaf)
+    return found
 
 
 #: Open :func:`ieee_float32` scopes (the inner ones change nothing).
