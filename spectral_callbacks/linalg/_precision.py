@@ -13,7 +13,8 @@ import torch
 F = TypeVar("F", bound=Callable)
 
 
-#: ``torch.backends.{backend}.{operation}`` with a float32 precision setting in torch ≥ 2.9.
+#: ``torch.backends.{backend}.{operation}`` with a float32 precision setting (torch 2.13 has
+#: all six; torch 2.5 none).
 _FLOAT32_LEAVES = [
     ("cuda", "matmul"),
     ("cudnn", "conv"),
@@ -25,8 +26,8 @@ _FLOAT32_LEAVES = [
 
 
 def _float32_backends() -> list:
-    """The backends whose float32 arithmetic has its own precision setting (torch ≥ 2.9;
-    none before, where the legacy flags say it)."""
+    """The backends whose float32 arithmetic has its own precision setting (none in older
+    torch releases, where the legacy flags say it)."""
     found = []
     for backend, operation in _FLOAT32_LEAVES:
         leaf = getattr(getattr(torch.backends, backend, None), operation, None)
