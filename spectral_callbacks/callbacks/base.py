@@ -84,6 +84,18 @@ def preserved_attributes(module: nn.Module) -> Iterator[None]:
             current.update(attributes)
 
 
+def as_loop_batch(
+    trainer: pl.Trainer, module: pl.LightningModule, batch: Any, dataloader_idx: int = 0
+) -> Any:
+    """A loader's ``batch`` as Lightning's loops hand it to a step: converted by the
+    precision plugin (a ``bf16-true`` model gets bfloat16 inputs), through the module's
+    ``on_before_batch_transfer``, and moved by the strategy (``transfer_batch_to_device``,
+    ``on_after_batch_transfer``)."""
+    batch = trainer.precision_plugin.convert_input(batch)
+    batch = module.on_before_batch_transfer(batch, dataloader_idx)
+    return trainer.strategy.batch_to_device(batch, dataloader_idx=dataloader_idx)
+
+
 class SkippedBatchError(ValueError):
     """``training_step`` returned ``None`` on a batch it measured: Lightning's way to skip
     a batch, so there is no loss to differentiate."""

@@ -33,6 +33,7 @@ from . import metrics as metric_table
 from .base import (
     SpectralMonitor,
     _clone_batch,
+    as_loop_batch,
     muted_lightning_logging,
     preserved_modes,
     reduce_scalar,
@@ -241,7 +242,7 @@ class RepresentationMonitor(SpectralMonitor):
             while True:
                 batch = next(batches, None)
                 if batch is not None:
-                    self._probe.append(_clone_batch(batch))
+                    self._probe.append(_clone_batch(as_loop_batch(trainer, pl_module, batch)))
                 # Every process takes part in each count, also one whose loader ran out.
                 all_exhausted = reduce_scalar(trainer, float(batch is None), "min") > 0
                 if self.probe_is_complete(trainer, self._probe):

@@ -9,7 +9,8 @@ For eigenvalues ``x₁ ≤ … ≤ x_N`` and a candidate lower bound ``xmin = x_
 with standard error ``(α_i − 1) / √n``, and Kolmogorov–Smirnov distance between the
 fitted CDF ``1 − (x / x_i)^{1−α_i}`` and the tail's empirical CDF ``(j − i) / n`` at ``x_j``
 
-    D_i = max_{j ≥ i} |1 − (x_j / x_i)^{1−α_i} − (j − i) / n|     (D_i = 1 when α_i ≤ 1).
+    D_i = max_{j ≥ i} |1 − (x_j / x_i)^{1−α_i} − (j − i) / n|     (D_i = 1 when α_i ≤ 1,
+                                                                    or is infinite: ties).
 
 ``xmin`` is the candidate of smallest ``D_i`` (the first of equals), over every eigenvalue
 but the largest. These are the formulas of the ``powerlaw`` package and of weightwatcher's
@@ -88,7 +89,10 @@ def _ks_distances(
     empirical.div_(tail_sizes)
     gaps.neg_().add_(1.0).sub_(empirical).abs_()  # |fitted CDF - empirical CDF|
     distances = gaps.amax(dim=1)
-    return torch.where(alphas[candidates] > 1.0, distances, torch.ones_like(distances))
+    # A tail of equal values (ties at the top, as rounding to 16 bits makes them) has no
+    # finite α and a NaN distance, which would win the minimum: it is no candidate.
+    fitted = (alphas[candidates] > 1.0) & torch.isfinite(alphas[candidates])
+    return torch.where(fitted, distances, torch.ones_like(distances))
 
 
 def fit_power_law(

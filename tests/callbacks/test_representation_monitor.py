@@ -556,6 +556,48 @@ def test_a_layer_that_runs_twice_per_forward_pools_both_calls_and_is_warned():
     assert logged["spectral/repr/inp/rankme"] == pytest.approx(rankme(once.double()), rel=1e-7)
 
 
+class ShiftedOnTransfer(L.LightningModule):
+    """A plain encoder whose ``on_after_batch_transfer`` shifts the inputs by 1."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.encoder = nn.Sequential(nn.Linear(8, 16), nn.Tanh())
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, x):
+        return self.head(self.encoder(x))
+
+    def on_after_batch_transfer(self, batch, dataloader_idx):
+        return batch[0] + 1, batch[1]
+
+    def training_step(self, batch, batch_idx):
+        return F.cross_entropy(self(batch[0]).float(), batch[1])
+
+    def validation_step(self, batch, batch_idx):
+        return None
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.05)
+
+
+def test_the_validation_probe_is_the_batch_a_step_would_see():
+    """Under ``bf16-true`` a step gets bfloat16 inputs, after the module's transfer hooks:
+    so does the probe taken from the validation loader (it got float32 inputs, unshifted,
+    and the bfloat16 model raised)."""
+    train, val, x = loaders()
+    monitor = RepresentationMonitor(layers=["encoder"], every_n_steps=2, num_samples=40)
+    trainer = L.Trainer(
+        max_steps=2,
+        callbacks=[monitor],
+        **trainer_kwargs(precision="bf16-true", num_sanity_val_steps=0),
+    )
+    trainer.fit(ShiftedOnTransfer(), train, val)
+    (probe,) = monitor._probe
+    assert probe[0].dtype == torch.bfloat16
+    assert torch.equal(probe[0], x[256 : 256 + 40].bfloat16() + 1)
+    assert [step for step, _ in monitor.history] == [0, 2]
+
+
 class _Gate(nn.Module):
     """Passes its input, or zeros once ``closed()`` says so (a layer that dies)."""
 
