@@ -492,7 +492,7 @@ def run(
                 print(f"[{name}] {figure}", flush=True)
                 # Every tool at the float32 precision our measurements keep (TF32 would
                 # speed the peers' products at an error of ~1e-3 that ours do not carry).
-                with ieee_float32():
+                with ieee_float32({device.type}):
                     entry[figure] = time_to_accuracy(
                         *workload, device, repeats, reference, k, tol, compiled, tools=tools
                     )

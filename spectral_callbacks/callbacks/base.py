@@ -655,7 +655,7 @@ class SpectralMonitor(Callback):
             preserved_modes(pl_module, self.eval_mode),
             muted_lightning_logging(pl_module),
             preserved_random_streams(cuda),  # put back once, however many passes it seeds
-            ieee_float32(),  # as the random streams: set once for the whole measurement
+            ieee_float32({d.type for d in model_devices(pl_module)}),  # once, as the streams
         ):
             try:
                 metrics = self.measure(trainer, pl_module, probe)

@@ -169,7 +169,7 @@ def measurement_context(
     devices = model_devices(model)
     with contextlib.ExitStack() as stack:
         stack.enter_context(torch.inference_mode(False))
-        stack.enter_context(ieee_float32())
+        stack.enter_context(ieee_float32({d.type for d in devices}))
         stack.enter_context(torch.enable_grad() if second_order else torch.no_grad())
         for device_type in {d.type for d in devices}:
             if device_type in ("cpu", "cuda"):

@@ -125,7 +125,7 @@ class CurvatureOperator:
         self._scopes = contextlib.ExitStack()
         cuda = [d for d in model_devices(self.model) if d.type == "cuda"]
         self._scopes.enter_context(preserved_random_streams(cuda))
-        self._scopes.enter_context(ieee_float32())
+        self._scopes.enter_context(ieee_float32({d.type for d in model_devices(self.model)}))
         return self
 
     def __exit__(self, *exc: object) -> None:

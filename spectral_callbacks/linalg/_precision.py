@@ -13,27 +13,39 @@ import torch
 F = TypeVar("F", bound=Callable)
 
 
-#: ``torch.backends.{backend}.{operation}`` with a float32 precision setting (torch 2.13 has
-#: all six; torch 2.5 none).
-_FLOAT32_LEAVES = [
-    ("cuda", "matmul"),
-    ("cudnn", "conv"),
-    ("cudnn", "rnn"),
-    ("mkldnn", "matmul"),
-    ("mkldnn", "conv"),
-    ("mkldnn", "rnn"),
-]
+#: Where torch keeps float32 precision settings in its per-operation API, by device type:
+#: the generic one, each backend's and each operation's (``(backend, operation)`` under
+#: ``torch.backends``). torch 2.13 has them all; torch 2.5 none (legacy flags only).
+_PRECISION_PATHS = {
+    "cpu": [("mkldnn",), ("mkldnn", "matmul"), ("mkldnn", "conv"), ("mkldnn", "rnn")],
+    "cuda": [("cuda", "matmul"), ("cudnn",), ("cudnn", "conv"), ("cudnn", "rnn")],
+}
+
+#: The values of a per-operation setting that reduce float32 precision.
+_REDUCED = ("tf32", "bf16")
 
 
-def _float32_backends() -> list:
-    """The backends whose float32 arithmetic has its own precision setting (none in older
-    torch releases, where the legacy flags say it)."""
+def _precision_settings(device_types: set[str]) -> list[tuple[object, bool]]:
+    """The generic setting and those of ``device_types``' backends that this torch has,
+    parents first, each with whether it is an operation's (a leaf)."""
+    paths = [()] + [path for kind in sorted(device_types) for path in _PRECISION_PATHS[kind]]
     found = []
-    for backend, operation in _FLOAT32_LEAVES:
-        leaf = getattr(getattr(torch.backends, backend, None), operation, None)
-        if leaf is not None and hasattr(leaf, "fp32_precision"):
-            found.append(leaf)
+    for path in paths:
+        holder: object = torch.backends
+        for name in path:
+            holder = getattr(holder, name, None)
+        if holder is not None and hasattr(holder, "fp32_precision"):
+            found.append((holder, len(path) == 2))
     return found
+
+
+def _legacy_flags(cuda: bool) -> tuple[str, bool] | None:
+    """torch's legacy float32 matmul precision and cuDNN TF32 flag, or ``None`` where torch
+    cannot read them (the user set a mix of legacy and per-operation settings)."""
+    try:
+        return torch.get_float32_matmul_precision(), cuda and bool(torch.backends.cudnn.allow_tf32)
+    except RuntimeError:
+        return None
 
 
 #: Open :func:`ieee_float32` scopes (the inner ones change nothing).
@@ -41,49 +53,66 @@ _ieee_depth = 0
 
 
 @contextlib.contextmanager
-def ieee_float32() -> Iterator[None]:
-    """float32 matrix products, convolutions and RNNs in IEEE single precision inside.
+def ieee_float32(device_types: set[str] | None = None) -> Iterator[None]:
+    """float32 matrix products, convolutions and RNNs in IEEE single precision inside, on
+    ``device_types`` (default both ``"cpu"`` and ``"cuda"``).
 
     TF32 (cuDNN convolutions by default on Ampere and later GPUs; matrix products after
     ``torch.set_float32_matmul_precision("high")``) and bfloat16 (oneDNN on the CPU after
     ``"medium"``) carry relative errors near ``1e-3``, which the error bounds, taken at
-    float32's ``6e-8``, would not know of. The settings are put back on exit.
+    float32's ``6e-8``, would not know of. Settings that are IEEE already are not touched;
+    the others are put back on exit.
     """
     global _ieee_depth
     if _ieee_depth:  # an enclosing scope has set it and puts it back
         yield
         return
+    kinds = {"cpu", "cuda"} if device_types is None else set(device_types) & {"cpu", "cuda"}
     _ieee_depth += 1
     try:
-        with _ieee_settings():
+        with _ieee_settings(kinds):
             yield
     finally:
         _ieee_depth -= 1
 
 
 @contextlib.contextmanager
-def _ieee_settings() -> Iterator[None]:
-    leaves = _float32_backends()
-    if leaves:
-        saved = [leaf.fp32_precision for leaf in leaves]
-        try:
-            for leaf in leaves:
-                leaf.fp32_precision = "ieee"
-            yield
-        finally:
-            for leaf, value in zip(leaves, saved, strict=True):
-                leaf.fp32_precision = value
-        return
-    cuda_matmul, cudnn = torch.backends.cuda.matmul, torch.backends.cudnn
-    saved_legacy = (torch.get_float32_matmul_precision(), cuda_matmul.allow_tf32, cudnn.allow_tf32)
+def _ieee_settings(kinds: set[str]) -> Iterator[None]:
+    """Where torch can read its legacy flags, change them through the legacy setters and put
+    them back the same way: a per-operation setter would leave a mix that makes the legacy
+    getters raise for the rest of the run, and library code reads them
+    (``torch.backends.cudnn.flags()``, in Hugging Face's CTC loss). Per-operation settings
+    without a legacy flag, or a state only they can describe, are set and put back as they
+    are."""
+    legacy = _legacy_flags("cuda" in kinds)
+    settings = _precision_settings(kinds)
+    if legacy is not None:
+        # The legacy flags cover the matmuls and cuDNN; oneDNN convolutions and RNNs, and
+        # the generic setting, have per-operation settings only.
+        covered = {id(torch.backends.cudnn)}
+        for path in (("cuda", "matmul"), ("cudnn", "conv"), ("cudnn", "rnn"), ("mkldnn", "matmul")):
+            holder = getattr(getattr(torch.backends, path[0], None), path[1], None)
+            covered.add(id(holder))
+        settings = [(holder, leaf) for holder, leaf in settings if id(holder) not in covered]
+    changed = [(h, leaf, h.fp32_precision) for h, leaf in settings if h.fp32_precision in _REDUCED]
+    precision, cudnn_tf32 = legacy if legacy is not None else ("highest", False)
     try:
-        torch.set_float32_matmul_precision("highest")
-        cuda_matmul.allow_tf32 = cudnn.allow_tf32 = False
+        if precision != "highest":
+            torch.set_float32_matmul_precision("highest")
+        if cudnn_tf32:
+            torch.backends.cudnn.allow_tf32 = False
+        for holder, leaf, _ in changed:
+            holder.fp32_precision = "ieee" if leaf else "none"
         yield
     finally:
-        # The precision last: setting allow_tf32 sets it too ("high" for True).
-        cuda_matmul.allow_tf32, cudnn.allow_tf32 = saved_legacy[1:]
-        torch.set_float32_matmul_precision(saved_legacy[0])
+        for holder, _, value in reversed(changed):
+            holder.fp32_precision = value
+        # The precision last: setting cuDNN's TF32 flag does not touch it, but keep the
+        # legacy setters' own order.
+        if cudnn_tf32:
+            torch.backends.cudnn.allow_tf32 = True
+        if precision != "highest":
+            torch.set_float32_matmul_precision(precision)
 
 
 @contextlib.contextmanager
@@ -91,7 +120,7 @@ def autocast_disabled(device: torch.device) -> Iterator[None]:
     """Turn autocast off for ``device``'s type (a caller's mixed-precision region would
     otherwise run the Gram-Schmidt products in bf16/fp16), and run float32 arithmetic in
     IEEE single precision (:func:`ieee_float32`)."""
-    with ieee_float32():
+    with ieee_float32({device.type}):
         if device.type in ("cpu", "cuda"):
             with torch.autocast(device_type=device.type, enabled=False):
                 yield

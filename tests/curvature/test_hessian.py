@@ -22,6 +22,7 @@ from spectral_callbacks.functional import (
     hessian_trace,
 )
 from spectral_callbacks.linalg import slq
+from spectral_callbacks.linalg._precision import ieee_float32
 
 from ..models import (
     CASES,
@@ -534,6 +535,29 @@ def test_measurement_under_reduced_float32_precision_is_done_in_ieee_float32(
     assert bool(result.converged.all())
     torch.testing.assert_close(result.eigenvalues, exact, rtol=1e-6, atol=0)
     assert torch.get_float32_matmul_precision() == "medium"
+
+
+def test_code_that_reads_the_legacy_precision_flags_still_can_inside_and_after():
+    """Hugging Face's CTC loss runs under ``torch.backends.cudnn.flags()``, which reads
+    torch's legacy TF32 flags. Per-operation settings made inside a measurement made those
+    getters raise, inside and for the rest of the run; the guard keeps them readable and
+    puts back the same flags (also where it turns cuDNN's TF32 off, as on a GPU)."""
+    model, batches = make_case("mlp")
+    model32 = copy.deepcopy(model).float()
+    batch = (batches[0][0].float(), batches[0][1])
+
+    def ctc_like_loss(module, b):
+        with torch.backends.cudnn.flags(enabled=False):
+            return cross_entropy_loss(module, b)
+
+    flags = (torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32)
+    result = hessian_eigenvalues(model32, ctc_like_loss, batch, k=1, tol=1e-4)
+    assert bool(result.converged.all())
+    with ieee_float32({"cpu", "cuda"}):
+        assert torch.backends.cudnn.allow_tf32 is False
+        with torch.backends.cudnn.flags(enabled=False):
+            pass
+    assert (torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32) == flags
 
 
 def test_float32_attention_model_runs_under_default_kernels():
