@@ -107,8 +107,7 @@ def _ieee_settings(kinds: set[str]) -> Iterator[None]:
     finally:
         for holder, _, value in reversed(changed):
             holder.fp32_precision = value
-        # The precision last: setting cuDNN's TF32 flag does not touch it, but keep the
-        # legacy setters' own order.
+        # The reverse of the order they were set in.
         if cudnn_tf32:
             torch.backends.cudnn.allow_tf32 = True
         if precision != "highest":
