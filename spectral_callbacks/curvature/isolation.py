@@ -22,7 +22,6 @@ from ..linalg._precision import ieee_float32
 
 __all__ = [
     "BufferSnapshot",
-    "RandomStates",
     "compiled_code_allowed",
     "compiled_code_runs_eagerly",
     "measurement_context",
@@ -56,27 +55,6 @@ def _frozen_batchnorm_statistics(model: nn.Module) -> Iterator[None]:
             module.track_running_stats = True
 
 
-class RandomStates:
-    """The random streams a forward pass may draw from: torch's CPU generator and those of
-    the ``cuda`` devices, NumPy's global RNG and Python's ``random``, taken now and put back
-    by :meth:`restore` (so a pass run again draws the same masks, or a run's streams stay
-    where they were)."""
-
-    def __init__(self, cuda: list[torch.device] | None = None) -> None:
-        self.cuda = list(cuda or [])
-        self.torch = torch.random.get_rng_state()
-        self.devices = [torch.cuda.get_rng_state(d) for d in self.cuda]
-        self.numpy = np.random.get_state()
-        self.python = random.getstate()
-
-    def restore(self) -> None:
-        torch.random.set_rng_state(self.torch)
-        for device, state in zip(self.cuda, self.devices, strict=True):
-            torch.cuda.set_rng_state(state, device)
-        np.random.set_state(self.numpy)
-        random.setstate(self.python)
-
-
 #: How many :func:`preserved_random_streams` scopes are open: inside one, the measurement
 #: contexts seed NumPy's and Python's streams without saving them each time (the scope puts
 #: them back once; saving NumPy's state costs tens of microseconds, a gradient-difference
@@ -86,16 +64,19 @@ _open_scopes = 0
 
 @contextlib.contextmanager
 def preserved_random_streams(cuda: list[torch.device] | None = None) -> Iterator[None]:
-    """Whatever is drawn inside, the streams of :class:`RandomStates` are as before on exit.
-    Curvature operators used as context managers and the monitors' measurements hold one."""
+    """Whatever is drawn inside, torch's CPU generator and those of the ``cuda`` devices,
+    NumPy's global RNG and Python's ``random`` are as before on exit. Curvature operators
+    used as context managers and the monitors' measurements hold one."""
     global _open_scopes
-    states = RandomStates(cuda)
+    numpy_state, python_state = np.random.get_state(), random.getstate()
     _open_scopes += 1
     try:
-        yield
+        with torch.random.fork_rng(devices=list(cuda or [])):
+            yield
     finally:
         _open_scopes -= 1
-        states.restore()
+        np.random.set_state(numpy_state)
+        random.setstate(python_state)
 
 
 @contextlib.contextmanager
