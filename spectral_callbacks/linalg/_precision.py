@@ -21,16 +21,24 @@ _PRECISION_PATHS = {
     "cuda": [("cuda", "matmul"), ("cudnn",), ("cudnn", "conv"), ("cudnn", "rnn")],
 }
 
+#: The settings torch's legacy flags (the float32 matmul precision, cuDNN's TF32 flag) set.
+_LEGACY_COVERED = frozenset(
+    [("cuda", "matmul"), ("cudnn",), ("cudnn", "conv"), ("cudnn", "rnn"), ("mkldnn", "matmul")]
+)
+
 #: The values of a per-operation setting that reduce float32 precision.
 _REDUCED = ("tf32", "bf16")
 
 
-def _precision_settings(device_types: set[str]) -> list[tuple[object, bool]]:
+def _precision_settings(device_types: set[str], legacy: bool) -> list[tuple[object, bool]]:
     """The generic setting and those of ``device_types``' backends that this torch has,
-    parents first, each with whether it is an operation's (a leaf)."""
+    parents first, each with whether it is an operation's (a leaf); with ``legacy``, only
+    those the legacy flags do not set."""
     paths = [()] + [path for kind in sorted(device_types) for path in _PRECISION_PATHS[kind]]
     found = []
     for path in paths:
+        if legacy and path in _LEGACY_COVERED:
+            continue
         holder: object = torch.backends
         for name in path:
             holder = getattr(holder, name, None)
@@ -85,15 +93,7 @@ def _ieee_settings(kinds: set[str]) -> Iterator[None]:
     without a legacy flag, or a state only they can describe, are set and put back as they
     are."""
     legacy = _legacy_flags("cuda" in kinds)
-    settings = _precision_settings(kinds)
-    if legacy is not None:
-        # The legacy flags cover the matmuls and cuDNN; oneDNN convolutions and RNNs, and
-        # the generic setting, have per-operation settings only.
-        covered = {id(torch.backends.cudnn)}
-        for path in (("cuda", "matmul"), ("cudnn", "conv"), ("cudnn", "rnn"), ("mkldnn", "matmul")):
-            holder = getattr(getattr(torch.backends, path[0], None), path[1], None)
-            covered.add(id(holder))
-        settings = [(holder, leaf) for holder, leaf in settings if id(holder) not in covered]
+    settings = _precision_settings(kinds, legacy is not None)
     changed = [(h, leaf, h.fp32_precision) for h, leaf in settings if h.fp32_precision in _REDUCED]
     precision, cudnn_tf32 = legacy if legacy is not None else ("highest", False)
     try:
