@@ -378,10 +378,13 @@ class HessianOperator(CurvatureOperator):
             try:
                 if compiled not in self._vmapped:
                     vmapped = ForwardOverReverseProducts(self, compiled)
-                    products = vmapped.matmat(block)
-                    self._check_against_double_backward(vmapped, block[:1], products[:1])
+                    # A disagreement found for an earlier operator of the model raises here.
+                    if not vmapped.checked_against_double_backward():
+                        products = vmapped.matmat(block)
+                        self._check_against_double_backward(vmapped, block[:1], products[:1])
+                        self._vmapped[compiled] = vmapped
+                        return products
                     self._vmapped[compiled] = vmapped
-                    return products
                 return self._vmapped[compiled].matmat(block)
             except RuntimeError as error:
                 explained = explain_second_order_failure(error)
@@ -408,14 +411,13 @@ class HessianOperator(CurvatureOperator):
         self, vmapped: ForwardOverReverseProducts, vector: torch.Tensor, product: torch.Tensor
     ) -> None:
         """``vmapped``'s first ``product`` against the reused graph's product of its
-        ``vector`` (once per model, loss, selection and path; not counted), where double
-        backward works: else there is nothing to compare with and the vmapped path stands
-        alone."""
+        ``vector`` (not counted), where double backward works: else there is nothing to
+        compare with and the vmapped path stands alone."""
         try:
             self._reused.check_symmetry()
             vmapped.check_agreement(vector, product, self._reused.matmat)
         except NoSecondDerivative:
-            pass
+            vmapped.record(None)  # nothing to compare with: not tried again
         finally:
             self._reused.release()  # the vmapped path keeps no graph; neither does the check
 

@@ -65,9 +65,12 @@ def block_product(model: nn.Module, loss_fn: LossFunction, names: list[str]) -> 
     return product
 
 
-#: Per model: the (loss, selection, reduction, compiled) whose products were checked
-#: against double backward (:meth:`ForwardOverReverseProducts.check_agreement`).
-_AGREEMENT_CHECKED: weakref.WeakKeyDictionary[nn.Module, set] = weakref.WeakKeyDictionary()
+#: Per model and (loss, selection, reduction, compiled): the outcome of
+#: :meth:`ForwardOverReverseProducts.check_agreement`, ``None`` where the products agreed,
+#: else the reason they do not (later operators of the model fall back without computing).
+_AGREEMENT: weakref.WeakKeyDictionary[nn.Module, dict[tuple, str | None]] = (
+    weakref.WeakKeyDictionary()
+)
 
 
 class DisagreeingProducts(RuntimeError):
@@ -102,38 +105,60 @@ class ForwardOverReverseProducts:
             total += weight * op.flatten(list(products), block.shape[0])
         return total
 
+    @property
+    def _key(self) -> tuple:
+        op = self.operator
+        return (op.loss_fn, tuple(op.names), op.reduction, self.compiled)
+
+    def checked_against_double_backward(self) -> bool:
+        """Whether :meth:`check_agreement` has run for this model, loss, selection and path.
+
+        Raises:
+            DisagreeingProducts: Where it found them to disagree (the reason it gave then).
+        """
+        outcomes = _AGREEMENT.get(self.operator.model, {})
+        if self._key not in outcomes:
+            return False
+        if outcomes[self._key] is not None:
+            raise DisagreeingProducts(outcomes[self._key])
+        return True
+
     def check_agreement(
         self,
         vector: torch.Tensor,
         product: torch.Tensor,
         reference: Callable[[torch.Tensor], torch.Tensor],
     ) -> None:
-        """Once per model, loss, selection and path: this path's ``product`` of ``vector``
-        (a ``(1, n)`` row it has computed) against ``reference(vector)``, double backward's.
-        ``functional_call`` replaces registered parameters only; a model that computes with
-        others (a ``torch.jit.script`` module, a parameter kept in a plain list) would have
-        those terms read as 0, silently.
+        """This path's ``product`` of ``vector`` (a ``(1, n)`` row it has computed) against
+        ``reference(vector)``, double backward's; the outcome is kept per model, loss,
+        selection and path. ``functional_call`` replaces registered parameters only; a
+        model that computes with others (a ``torch.jit.script`` module, a parameter kept in
+        a plain list) would have those terms read as 0, silently.
 
         Raises:
             DisagreeingProducts: If the two differ beyond rounding (the same decision on
                 every process).
         """
         op = self.operator
-        checked = _AGREEMENT_CHECKED.setdefault(op.model, set())
-        key = (op.loss_fn, tuple(op.names), op.reduction, self.compiled)
-        if key in checked:
-            return
         mine, theirs = product.detach().double(), reference(vector).detach().double()
         scale = torch.maximum(mine.norm(), theirs.norm()).clamp_min(torch.finfo(torch.float64).tiny)
         difference = ((mine - theirs).norm() / scale).reshape(1)
         difference = float(op.all_reduce(difference, op="max")[0])
         roundoff = torch.finfo(op.product_dtype).eps / 2
+        reason = None
         if difference > min(0.1, max(1e4 * roundoff, 1e-10)):
-            raise DisagreeingProducts(
+            reason = (
                 f"forward-over-reverse products differ from double backward's by "
                 f"{difference:.2g} (relative): the model computes with parameters that "
                 "torch.func.functional_call cannot replace (a parameter kept outside the "
                 "module's registered ones, such as in a plain list), so their terms read as "
                 "0; use hvp='reuse_graph' (or 'auto')"
             )
-        checked.add(key)
+        self.record(reason)
+        if reason is not None:
+            raise DisagreeingProducts(reason)
+
+    def record(self, reason: str | None) -> None:
+        """Keep the outcome of a check for this model, loss, selection and path (``None``:
+        agreed, or nothing to compare with)."""
+        _AGREEMENT.setdefault(self.operator.model, {})[self._key] = reason
