@@ -27,13 +27,7 @@ from torch import nn
 
 from .._checks import check_bool, check_integer, check_number
 from ..curvature.data import Batches, as_batch_list, map_tensors, move_to_device
-from ..curvature.isolation import (
-    BufferSnapshot,
-    measurement_context,
-    model_devices,
-    preserved_random_streams,
-)
-from ..linalg._precision import ieee_float32
+from ..curvature.isolation import BufferSnapshot, measurement_context, measurement_scope
 from ..reporting.media import Media, media_sinks
 from ..reporting.tensorboard import add_chart_layout, tensorboard_writers
 from . import metrics as metric_table
@@ -650,12 +644,10 @@ class SpectralMonitor(Callback):
         device = next(pl_module.parameters()).device
         out_of_memory = None
         failed = True  # a failure below warns for itself, not again as a non-finite value
-        cuda = [d for d in model_devices(pl_module) if d.type == "cuda"]
         with (
             preserved_modes(pl_module, self.eval_mode),
             muted_lightning_logging(pl_module),
-            preserved_random_streams(cuda),  # put back once, however many passes it seeds
-            ieee_float32({d.type for d in model_devices(pl_module)}),  # once, as the streams
+            measurement_scope(pl_module),
         ):
             try:
                 metrics = self.measure(trainer, pl_module, probe)

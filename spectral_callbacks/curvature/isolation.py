@@ -25,6 +25,7 @@ __all__ = [
     "compiled_code_allowed",
     "compiled_code_runs_eagerly",
     "measurement_context",
+    "measurement_scope",
     "model_devices",
     "preserved_random_streams",
 ]
@@ -77,6 +78,19 @@ def preserved_random_streams(cuda: list[torch.device] | None = None) -> Iterator
         _open_scopes -= 1
         np.random.set_state(numpy_state)
         random.setstate(python_state)
+
+
+@contextlib.contextmanager
+def measurement_scope(model: nn.Module) -> Iterator[None]:
+    """Around all of one measurement of ``model``: its random streams
+    (:func:`preserved_random_streams`) and float32 precision
+    (:func:`~spectral_callbacks.linalg._precision.ieee_float32`) are set aside once and put
+    back on exit, so that the many forward passes and products inside only seed and check
+    them."""
+    devices = model_devices(model)
+    cuda = [d for d in devices if d.type == "cuda"]
+    with preserved_random_streams(cuda), ieee_float32({d.type for d in devices}):
+        yield
 
 
 @contextlib.contextmanager

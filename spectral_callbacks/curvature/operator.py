@@ -32,10 +32,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..linalg._precision import autocast_disabled, ieee_float32
+from ..linalg._precision import autocast_disabled
 from ..settings import OperatorSettings
 from .data import as_batch_list, batch_size, move_to_device, select_parameters
-from .isolation import BufferSnapshot, model_devices, preserved_random_streams
+from .isolation import BufferSnapshot, measurement_scope
 from .sharding import local_tensor, reshard
 
 __all__ = ["CurvatureOperator", "NonFiniteLossError", "process_group_size"]
@@ -120,17 +120,15 @@ class CurvatureOperator:
 
     # -- lifecycle -----------------------------------------------------------------------------
     def __enter__(self) -> CurvatureOperator:
-        # One scope for the random streams (the products' forward passes seed them) and one
-        # for float32 precision, each put back once, on exit.
-        self._scopes = contextlib.ExitStack()
-        cuda = [d for d in model_devices(self.model) if d.type == "cuda"]
-        self._scopes.enter_context(preserved_random_streams(cuda))
-        self._scopes.enter_context(ieee_float32({d.type for d in model_devices(self.model)}))
+        self._scope = measurement_scope(self.model)
+        self._scope.__enter__()
         return self
 
     def __exit__(self, *exc: object) -> None:
-        with self._scopes:
+        try:
             self.close()
+        finally:
+            self._scope.__exit__(None, None, None)
 
     def close(self) -> None:
         """Free what the products keep (graphs) and restore every buffer of the model."""
