@@ -95,8 +95,9 @@ class RepresentationMonitor(SpectralMonitor):
     of ``log10`` covariance eigenvalues per layer and a scree figure (eigenvalue against rank
     on log-log axes, with the α-ReQ fit).
 
-    Probe data: the first validation batches if the trainer has a validation loader, else the
-    first training batches, until ``num_samples`` samples; copied once and reused.
+    Probe data: the first validation batches if the trainer has a validation loader (the
+    first loader of a list or a dict of them), else the first training batches, until
+    ``num_samples`` samples; copied once and reused.
 
     Args:
         layers: Names of submodules (as in ``model.named_modules()``).
@@ -231,6 +232,9 @@ class RepresentationMonitor(SpectralMonitor):
         if self._probe_complete or self.probe_data is not None:
             return
         loaders = trainer.val_dataloaders
+        # Several validation loaders (a list, or a dict of named ones): the first.
+        if isinstance(loaders, Mapping):
+            loaders = list(loaders.values())
         if isinstance(loaders, (list, tuple)):
             loaders = loaders[0] if loaders else None
         if loaders is None:

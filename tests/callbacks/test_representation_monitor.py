@@ -598,6 +598,26 @@ def test_the_validation_probe_is_the_batch_a_step_would_see():
     assert [step for step, _ in monitor.history] == [0, 2]
 
 
+class WithSeveralValidationLoaders(Encoder):
+    def validation_step(self, batch, batch_idx, dataloader_idx=0):
+        return None
+
+
+@pytest.mark.parametrize("container", [list, dict])
+def test_with_several_validation_loaders_the_probe_is_the_first_ones(container):
+    """Validation loaders as a list or a dict of named loaders: the probe is the first
+    loader's first batches (a dict read as its keys, and the probe as strings, raised)."""
+    train, val, x = loaders()
+    other = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(-x, x[:, 0]), batch_size=8)
+    val_loaders = [val, other] if container is list else {"held_out": val, "shifted": other}
+    monitor = RepresentationMonitor(layers=["encoder"], every_n_steps=2, num_samples=40)
+    trainer = L.Trainer(max_steps=2, callbacks=[monitor], **trainer_kwargs())
+    trainer.fit(WithSeveralValidationLoaders(), train, val_loaders)
+    (probe,) = monitor._probe
+    assert torch.equal(probe[0], x[256 : 256 + 40])
+    assert [step for step, _ in monitor.history] == [0, 2]
+
+
 class _Gate(nn.Module):
     """Passes its input, or zeros once ``closed()`` says so (a layer that dies)."""
 
