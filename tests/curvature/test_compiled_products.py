@@ -8,7 +8,10 @@ the default ``inductor`` backend end to end.
 
 from __future__ import annotations
 
+import pathlib
 import shutil
+import subprocess
+import sys
 import warnings
 
 import pytest
@@ -19,6 +22,8 @@ from spectral_callbacks.curvature import HessianOperator, clear_compiled_product
 from spectral_callbacks.curvature.products import ForwardOverReverseProducts
 from spectral_callbacks.curvature.products.compiled import (
     COMPILED_CACHE_SIZE,
+    INNER_PRODUCT_CRASHES,
+    _InnerProductWatch,
     cache_size,
     compiled_entries,
 )
@@ -184,6 +189,65 @@ def test_inductor_lanczos_matches_eigvalsh():
     # Inductor's CPU code needs a C++ compiler; without one the fallback (tested above) runs.
     if shutil.which("g++") or shutil.which("c++") or shutil.which("clang++"):
         assert not entry.failed
+
+
+_SPECTRAL_NORM_SCRIPT = """
+import warnings
+import torch
+from torch import nn
+from spectral_callbacks.curvature import HessianOperator
+from spectral_callbacks.linalg import lanczos
+from tests.oracles import dense_hessian_rows
+
+torch.manual_seed(0)
+linear = nn.utils.parametrizations.spectral_norm(nn.Linear(4, 6))
+model = nn.Sequential(linear, nn.Tanh(), nn.Linear(6, 1)).double().eval()
+batch = (torch.randn(16, 4, dtype=torch.float64), torch.randn(16, 1, dtype=torch.float64))
+
+def loss(m, b):
+    return (m(b[0]) - b[1]).pow(2).mean()
+
+expected = torch.linalg.eigvalsh(dense_hessian_rows(model, loss, [batch]))[-1]
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    with HessianOperator(model, loss, batch, hvp="compiled") as op:
+        result = lanczos(op, k=1, tol=1e-10)
+assert abs(float(result.eigenvalues[0]) - float(expected)) <= 1e-8 * float(expected)
+print("|".join(str(w.message) for w in caught))
+"""
+
+
+def test_inductor_never_compiles_an_inner_product_of_vectors_where_it_crashes():
+    """spectral_norm computes ``torch.vdot(u, W v)``: torch's inductor before 2.14 ends the
+    process compiling that product on the CPU (a segmentation fault, run apart here so that
+    it fails this test only). There the product stays eager, said once; in later torch it
+    compiles. Either way λ_max is the dense Hessian's."""
+    result = subprocess.run(
+        [sys.executable, "-c", _SPECTRAL_NORM_SCRIPT],
+        cwd=pathlib.Path(__file__).parents[2],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    said = "inner product of two vectors (vdot)"
+    assert (said in result.stdout) == INNER_PRODUCT_CRASHES, result.stdout
+
+
+def test_the_inner_product_watch_sees_vector_inner_products_only():
+    u, v, m = torch.randn(3), torch.randn(3), torch.randn(2, 3)
+    for compute, seen in [
+        (lambda: torch.dot(u, v), "dot"),
+        (lambda: u @ v, "matmul"),
+        (lambda: torch.inner(u, v), "inner"),
+        (lambda: u.vdot(v), "vdot"),
+        (lambda: m @ u, None),
+        (lambda: torch.inner(m, m), None),
+        (lambda: (u * v).sum(), None),
+    ]:
+        with _InnerProductWatch() as watch:
+            compute()
+        assert watch.seen == seen
 
 
 def test_sharpness_monitor_on_compiled_products():

@@ -6,6 +6,13 @@ operator, since a measurement builds a new one. The first product of each block 
 batch shape is checked against the eager one: compiled dropout draws other masks than eager
 dropout, so a model with active dropout fails that check and stays eager (measure it in eval
 mode to use compiled products). If compilation fails the product warns once and stays eager.
+
+A failure the check cannot catch is a crash of the process: torch's ``inductor`` before
+2.14, on the CPU, generates code that ends the process with a segmentation fault for a vmapped
+forward-over-reverse product through an inner product of two vectors (``torch.dot``,
+``torch.vdot``, ``torch.inner``, ``@`` of two 1-D tensors; ``spectral_norm`` computes one).
+There the eager product is watched for such a call first, and one makes the product stay
+eager (:data:`INNER_PRODUCT_CRASHES`).
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from ..isolation import compiled_code_allowed
 
@@ -35,6 +43,10 @@ logger = logging.getLogger("spectral_callbacks")
 #: operators go straight to the eager path.
 _COMPILED: collections.OrderedDict[tuple, CompiledProduct] = collections.OrderedDict()
 COMPILED_CACHE_SIZE = 8
+
+#: Whether this torch's compiler crashes the process on a product through an inner product
+#: of two vectors on the CPU (module docstring): seen in 2.5.1 and 2.13.0, not in 2.14.1.
+INNER_PRODUCT_CRASHES = torch.__version__ < "2.14"
 
 
 def clear_compiled_products() -> None:
@@ -114,7 +126,27 @@ class CompiledProduct:
         if signature in self._checked:
             with compiled_code_allowed():
                 return self.compiled(primals, tangents, batch)
-        expected = self.eager(primals, tangents, batch)
+        inner_product = None
+        if (
+            INNER_PRODUCT_CRASHES
+            and self.backend == "inductor"
+            and tangents[0].device.type == "cpu"
+        ):
+            with _InnerProductWatch() as watch:
+                expected = self.eager(primals, tangents, batch)
+            inner_product = watch.seen
+        else:
+            expected = self.eager(primals, tangents, batch)
+        if inner_product is not None:
+            self.failed = True
+            warnings.warn(
+                f"the loss computes an inner product of two vectors ({inner_product}), whose "
+                f"compiled Hessian-vector product crashes the process in torch "
+                f"{torch.__version__} on the CPU: using the eager forward-over-reverse path",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+            return expected
         logger.info(
             "compiling the Hessian-vector product for blocks of %d (torch.compile, backend "
             "%r): once per model, block width and batch shape",
@@ -147,6 +179,28 @@ class CompiledProduct:
             )
         self._checked.add(signature)
         return expected
+
+
+class _InnerProductWatch(TorchFunctionMode):
+    """Notes the first inner product of two vectors computed under it (``seen``: its name)."""
+
+    _INNER = (torch.dot, torch.vdot, torch.inner, torch.Tensor.dot, torch.Tensor.vdot)
+    _INNER += (torch.Tensor.inner, torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__)
+    _INNER += (torch.Tensor.__rmatmul__,)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: str | None = None
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if (
+            self.seen is None
+            and func in self._INNER
+            and len(args) >= 2
+            and all(isinstance(a, torch.Tensor) and a.dim() == 1 for a in args[:2])
+        ):
+            self.seen = getattr(func, "__name__", repr(func))
+        return func(*args, **(kwargs or {}))
 
 
 def _graphs_compiled() -> int | None:
