@@ -23,6 +23,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
 from .._checks import check_bool, check_integer, check_number
@@ -221,6 +222,10 @@ class SpectralMonitor(Callback):
     OVERHEAD_ROW: str | None = None
     #: The clock measurements and training are timed by (tests replace it).
     clock: Callable[[], float] = staticmethod(time.perf_counter)
+    #: A measurement that takes at least this many seconds is reported once (INFO, through
+    #: Lightning's console logger), with when the next one comes: the progress bar stands
+    #: still meanwhile, and the first measurement comes whatever it costs.
+    SLOW_MEASUREMENT_SECONDS = 30.0
 
     @classmethod
     def _base_arguments(cls, arguments: Mapping[str, Any]) -> dict[str, Any]:
@@ -681,7 +686,9 @@ class SpectralMonitor(Callback):
         finite = all(math.isfinite(v) for k, v in metrics.items() if k not in undefined)
         if not failed and not finite:
             self.warn_once("non-finite", f"non-finite spectral value at step {step}; logging it")
-        self._record_cost(trainer, step, self.clock() - began, metrics)
+        seconds = self.clock() - began
+        self._record_cost(trainer, step, seconds, metrics)
+        self._report_slow_measurement(step, seconds)
         began = self.clock()
         self._publish(trainer, metrics, step, frozenset(undefined))
         self._record_publishing(trainer, self.clock() - began)
@@ -700,6 +707,27 @@ class SpectralMonitor(Callback):
         if self.OVERHEAD_ROW is not None:
             share = self._spent / trained if trained > 0 else math.nan
             metrics[self.metric(self.OVERHEAD_ROW)] = share
+
+    def _report_slow_measurement(self, step: int, seconds: float) -> None:
+        """Say once, on the first process, that a measurement took
+        :attr:`SLOW_MEASUREMENT_SECONDS` or more, and when the schedule measures next."""
+        if seconds < self.SLOW_MEASUREMENT_SECONDS or "slow" in self._warned:
+            return
+        self._warned.add("slow")
+        if self.every_n_steps is not None:
+            then = f"with every_n_steps={self.every_n_steps} it recurs every {self.every_n_steps}"
+            then += " steps"
+        else:
+            # This process's seconds: a reduce here would wait for processes that are not slow.
+            owed = self._schedule.owed(self._trained_locally())
+            then = (
+                f"with max_overhead={self.max_overhead:g} the next one comes once training has "
+                f"paid for it, after about {max(owed, 0.0):,.0f} s more of training"
+            )
+        rank_zero_info(
+            f"{type(self).__name__}: the measurement at step {step} took {seconds:,.0f} s; "
+            f'{then} ("What it costs" on the monitor\'s page says what makes it cheaper)'
+        )
 
     def _record_publishing(self, trainer: pl.Trainer, seconds: float) -> None:
         """Account the seconds of publishing a measurement (loggers, figures): they count in

@@ -105,7 +105,7 @@ class BudgetSchedule:
         # later ones): measure only if the training time has paid for it by now, else place
         # it again at the pace seen since.
         now_trained = trained()
-        if self._owed(now_trained) > PAID_TOLERANCE * now_trained:
+        if self.owed(now_trained) > PAID_TOLERANCE * now_trained:
             self._place(step, now_trained)
             return step >= self.next_step
         return True
@@ -135,7 +135,7 @@ class BudgetSchedule:
         if seconds_per_step <= 0:  # still no training timed: decide a step later
             self.next_step, self.decide_at = None, now + 1
             return
-        owed = self._owed(trained)
+        owed = self.owed(trained)
         paid_at = now
         if owed > 0 and seconds_per_step > 0:
             paid_at = now + math.ceil(owed / seconds_per_step)
@@ -143,7 +143,7 @@ class BudgetSchedule:
         self.next_step = max(last + max(1, math.ceil(self.growth * last)), paid_at)
         self.decide_at = None
 
-    def _owed(self, trained: float) -> float:
+    def owed(self, trained: float) -> float:
         """Seconds of training still to come before the next measurement fits the budget."""
         return (self.spent + self.last_cost) / self.max_overhead - trained
 

@@ -4,6 +4,7 @@ training time pays for, the same on every process and across a resume."""
 from __future__ import annotations
 
 import itertools
+import logging
 import math
 import warnings
 
@@ -155,6 +156,33 @@ def test_the_seconds_of_publishing_count_in_the_budget():
     for k, (step, values) in enumerate(monitor.history[1:], start=2):
         share = values["spectral/hessian/sharpness_overhead"]
         assert share == pytest.approx((3.0 * k - 2.0) / step)
+
+
+@pytest.mark.parametrize("every_n_steps", [None, 10])
+def test_a_slow_measurement_is_reported_once_with_when_the_next_comes(every_n_steps, caplog):
+    """40 s a measurement (the progress bar stands still meanwhile): said once, on the
+    console Lightning's own messages go to; at the budget's 5 % the next is owed
+    (40 + 40) / 0.05 s of training, with every_n_steps the cost recurs every n steps."""
+    monitor = SharpnessMonitor(every_n_steps=every_n_steps)
+    clock = FakeClock([monitor], step_seconds=1.0, measurement_seconds=40.0)
+    with caplog.at_level(logging.INFO, logger="lightning.pytorch"):
+        _fit([clock, monitor], steps=30)
+    said = [r.getMessage() for r in caplog.records if "SharpnessMonitor" in r.getMessage()]
+    assert len(said) == 1 and len(monitor.history) == (1 if every_n_steps is None else 4)
+    assert said[0].startswith("SharpnessMonitor: the measurement at step 0 took 40 s; ")
+    if every_n_steps is None:
+        assert "after about 1,600 s more of training" in said[0]
+    else:
+        assert "with every_n_steps=10 it recurs every 10 steps" in said[0]
+
+
+def test_a_measurement_below_half_a_minute_is_not_reported(caplog):
+    monitor = SharpnessMonitor(every_n_steps=10)
+    clock = FakeClock([monitor], step_seconds=1.0, measurement_seconds=29.0)
+    with caplog.at_level(logging.INFO, logger="lightning.pytorch"):
+        _fit([clock, monitor], steps=30)
+    assert len(monitor.history) == 4  # steps 0, 10, 20, 30
+    assert not [r for r in caplog.records if "SharpnessMonitor" in r.getMessage()]
 
 
 def test_a_resumed_run_continues_the_schedule_of_the_uninterrupted_run(tmp_path):
