@@ -3,7 +3,9 @@
 A *layer* here is a module with a ``weight`` tensor of at least 2 dimensions: linear layers,
 convolutions, embeddings, Hugging Face's ``Conv1D``; normalisation layers (1-d weights) are
 not. A weight shared by several modules (tied embeddings) is measured once, under the first
-module's name.
+module's name. A parametrized weight (``torch.nn.utils.parametrizations``) is the one the
+module computes with, read as in eval mode and without touching the parametrization's
+state: ``spectral_norm`` read in training mode would advance its power iteration.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 from .._checks import check_name_filter
 from .._names import is_name_or_prefix, uncompiled_name
@@ -77,6 +80,26 @@ def check_layer_filter(layers: object) -> LayerFilter:
     return check_name_filter("layers", layers, "every layer with a weight matrix", "module names")
 
 
+def _weight_of(module: nn.Module) -> torch.Tensor | None:
+    """``module.weight``; a parametrized one computed in eval mode, without gradients, with
+    the parametrization's buffers and modes as they were (module docstring)."""
+    if not parametrize.is_parametrized(module, "weight"):
+        return getattr(module, "weight", None)
+    parametrization = module.parametrizations["weight"]
+    modes = [(part, part.training) for part in parametrization.modules()]
+    buffers = [(buffer, buffer.clone()) for buffer in parametrization.buffers()]
+    try:
+        parametrization.eval()
+        with torch.no_grad():
+            return module.weight
+    finally:
+        with torch.no_grad():
+            for buffer, value in buffers:
+                buffer.copy_(value)
+        for part, training in modes:
+            part.training = training
+
+
 def weight_layers(model: nn.Module, layers: LayerFilter = None) -> dict[str, torch.Tensor]:
     """The weights of the layers ``layers`` selects: module name -> weight, in model order.
 
@@ -91,7 +114,7 @@ def weight_layers(model: nn.Module, layers: LayerFilter = None) -> dict[str, tor
     found: dict[str, torch.Tensor] = {}
     seen: set[int] = set()
     for name, module in model.named_modules():
-        weight = getattr(module, "weight", None)
+        weight = _weight_of(module)
         if not isinstance(weight, torch.Tensor) or weight.ndim < 2 or weight.numel() == 0:
             continue
         if id(weight) in seen:

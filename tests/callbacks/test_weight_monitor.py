@@ -34,10 +34,20 @@ from ..runs import Snapshots, custom_charts, read_events, spectral_history
 LAYERS = ["net.0", "net.2", "net.4"]
 
 
-def fit(callbacks, steps=12, logger=False, **kwargs):
+class SpectralNormRegressor(TanhRegressor):
+    """:class:`TanhRegressor` with ``spectral_norm`` on its hidden layers, whose weights move
+    the power iteration on when read in training mode."""
+
+    def __init__(self, lr: float) -> None:
+        super().__init__(lr=lr)
+        for index in (0, 2):
+            torch.nn.utils.parametrizations.spectral_norm(self.net[index])
+
+
+def fit(callbacks, steps=12, logger=False, model_class=TanhRegressor, **kwargs):
     x, y = regression_data(n=32)
     torch.manual_seed(0)
-    model = TanhRegressor(lr=0.1)
+    model = model_class(lr=0.1)
     trainer = L.Trainer(
         max_epochs=1, callbacks=callbacks, **trainer_kwargs(logger=logger, **kwargs)
     )
@@ -89,11 +99,13 @@ def test_logged_values_are_the_spectra_of_the_weights_at_each_step():
     )
 
 
-def test_training_is_bit_identical_and_warns_nothing():
-    plain, _ = fit([])
+@pytest.mark.parametrize("model_class", [TanhRegressor, SpectralNormRegressor])
+def test_training_is_bit_identical_and_warns_nothing(model_class):
+    plain, _ = fit([], model_class=model_class)
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)
-        monitored, _ = fit([WeightSpectrumMonitor(every_n_steps=2, drift_rank=3)])
+        monitor = WeightSpectrumMonitor(every_n_steps=2, drift_rank=3)
+        monitored, _ = fit([monitor], model_class=model_class)
     for (name, a), b in zip(
         plain.state_dict().items(), monitored.state_dict().values(), strict=True
     ):

@@ -272,6 +272,29 @@ def test_layer_selection():
     assert list(weight_layers(compiled)) == ["net.0"]
 
 
+def test_parametrized_weights_are_read_as_computed_leaving_their_state():
+    """spectral_norm read in training mode advances its power iteration (buffers ``_u``,
+    ``_v``): the weight is read as eval mode computes it, ``W / (uᵀ W v)`` with the stored
+    vectors, and the model is left as it was; an orthogonal weight's ESD is all ones."""
+    parametrizations = nn.utils.parametrizations
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        parametrizations.spectral_norm(nn.Linear(12, 20)),
+        nn.Tanh(),
+        parametrizations.orthogonal(nn.Linear(20, 20)),
+    )
+    state = {name: value.clone() for name, value in model.state_dict().items()}
+    spectra = weight_spectra(model)
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, state[name]), name
+    assert all(module.training for module in model.modules())
+    norm = model[0].parametrizations.weight[0]
+    u, v, w = norm._u.double(), norm._v.double(), model[0].parametrizations.weight.original
+    expected = dense_esd(w.double() / torch.dot(u, w.double().mv(v)))
+    assert torch.allclose(spectra["0"].eigenvalues, expected, rtol=1e-6)
+    assert torch.allclose(spectra["2"].eigenvalues, torch.ones(20, dtype=torch.float64), atol=1e-5)
+
+
 def test_model_metrics_and_averages():
     model = nn.Sequential(nn.Linear(80, 60), nn.ReLU(), nn.Linear(60, 30), nn.Linear(30, 1))
     spectra = weight_spectra(model)
