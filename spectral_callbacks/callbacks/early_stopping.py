@@ -315,8 +315,11 @@ class SpectralEarlyStopping(EarlyStopping):
         undefined: frozenset[str] = frozenset(),
     ) -> None:
         """Called by a spectral monitor right after it publishes a measurement; ``undefined``
-        names the metrics that are NaN by definition there (an adaptive optimizer's ratio
-        before its first step), which are not checked: NaN is not a diverged run there."""
+        names the metrics not defined for this run there, which are not checked: NaN by
+        definition (an adaptive optimizer's ratio before its first step), where NaN is not a
+        diverged run, or a stand-in the monitor warned about (``λ_max · lr / 2`` in place of
+        the ratio of an optimizer without a derivation, such as LBFGS), which says nothing
+        of the run's stability."""
         if self.monitor not in metrics or trainer.fast_dev_run or step == self.last_checked_step:
             return
         self.last_checked_step = step
@@ -325,13 +328,14 @@ class SpectralEarlyStopping(EarlyStopping):
             return
         # Undefined or not, the same on every process (the values are reduced), so no
         # process skips the decision's collective below while another waits in it.
-        if self.monitor in undefined and not math.isfinite(value):
+        if self.monitor in undefined:
             self._undefined_in_a_row += 1
             if self._undefined_in_a_row == 2 and trainer.is_global_zero:
                 warnings.warn(
-                    f"SpectralEarlyStopping: {self.monitor} is undefined (NaN by definition, "
-                    f"e.g. for this run's optimizer) at step {step} and the measurement "
-                    "before; the rule is not checked while it is (warned once)",
+                    f"SpectralEarlyStopping: {self.monitor} is not defined for this run at "
+                    f"step {step} and the measurement before (NaN by definition, or a "
+                    "stand-in the monitor warned about, e.g. for this run's optimizer); the "
+                    "rule is not checked while it is (warned once)",
                     RuntimeWarning,
                     stacklevel=2,
                 )

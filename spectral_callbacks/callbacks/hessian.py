@@ -33,6 +33,7 @@ from ..curvature import (
     sam_sharpness_of,
     select_parameters,
 )
+from ..curvature.preconditioner import RATIO_METRICS
 from ..linalg import (
     DeflatedSpectrum,
     EigenMethod,
@@ -247,7 +248,8 @@ class SharpnessMonitor(_HessianMonitor):
     (:mod:`spectral_callbacks.curvature.preconditioner` derives each). For SGD without
     momentum and one learning rate it is exactly ``λ_max · lr / 2``. Adaptive optimizers have
     no preconditioner before their first step: NaN then, by definition. An optimizer without
-    a derivation gets ``λ_max · lr / 2`` and one warning.
+    a derivation, or gradient ascent (``maximize=True``), gets the stand-in
+    ``λ_max · lr / 2`` and one warning; :class:`SpectralEarlyStopping` does not act on it.
 
     Metrics: one row each of :attr:`METRICS` (names, charts; docs/sharpness.md lists them
     with their meaning), under ``spectral/hessian/`` (``spectral/hessian/{name}/`` if named).
@@ -354,7 +356,11 @@ class SharpnessMonitor(_HessianMonitor):
             stability = self._stability(trainer, operator, lambda_max, lr)
             num_hvps = operator.num_hvps
         unbounded = ["lambda_max_error"] if math.isinf(error) else []  # its stated meaning
-        self._undefined = {self.metric(row) for row in [*stability.undefined, *unbounded]}
+        # A stand-in ratio (λ_max · lr / 2 for an optimizer without a derivation) is logged
+        # but says nothing of that optimizer's stability: no stopping rule may act on it.
+        stand_in = RATIO_METRICS if stability.fallback is not None else ()
+        rows = [*stability.undefined, *unbounded, *stand_in]
+        self._undefined = {self.metric(row) for row in rows}
         values = {
             "lambda_max": lambda_max,
             "eos_ratio": stability.eos_ratio,
@@ -381,7 +387,11 @@ class SharpnessMonitor(_HessianMonitor):
             optimizer_aware=self.optimizer_aware,
         )
         if stability.fallback is not None:
-            message = f"{stability.fallback}; eos_ratio is lambda_max * lr / 2 instead"
+            message = (
+                f"{stability.fallback}; eos_ratio is lambda_max * lr / 2 instead, which says "
+                "nothing of this optimizer's stability, so no SpectralEarlyStopping rule acts "
+                "on it (optimizer_aware=False makes it the ratio asked for)"
+            )
             self.warn_once("optimizer", message)
         if stability.eigenvector is not None:
             self._preconditioned_start = stability.eigenvector

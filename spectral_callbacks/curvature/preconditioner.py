@@ -124,6 +124,12 @@ def _group_step_and_threshold(
 ) -> tuple[torch.Tensor | float, float, float]:
     """(elementwise step, threshold, L2 weight decay) of one parameter under ``optimizer``."""
     name = type(optimizer).__name__
+    if group.get("maximize", False):
+        raise UnsupportedOptimizerError(
+            f"{name} with maximize=True (gradient ascent) is not supported for the "
+            "optimizer-aware stability ratio: the edge of ascent is set by the most negative "
+            "Hessian eigenvalue, not by λ_max"
+        )
     lr = _scalar(group["lr"])
     state = optimizer.state.get(param, {})
     if isinstance(optimizer, torch.optim.SGD):

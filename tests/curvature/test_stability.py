@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from spectral_callbacks import SharpnessMonitor
+from spectral_callbacks import SharpnessMonitor, SpectralEarlyStopping
 from spectral_callbacks.curvature import stability_preconditioner
 from spectral_callbacks.curvature.preconditioner import heavy_ball_threshold, nesterov_threshold
 from spectral_callbacks.functional import hessian_eigenvalues, optimizer_stability_ratio
@@ -238,6 +238,44 @@ def test_unsupported_optimizer_logs_the_plain_ratio_with_one_warning():
         assert values["spectral/hessian/eos_ratio"] == pytest.approx(
             values["spectral/hessian/lambda_max"] * 0.01 / 2
         )
+
+
+class AscentRegressor(TanhRegressor):
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=self.lr, maximize=True)
+
+
+@pytest.mark.parametrize("optimizer_aware", [True, False])
+@pytest.mark.parametrize(
+    "module, unsupported",
+    [(AdamaxRegressor, "Adamax is not supported"), (AscentRegressor, "maximize=True")],
+    ids=["Adamax", "SGD ascent"],
+)
+def test_no_stopping_rule_acts_on_the_stand_in_ratio(module, unsupported, optimizer_aware):
+    """``λ_max · lr / 2`` stands in for the ratio of an optimizer without a derivation (and
+    of gradient ascent, whose edge λ_min sets): logged, warned, but it says nothing of that
+    run's stability, so the sharpness rule does not stop on it (it stopped LBFGS and
+    Adadelta runs, whose lr of 1 puts it above 1). Asked for with ``optimizer_aware=False``,
+    it is the ratio the rule reads."""
+    torch.manual_seed(0)
+    x, y = regression_data(n=32)
+    monitor = SharpnessMonitor(every_n_steps=2, optimizer_aware=optimizer_aware)
+    stopper = SpectralEarlyStopping.sharpness(margin=0.0, patience=1)
+    trainer = L.Trainer(max_epochs=1, callbacks=[monitor, stopper], **trainer_kwargs())
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.fit(module(lr=0.5), full_batch_loader(x, y, 4))
+    first = monitor.history[0][1]
+    assert first["spectral/hessian/eos_ratio"] == pytest.approx(
+        first["spectral/hessian/lambda_max"] * 0.5 / 2
+    )
+    assert first["spectral/hessian/eos_ratio"] > 1.0
+    said = [str(w.message) for w in caught if "SharpnessMonitor" in str(w.message)]
+    if optimizer_aware:
+        assert stopper.stopped_step is None and trainer.global_step == 4
+        assert len(said) == 1 and unsupported in said[0] and "no SpectralEarlyStopping" in said[0]
+    else:
+        assert stopper.stopped_step == 0 and not said
 
 
 @pytest.mark.parametrize("amsgrad", [False, True])
