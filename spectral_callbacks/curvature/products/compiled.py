@@ -184,9 +184,20 @@ class CompiledProduct:
 class _InnerProductWatch(TorchFunctionMode):
     """Notes the first inner product of two vectors computed under it (``seen``: its name)."""
 
-    _INNER = (torch.dot, torch.vdot, torch.inner, torch.Tensor.dot, torch.Tensor.vdot)
-    _INNER += (torch.Tensor.inner, torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__)
-    _INNER += (torch.Tensor.__rmatmul__,)
+    _INNER = frozenset(
+        [
+            torch.dot,
+            torch.vdot,
+            torch.inner,
+            torch.matmul,
+            torch.Tensor.dot,
+            torch.Tensor.vdot,
+            torch.Tensor.inner,
+            torch.Tensor.matmul,
+            torch.Tensor.__matmul__,
+            torch.Tensor.__rmatmul__,
+        ]
+    )
 
     def __init__(self) -> None:
         super().__init__()
