@@ -25,7 +25,8 @@ the schedule waits until training has paid for it.
 Every decision is a function of the step and of the recorded seconds, which are reduced
 over processes (their maximum) when the measurement is recorded, so every process of a DDP
 run takes the same decision; the schedule's state goes into checkpoints, so a resumed run
-continues where the interrupted one stood.
+continues where the interrupted one stood. A checkpoint of a fixed schedule resumed under
+the budget holds no decision: the budget takes one at the first step.
 """
 
 from __future__ import annotations
@@ -97,7 +98,11 @@ class BudgetSchedule:
         same on every process) is asked for only when the schedule has a decision to take."""
         if last_step is None:
             return True
-        if self.decide_at is not None and step >= self.decide_at:
+        if self.next_step is None and self.decide_at is None:
+            # Measured before with no decision on record: a checkpoint of a fixed schedule,
+            # resumed without every_n_steps. Decide now (no costs known: measure soon).
+            self._place(step, trained())
+        elif self.decide_at is not None and step >= self.decide_at:
             self._place(step, trained())
         if self.next_step is None or step == last_step or step < self.next_step:
             return False

@@ -199,6 +199,21 @@ def test_a_resumed_run_continues_the_schedule_of_the_uninterrupted_run(tmp_path)
     assert resumed.history[-1][1] == pytest.approx(whole_monitor.history[-1][1], nan_ok=True)
 
 
+def test_a_run_resumed_without_every_n_steps_goes_on_measuring(tmp_path):
+    """A checkpoint of a fixed schedule holds no budget decision: the budgeted monitor of
+    the resumed run decides at its first step and measures (it never measured again)."""
+    first = SharpnessMonitor(every_n_steps=10)
+    _fit([FakeClock([first]), first], steps=50, checkpoint_dir=tmp_path)
+    resumed = SharpnessMonitor()
+    path = str(tmp_path / "epoch=0-step=50.ckpt")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the changed settings are warned about
+        _fit([FakeClock([resumed]), resumed], steps=120, ckpt_path=path)
+    steps = [step for step, _ in resumed.history]
+    assert steps[: len(first.history)] == [step for step, _ in first.history]
+    assert steps[len(first.history) :][:1] == [51]
+
+
 def test_training_is_bit_identical_with_budgeted_monitors():
     plain = fit_and_capture([])
     budgeted = fit_and_capture([SharpnessMonitor(), WeightSpectrumMonitor()])
