@@ -274,7 +274,9 @@ class SharpnessMonitor(_HessianMonitor):
             product, for losses without double backward, which ``"auto"`` switches to by
             itself; see :class:`~spectral_callbacks.curvature.HessianOperator`).
         eval_mode: Measure in eval mode (default: the mode training uses).
-        warm_start: Start each measurement from the previous eigenvectors.
+        warm_start: Start each measurement from the previous eigenvectors, which the
+            monitor holds on the model's device between measurements (the vectors
+            ``checkpoint_warm_start`` counts; ``False`` frees that memory for training).
         optimizer_aware: Compute ``eos_ratio`` from the optimizer (default); ``False`` logs
             ``λ_max · lr / 2`` whatever the optimizer.
         method: Eigensolver for λ_max and the preconditioned solve: ``"auto"`` (Lanczos, or
@@ -549,7 +551,8 @@ class HessianSpectrumMonitor(_HessianMonitor):
         seed: As for :class:`SharpnessMonitor`.
         hvp: As for :class:`SharpnessMonitor`.
         eval_mode: As for :class:`SharpnessMonitor`.
-        warm_start: As for :class:`SharpnessMonitor`.
+        warm_start: As for :class:`SharpnessMonitor`: here the ``k`` top eigenvectors are
+            held on the model's device between measurements.
         method: Eigensolver, ``"auto"`` (Lanczos, or block Lanczos when ``block_size`` is
             given), ``"lanczos"`` or ``"block_lanczos"``.
         block_size: Vectors per block of block Lanczos (default 4); at least the
