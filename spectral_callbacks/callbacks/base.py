@@ -256,13 +256,7 @@ class SpectralMonitor(Callback):
             "figure_every_n_steps", figure_every_n_steps, minimum=1, allow_none=True
         )
         _check_probe_data(probe_data)
-        if name is not None and (
-            not isinstance(name, str) or not name or "/" in name or name != name.strip()
-        ):
-            raise ValueError(
-                f"name must be None or a non-empty string without '/' or surrounding spaces, "
-                f"got {name!r}"
-            )
+        check_monitor_name("name", name)
         #: The instance's name (metric names and state key), or ``None``.
         self.name = name
         self.every_n_steps = every_n_steps
@@ -324,10 +318,11 @@ class SpectralMonitor(Callback):
         return metric_table.full_name(self.metric_specs(), self.prefix, row, **fields)
 
     @classmethod
-    def metric_key(cls, row: str, **fields: Any) -> str:
-        """The name row ``row`` has on an unnamed monitor of this class (what the
-        :class:`~spectral_callbacks.SpectralEarlyStopping` presets watch)."""
-        return metric_table.full_name(cls.METRICS, cls.METRIC_PREFIXES[0], row, **fields)
+    def metric_key(cls, row: str, *, name: str | None = None, **fields: Any) -> str:
+        """The name row ``row`` has on a monitor of this class, unnamed or given ``name``
+        (what the :class:`~spectral_callbacks.SpectralEarlyStopping` presets watch)."""
+        prefix = cls.METRIC_PREFIXES[0] + (f"{name}/" if name else "")
+        return metric_table.full_name(cls.METRICS, prefix, row, **fields)
 
     def produces(self, name: str) -> bool:
         """Whether this callback publishes metric ``name``."""
@@ -851,6 +846,19 @@ def _refuse_twins_at_trainer_init(monitor: SpectralMonitor, key: str) -> None:
             and other._generate_state_key(**other.state_key_fields()) == key
         ):
             raise TwinMonitorError(monitor, f"state key {key!r}")
+
+
+def check_monitor_name(argument: str, name: Any) -> str | None:
+    """``name`` must be ``None`` or a monitor name: a non-empty string without ``/`` or
+    surrounding spaces (it becomes a segment of every metric name)."""
+    if name is not None and (
+        not isinstance(name, str) or not name or "/" in name or name != name.strip()
+    ):
+        raise ValueError(
+            f"{argument} must be None or a non-empty string without '/' or surrounding "
+            f"spaces, got {name!r}"
+        )
+    return name
 
 
 def _check_probe_data(probe_data: Any) -> None:

@@ -16,7 +16,7 @@ from lightning.pytorch.callbacks.early_stopping import EarlyStoppingReason
 from .._checks import check_bool, check_choice, check_integer, check_number
 from ..representation import COLLAPSED
 from . import metrics as metric_table
-from .base import SpectralMonitor
+from .base import SpectralMonitor, check_monitor_name
 from .hessian import HessianSpectrumMonitor, SharpnessMonitor
 from .representation import RepresentationMonitor
 from .weights import AVERAGE, WeightSpectrumMonitor
@@ -170,18 +170,25 @@ class SpectralEarlyStopping(EarlyStopping):
     # -- presets ---------------------------------------------------------------------------
     @classmethod
     def sharpness(
-        cls, margin: float = 0.1, patience: int = 3, **kwargs: Any
+        cls,
+        margin: float = 0.1,
+        patience: int = 3,
+        monitor_name: str | None = None,
+        **kwargs: Any,
     ) -> SpectralEarlyStopping:
         """Sharpness beyond the stability limit: ``eos_ratio > 1 + margin`` for ``patience``
         measurements in a row.
 
         Full-batch gradient descent hovers at ``eos_ratio ≈ 1`` (Cohen et al. 2021: the edge
         of stability); staying above ``1 + margin`` means the step size is past the edge and
-        the run is catapulting or diverging. Needs a :class:`SharpnessMonitor`.
+        the run is catapulting or diverging. Needs a :class:`SharpnessMonitor` (the one
+        given ``name=monitor_name``, if named).
         """
         check_number("margin", margin, minimum=0)
         return cls(
-            SharpnessMonitor.metric_key("eos_ratio"),
+            SharpnessMonitor.metric_key(
+                "eos_ratio", name=check_monitor_name("monitor_name", monitor_name)
+            ),
             rule="above",
             threshold=1.0 + margin,
             patience=patience,
@@ -196,6 +203,7 @@ class SpectralEarlyStopping(EarlyStopping):
         min_value: float | None = None,
         patience: int = 1,
         warmup_steps: int = 0,
+        monitor_name: str | None = None,
         **kwargs: Any,
     ) -> SpectralEarlyStopping:
         """Representation collapse: RankMe of ``layer`` below ``fraction`` of its peak (or
@@ -205,13 +213,15 @@ class SpectralEarlyStopping(EarlyStopping):
         Garrido et al. (2023) show a collapsing RankMe precedes poor downstream performance in
         self-supervised training. Language models show a brief collapse during warmup by
         design, so set ``warmup_steps`` past it. Needs a :class:`RepresentationMonitor` with
-        ``layer``.
+        ``layer`` (the one given ``name=monitor_name``, if named).
         """
         if not isinstance(layer, str) or not layer:
             raise TypeError(f"layer must be a layer name of a RepresentationMonitor, got {layer!r}")
         check_number("min_value", min_value, allow_none=True)
         return cls(
-            RepresentationMonitor.metric_key("{layer}/rankme", layer=layer),
+            RepresentationMonitor.metric_key(
+                "{layer}/rankme", name=check_monitor_name("monitor_name", monitor_name), layer=layer
+            ),
             rule="collapse",
             fraction=fraction,
             threshold=min_value,
@@ -230,6 +240,7 @@ class SpectralEarlyStopping(EarlyStopping):
         patience: int = 1,
         action: Action = "warn",
         warmup_steps: int = 0,
+        monitor_name: str | None = None,
         **kwargs: Any,
     ) -> SpectralEarlyStopping:
         """Heavy-tailed self-regularisation: the mean α over layers (or ``layer``'s α) outside
@@ -238,7 +249,7 @@ class SpectralEarlyStopping(EarlyStopping):
         Martin & Mahoney (2021) read α near 2 as well trained, above about 6 as
         under-trained and below 2 as over-fitted or over-regularised, so the default band is
         ``[2, 6]``; an initialised network starts above it (set ``warmup_steps``). Needs a
-        :class:`WeightSpectrumMonitor`.
+        :class:`WeightSpectrumMonitor` (the one given ``name=monitor_name``, if named).
         """
         check_number("low", low)
         check_number("high", high)
@@ -246,7 +257,9 @@ class SpectralEarlyStopping(EarlyStopping):
             raise TypeError(f"layer must be a layer name of a WeightSpectrumMonitor, got {layer!r}")
         row = "{layer}/alpha" if layer else f"{AVERAGE}/alpha"
         return cls(
-            WeightSpectrumMonitor.metric_key(row, layer=layer),
+            WeightSpectrumMonitor.metric_key(
+                row, name=check_monitor_name("monitor_name", monitor_name), layer=layer
+            ),
             rule="outside",
             band=(low, high),
             patience=patience,
@@ -288,6 +301,9 @@ class SpectralEarlyStopping(EarlyStopping):
                 if close
                 else f"the Trainer's {producer} logs other names, e.g. {logged[:3]}"
             )
+            names = sorted({cb.name for cb in present if cb.name})
+            if names:
+                hint += f"; a preset watches a named monitor with monitor_name={names[0]!r}"
         elif producer:
             hint = f"add {producer} to the Trainer's callbacks"
         else:

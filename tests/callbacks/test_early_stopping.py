@@ -12,7 +12,12 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 
-from spectral_callbacks import RepresentationMonitor, SharpnessMonitor, SpectralEarlyStopping
+from spectral_callbacks import (
+    RepresentationMonitor,
+    SharpnessMonitor,
+    SpectralEarlyStopping,
+    WeightSpectrumMonitor,
+)
 from spectral_callbacks.callbacks import SpectralMonitor
 
 from ..models import TanhRegressor, full_batch_loader, regression_data, trainer_kwargs
@@ -196,6 +201,40 @@ def test_a_monitor_of_another_layer_is_named_not_asked_for():
     assert "add RepresentationMonitor" not in message
     assert "the Trainer's RepresentationMonitor logs other names" in message
     assert "spectral/repr/net.1/rankme" in message
+
+
+def test_presets_watch_a_named_monitor():
+    """monitor_name= points a preset at the monitor given that name=: the keys are the names
+    those monitors log, and the sharpness rule reads its named monitor in a run."""
+    named = [
+        (SpectralEarlyStopping.sharpness(monitor_name="val"), SharpnessMonitor(name="val")),
+        (
+            SpectralEarlyStopping.rank_collapse("net.1", monitor_name="a"),
+            RepresentationMonitor(layers=["net.1"], name="a"),
+        ),
+        (SpectralEarlyStopping.alpha_band(monitor_name="w"), WeightSpectrumMonitor(name="w")),
+    ]
+    for stopper, monitor in named:
+        assert monitor.produces(stopper.monitor), stopper.monitor
+    stopper = SpectralEarlyStopping.sharpness(monitor_name="val", margin=0.0, patience=1)
+    monitor = SharpnessMonitor(every_n_steps=2, name="val")
+    x, y = regression_data(n=32)
+    torch.manual_seed(0)
+    trainer = L.Trainer(max_steps=4, callbacks=[monitor, stopper], **trainer_kwargs())
+    trainer.fit(TanhRegressor(lr=1.0), full_batch_loader(x, y, 4))
+    assert stopper.stopped_step == 0  # λ_max · 1.0 / 2 > 1 on this model at step 0
+    assert stopper.stopped_value == pytest.approx(monitor.history[0][1][stopper.monitor])
+    with pytest.raises(ValueError, match="monitor_name must be None or a non-empty string"):
+        SpectralEarlyStopping.sharpness(monitor_name="a/b")
+
+
+def test_an_unnamed_preset_beside_a_named_monitor_is_told_monitor_name():
+    stopper = SpectralEarlyStopping.sharpness()
+    monitor = SharpnessMonitor(every_n_steps=1, name="val")
+    trainer = L.Trainer(max_steps=1, callbacks=[monitor, stopper], **trainer_kwargs())
+    x, y = regression_data(n=8)
+    with pytest.raises(ValueError, match="monitor_name='val'"):
+        trainer.fit(TanhRegressor(), full_batch_loader(x, y, 2))
 
 
 @pytest.mark.parametrize(
