@@ -125,6 +125,11 @@ class RepresentationMonitor(SpectralMonitor):
             ``10 · every_n_steps``); histograms are written at every measurement.
         max_overhead: With ``every_n_steps=None``, the most the measurements may take of the
             training time (default 0.05: 5 %; see "What it costs" on the monitor's page).
+        mask_fn: ``mask_fn(batch)`` -> booleans (or 0/1) of the batch's positions, e.g.
+            ``lambda batch: batch["attention_mask"]``: only the positions where it is true
+            count (padding tokens are left out of the rows, and of ``pool="mean"``'s
+            means); a layer of one row per sample keeps its rows, and an output whose
+            positions have another shape raises. Default ``None``: every position counts.
     """
 
     # Representation probes can be thousands of samples: re-collect on resume instead.
@@ -146,6 +151,7 @@ class RepresentationMonitor(SpectralMonitor):
         name: str | None = None,
         figure_every_n_steps: int | None = None,
         max_overhead: float = DEFAULT_MAX_OVERHEAD,
+        mask_fn: Callable[[Any], torch.Tensor] | None = None,
     ) -> None:
         super().__init__(**self._base_arguments(locals()))  # one probe batch: the base's default
         if isinstance(layers, str):
@@ -169,9 +175,16 @@ class RepresentationMonitor(SpectralMonitor):
                 check_callable(f"select[{layer!r}]", chooser, "select(output) -> tensor", False, 1)
         else:
             check_callable("select", select, "select(output) -> tensor", True, arguments=1)
+        check_callable("mask_fn", mask_fn, "mask_fn(batch) -> bool tensor", True, arguments=1)
+        if mask_fn is not None and callable(pool):
+            raise ValueError(
+                "mask_fn does not combine with a callable pool (the pool receives every "
+                "position): leave the masked positions out inside the pool"
+            )
         fit_range = check_fit_range("fit_range", fit_range)
         seed = check_seed("seed", seed)
         self.layers = list(layers)
+        self.mask_fn = mask_fn
         self.num_samples = num_samples
         self.select = select
         self.pool = pool
@@ -280,6 +293,7 @@ class RepresentationMonitor(SpectralMonitor):
         hooks, isolated from training (random state, buffers) and without gradients."""
         buffers = BufferSnapshot(module)
         running: list[int | None] = [None]  # samples of the batch being run, for the hooks
+        positions: list[torch.Tensor | None] = [None]  # the positions of it that count
         try:
             with (
                 measurement_context(module, self.seed, second_order=False),
@@ -291,14 +305,29 @@ class RepresentationMonitor(SpectralMonitor):
                     self.layout,
                     on_ambiguous=lambda message: self.warn_once(message, message),
                     batch_size=lambda: running[0],
+                    mask=lambda: positions[0],
                 ) as accumulators,
             ):
                 for batch in batches:
                     running[0] = batch_size(batch)
+                    positions[0] = self._positions(batch)
                     self.forward_fn(module, batch)
         finally:
             buffers.restore()
         return accumulators
+
+    def _positions(self, batch: Any) -> torch.Tensor | None:
+        """``mask_fn(batch)``: the positions of the batch that count, or ``None``."""
+        if self.mask_fn is None:
+            return None
+        mask = self.mask_fn(batch)
+        if not isinstance(mask, torch.Tensor) or mask.is_floating_point() or mask.is_complex():
+            raise TypeError(
+                "mask_fn(batch) must return a bool (or 0/1 integer) tensor of the positions, "
+                f"such as batch['attention_mask'], got {type(mask).__name__}"
+                + (f" of {mask.dtype}" if isinstance(mask, torch.Tensor) else "")
+            )
+        return mask
 
     def measure(
         self, trainer: pl.Trainer, module: pl.LightningModule, probe: list[Any]

@@ -127,6 +127,7 @@ def capture_features(
     layout: LayerLayout = "auto",
     on_ambiguous: Callable[[str], None] | None = None,
     batch_size: Callable[[], int | None] | None = None,
+    mask: Callable[[], torch.Tensor | None] | None = None,
 ) -> Iterator[dict[str, CovarianceAccumulator]]:
     """Stream each named layer's outputs into a :class:`CovarianceAccumulator` while active.
 
@@ -141,6 +142,11 @@ def capture_features(
     plain tensor in transformers 5.x, where ``output[0]`` is the first sequence), and of each
     layer that runs more than once in one forward of ``model`` (a shared block applied
     repeatedly: the outputs of every call are pooled into its accumulator).
+
+    ``mask()``, where given, tells which positions of the batch being run count (such as
+    ``(B, T)`` booleans false at padding tokens): applied to each output whose positions
+    have that shape (:func:`as_embedding_matrix`); an output of one row per sample
+    ``(B, D)`` keeps its rows; any other shape raises, naming the layer.
     """
     if layout not in LAYER_LAYOUTS:
         raise ValueError(f"layout must be one of {LAYER_LAYOUTS}, got {layout!r}")
@@ -189,7 +195,14 @@ def capture_features(
                         "convolution: taking axis 1 as the features (N, C, ...); pass "
                         "layout='channels_last' if the features are the last axis"
                     )
-            accumulators[name].update(as_embedding_matrix(features, pool, chosen))
+            positions = mask() if mask is not None else None
+            if positions is not None and features.ndim == 2 and positions.ndim > 1:
+                positions = None  # one row per sample: nothing of the sequence is left
+            try:
+                rows = as_embedding_matrix(features, pool, chosen, positions)
+            except ValueError as error:
+                raise ValueError(f"layer {name!r}: {error}") from error
+            accumulators[name].update(rows)
 
         return hook
 

@@ -38,7 +38,10 @@ LAYOUTS: tuple[str, ...] = get_args(Layout)
 
 
 def as_embedding_matrix(
-    features: torch.Tensor, pool: Pool = "flatten", layout: Layout = "channels_last"
+    features: torch.Tensor,
+    pool: Pool = "flatten",
+    layout: Layout = "channels_last",
+    mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Turn layer outputs into an ``(N, D)`` matrix of embeddings.
 
@@ -49,6 +52,11 @@ def as_embedding_matrix(
     ``pool="flatten"`` (default) treats every position as a sample, ``(B·T·…, D)``;
     ``pool="mean"`` averages over positions, ``(B, D)``; a callable receives the tensor with
     the features last, ``(B, T, …, D)``, and returns ``(B, D)`` itself.
+
+    ``mask`` (booleans, or 0/1, of the shape of the positions: the features' shape without
+    the feature axis, ``(B, T)`` for tokens, ``(N,)`` for rows) keeps only the positions
+    where it is true, as padding is left out: the rows ``"flatten"`` gives, the terms of
+    ``"mean"`` (a sample with none left gives no row). A callable ``pool`` takes no mask.
     """
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
@@ -63,11 +71,33 @@ def as_embedding_matrix(
         )
     if layout == "channels_first" and features.ndim > 2:
         features = features.movedim(1, -1)
+    if mask is not None:
+        return _masked_rows(features, pool, mask)
     if callable(pool):
         features = pool(features)
     elif features.ndim > 2 and pool == "mean":
         features = features.reshape(features.shape[0], -1, features.shape[-1]).mean(dim=1)
     return features.reshape(-1, features.shape[-1])
+
+
+def _masked_rows(features: torch.Tensor, pool: Pool, mask: torch.Tensor) -> torch.Tensor:
+    """The rows of ``features`` (features last) at the positions ``mask`` keeps."""
+    if callable(pool):
+        raise ValueError("a mask does not combine with a callable pool: mask inside the pool")
+    positions = tuple(features.shape[:-1])
+    if tuple(mask.shape) != positions:
+        raise ValueError(
+            f"the mask has shape {tuple(mask.shape)}, the positions of the features "
+            f"{tuple(features.shape)} have {positions} (the shape without the feature axis)"
+        )
+    keep = mask.to(device=features.device, dtype=torch.bool)
+    if features.ndim == 2 or pool == "flatten":
+        return features[keep]
+    flat = features.reshape(features.shape[0], -1, features.shape[-1])
+    keep = keep.reshape(features.shape[0], -1)
+    counts = keep.sum(dim=1)
+    sums = (flat * keep.unsqueeze(-1).to(flat.dtype)).sum(dim=1)
+    return sums[counts > 0] / counts[counts > 0].unsqueeze(-1).to(flat.dtype)
 
 
 class CovarianceAccumulator:

@@ -618,6 +618,96 @@ def test_with_several_validation_loaders_the_probe_is_the_first_ones(container):
     assert [step for step, _ in monitor.history] == [0, 2]
 
 
+class MaskedMean(nn.Module):
+    """The mean of each sequence's kept tokens: one row per sample."""
+
+    def forward(self, tokens, mask):
+        weights = mask.unsqueeze(-1).to(tokens.dtype)
+        return (tokens * weights).sum(dim=1) / weights.sum(dim=1)
+
+
+class PaddedTokens(L.LightningModule):
+    """Token ids with an attention mask (padding at the end), a token-wise ``encoder`` and
+    a ``pooled`` mean over the real tokens; lr 0 keeps the weights the probe saw."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(20, 8)
+        self.encoder = nn.Sequential(nn.Linear(8, 6), nn.Tanh())
+        self.pooled = MaskedMean()
+        self.head = nn.Linear(6, 2)
+
+    def forward(self, input_ids, attention_mask, labels=None):
+        return self.head(self.pooled(self.encoder(self.embed(input_ids)), attention_mask))
+
+    def training_step(self, batch, batch_idx):
+        return F.cross_entropy(self(**batch), batch["labels"])
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.0)
+
+
+def padded_token_loader() -> torch.utils.data.DataLoader:
+    g = torch.Generator().manual_seed(0)
+    lengths = torch.randint(2, 11, (32,), generator=g)
+    samples = [
+        {
+            "input_ids": torch.randint(1, 20, (10,), generator=g) * (torch.arange(10) < n),
+            "attention_mask": (torch.arange(10) < n).long(),
+            "labels": torch.randint(0, 2, (), generator=g),
+        }
+        for n in lengths
+    ]
+    return torch.utils.data.DataLoader(samples, batch_size=8)
+
+
+@pytest.mark.parametrize("masked", [True, False], ids=["mask_fn", "no mask"])
+def test_mask_fn_leaves_the_padding_out_of_the_token_rows(masked):
+    """With mask_fn the encoder's rows are the real tokens only (RankMe and effective rank
+    of those rows, by the functional metrics on the layer recomputed), and the per-sample
+    ``pooled`` layer keeps its 16 rows; without, every position is a row."""
+    mask_fn = (lambda batch: batch["attention_mask"]) if masked else None
+    monitor = RepresentationMonitor(
+        layers=["encoder", "pooled"], every_n_steps=2, num_samples=16, mask_fn=mask_fn
+    )
+    torch.manual_seed(0)
+    model = PaddedTokens()
+    trainer = L.Trainer(max_steps=1, callbacks=[monitor], **trainer_kwargs())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # 16 pooled rows for 6 dimensions and the like
+        trainer.fit(model, padded_token_loader())
+    logged = monitor.history[0][1]
+    ids = torch.cat([b["input_ids"] for b in monitor._probe])
+    mask = torch.cat([b["attention_mask"] for b in monitor._probe]).bool()
+    with torch.no_grad():
+        tokens = model.encoder(model.embed(ids))
+        pooled = model.pooled(tokens, mask).double()
+        tokens = tokens.double()
+    rows = tokens[mask] if masked else tokens.reshape(-1, 6)
+    assert logged["spectral/repr/encoder/rankme"] == pytest.approx(rankme(rows), rel=1e-9)
+    assert logged["spectral/repr/encoder/effective_rank"] == pytest.approx(
+        effective_rank(rows), rel=1e-9
+    )
+    assert logged["spectral/repr/pooled/rankme"] == pytest.approx(rankme(pooled), rel=1e-9)
+    assert rankme(tokens[mask]) != pytest.approx(rankme(tokens.reshape(-1, 6)), rel=1e-3)
+
+
+def test_bad_masks_are_named():
+    with pytest.raises(ValueError, match="mask_fn does not combine with a callable pool"):
+        RepresentationMonitor(mask_fn=lambda b: b[1], pool=lambda t: t.mean(1))
+    with pytest.raises(TypeError, match="mask_fn"):
+        RepresentationMonitor(mask_fn=lambda: None)
+    cases = [
+        (lambda batch: batch["attention_mask"].float(), TypeError, "bool .* tensor"),
+        (lambda batch: batch["attention_mask"][:, :5], ValueError, "layer 'encoder'.*mask"),
+    ]
+    for mask_fn, error, message in cases:
+        monitor = RepresentationMonitor(layers=["encoder"], num_samples=16, mask_fn=mask_fn)
+        trainer = L.Trainer(max_steps=1, callbacks=[monitor], **trainer_kwargs())
+        with pytest.raises(error, match=message):
+            trainer.fit(PaddedTokens(), padded_token_loader())
+
+
 class _Gate(nn.Module):
     """Passes its input, or zeros once ``closed()`` says so (a layer that dies)."""
 

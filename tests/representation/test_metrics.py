@@ -212,6 +212,30 @@ def test_token_models_flatten_or_pool():
         as_embedding_matrix(tokens, pool="max")
 
 
+def test_a_mask_keeps_the_positions_it_marks():
+    """Padding left out: the rows of the kept tokens (flatten), the mean over them per
+    sequence (mean; a sequence with none kept gives no row), kept rows of an (N, D) matrix;
+    channels-first positions are (N, H, W)."""
+    generator = torch.Generator().manual_seed(0)
+    tokens = torch.randn(4, 7, 5, dtype=torch.float64, generator=generator)
+    lengths = [7, 3, 0, 5]
+    mask = torch.tensor([[t < n for t in range(7)] for n in lengths])
+    kept = torch.cat([tokens[b, :n] for b, n in enumerate(lengths)])
+    assert torch.equal(as_embedding_matrix(tokens, mask=mask), kept)
+    means = torch.stack([tokens[b, :n].mean(dim=0) for b, n in enumerate(lengths) if n])
+    torch.testing.assert_close(as_embedding_matrix(tokens, "mean", mask=mask.long()), means)
+    rows = tokens[:, 0]
+    assert torch.equal(as_embedding_matrix(rows, mask=mask[:, 1]), rows[mask[:, 1]])
+    image = torch.randn(2, 3, 4, 4, dtype=torch.float64, generator=generator)
+    pixels = torch.rand(2, 4, 4, generator=generator) > 0.5
+    expected = image.movedim(1, -1)[pixels]
+    assert torch.equal(as_embedding_matrix(image, layout="channels_first", mask=pixels), expected)
+    with pytest.raises(ValueError, match=r"the mask has shape \(4, 6\).*\(4, 7\)"):
+        as_embedding_matrix(tokens, mask=mask[:, :6])
+    with pytest.raises(ValueError, match="callable pool"):
+        as_embedding_matrix(tokens, pool=lambda t: t[:, 0], mask=mask)
+
+
 def test_bad_inputs_name_the_problem():
     with pytest.raises(ValueError, match="fit_range"):
         alpha_req(torch.ones(20), fit_range=(5, 5))
