@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -16,6 +17,7 @@ from ..weights import (
     DRIFT_METRICS,
     FIT_METRICS,
     LAYER_METRICS,
+    ZERO_WEIGHT_METRICS,
     LayerFilter,
     LayerSpectrum,
     SingularBasis,
@@ -82,8 +84,10 @@ def _rows(layer: str, metrics: Sequence[str], part: str | None = None) -> list[M
             f"{layer}/{metric}",
             chart=_CHARTS.get(f"{layer}/{metric}"),
             part="farms" if metric == "farms_alpha" else part,
-            # A layer with fewer than 2 eigenvalues above the fit's floor has no tail.
-            may_be_undefined=layer == "{layer}" and metric in FIT_METRICS,
+            # A layer with fewer than 2 eigenvalues above the fit's floor has no tail; an
+            # all-zero weight has no scale either.
+            may_be_undefined=layer == "{layer}"
+            and (metric in FIT_METRICS or metric in ZERO_WEIGHT_METRICS),
             doc=_DOCS[metric] if layer == "{layer}" else "mean over layers of " + metric,
         )
         for metric in metrics
@@ -292,7 +296,10 @@ class WeightSpectrumMonitor(SpectralMonitor):
                     value = float(spectrum.metrics[metric])
                     metrics[self.metric("{layer}/" + metric, layer=layer)] = value
             if spectrum.fit is None:
-                undefined |= metric_table.undefined_names(specs, prefix, [layer])
+                # No tail (fewer than 2 eigenvalues above the floor), and for an all-zero
+                # weight no scale either: the rows that are NaN or -inf by definition.
+                rows = metric_table.undefined_names(specs, prefix, [layer])
+                undefined |= {row for row in rows if not math.isfinite(metrics[row])}
         for metric, value in model_averages(spectra).items():
             if metric not in off:
                 metrics[self.metric(f"{AVERAGE}/{metric}")] = value

@@ -14,6 +14,7 @@ from .esd import CONV_EIGENVALUE_SCALE, esd, layer_esds, weight_matrices
 from .metrics import (
     FIT_METRICS,
     LAYER_METRICS,
+    ZERO_WEIGHT_METRICS,
     MarchenkoPasturBulk,
     farms_eigenvalues,
     layer_metrics,
@@ -38,6 +39,7 @@ __all__ = [
     "EIGENVALUE_FLOOR",
     "FIT_METRICS",
     "LAYER_METRICS",
+    "ZERO_WEIGHT_METRICS",
     "LayerFilter",
     "LayerSpectrum",
     "MarchenkoPasturBulk",

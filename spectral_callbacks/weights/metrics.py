@@ -33,6 +33,7 @@ __all__ = [
     "FARMS_MAX_WINDOWS",
     "FIT_METRICS",
     "LAYER_METRICS",
+    "ZERO_WEIGHT_METRICS",
     "MarchenkoPasturBulk",
     "farms_eigenvalues",
     "farms_windows",
@@ -69,6 +70,11 @@ FIT_METRICS = (
     "ks_distance",
     "farms_alpha",
 )
+
+#: The metrics with no finite value for an all-zero weight (LoRA's ``B`` at initialisation,
+#: zero-initialised output layers), besides :data:`FIT_METRICS`: it has no scale, so its
+#: logarithms are ``-inf`` and its ratios ``0 / 0`` (NaN).
+ZERO_WEIGHT_METRICS = ("log_spectral_norm", "log_norm", "stable_rank", "mp_softrank", "num_spikes")
 
 #: Most FARMS windows per matrix: a tall matrix (a 50257 × 768 token embedding) is sampled
 #: by this many evenly spaced windows instead of covered by all of them.

@@ -99,6 +99,36 @@ def test_logged_values_are_the_spectra_of_the_weights_at_each_step():
     )
 
 
+class ZeroHiddenRegressor(TanhRegressor):
+    """:class:`TanhRegressor` whose hidden 32 × 32 weight starts at zero (as LoRA's ``B``)."""
+
+    def __init__(self, lr: float) -> None:
+        super().__init__(lr=lr)
+        with torch.no_grad():
+            self.net[2].weight.zero_()
+
+
+def test_an_all_zero_weight_is_undefined_not_a_failure():
+    """An all-zero weight has no scale (its logarithms -inf, its ratios 0/0) and no tail: no
+    "non-finite" warning, the rows undefined, and a stopper on its α waits (it stopped at
+    step 0 on the NaN); its norms are 0, and once trained its values are finite."""
+    monitor = WeightSpectrumMonitor(every_n_steps=2)
+    stopper = SpectralEarlyStopping.alpha_band(layer="net.2", action="stop")
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*non-finite.*")
+        _, trainer = fit([monitor, stopper], steps=4, model_class=ZeroHiddenRegressor)
+    first = monitor.history[0][1]
+    zero = {name.rsplit("/", 1)[1]: value for name, value in first.items() if "/net.2/" in name}
+    assert zero["spectral_norm"] == 0.0 and zero["norm"] == 0.0
+    not_finite = {metric for metric, value in zero.items() if not math.isfinite(value)}
+    assert not_finite == set(LAYER_METRICS) - {"spectral_norm", "norm"}
+    later = {name: value for name, value in monitor.history[-1][1].items() if "/net.2/" in name}
+    assert later["spectral/weights/net.2/norm"] > 0
+    undefined = monitor.undefined_metrics()  # a few training steps: maybe too few for a tail
+    assert all(math.isfinite(v) for name, v in later.items() if name not in undefined)
+    assert stopper.stopped_step is None and trainer.global_step == 4
+
+
 @pytest.mark.parametrize("model_class", [TanhRegressor, SpectralNormRegressor])
 def test_training_is_bit_identical_and_warns_nothing(model_class):
     plain, _ = fit([], model_class=model_class)
