@@ -98,11 +98,7 @@ class BudgetSchedule:
         same on every process) is asked for only when the schedule has a decision to take."""
         if last_step is None:
             return True
-        if self.next_step is None and self.decide_at is None:
-            # Measured before with no decision on record: a checkpoint of a fixed schedule,
-            # resumed without every_n_steps. Decide now (no costs known: measure soon).
-            self._place(step, trained())
-        elif self.decide_at is not None and step >= self.decide_at:
+        if self.decide_at is not None and step >= self.decide_at:
             self._place(step, trained())
         if self.next_step is None or step == last_step or step < self.next_step:
             return False
@@ -163,7 +159,9 @@ class BudgetSchedule:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.next_step = state.get("next_step")
-        self.decide_at = state.get("decide_at")
+        # A fixed schedule's state (a run resumed without every_n_steps) holds no decision:
+        # take one at the first step (no costs known: measure soon).
+        self.decide_at = state.get("decide_at", None if "next_step" in state else 0)
         self.spent = float(state.get("spent", 0.0))
         self.last_cost = float(state.get("last_cost", 0.0))
         self.last_step = state.get("last_step")
