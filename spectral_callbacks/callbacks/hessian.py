@@ -33,7 +33,6 @@ from ..curvature import (
     sam_sharpness_of,
     select_parameters,
 )
-from ..curvature.preconditioner import RATIO_METRICS
 from ..linalg import (
     DeflatedSpectrum,
     EigenMethod,
@@ -358,11 +357,7 @@ class SharpnessMonitor(_HessianMonitor):
             stability = self._stability(trainer, operator, lambda_max, lr)
             num_hvps = operator.num_hvps
         unbounded = ["lambda_max_error"] if math.isinf(error) else []  # its stated meaning
-        # A stand-in ratio (λ_max · lr / 2 for an optimizer without a derivation) is logged
-        # but says nothing of that optimizer's stability: no stopping rule may act on it.
-        stand_in = RATIO_METRICS if stability.fallback is not None else ()
-        rows = [*stability.undefined, *unbounded, *stand_in]
-        self._undefined = {self.metric(row) for row in rows}
+        self._undefined = {self.metric(row) for row in [*stability.undefined, *unbounded]}
         values = {
             "lambda_max": lambda_max,
             "eos_ratio": stability.eos_ratio,

@@ -335,9 +335,11 @@ class EdgeOfStability:
         limit: The ``λ_max`` at which the ratio reaches 1 when the step, the weight decay
             and the threshold are each one scalar (``c / step − w``; ``2 / lr`` plain); NaN
             otherwise (adaptive optimizers, parameter groups that differ in any of them).
-        undefined: Names among :data:`RATIO_METRICS` that are NaN by definition (no
-            preconditioner before an adaptive optimizer's first step; no scalar step or
-            decay; no threshold shared by every parameter).
+        undefined: Names among :data:`RATIO_METRICS` not defined for the run: NaN by
+            definition (no preconditioner before an adaptive optimizer's first step; no
+            scalar step or decay; no threshold shared by every parameter), or all of them
+            where ``fallback`` put the plain stand-in in the optimizer's place (it says
+            nothing of that optimizer's stability).
         converged: Whether the preconditioned solve met its tolerance.
         residual: That solve's error bound (NaN when the ratio is closed-form).
         eigenvector: Its top eigenvector, for the next warm start, or ``None``.
@@ -384,7 +386,7 @@ def edge_of_stability(
         nan = math.nan
         return EdgeOfStability(nan, nan, nan, nan, undefined=RATIO_METRICS)
     except UnsupportedOptimizerError as error:
-        plain.fallback = str(error)
+        plain.fallback, plain.undefined = str(error), RATIO_METRICS
         return plain
     if start is not None and start.shape[-1] != operator.size:
         start = None
