@@ -232,6 +232,21 @@ class HostRandomClassifier(NoisyClassifier):
         return self.net(host_random_masks(x) if self.training else x)
 
 
+class RenormalisedEmbeddingClassifier(NoisyClassifier):
+    """:class:`NoisyClassifier` that also looks up each feature's sign-and-size bucket in an
+    ``nn.Embedding(max_norm=...)``: every forward pass rescales the looked-up rows in place,
+    so a probe batch's forward writes a parameter (rows the training batch has not reached)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.buckets = nn.Embedding(6 * 8, 4, max_norm=0.5)
+        self.net[0] = nn.Linear(6 + 4, self.net[0].out_features)
+
+    def forward(self, x):
+        tokens = (x * 2).floor().long().clamp(-4, 3) + 4 + 8 * torch.arange(6)
+        return self.net(torch.cat([x, self.buckets(tokens).mean(1)], dim=1))
+
+
 def classification_loader(n: int = 96, batch_size: int = 16, seed: int = 0, shuffle: bool = True):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(n, 6, generator=g)

@@ -28,7 +28,7 @@ from torch import nn
 
 from .._checks import check_bool, check_integer, check_number
 from ..curvature.data import Batches, as_batch_list, map_tensors, move_to_device
-from ..curvature.isolation import BufferSnapshot, measurement_context, measurement_scope
+from ..curvature.isolation import ModelStateSnapshot, measurement_context, measurement_scope
 from ..reporting.media import Media, media_sinks
 from ..reporting.tensorboard import add_chart_layout, tensorboard_writers
 from . import metrics as metric_table
@@ -445,7 +445,7 @@ class SpectralMonitor(Callback):
         ``probe_data`` the model cannot take is refused by name before the first step."""
         device = next(module.parameters()).device
         batch = move_to_device(self._probe[0], device)
-        buffers = BufferSnapshot(module)
+        written_state = ModelStateSnapshot(module)
         try:
             with (
                 preserved_modes(module, self.eval_mode),
@@ -459,7 +459,7 @@ class SpectralMonitor(Callback):
                 f" {error}); pass batches as the model's training step takes them"
             ) from error
         finally:
-            buffers.restore()
+            written_state.restore()
 
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int

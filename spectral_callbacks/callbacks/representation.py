@@ -14,7 +14,7 @@ from torch import nn
 
 from .._checks import check_callable, check_choice, check_fit_range, check_integer, check_seed
 from ..curvature.data import batch_size, map_tensors, move_to_device
-from ..curvature.isolation import BufferSnapshot, measurement_context, preserved_random_streams
+from ..curvature.isolation import ModelStateSnapshot, measurement_context, preserved_random_streams
 from ..reporting.figures import scree_figure
 from ..reporting.media import Media
 from ..representation import (
@@ -291,7 +291,7 @@ class RepresentationMonitor(SpectralMonitor):
     ) -> dict[str, CovarianceAccumulator]:
         """Each layer's accumulated outputs over ``batches``: ``forward_fn`` under the layer
         hooks, isolated from training (random state, buffers) and without gradients."""
-        buffers = BufferSnapshot(module)
+        written_state = ModelStateSnapshot(module)
         running: list[int | None] = [None]  # samples of the batch being run, for the hooks
         positions: list[torch.Tensor | None] = [None]  # the positions of it that count
         try:
@@ -313,7 +313,7 @@ class RepresentationMonitor(SpectralMonitor):
                     positions[0] = self._positions(batch)
                     self.forward_fn(module, batch)
         finally:
-            buffers.restore()
+            written_state.restore()
         return accumulators
 
     def _positions(self, batch: Any) -> torch.Tensor | None:

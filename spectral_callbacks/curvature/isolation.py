@@ -2,9 +2,10 @@
 
 A measurement must leave the model exactly as found: parameters, buffers, ``.grad``,
 ``requires_grad`` flags, train/eval modes and every RNG stream (torch's, NumPy's global one
-and Python's ``random``). Parameters and ``.grad`` are safe by construction (only
-``torch.autograd.grad`` / ``torch.func`` are used, never ``.backward()``); this module
-handles the rest.
+and Python's ``random``). ``.grad`` is safe by construction (only ``torch.autograd.grad`` /
+``torch.func`` are used, never ``.backward()``), and so are parameters, except those a
+forward pass writes itself (:func:`parameters_written_by_forward`); this module handles the
+rest.
 """
 
 from __future__ import annotations
@@ -21,12 +22,13 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from ..linalg._precision import ieee_float32
 
 __all__ = [
-    "BufferSnapshot",
+    "ModelStateSnapshot",
     "compiled_code_allowed",
     "compiled_code_runs_eagerly",
     "measurement_context",
     "measurement_scope",
     "model_devices",
+    "parameters_written_by_forward",
     "preserved_random_streams",
 ]
 
@@ -177,14 +179,34 @@ def measurement_context(
         yield
 
 
-class BufferSnapshot:
-    """Copies of a model's buffers, to restore anything a custom module mutated."""
+def parameters_written_by_forward(model: nn.Module) -> list[nn.Parameter]:
+    """The parameters a forward pass of ``model`` writes in place: the weights of
+    ``nn.Embedding`` and ``nn.EmbeddingBag`` with ``max_norm``, whose looked-up rows
+    ``F.embedding`` rescales to norm ``max_norm`` in place."""
+    return [
+        module.weight
+        for module in model.modules()
+        if isinstance(module, (nn.Embedding, nn.EmbeddingBag))
+        and module.max_norm is not None
+        and isinstance(module.weight, nn.Parameter)
+    ]
+
+
+class ModelStateSnapshot:
+    """Copies of what a measurement's forward passes may write in a model, to put back.
+
+    Every buffer (BatchNorm statistics, a custom module's state) and the parameters the
+    forward pass itself rewrites (:func:`parameters_written_by_forward`): a probe batch's
+    forward would otherwise renormalise embedding rows the training batches have not reached
+    yet, and the monitored run would train differently from an unmonitored one.
+    """
 
     def __init__(self, model: nn.Module) -> None:
-        self._saved = [(b, b.detach().clone()) for b in model.buffers()]
+        tensors = [*model.buffers(), *parameters_written_by_forward(model)]
+        self._saved = [(t, t.detach().clone()) for t in tensors]
 
     def restore(self) -> None:
         with torch.no_grad():
-            for buffer, saved in self._saved:
-                if buffer.shape == saved.shape:
-                    buffer.copy_(saved)
+            for tensor, saved in self._saved:
+                if tensor.shape == saved.shape:
+                    tensor.copy_(saved)

@@ -16,7 +16,8 @@ does not depend on which:
 * **distributed reduce**: with ``distributed=True`` under a process group of several
   processes, products are summed over processes, so every process holds the operator of the
   union of their batches;
-* **lifecycle and isolation**: every buffer of the model is restored by :meth:`close` (and
+* **lifecycle and isolation**: every buffer of the model, and every parameter its forward
+  pass writes itself (``nn.Embedding(max_norm=...)``), is restored by :meth:`close` (and
   on leaving a ``with`` block), parameters moved by :meth:`moved` are copied back bit for
   bit, and a non-finite loss on any process raises on every process.
 
@@ -35,7 +36,7 @@ from torch import nn
 from ..linalg._precision import autocast_disabled
 from ..settings import OperatorSettings
 from .data import as_batch_list, batch_size, move_to_device, select_parameters
-from .isolation import BufferSnapshot, measurement_scope
+from .isolation import ModelStateSnapshot, measurement_scope
 from .sharding import local_tensor, reshard
 
 __all__ = ["CurvatureOperator", "NonFiniteLossError", "process_group_size"]
@@ -103,7 +104,7 @@ class CurvatureOperator:
         self.sharded = any(local_tensor(p) is not None for p in self.params)
         self.batch_weights = self._batch_weights()
         self.num_hvps = 0
-        self._buffers = BufferSnapshot(model)
+        self._written_state = ModelStateSnapshot(model)
 
     def _batch_weights(self) -> list[float]:
         """Weight of each batch's term (module docstring)."""
@@ -131,9 +132,10 @@ class CurvatureOperator:
             self._scope.__exit__(None, None, None)
 
     def close(self) -> None:
-        """Free what the products keep (graphs) and restore every buffer of the model."""
+        """Free what the products keep (graphs) and restore every buffer of the model (and
+        the parameters its forward pass writes itself)."""
         self.release()
-        self._buffers.restore()
+        self._written_state.restore()
         if self.sharded:
             reshard(self.model)
 

@@ -36,6 +36,7 @@ from ..models import (
     HostRandomClassifier,
     ListDataset,
     NoisyClassifier,
+    RenormalisedEmbeddingClassifier,
     TanhRegressor,
     classification_loader,
     full_batch_loader,
@@ -193,8 +194,15 @@ def monitors():
         {"accumulate_grad_batches": 2},
         {"precision": "bf16-mixed"},
         {"model_class": HostRandomClassifier},
+        {"model_class": RenormalisedEmbeddingClassifier},
     ],
-    ids=["plain", "grad-accumulation", "bf16-mixed", "numpy-and-random-masks"],
+    ids=[
+        "plain",
+        "grad-accumulation",
+        "bf16-mixed",
+        "numpy-and-random-masks",
+        "max-norm-embedding",
+    ],
 )
 def test_training_is_bit_identical_with_and_without_callbacks(overrides):
     without = fit_and_capture([], **overrides)

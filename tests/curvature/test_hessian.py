@@ -679,3 +679,39 @@ def test_a_loss_linear_in_the_parameters_has_a_zero_hessian_and_no_warning(hvp):
         warnings.simplefilter("error")
         result = hessian_eigenvalues(model, lambda m, b: m(b).mean(), x, k=2, hvp=hvp)
     assert result.eigenvalues.tolist() == [0.0, 0.0] and bool(result.converged.all())
+
+
+class _RenormalisedEmbedding(nn.Module):
+    """Token sums through ``nn.Embedding(max_norm=...)``: the forward pass rescales the
+    looked-up rows in place before reading them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embedding = nn.Embedding(10, 3, max_norm=0.5)
+        self.head = nn.Linear(3, 2)
+
+    def forward(self, tokens):
+        return self.head(torch.tanh(self.embedding(tokens).sum(1)))
+
+
+@pytest.mark.parametrize("hvp", ["reuse_graph", "forward_over_reverse", "gradient_difference"])
+def test_embedding_rows_renormalised_by_the_forward_pass_are_put_back(hvp):
+    """The measurement's forward passes rescale the probe's rows, and the weight is put back
+    afterwards; the eigenvalues are those of the Hessian at the rescaled rows (what the
+    training step differentiates: the rescaling happens outside autograd)."""
+    torch.manual_seed(0)
+    model = _RenormalisedEmbedding().double()
+    tokens = torch.tensor([[0, 1, 2], [2, 3, 4], [1, 4, 0], [3, 3, 2]])
+    batch = (tokens, torch.tensor([0, 1, 1, 0]))
+    before = model_state(model)
+    result = hessian_eigenvalues(model, cross_entropy_loss, batch, k=2, tol=1e-10, hvp=hvp)
+    assert_same_state(before, model_state(model))
+
+    rescaled = copy.deepcopy(model)
+    with torch.no_grad():
+        rescaled(tokens)  # rescales rows 0..4, in place
+    assert not torch.equal(rescaled.embedding.weight, model.embedding.weight)
+    rescaled.embedding.max_norm = None
+    exact = torch.linalg.eigvalsh(dense_hessian_func(rescaled, cross_entropy_loss, [batch]))
+    tolerance = 1e-5 if hvp == "gradient_difference" else 1e-8
+    assert torch.allclose(result.eigenvalues, exact.flip(0)[:2], rtol=tolerance)
