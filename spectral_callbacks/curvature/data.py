@@ -113,10 +113,19 @@ def as_batch_list(data: Any) -> list[Any]:
     Hessian-vector product sees the same data.
 
     Raises:
-        ValueError: If ``data`` holds no batch (``[]``, an empty loader, ``None``).
+        ValueError: If ``data`` holds no batch (``[]``, an empty loader, ``None``) or is a
+            map-style ``Dataset`` (samples, not batches).
     """
     if data is None:  # a forgotten loader, not a batch of the user's own type
         raise ValueError("data holds no batch, got None: pass a batch or an iterable of batches")
+    if isinstance(data, torch.utils.data.Dataset) and not isinstance(
+        data, torch.utils.data.IterableDataset
+    ):
+        # A map-style dataset holds samples, not batches (an IterableDataset may yield either).
+        raise ValueError(
+            f"data is a dataset ({type(data).__name__}) of samples, not batches: pass "
+            f"torch.utils.data.DataLoader(dataset, batch_size=...) or one batch"
+        )
     if isinstance(data, (Batches, torch.utils.data.DataLoader)):
         batches = list(data)
     elif isinstance(data, (list, tuple)) and not _is_namedtuple(data):

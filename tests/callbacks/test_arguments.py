@@ -196,6 +196,13 @@ def test_bad_arguments_are_refused_by_name_or_the_callback_trains(call):
         (lambda: SpectralEarlyStopping("m", min_delta=math.nan), "min_delta must be"),
         (lambda: SpectralEarlyStopping.sharpness(margin=-0.1), "margin must be"),
         (lambda: SharpnessMonitor(probe_data=[]), "probe_data"),
+        (
+            lambda: SharpnessMonitor(
+                probe_data=torch.utils.data.TensorDataset(torch.randn(4, 5), torch.randn(4, 1))
+            ),
+            r"probe_data: data is a dataset \(TensorDataset\) of samples, not batches: pass "
+            r"torch.utils.data.DataLoader\(dataset",
+        ),
     ],
 )
 def test_cases_the_audit_found(make, message):

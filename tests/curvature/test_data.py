@@ -22,3 +22,17 @@ def test_a_plain_tensor_batch_is_one_batch_and_batches_says_it_is_several():
         as_batch_list([])
     with pytest.raises(ValueError, match="got None: pass a batch or an iterable of batches"):
         as_batch_list(None)
+
+
+def test_a_dataset_of_samples_is_refused_and_an_iterable_dataset_yields_batches():
+    """A map-style dataset read as one batch would reach the loss whole; an
+    ``IterableDataset`` may yield batches (as streaming pipelines do), so it is read as one."""
+    samples = torch.utils.data.TensorDataset(torch.randn(6, 3), torch.randn(6))
+    with pytest.raises(ValueError, match=r"dataset \(TensorDataset\) of samples.*DataLoader"):
+        as_batch_list(samples)
+
+    class Stream(torch.utils.data.IterableDataset):
+        def __iter__(self):
+            yield from torch.utils.data.DataLoader(samples, batch_size=4)
+
+    assert [len(x) for x, _ in as_batch_list(Stream())] == [4, 2]
