@@ -247,6 +247,33 @@ class RenormalisedEmbeddingClassifier(NoisyClassifier):
         return self.net(torch.cat([x, self.buckets(tokens).mean(1)], dim=1))
 
 
+class PaddedTokens(nn.Module):
+    """Token embeddings with ``padding_idx``, RMS-normalised (a padding token's zero row
+    meets ``rsqrt(eps)``, as in Gemma's first norm) before a linear head."""
+
+    def __init__(self, padding_idx: int | None = 0) -> None:
+        super().__init__()
+        self.embedding = nn.Embedding(6, 3, padding_idx=padding_idx)
+        self.head = nn.Linear(3, 2)
+
+    def forward(self, tokens):
+        x = self.embedding(tokens)
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-3)
+        return self.head(x.mean(1))
+
+
+def padded_tokens_case():
+    """A float64 :class:`PaddedTokens` with padding row 0 (the first 3 flat coordinates),
+    a batch with token 0 inside sequences, and the same function without ``padding_idx``
+    (which changes only the backward pass), for dense references."""
+    torch.manual_seed(0)
+    model = PaddedTokens().double()
+    tokens = torch.tensor([[0, 1, 2], [2, 0, 4], [1, 5, 0], [3, 3, 2]])
+    plain = PaddedTokens(padding_idx=None).double()
+    plain.load_state_dict(model.state_dict())
+    return model, (tokens, torch.tensor([0, 1, 1, 0])), plain
+
+
 def classification_loader(n: int = 96, batch_size: int = 16, seed: int = 0, shuffle: bool = True):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(n, 6, generator=g)

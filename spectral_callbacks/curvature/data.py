@@ -26,6 +26,7 @@ __all__ = [
     "module_groups",
     "module_of",
     "move_to_device",
+    "padding_coordinates",
     "select_parameters",
 ]
 
@@ -101,6 +102,32 @@ class Batches(list):
 
     def __repr__(self) -> str:
         return f"Batches({list.__repr__(self)})"
+
+
+def padding_coordinates(model: nn.Module, params: list[nn.Parameter]) -> torch.Tensor:
+    """Flat indices, in the vector of ``params``, of the padding rows of the model's
+    ``nn.Embedding`` / ``nn.EmbeddingBag`` weights (``padding_idx``); empty if none.
+
+    Reverse-mode autograd gives those rows no gradient, so training never moves them by the
+    embedding, but forward-mode autograd (``torch.func.jvp``) and moved parameters (gradient
+    differences) see them move the output. Products through them would differ between the
+    paths and make the matrix non-symmetric; the operators hold them fixed instead.
+    """
+    offsets, offset = {}, 0
+    for param in params:
+        offsets[id(param)] = offset
+        offset += param.numel()
+    found = []
+    for module in model.modules():
+        if not isinstance(module, (nn.Embedding, nn.EmbeddingBag)) or module.padding_idx is None:
+            continue
+        start = offsets.get(id(module.weight))
+        if start is None:
+            continue
+        width = module.weight.shape[1]
+        row = module.padding_idx % module.weight.shape[0]
+        found.append(torch.arange(start + row * width, start + (row + 1) * width))
+    return torch.cat(found).unique() if found else torch.empty(0, dtype=torch.long)
 
 
 def as_batch_list(data: Any) -> list[Any]:

@@ -7,7 +7,10 @@ selected parameters of a model and a list of batches: the loss Hessian
 does not depend on which:
 
 * **selection**: the trainable parameters ``settings.params`` selects, flattened in model
-  order (``size`` entries);
+  order (``size`` entries); the padding rows of embeddings (``padding_idx``), which the
+  backward pass never gives a gradient, are held fixed: every product is ``P A P`` with
+  ``P`` zeroing them (:func:`~spectral_callbacks.curvature.data.padding_coordinates`), the
+  same on every product path;
 * **dtypes**: products run in the parameters' dtype (:attr:`product_dtype`); the vectors
   ``matmat`` takes and returns are float32 for 16-bit parameters (:attr:`dtype`), so that
   Krylov bases, sums over batches and the solvers' reductions keep float32's precision;
@@ -35,7 +38,13 @@ from torch import nn
 
 from ..linalg._precision import autocast_disabled
 from ..settings import OperatorSettings
-from .data import as_batch_list, batch_size, move_to_device, select_parameters
+from .data import (
+    as_batch_list,
+    batch_size,
+    move_to_device,
+    padding_coordinates,
+    select_parameters,
+)
 from .isolation import ModelStateSnapshot, measurement_scope
 from .sharding import local_tensor, reshard
 
@@ -68,6 +77,8 @@ class CurvatureOperator:
         batches: The data, one entry per batch, on :attr:`device`.
         batch_weights: Weight of each batch's term (module docstring).
         distributed: Whether products are summed over the processes of a group.
+        held_fixed: Flat indices of the embeddings' padding rows, zeroed in every product's
+            vector and result (module docstring).
         num_hvps: Products computed so far (one per vector).
     """
 
@@ -98,6 +109,8 @@ class CurvatureOperator:
         self.shapes = [p.shape for p in self.params]
         self.numels = [p.numel() for p in self.params]
         self.size = sum(self.numels)
+        #: Flat indices of the embeddings' padding rows, held fixed in every product.
+        self.held_fixed = padding_coordinates(model, self.params).to(self.device)
         self.batches = [move_to_device(b, self.device) for b in as_batch_list(data)]
         self.distributed = bool(distributed) and process_group_size() > 1
         #: Whether parameters are sharded by ``fully_shard`` (FSDP2 ``DTensor`` parameters).
@@ -174,8 +187,12 @@ class CurvatureOperator:
             raise ValueError(f"block must have shape (b, {self.size}), got {tuple(block.shape)}")
         block = block.to(dtype=self.dtype, device=self.device)
         self.num_hvps += block.shape[0]
+        held = self.held_fixed
+        if held.numel():
+            block = block.index_fill(1, held, 0.0)
         with autocast_disabled(self.device):
-            return self.reduce_products(self._products(block))
+            products = self.reduce_products(self._products(block))
+        return products.index_fill(1, held, 0.0) if held.numel() else products
 
     def _products(self, block: torch.Tensor) -> torch.Tensor:
         """This process's products ``Σ_b w_b A_b V`` for a ``(b, n)`` block in :attr:`dtype`."""

@@ -10,7 +10,7 @@ import torch
 
 from spectral_callbacks.curvature import GGNOperator, NonFiniteLossError
 
-from ..models import make_case
+from ..models import make_case, padded_tokens_case
 from ..oracles import dense_ggn
 
 
@@ -170,3 +170,15 @@ def test_a_non_finite_output_raises_on_the_first_product():
         pytest.raises(NonFiniteLossError, match="an output is nan"),
     ):
         ggn.matvec(torch.ones(ggn.size, dtype=torch.float64))
+
+
+def test_padding_rows_are_held_fixed():
+    """An embedding's padding row is held fixed in the GGN as in the Hessian: ``G`` is
+    ``P Jᵀ H_out J P`` (its ``J v``, by double vjp, gives the row nothing, like ``Jᵀ u``)."""
+    model, batch, plain = padded_tokens_case()
+    dense = dense_ggn(plain, [batch], "cross_entropy")
+    dense[:3], dense[:, :3] = 0.0, 0.0  # the embedding's row 0 comes first
+    with GGNOperator(model, "cross_entropy", batch) as ggn:
+        block = torch.randn(3, ggn.size, generator=torch.Generator().manual_seed(2))
+        products = ggn.matmat(block.double())
+    torch.testing.assert_close(products, block.double() @ dense, rtol=1e-10, atol=1e-12)
