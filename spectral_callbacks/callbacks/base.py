@@ -56,27 +56,101 @@ def _accepts_batch_idx(module: pl.LightningModule) -> bool:
     return len(positional) >= 2 or any(p.kind == p.VAR_POSITIONAL for p in positional)
 
 
+#: ``nn.Module``'s own attributes (parameters, buffers, submodules, hooks): restored when
+#: reassigned, never rewritten in place (their contents are the model, not a step's state).
+_MODULE_INTERNALS = frozenset(vars(nn.Module()))
+#: Tensor attributes up to this size are copied before a step, to be put back if it changes
+#: them in place; larger ones are left to the step (copying them at every probe call costs).
+PRESERVED_TENSOR_BYTES = 16 * 2**20
+
+
+def _saved_contents(key: str, value: Any) -> Any:
+    """What a step could change in place of one attribute: a copy of a list, dict or set, a
+    tensor's version and a copy of it (``None``: nothing watched)."""
+    if key in _MODULE_INTERNALS or isinstance(value, nn.Parameter):
+        return None
+    if isinstance(value, (list, dict, set)):
+        return type(value)(value) if type(value) in (list, dict, set) else copy.copy(value)
+    if (
+        isinstance(value, torch.Tensor)
+        and value.numel() * value.element_size() <= PRESERVED_TENSOR_BYTES
+    ):
+        with torch.no_grad():
+            return value._version, value.detach().clone()
+    return None
+
+
+def _same_items(value: Any, saved: Any) -> bool:
+    """Whether a container holds the very objects it held (by identity: ``==`` of tensors
+    is elementwise)."""
+    if len(value) != len(saved):
+        return False
+    if isinstance(value, dict):
+        return all(key in value and value[key] is item for key, item in saved.items())
+    if isinstance(value, set):
+        return value == saved
+    return all(a is b for a, b in zip(value, saved, strict=True))
+
+
+def _put_back_contents(current: dict[str, Any], key: str, saved: Any) -> None:
+    value = current[key]
+    if isinstance(value, torch.Tensor):
+        version, copied = saved
+        if value._version != version:
+            # Rebound, not copied into: the changed tensor may be saved in an autograd graph.
+            current[key] = copied
+    elif isinstance(value, list) and not _same_items(value, saved):
+        value[:] = saved
+    elif isinstance(value, (dict, set)) and not _same_items(value, saved):
+        value.clear()
+        value.update(saved)
+
+
 @contextlib.contextmanager
 def preserved_attributes(module: nn.Module) -> Iterator[None]:
-    """Put back every attribute ``module`` and its submodules (re)assign inside the block.
+    """Put back the state ``module`` and its submodules keep in plain attributes, as it was
+    before the block.
 
-    A ``training_step`` may keep state between steps (a recurrent model's ``self.hidden``);
-    a probe call must not pass as a training step there. Attributes assigned anew are
-    restored and new ones removed; a container changed in place is beyond this.
+    A ``training_step`` may keep state between steps; a probe call must not pass as a
+    training step there:
+
+    * attributes (re)assigned inside the block (a recurrent model's ``self.hidden``) are
+      put back, new ones removed;
+    * lists, dicts and sets changed in place (Lightning's
+      ``self.training_step_outputs.append(loss)``) get their contents back;
+    * tensors changed in place (the states of a ``torchmetrics`` metric the step updates,
+      ``self.tp += ...``; a tensor counter) are put back by a copy, up to
+      :data:`PRESERVED_TENSOR_BYTES` each.
+
+    Containers are put back one level deep (a list inside a dict changed in place is not),
+    and ``nn.Module``'s own attributes (parameters, buffers, submodules) only when reassigned.
     """
-    saved = [(m, dict(m.__dict__)) for m in module.modules()]
+    # A compiled product traces the step: there, a change in place to a tensor the step did
+    # not create fails the compilation (the product falls back to eager, which puts it back),
+    # and copies would only enter the graph.
+    watch_contents = not torch.compiler.is_compiling()
+    saved = []
+    for submodule in module.modules():
+        attributes = dict(submodule.__dict__)
+        contents = {}
+        for key, value in attributes.items() if watch_contents else ():
+            kept = _saved_contents(key, value)
+            if kept is not None:
+                contents[key] = kept
+        saved.append((submodule, attributes, contents))
     try:
         yield
     finally:
-        for submodule, attributes in saved:
+        for submodule, attributes, contents in saved:
             current = submodule.__dict__
-            if current.keys() == attributes.keys() and all(
-                current[key] is value for key, value in attributes.items()
+            if current.keys() != attributes.keys() or any(
+                current[key] is not value for key, value in attributes.items()
             ):
-                continue
-            for key in [key for key in current if key not in attributes]:
-                del current[key]
-            current.update(attributes)
+                for key in [key for key in current if key not in attributes]:
+                    del current[key]
+                current.update(attributes)
+            for key, kept in contents.items():
+                _put_back_contents(current, key, kept)
 
 
 def as_loop_batch(

@@ -391,6 +391,13 @@ class HessianOperator(CurvatureOperator):
                 if self.hvp == "forward_over_reverse":
                     if explained is not None:
                         raise explained from error
+                    if "would mutate a captured Tensor" in str(error):
+                        raise RuntimeError(
+                            f"{error}\nThe loss changes a tensor in place that it did not "
+                            "create (a torchmetrics metric updated in training_step, a "
+                            "counter), which forward-mode products cannot run. Pass a loss_fn "
+                            "that only computes the loss, or use hvp='reuse_graph' or 'auto'."
+                        ) from error
                     if "ZeroTensors are immutable" in str(error):
                         raise RuntimeError(
                             f"{error}\nForward-mode AD through this loss fails in PyTorch "

@@ -12,6 +12,7 @@ import lightning.pytorch as L
 import pytest
 import torch
 import torch.nn.functional as F
+import torchmetrics
 from lightning.pytorch import LightningModule
 from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
@@ -22,6 +23,11 @@ from spectral_callbacks import (
     Batches,
     HessianSpectrumMonitor,
     SharpnessMonitor,
+)
+from spectral_callbacks.callbacks.base import (
+    PRESERVED_TENSOR_BYTES,
+    preserved_attributes,
+    training_step_loss,
 )
 from spectral_callbacks.curvature import HessianOperator
 from spectral_callbacks.functional import (
@@ -868,6 +874,90 @@ def test_a_training_step_that_keeps_state_trains_as_without_the_monitors():
     for a, b in zip(plain.parameters(), monitored.parameters(), strict=True):
         assert torch.equal(a, b)
     assert torch.equal(plain.hidden, monitored.hidden)
+
+
+class MetricsInTrainingStep(NoisyClassifier):
+    """State a ``training_step`` changes in place, as Lightning's docs show it: a
+    torchmetrics accuracy and sample count, a list of step outputs, a dict and a tensor
+    counter."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.accuracy = torchmetrics.classification.MulticlassAccuracy(3, average="micro")
+        self.samples = torchmetrics.SumMetric()
+        self.step_outputs: list[torch.Tensor] = []
+        self.seen_labels: dict[int, int] = {}
+        self.steps_taken = torch.zeros((), dtype=torch.long)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        logits = self(x)
+        self.accuracy.update(logits, y)
+        self.samples.update(torch.tensor(float(len(y))))
+        loss = F.cross_entropy(logits, y)
+        self.step_outputs.append(loss.detach())
+        for label in y.tolist():
+            self.seen_labels[label] = self.seen_labels.get(label, 0) + 1
+        self.steps_taken += 1
+        return loss
+
+
+@pytest.mark.parametrize("hvp", ["auto", "gradient_difference"])
+def test_state_the_training_step_changes_in_place_is_put_back(hvp):
+    """Every probe call of ``training_step`` (a few per measurement, two gradients per
+    product for gradient differences) used to count in the user's metrics and lists."""
+
+    def fit(callbacks):
+        L.seed_everything(0, verbose=False)
+        model = MetricsInTrainingStep()
+        trainer = L.Trainer(max_epochs=2, callbacks=callbacks, **trainer_kwargs())
+        trainer.fit(model, classification_loader())
+        return model
+
+    plain = fit([])
+    monitored = fit(
+        [
+            SharpnessMonitor(every_n_steps=2, hvp=hvp),
+            HessianSpectrumMonitor(every_n_steps=5, k=2, trace_hvps=4, density_steps=3, hvp=hvp),
+        ]
+    )
+    assert float(monitored.samples.compute()) == float(plain.samples.compute()) == 2 * 96
+    assert float(monitored.accuracy.compute()) == float(plain.accuracy.compute())
+    assert len(monitored.step_outputs) == len(plain.step_outputs) == 12
+    assert all(
+        torch.equal(a, b) for a, b in zip(plain.step_outputs, monitored.step_outputs, strict=True)
+    )
+    assert monitored.seen_labels == plain.seen_labels
+    assert int(monitored.steps_taken) == int(plain.steps_taken) == 12
+
+
+def test_preserved_attributes_puts_back_what_a_step_changed_in_place():
+    module = nn.Linear(2, 2)
+    module.outputs, module.table, module.tags = [torch.ones(1)], {"a": 1}, {"x"}
+    module.scale = torch.ones(())
+    module.large = torch.zeros(PRESERVED_TENSOR_BYTES // 4 + 1)  # beyond the copied size
+    first_output = module.outputs[0]
+    with preserved_attributes(module):
+        module.outputs.append(torch.ones(1))
+        module.table["b"] = 2
+        module.tags.add("y")
+        module.scale += 1  # before its use: the graph saves the changed tensor
+        loss = (module.weight * module.scale).sum()
+        module.large += 1
+        module.added = 3
+    assert len(module.outputs) == 1 and module.outputs[0] is first_output
+    assert module.table == {"a": 1} and module.tags == {"x"}
+    assert float(module.scale) == 1.0 and not hasattr(module, "added")
+    assert float(module.large[0]) == 1.0  # not watched, as documented
+    (gradient,) = torch.autograd.grad(loss, module.weight)  # the graph is intact
+    assert torch.equal(gradient, torch.full((2, 2), 2.0))
+
+
+def test_an_explicit_forward_mode_path_names_a_loss_that_changes_state():
+    model = MetricsInTrainingStep()
+    batch = next(iter(classification_loader()))
+    with pytest.raises(RuntimeError, match="torchmetrics metric updated in training_step"):
+        hessian_eigenvalues(model, training_step_loss, batch, k=1, hvp="forward_over_reverse")
 
 
 def test_the_pytorch_lightning_namespace_logger_gets_histograms_and_the_layout(tmp_path):
