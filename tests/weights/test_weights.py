@@ -377,3 +377,24 @@ def test_the_layers_measured_are_those_weightwatcher_reads():
         ValueError, match=r"its matrices 0\.weight_ih_l0, 0\.weight_hh_l0 are not a module's"
     ):
         weight_layers(nn.Sequential(nn.LSTM(3, 4)))
+
+
+def test_convolutions_weightwatcher_leaves_out_are_measured_as_conv2d_kernels():
+    """weightwatcher 0.7.7 reads ``nn.Conv2d`` but leaves ``nn.Conv1d``, ``nn.Conv3d`` and
+    transposed convolutions out; we measure them as ``Conv2d`` kernels: one matrix per
+    kernel position, eigenvalues times 1/2."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv1d(12, 20, 3),
+        nn.Conv3d(4, 10, 2),
+        nn.ConvTranspose2d(16, 24, 3),
+        nn.Conv2d(16, 24, 3),
+    )
+    assert list(load_crosscheck().weightwatcher_layers(model)["layers"]) == ["3"]
+    weights = weight_layers(model)
+    assert list(weights) == ["0", "1", "2", "3"]
+    for name, spectrum in layer_esds(weights).items():
+        kernel = model.get_submodule(name).weight.detach().double()
+        slices = kernel.flatten(2).permute(2, 0, 1)  # one matrix per kernel position
+        expected = torch.linalg.svdvals(slices).pow(2).flatten().sort().values * 0.5
+        assert torch.allclose(spectrum, expected, rtol=1e-12), name
