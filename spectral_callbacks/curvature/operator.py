@@ -11,8 +11,10 @@ does not depend on which:
   backward pass never gives a gradient, are held fixed: every product is ``P A P`` with
   ``P`` zeroing them (:func:`~spectral_callbacks.curvature.data.padding_coordinates`), the
   same on every product path;
-* **dtypes**: products run in the parameters' dtype (:attr:`product_dtype`); the vectors
-  ``matmat`` takes and returns are float32 for 16-bit parameters (:attr:`dtype`), so that
+* **dtypes**: products run in the parameters' dtypes, each parameter's piece in its own
+  (a bfloat16 model with float32 norms, Hugging Face's ``_keep_in_fp32_modules``), and are
+  judged by the least precise of them (:attr:`product_dtype`); the vectors ``matmat``
+  takes and returns are in the most precise, at least float32 (:attr:`dtype`), so that
   Krylov bases, sums over batches and the solvers' reductions keep float32's precision;
 * **batch weights**: with ``reduction="mean"`` batch ``b`` of ``n_b`` samples has weight
   ``n_b / N`` (``N`` every sample of every process when distributed), with ``"sum"`` weight 1;
@@ -72,7 +74,8 @@ class CurvatureOperator:
         params: The selected parameters.
         size: Number of selected parameter entries ``n``.
         dtype: Dtype of the vectors ``matmat`` takes and returns.
-        product_dtype: Dtype the products are computed in (the parameters').
+        product_dtype: The least precise of the parameters' dtypes, which the products are
+            computed in (each parameter's piece in its own dtype).
         device: The parameters' device.
         batches: The data, one entry per batch, on :attr:`device`.
         batch_weights: Weight of each batch's term (module docstring).
@@ -97,14 +100,17 @@ class CurvatureOperator:
         self.names = [name for name, _ in named]
         self.params = [p for _, p in named]
         dtypes = {p.dtype for p in self.params}
-        if len(dtypes) != 1 or not next(iter(dtypes)).is_floating_point:
-            raise ValueError(f"selected parameters must share one floating dtype, got {dtypes}")
-        self.product_dtype = self.params[0].dtype
-        self.dtype = (
-            torch.float32
-            if self.product_dtype in (torch.bfloat16, torch.float16)
-            else self.product_dtype
-        )
+        if not all(dtype.is_floating_point for dtype in dtypes):
+            names = [n for n, p in named if not p.dtype.is_floating_point]
+            raise ValueError(
+                f"selected parameters must be floating point, got {dtypes} ({names}); "
+                "leave the others out with params=..."
+            )
+        by_precision = sorted(dtypes, key=lambda dtype: torch.finfo(dtype).eps)
+        # The least precise dtype sets the roundoff the products are judged by; the vectors
+        # hold the most precise one, and at least float32.
+        self.product_dtype = by_precision[-1]
+        self.dtype = torch.promote_types(by_precision[0], torch.float32)
         self.device = self.params[0].device
         self.shapes = [p.shape for p in self.params]
         self.numels = [p.numel() for p in self.params]
@@ -206,12 +212,12 @@ class CurvatureOperator:
 
     # -- pieces of a block ---------------------------------------------------------------------
     def split(self, block: torch.Tensor) -> list[torch.Tensor]:
-        """Parameter-shaped views ``(b, *shape)`` of a ``(b, n)`` block, in the products'
-        dtype."""
-        pieces = block.to(self.product_dtype).split(self.numels, dim=1)
+        """Parameter-shaped views ``(b, *shape)`` of a ``(b, n)`` block, each in its
+        parameter's dtype."""
+        pieces = block.split(self.numels, dim=1)
         return [
-            piece.reshape(block.shape[0], *shape)
-            for piece, shape in zip(pieces, self.shapes, strict=True)
+            piece.reshape(block.shape[0], *param.shape).to(param.dtype)
+            for piece, param in zip(pieces, self.params, strict=True)
         ]
 
     def flatten(self, pieces: list[torch.Tensor | None], width: int) -> torch.Tensor:

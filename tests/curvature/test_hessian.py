@@ -734,3 +734,45 @@ def test_padding_rows_are_held_fixed_on_every_product_path(hvp):
     result = hessian_eigenvalues(model, cross_entropy_loss, batch, k=2, tol=1e-10, hvp=hvp)
     top = torch.linalg.eigvalsh(exact).flip(0)[:2]
     assert torch.allclose(result.eigenvalues, top, rtol=100 * tolerance)
+
+
+class _MixedPrecision(nn.Module):
+    """Two layers in their own dtypes, each fed its own dtype (a bfloat16 model with a
+    float32 head, Hugging Face's ``_keep_in_fp32_modules``)."""
+
+    def __init__(self, first: torch.dtype, second: torch.dtype) -> None:
+        super().__init__()
+        self.first = nn.Linear(4, 8).to(first)
+        self.second = nn.Linear(8, 3).to(second)
+
+    def forward(self, x):
+        hidden = torch.tanh(self.first(x.to(self.first.weight.dtype)))
+        return self.second(hidden.to(self.second.weight.dtype))
+
+
+@pytest.mark.parametrize(
+    ("first", "second", "vectors", "relative_error"),
+    [
+        (torch.bfloat16, torch.float32, torch.float32, 2e-2),  # a few units of 2^-8
+        (torch.float32, torch.float64, torch.float64, 1e-5),
+    ],
+)
+@pytest.mark.parametrize("hvp", ["reuse_graph", "forward_over_reverse"])
+def test_parameters_of_several_dtypes_each_compute_in_their_own(
+    first, second, vectors, relative_error, hvp
+):
+    torch.manual_seed(0)
+    model = _MixedPrecision(first, second)
+    batch = (torch.randn(16, 4), torch.randint(0, 3, (16,)))
+    # The reference: the float64 Hessian at the weights as they are (rounded to their dtype).
+    exact = dense_hessian_func(copy.deepcopy(model).double(), cross_entropy_loss, [batch])
+    with HessianOperator(model, cross_entropy_loss, batch, hvp=hvp) as operator:
+        assert (operator.dtype, operator.product_dtype) == (vectors, first)
+        block = torch.randn(3, operator.size, generator=torch.Generator().manual_seed(3))
+        products = operator.matmat(block)
+    assert products.dtype == vectors
+    expected = block.double() @ exact
+    assert (products.double() - expected).norm() / expected.norm() < relative_error
+    result = hessian_eigenvalues(model, cross_entropy_loss, batch, k=1, tol=1e-2, hvp=hvp)
+    top = torch.linalg.eigvalsh(exact)[-1]
+    assert abs(float(result.eigenvalues[0]) - float(top)) < 2 * relative_error * float(top)
