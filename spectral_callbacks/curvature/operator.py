@@ -115,7 +115,6 @@ class CurvatureOperator:
         self.shapes = [p.shape for p in self.params]
         self.numels = [p.numel() for p in self.params]
         self.size = sum(self.numels)
-        #: Flat indices of the embeddings' padding rows, held fixed in every product.
         self.held_fixed = padding_coordinates(model, self.params).to(self.device)
         self.batches = [move_to_device(b, self.device) for b in as_batch_list(data)]
         self.distributed = bool(distributed) and process_group_size() > 1
