@@ -64,15 +64,23 @@ _MODULE_INTERNALS = frozenset(vars(nn.Module()))
 PRESERVED_TENSOR_BYTES = 16 * 2**20
 
 
-def _saved_contents(key: str, value: Any) -> Any:
+#: Attribute types no step can change in place (skipped first: a transformer's modules hold
+#: thousands of such attributes, and each probe call of the step reads them all).
+_UNCHANGEABLE = frozenset({int, float, bool, str, bytes, tuple, type(None), torch.dtype})
+
+
+def _saved_contents(value: Any) -> Any:
     """What a step could change in place of one attribute: a copy of a list, dict or set, a
     tensor's version and a copy of it (``None``: nothing watched)."""
-    if key in _MODULE_INTERNALS or isinstance(value, nn.Parameter):
-        return None
+    if type(value) in (list, dict, set):
+        return type(value)(value)
     if isinstance(value, (list, dict, set)):
-        return type(value)(value) if type(value) in (list, dict, set) else copy.copy(value)
+        return copy.copy(value)
+    # The tensor test before the parameter test: isinstance(x, nn.Parameter) is slow, and the
+    # modules of a transformer hold thousands of plain attributes.
     if (
         isinstance(value, torch.Tensor)
+        and not isinstance(value, nn.Parameter)
         and value.numel() * value.element_size() <= PRESERVED_TENSOR_BYTES
     ):
         with torch.no_grad():
@@ -128,15 +136,19 @@ def preserved_attributes(module: nn.Module) -> Iterator[None]:
     # A compiled product traces the step: there, a change in place to a tensor the step did
     # not create fails the compilation (the product falls back to eager, which puts it back),
     # and copies would only enter the graph.
-    watch_contents = not torch.compiler.is_compiling()
+    # (Without torch._dynamo imported nothing is compiling; importing it takes 0.2 s.)
+    watch_contents = not ("torch._dynamo" in sys.modules and torch.compiler.is_compiling())
     saved = []
     for submodule in module.modules():
         attributes = dict(submodule.__dict__)
         contents = {}
-        for key, value in attributes.items() if watch_contents else ():
-            kept = _saved_contents(key, value)
-            if kept is not None:
-                contents[key] = kept
+        if watch_contents:
+            for key, value in attributes.items():
+                if type(value) in _UNCHANGEABLE or key in _MODULE_INTERNALS:
+                    continue
+                kept = _saved_contents(value)
+                if kept is not None:
+                    contents[key] = kept
         saved.append((submodule, attributes, contents))
     try:
         yield
