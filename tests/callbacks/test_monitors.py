@@ -1007,3 +1007,54 @@ def test_extreme_loss_scales_are_measured_as_their_float64_truth(scale):
     assert spectrum.last_metrics["spectral/hessian/trace"] / scale == pytest.approx(
         exact_trace, rel=1e-4
     )
+
+
+class _ScheduledRegressor(TanhRegressor):
+    """SGD under a learning-rate scheduler stepped every step; records the rate each
+    training step runs with, by step."""
+
+    def __init__(self, scheduler: str) -> None:
+        super().__init__(lr=0.1)
+        self.scheduler = scheduler
+        self.rates: dict[int, float] = {}
+
+    def training_step(self, batch, batch_idx):
+        self.rates[self.global_step] = self.trainer.optimizers[0].param_groups[0]["lr"]
+        loss = super().training_step(batch, batch_idx)
+        self.log("plateau_loss", self.global_step * 0.0)  # never improves: the rate halves
+        return loss
+
+    def configure_optimizers(self):
+        optimizer = torch.optim.SGD(self.parameters(), lr=self.lr)
+        if self.scheduler == "step":
+            scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=3, gamma=0.1)
+            return {
+                "optimizer": optimizer,
+                "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
+            }
+        scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, factor=0.5, patience=0)
+        config = {"scheduler": scheduler, "interval": "step", "monitor": "plateau_loss"}
+        return {"optimizer": optimizer, "lr_scheduler": config}
+
+
+@pytest.mark.parametrize(("scheduler", "lag"), [("step", 0), ("plateau", 1)])
+def test_the_ratio_reads_the_rate_the_optimizer_holds_when_it_measures(scheduler, lag):
+    """A scheduler stepped every step has set the next step's rate when a measurement runs;
+    ``ReduceLROnPlateau``, which Lightning steps after the batch's callbacks, has not: the
+    ratio then reads the rate of the step just taken (docs/sharpness.md)."""
+    x, y = regression_data(n=32, d=8)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=8)
+    torch.manual_seed(0)
+    model = _ScheduledRegressor(scheduler)
+    monitor = SharpnessMonitor(every_n_steps=2)
+    trainer = L.Trainer(max_steps=10, callbacks=[monitor], **trainer_kwargs())
+    trainer.fit(model, loader)
+    checked = 0
+    for step, values in monitor.history:
+        if step - lag not in model.rates or step == 0:
+            continue
+        rate = 2 * values["spectral/hessian/eos_ratio"] / values["spectral/hessian/lambda_max"]
+        assert rate == pytest.approx(model.rates[step - lag], rel=1e-6), step
+        checked += 1
+    assert checked >= 3
+    assert len(set(model.rates.values())) >= 3  # the rate did change along the run
