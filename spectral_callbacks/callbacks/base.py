@@ -27,7 +27,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
 from .._checks import check_bool, check_integer, check_number
-from ..curvature.data import Batches, as_batch_list, map_tensors, move_to_device
+from ..curvature.data import Batches, as_batch_list, fresh_batch, map_tensors, move_to_device
 from ..curvature.isolation import ModelStateSnapshot, measurement_context, measurement_scope
 from ..reporting.media import Media, media_sinks
 from ..reporting.tensorboard import add_chart_layout, tensorboard_writers
@@ -538,7 +538,7 @@ class SpectralMonitor(Callback):
                 muted_lightning_logging(module),
                 measurement_context(module, 0, second_order=False),
             ):
-                self.probe_forward(module, batch)
+                self.probe_forward(module, fresh_batch(batch))
         except Exception as error:
             raise ValueError(
                 f"{type(self).__name__}: probe_data does not fit the model ({type(error).__name__}:"

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from .._checks import check_callable, check_choice, check_fit_range, check_integer, check_seed
-from ..curvature.data import batch_size, map_tensors, move_to_device
+from ..curvature.data import batch_size, fresh_batch, map_tensors, move_to_device
 from ..curvature.isolation import ModelStateSnapshot, measurement_context, preserved_random_streams
 from ..reporting.figures import scree_figure
 from ..reporting.media import Media
@@ -311,7 +311,7 @@ class RepresentationMonitor(SpectralMonitor):
                 for batch in batches:
                     running[0] = batch_size(batch)
                     positions[0] = self._positions(batch)
-                    self.forward_fn(module, batch)
+                    self.forward_fn(module, fresh_batch(batch))
         finally:
             written_state.restore()
         return accumulators

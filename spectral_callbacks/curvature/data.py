@@ -22,6 +22,7 @@ __all__ = [
     "as_batch_list",
     "batch_size",
     "check_parameter_filter",
+    "fresh_batch",
     "map_tensors",
     "module_groups",
     "module_of",
@@ -200,6 +201,14 @@ def batch_size(batch: Any) -> int:
             "API), or declare reduction='sum', which weights batches without their sizes"
         )
     return int(tensor.shape[0]) if tensor.ndim > 0 else 1
+
+
+def fresh_batch(batch: Any) -> Any:
+    """``batch`` with every tensor cloned and its containers rebuilt, for one call of the
+    user's code: a step that edits its batch in place (masking tokens, ``x /= 255``,
+    ``batch["labels"] = ...``) edits this copy, not the batch every later product and
+    measurement reads."""
+    return map_tensors(batch, torch.Tensor.clone)
 
 
 def map_tensors(

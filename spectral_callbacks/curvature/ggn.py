@@ -43,6 +43,7 @@ from ..settings import (
     ParameterFilter,
     Reduction,
 )
+from .data import fresh_batch
 from .isolation import measurement_context
 from .operator import CurvatureOperator
 
@@ -174,7 +175,7 @@ class GGNOperator(CurvatureOperator):
             graphs = []
             for batch in self.batches:
                 with measurement_context(self.model, self.seed):
-                    outputs, targets = self.outputs_fn(self.model, batch)
+                    outputs, targets = self.outputs_fn(self.model, fresh_batch(batch))
                     dummy = torch.zeros_like(outputs, requires_grad=True)
                     transposed = torch.autograd.grad(
                         outputs, self.params, dummy, create_graph=True, allow_unused=True

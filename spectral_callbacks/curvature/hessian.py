@@ -51,7 +51,7 @@ from torch import nn
 from .._checks import check_callable
 from ..linalg._precision import autocast_disabled
 from ..settings import HVP_PATHS, HvpPath, OperatorSettings, ParameterFilter, Reduction
-from .data import select_parameters
+from .data import fresh_batch, select_parameters
 from .first_order import weighted_gradient
 from .isolation import measurement_context
 from .operator import CurvatureOperator, NonFiniteLossError
@@ -233,8 +233,9 @@ class HessianOperator(CurvatureOperator):
 
     # -- losses and gradients ------------------------------------------------------------------
     def batch_loss(self, batch: Any) -> torch.Tensor:
-        """``loss_fn(model, batch)`` checked to be a scalar that depends on the parameters."""
-        loss = self.loss_fn(self.model, batch)
+        """``loss_fn(model, batch)`` checked to be a scalar that depends on the parameters
+        (on a fresh copy of the batch: :func:`~spectral_callbacks.curvature.data.fresh_batch`)."""
+        loss = self.loss_fn(self.model, fresh_batch(batch))
         if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
             shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
             raise ValueError(f"loss_fn must return a scalar tensor (the mean loss), got {shape}")

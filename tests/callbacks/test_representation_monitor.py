@@ -749,3 +749,33 @@ def test_a_dead_layer_reads_as_collapse_and_trips_the_stopper(close_at):
         assert (values["spectral/repr/gate/effective_rank"] == 0.0) == dead
         assert math.isnan(values["spectral/repr/gate/alpha_req"]) == dead
     assert "no dimension left" in stopper.stopped_reason
+
+
+class HalvesItsInput(WithValidation):
+    """Scales its input in place in ``forward`` (as ``x /= 255`` would)."""
+
+    def forward(self, x):
+        x.mul_(0.5)
+        return super().forward(x)
+
+
+def test_a_forward_that_edits_its_input_in_place_leaves_the_probe_as_given():
+    """Each measurement runs the model on a fresh copy of the probe: the probe does not
+    halve again at every measurement, and each value is that of the inputs as given."""
+    train, _, x = loaders()
+    probe = (x[256:296].clone(), torch.zeros(40, dtype=torch.long))
+    monitor = RepresentationMonitor(
+        layers=["encoder"], every_n_steps=2, probe_data=probe, fit_range=(2, 10)
+    )
+    snapshots = Snapshots()
+    L.seed_everything(0, verbose=False)
+    model = HalvesItsInput()
+    trainer = L.Trainer(max_steps=4, callbacks=[monitor, snapshots], **trainer_kwargs())
+    trainer.fit(model, train)
+    assert torch.equal(monitor._probe[0][0], x[256:296])
+    for step, logged in monitor.history:
+        model_at = copy.deepcopy(model)
+        model_at.load_state_dict(snapshots.states[step])
+        expected = reference_metrics(model_at, 0.5 * x[256:296])["encoder"]["rankme"]
+        assert logged["spectral/repr/encoder/rankme"] == pytest.approx(expected, rel=1e-7), step
+    assert [step for step, _ in monitor.history] == [0, 2, 4]

@@ -776,3 +776,28 @@ def test_parameters_of_several_dtypes_each_compute_in_their_own(
     result = hessian_eigenvalues(model, cross_entropy_loss, batch, k=1, tol=1e-2, hvp=hvp)
     top = torch.linalg.eigvalsh(exact)[-1]
     assert abs(float(result.eigenvalues[0]) - float(top)) < 2 * relative_error * float(top)
+
+
+def _doubling_loss(model, batch):
+    """Scales its inputs in place before the loss, as a step that normalises ``x /= 255``."""
+    x, y = batch
+    x.mul_(2.0)
+    return F.cross_entropy(model(x), y)
+
+
+@pytest.mark.parametrize("hvp", ["reuse_graph", "forward_over_reverse", "gradient_difference"])
+def test_a_loss_that_edits_its_batch_in_place_sees_the_batch_as_given_at_every_call(hvp):
+    """Every call of the loss gets a fresh copy of the batch: the in-place edit neither
+    compounds over the products (x, 2x, 4x, ...) nor reaches the caller's batch."""
+    model, batches = make_case("mlp")
+    batch = batches[0]
+    given = batch[0].clone()
+    written_out = lambda m, b: F.cross_entropy(m(2.0 * b[0]), b[1])  # noqa: E731
+    exact = dense_hessian_func(model, written_out, [batch])
+    with HessianOperator(model, _doubling_loss, batch, hvp=hvp) as operator:
+        block = torch.randn(3, operator.size, generator=torch.Generator().manual_seed(4))
+        products = operator.matmat(block.double())
+        products = operator.matmat(block.double())  # again: nothing compounded
+    tolerance = 1e-5 if hvp == "gradient_difference" else 1e-10
+    torch.testing.assert_close(products, block.double() @ exact, rtol=tolerance, atol=tolerance)
+    assert torch.equal(batch[0], given)

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from ..._names import uncompiled_name
+from ..data import fresh_batch
 from ..isolation import measurement_context
 from .compiled import compiled_block_product
 
@@ -33,7 +34,7 @@ class _LossOfModel(nn.Module):
         self.loss_fn = loss_fn
 
     def forward(self, batch: Any) -> torch.Tensor:
-        return self.loss_fn(self.model, batch)
+        return self.loss_fn(self.model, fresh_batch(batch))
 
 
 def block_product(model: nn.Module, loss_fn: LossFunction, names: list[str]) -> Callable:
