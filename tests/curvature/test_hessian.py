@@ -15,6 +15,7 @@ from torch import nn
 
 from spectral_callbacks.curvature import HessianOperator, NonFiniteLossError
 from spectral_callbacks.curvature.products import explain_second_order_failure
+from spectral_callbacks.curvature.products.forward_over_reverse import DisagreeingProducts
 from spectral_callbacks.functional import (
     gradient_overlap,
     hessian_density,
@@ -801,3 +802,28 @@ def test_a_loss_that_edits_its_batch_in_place_sees_the_batch_as_given_at_every_c
     tolerance = 1e-5 if hvp == "gradient_difference" else 1e-10
     torch.testing.assert_close(products, block.double() @ exact, rtol=tolerance, atol=tolerance)
     assert torch.equal(batch[0], given)
+
+
+def test_a_gradient_hook_that_freezes_entries_is_run_both_ways_or_named():
+    """Partial freezing by a gradient hook: double backward runs the hook on both passes
+    (``P H P``, the matrix of the entries that train); forward-mode products cannot run it
+    and name it; gradient differences see ``P H`` and warn."""
+    model, batches = make_case("mlp")  # tanh_mlp: "0.weight" comes first
+    exact = dense_hessian_func(model, cross_entropy_loss, batches)
+    trains = torch.zeros_like(model[0].weight)
+    trains[:2] = 1.0  # only the first two rows train
+    keep = torch.ones(exact.shape[0], dtype=torch.float64)
+    keep[: trains.numel()] = trains.reshape(-1)
+    projected = keep[:, None] * exact * keep[None, :]
+    handle = model[0].weight.register_hook(lambda grad: grad * trains)
+    try:
+        with HessianOperator(model, cross_entropy_loss, batches, hvp="reuse_graph") as operator:
+            block = torch.randn(2, operator.size, generator=torch.Generator().manual_seed(5))
+            products = operator.matmat(block.double())
+        torch.testing.assert_close(products, block.double() @ projected, rtol=1e-10, atol=1e-12)
+        with pytest.raises(DisagreeingProducts, match=r"gradient hooks on \['0\.weight'\]"):
+            hessian_eigenvalues(model, cross_entropy_loss, batches, k=1, hvp="forward_over_reverse")
+        with pytest.warns(RuntimeWarning, match=r"gradient hooks on \['0\.weight'\]"):
+            hessian_eigenvalues(model, cross_entropy_loss, batches, k=1, hvp="gradient_difference")
+    finally:
+        handle.remove()

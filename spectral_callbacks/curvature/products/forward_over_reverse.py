@@ -148,12 +148,18 @@ class ForwardOverReverseProducts:
         roundoff = torch.finfo(op.product_dtype).eps / 2
         reason = None
         if difference > min(0.1, max(1e4 * roundoff, 1e-10)):
+            hooked = [n for n, p in zip(op.names, op.params, strict=True) if p._backward_hooks]
+            cause = (
+                f"gradient hooks on {hooked} shape the backward pass, which forward-mode "
+                "products do not run"
+                if hooked
+                else "the model computes with parameters that torch.func.functional_call "
+                "cannot replace (a parameter kept outside the module's registered ones, such "
+                "as in a plain list), so their terms read as 0"
+            )
             reason = (
                 f"forward-over-reverse products differ from double backward's by "
-                f"{difference:.2g} (relative): the model computes with parameters that "
-                "torch.func.functional_call cannot replace (a parameter kept outside the "
-                "module's registered ones, such as in a plain list), so their terms read as "
-                "0; use hvp='reuse_graph' (or 'auto')"
+                f"{difference:.2g} (relative): {cause}; use hvp='reuse_graph' (or 'auto')"
             )
         self.record(reason)
         if reason is not None:

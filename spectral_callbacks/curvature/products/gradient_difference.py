@@ -78,6 +78,19 @@ class GradientDifferenceProducts:
         # ``ε G`` (times 1/s), the truncation coefficient ``c`` along the calibration
         # vector (times s²) and that vector's curvature ``‖H u‖``, the relative errors' scale.
         self._model: tuple[float, float, float] | None = None
+        hooked = [
+            n for n, p in zip(operator.names, operator.params, strict=True) if p._backward_hooks
+        ]
+        if hooked:
+            warnings.warn(
+                f"gradient hooks on {hooked} shape the gradients that gradient differences "
+                "take, not the directions the parameters move in, so the products are not "
+                "those of a symmetric matrix (a hook that freezes entries: P H instead of "
+                "P H P); where double backward works, hvp='reuse_graph' runs the hooks both "
+                "ways",
+                RuntimeWarning,
+                stacklevel=2,
+            )
 
     @property
     def relative_error(self) -> float:
