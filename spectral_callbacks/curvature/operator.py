@@ -180,6 +180,12 @@ class CurvatureOperator:
                     param.data.copy_(value)
             self.release()
 
+    @property
+    def hooked_parameters(self) -> list[str]:
+        """Names of the selected parameters with gradient hooks (``register_hook``): the
+        backward pass runs them, forward-mode products and moved parameters do not."""
+        return [n for n, p in zip(self.names, self.params, strict=True) if p._backward_hooks]
+
     # -- products ------------------------------------------------------------------------------
     def matvec(self, vector: torch.Tensor) -> torch.Tensor:
         """``A v`` for a flat vector of length ``n``."""

@@ -148,7 +148,7 @@ class ForwardOverReverseProducts:
         roundoff = torch.finfo(op.product_dtype).eps / 2
         reason = None
         if difference > min(0.1, max(1e4 * roundoff, 1e-10)):
-            hooked = [n for n, p in zip(op.names, op.params, strict=True) if p._backward_hooks]
+            hooked = op.hooked_parameters
             cause = (
                 f"gradient hooks on {hooked} shape the backward pass, which forward-mode "
                 "products do not run"

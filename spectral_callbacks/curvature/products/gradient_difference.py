@@ -78,9 +78,7 @@ class GradientDifferenceProducts:
         # ``ε G`` (times 1/s), the truncation coefficient ``c`` along the calibration
         # vector (times s²) and that vector's curvature ``‖H u‖``, the relative errors' scale.
         self._model: tuple[float, float, float] | None = None
-        hooked = [
-            n for n, p in zip(operator.names, operator.params, strict=True) if p._backward_hooks
-        ]
+        hooked = operator.hooked_parameters
         if hooked:
             warnings.warn(
                 f"gradient hooks on {hooked} shape the gradients that gradient differences "
