@@ -20,6 +20,7 @@ __all__ = [
     "check_choice",
     "check_fit_range",
     "check_integer",
+    "check_monitor_name",
     "check_name_filter",
     "check_number",
     "check_seed",
@@ -202,3 +203,16 @@ def check_fit_range(name: str, value: Any) -> tuple[int, int]:
     ):
         return int(value[0]), int(value[1])
     raise ValueError(f"{name} must be two ranks (low, high) with 1 <= low < high, got {value!r}")
+
+
+def check_monitor_name(argument: str, name: Any) -> str | None:
+    """``name`` must be ``None`` or a monitor name: a non-empty string without ``/`` or
+    surrounding spaces (it becomes a segment of every metric name)."""
+    if name is not None and (
+        not isinstance(name, str) or not name or "/" in name or name != name.strip()
+    ):
+        raise ValueError(
+            f"{argument} must be None or a non-empty string without '/' or surrounding "
+            f"spaces, got {name!r}"
+        )
+    return name

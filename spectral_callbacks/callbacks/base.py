@@ -26,7 +26,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
-from .._checks import check_bool, check_integer, check_number
+from .._checks import check_bool, check_integer, check_monitor_name, check_number
 from ..curvature.data import Batches, as_batch_list, fresh_batch, map_tensors, move_to_device
 from ..curvature.isolation import ModelStateSnapshot, measurement_context, measurement_scope
 from ..reporting.media import Media, media_sinks
@@ -72,8 +72,6 @@ _UNCHANGEABLE = frozenset({int, float, bool, str, bytes, tuple, type(None), torc
 def _saved_contents(value: Any) -> Any:
     """What a step could change in place of one attribute: a copy of a list, dict or set, a
     tensor's version and a copy of it (``None``: nothing watched)."""
-    if type(value) in (list, dict, set):
-        return type(value)(value)
     if isinstance(value, (list, dict, set)):
         return copy.copy(value)
     # The tensor test before the parameter test: isinstance(x, nn.Parameter) is slow, and the
@@ -932,19 +930,6 @@ def _refuse_twins_at_trainer_init(monitor: SpectralMonitor, key: str) -> None:
             and other._generate_state_key(**other.state_key_fields()) == key
         ):
             raise TwinMonitorError(monitor, f"state key {key!r}")
-
-
-def check_monitor_name(argument: str, name: Any) -> str | None:
-    """``name`` must be ``None`` or a monitor name: a non-empty string without ``/`` or
-    surrounding spaces (it becomes a segment of every metric name)."""
-    if name is not None and (
-        not isinstance(name, str) or not name or "/" in name or name != name.strip()
-    ):
-        raise ValueError(
-            f"{argument} must be None or a non-empty string without '/' or surrounding "
-            f"spaces, got {name!r}"
-        )
-    return name
 
 
 def _check_probe_data(probe_data: Any) -> None:

@@ -13,10 +13,10 @@ import torch
 from lightning.pytorch.callbacks import EarlyStopping
 from lightning.pytorch.callbacks.early_stopping import EarlyStoppingReason
 
-from .._checks import check_bool, check_choice, check_integer, check_number
+from .._checks import check_bool, check_choice, check_integer, check_monitor_name, check_number
 from ..representation import COLLAPSED
 from . import metrics as metric_table
-from .base import SpectralMonitor, check_monitor_name
+from .base import SpectralMonitor
 from .hessian import HessianSpectrumMonitor, SharpnessMonitor
 from .representation import RepresentationMonitor
 from .weights import AVERAGE, WeightSpectrumMonitor

@@ -22,6 +22,7 @@ from torch.nn.utils import parametrize
 
 from .._checks import check_name_filter
 from .._names import is_name_or_prefix, uncompiled_name
+from ..curvature.isolation import ModelStateSnapshot
 from .esd import layer_esds
 from .metrics import layer_metrics
 from .powerlaw import PowerLawFit, fit_power_law
@@ -87,15 +88,13 @@ def _weight_of(module: nn.Module) -> torch.Tensor | None:
         return getattr(module, "weight", None)
     parametrization = module.parametrizations["weight"]
     modes = [(part, part.training) for part in parametrization.modules()]
-    buffers = [(buffer, buffer.clone()) for buffer in parametrization.buffers()]
+    state = ModelStateSnapshot(parametrization)
     try:
         parametrization.eval()
         with torch.no_grad():
             return module.weight
     finally:
-        with torch.no_grad():
-            for buffer, value in buffers:
-                buffer.copy_(value)
+        state.restore()
         for part, training in modes:
             part.training = training
 
